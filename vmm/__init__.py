@@ -1,0 +1,1 @@
+"""VM plane: real QEMU microVMs, their snapshots, namespaces, registry and policies."""

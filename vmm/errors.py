@@ -1,0 +1,37 @@
+"""Errors the VM plane raises; each carries a message fit to show a user."""
+
+
+class VmmError(Exception):
+    """Base class: an operation on the VM plane failed for a stated reason."""
+
+    http_status = 500
+
+
+class NotFound(VmmError):
+    """The VM, template or image named does not exist."""
+
+    http_status = 404
+
+
+class InvalidRequest(VmmError):
+    """Input (policy, name, state transition) is not acceptable."""
+
+    http_status = 422
+
+
+class Conflict(VmmError):
+    """The VM is in a state that does not allow the operation."""
+
+    http_status = 409
+
+
+class RestoreFailed(VmmError):
+    """A restore did not complete; the VM stays suspended with its snapshot intact."""
+
+    http_status = 503
+
+
+class VmFailed(VmmError):
+    """The VM's QEMU died or could not be started; the VM is marked failed."""
+
+    http_status = 502

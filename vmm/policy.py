@@ -1,0 +1,69 @@
+"""Per-VM policy as data: idle timers, lifetime, size and reachable ports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import InvalidRequest
+
+HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the reaper and the edge enforce for one VM.
+
+    Times are seconds; None disables that step. Memory and vCPUs are fixed by the
+    template's snapshot, so they act as limits the template must fit in.
+    """
+
+    idle_pause_after: float | None = None
+    idle_suspend_after: float | None = 300.0
+    max_lifetime: float | None = 8 * HOUR
+    memory_mb: int = 256
+    vcpus: int = 1
+    ports: tuple[int, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ports"] = list(self.ports)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Policy | None = None, where: str = "policy") -> Policy:
+        """Validate `data` over `base`; errors name the offending key (e.g. policy.vcpus)."""
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"{where} must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRequest(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        merged = (base or cls()).to_dict()
+        merged.update(data)
+        for name in ("idle_pause_after", "idle_suspend_after", "max_lifetime"):
+            merged[name] = _seconds(merged[name], f"{where}.{name}")
+        merged["memory_mb"] = _int_in(merged["memory_mb"], f"{where}.memory_mb", 64, 65536)
+        merged["vcpus"] = _int_in(merged["vcpus"], f"{where}.vcpus", 1, 64)
+        ports = merged["ports"]
+        if not isinstance(ports, list | tuple):
+            raise InvalidRequest(f"{where}.ports must be a list of TCP ports")
+        merged["ports"] = tuple(sorted({_int_in(p, f"{where}.ports[]", 1, 65535) for p in ports}))
+        pause, suspend = merged["idle_pause_after"], merged["idle_suspend_after"]
+        if pause is not None and suspend is not None and suspend < pause:
+            raise InvalidRequest(f"{where}.idle_suspend_after ({suspend}) must not be below idle_pause_after ({pause})")
+        return cls(**merged)
+
+
+def _seconds(value: Any, key: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise InvalidRequest(f"{key} must be a positive number of seconds or null, got {value!r}")
+    return float(value)
+
+
+def _int_in(value: Any, key: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(f"{key} must be an integer in [{low}, {high}], got {value!r}")
+    return value
