@@ -1,0 +1,94 @@
+"""The records the VM plane keeps: what a VM and a template are, and their states."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .policy import Policy
+
+
+class VmState(enum.StrEnum):
+    """Lifecycle states. Transitional states only exist while a transition runs."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUSPENDING = "suspending"
+    SUSPENDED = "suspended"
+    RESTORING = "restoring"
+    FAILED = "failed"
+    TERMINATED = "terminated"
+
+
+class RamMode(enum.StrEnum):
+    """Where a VM's guest RAM lives, which decides how it is snapshotted.
+
+    TEMPLATE_COW: the template's RAM file mapped private (copy-on-write); a suspend must
+    stream all RAM. OWN_FILE: the VM's own shared RAM file; a suspend writes device state only.
+    """
+
+    TEMPLATE_COW = "template-cow"
+    OWN_FILE = "own-file"
+
+
+@dataclass
+class Template:
+    """A pre-initialised snapshot of an image: every VM starts from one."""
+
+    name: str
+    image: str
+    memory_mb: int
+    vcpus: int
+    app_port: int
+    ports: tuple[int, ...]
+    created_at: float
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image": self.image,
+            "memory_mb": self.memory_mb,
+            "vcpus": self.vcpus,
+            "app_port": self.app_port,
+            "ports": list(self.ports),
+            "created_at": self.created_at,
+        }
+
+
+@dataclass
+class VmRecord:
+    """One VM as the registry stores it and the edge sees it."""
+
+    id: str
+    template: str
+    state: VmState
+    policy: Policy
+    app_port: int
+    created_at: float
+    last_activity: float
+    ram_mode: RamMode = RamMode.TEMPLATE_COW
+    pid: int | None = None
+    reason: str | None = None
+    state_changed_at: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def allows_port(self, port: int) -> bool:
+        """The app port is always reachable; other ports only through the policy allow-list."""
+        return port == self.app_port or port in self.policy.ports
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "template": self.template,
+            "state": self.state.value,
+            "policy": self.policy.to_dict(),
+            "app_port": self.app_port,
+            "created_at": self.created_at,
+            "last_activity": self.last_activity,
+            "state_changed_at": self.state_changed_at,
+            "reason": self.reason,
+            "pid": self.pid,
+        }
