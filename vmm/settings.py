@@ -1,0 +1,39 @@
+"""Settings of the VM plane; edge.config fills them from the [vmm] TOML section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .policy import Policy
+
+
+@dataclass(frozen=True)
+class VmmSettings:
+    """Paths and knobs of the VM manager. Every default works on one machine."""
+
+    state_dir: Path = Path("var")
+    accelerator: str = "auto"  # auto | kvm | tcg
+    qemu_binary: str = "qemu-system-x86_64"
+    boot_timeout: float = 90.0
+    restore_timeout: float = 20.0
+    on_shutdown: str = "keep"  # keep | suspend: what `mvm serve` does with running VMs when it stops
+    default_template: str = "demo"
+    default_image: str = "demo"
+    default_policy: Policy = field(default_factory=Policy)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.state_dir / "templates"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.state_dir / "vms"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.sqlite3"
