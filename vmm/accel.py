@@ -1,0 +1,51 @@
+"""Choose QEMU's accelerator from what the host really offers.
+
+/dev/kvm alone is not enough: on kvm_pvm hosts it exists but runs stock kernels through
+instruction emulation (see shared/spike/QEMU-SPIKE.md), so KVM is chosen only with real
+VMX/SVM (the kvm_intel or kvm_amd module loaded). TCG needs the guest told the TSC rate,
+or its PIT calibration fails at random and the boot hangs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """The QEMU arguments and guest kernel arguments that go with one accelerator."""
+
+    name: str
+    qemu_args: tuple[str, ...]
+    kernel_args: tuple[str, ...]
+
+
+def host_has_hw_kvm(sys_module: Path = Path("/sys/module")) -> bool:
+    """True with hardware virtualisation behind /dev/kvm (not kvm_pvm)."""
+    has_module = any((sys_module / m).exists() for m in ("kvm_intel", "kvm_amd"))
+    return has_module and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
+    """The host CPU clock in kHz; under TCG the guest TSC is the host TSC."""
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":", 1)[1]) * 1000)
+    return 2_000_000
+
+
+def choose(setting: str = "auto") -> Accelerator:
+    """Resolve `auto|kvm|tcg` to concrete arguments. The same result must serve boot and restore."""
+    if setting not in ("auto", "kvm", "tcg"):
+        raise InvalidRequest(f"vmm.accelerator must be auto, kvm or tcg, got {setting!r}")
+    name = setting
+    if setting == "auto":
+        name = "kvm" if host_has_hw_kvm() else "tcg"
+    if name == "kvm":
+        return Accelerator("kvm", ("-accel", "kvm", "-cpu", "host"), ())
+    khz = host_tsc_khz()
+    return Accelerator("tcg", ("-accel", "tcg", "-cpu", "max"), (f"tsc_early_khz={khz}", "tsc=reliable"))

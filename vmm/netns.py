@@ -1,0 +1,117 @@
+"""One network namespace per VM, with the VM's tap inside it.
+
+Every namespace has identical addressing (host side 10.77.0.1, guest 10.77.0.2, fixed
+MACs), so clones of one snapshot need no reconfiguration. Nothing is ever added to the
+root namespace: the edge reaches a guest by creating its socket inside the VM's
+namespace (setns in a worker thread), so guests cannot reach each other, the host's
+root namespace or anything outside — there is no route, bridge or forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import socket
+import threading
+from pathlib import Path
+
+from .errors import VmmError
+
+HOST_IP = "10.77.0.1"
+GUEST_IP = "10.77.0.2"
+PREFIX = 24
+TAP = "tap0"
+TAP_MAC = "02:00:00:77:00:01"
+GUEST_MAC = "52:54:00:12:34:56"
+NETNS_DIR = Path("/var/run/netns")
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_setns_lock = threading.Lock()
+
+
+def ns_name(vm_id: str) -> str:
+    """Namespace name for a VM; the prefix marks what this project created."""
+    return f"mvm-{vm_id}"
+
+
+async def _ip(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise VmmError(f"ip {' '.join(args)} failed: {err.decode().strip()}")
+
+
+async def create(vm_id: str) -> str:
+    """Create the VM's namespace with lo and a tap (addressed inside the namespace only)."""
+    name = ns_name(vm_id)
+    if (NETNS_DIR / name).exists():
+        await delete(vm_id)
+    await _ip("netns", "add", name)
+    try:
+        await _ip("-n", name, "link", "set", "lo", "up")
+        await _ip("-n", name, "tuntap", "add", "dev", TAP, "mode", "tap")
+        await _ip("-n", name, "link", "set", TAP, "address", TAP_MAC)
+        await _ip("-n", name, "addr", "add", f"{HOST_IP}/{PREFIX}", "dev", TAP)
+        await _ip("-n", name, "link", "set", TAP, "up")
+        # A static neighbour entry: without it the first connect to a waking guest waits on ARP.
+        await _ip("-n", name, "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", TAP, "nud", "permanent")
+    except VmmError:
+        await delete(vm_id)
+        raise
+    return name
+
+
+async def delete(vm_id: str) -> None:
+    """Remove the namespace (and with it the tap). Missing namespaces are fine."""
+    if (NETNS_DIR / ns_name(vm_id)).exists():
+        await _ip("netns", "delete", ns_name(vm_id))
+
+
+def exists(vm_id: str) -> bool:
+    return (NETNS_DIR / ns_name(vm_id)).exists()
+
+
+def list_project_namespaces() -> list[str]:
+    """Namespaces this project made (for cleanup checks)."""
+    if not NETNS_DIR.exists():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith("mvm-"))
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _socket_in_netns(vm_id: str) -> socket.socket:
+    """Create a TCP socket inside the VM's namespace; the socket keeps that namespace."""
+    path = NETNS_DIR / ns_name(vm_id)
+    with _setns_lock, open(path) as target, open(f"/proc/self/task/{threading.get_native_id()}/ns/net") as home:
+        _setns(target.fileno())
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            _setns(home.fileno())
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+async def connect_guest(vm_id: str, port: int, timeout: float) -> socket.socket:
+    """A non-blocking socket connected to the guest's port, from inside the VM's namespace."""
+    if not exists(vm_id):
+        raise VmmError(f"network namespace of VM {vm_id} is missing")
+    loop = asyncio.get_running_loop()
+    sock = await loop.run_in_executor(None, _socket_in_netns, vm_id)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (GUEST_IP, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

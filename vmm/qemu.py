@@ -1,0 +1,169 @@
+"""QEMU processes: the argv of a microVM, spawning it in its namespace, watching it die.
+
+QEMU is spawned in its own session (not in the manager's process group) so that a
+restart of the manager leaves running VMs alone; they are re-adopted by pid. Exits are
+seen through a pidfd, which works the same for children and for re-adopted processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import netns
+from .accel import Accelerator
+from .errors import VmmError
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that must be identical between a boot and every restore of its snapshot."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    memory_mb: int
+    vcpus: int
+    accel: Accelerator
+
+
+@dataclass(frozen=True)
+class RamBacking:
+    """Where guest RAM lives. share=True writes go to the file; False maps it copy-on-write."""
+
+    path: Path
+    share: bool
+
+
+def build_argv(
+    qemu_binary: str, spec: MachineSpec, ram: RamBacking, qmp_sock: Path, serial_log: Path, incoming: bool
+) -> list[str]:
+    """The QEMU command line, run inside the VM's network namespace via `ip netns exec`."""
+    guest_net = f"mvm.ip={netns.GUEST_IP}/{netns.PREFIX} mvm.gw={netns.HOST_IP}"
+    append = " ".join([spec.cmdline, *spec.accel.kernel_args, guest_net])
+    argv = [
+        qemu_binary,
+        "-name", spec.name,
+        "-machine", "microvm,memory-backend=mem",
+        *spec.accel.qemu_args,
+        "-m", f"{spec.memory_mb}M",
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", append,
+        "-object",
+        f"memory-backend-file,id=mem,size={spec.memory_mb}M,mem-path={ram.path},share={'on' if ram.share else 'off'}",
+        # append=on: a restore must not truncate the log of the boot it continues.
+        "-chardev", f"file,id=ser0,path={serial_log},append=on",
+        "-serial", "chardev:ser0",
+        "-netdev", f"tap,id=n0,ifname={netns.TAP},script=no,downscript=no",
+        "-device", f"virtio-net-device,netdev=n0,mac={netns.GUEST_MAC}",
+        "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+    ]  # fmt: skip
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+class QemuProcess:
+    """A running QEMU, spawned here or re-adopted after a manager restart."""
+
+    def __init__(self, pid: int, on_exit: Callable[[QemuProcess, int | None], None] | None = None) -> None:
+        self.pid = pid
+        self.exit_status: int | None = None
+        self.exited = asyncio.Event()
+        self._on_exit = on_exit
+        self._pidfd = os.pidfd_open(pid)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: list[str],
+        vm_id: str,
+        log_path: Path,
+        on_exit: Callable[[QemuProcess, int | None], None] | None = None,
+    ) -> QemuProcess:
+        """Start QEMU in the VM's namespace, in a new session, stderr to the VM's log."""
+        ip = shutil.which("ip") or "/usr/sbin/ip"
+        full = [ip, "netns", "exec", netns.ns_name(vm_id), *argv]
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            pid = os.posix_spawn(
+                ip,
+                full,
+                os.environ,
+                setsid=True,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, fd, 1),
+                    (os.POSIX_SPAWN_DUP2, fd, 2),
+                ],
+            )
+        finally:
+            os.close(fd)
+        return cls(pid, on_exit)
+
+    @classmethod
+    def adopt(
+        cls, pid: int, vm_name: str, on_exit: Callable[[QemuProcess, int | None], None] | None = None
+    ) -> QemuProcess | None:
+        """Re-attach to a QEMU left running by an earlier manager, if it is really ours."""
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            proc = cls(pid, on_exit)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            return None
+        if vm_name.encode() not in cmdline or not any(b"qemu-system" in arg for arg in cmdline):
+            proc.close()
+            return None
+        return proc
+
+    def _reap(self) -> None:
+        status: int | None = None
+        with contextlib.suppress(ChildProcessError):
+            _, raw = os.waitpid(self.pid, os.WNOHANG)
+            status = os.waitstatus_to_exitcode(raw)
+        self.exit_status = status
+        self.close()
+        self.exited.set()
+        if self._on_exit is not None:
+            self._on_exit(self, status)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    async def kill(self, timeout: float = 5.0) -> None:
+        """SIGKILL and wait for the exit; guest RAM in a shared file is already on disk."""
+        if not self.alive:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.exited.wait()
+        except TimeoutError as exc:
+            raise VmmError(f"QEMU pid {self.pid} did not exit after SIGKILL") from exc
+
+
+def describe_exit(status: int | None) -> str:
+    if status is None:
+        return "QEMU exited"
+    if status < 0:
+        return f"QEMU was killed by signal {signal.Signals(-status).name}"
+    return f"QEMU exited with status {status}"

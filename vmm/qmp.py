@@ -1,0 +1,102 @@
+"""QMP sequences for snapshots: save device state (and RAM if not shared) to a file, load it back.
+
+Snapshots are QEMU migration streams written to / read from a file descriptor passed
+over the QMP socket (SCM_RIGHTS), so no shell is involved. With x-ignore-shared, RAM in
+a shared memory-backend-file is left out of the stream: it already is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from .errors import VmmError
+
+# QEMU 7.2 migrates at 32 MiB/s by default; a snapshot to a local file needs no cap.
+MAX_BANDWIDTH = 100 * 1024**3
+_DONE = ("completed", "failed", "cancelled")
+
+
+async def connect(sock: Path, name: str, timeout: float, alive: Any) -> QMPClient:
+    """Connect once QEMU has created its socket; gives up early if QEMU died meanwhile."""
+    client = QMPClient(name)
+    async with asyncio.timeout(timeout):
+        while True:
+            if not alive():
+                raise VmmError("QEMU exited before its QMP socket was up")
+            if sock.exists():
+                try:
+                    await client.connect(str(sock))
+                    return client
+                except (QMPError, OSError):
+                    pass
+            await asyncio.sleep(0.005)
+
+
+async def _capabilities(qmp: QMPClient, ignore_shared: bool) -> None:
+    caps = [
+        {"capability": "events", "state": True},
+        {"capability": "x-ignore-shared", "state": ignore_shared},
+    ]
+    await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+
+
+async def _run_migration(qmp: QMPClient, command: str, fd: int, timeout: float) -> None:
+    """Pass `fd`, start the migration `command` on it, wait for the MIGRATION event's end."""
+    with qmp.listener(("MIGRATION",)) as events:
+        qmp.send_fd_scm(fd)
+        await qmp.execute("getfd", {"fdname": "snapshot"})
+        await qmp.execute(command, {"uri": "fd:snapshot"})
+        status = "unknown"
+        async with asyncio.timeout(timeout):
+            while status not in _DONE:
+                event = await events.get()
+                status = event["data"]["status"]
+    if status != "completed":
+        info: dict[str, Any] = {}
+        with contextlib.suppress(QMPError, OSError):
+            info = await qmp.execute("query-migrate")  # type: ignore[assignment]
+        raise VmmError(f"migration {status}: {info.get('error-desc', 'no detail from QEMU')}")
+
+
+async def save(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float) -> int:
+    """Write the stopped VM's snapshot to `path` atomically; returns its size in bytes."""
+    await _capabilities(qmp, ignore_shared)
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        await _run_migration(qmp, "migrate", fd, timeout)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    finally:
+        os.close(fd)
+    tmp.rename(path)
+    return path.stat().st_size
+
+
+async def load(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float) -> None:
+    """Load a snapshot into a QEMU started with `-incoming defer`; leaves it stopped."""
+    await _capabilities(qmp, ignore_shared)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise VmmError(f"snapshot file {path} is missing") from exc
+    try:
+        await _run_migration(qmp, "migrate-incoming", fd, timeout)
+    finally:
+        os.close(fd)
+
+
+async def status(qmp: QMPClient) -> str:
+    """QEMU's run state: running, paused, postmigrate, inmigrate, ..."""
+    reply: Any = await qmp.execute("query-status")
+    return str(reply["status"])
