@@ -56,7 +56,7 @@ async def _run_migration(qmp: QMPClient, command: str, fd: int, timeout: float) 
         status = "unknown"
         async with asyncio.timeout(timeout):
             while status not in _DONE:
-                event = await events.get()
+                event: Any = await events.get()
                 status = event["data"]["status"]
     if status != "completed":
         info: dict[str, Any] = {}

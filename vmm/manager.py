@@ -1,0 +1,418 @@
+"""The VM manager: lifecycle of every VM, one transition at a time per VM.
+
+Each VM has a lock that serialises its transitions and at most one wake task that all
+concurrent callers share, so twenty requests to a suspended VM cause one restore. State
+changes are written to the registry before the step that makes them true is visible to
+the guest (RUNNING before `cont`), so a crash of the manager never leaves a snapshot
+that looks restorable while its RAM has moved on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shutil
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from . import accel as accel_mod
+from . import netns, template
+from . import qmp as qmp_ops
+from .errors import Conflict, InvalidRequest, NotFound, RestoreFailed, VmFailed, VmmError
+from .jsonlog import log
+from .model import RamMode, Template, VmRecord, VmState
+from .policy import Policy
+from .qemu import QemuProcess, RamBacking, build_argv, describe_exit
+from .registry import Registry
+from .settings import VmmSettings
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+QMP_CONNECT_TIMEOUT = 10.0
+ACTIVITY_FLUSH_SECONDS = 2.0
+_LIVE = (VmState.RUNNING, VmState.PAUSED)
+
+
+def new_vm_id() -> str:
+    """12 characters, starting with a letter and without dashes (hostname-safe, unambiguous)."""
+    return "v" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
+
+
+class _Vm:
+    """Runtime companions of one VM record: its QEMU, QMP connection, lock and wake task."""
+
+    def __init__(self, rec: VmRecord) -> None:
+        self.rec = rec
+        self.proc: QemuProcess | None = None
+        self.qmp: QMPClient | None = None
+        self.lock = asyncio.Lock()
+        self.wake: asyncio.Task[None] | None = None
+        self.expect_exit = False
+
+
+class VmManager:
+    """Creates, pauses, suspends, restores and deletes VMs; the edge's VmBackend."""
+
+    def __init__(self, settings: VmmSettings) -> None:
+        self.settings = settings
+        self.accel = accel_mod.choose(settings.accelerator)
+        self.listeners: list[Callable[[VmRecord], None]] = []
+        self._vms: dict[str, _Vm] = {}
+        self._dirty: set[str] = set()
+        self._registry: Registry | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    # ---- start and stop -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the registry and take back every VM an earlier manager left behind."""
+        self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
+        self._registry = Registry(self.settings.registry_path)
+        for rec in self._registry.load_all():
+            vm = _Vm(rec)
+            self._vms[rec.id] = vm
+            await self._recover(vm)
+        self._flusher = asyncio.create_task(self._flush_activity_forever())
+        log.event("vmm.started", accelerator=self.accel.name, vms=len(self._vms))
+
+    async def close(self) -> None:
+        """Stop managing: running VMs keep running (re-adopted later) or are suspended."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        for vm in list(self._vms.values()):
+            if self.settings.on_shutdown == "suspend" and vm.rec.state in _LIVE:
+                with contextlib.suppress(VmmError):
+                    await self.suspend(vm.rec.id)
+            if vm.qmp is not None:
+                with contextlib.suppress(QMPError, OSError):
+                    await vm.qmp.disconnect()
+            if vm.proc is not None:
+                vm.proc.close()
+        self._flush_activity()
+        if self._registry is not None:
+            self._registry.close()
+
+    # ---- queries (the edge's hot path: in memory only) ------------------------------
+
+    def lookup(self, vm_id: str) -> VmRecord | None:
+        vm = self._vms.get(vm_id)
+        return vm.rec if vm is not None else None
+
+    def get(self, vm_id: str) -> VmRecord:
+        return self._vm(vm_id).rec
+
+    def list_vms(self) -> list[VmRecord]:
+        return [vm.rec for vm in self._vms.values()]
+
+    def counts_by_state(self) -> dict[str, int]:
+        counts = Counter(vm.rec.state.value for vm in self._vms.values())
+        return {state.value: counts.get(state.value, 0) for state in VmState if state != VmState.TERMINATED}
+
+    def touch(self, vm_id: str) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is not None:
+            vm.rec.last_activity = time.time()
+            self._dirty.add(vm_id)
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self.settings.vms_dir / vm_id
+
+    def templates(self) -> list[Template]:
+        return template.list_all(self.settings)
+
+    async def create_template(self, name: str, image: str, progress: Callable[[str], None]) -> Template:
+        return await template.create(self.settings, name, image, self.accel, progress)
+
+    async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
+        return await netns.connect_guest(vm_id, port, timeout)
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def create_vm(self, template_name: str | None = None, policy: dict[str, Any] | None = None) -> VmRecord:
+        """Launch a VM from a template: copy-on-write RAM, no boot, no memory copy."""
+        tpl = template.load(self.settings, template_name or self.settings.default_template)
+        pol = Policy.from_dict(policy or {}, base=self.settings.default_policy)
+        if tpl.memory_mb > pol.memory_mb or tpl.vcpus > pol.vcpus:
+            raise InvalidRequest(
+                f"template {tpl.name!r} needs {tpl.memory_mb} MiB and {tpl.vcpus} vCPU(s), above the policy's "
+                f"limits policy.memory_mb={pol.memory_mb} / policy.vcpus={pol.vcpus}"
+            )
+        now = time.time()
+        vm_id = new_vm_id()
+        rec = VmRecord(vm_id, tpl.name, VmState.STARTING, pol, tpl.app_port, now, now, state_changed_at=now)
+        vm = _Vm(rec)
+        self._vms[vm_id] = vm
+        self._store(vm)
+        async with vm.lock:
+            try:
+                self.vm_dir(vm_id).mkdir(parents=True)
+                await netns.create(vm_id)
+                ram = RamBacking(Path(tpl.path) / "ram", share=False)
+                await self._start_qemu(vm, tpl, ram, Path(tpl.path) / "state", ignore_shared=True)
+            except BaseException as exc:
+                await self._discard(vm)
+                if isinstance(exc, Exception):
+                    raise VmFailed(f"could not launch a VM from template {tpl.name!r}: {exc}") from exc
+                raise
+        log.event("vm.created", vm=vm_id, template=tpl.name, ms=round((time.time() - now) * 1000, 1))
+        return rec
+
+    async def pause(self, vm_id: str) -> VmRecord:
+        """Stop the vCPUs; memory stays in the QEMU process."""
+        vm = self._vm(vm_id)
+        async with vm.lock:
+            if vm.rec.state is VmState.PAUSED:
+                return vm.rec
+            self._require(vm, VmState.RUNNING)
+            await self._qmp(vm, "stop")
+            self._set(vm, VmState.PAUSED)
+        return vm.rec
+
+    async def resume(self, vm_id: str) -> VmRecord:
+        """Run a paused or suspended VM again (shares any wake already under way)."""
+        await self.ensure_running(vm_id)
+        return self._vm(vm_id).rec
+
+    async def ensure_running(self, vm_id: str) -> bool:
+        """Single-flight wake: every concurrent caller awaits the same task. True if it had to wake."""
+        vm = self._vm(vm_id)
+        if vm.rec.state is VmState.RUNNING:
+            return False
+        if vm.wake is None or vm.wake.done():
+            vm.wake = asyncio.create_task(self._wake(vm))
+        await asyncio.shield(vm.wake)
+        return True
+
+    async def suspend(self, vm_id: str) -> VmRecord:
+        """Snapshot to disk and end the QEMU process; its memory is freed."""
+        vm = self._vm(vm_id)
+        async with vm.lock:
+            if vm.rec.state is VmState.SUSPENDED:
+                return vm.rec
+            self._require(vm, *_LIVE)
+            await self._suspend_locked(vm)
+        return vm.rec
+
+    async def delete(self, vm_id: str) -> None:
+        """Terminate the VM and remove everything it had: process, namespace, files, record."""
+        vm = self._vm(vm_id)
+        async with vm.lock:
+            await self._discard(vm)
+        log.event("vm.deleted", vm=vm_id)
+
+    # ---- transitions (called with vm.lock held) --------------------------------------
+
+    async def _wake(self, vm: _Vm) -> None:
+        async with vm.lock:
+            state = vm.rec.state
+            if state is VmState.RUNNING:
+                return
+            if state is VmState.PAUSED:
+                await self._qmp(vm, "cont")
+                self._set(vm, VmState.RUNNING)
+            elif state is VmState.SUSPENDED:
+                await self._restore(vm)
+            elif state is VmState.FAILED:
+                raise VmFailed(f"VM {vm.rec.id} has failed: {vm.rec.reason}")
+            else:
+                raise Conflict(f"VM {vm.rec.id} is {state.value}")
+
+    async def _suspend_locked(self, vm: _Vm) -> None:
+        started = time.monotonic()
+        was = vm.rec.state
+        path = self.vm_dir(vm.rec.id) / "state"
+        # Own-file RAM is already on disk; copy-on-write RAM must go into the stream.
+        ignore_shared = vm.rec.ram_mode is RamMode.OWN_FILE
+        self._set(vm, VmState.SUSPENDING)
+        try:
+            if was is VmState.RUNNING:
+                await self._qmp(vm, "stop")
+            assert vm.qmp is not None
+            size = await qmp_ops.save(vm.qmp, path, ignore_shared, self.settings.restore_timeout)
+        except (VmmError, QMPError, OSError, TimeoutError) as exc:
+            if vm.proc is not None and vm.proc.alive:
+                if was is VmState.RUNNING:
+                    await self._qmp(vm, "cont")
+                self._set(vm, was)
+            raise VmmError(f"suspend of VM {vm.rec.id} failed, it stays {vm.rec.state.value}: {exc}") from exc
+        await self._stop_qemu(vm)
+        self._set(vm, VmState.SUSPENDED)
+        log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
+
+    async def _restore(self, vm: _Vm) -> None:
+        started = time.monotonic()
+        vm_dir = self.vm_dir(vm.rec.id)
+        own_file = vm.rec.ram_mode is RamMode.OWN_FILE
+        ram = RamBacking(vm_dir / "ram", share=True)
+        if not own_file:
+            # The stream carries all RAM; it is loaded into a fresh file the VM owns from now on.
+            ram.path.unlink(missing_ok=True)
+        self._set(vm, VmState.RESTORING)
+        try:
+            tpl = template.load(self.settings, vm.rec.template)
+            if not netns.exists(vm.rec.id):
+                await netns.create(vm.rec.id)
+            await self._start_qemu(vm, tpl, ram, vm_dir / "state", ignore_shared=own_file)
+        except BaseException as exc:
+            await self._stop_qemu(vm)
+            if not own_file:
+                ram.path.unlink(missing_ok=True)
+            self._set(vm, VmState.SUSPENDED, reason=f"restore failed: {exc}")
+            log.event("vm.restore_failed", level="error", vm=vm.rec.id, error=str(exc))
+            if isinstance(exc, Exception):
+                raise RestoreFailed(f"restore of VM {vm.rec.id} failed; it stays suspended: {exc}") from exc
+            raise
+        # The snapshot no longer matches the RAM file the guest now writes to.
+        (vm_dir / "state").unlink(missing_ok=True)
+        vm.rec.ram_mode = RamMode.OWN_FILE
+        self._store(vm)
+        log.event("vm.restored", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1))
+
+    async def _start_qemu(self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool) -> None:
+        """Spawn QEMU waiting for a migration, load `snapshot`, mark RUNNING, then `cont`."""
+        vm_id = vm.rec.id
+        vm_dir = self.vm_dir(vm_id)
+        spec = template.machine_spec(self.settings, tpl, f"mvm-{vm_id}", self.accel)
+        sock = vm_dir / "qmp.sock"
+        sock.unlink(missing_ok=True)
+        argv = build_argv(self.settings.qemu_binary, spec, ram, sock, vm_dir / "serial.log", incoming=True)
+        vm.expect_exit = False
+        proc = QemuProcess.spawn(argv, vm_id, vm_dir / "qemu.log", on_exit=lambda p, st: self._on_exit(vm, p, st))
+        vm.proc = proc
+        vm.rec.pid = proc.pid
+        vm.qmp = await qmp_ops.connect(sock, spec.name, QMP_CONNECT_TIMEOUT, lambda: proc.alive)
+        try:
+            await qmp_ops.load(vm.qmp, snapshot, ignore_shared, self.settings.restore_timeout)
+        except VmmError as exc:
+            raise VmmError(f"{exc}{self._qemu_log_tail(vm_id)}") from exc
+        self._set(vm, VmState.RUNNING, reason=None)
+        await self._qmp(vm, "cont")
+
+    async def _stop_qemu(self, vm: _Vm) -> None:
+        vm.expect_exit = True
+        if vm.qmp is not None:
+            with contextlib.suppress(QMPError, OSError):
+                await vm.qmp.disconnect()
+            vm.qmp = None
+        if vm.proc is not None:
+            await vm.proc.kill()
+            vm.proc = None
+        vm.rec.pid = None
+
+    async def _discard(self, vm: _Vm) -> None:
+        await self._stop_qemu(vm)
+        await netns.delete(vm.rec.id)
+        shutil.rmtree(self.vm_dir(vm.rec.id), ignore_errors=True)
+        self._vms.pop(vm.rec.id, None)
+        self._dirty.discard(vm.rec.id)
+        if self._registry is not None:
+            self._registry.delete(vm.rec.id)
+        vm.rec.state = VmState.TERMINATED
+        self._notify(vm.rec)
+
+    def _on_exit(self, vm: _Vm, proc: QemuProcess, status: int | None) -> None:
+        """QEMU ended. If nobody asked it to, the VM is failed and says why."""
+        if vm.proc is not proc or vm.expect_exit:
+            return
+        vm.proc = None
+        vm.rec.pid = None
+        if vm.qmp is not None:
+            asyncio.get_running_loop().create_task(vm.qmp.disconnect())
+            vm.qmp = None
+        reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}"
+        self._set(vm, VmState.FAILED, reason=reason)
+        log.event("vm.failed", level="error", vm=vm.rec.id, reason=reason)
+
+    # ---- restart recovery ---------------------------------------------------------------
+
+    async def _recover(self, vm: _Vm) -> None:
+        """Re-adopt a QEMU that is still running, or settle the record on what is on disk."""
+        rec = vm.rec
+        if rec.state not in (*_LIVE, VmState.STARTING, VmState.SUSPENDING, VmState.RESTORING):
+            return
+        proc = QemuProcess.adopt(rec.pid, f"mvm-{rec.id}", lambda p, st: self._on_exit(vm, p, st)) if rec.pid else None
+        run_state = None
+        if proc is not None:
+            vm.proc = proc
+            try:
+                vm.qmp = await qmp_ops.connect(
+                    self.vm_dir(rec.id) / "qmp.sock", f"mvm-{rec.id}", QMP_CONNECT_TIMEOUT, lambda: proc.alive
+                )
+                run_state = await qmp_ops.status(vm.qmp)
+            except (VmmError, QMPError, OSError, TimeoutError):
+                run_state = None
+        if run_state == "running":
+            self._set(vm, VmState.RUNNING)
+        elif run_state in ("paused", "postmigrate"):
+            self._set(vm, VmState.PAUSED)
+        else:
+            await self._stop_qemu(vm)
+            snapshot_kept = (self.vm_dir(rec.id) / "state").exists()
+            if rec.state in (VmState.RESTORING, VmState.SUSPENDING) and snapshot_kept:
+                self._set(vm, VmState.SUSPENDED, reason=f"manager restarted during {rec.state.value}")
+            else:
+                self._set(vm, VmState.FAILED, reason=f"QEMU was gone when the manager restarted ({rec.state.value})")
+        log.event("vm.recovered", vm=rec.id, state=vm.rec.state.value, adopted=run_state is not None)
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _vm(self, vm_id: str) -> _Vm:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            raise NotFound(f"VM {vm_id!r} does not exist")
+        return vm
+
+    def _require(self, vm: _Vm, *states: VmState) -> None:
+        if vm.rec.state not in states:
+            wanted = " or ".join(s.value for s in states)
+            raise Conflict(f"VM {vm.rec.id} is {vm.rec.state.value}, not {wanted}")
+
+    async def _qmp(self, vm: _Vm, command: str) -> None:
+        if vm.qmp is None:
+            raise VmFailed(f"VM {vm.rec.id} has no running QEMU")
+        try:
+            await vm.qmp.execute(command)
+        except (QMPError, OSError) as exc:
+            raise VmFailed(f"QMP {command} on VM {vm.rec.id} failed: {exc}") from exc
+
+    def _set(self, vm: _Vm, state: VmState, reason: str | None = None) -> None:
+        vm.rec.state = state
+        vm.rec.reason = reason
+        vm.rec.state_changed_at = time.time()
+        self._store(vm)
+        self._notify(vm.rec)
+
+    def _store(self, vm: _Vm) -> None:
+        if self._registry is not None:
+            self._registry.save(vm.rec)
+
+    def _notify(self, rec: VmRecord) -> None:
+        for listener in self.listeners:
+            listener(rec)
+
+    def _qemu_log_tail(self, vm_id: str) -> str:
+        path = self.vm_dir(vm_id) / "qemu.log"
+        try:
+            lines = path.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return ""
+        return f" (qemu: {lines[-1]})" if lines else ""
+
+    def _flush_activity(self) -> None:
+        if self._registry is not None and self._dirty:
+            self._registry.save_activity(self._vms[i].rec for i in self._dirty if i in self._vms)
+        self._dirty.clear()
+
+    async def _flush_activity_forever(self) -> None:
+        while True:
+            await asyncio.sleep(ACTIVITY_FLUSH_SECONDS)
+            self._flush_activity()
