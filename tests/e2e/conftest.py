@@ -1,0 +1,98 @@
+"""End-to-end fixtures: real QEMU guests from the project's own image, one template per run.
+
+The image is built by scripts/install.sh into var/images. The template is booted once per
+test session; every test gets its own state directory (sharing the template read-only)
+and a finaliser that removes every VM, namespace, process and file it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.guest import qemu_pids_under
+from vmm import netns
+from vmm.accel import choose
+from vmm.manager import VmManager
+from vmm.settings import VmmSettings
+from vmm.template import create as create_template
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = REPO / "var" / "images"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def session_root() -> Iterator[Path]:
+    """Short absolute path (QMP socket paths must stay under 108 bytes)."""
+    root = Path(tempfile.mkdtemp(prefix="mvmt-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        _kill_qemus(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_dir(session_root: Path) -> Path:
+    """Boot the demo image once and snapshot it as template 'demo'."""
+    if not (IMAGES / "demo" / "image.json").exists():
+        pytest.fail("guest image missing: run scripts/install.sh (builds var/images/demo)")
+    settings = VmmSettings(state_dir=session_root / "base")
+    settings.state_dir.mkdir()
+    (settings.state_dir / "images").symlink_to(IMAGES)
+    asyncio.run(create_template(settings, "demo", "demo", choose(settings.accelerator), lambda _: None))
+    return settings.templates_dir
+
+
+@pytest.fixture
+def settings(session_root: Path, template_dir: Path, request: pytest.FixtureRequest) -> Iterator[VmmSettings]:
+    """A fresh state dir per test, sharing images and templates; cleaned up whatever happens."""
+    state = Path(tempfile.mkdtemp(prefix="t", dir=session_root))
+    (state / "images").symlink_to(IMAGES)
+    (state / "templates").symlink_to(template_dir)
+    namespaces_before = set(netns.list_project_namespaces())
+    try:
+        yield replace(VmmSettings(), state_dir=state)
+    finally:
+        _kill_qemus(state)
+        vms = state / "vms"
+        for vm_dir in vms.iterdir() if vms.exists() else []:
+            asyncio.run(netns.delete(vm_dir.name))
+        leaked = set(netns.list_project_namespaces()) - namespaces_before
+        for name in leaked:
+            asyncio.run(netns.delete(name.removeprefix("mvm-")))
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
+    """A started manager whose VMs are all deleted at the end of the test."""
+    mgr = VmManager(settings)
+    await mgr.start()
+    try:
+        yield mgr
+    finally:
+        for rec in list(mgr.list_vms()):
+            await mgr.delete(rec.id)
+        await mgr.close()
+
+
+def _kill_qemus(root: Path) -> None:
+    for pid in qemu_pids_under(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

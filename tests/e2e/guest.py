@@ -1,0 +1,73 @@
+"""Helpers for end-to-end tests: talk HTTP to a guest from inside its namespace, find leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from vmm import netns
+
+
+async def guest_request(vm_id: str, path: str = "/", port: int = 8080, timeout: float = 20.0) -> tuple[int, bytes]:
+    """One HTTP/1.1 request to the guest (Connection: close); returns status and body."""
+    sock = await netns.connect_guest(vm_id, port, timeout)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n".encode())
+            raw = await reader.read()
+        finally:
+            writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return status, body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return bytes(out)
+
+
+async def guest_state(vm_id: str, port: int = 8080) -> dict[str, Any]:
+    """GET / on the demo app: counter (incremented), boot_id, uptime."""
+    status, body = await guest_request(vm_id, "/", port)
+    assert status == 200, body
+    result: dict[str, Any] = orjson.loads(body)
+    return result
+
+
+def qemu_pids_under(root: Path) -> list[int]:
+    """QEMU processes whose command line mentions `root` (what a test started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and str(root).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
