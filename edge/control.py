@@ -1,0 +1,176 @@
+"""The control API (aiohttp): create, list, pause, suspend, resume and delete VMs; issue tokens.
+
+It listens on a unix socket; the front listener splices connections for the control host
+name to it, so TLS and the public port are shared with the data plane. Every answer is
+JSON, errors included: {"error": <code>, "message": <what is wrong>}.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from vmm.errors import VmmError
+from vmm.manager import VmManager
+from vmm.model import VmRecord
+
+from .config import Config
+from .metrics import Metrics
+from .openapi import OPENAPI
+from .tokens import TokenService
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PUBLIC = ("/healthz", "/metrics", "/openapi.json")
+_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                409: "conflict", 422: "invalid_request", 502: "vm_failed", 503: "unavailable"}  # fmt: skip
+
+MANAGER = web.AppKey("manager", VmManager)
+TOKENS = web.AppKey("tokens", TokenService)
+METRICS = web.AppKey("metrics", Metrics)
+CONFIG = web.AppKey("config", Config)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, message: str, code: str | None = None) -> web.Response:
+    return json_response({"error": code or _ERROR_CODES.get(status, "error"), "message": message}, status)
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Admin bearer key on everything but the public paths; every failure becomes JSON."""
+    if request.path not in _PUBLIC:
+        expected = f"Bearer {request.app[CONFIG].server.admin_key}"
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return error_response(401, "missing or wrong admin key (Authorization: Bearer <server.admin_key>)")
+    try:
+        return await handler(request)
+    except VmmError as exc:
+        return error_response(exc.http_status, str(exc))
+    except web.HTTPException as exc:
+        return error_response(exc.status, exc.reason or exc.text or "")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        data = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise web.HTTPBadRequest(reason=f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(reason="request body must be a JSON object")
+    return data
+
+
+def _vm_json(request: web.Request, rec: VmRecord) -> dict[str, Any]:
+    data = rec.to_dict()
+    data["url"] = _vm_url(request.app[CONFIG], rec.id)
+    return data
+
+
+def _vm_url(cfg: Config, vm_id: str) -> str:
+    scheme = "https" if cfg.server.tls else "http"
+    return f"{scheme}://{vm_id}.{cfg.server.domain}:{cfg.server.listen_port}/"
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"ok": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(OPENAPI)
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    return json_response({"templates": [t.to_dict() for t in request.app[MANAGER].templates()]})
+
+
+async def create_template(request: web.Request) -> web.Response:
+    body = await _body(request)
+    name, image = body.get("name"), body.get("image", "demo")
+    if not isinstance(name, str) or not isinstance(image, str):
+        raise web.HTTPUnprocessableEntity(reason="name and image must be strings")
+    tpl = await request.app[MANAGER].create_template(name, image, lambda _: None)
+    return json_response(tpl.to_dict(), 201)
+
+
+async def create_vm(request: web.Request) -> web.Response:
+    body = await _body(request)
+    unknown = sorted(set(body) - {"template", "policy"})
+    if unknown:
+        raise web.HTTPUnprocessableEntity(reason=f"{unknown[0]}: unknown field (allowed: template, policy)")
+    template, policy = body.get("template"), body.get("policy")
+    if template is not None and not isinstance(template, str):
+        raise web.HTTPUnprocessableEntity(reason="template must be a string")
+    if policy is not None and not isinstance(policy, dict):
+        raise web.HTTPUnprocessableEntity(reason="policy must be an object")
+    rec = await request.app[MANAGER].create_vm(template, policy)
+    return json_response(_vm_json(request, rec), 201)
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    return json_response({"vms": [_vm_json(request, rec) for rec in request.app[MANAGER].list_vms()]})
+
+
+async def get_vm(request: web.Request) -> web.Response:
+    return json_response(_vm_json(request, request.app[MANAGER].get(request.match_info["vm_id"])))
+
+
+def _action(name: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        manager = request.app[MANAGER]
+        rec = await getattr(manager, name)(request.match_info["vm_id"])
+        return json_response(_vm_json(request, rec))
+
+    return handler
+
+
+async def delete_vm(request: web.Request) -> web.Response:
+    await request.app[MANAGER].delete(request.match_info["vm_id"])
+    return web.Response(status=204)
+
+
+async def issue_token(request: web.Request) -> web.Response:
+    vm_id = request.match_info["vm_id"]
+    request.app[MANAGER].get(vm_id)
+    body = await _body(request)
+    ttl = body.get("ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
+        raise web.HTTPUnprocessableEntity(reason="ttl must be a number of seconds")
+    token, exp = request.app[TOKENS].issue(vm_id, ttl)
+    url = _vm_url(request.app[CONFIG], vm_id)
+    return json_response(
+        {"vm": vm_id, "token": token, "expires_at": exp, "expires_in": round(exp - time.time()), "url": url}, 201
+    )
+
+
+def build_control_app(cfg: Config, manager: VmManager, tokens: TokenService, metrics_: Metrics) -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=1024**2)
+    app[CONFIG], app[MANAGER], app[TOKENS], app[METRICS] = cfg, manager, tokens, metrics_
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/v1/templates", list_templates)
+    app.router.add_post("/v1/templates", create_template)
+    app.router.add_get("/v1/vms", list_vms)
+    app.router.add_post("/v1/vms", create_vm)
+    app.router.add_get("/v1/vms/{vm_id}", get_vm)
+    app.router.add_delete("/v1/vms/{vm_id}", delete_vm)
+    for action in ("pause", "suspend", "resume"):
+        app.router.add_post(f"/v1/vms/{{vm_id}}/{action}", _action(action))
+    app.router.add_post("/v1/vms/{vm_id}/tokens", issue_token)
+    return app

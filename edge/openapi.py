@@ -1,0 +1,122 @@
+"""The control API's OpenAPI 3.1 document, served at /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _op(summary: str, ok: int, schema: str | None = None, body: str | None = None, vm: bool = False) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        str(ok): {"description": "success"},
+        "401": {"$ref": "#/components/responses/Error"},
+        "422": {"$ref": "#/components/responses/Error"},
+    }
+    if schema:
+        responses[str(ok)]["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    if vm:
+        responses["404"] = {"$ref": "#/components/responses/Error"}
+        responses["409"] = {"$ref": "#/components/responses/Error"}
+        responses["503"] = {"$ref": "#/components/responses/Error"}
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if vm:
+        op["parameters"] = [{"name": "vm_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    if body:
+        ref = {"$ref": f"#/components/schemas/{body}"}
+        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": ref}}}
+    return op
+
+
+_SECONDS = {"type": ["number", "null"], "exclusiveMinimum": 0}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "microvm-edge control API", "version": "0.1.0"},
+    "security": [{"admin": []}],
+    "paths": {
+        "/healthz": {"get": {**_op("Liveness", 200), "security": []}},
+        "/metrics": {"get": {**_op("Prometheus metrics (text format)", 200), "security": []}},
+        "/v1/templates": {
+            "get": _op("List templates", 200),
+            "post": _op("Boot an image once and snapshot it as a template", 201, "Template", "TemplateCreate"),
+        },
+        "/v1/vms": {
+            "get": _op("List VMs", 200),
+            "post": _op("Launch a VM from a template (copy-on-write, no boot)", 201, "Vm", "VmCreate"),
+        },
+        "/v1/vms/{vm_id}": {
+            "get": _op("Get one VM", 200, "Vm", vm=True),
+            "delete": _op("Terminate and remove a VM", 204, vm=True),
+        },
+        "/v1/vms/{vm_id}/pause": {"post": _op("Pause in memory", 200, "Vm", vm=True)},
+        "/v1/vms/{vm_id}/suspend": {"post": _op("Snapshot to disk; QEMU exits", 200, "Vm", vm=True)},
+        "/v1/vms/{vm_id}/resume": {"post": _op("Resume or restore", 200, "Vm", vm=True)},
+        "/v1/vms/{vm_id}/tokens": {
+            "post": _op("Issue a VM-scoped token", 201, "Token", "TokenCreate", True)
+        },
+    },
+    "components": {
+        "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+        "responses": {
+            "Error": {
+                "description": "error",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "message"],
+                "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+            },
+            "Policy": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "idle_pause_after": _SECONDS,
+                    "idle_suspend_after": _SECONDS,
+                    "max_lifetime": _SECONDS,
+                    "memory_mb": {"type": "integer", "minimum": 64, "maximum": 65536},
+                    "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
+                    "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
+                },
+            },
+            "VmCreate": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"template": {"type": "string"}, "policy": {"$ref": "#/components/schemas/Policy"}},
+            },
+            "Vm": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "template": {"type": "string"},
+                    "state": {
+                        "enum": ["starting", "running", "paused", "suspending", "suspended", "restoring", "failed"]
+                    },
+                    "policy": {"$ref": "#/components/schemas/Policy"},
+                    "app_port": {"type": "integer"},
+                    "created_at": {"type": "number"},
+                    "last_activity": {"type": "number"},
+                    "reason": {"type": ["string", "null"]},
+                    "url": {"type": "string"},
+                },
+            },
+            "TemplateCreate": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "image": {"type": "string"}},
+            },
+            "Template": {"type": "object"},
+            "TokenCreate": {"type": "object", "properties": {"ttl": {"type": "number", "exclusiveMinimum": 0}}},
+            "Token": {
+                "type": "object",
+                "properties": {
+                    "vm": {"type": "string"},
+                    "token": {"type": "string"},
+                    "expires_at": {"type": "number"},
+                    "url": {"type": "string"},
+                },
+            },
+        },
+    },
+}

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install everything microvm-edge needs on Debian 12, idempotently: apt packages, the
+# Python venv, the guest image (built from Debian packages) and a dev TLS certificate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "microvm-edge needs root (network namespaces, taps, QEMU): run this as root" >&2
+    exit 1
+fi
+
+APT_PACKAGES=(
+    qemu-system-x86 busybox-static kmod cpio iproute2 gcc libc6-dev
+    python3 python3-venv openssl ca-certificates
+    nginx-light wrk   # benchmarks: nginx baseline and the load generator
+)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then
+    echo "==> apt: installing ${missing[*]:-(package lists only)}"
+    apt-get update -qq
+    [ ${#missing[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# The benchmarks start their own nginx; the package's default site must not hold port 80.
+if systemctl is-active --quiet nginx 2>/dev/null; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
+
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "==> venv: installing Python dependencies"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
+
+inputs=$(cat images/demo/* vmm/image.py | sha256sum | cut -c1-16)
+if [ "$(cat var/images/demo/.inputs 2>/dev/null)" != "$inputs" ]; then
+    echo "==> image: building the demo guest image"
+    .venv/bin/mvm image build images/demo/image.toml
+    echo "$inputs" > var/images/demo/.inputs
+fi
+
+if [ ! -f var/tls/dev.crt ]; then
+    .venv/bin/mvm dev-cert --config configs/dev.toml
+fi
+echo "==> installed"
