@@ -1,0 +1,29 @@
+from edge.reaper import due_action
+from vmm.model import VmRecord, VmState
+from vmm.policy import Policy
+
+NOW = 10_000.0
+
+
+def _rec(state: VmState, idle: float, age: float = 100.0, **policy: float | None) -> VmRecord:
+    return VmRecord("vabcdefghijk", "demo", state, Policy(**policy), 8080, NOW - age, NOW - idle)
+
+
+def test_pause_then_suspend_by_idle_time() -> None:
+    pol = {"idle_pause_after": 10.0, "idle_suspend_after": 60.0}
+    assert due_action(_rec(VmState.RUNNING, 5, **pol), NOW, 0) is None
+    assert due_action(_rec(VmState.RUNNING, 11, **pol), NOW, 0) == "pause"
+    assert due_action(_rec(VmState.PAUSED, 11, **pol), NOW, 0) is None
+    assert due_action(_rec(VmState.PAUSED, 61, **pol), NOW, 0) == "suspend"
+    assert due_action(_rec(VmState.SUSPENDED, 1000, **pol), NOW, 0) is None
+
+
+def test_open_streams_keep_a_vm_awake_but_not_past_its_lifetime() -> None:
+    assert due_action(_rec(VmState.RUNNING, 1000, idle_suspend_after=60.0), NOW, 1) is None
+    assert due_action(_rec(VmState.RUNNING, 0, age=9000, max_lifetime=3600.0), NOW, 3) == "delete"
+    assert due_action(_rec(VmState.SUSPENDED, 0, age=9000, max_lifetime=3600.0), NOW, 0) == "delete"
+
+
+def test_disabled_steps_never_fire() -> None:
+    rec = _rec(VmState.RUNNING, 10**6, age=10**6, idle_pause_after=None, idle_suspend_after=None, max_lifetime=None)
+    assert due_action(rec, NOW, 0) is None
