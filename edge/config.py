@@ -1,0 +1,407 @@
+"""The one TOML file `mvm serve` reads, validated whole at start-up.
+
+Every error names its key (`server.listen_port: ...`) and unknown keys are errors, so a
+typo fails loudly instead of silently keeping a default. Every default works on one
+machine; configs/dev.toml spells out the same values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from vmm.errors import InvalidRequest
+from vmm.policy import Policy
+from vmm.settings import VmmSettings
+
+from .tokens import ALGORITHMS, MIN_SECRET_BYTES, SigningKey, TokenService
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+DEV_ADMIN_KEY = "dev-admin-key-change-me"
+DEV_SECRET = "dev-secret-change-me-0123456789abcdef"
+DEFAULT_POLICY = Policy(ports=(8081,))
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_ADMIN_KEY = 16
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message starts with the offending key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8443
+    domain: str = "mvm.localhost"
+    control_host: str = ""  # "" -> "api.<domain>"
+    tls: bool = True
+    tls_cert: Path = Path("var/tls/dev.crt")
+    tls_key: Path = Path("var/tls/dev.key")
+    admin_key: str = field(default=DEV_ADMIN_KEY, repr=False)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0
+    wake_timeout: float = 30.0
+    max_held_per_vm: int = 256
+    upstream_keepalive_per_vm: int = 32
+    upstream_keepalive_idle: float = 30.0
+    retry_after: int = 2
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """One [[tokens.keys]] entry; files are read by token_service(), not at load time."""
+
+    kid: str
+    alg: str
+    secret: str | None = field(default=None, repr=False)
+    secret_file: Path | None = None
+    private_key_file: Path | None = None
+    public_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    default_ttl: float = 300.0
+    max_ttl: float = 3600.0
+    active_kid: str = "dev-hs256"
+    cache_size: int = 10_000
+    issuer: str = "microvm-edge"
+    leeway: float = 0.0
+    keys: tuple[KeyConfig, ...] = (KeyConfig(kid="dev-hs256", alg="HS256", secret=DEV_SECRET),)
+
+
+@dataclass(frozen=True)
+class ReaperConfig:
+    interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    proxy: ProxyConfig
+    tokens: TokensConfig
+    vmm: VmmSettings
+    reaper: ReaperConfig
+    log: LogConfig
+
+
+Rule = Callable[[Any, str], Any]  # (value, key) -> the value to keep; raises ConfigError
+T = TypeVar("T", bound="DataclassInstance")
+
+
+def _fail(key: str, rule: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: must be {rule}, got {value!r}")
+
+
+def _integer(low: int, high: int) -> Rule:
+    def check(value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _fail(key, f"an integer in [{low}, {high}]", value)
+        return value
+
+    return check
+
+
+def _seconds(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise _fail(key, "a positive number of seconds", value)
+    return float(value)
+
+
+def _seconds_or_zero(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise _fail(key, "a number of seconds >= 0", value)
+    return float(value)
+
+
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(key, "a non-empty string", value)
+    return value
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, "true or false", value)
+    return value
+
+
+def _choice(*options: str) -> Rule:
+    def check(value: Any, key: str) -> str:
+        if value not in options:
+            raise _fail(key, "one of " + ", ".join(options), value)
+        return str(value)
+
+    return check
+
+
+def _path(value: Any, key: str) -> Path:
+    """Relative paths resolve against the working directory of `mvm serve`."""
+    if not isinstance(value, str | Path) or not str(value):
+        raise _fail(key, "a path (string)", value)
+    return Path(value).absolute()
+
+
+_DNS_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def _dns_name(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not _DNS_NAME.fullmatch(value.lower().rstrip(".")):
+        raise _fail(key, "a DNS name such as mvm.example.com", value)
+    return value.lower().rstrip(".")
+
+
+def _dns_name_or_empty(value: Any, key: str) -> str:
+    return "" if value == "" else _dns_name(value, key)
+
+
+_SERVER: dict[str, Rule] = {
+    "listen_host": _text,
+    "listen_port": _integer(1, 65535),
+    "domain": _dns_name,
+    "control_host": _dns_name_or_empty,
+    "tls": _flag,
+    "tls_cert": _path,
+    "tls_key": _path,
+    "admin_key": _text,
+}
+_PROXY: dict[str, Rule] = {
+    "connect_timeout": _seconds,
+    "read_timeout": _seconds,
+    "wake_timeout": _seconds,
+    "max_held_per_vm": _integer(1, 1_000_000),
+    "upstream_keepalive_per_vm": _integer(0, 10_000),
+    "upstream_keepalive_idle": _seconds,
+    "retry_after": _integer(0, 3600),
+}
+_TOKENS: dict[str, Rule] = {
+    "default_ttl": _seconds,
+    "max_ttl": _seconds,
+    "active_kid": _text,
+    "cache_size": _integer(0, 10_000_000),
+    "issuer": _text,
+    "leeway": _seconds_or_zero,
+}
+_KEY: dict[str, Rule] = {
+    "kid": _text,
+    "alg": _choice(*ALGORITHMS),
+    "secret": _text,
+    "secret_file": _path,
+    "private_key_file": _path,
+    "public_key_file": _path,
+}
+_VMM: dict[str, Rule] = {
+    "state_dir": _path,
+    "accelerator": _choice("auto", "kvm", "tcg"),
+    "qemu_binary": _text,
+    "boot_timeout": _seconds,
+    "restore_timeout": _seconds,
+    "on_shutdown": _choice("keep", "suspend"),
+    "default_template": _text,
+    "default_image": _text,
+}
+_REAPER: dict[str, Rule] = {"interval": _seconds}
+_LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
+_SECTIONS = ("server", "proxy", "tokens", "vmm", "policy", "reaper", "log")
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate `path`; None gives the built-in defaults (those of configs/dev.toml)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    _reject_unknown(data, "", _SECTIONS)
+    server = _server(_table(data, "server"))
+    tokens = _tokens(_table(data, "tokens"))
+    _check_dev_secrets(server, tokens)
+    policy_table = _table(data, "policy")
+    try:
+        policy = Policy.from_dict(policy_table, base=DEFAULT_POLICY, where="policy")
+    except InvalidRequest as e:
+        raise ConfigError(str(e)) from None
+    return Config(
+        server=server,
+        proxy=_section(_table(data, "proxy"), "proxy", ProxyConfig(), _PROXY),
+        tokens=tokens,
+        vmm=_section(_table(data, "vmm"), "vmm", VmmSettings(default_policy=policy), _VMM),
+        reaper=_section(_table(data, "reaper"), "reaper", ReaperConfig(), _REAPER),
+        log=_section(_table(data, "log"), "log", LogConfig(), _LOG),
+    )
+
+
+def token_service(cfg: Config) -> TokenService:
+    """The TokenService for cfg.tokens, reading secret and PEM files now."""
+    t = cfg.tokens
+    keys = [_signing_key(key, f"tokens.keys[{i}]") for i, key in enumerate(t.keys)]
+    try:
+        return TokenService(
+            keys,
+            t.active_kid,
+            default_ttl=t.default_ttl,
+            max_ttl=t.max_ttl,
+            cache_size=t.cache_size,
+            issuer=t.issuer,
+            leeway=t.leeway,
+        )
+    except ValueError as e:
+        raise ConfigError(f"tokens.keys: {e}") from None
+
+
+def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: must be a table ([{name}]), got {table!r}")
+    return table
+
+
+def _reject_unknown(table: dict[str, Any], where: str, known: Iterable[str]) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def _section(table: dict[str, Any], where: str, defaults: T, rules: dict[str, Rule]) -> T:
+    """`defaults` updated from `table`: each key given, or its default, passes through its rule."""
+    _reject_unknown(table, where, rules)
+    values = {}
+    for name, rule in rules.items():
+        value = table.get(name, getattr(defaults, name))
+        values[name] = None if value is None else rule(value, f"{where}.{name}")
+    return replace(defaults, **values)
+
+
+def _server(table: dict[str, Any]) -> ServerConfig:
+    _reject_unknown(table, "server", [*_SERVER, "admin_key_file"])
+    table = dict(table)
+    key_file = table.pop("admin_key_file", None)
+    if key_file is not None:
+        if "admin_key" in table:
+            raise ConfigError("server.admin_key_file: give admin_key or admin_key_file, not both")
+        path = _path(key_file, "server.admin_key_file")
+        try:
+            table["admin_key"] = _read(path, "server.admin_key_file").decode().strip()
+        except UnicodeDecodeError:
+            raise ConfigError(f"server.admin_key_file: {path} is not UTF-8 text") from None
+    server = _section(table, "server", ServerConfig(), _SERVER)
+    if len(server.admin_key) < MIN_ADMIN_KEY:
+        where = "server.admin_key_file" if key_file is not None else "server.admin_key"
+        raise ConfigError(f"{where}: the admin key must be at least {MIN_ADMIN_KEY} characters")
+    if not server.control_host:
+        server = replace(server, control_host=f"api.{server.domain}")
+    return server
+
+
+def _tokens(table: dict[str, Any]) -> TokensConfig:
+    _reject_unknown(table, "tokens", [*_TOKENS, "keys"])
+    table = dict(table)
+    raw_keys = table.pop("keys", None)
+    tokens = _section(table, "tokens", TokensConfig(), _TOKENS)
+    if raw_keys is not None:
+        if not isinstance(raw_keys, list) or not raw_keys:
+            raise ConfigError("tokens.keys: must be a non-empty list of [[tokens.keys]] tables")
+        tokens = replace(tokens, keys=tuple(_key(k, f"tokens.keys[{i}]") for i, k in enumerate(raw_keys)))
+    if tokens.default_ttl > tokens.max_ttl:
+        raise ConfigError(
+            f"tokens.default_ttl: must not exceed tokens.max_ttl ({tokens.max_ttl:g}), got {tokens.default_ttl:g}"
+        )
+    kids = [k.kid for k in tokens.keys]
+    for i, kid in enumerate(kids):
+        if kid in kids[:i]:
+            raise ConfigError(f"tokens.keys[{i}].kid: {kid!r} is used by an earlier key")
+    if tokens.active_kid not in kids:
+        raise ConfigError(f"tokens.active_kid: {tokens.active_kid!r} is not the kid of any key (have: {kids})")
+    active = tokens.keys[kids.index(tokens.active_kid)]
+    if active.alg != "HS256" and active.private_key_file is None:
+        raise ConfigError(f"tokens.active_kid: key {active.kid!r} has no private_key_file to sign with")
+    return tokens
+
+
+def _key(table: Any, where: str) -> KeyConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table, got {table!r}")
+    for name in ("kid", "alg"):
+        if name not in table:
+            raise ConfigError(f"{where}.{name}: missing")
+    key = _section(table, where, KeyConfig(kid="", alg=""), _KEY)
+    if key.alg == "HS256":
+        if (key.secret is None) == (key.secret_file is None):
+            raise ConfigError(f"{where}.secret: HS256 needs exactly one of secret and secret_file")
+        if key.secret is not None and len(key.secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"{where}.secret: must be at least {MIN_SECRET_BYTES} bytes")
+        for name in ("private_key_file", "public_key_file"):
+            if getattr(key, name) is not None:
+                raise ConfigError(f"{where}.{name}: only EdDSA and ES256 keys take PEM files")
+    else:
+        for name in ("secret", "secret_file"):
+            if getattr(key, name) is not None:
+                raise ConfigError(f"{where}.{name}: {key.alg} keys take PEM files, not a secret")
+        if key.private_key_file is None and key.public_key_file is None:
+            raise ConfigError(f"{where}.private_key_file: {key.alg} needs private_key_file and/or public_key_file")
+    return key
+
+
+def _check_dev_secrets(server: ServerConfig, tokens: TokensConfig) -> None:
+    """The well-known dev secrets are fine on loopback only."""
+    if _is_loopback(server.listen_host):
+        return
+    if server.admin_key == DEV_ADMIN_KEY:
+        raise ConfigError("server.admin_key: replace the development default before listening beyond loopback")
+    for i, key in enumerate(tokens.keys):
+        if key.secret == DEV_SECRET:
+            raise ConfigError(
+                f"tokens.keys[{i}].secret: replace the development default before listening beyond loopback"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _signing_key(key: KeyConfig, where: str) -> SigningKey:
+    secret: bytes | None = key.secret.encode() if key.secret is not None else None
+    if key.secret_file is not None:
+        secret = _read(key.secret_file, f"{where}.secret_file").strip()
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"{where}.secret_file: the secret must be at least {MIN_SECRET_BYTES} bytes")
+    return SigningKey(
+        kid=key.kid,
+        alg=key.alg,
+        secret=secret,
+        private_key=_read(key.private_key_file, f"{where}.private_key_file") if key.private_key_file else None,
+        public_key=_read(key.public_key_file, f"{where}.public_key_file") if key.public_key_file else None,
+    )
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
