@@ -1,0 +1,87 @@
+"""Everything the per-connection proxy protocol shares: collaborators, knobs, live counts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .backend import VmBackend
+from .hosts import HostRouter
+from .http1 import EdgeProtocol
+from .metrics import Metrics
+from .tokens import TokenService
+from .upstream import UpstreamPool
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """Limits of the data plane; times in seconds."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 300.0  # from request sent to response head
+    wake_timeout: float = 30.0
+    max_held_per_vm: int = 256
+    retry_after: int = 2
+    forwarded_proto: str = "https"
+    idle_timeout: float = 75.0  # a client connection between requests (and a slow head)
+    max_head_size: int = 64 * 1024
+    linger_timeout: float = 5.0  # reading a body we no longer need before closing
+
+
+@dataclass(eq=False)
+class ProxyContext:
+    """Shared by every client connection of one edge process.
+
+    `open_streams[vm]` counts requests and tunnels in progress (the idle reaper keeps such
+    VMs awake); `held[vm]` counts requests waiting for that VM to wake.
+    """
+
+    backend: VmBackend
+    router: HostRouter
+    tokens: TokenService
+    metrics: Metrics
+    pool: UpstreamPool
+    control_socket: str
+    settings: ProxySettings = field(default_factory=ProxySettings)
+    open_streams: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+    _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, repr=False)
+
+    def wake(self, vm_id: str) -> asyncio.Task[bool]:
+        """One ensure_running per VM at a time, shared by every request held for it."""
+        task = self._wakes.get(vm_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self.backend.ensure_running(vm_id))
+            self._wakes[vm_id] = task
+            task.add_done_callback(lambda t: self._wake_done(vm_id, t))
+        return task
+
+    def _wake_done(self, vm_id: str, task: asyncio.Task[bool]) -> None:
+        if self._wakes.get(vm_id) is task:
+            del self._wakes[vm_id]
+        if not task.cancelled():
+            task.exception()  # waiters that gave up leave it unretrieved; mark it seen
+
+    def stream_opened(self, vm_id: str) -> None:
+        self.open_streams[vm_id] = self.open_streams.get(vm_id, 0) + 1
+
+    def stream_closed(self, vm_id: str) -> None:
+        left = self.open_streams[vm_id] - 1
+        if left:
+            self.open_streams[vm_id] = left
+        else:
+            del self.open_streams[vm_id]
+
+
+def make_protocol_factory(ctx: ProxyContext, forwarded_proto: str | None = None) -> Callable[[], asyncio.Protocol]:
+    """For `loop.create_server(factory, host, port, ssl=...)`; one protocol per connection.
+
+    `forwarded_proto` overrides the settings' X-Forwarded-Proto for this listener.
+    """
+    proto = (forwarded_proto or ctx.settings.forwarded_proto).encode("ascii")
+
+    def factory() -> asyncio.Protocol:
+        return EdgeProtocol(ctx, proto)
+
+    return factory

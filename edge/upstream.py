@@ -1,0 +1,260 @@
+"""Connections to guests (and the control socket), and the keep-alive pool that reuses them.
+
+An UpstreamConn belongs to at most one client exchange at a time (its `owner`) and sits in
+the pool between exchanges. It tracks response boundaries with llhttp so a connection
+goes back to the pool only after a complete response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Protocol, cast
+
+from httptools import HttpResponseParser
+
+from .backend import VmBackend
+
+CONTROL_KEY = ""  # pool key of control-socket connections; never a VM id
+
+
+class Owner(Protocol):
+    """What an UpstreamConn reports to the exchange using it."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_lost(self, conn: UpstreamConn) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
+
+
+class ResponseTracker:
+    """Follows one connection's responses without looking at bodies.
+
+    `final` is set on the first non-1xx head (or 101), `done` when that response ends.
+    A message starting after `done` means the upstream sent more than it was asked for.
+    """
+
+    __slots__ = ("done", "extra", "final", "keep_alive", "parser", "status")
+
+    def __init__(self) -> None:
+        self.parser = HttpResponseParser(self)
+        self.reset()
+
+    def reset(self) -> None:
+        self.status = 0
+        self.final = False
+        self.done = False
+        self.keep_alive = False
+        self.extra = False
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.extra = True
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if (status >= 200 or status == 101) and not self.final:
+            self.status = status
+            self.final = True
+
+    def on_message_complete(self) -> None:
+        if self.final and not self.done:
+            self.done = True
+            self.keep_alive = self.parser.should_keep_alive()
+
+
+class UpstreamConn(asyncio.Protocol):
+    """One connection to a guest port; `owner` is None while it is pooled."""
+
+    __slots__ = ("closed", "idle_since", "key", "owner", "pool", "reading", "tracker", "transport", "write_paused")
+
+    transport: asyncio.Transport  # set by connection_made, before anyone gets the connection
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.owner: Owner | None = None
+        self.tracker = ResponseTracker()
+        self.closed = False
+        self.reading = True
+        self.write_paused = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_data(data)
+        else:  # bytes nobody asked for: the connection is out of step, never reuse it
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            owner.upstream_lost(self)
+        else:
+            self.pool.discard(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.owner is not None:
+            self.owner.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.owner is not None:
+            self.owner.upstream_resume_writing()
+
+    def pause_reading(self) -> None:
+        if self.reading and not self.closed:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.reading and not self.closed:
+            self.reading = True
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close for good; the owner, if any, must have let go first."""
+        self.owner = None
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+        self.pool.discard(self)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per VM and port: newest first, bounded, expiring.
+
+    At most `per_vm` idle connections per VM (all its ports together); connections idle
+    longer than `idle_timeout` are closed by a periodic sweep and skipped by `acquire`.
+    """
+
+    def __init__(self, per_vm: int, idle_timeout: float) -> None:
+        self.per_vm = per_vm
+        self.idle_timeout = idle_timeout
+        self._idle: dict[str, dict[int, list[UpstreamConn]]] = {}
+        self._counts: dict[str, int] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def acquire(self, vm_id: str, port: int, now: float) -> UpstreamConn | None:
+        """A live idle connection to (vm_id, port), or None."""
+        ports = self._idle.get(vm_id)
+        if ports is None:
+            return None
+        stack = ports.get(port)
+        while stack:
+            conn = stack.pop()
+            self._forget(vm_id, port, ports, stack)
+            if conn.closed or now - conn.idle_since >= self.idle_timeout:
+                conn.close()
+                continue
+            return conn
+        return None
+
+    def release(self, conn: UpstreamConn, now: float) -> None:
+        """Take back a connection after a complete response; closes it if there is no room."""
+        conn.owner = None
+        vm_id, port = conn.key
+        if conn.closed or self._counts.get(vm_id, 0) >= self.per_vm:
+            conn.close()
+            return
+        conn.idle_since = now
+        conn.resume_reading()  # an idle connection must notice the peer closing it
+        self._idle.setdefault(vm_id, {}).setdefault(port, []).append(conn)
+        self._counts[vm_id] = self._counts.get(vm_id, 0) + 1
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    def discard(self, conn: UpstreamConn) -> None:
+        """Forget a connection that closed (no-op when it is not pooled)."""
+        vm_id, port = conn.key
+        ports = self._idle.get(vm_id)
+        stack = ports.get(port) if ports is not None else None
+        if stack is not None and ports is not None and conn in stack:
+            stack.remove(conn)
+            self._forget(vm_id, port, ports, stack)
+
+    def drop_vm(self, vm_id: str) -> int:
+        """Close every idle connection of a VM (it was paused, suspended or deleted)."""
+        ports = self._idle.pop(vm_id, None)
+        self._counts.pop(vm_id, None)
+        closed = 0
+        for stack in (ports or {}).values():
+            for conn in stack:
+                conn.close()
+                closed += 1
+        return closed
+
+    def idle_count(self, vm_id: str) -> int:
+        return self._counts.get(vm_id, 0)
+
+    def close(self) -> None:
+        """Close everything idle and stop sweeping (server shutdown)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for vm_id in list(self._idle):
+            self.drop_vm(vm_id)
+
+    def _forget(self, vm_id: str, port: int, ports: dict[int, list[UpstreamConn]], stack: list[UpstreamConn]) -> None:
+        """Bookkeeping after one connection left a stack."""
+        left = self._counts[vm_id] - 1
+        if left:
+            self._counts[vm_id] = left
+        else:
+            del self._counts[vm_id]
+        if not stack:
+            del ports[port]
+            if not ports:
+                del self._idle[vm_id]
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(max(self.idle_timeout / 2, 0.05), self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweeper = None
+        deadline = loop.time() - self.idle_timeout
+        for ports in list(self._idle.values()):
+            for stack in list(ports.values()):
+                # Oldest at the bottom: expire from there until a fresh one.
+                while stack and stack[0].idle_since <= deadline:
+                    stack[0].close()
+        if self._idle:
+            self._schedule_sweep()
+
+
+async def connect_vm(pool: UpstreamPool, backend: VmBackend, vm_id: str, port: int, timeout: float) -> UpstreamConn:
+    """A new connection to a guest port, opened inside the VM's network namespace."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        sock = await backend.open_upstream(vm_id, port, timeout)
+    return await _wrap(loop, sock, pool, (vm_id, port))
+
+
+async def connect_unix(pool: UpstreamPool, path: str, timeout: float) -> UpstreamConn:
+    """A new connection to the control API's unix socket."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        _, conn = await loop.create_unix_connection(lambda: UpstreamConn(pool, (CONTROL_KEY, 0)), path)
+    return conn
+
+
+async def _wrap(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, pool: UpstreamPool, key: tuple[str, int]
+) -> UpstreamConn:
+    try:
+        _, conn = await loop.create_connection(lambda: UpstreamConn(pool, key), sock=sock)
+    except BaseException:
+        sock.close()  # no-op when the loop already took the descriptor and closed it
+        raise
+    return conn
