@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .proxy_context import ProxyContext
 
 # Why reading from the client is paused; it resumes when no reason is left.
-_WAITING = 1  # the request being answered waits for a wake or a new upstream connection
+_WAITING = 1  # the request waiting for a wake or a connection has buffered enough body
 _QUEUED = 2  # later requests are parsed and wait their turn (or bytes after an Upgrade)
 _UPSTREAM = 4  # the upstream's write buffer is full
 
@@ -39,6 +39,9 @@ _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 # one when repeating it is harmless (the keep-alive race with the guest closing first).
 _RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT", b"TRACE"))
 _LAST_CHUNK = b"0\r\n\r\n"
+# Body bytes kept for a request waiting for its upstream. Reading goes on until then so a
+# client that leaves is noticed (and its place among the held requests freed).
+_HOLD_BUFFER = 256 * 1024
 _TOUCH_EVERY = 1.0  # long streams report activity (and bytes) at most this often
 _CLOSE_GRACE = 30.0  # a closing connection whose peer stops reading is aborted after this
 _INF = float("inf")
@@ -49,6 +52,7 @@ class _Exchange:
 
     __slots__ = (
         "body",
+        "buffered",
         "chunked",
         "control",
         "cookie",
@@ -88,6 +92,7 @@ class _Exchange:
         self.cookie: bytes | None = None  # a Set-Cookie line for the response head
         self.error: tuple[int, str, str | None, bool] | None = None  # status, message, reason, bearer
         self.body: list[bytes] | None = []  # body bytes read before an upstream is attached
+        self.buffered = 0
         self.discard = False  # the body is not wanted (answered already)
         self.req_done = False
         self.resp_done = False
@@ -136,7 +141,6 @@ class EdgeProtocol(asyncio.Protocol):
         self._lingering = False
         self._closed = False
         self._dead = False  # the request stream is unparseable: answer what is queued, then close
-        self._eof = False
         self._up_bytes = 0
         self._down_bytes = 0
         self._touch_at = 0.0
@@ -189,12 +193,9 @@ class EdgeProtocol(asyncio.Protocol):
                     self._malformed(431, "the request head is too large")
 
     def eof_received(self) -> bool:
-        if self._tunnel or self._closing or self._in_head or self._parsing is not None:
-            return False  # nothing more can complete: close (connection_lost cleans up)
-        if self._ex is None and not self._queue:
-            return False
-        self._eof = True  # answer what was asked, then close
-        return True
+        # Like nginx, a client's FIN is taken as leaving (browsers never half-close): held
+        # and in-flight requests are dropped and their upstreams closed by connection_lost.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = self._closing = True
@@ -265,6 +266,10 @@ class EdgeProtocol(asyncio.Protocol):
             ex.body.append(body)
         elif self._up is not None:
             self._up.transport.write(body)
+        if ex.body is not None:
+            ex.buffered += len(body)
+            if ex.buffered > _HOLD_BUFFER:
+                self._pause(_WAITING)
         self._flowing()
 
     def on_message_complete(self) -> None:
@@ -418,11 +423,10 @@ class EdgeProtocol(asyncio.Protocol):
         self._start_task(ex)
 
     def _start_task(self, ex: _Exchange) -> None:
-        self._pause(_WAITING)
         self._task = self._loop.create_task(self._prepare(ex))
 
     async def _prepare(self, ex: _Exchange) -> None:
-        """Wake the VM if needed and open a connection to it (reading stays paused)."""
+        """Wake the VM if needed and open a connection to it; body bytes meanwhile are buffered."""
         try:
             if not ex.running and not await self._hold(ex):
                 return
@@ -541,7 +545,7 @@ class EdgeProtocol(asyncio.Protocol):
             task.cancel()
         self._drop_upstream()
         self._unpause(_WAITING)
-        close = not ex.keep_alive or self._eof or self._dead or (ex.has_body and not ex.req_done)
+        close = not ex.keep_alive or self._dead or (ex.has_body and not ex.req_done)
         data = error_response(
             status, message, reason=reason, close=close, retry_after=retry_after, bearer=bearer, body=not ex.is_head
         )
@@ -584,13 +588,10 @@ class EdgeProtocol(asyncio.Protocol):
             self._ctx.stream_closed(ex.vm_id)
         self._ex = None
         if not ex.keep_alive:
-            self._close_client()
+            self._close_client(linger=self._dead)  # after a parse error the client may still be sending
             return
         if self._queue:
             self._loop.call_soon(self._advance)  # not recursively: a read can hold many requests
-            return
-        if self._eof:
-            self._close_client()
             return
         self._unpause(_QUEUED)
         now = self._loop.time()

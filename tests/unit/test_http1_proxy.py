@@ -387,3 +387,17 @@ async def test_retry_once_when_a_pooled_connection_was_closed_by_the_vm() -> Non
     finally:
         await edge.close()
         server.close()
+
+
+async def test_head_trickling_in_is_bounded(edge: Edge) -> None:
+    c = await edge.connect()
+    await c.send(b"GET / HTTP/1.1\r\nHost: vmalpha1.edge.test\r\nX-Big: ")
+    try:
+        for _ in range(40):  # one header that never ends, sent in pieces
+            await c.send(b"a" * 4096)
+            await asyncio.sleep(0.001)
+    except ConnectionError:
+        pass
+    resp = await c.response()
+    assert resp.status == 431
+    assert await c.closed()
