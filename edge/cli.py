@@ -41,37 +41,42 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mvm", description="microvm-edge: microVMs behind a wake-on-request edge")
-    parser.add_argument("--config", type=Path, default=None, help=f"TOML config (default {DEFAULT_CONFIG})")
-    sub = parser.add_subparsers(required=True, metavar="command")
+    # --config is accepted before or after the command (`mvm serve --config x.toml`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help=f"TOML config (default {DEFAULT_CONFIG})"
+    )
+    parser = argparse.ArgumentParser(
+        prog="mvm", description="microvm-edge: microVMs behind a wake-on-request edge", parents=[common]
+    )
+    parser.set_defaults(config=None)
+    sub = _Subparsers(parser.add_subparsers(required=True, metavar="command"), common)
 
-    serve = sub.add_parser("serve", help="run the edge proxy, control API and VM manager")
+    serve = sub.add_parser("serve", "run the edge proxy, control API and VM manager")
     serve.set_defaults(func=_serve)
 
-    cert = sub.add_parser("dev-cert", help="make a self-signed wildcard certificate for the dev domain")
+    cert = sub.add_parser("dev-cert", "make a self-signed wildcard certificate for the dev domain")
     cert.set_defaults(func=_dev_cert)
 
-    image = sub.add_parser("image", help="guest images").add_subparsers(required=True, metavar="action")
-    build = image.add_parser("build", help="build a guest image from its spec")
+    image = sub.group("image", "guest images", "action")
+    build = image.add_parser("build", "build a guest image from its spec")
     build.add_argument("spec", type=Path, nargs="?", default=Path("images/demo/image.toml"))
     build.set_defaults(func=_image_build)
 
-    tpl = sub.add_parser("template", help="templates (pre-initialised snapshots)").add_subparsers(
-        required=True, metavar="action"
-    )
-    tpl_create = tpl.add_parser("create", help="boot an image once and snapshot it")
+    tpl = sub.group("template", "templates (pre-initialised snapshots)", "action")
+    tpl_create = tpl.add_parser("create", "boot an image once and snapshot it")
     tpl_create.add_argument("name")
     tpl_create.add_argument("--image", default="demo")
     tpl_create.set_defaults(func=lambda a: _print(_api(a, "POST", "/v1/templates", {"name": a.name, "image": a.image})))
-    tpl_ls = tpl.add_parser("ls", help="list templates")
+    tpl_ls = tpl.add_parser("ls", "list templates")
     tpl_ls.set_defaults(func=lambda a: _print(_api(a, "GET", "/v1/templates")))
 
-    vm = sub.add_parser("vm", help="VMs").add_subparsers(required=True, metavar="action")
-    create = vm.add_parser("create", help="launch a VM from a template")
+    vm = sub.group("vm", "VMs", "action")
+    create = vm.add_parser("create", "launch a VM from a template")
     create.add_argument("--template", default=None)
     create.add_argument("--policy", default=None, help="JSON object, e.g. '{\"idle_suspend_after\": 60}'")
     create.set_defaults(func=_vm_create)
-    vm.add_parser("ls", help="list VMs").set_defaults(func=_vm_ls)
+    vm.add_parser("ls", "list VMs").set_defaults(func=_vm_ls)
     for action, method, suffix in (
         ("get", "GET", ""),
         ("pause", "POST", "/pause"),
@@ -79,15 +84,29 @@ def _parser() -> argparse.ArgumentParser:
         ("resume", "POST", "/resume"),
         ("rm", "DELETE", ""),
     ):
-        cmd = vm.add_parser(action, help=f"{action} a VM")
+        cmd = vm.add_parser(action, f"{action} a VM")
         cmd.add_argument("vm_id")
         cmd.set_defaults(func=lambda a, m=method, s=suffix: _print(_api(a, m, f"/v1/vms/{a.vm_id}{s}")))
 
-    token = sub.add_parser("token", help="issue a short-lived token for one VM")
+    token = sub.add_parser("token", "issue a short-lived token for one VM")
     token.add_argument("vm_id")
     token.add_argument("--ttl", type=float, default=None, help="seconds (default tokens.default_ttl)")
     token.set_defaults(func=_token)
     return parser
+
+
+class _Subparsers:
+    """add_subparsers() whose every parser (nested too) also takes the common options."""
+
+    def __init__(self, action: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser):
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, help: str) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, help=help, parents=[self.common])
+
+    def group(self, name: str, help: str, metavar: str) -> _Subparsers:
+        sub = self.add_parser(name, help).add_subparsers(required=True, metavar=metavar)
+        return _Subparsers(sub, self.common)
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from . import accel as accel_mod
@@ -51,7 +50,7 @@ class _Vm:
     def __init__(self, rec: VmRecord) -> None:
         self.rec = rec
         self.proc: QemuProcess | None = None
-        self.qmp: QMPClient | None = None
+        self.qmp: qmp_ops.Qmp | None = None
         self.lock = asyncio.Lock()
         self.wake: asyncio.Task[None] | None = None
         self.expect_exit = False

@@ -7,9 +7,11 @@ a shared memory-backend-file is left out of the stream: it already is on disk.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +25,61 @@ MAX_BANDWIDTH = 100 * 1024**3
 _DONE = ("completed", "failed", "cancelled")
 
 
-async def connect(sock: Path, name: str, timeout: float, alive: Any) -> QMPClient:
+class Qmp(QMPClient):
+    """A QMP client whose fd passing works under uvloop too.
+
+    qemu.qmp sends SCM_RIGHTS through the transport's socket object, which uvloop does not
+    expose; this client keeps its own descriptor of the same connection for that.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._fd_channel: socket.socket | None = None
+
+    async def connect_unix(self, path: Path) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+            self._fd_channel = socket.socket(fileno=os.dup(sock.fileno()))
+            await self.connect(sock)
+        except BaseException:
+            sock.close()
+            self._close_fd_channel()
+            raise
+
+    def send_fd_scm(self, fd: int) -> None:
+        """Pass `fd` to QEMU; the one space byte that carries it is whitespace to QMP's parser."""
+        if self._fd_channel is None:
+            raise VmmError("QMP is not connected")
+        self._fd_channel.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+    async def disconnect(self) -> None:
+        try:
+            await super().disconnect()
+        finally:
+            self._close_fd_channel()
+
+    def _close_fd_channel(self) -> None:
+        if self._fd_channel is not None:
+            self._fd_channel.close()
+            self._fd_channel = None
+
+
+async def connect(sock: Path, name: str, timeout: float, alive: Any) -> Qmp:
     """Connect once QEMU has created its socket; gives up early if QEMU died meanwhile."""
-    client = QMPClient(name)
     async with asyncio.timeout(timeout):
         while True:
             if not alive():
                 raise VmmError("QEMU exited before its QMP socket was up")
             if sock.exists():
+                client = Qmp(name)
                 try:
-                    await client.connect(str(sock))
+                    await client.connect_unix(sock)
                     return client
                 except (QMPError, OSError):
                     pass
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.002)
 
 
 async def _capabilities(qmp: QMPClient, ignore_shared: bool) -> None:

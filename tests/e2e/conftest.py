@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from tests.e2e.guest import qemu_pids_under
 from vmm import netns
@@ -55,7 +56,7 @@ def template_dir(session_root: Path) -> Path:
     settings = VmmSettings(state_dir=session_root / "base")
     settings.state_dir.mkdir()
     (settings.state_dir / "images").symlink_to(IMAGES)
-    asyncio.run(create_template(settings, "demo", "demo", choose(settings.accelerator), lambda _: None))
+    uvloop.run(create_template(settings, "demo", "demo", choose(settings.accelerator), lambda _: None))
     return settings.templates_dir
 
 

@@ -1,0 +1,166 @@
+"""microvm-edge's process: where a request goes, and what runs beside it.
+
+A request's path, top to bottom:
+  1. The listener (`loop.create_server`, TLS from `edge.tls`) hands each client
+     connection to an `edge.http1.EdgeProtocol`, which parses request heads with llhttp.
+  2. `edge.hosts.HostRouter` maps the Host header: the control host, `<vm-id>.<domain>`
+     (the VM's app port) or `<port>-<vm-id>.<domain>` (a port on the VM's allow-list).
+  3. Control host: the connection is spliced to the aiohttp control API (`edge.control`)
+     on a unix socket; it authenticates with the admin key.
+  4. VM host: the VM must exist (`VmManager.lookup`, in memory), the token (Bearer header,
+     `?token=` or the `mvm_token` cookie) must verify for that VM (`edge.tokens`, cached).
+  5. A paused or suspended VM is woken (`VmManager.ensure_running`, single-flight) while
+     the request is held, within the wake timeout and the per-VM hold bound.
+  6. The rewritten head and the body stream to the guest over an upstream connection made
+     inside the VM's network namespace (`edge.upstream` keeps them alive per VM); the
+     answer streams back as bytes. Activity is recorded on the VM as bytes flow.
+Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`edge.reaper`) and
+`/metrics` on the control host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from vmm import jsonlog
+from vmm.errors import NotFound
+from vmm.jsonlog import log
+from vmm.manager import VmManager
+from vmm.model import VmRecord, VmState
+
+from . import reaper
+from .config import Config, token_service
+from .control import build_control_app
+from .hosts import HostRouter
+from .metrics import Metrics
+from .proxy_context import ProxyContext, ProxySettings, make_protocol_factory
+from .tls import server_context
+from .upstream import UpstreamPool
+
+
+@dataclass
+class Edge:
+    """A running edge: what `stop` has to take down, and what tests look at."""
+
+    cfg: Config
+    manager: VmManager
+    ctx: ProxyContext
+    server: asyncio.Server
+    control: web.AppRunner
+    reaper_task: asyncio.Task[None]
+    control_dir: tempfile.TemporaryDirectory[str]
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+
+async def start(cfg: Config) -> Edge:
+    """Start the VM manager, the control API, the listener and the reaper."""
+    jsonlog.configure(cfg.log.level)
+    ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
+    manager = VmManager(cfg.vmm)
+    await manager.start()
+    try:
+        await _ensure_default_template(manager)
+        tokens = token_service(cfg)
+        metrics = Metrics(manager.counts_by_state)
+        control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
+        control_socket = str(Path(control_dir.name) / "control.sock")
+        control = web.AppRunner(build_control_app(cfg, manager, tokens, metrics), access_log=None)
+        await control.setup()
+        await web.UnixSite(control, control_socket).start()
+        pool = UpstreamPool(cfg.proxy.upstream_keepalive_per_vm, cfg.proxy.upstream_keepalive_idle)
+        ctx = ProxyContext(
+            backend=manager,
+            router=HostRouter(cfg.server.domain, cfg.server.control_host),
+            tokens=tokens,
+            metrics=metrics,
+            pool=pool,
+            control_socket=control_socket,
+            settings=ProxySettings(
+                connect_timeout=cfg.proxy.connect_timeout,
+                read_timeout=cfg.proxy.read_timeout,
+                wake_timeout=cfg.proxy.wake_timeout,
+                max_held_per_vm=cfg.proxy.max_held_per_vm,
+                retry_after=cfg.proxy.retry_after,
+                forwarded_proto="https" if cfg.server.tls else "http",
+            ),
+        )
+        manager.listeners.append(lambda rec: _drop_idle_upstreams(pool, rec))
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            make_protocol_factory(ctx), cfg.server.listen_host, cfg.server.listen_port, ssl=ssl_ctx, backlog=1024
+        )
+    except BaseException:
+        await manager.close()
+        raise
+    reaper_task = asyncio.create_task(reaper.run(manager, ctx.open_streams, cfg.reaper.interval))
+    edge = Edge(cfg, manager, ctx, server, control, reaper_task, control_dir)
+    log.event(
+        "edge.started",
+        listen=f"{cfg.server.listen_host}:{edge.port}",
+        tls=cfg.server.tls,
+        domain=cfg.server.domain,
+        control_host=cfg.server.control_host,
+        accelerator=manager.accel.name,
+    )
+    return edge
+
+
+async def stop(edge: Edge) -> None:
+    """Stop accepting, then the reaper, control API and manager (VMs keep or suspend per config)."""
+    edge.server.close()
+    edge.reaper_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await edge.reaper_task
+    edge.ctx.pool.close()
+    await edge.control.cleanup()
+    await edge.manager.close()
+    edge.control_dir.cleanup()
+    log.event("edge.stopped")
+
+
+def serve(cfg: Config) -> None:
+    """Run until SIGINT or SIGTERM (`mvm serve`)."""
+    uvloop.run(_serve_until_signalled(cfg))
+
+
+async def _serve_until_signalled(cfg: Config) -> None:
+    edge = await start(cfg)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    scheme = "https" if cfg.server.tls else "http"
+    print(f"microvm-edge listening on {scheme}://{cfg.server.listen_host}:{edge.port} "
+          f"(control API: Host {cfg.server.control_host}); Ctrl-C stops", flush=True)  # fmt: skip
+    await stopping.wait()
+    await stop(edge)
+
+
+async def _ensure_default_template(manager: VmManager) -> None:
+    """No VM ever cold-boots on the request path: the default template is made at start-up."""
+    name = manager.settings.default_template
+    if any(t.name == name for t in manager.templates()):
+        return
+    try:
+        image = manager.settings.default_image
+        await manager.create_template(name, image, lambda line: log.event("template.progress", msg=line))
+    except NotFound as exc:
+        log.event("template.missing", level="warning", template=name, error=str(exc))
+
+
+def _drop_idle_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:
+    """Pooled connections to a VM that stops running would only time out: close them."""
+    if rec.state is not VmState.RUNNING:
+        pool.drop_vm(rec.id)
