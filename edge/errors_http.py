@@ -18,6 +18,7 @@ _CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     422: "invalid_request",
     431: "headers_too_large",

@@ -144,6 +144,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._up_bytes = 0
         self._down_bytes = 0
         self._touch_at = 0.0
+        self._body_at = 0.0  # last time request body bytes arrived
         self._flush_at = 0.0
 
     # -- client transport ------------------------------------------------------------
@@ -164,7 +165,7 @@ class EdgeProtocol(asyncio.Protocol):
             if up is not None:
                 up.transport.write(data)
                 self._up_bytes += len(data)
-                self._flowing()
+                self._flowing(self._loop.time())
             return
         if self._closing or self._dead:
             return
@@ -255,6 +256,8 @@ class EdgeProtocol(asyncio.Protocol):
         ex = self._parsing
         if ex is None or ex.discard:
             return
+        now = self._loop.time()
+        self._body_at = now
         self._up_bytes += len(body)
         if ex.chunked:
             parts: tuple[bytes, ...] = (b"%x\r\n" % len(body), body, b"\r\n")
@@ -270,7 +273,7 @@ class EdgeProtocol(asyncio.Protocol):
             ex.buffered += len(body)
             if ex.buffered > _HOLD_BUFFER:
                 self._pause(_WAITING)
-        self._flowing()
+        self._flowing(now)
 
     def on_message_complete(self) -> None:
         ex = self._parsing
@@ -415,6 +418,9 @@ class EdgeProtocol(asyncio.Protocol):
             ctx.stream_opened(vm_id)
             ex.counted = True
             self._touch_at = now + _TOUCH_EVERY
+        if ex.has_body and not ex.req_done:
+            self._body_at = now
+            self._arm(now + self._s.idle_timeout)
         if ex.running:
             conn = ctx.pool.acquire(vm_id or CONTROL_KEY, ex.port, now)
             if conn is not None:
@@ -614,7 +620,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._down_bytes += len(data)
         if self._tunnel:
             self.transport.write(data)
-            self._flowing()
+            self._flowing(self._loop.time())
         elif self._rbuf is not None:
             self._collect_head(data)
         else:
@@ -667,7 +673,7 @@ class EdgeProtocol(asyncio.Protocol):
         if tr.done:
             self._response_done(ex, conn)
         else:
-            self._flowing()
+            self._flowing(self._loop.time())
 
     def _collect_head(self, data: bytes) -> None:
         """Hold response bytes until the final head is whole, to add Set-Cookie or end a HEAD."""
@@ -782,9 +788,8 @@ class EdgeProtocol(asyncio.Protocol):
             if not self._paused and not self._closing:
                 self.transport.resume_reading()
 
-    def _flowing(self) -> None:
+    def _flowing(self, now: float) -> None:
         """Bytes moved on a long exchange: count activity about once a second."""
-        now = self._loop.time()
         if now >= self._touch_at:
             self._touch_at = now + _TOUCH_EVERY
             ex = self._ex
@@ -828,11 +833,31 @@ class EdgeProtocol(asyncio.Protocol):
                 self._close_client()
             else:
                 self._arm(self._idle_deadline)
-        elif self._up is not None and not ex.status and not self._tunnel and self._head_deadline < _INF:
+        else:
+            self._check_exchange(ex, now)
+
+    def _check_exchange(self, ex: _Exchange, now: float) -> None:
+        """Deadlines of the request being answered: body arriving, response head coming."""
+        next_at = _INF
+        if self._parsing is ex:  # the client is still sending the body
+            if self._paused:  # held or pushed back by us: not the client's fault
+                next_at = now + self._s.idle_timeout
+            elif now >= self._body_at + self._s.idle_timeout:
+                log.event("proxy.client_timeout", level="info", vm=ex.vm_id)
+                if ex.sent:
+                    self._close_client()
+                else:
+                    self._answer(ex, 408, f"no request body bytes for {self._s.idle_timeout:g}s")
+                return
+            else:
+                next_at = self._body_at + self._s.idle_timeout
+        if self._up is not None and not ex.status and not self._tunnel and self._head_deadline < _INF:
             if now >= self._head_deadline:
                 self._upstream_error(ex, 504, f"{self._where(ex)} did not answer within {self._s.read_timeout:g}s")
-            else:
-                self._arm(self._head_deadline)
+                return
+            next_at = min(next_at, self._head_deadline)
+        if next_at < _INF:
+            self._arm(next_at)
 
     def _close_client(self, linger: bool = False) -> None:
         """Close after what was written; `linger` first reads off a body still arriving."""

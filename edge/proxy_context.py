@@ -24,7 +24,7 @@ class ProxySettings:
     max_held_per_vm: int = 256
     retry_after: int = 2
     forwarded_proto: str = "https"
-    idle_timeout: float = 75.0  # a client connection between requests (and a slow head)
+    idle_timeout: float = 75.0  # a client between requests, sending a head, or pausing a body
     max_head_size: int = 64 * 1024
     linger_timeout: float = 5.0  # reading a body we no longer need before closing
 

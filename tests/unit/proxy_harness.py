@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import time
@@ -201,6 +202,7 @@ class Edge:
     backend: FakeBackend
     tokens: TokenService
     clock: list[float]
+    clients: list[Client] = field(default_factory=list)
 
     def token(self, vm_id: str = VM, ttl: float = 300) -> str:
         return self.tokens.issue(vm_id, ttl)[0]
@@ -214,11 +216,17 @@ class Edge:
 
     async def connect(self) -> Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        return Client(reader, writer)
+        client = Client(reader, writer)
+        self.clients.append(client)
+        return client
 
     async def close(self) -> None:
+        for client in self.clients:
+            client.close()
         self.server.close()
+        await self.server.wait_closed()
         self.ctx.pool.close()
+        await asyncio.sleep(0)  # let transports finish closing
 
 
 async def start_edge(backend: FakeBackend, control_socket: str = "", **settings: Any) -> Edge:
@@ -314,7 +322,27 @@ class Client:
         self.writer.close()
 
 
-async def raw_server(handler: Any) -> tuple[asyncio.Server, int]:
+class RawServer:
     """A plain asyncio TCP server on 127.0.0.1 running `handler(reader, writer)`."""
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            await self.handler(reader, writer)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+
+
+async def raw_server(handler: Any) -> tuple[RawServer, int]:
+    raw = RawServer(handler)
+    raw.server = await asyncio.start_server(raw._serve, "127.0.0.1", 0)
+    return raw, raw.server.sockets[0].getsockname()[1]

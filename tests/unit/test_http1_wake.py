@@ -239,3 +239,17 @@ async def test_idle_client_connection_is_closed() -> None:
         assert await c.closed()
     finally:
         await edge.close()
+
+
+async def test_stalled_request_body_gets_408(upstream: Upstream) -> None:
+    edge = await _edge(upstream.port, state=VmState.RUNNING, idle_timeout=0.3)
+    try:
+        c = await edge.connect()
+        head = f"POST /upload HTTP/1.1\r\nHost: {edge.host()}\r\nAuthorization: Bearer {edge.token()}\r\n"
+        await c.send((head + "Content-Length: 100\r\n\r\n0123456789").encode())
+        resp = await c.response()
+        assert resp.status == 408
+        assert await c.closed()
+        assert edge.ctx.open_streams == {}
+    finally:
+        await edge.close()
