@@ -244,8 +244,34 @@ class VmManager:
                 self._set(vm, was)
             raise VmmError(f"suspend of VM {vm.rec.id} failed, it stays {vm.rec.state.value}: {exc}") from exc
         await self._stop_qemu(vm)
+        if not ignore_shared:
+            size = await self._move_ram_to_own_file(vm, size)
         self._set(vm, VmState.SUSPENDED)
         log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
+
+    async def _move_ram_to_own_file(self, vm: _Vm, stream_size: int) -> int:
+        """Turn a clone's full-RAM stream into the VM's own RAM file plus device state.
+
+        Done once, at the first suspend, so that no wake ever pays for loading RAM: the stream
+        is loaded into a new shared file and the device state saved again without RAM. On
+        failure the full stream stays and the VM still restores from it (more slowly).
+        """
+        vm_dir = self.vm_dir(vm.rec.id)
+        ram = RamBacking(vm_dir / "ram", share=True)
+        ram.path.unlink(missing_ok=True)
+        try:
+            tpl = template.load(self.settings, vm.rec.template)
+            await self._spawn_and_load(vm, tpl, ram, vm_dir / "state", ignore_shared=False)
+            assert vm.qmp is not None
+            size = await qmp_ops.save(vm.qmp, vm_dir / "state", True, self.settings.restore_timeout)
+            vm.rec.ram_mode = RamMode.OWN_FILE
+            return size
+        except (VmmError, QMPError, OSError, TimeoutError) as exc:
+            ram.path.unlink(missing_ok=True)
+            log.event("vm.ram_move_failed", level="warning", vm=vm.rec.id, error=str(exc))
+            return stream_size
+        finally:
+            await self._stop_qemu(vm)
 
     async def _restore(self, vm: _Vm) -> None:
         started = time.monotonic()
@@ -277,7 +303,15 @@ class VmManager:
         log.event("vm.restored", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1))
 
     async def _start_qemu(self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool) -> None:
-        """Spawn QEMU waiting for a migration, load `snapshot`, mark RUNNING, then `cont`."""
+        """Spawn QEMU, load `snapshot`, mark RUNNING, then `cont`."""
+        await self._spawn_and_load(vm, tpl, ram, snapshot, ignore_shared)
+        self._set(vm, VmState.RUNNING, reason=None)
+        await self._qmp(vm, "cont")
+
+    async def _spawn_and_load(
+        self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool
+    ) -> None:
+        """Spawn QEMU waiting for a migration and load `snapshot`; the guest stays stopped."""
         vm_id = vm.rec.id
         vm_dir = self.vm_dir(vm_id)
         spec = template.machine_spec(self.settings, tpl, f"mvm-{vm_id}", self.accel)
@@ -293,8 +327,6 @@ class VmManager:
             await qmp_ops.load(vm.qmp, snapshot, ignore_shared, self.settings.restore_timeout)
         except VmmError as exc:
             raise VmmError(f"{exc}{self._qemu_log_tail(vm_id)}") from exc
-        self._set(vm, VmState.RUNNING, reason=None)
-        await self._qmp(vm, "cont")
 
     async def _stop_qemu(self, vm: _Vm) -> None:
         vm.expect_exit = True

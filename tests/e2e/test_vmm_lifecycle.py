@@ -37,6 +37,8 @@ async def test_suspend_ends_qemu_and_restore_keeps_memory(manager: VmManager) ->
         await manager.suspend(vm.id)
         assert vm.state is VmState.SUSPENDED and vm.pid is None
         assert not pid_alive(pid), "suspend must end the QEMU process and free its memory"
+        assert vm.ram_mode is RamMode.OWN_FILE, "RAM left the copy-on-write mapping at suspend"
+        assert (manager.vm_dir(vm.id) / "state").stat().st_size < 1024**2, "a wake loads device state only"
         assert await manager.ensure_running(vm.id) is True
         after = await guest_state(vm.id)
         assert after["boot_id"] == before["boot_id"], "restored, not rebooted"
