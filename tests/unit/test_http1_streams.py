@@ -11,19 +11,11 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
-import uvloop
 
 from tests.unit.proxy_harness import VM, Edge, FakeBackend, Upstream, raw_server, start_edge, start_upstream
 
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
-
 BIG = 50 * 1024 * 1024
 BLOCK = bytes(range(256)) * 256  # 64 KiB
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture

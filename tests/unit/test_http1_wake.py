@@ -7,18 +7,10 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-import uvloop
 
 from tests.unit.proxy_harness import VM, Client, Edge, FakeBackend, Upstream, raw_server, start_edge, start_upstream
 from vmm.errors import RestoreFailed, VmFailed
 from vmm.model import VmState
-
-pytestmark = pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture')
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
 
 
 @pytest.fixture
