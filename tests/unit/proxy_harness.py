@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import socket
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -203,6 +204,7 @@ class Edge:
     tokens: TokenService
     clock: list[float]
     clients: list[Client] = field(default_factory=list)
+    client_ssl: ssl.SSLContext | None = None
 
     def token(self, vm_id: str = VM, ttl: float = 300) -> str:
         return self.tokens.issue(vm_id, ttl)[0]
@@ -215,7 +217,12 @@ class Edge:
         return value or 0.0
 
     async def connect(self) -> Client:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        if self.client_ssl is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        else:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, ssl=self.client_ssl, server_hostname=self.host()
+            )
         client = Client(reader, writer)
         self.clients.append(client)
         return client
@@ -229,7 +236,13 @@ class Edge:
         await asyncio.sleep(0)  # let transports finish closing
 
 
-async def start_edge(backend: FakeBackend, control_socket: str = "", **settings: Any) -> Edge:
+async def start_edge(
+    backend: FakeBackend,
+    control_socket: str = "",
+    tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
+    **settings: Any,
+) -> Edge:
+    """The proxy on an ephemeral port; `tls` is (server context, client context)."""
     clock = [time.time()]
     tokens = TokenService([SigningKey("k1", "HS256", secret=SECRET)], "k1", clock=lambda: clock[0])
     ctx = ProxyContext(
@@ -242,9 +255,10 @@ async def start_edge(backend: FakeBackend, control_socket: str = "", **settings:
         settings=ProxySettings(**settings),
     )
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(make_protocol_factory(ctx), "127.0.0.1", 0)
+    server_ssl, client_ssl = tls or (None, None)
+    server = await loop.create_server(make_protocol_factory(ctx), "127.0.0.1", 0, ssl=server_ssl)
     port = server.sockets[0].getsockname()[1]
-    return Edge(ctx, server, port, backend, tokens, clock)
+    return Edge(ctx, server, port, backend, tokens, clock, client_ssl=client_ssl)
 
 
 @dataclass

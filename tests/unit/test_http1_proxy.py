@@ -4,6 +4,7 @@ keep-alive and message framing."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,8 +12,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from edge.tls import make_dev_cert, server_context
 from tests.unit.proxy_harness import (
     CONTROL,
+    DOMAIN,
     OTHER_VM,
     VM,
     Edge,
@@ -393,3 +396,26 @@ async def test_head_trickling_in_is_bounded(edge: Edge) -> None:
     resp = await c.response()
     assert resp.status == 431
     assert await c.closed()
+
+
+async def test_over_tls(upstream: Upstream, tmp_path: Path) -> None:
+    cert, key = make_dev_cert(DOMAIN, tmp_path)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    backend = FakeBackend()
+    backend.add_vm(VM, upstream.port)
+    edge = await start_edge(backend, tls=(server_context(cert, key), client_ctx))
+    try:
+        c = await edge.connect()
+        auth = {"Authorization": f"Bearer {edge.token()}"}
+        for _ in range(3):
+            seen = _headers((await c.get("/echo", edge.host(), auth)).json())
+            assert seen["x-forwarded-proto"] == ["https"]
+        resp = await c.get("/download?size=300000", edge.host(), auth)
+        assert len(resp.body) == 300000
+        assert edge.backend.opened == 1
+        # An answer before the body on TLS (no half-close there): answered, then closed.
+        await c.send(f"POST /echo HTTP/1.1\r\nHost: {edge.host()}\r\nContent-Length: 100000\r\n\r\n".encode())
+        assert (await c.response()).status == 401
+        assert await c.closed()
+    finally:
+        await edge.close()
