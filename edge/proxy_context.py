@@ -46,7 +46,7 @@ class ProxyContext:
     settings: ProxySettings = field(default_factory=ProxySettings)
     open_streams: dict[str, int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
-    _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, repr=False)
+    _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, init=False, repr=False)
 
     def wake(self, vm_id: str) -> asyncio.Task[bool]:
         """One ensure_running per VM at a time, shared by every request held for it."""
