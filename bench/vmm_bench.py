@@ -95,7 +95,7 @@ async def run(cycles: int) -> str:
             rows.append([name, len(values), _ms(median(values)), _ms(p95(values)), target])
 
         row("clone from template → first HTTP 200", clone, "")
-        row("suspend, copy-on-write clone (full RAM stream)", suspend_first, "")
+        row("first suspend of a clone (RAM → its own file, once)", suspend_first, "")
         row("suspend, own RAM file (device state only)", suspend, "< 20 ms")
         row("restore: process start → `cont`", restore, "< 60 ms")
         row("restore → first HTTP answer", first_http, "< 500 ms")
