@@ -66,7 +66,18 @@ class ResponseTracker:
 class UpstreamConn(asyncio.Protocol):
     """One connection to a guest port; `owner` is None while it is pooled."""
 
-    __slots__ = ("closed", "idle_since", "key", "owner", "pool", "reading", "tracker", "transport", "write_paused")
+    __slots__ = (
+        "closed",
+        "idle_since",
+        "key",
+        "owner",
+        "pool",
+        "reading",
+        "stale",
+        "tracker",
+        "transport",
+        "write_paused",
+    )
 
     transport: asyncio.Transport  # set by connection_made, before anyone gets the connection
 
@@ -76,12 +87,14 @@ class UpstreamConn(asyncio.Protocol):
         self.owner: Owner | None = None
         self.tracker = ResponseTracker()
         self.closed = False
+        self.stale = False  # its VM stopped running while it was in use: close, never pool
         self.reading = True
         self.write_paused = False
         self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.pool.track(self)
 
     def data_received(self, data: bytes) -> None:
         owner = self.owner
@@ -95,12 +108,11 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.pool.discard(self)
         owner = self.owner
         if owner is not None:
             self.owner = None
             owner.upstream_lost(self)
-        else:
-            self.pool.discard(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -143,6 +155,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._idle: dict[str, dict[int, list[UpstreamConn]]] = {}
         self._counts: dict[str, int] = {}
+        self._live: dict[str, set[UpstreamConn]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     def acquire(self, vm_id: str, port: int, now: float) -> UpstreamConn | None:
@@ -164,7 +177,7 @@ class UpstreamPool:
         """Take back a connection after a complete response; closes it if there is no room."""
         conn.owner = None
         vm_id, port = conn.key
-        if conn.closed or self._counts.get(vm_id, 0) >= self.per_vm:
+        if conn.closed or conn.stale or self._counts.get(vm_id, 0) >= self.per_vm:
             conn.close()
             return
         conn.idle_since = now
@@ -174,9 +187,18 @@ class UpstreamPool:
         if self._sweeper is None:
             self._schedule_sweep()
 
+    def track(self, conn: UpstreamConn) -> None:
+        """Know every open connection of a VM, in use or idle, for drop_vm."""
+        self._live.setdefault(conn.key[0], set()).add(conn)
+
     def discard(self, conn: UpstreamConn) -> None:
-        """Forget a connection that closed (no-op when it is not pooled)."""
+        """Forget a connection that closed."""
         vm_id, port = conn.key
+        live = self._live.get(vm_id)
+        if live is not None:
+            live.discard(conn)
+            if not live:
+                del self._live[vm_id]
         ports = self._idle.get(vm_id)
         stack = ports.get(port) if ports is not None else None
         if stack is not None and ports is not None and conn in stack:
@@ -184,7 +206,10 @@ class UpstreamPool:
             self._forget(vm_id, port, ports, stack)
 
     def drop_vm(self, vm_id: str) -> int:
-        """Close every idle connection of a VM (it was paused, suspended or deleted)."""
+        """Close every idle connection of a VM (it was paused, suspended or deleted); those
+        in use are closed when their exchange ends instead of coming back."""
+        for conn in self._live.get(vm_id, ()):
+            conn.stale = True
         ports = self._idle.pop(vm_id, None)
         self._counts.pop(vm_id, None)
         closed = 0

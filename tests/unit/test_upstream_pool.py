@@ -121,3 +121,37 @@ async def test_drop_vm_closes_only_that_vm(listener: tuple[int, list]) -> None:
     assert all(c.closed for c in mine)
     assert pool.idle_count(VM) == 0 and pool.idle_count("vmother1") == 1
     pool.close()
+
+
+async def test_drop_vm_keeps_connections_in_use_from_coming_back(listener: tuple[int, list]) -> None:
+    pool = UpstreamPool(per_vm=4, idle_timeout=30)
+    (busy,) = await _conns(pool, listener[0], 1)
+    pool.drop_vm(VM)  # e.g. paused from the control API while a request was in flight
+    assert not busy.closed
+    pool.release(busy, _now())
+    assert busy.closed and pool.idle_count(VM) == 0
+    (fresh,) = await _conns(pool, listener[0], 1)
+    pool.release(fresh, _now())
+    assert pool.idle_count(VM) == 1
+    pool.close()
+
+
+async def test_closed_connections_are_forgotten(listener: tuple[int, list]) -> None:
+    port, peers = listener
+    pool = UpstreamPool(per_vm=4, idle_timeout=30)
+    a, b = await _conns(pool, port, 2)
+    a.owner = b.owner = _Owner()
+    a.close()
+    await _until(lambda: len(peers) == 2)
+    for w in peers:
+        w.close()
+    await _until(lambda: b.closed)
+    assert pool._live == {}
+    pool.close()
+
+
+class _Owner:
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_lost(self, conn: UpstreamConn) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
