@@ -517,10 +517,13 @@ static int local_port(int fd) {
     return getsockname(fd, (struct sockaddr *)&a, &l) == 0 ? ntohs(a.sin_port) : 0;
 }
 
+/* Read once at start: the kernel makes boot_id on first read, so reading it before the
+ * template is snapshotted is what makes every clone report the template's boot. */
+static char boot_id[64];
+
 static int do_state(struct conn *c, struct request *r) {
-    char boot_id[64], uptime[64];
+    char uptime[64];
     uint64_t n = __atomic_add_fetch(counter, 1, __ATOMIC_SEQ_CST);
-    read_proc("/proc/sys/kernel/random/boot_id", boot_id, sizeof boot_id);
     read_proc("/proc/uptime", uptime, sizeof uptime);
     struct sb b = {0};
     sb_printf(&b, "{\"counter\": %llu, \"boot_id\": ", (unsigned long long)n);
@@ -871,6 +874,7 @@ int main(int argc, char **argv) {
         perror("app: mmap");
         return 1;
     }
+    read_proc("/proc/sys/kernel/random/boot_id", boot_id, sizeof boot_id);
     for (int i = 1; i < argc; i++) {
         char *end;
         long port = strtol(argv[i], &end, 10);
