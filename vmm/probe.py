@@ -9,18 +9,23 @@ from . import netns
 from .errors import VmmError
 
 
-async def http_status(vm_id: str, port: int, path: str, timeout: float) -> int:
-    """One GET; returns the status code (raises OSError/TimeoutError when it cannot connect)."""
+async def http_get(vm_id: str, port: int, path: str, timeout: float) -> tuple[int, bytes, bytes]:
+    """One GET with Connection: close; returns status, raw head and raw body.
+
+    Raises OSError/TimeoutError when the guest cannot be reached.
+    """
     sock = await netns.connect_guest(vm_id, port, timeout)
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n".encode())
-            line = await reader.readline()
+            raw = await reader.read()
         finally:
             writer.close()
-    parts = line.split()
-    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+    head, _, body = raw.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+    return status, head, body
 
 
 async def wait_ready(vm_id: str, port: int, path: str, timeout: float, alive: Callable[[], bool]) -> None:
@@ -32,7 +37,7 @@ async def wait_ready(vm_id: str, port: int, path: str, timeout: float, alive: Ca
                 if not alive():
                     raise VmmError(f"QEMU exited while waiting for the app on port {port} ({last})")
                 try:
-                    code = await http_status(vm_id, port, path, 2.0)
+                    code, _, _ = await http_get(vm_id, port, path, 2.0)
                     if code == 200:
                         return
                     last = f"HTTP {code}"

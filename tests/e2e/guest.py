@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from vmm import netns
+from vmm import probe
 
 
 async def guest_request(vm_id: str, path: str = "/", port: int = 8080, timeout: float = 20.0) -> tuple[int, bytes]:
-    """One HTTP/1.1 request to the guest (Connection: close); returns status and body."""
-    sock = await netns.connect_guest(vm_id, port, timeout)
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(sock=sock)
-        try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n".encode())
-            raw = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
+    """One HTTP/1.1 GET to the guest from inside its namespace; returns status and body."""
+    status, head, body = await probe.http_get(vm_id, port, path, timeout)
     if b"transfer-encoding: chunked" in head.lower():
         body = _dechunk(body)
     return status, body
