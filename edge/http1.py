@@ -9,7 +9,6 @@ parsed ahead and wait (reading paused), so buffering stays within one read.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -18,12 +17,10 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 
 from vmm.errors import VmmError
 from vmm.jsonlog import log
-from vmm.model import VmState
 
+from .admission import Admitter, Refusal
 from .errors_http import error_response
-from .hosts import Route
 from .reqhead import RequestHead
-from .tokens import TokenError, extract_token, set_cookie_header, strip_token_cookie, strip_token_from_target
 from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, connect_unix, connect_vm
 
 if TYPE_CHECKING:
@@ -34,7 +31,6 @@ _WAITING = 1  # the request waiting for a wake or a connection has buffered enou
 _QUEUED = 2  # later requests are parsed and wait their turn (or bytes after an Upgrade)
 _UPSTREAM = 4  # the upstream's write buffer is full
 
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 # A request that failed on a reused connection before any answer is sent again on a new
 # one when repeating it is harmless (the keep-alive race with the guest closing first).
 _RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT", b"TRACE"))
@@ -58,13 +54,13 @@ class _Exchange:
         "cookie",
         "counted",
         "discard",
-        "error",
         "has_body",
         "head",
         "is_head",
         "keep_alive",
         "method",
         "port",
+        "refusal",
         "req_done",
         "resp_done",
         "retried",
@@ -90,7 +86,7 @@ class _Exchange:
         self.running = True
         self.head = b""
         self.cookie: bytes | None = None  # a Set-Cookie line for the response head
-        self.error: tuple[int, str, str | None, bool] | None = None  # status, message, reason, bearer
+        self.refusal: Refusal | None = None  # the edge answers itself
         self.body: list[bytes] | None = []  # body bytes read before an upstream is attached
         self.buffered = 0
         self.discard = False  # the body is not wanted (answered already)
@@ -121,8 +117,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._msgs = 0
         self._head_bytes = 0  # url and headers delivered so far
         self._head_raw = 0  # reads that fell wholly inside the head
-        self._host: bytes | None = None
-        self._route: Route | None = None
+        self._admitter: Admitter
         self._ex: _Exchange | None = None  # the request being answered
         self._parsing: _Exchange | None = None  # the request whose body is being read
         self._queue: deque[_Exchange] = deque()
@@ -154,6 +149,8 @@ class EdgeProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._client = str(peer[0]).encode("ascii", "replace")
+        ctx = self._ctx
+        self._admitter = Admitter(ctx.backend, ctx.router, ctx.tokens, self._client, self._proto)
         now = self._loop.time()
         self._flush_at = now + _TOUCH_EVERY
         self._idle_deadline = now + self._s.idle_timeout
@@ -243,9 +240,18 @@ class EdgeProtocol(asyncio.Protocol):
         if self._head_bytes > self._s.max_head_size:
             self._dead = True
             ex.keep_alive = False
-            self._refuse(ex, 431, "the request head is too large")
+            self._refuse(ex, Refusal(431, "the request head is too large"))
         else:
-            self._decide(ex, req)
+            verdict = self._admitter.admit(ex.method, self._url, p.get_http_version(), req, ex.upgrade)
+            if isinstance(verdict, Refusal):
+                self._refuse(ex, verdict)
+            else:
+                ex.head = verdict.head
+                ex.vm_id = verdict.vm_id
+                ex.control = verdict.vm_id is None
+                ex.port = verdict.port
+                ex.running = verdict.running
+                ex.cookie = verdict.set_cookie
         if self._ex is None and not self._queue:
             self._activate(ex)
         else:
@@ -294,90 +300,10 @@ class EdgeProtocol(asyncio.Protocol):
 
     # -- deciding on a request -----------------------------------------------------------
 
-    def _decide(self, ex: _Exchange, req: RequestHead) -> None:
-        """Route and authorise; leaves either `ex.error` or the head to forward."""
-        version = _VERSIONS.get(self._parser.get_http_version())
-        if version is None:
-            self._refuse(ex, 505, "only HTTP/1.0 and HTTP/1.1 are served")
-            return
-        if ex.method == b"CONNECT":
-            self._refuse(ex, 405, "CONNECT is not supported")
-            return
-        host = req.host
-        if host is None or req.hosts != 1:
-            self._refuse(ex, 400, "a request needs exactly one Host header")
-            return
-        route = self._route_for(host)
-        if route is None:
-            self._refuse(ex, 404, f"nothing is served at {host.decode('latin-1')}")
-            return
-        target = self._url
-        if route.control:
-            ex.control = True
-            ex.head = req.render(
-                ex.method,
-                target,
-                version,
-                keep_authorization=True,
-                cookie=req.cookie,
-                upgrade=ex.upgrade,
-                client=self._client,
-                proto=self._proto,
-            )
-            return
-        vm_id = route.vm_id
-        assert vm_id is not None
-        ctx = self._ctx
-        rec = ctx.backend.lookup(vm_id)
-        if rec is None:
-            self._refuse(ex, 404, f"VM {vm_id} does not exist")
-            return
-        port = rec.app_port
-        if route.port is not None:
-            port = route.port
-            if not rec.allows_port(port):
-                self._refuse(ex, 403, f"port {port} of VM {vm_id} is not open")
-                return
-        query = target.partition(b"?")[2] if b"token" in target else None
-        token, source = extract_token(req.authorization, query, req.cookie)
-        try:
-            exp = ctx.tokens.verify(token or "", vm_id)
-        except TokenError as exc:
-            self._refuse(ex, 401, str(exc), reason=exc.reason, bearer=True)
-            return
-        ex.vm_id = vm_id
-        ex.port = port
-        ex.running = rec.state is VmState.RUNNING
-        if query is not None:
-            target = strip_token_from_target(target)
-        cookie = req.cookie
-        if cookie is not None:
-            cookie = strip_token_cookie(cookie)
-        if source == "query" and token is not None:
-            ex.cookie = b"Set-Cookie: " + set_cookie_header(token, exp, time.time()) + b"\r\n"
-        ex.head = req.render(
-            ex.method,
-            target,
-            version,
-            keep_authorization=source != "header",
-            cookie=cookie,
-            upgrade=ex.upgrade,
-            client=self._client,
-            proto=self._proto,
-        )
-
-    def _refuse(
-        self, ex: _Exchange, status: int, message: str, reason: str | None = None, bearer: bool = False
-    ) -> None:
-        ex.error = (status, message, reason, bearer)
+    def _refuse(self, ex: _Exchange, refusal: Refusal) -> None:
+        ex.refusal = refusal
         ex.discard = True
         ex.body = None
-
-    def _route_for(self, host: bytes) -> Route | None:
-        if host != self._host:
-            self._route = self._ctx.router.route(host.decode("latin-1"))
-            self._host = host
-        return self._route
 
     def _malformed(self, status: int, message: str) -> None:
         """The request stream cannot be parsed further: answer in turn, then close."""
@@ -386,7 +312,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._parsing = None
         if ex is None:
             ex = _Exchange(b"", False, False, False, False)
-            self._refuse(ex, status, message)
+            self._refuse(ex, Refusal(status, message))
             ex.req_done = True
             if self._ex is None and not self._queue:
                 self._activate(ex)
@@ -396,7 +322,7 @@ class EdgeProtocol(asyncio.Protocol):
         ex.keep_alive = False
         ex.req_done = True
         if ex is not self._ex:  # still queued: it gets the error instead
-            self._refuse(ex, status, message)
+            self._refuse(ex, Refusal(status, message))
         elif ex.sent or ex.resp_done:
             self._close_client()
         else:
@@ -406,9 +332,9 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _activate(self, ex: _Exchange) -> None:
         self._ex = ex
-        if ex.error is not None:
-            status, message, reason, bearer = ex.error
-            self._answer(ex, status, message, reason=reason, bearer=bearer)
+        refusal = ex.refusal
+        if refusal is not None:
+            self._answer(ex, refusal.status, refusal.message, reason=refusal.reason, bearer=refusal.bearer)
             return
         ctx = self._ctx
         now = self._loop.time()

@@ -1,0 +1,128 @@
+"""Deciding on a request from its head alone: where it goes, whether its token opens that
+VM, and the head the VM (or the control API) receives. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from vmm.model import VmState
+
+from .backend import VmBackend
+from .hosts import HostRouter, Route
+from .reqhead import RequestHead
+from .tokens import (
+    TokenError,
+    TokenService,
+    extract_token,
+    set_cookie_header,
+    strip_token_cookie,
+    strip_token_from_target,
+)
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The edge answers itself, with this status and JSON error."""
+
+    status: int
+    message: str
+    reason: str | None = None
+    bearer: bool = False  # 401: add WWW-Authenticate: Bearer
+
+
+@dataclass(slots=True)
+class Admission:
+    """Forward `head`: to the VM's port, or to the control API when `vm_id` is None."""
+
+    head: bytes
+    vm_id: str | None = None
+    port: int = 0
+    running: bool = True
+    set_cookie: bytes | None = None  # a Set-Cookie line for the response head
+
+
+class Admitter:
+    """Admits the requests of one client connection (which mostly repeats one Host)."""
+
+    def __init__(
+        self, backend: VmBackend, router: HostRouter, tokens: TokenService, client: bytes, proto: bytes
+    ) -> None:
+        self._backend = backend
+        self._router = router
+        self._tokens = tokens
+        self._client = client
+        self._proto = proto
+        self._host: bytes | None = None
+        self._route: Route | None = None
+
+    def admit(
+        self, method: bytes, target: bytes, http_version: str, req: RequestHead, upgrade: bool
+    ) -> Admission | Refusal:
+        version = _VERSIONS.get(http_version)
+        if version is None:
+            return Refusal(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        if method == b"CONNECT":
+            return Refusal(405, "CONNECT is not supported")
+        host = req.host
+        if host is None or req.hosts != 1:
+            return Refusal(400, "a request needs exactly one Host header")
+        route = self._route_for(host)
+        if route is None:
+            return Refusal(404, f"nothing is served at {host.decode('latin-1')}")
+        if route.control:  # the control API checks its own credentials: pass them on
+            head = req.render(
+                method,
+                target,
+                version,
+                keep_authorization=True,
+                cookie=req.cookie,
+                upgrade=upgrade,
+                client=self._client,
+                proto=self._proto,
+            )
+            return Admission(head)
+        vm_id = route.vm_id
+        assert vm_id is not None
+        rec = self._backend.lookup(vm_id)
+        if rec is None:
+            return Refusal(404, f"VM {vm_id} does not exist")
+        port = rec.app_port
+        if route.port is not None:
+            port = route.port
+            if not rec.allows_port(port):
+                return Refusal(403, f"port {port} of VM {vm_id} is not open")
+        query = target.partition(b"?")[2] if b"token" in target else None
+        token, source = extract_token(req.authorization, query, req.cookie)
+        try:
+            exp = self._tokens.verify(token or "", vm_id)
+        except TokenError as exc:
+            return Refusal(401, str(exc), exc.reason, bearer=True)
+        if query is not None:
+            target = strip_token_from_target(target)
+        cookie = req.cookie
+        if cookie is not None:
+            cookie = strip_token_cookie(cookie)
+        set_cookie = None
+        if source == "query" and token is not None:
+            set_cookie = b"Set-Cookie: " + set_cookie_header(token, exp, time.time()) + b"\r\n"
+        head = req.render(
+            method,
+            target,
+            version,
+            keep_authorization=source != "header",
+            cookie=cookie,
+            upgrade=upgrade,
+            client=self._client,
+            proto=self._proto,
+        )
+        return Admission(head, vm_id, port, rec.state is VmState.RUNNING, set_cookie)
+
+    def _route_for(self, host: bytes) -> Route | None:
+        if host != self._host:
+            self._route = self._router.route(host.decode("latin-1"))
+            self._host = host
+        return self._route
