@@ -398,17 +398,14 @@ class EdgeProtocol(asyncio.Protocol):
             return False
         ctx.held[vm_id] = held + 1
         ctx.metrics.held(1)
-        start = self._loop.time()
         try:
-            woke = await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id)), s.wake_timeout)
+            await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id)), s.wake_timeout)
         except TimeoutError:
-            ctx.metrics.wake(self._loop.time() - start, False)
             message = f"VM {vm_id} did not wake within {s.wake_timeout:g}s"
             log.event("proxy.wake_timeout", level="warning", vm=vm_id)
             self._answer(ex, 503, message, retry_after=s.retry_after)
             return False
         except VmmError as exc:
-            ctx.metrics.wake(self._loop.time() - start, False)
             log.event("proxy.wake_failed", level="warning", vm=vm_id, error=str(exc))
             retry = s.retry_after if exc.http_status == 503 else None
             self._answer(ex, exc.http_status, str(exc), retry_after=retry)
@@ -420,8 +417,6 @@ class EdgeProtocol(asyncio.Protocol):
             else:
                 del ctx.held[vm_id]
             ctx.metrics.held(-1)
-        if woke:
-            ctx.metrics.wake(self._loop.time() - start, True)
         return True
 
     async def _open(self, ex: _Exchange) -> UpstreamConn:

@@ -52,16 +52,22 @@ class ProxyContext:
         """One ensure_running per VM at a time, shared by every request held for it."""
         task = self._wakes.get(vm_id)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self.backend.ensure_running(vm_id))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            task = loop.create_task(self.backend.ensure_running(vm_id))
             self._wakes[vm_id] = task
-            task.add_done_callback(lambda t: self._wake_done(vm_id, t))
+            task.add_done_callback(lambda t: self._wake_done(vm_id, t, loop.time() - started))
         return task
 
-    def _wake_done(self, vm_id: str, task: asyncio.Task[bool]) -> None:
+    def _wake_done(self, vm_id: str, task: asyncio.Task[bool], seconds: float) -> None:
+        """Counts each real wake once (not once per held request), however its waiters fared."""
         if self._wakes.get(vm_id) is task:
             del self._wakes[vm_id]
-        if not task.cancelled():
-            task.exception()  # waiters that gave up leave it unretrieved; mark it seen
+        if task.cancelled():
+            return
+        failed = task.exception() is not None  # also marks it seen for waiters that gave up
+        if failed or task.result():
+            self.metrics.wake(seconds, not failed)
 
     def stream_opened(self, vm_id: str) -> None:
         self.open_streams[vm_id] = self.open_streams.get(vm_id, 0) + 1
