@@ -206,3 +206,7 @@ async def _call(cfg: Config, method: str, path: str, body: Any) -> Any:
         message = data.get("message") if isinstance(data, dict) else raw.decode(errors="replace")
         raise CliError(f"{method} {path}: HTTP {resp.status}: {message}")
     return data
+
+
+if __name__ == "__main__":
+    main()
