@@ -50,9 +50,7 @@ OPENAPI: dict[str, Any] = {
         "/v1/vms/{vm_id}/pause": {"post": _op("Pause in memory", 200, "Vm", vm=True)},
         "/v1/vms/{vm_id}/suspend": {"post": _op("Snapshot to disk; QEMU exits", 200, "Vm", vm=True)},
         "/v1/vms/{vm_id}/resume": {"post": _op("Resume or restore", 200, "Vm", vm=True)},
-        "/v1/vms/{vm_id}/tokens": {
-            "post": _op("Issue a VM-scoped token", 201, "Token", "TokenCreate", True)
-        },
+        "/v1/vms/{vm_id}/tokens": {"post": _op("Issue a VM-scoped token", 201, "Token", "TokenCreate", True)},
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
