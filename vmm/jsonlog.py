@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import IO, Any
@@ -30,7 +31,23 @@ class JsonLog:
 log = JsonLog()
 
 
+class _StdlibBridge(logging.Handler):
+    """Library loggers (qemu.qmp, asyncio, aiohttp) write through the same JSON lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname.lower() if record.levelname.lower() in _LEVELS else "error"
+        fields: dict[str, Any] = {"logger": record.name, "msg": record.getMessage()}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = repr(record.exc_info[1])
+        log.event("library", level=level, **fields)
+
+
 def configure(level: str = "info", stream: IO[str] | None = None) -> None:
-    """Set the process-wide log level (and stream, for tests)."""
+    """Set the process-wide log level (and stream, for tests); route library logs here too."""
     log.threshold = _LEVELS[level]
     log.stream = stream
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StdlibBridge)]:
+        root.removeHandler(handler)
+    root.addHandler(_StdlibBridge())
+    root.setLevel(logging.WARNING)
