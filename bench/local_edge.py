@@ -1,0 +1,149 @@
+"""The edge's real data plane in front of a loopback upstream instead of a guest.
+
+`python -m bench.local_edge --upstream-port N --cert C --key K` serves the edge's own
+protocol factory (routing, token check, head rewrite, upstream keep-alive pool) on two
+127.0.0.1 listeners, plain and TLS, with a backend whose one VM is always running and
+whose "guest" is 127.0.0.1:N. That isolates the proxy's cost from QEMU's (TCG here).
+It prints one JSON line (ports, VM id, a token for it) and serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from edge.config import load_config, token_service
+from edge.hosts import HostRouter
+from edge.metrics import Metrics
+from edge.proxy_context import ProxyContext, ProxySettings, make_protocol_factory
+from edge.tls import server_context
+from edge.upstream import UpstreamPool
+from vmm import jsonlog
+from vmm.model import VmRecord, VmState
+from vmm.policy import Policy
+
+from .tools import stop
+
+VM_ID = "benchvm1"
+GUEST_PORT = 8080
+
+
+class LoopbackBackend:
+    """A VmBackend with one VM that is always running and lives at 127.0.0.1:`upstream_port`."""
+
+    def __init__(self, upstream_port: int) -> None:
+        now = time.time()
+        self.record = VmRecord(VM_ID, "bench", VmState.RUNNING, Policy(), GUEST_PORT, now, now)
+        self.upstream_port = upstream_port
+
+    def lookup(self, vm_id: str) -> VmRecord | None:
+        return self.record if vm_id == VM_ID else None
+
+    async def ensure_running(self, vm_id: str) -> bool:
+        return False
+
+    async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
+        """Like vmm.netns.connect_guest (non-blocking, TCP_NODELAY), minus the namespace."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.upstream_port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def touch(self, vm_id: str) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class LocalEdge:
+    """What the benchmark needs from the child: where it listens and how to get in."""
+
+    http_port: int
+    tls_port: int
+    host: str  # the VM's host name, for the Host header
+    token: str
+
+
+async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int) -> None:
+    cfg = load_config(None)  # the dev token key: the parent never needs it, the child issues the token
+    jsonlog.configure("warning")
+    tokens = token_service(cfg)
+    ctx = ProxyContext(
+        backend=LoopbackBackend(upstream_port),
+        router=HostRouter(cfg.server.domain, cfg.server.control_host),
+        tokens=tokens,
+        metrics=Metrics(),
+        pool=UpstreamPool(keepalive, cfg.proxy.upstream_keepalive_idle),
+        control_socket="",  # no control API here: the control host is never asked for
+        settings=ProxySettings(),
+    )
+    loop = asyncio.get_running_loop()
+    plain = await loop.create_server(make_protocol_factory(ctx, "http"), "127.0.0.1", 0, backlog=1024)
+    tls = await loop.create_server(
+        make_protocol_factory(ctx, "https"), "127.0.0.1", 0, ssl=server_context(cert, key), backlog=1024
+    )
+    token, _ = tokens.issue(VM_ID, ttl=cfg.tokens.max_ttl)
+    ports = [int(server.sockets[0].getsockname()[1]) for server in (plain, tls)]
+    host = f"{VM_ID}.{cfg.server.domain}"
+    print(json.dumps({"http_port": ports[0], "tls_port": ports[1], "host": host, "token": token}), flush=True)
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    plain.close()
+    tls.close()
+    ctx.pool.close()
+
+
+@contextlib.asynccontextmanager
+async def running(
+    upstream_port: int, cert: Path, key: Path, keepalive: int, log: Path, prefix: Sequence[str] = ()
+) -> AsyncIterator[LocalEdge]:
+    """Run the local edge as a child process (so it has its own interpreter and core)."""
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            *prefix, sys.executable, "-m", "bench.local_edge",
+            "--upstream-port", str(upstream_port), "--cert", str(cert), "--key", str(key),
+            "--keepalive", str(keepalive),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            info = json.loads(line)
+        except (TimeoutError, ValueError):
+            raise RuntimeError(f"the local edge did not start: {log.read_text()[-2000:]}") from None
+        yield LocalEdge(info["http_port"], info["tls_port"], info["host"], info["token"])
+    finally:
+        await stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--cert", type=Path, required=True)
+    parser.add_argument("--key", type=Path, required=True)
+    parser.add_argument("--keepalive", type=int, required=True, help="idle upstream connections kept")
+    args = parser.parse_args()
+    uvloop.run(_serve(args.upstream_port, args.cert, args.key, args.keepalive))
+
+
+if __name__ == "__main__":
+    main()
