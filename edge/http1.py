@@ -122,6 +122,9 @@ class EdgeProtocol(asyncio.Protocol):
         self._parsing: _Exchange | None = None  # the request whose body is being read
         self._queue: deque[_Exchange] = deque()
         self._up: UpstreamConn | None = None
+        # The upstream of this connection's last answer, kept for its next request: keep-alive
+        # clients then cost no pool traffic (and no new connection past the pool's bound).
+        self._kept: UpstreamConn | None = None
         self._rbuf: bytearray | None = None  # a response head being collected (HEAD, Set-Cookie)
         self._stash: bytearray | None = None  # client bytes after an Upgrade request
         self._tunnel = False
@@ -348,7 +351,8 @@ class EdgeProtocol(asyncio.Protocol):
             self._body_at = now
             self._arm(now + self._s.idle_timeout)
         if ex.running:
-            conn = ctx.pool.acquire(vm_id or CONTROL_KEY, ex.port, now)
+            key = vm_id or CONTROL_KEY
+            conn = self._take_kept(key, ex.port, now) or ctx.pool.acquire(key, ex.port, now)
             if conn is not None:
                 self._attach(ex, conn, reused=True)
                 return
@@ -670,7 +674,10 @@ class EdgeProtocol(asyncio.Protocol):
         self._up = None
         self._unpause(_UPSTREAM)
         if ex.req_done and tr.keep_alive and not tr.extra and not ex.is_head:
-            self._ctx.pool.release(conn, self._loop.time())
+            if ex.keep_alive and not conn.stale and not self._closing:
+                self._keep(conn)
+            else:
+                self._ctx.pool.release(conn, self._loop.time())
         else:
             conn.close()
         if not tr.keep_alive or tr.extra:
@@ -684,6 +691,31 @@ class EdgeProtocol(asyncio.Protocol):
             self._close_client()
         else:
             self._answer(ex, 502, f"{self._where(ex)} sent an invalid HTTP response")
+
+    def _keep(self, conn: UpstreamConn) -> None:
+        """Hold an idle upstream for this client's next request (it notices a peer close)."""
+        conn.owner = None
+        conn.idle_since = self._loop.time()
+        conn.resume_reading()
+        self._kept = conn
+
+    def _take_kept(self, key: str, port: int, now: float) -> UpstreamConn | None:
+        """The kept upstream if it fits this request; otherwise it goes to the shared pool."""
+        conn = self._kept
+        if conn is None:
+            return None
+        self._kept = None
+        fresh = now - conn.idle_since < self._ctx.pool.idle_timeout
+        if conn.key == (key, port) and fresh and not conn.closed and not conn.stale:
+            return conn
+        self._ctx.pool.release(conn, now)
+        return None
+
+    def _release_kept(self) -> None:
+        conn = self._kept
+        if conn is not None:
+            self._kept = None
+            self._ctx.pool.release(conn, self._loop.time())
 
     def _drop_upstream(self) -> None:
         conn = self._up
@@ -811,6 +843,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._task = None
             task.cancel()
         self._drop_upstream()
+        self._release_kept()
         ex = self._ex
         if ex is not None and ex.counted:
             ex.counted = False

@@ -185,6 +185,16 @@ async def test_basic_authorization_passes_when_token_comes_from_cookie(edge: Edg
     c.close()
 
 
+async def test_kept_upstream_is_not_reused_after_its_vm_stopped(edge: Edge, upstream: Upstream) -> None:
+    c = await edge.connect()
+    auth = {"Authorization": f"Bearer {edge.token()}"}
+    assert (await c.get("/echo", edge.host(), auth)).status == 200
+    edge.ctx.pool.drop_vm(VM)  # what the manager's listener does when a VM pauses or suspends
+    assert (await c.get("/echo", edge.host(), auth)).status == 200
+    assert edge.backend.opened == 2
+    c.close()
+
+
 async def test_keep_alive_reuses_one_upstream_connection(edge: Edge, upstream: Upstream) -> None:
     c = await edge.connect()
     auth = {"Authorization": f"Bearer {edge.token()}"}
@@ -194,11 +204,15 @@ async def test_keep_alive_reuses_one_upstream_connection(edge: Edge, upstream: U
     assert edge.backend.opened == 1
     assert len(upstream.peers) == 1
     assert edge.backend.touches[VM] == 5
-    # A second client connection takes the pooled upstream connection.
+    # The first client's upstream stays with it; once it leaves, the next client takes it from the pool.
+    assert edge.ctx.pool.idle_count(VM) == 0
+    c.close()
+    async with asyncio.timeout(5):
+        while edge.ctx.pool.idle_count(VM) != 1:
+            await asyncio.sleep(0.01)
     c2 = await edge.connect()
     assert (await c2.get("/echo", edge.host(), auth)).status == 200
     assert edge.backend.opened == 1
-    c.close()
     c2.close()
 
 
