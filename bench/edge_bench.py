@@ -9,7 +9,7 @@
 Everything listens and loads on 127.0.0.1, or inside the VM's own network namespace;
 load runs are bounded in time and connections; every process, VM, namespace and file
 made here is removed at the end, also on errors and Ctrl-C.
-Usage: .venv/bin/python -m bench.edge_bench [--rounds 3] [--seconds 5] [--keepalive 64] [--wakes 20]
+Usage: .venv/bin/python -m bench.edge_bench [--rounds 3] [--seconds 5] [--keepalive 32] [--wakes 20]
 """
 
 from __future__ import annotations
@@ -375,9 +375,8 @@ def main() -> None:
     parser.add_argument(
         "--keepalive",
         type=int,
-        default=CONNECTIONS,
-        help="idle upstream connections each proxy keeps in section 1 (default: one per wrk connection; "
-        f"the edge's own default, {ProxyConfig().upstream_keepalive_per_vm}, makes both proxies reconnect)",
+        default=ProxyConfig().upstream_keepalive_per_vm,
+        help="idle upstream connections each proxy keeps in section 1 (default: the edge's own default)",
     )
     parser.add_argument("--wakes", type=int, default=20, help="suspend/wake cycles of section 3")
     args = parser.parse_args()
