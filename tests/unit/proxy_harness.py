@@ -9,6 +9,8 @@ import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -360,3 +362,17 @@ async def raw_server(handler: Any) -> tuple[RawServer, int]:
     raw = RawServer(handler)
     raw.server = await asyncio.start_server(raw._serve, "127.0.0.1", 0)
     return raw, raw.server.sockets[0].getsockname()[1]
+
+
+@asynccontextmanager
+async def edge_over_raw(handler: Any, **settings: Any) -> AsyncIterator[Edge]:
+    """An edge whose one running VM is served by `handler`, a raw asyncio stream handler."""
+    server, port = await raw_server(handler)
+    backend = FakeBackend()
+    backend.add_vm(VM, port)
+    edge = await start_edge(backend, **settings)
+    try:
+        yield edge
+    finally:
+        await edge.close()
+        server.close()

@@ -21,17 +21,9 @@ from tests.unit.proxy_harness import (
     Edge,
     FakeBackend,
     Upstream,
-    raw_server,
+    edge_over_raw,
     start_edge,
-    start_upstream,
 )
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    yield up
-    await up.runner.cleanup()
 
 
 @pytest.fixture
@@ -383,19 +375,12 @@ async def test_retry_once_when_a_pooled_connection_was_closed_by_the_vm() -> Non
         await reader.readuntil(b"\r\n\r\n")  # the next request on this connection: close instead
         writer.close()
 
-    server, port = await raw_server(one_answer_per_connection)
-    backend = FakeBackend()
-    backend.add_vm(VM, port)
-    edge = await start_edge(backend)
-    try:
+    async with edge_over_raw(one_answer_per_connection) as edge:
         c = await edge.connect()
         for _ in range(3):
             assert (await c.get("/", edge.host(), {"Authorization": f"Bearer {edge.token()}"})).body == b"ok"
         assert len(served) == 3
         c.close()
-    finally:
-        await edge.close()
-        server.close()
 
 
 async def test_head_trickling_in_is_bounded(edge: Edge) -> None:

@@ -12,17 +12,10 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import pytest
 
-from tests.unit.proxy_harness import VM, Edge, FakeBackend, Upstream, raw_server, start_edge, start_upstream
+from tests.unit.proxy_harness import VM, Edge, FakeBackend, Upstream, edge_over_raw, start_edge
 
 BIG = 50 * 1024 * 1024
 BLOCK = bytes(range(256)) * 256  # 64 KiB
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    yield up
-    await up.runner.cleanup()
 
 
 @pytest.fixture
@@ -211,11 +204,7 @@ async def test_upstream_closing_mid_response_closes_the_client() -> None:
         await writer.drain()
         writer.close()
 
-    server, port = await raw_server(truncating)
-    backend = FakeBackend()
-    backend.add_vm(VM, port)
-    edge = await start_edge(backend)
-    try:
+    async with edge_over_raw(truncating) as edge:
         c = await edge.connect()
         await c.send(f"GET / HTTP/1.1\r\nHost: {edge.host()}\r\nAuthorization: Bearer {edge.token()}\r\n\r\n".encode())
         status, _ = await c.head()
@@ -223,9 +212,6 @@ async def test_upstream_closing_mid_response_closes_the_client() -> None:
         assert await asyncio.wait_for(c.reader.read(), 5) == b"0123456789"
         await _until(lambda: edge.ctx.open_streams == {})
         c.close()
-    finally:
-        await edge.close()
-        server.close()
 
 
 async def test_response_ending_at_close_is_relayed_whole() -> None:
@@ -235,18 +221,11 @@ async def test_response_ending_at_close_is_relayed_whole() -> None:
         await writer.drain()
         writer.close()
 
-    server, port = await raw_server(until_eof)
-    backend = FakeBackend()
-    backend.add_vm(VM, port)
-    edge = await start_edge(backend)
-    try:
+    async with edge_over_raw(until_eof) as edge:
         c = await edge.connect()
         resp = await c.get("/", edge.host(), {"Authorization": f"Bearer {edge.token()}"})
         assert resp.status == 200 and resp.body == b"all of it"
         c.close()
-    finally:
-        await edge.close()
-        server.close()
 
 
 async def test_invalid_upstream_response_is_502() -> None:
@@ -255,15 +234,8 @@ async def test_invalid_upstream_response_is_502() -> None:
         writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
         await writer.drain()
 
-    server, port = await raw_server(garbage)
-    backend = FakeBackend()
-    backend.add_vm(VM, port)
-    edge = await start_edge(backend)
-    try:
+    async with edge_over_raw(garbage) as edge:
         c = await edge.connect()
         resp = await c.get("/", edge.host(), {"Authorization": f"Bearer {edge.token()}"})
         assert resp.status == 502 and resp.json()["error"] == "bad_gateway"
         c.close()
-    finally:
-        await edge.close()
-        server.close()

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
-from tests.unit.proxy_harness import VM, Client, Edge, FakeBackend, Upstream, raw_server, start_edge, start_upstream
+from tests.unit.proxy_harness import VM, Client, Edge, FakeBackend, Upstream, edge_over_raw, start_edge
 from vmm.errors import RestoreFailed, VmFailed
 from vmm.model import VmState
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    yield up
-    await up.runner.cleanup()
 
 
 async def _edge(upstream_port: int, state: VmState = VmState.SUSPENDED, **settings: object) -> Edge:
@@ -194,18 +187,13 @@ async def test_upstream_that_never_answers_is_504() -> None:
         held.append(writer)
         await reader.read()
 
-    server, port = await raw_server(silent)
-    edge = await _edge(port, state=VmState.RUNNING, read_timeout=0.3)
-    try:
+    async with edge_over_raw(silent, read_timeout=0.3) as edge:
         c = await _request(edge)
         resp = await c.response()
         assert resp.status == 504
         assert "did not answer" in resp.json()["message"]
         assert edge.ctx.pool.idle_count(VM) == 0
         c.close()
-    finally:
-        await edge.close()
-        server.close()
 
 
 async def test_upstream_closing_without_answer_is_502() -> None:
@@ -213,15 +201,10 @@ async def test_upstream_closing_without_answer_is_502() -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.close()
 
-    server, port = await raw_server(rude)
-    edge = await _edge(port, state=VmState.RUNNING)
-    try:
+    async with edge_over_raw(rude) as edge:
         c = await _request(edge)
         assert (await c.response()).status == 502
         c.close()
-    finally:
-        await edge.close()
-        server.close()
 
 
 async def test_idle_client_connection_is_closed() -> None:
