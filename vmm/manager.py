@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import secrets
 import shutil
 import socket
@@ -44,6 +46,12 @@ def new_vm_id() -> str:
     return "v" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
 
 
+async def _quietly_disconnect(client: qmp_ops.Qmp) -> None:
+    """Close the QMP connection of a QEMU that is already gone (its EOF is expected)."""
+    with contextlib.suppress(QMPError, OSError, EOFError):
+        await client.disconnect()
+
+
 class _Vm:
     """Runtime companions of one VM record: its QEMU, QMP connection, lock and wake task."""
 
@@ -67,12 +75,15 @@ class VmManager:
         self._dirty: set[str] = set()
         self._registry: Registry | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._lock_fd: int | None = None
+        self._building: set[str] = set()
 
     # ---- start and stop -------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the registry and take back every VM an earlier manager left behind."""
         self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
         self._registry = Registry(self.settings.registry_path)
         for rec in self._registry.load_all():
             vm = _Vm(rec)
@@ -99,6 +110,26 @@ class VmManager:
         self._flush_activity()
         if self._registry is not None:
             self._registry.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock_state_dir(self) -> None:
+        """One manager per state directory: a second one would take the first one's VMs for dead."""
+        path = self.settings.state_dir / "manager.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise Conflict(
+                f"state directory {self.settings.state_dir} is in use by pid {holder} (is `mvm serve` already "
+                "running?); one manager per state directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
 
     # ---- queries (the edge's hot path: in memory only) ------------------------------
 
@@ -129,7 +160,13 @@ class VmManager:
         return template.list_all(self.settings)
 
     async def create_template(self, name: str, image: str, progress: Callable[[str], None]) -> Template:
-        return await template.create(self.settings, name, image, self.accel, progress)
+        if name in self._building:
+            raise Conflict(f"template {name!r} is being created already")
+        self._building.add(name)
+        try:
+            return await template.create(self.settings, name, image, self.accel, progress)
+        finally:
+            self._building.discard(name)
 
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
         return await netns.connect_guest(vm_id, port, timeout)
@@ -174,11 +211,16 @@ class VmManager:
             self._require(vm, VmState.RUNNING)
             await self._qmp(vm, "stop")
             self._set(vm, VmState.PAUSED)
+        log.event("vm.paused", vm=vm_id)
         return vm.rec
 
     async def resume(self, vm_id: str) -> VmRecord:
-        """Run a paused or suspended VM again (shares any wake already under way)."""
+        """Run a paused or suspended VM again (shares any wake already under way).
+
+        Counts as activity, so the idle reaper does not put it straight back to sleep.
+        """
         await self.ensure_running(vm_id)
+        self.touch(vm_id)
         return self._vm(vm_id).rec
 
     async def ensure_running(self, vm_id: str) -> bool:
@@ -218,6 +260,7 @@ class VmManager:
             if state is VmState.PAUSED:
                 await self._qmp(vm, "cont")
                 self._set(vm, VmState.RUNNING)
+                log.event("vm.resumed", vm=vm.rec.id)
             elif state is VmState.SUSPENDED:
                 await self._restore(vm)
             elif state is VmState.FAILED:
@@ -237,24 +280,42 @@ class VmManager:
                 await self._qmp(vm, "stop")
             assert vm.qmp is not None
             size = await qmp_ops.save(vm.qmp, path, ignore_shared, self.settings.restore_timeout)
-        except (VmmError, QMPError, OSError, TimeoutError) as exc:
-            if vm.proc is not None and vm.proc.alive:
-                if was is VmState.RUNNING:
-                    await self._qmp(vm, "cont")
-                self._set(vm, was)
-            raise VmmError(f"suspend of VM {vm.rec.id} failed, it stays {vm.rec.state.value}: {exc}") from exc
-        await self._stop_qemu(vm)
-        if not ignore_shared:
-            size = await self._move_ram_to_own_file(vm, size)
-        self._set(vm, VmState.SUSPENDED)
+        except BaseException as exc:
+            await self._undo_suspend(vm, was)
+            if isinstance(exc, Exception):
+                raise VmmError(f"suspend of VM {vm.rec.id} failed, it stays {vm.rec.state.value}: {exc}") from exc
+            raise
+        # The snapshot is complete: from here the VM is suspended, whatever happens next.
+        try:
+            await self._stop_qemu(vm)
+            if not ignore_shared:
+                size = await self._move_ram_to_own_file(vm, size)
+        finally:
+            self._set(vm, VmState.SUSPENDED)
         log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
+
+    async def _undo_suspend(self, vm: _Vm, was: VmState) -> None:
+        """A suspend that did not complete: back to what the VM was, or failed if that is impossible."""
+        if vm.proc is None or not vm.proc.alive:
+            if vm.rec.state is VmState.SUSPENDING:
+                self._set(vm, VmState.FAILED, reason="QEMU exited during a suspend")
+            return
+        self._set(vm, was)
+        if was is VmState.RUNNING:
+            try:
+                await self._qmp(vm, "cont")
+            except VmFailed as exc:
+                await self._stop_qemu(vm)
+                self._set(vm, VmState.FAILED, reason=f"could not resume after a failed suspend: {exc}")
 
     async def _move_ram_to_own_file(self, vm: _Vm, stream_size: int) -> int:
         """Turn a clone's full-RAM stream into the VM's own RAM file plus device state.
 
         Done once, at the first suspend, so that no wake ever pays for loading RAM: the stream
         is loaded into a new shared file and the device state saved again without RAM. On
-        failure the full stream stays and the VM still restores from it (more slowly).
+        failure the full stream stays and the VM still restores from it (more slowly). The
+        registry learns the new RAM mode before the device-state file replaces the stream, so
+        a crash in between never pairs a RAM-less snapshot with "RAM is in the stream".
         """
         vm_dir = self.vm_dir(vm.rec.id)
         ram = RamBacking(vm_dir / "ram", share=True)
@@ -263,15 +324,17 @@ class VmManager:
             tpl = template.load(self.settings, vm.rec.template)
             await self._spawn_and_load(vm, tpl, ram, vm_dir / "state", ignore_shared=False)
             assert vm.qmp is not None
-            size = await qmp_ops.save(vm.qmp, vm_dir / "state", True, self.settings.restore_timeout)
-            vm.rec.ram_mode = RamMode.OWN_FILE
-            return size
+            size = await qmp_ops.save(vm.qmp, vm_dir / "state.dev", True, self.settings.restore_timeout)
         except (VmmError, QMPError, OSError, TimeoutError) as exc:
             ram.path.unlink(missing_ok=True)
             log.event("vm.ram_move_failed", level="warning", vm=vm.rec.id, error=str(exc))
             return stream_size
         finally:
             await self._stop_qemu(vm)
+        vm.rec.ram_mode = RamMode.OWN_FILE
+        self._store(vm)
+        (vm_dir / "state.dev").rename(vm_dir / "state")
+        return size
 
     async def _restore(self, vm: _Vm) -> None:
         started = time.monotonic()
@@ -340,13 +403,22 @@ class VmManager:
         vm.rec.pid = None
 
     async def _discard(self, vm: _Vm) -> None:
-        await self._stop_qemu(vm)
-        await netns.delete(vm.rec.id)
-        shutil.rmtree(self.vm_dir(vm.rec.id), ignore_errors=True)
-        self._vms.pop(vm.rec.id, None)
-        self._dirty.discard(vm.rec.id)
+        """Remove everything of the VM. Each step is tried even if an earlier one failed."""
+        vm_id = vm.rec.id
+        steps = (
+            ("stop QEMU", self._stop_qemu(vm)),
+            ("delete the namespace", netns.delete(vm_id)),
+        )
+        for what, step in steps:
+            try:
+                await step
+            except (VmmError, OSError) as exc:
+                log.event("vm.delete_step_failed", level="warning", vm=vm_id, step=what, error=str(exc))
+        shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
+        self._vms.pop(vm_id, None)
+        self._dirty.discard(vm_id)
         if self._registry is not None:
-            self._registry.delete(vm.rec.id)
+            self._registry.delete(vm_id)
         vm.rec.state = VmState.TERMINATED
         self._notify(vm.rec)
 
@@ -357,7 +429,7 @@ class VmManager:
         vm.proc = None
         vm.rec.pid = None
         if vm.qmp is not None:
-            asyncio.get_running_loop().create_task(vm.qmp.disconnect())
+            asyncio.get_running_loop().create_task(_quietly_disconnect(vm.qmp))
             vm.qmp = None
         reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}"
         self._set(vm, VmState.FAILED, reason=reason)

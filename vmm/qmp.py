@@ -117,6 +117,9 @@ async def save(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float) 
     try:
         await _run_migration(qmp, "migrate", fd, timeout)
     except BaseException:
+        # A migration still running would stop the guest later behind the caller's back.
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await qmp.execute("migrate_cancel")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise

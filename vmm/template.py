@@ -33,6 +33,8 @@ def template_ns(name: str) -> str:
 
 
 def load(settings: VmmSettings, name: str) -> Template:
+    if not NAME_RE.fullmatch(name):  # also keeps the name from reaching outside templates_dir
+        raise InvalidRequest(f"template name {name!r} must match {NAME_RE.pattern}")
     meta = settings.templates_dir / name / "template.json"
     if not meta.exists():
         raise NotFound(f"template {name!r} does not exist (create it with `mvm template create {name}`)")
@@ -115,8 +117,10 @@ async def create(
         await probe.wait_ready(ns_id, image.app_port, image.probe_path, settings.boot_timeout, lambda: running.alive)
         progress(f"app ready after {time.monotonic() - started:.2f} s; snapshotting")
         await client.execute("stop")
-        size = await qmp_ops.save(client, work / "state", ignore_shared=True, timeout=SNAPSHOT_TIMEOUT)
-        await client.disconnect()
+        try:
+            size = await qmp_ops.save(client, work / "state", ignore_shared=True, timeout=SNAPSHOT_TIMEOUT)
+        finally:
+            await client.disconnect()
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.guest import guest_state, pid_alive
 from vmm import netns
-from vmm.errors import RestoreFailed
+from vmm.errors import Conflict, RestoreFailed, VmmError
 from vmm.manager import VmManager
 from vmm.model import RamMode, VmState
 from vmm.settings import VmmSettings
@@ -155,3 +155,26 @@ async def test_namespace_isolates_guest_and_delete_removes_everything(manager: V
     await manager.delete(vm.id)
     assert not pid_alive(pid) and not netns.exists(vm.id) and not vm_dir.exists()
     assert manager.lookup(vm.id) is None
+
+
+async def test_second_manager_on_the_same_state_dir_is_refused(manager: VmManager, settings: VmmSettings) -> None:
+    vm = await manager.create_vm("demo")
+    intruder = VmManager(settings)
+    with pytest.raises(Conflict, match="in use by pid"):
+        await intruder.start()
+    assert vm.state is VmState.RUNNING and pid_alive(vm.pid or 0)
+    assert (await guest_state(vm.id))["counter"] == 1, "the first manager's VM is untouched"
+
+
+async def test_failed_suspend_leaves_the_vm_running(manager: VmManager) -> None:
+    vm = await manager.create_vm("demo")
+    blocker = manager.vm_dir(vm.id) / "state.tmp"
+    blocker.mkdir()  # the snapshot file cannot be created
+    with pytest.raises(VmmError, match=r"suspend of VM .* failed, it stays running"):
+        await manager.suspend(vm.id)
+    assert vm.state is VmState.RUNNING
+    assert (await guest_state(vm.id))["counter"] == 1
+    blocker.rmdir()
+    await manager.suspend(vm.id)
+    await manager.ensure_running(vm.id)
+    assert (await guest_state(vm.id))["counter"] == 2
