@@ -87,6 +87,14 @@ class Admitter:
             return Admission(head)
         vm_id = route.vm_id
         assert vm_id is not None
+        # The token is checked first: without one for this VM id, nobody learns whether the VM
+        # exists or which of its ports are open.
+        query = target.partition(b"?")[2] if b"token" in target else None
+        token, source = extract_token(req.authorization, query, req.cookie)
+        try:
+            exp = self._tokens.verify(token or "", vm_id)
+        except TokenError as exc:
+            return Refusal(401, str(exc), exc.reason, bearer=True)
         rec = self._backend.lookup(vm_id)
         if rec is None:
             return Refusal(404, f"VM {vm_id} does not exist")
@@ -95,12 +103,6 @@ class Admitter:
             port = route.port
             if not rec.allows_port(port):
                 return Refusal(403, f"port {port} of VM {vm_id} is not open")
-        query = target.partition(b"?")[2] if b"token" in target else None
-        token, source = extract_token(req.authorization, query, req.cookie)
-        try:
-            exp = self._tokens.verify(token or "", vm_id)
-        except TokenError as exc:
-            return Refusal(401, str(exc), exc.reason, bearer=True)
         if query is not None:
             target = strip_token_from_target(target)
         cookie = req.cookie

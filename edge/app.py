@@ -21,8 +21,8 @@ Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`edge.reap
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
+import socket
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -37,12 +37,12 @@ from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import VmRecord, VmState
 
-from . import reaper
-from .config import Config, token_service
+from .config import Config, ConfigError, token_service
 from .control import build_control_app
 from .hosts import HostRouter
 from .metrics import Metrics
 from .proxy_context import ProxyContext, ProxySettings, make_protocol_factory
+from .reaper import Reaper
 from .tls import server_context
 from .upstream import UpstreamPool
 
@@ -56,7 +56,7 @@ class Edge:
     ctx: ProxyContext
     server: asyncio.Server
     control: web.AppRunner
-    reaper_task: asyncio.Task[None]
+    reaper: Reaper
     control_dir: tempfile.TemporaryDirectory[str]
 
     @property
@@ -67,12 +67,18 @@ class Edge:
 async def start(cfg: Config) -> Edge:
     """Start the VM manager, the control API, the listener and the reaper."""
     jsonlog.configure(cfg.log.level)
+    # Everything that can fail on bad input is checked before the manager touches any VM.
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
+    tokens = token_service(cfg)
+    listener = _bind(cfg.server.listen_host, cfg.server.listen_port)
     manager = VmManager(cfg.vmm)
-    await manager.start()
+    try:
+        await manager.start()
+    except BaseException:
+        listener.close()
+        raise
     try:
         await _ensure_default_template(manager)
-        tokens = token_service(cfg)
         metrics = Metrics(manager.counts_by_state)
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
         control_socket = str(Path(control_dir.name) / "control.sock")
@@ -98,14 +104,14 @@ async def start(cfg: Config) -> Edge:
         )
         manager.listeners.append(lambda rec: _drop_idle_upstreams(pool, rec))
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            make_protocol_factory(ctx), cfg.server.listen_host, cfg.server.listen_port, ssl=ssl_ctx, backlog=1024
-        )
+        server = await loop.create_server(make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024)
     except BaseException:
+        listener.close()
         await manager.close()
         raise
-    reaper_task = asyncio.create_task(reaper.run(manager, ctx.open_streams, cfg.reaper.interval))
-    edge = Edge(cfg, manager, ctx, server, control, reaper_task, control_dir)
+    idle_reaper = Reaper(manager, ctx.open_streams, cfg.reaper.interval)
+    idle_reaper.start()
+    edge = Edge(cfg, manager, ctx, server, control, idle_reaper, control_dir)
     log.event(
         "edge.started",
         listen=f"{cfg.server.listen_host}:{edge.port}",
@@ -120,9 +126,7 @@ async def start(cfg: Config) -> Edge:
 async def stop(edge: Edge) -> None:
     """Stop accepting, then the reaper, control API and manager (VMs keep or suspend per config)."""
     edge.server.close()
-    edge.reaper_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await edge.reaper_task
+    await edge.reaper.stop()
     edge.ctx.pool.close()
     await edge.control.cleanup()
     await edge.manager.close()
@@ -148,6 +152,15 @@ async def _serve_until_signalled(cfg: Config) -> None:
     await stop(edge)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound up front so a busy port is an error before any VM is touched."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        raise ConfigError(f"server.listen_port: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
 async def _ensure_default_template(manager: VmManager) -> None:
     """No VM ever cold-boots on the request path: the default template is made at start-up."""
     name = manager.settings.default_template
@@ -160,7 +173,13 @@ async def _ensure_default_template(manager: VmManager) -> None:
         log.event("template.missing", level="warning", template=name, error=str(exc))
 
 
+_GOING_AWAY = frozenset((VmState.SUSPENDING, VmState.SUSPENDED, VmState.FAILED, VmState.TERMINATED))
+
+
 def _drop_idle_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:
-    """Pooled connections to a VM that stops running would only time out: close them."""
-    if rec.state is not VmState.RUNNING:
+    """Connections to a VM that stops running would only time out: close the idle ones, and
+    those in use too when its QEMU goes away (a paused VM keeps them: they resume with it)."""
+    if rec.state in _GOING_AWAY:
+        pool.abort_vm(rec.id)
+    elif rec.state is not VmState.RUNNING:
         pool.drop_vm(rec.id)

@@ -49,7 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mvm", description="microvm-edge: microVMs behind a wake-on-request edge", parents=[common]
     )
-    parser.set_defaults(config=None)
     sub = _Subparsers(parser.add_subparsers(required=True, metavar="command"), common)
 
     serve = sub.add_parser("serve", "run the edge proxy, control API and VM manager")
@@ -110,7 +109,9 @@ class _Subparsers:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    # Not set_defaults(config=None): subparsers share the --config action, and a default
+    # there would overwrite a --config given before the command.
+    path = getattr(args, "config", None) or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     return load_config(path)
 
 
@@ -201,10 +202,15 @@ async def _call(cfg: Config, method: str, path: str, body: Any) -> Any:
         raise CliError(f"cannot reach the control API at {url}: is `mvm serve` running? ({exc.strerror})") from exc
     except aiohttp.ClientError as exc:
         raise CliError(f"control API call {method} {path} failed: {exc}") from exc
-    data = orjson.loads(raw) if raw else None
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        data = None
     if resp.status >= 400:
-        message = data.get("message") if isinstance(data, dict) else raw.decode(errors="replace")
+        message = data.get("message") if isinstance(data, dict) else raw.decode(errors="replace").strip()
         raise CliError(f"{method} {path}: HTTP {resp.status}: {message}")
+    if raw and data is None:
+        raise CliError(f"{method} {path}: the answer is not JSON: {raw[:200].decode(errors='replace')}")
     return data
 
 

@@ -232,6 +232,8 @@ def load_config(path: Path | None) -> Config:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); TOML files must be UTF-8") from None
     _reject_unknown(data, "", _SECTIONS)
     server = _server(_table(data, "server"))
     tokens = _tokens(_table(data, "tokens"))

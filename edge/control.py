@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from vmm.errors import VmmError
+from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import VmRecord
 
@@ -47,9 +48,9 @@ def error_response(status: int, message: str, code: str | None = None) -> web.Re
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Admin bearer key on everything but the public paths; every failure becomes JSON."""
     if request.path not in _PUBLIC:
-        expected = f"Bearer {request.app[CONFIG].server.admin_key}"
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        expected = f"Bearer {request.app[CONFIG].server.admin_key}".encode()
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
             return error_response(401, "missing or wrong admin key (Authorization: Bearer <server.admin_key>)")
     try:
         return await handler(request)
@@ -57,6 +58,9 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(exc.http_status, str(exc))
     except web.HTTPException as exc:
         return error_response(exc.status, exc.reason or exc.text or "")
+    except Exception as exc:
+        log.event("control.error", level="error", path=request.path, error=repr(exc))
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", code="internal")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 
 from vmm.errors import VmmError
 from vmm.jsonlog import log
+from vmm.model import VmState
 
 from .admission import Admitter, Refusal
 from .errors_http import error_response
@@ -364,7 +365,7 @@ class EdgeProtocol(asyncio.Protocol):
     async def _prepare(self, ex: _Exchange) -> None:
         """Wake the VM if needed and open a connection to it; body bytes meanwhile are buffered."""
         try:
-            if not ex.running and not await self._hold(ex):
+            if not self._vm_running(ex) and not await self._hold(ex):
                 return
             conn = await self._open(ex)
         except asyncio.CancelledError:
@@ -389,6 +390,13 @@ class EdgeProtocol(asyncio.Protocol):
             conn.close()
             return
         self._attach(ex, conn, reused=False)
+
+    def _vm_running(self, ex: _Exchange) -> bool:
+        """Asked again when connecting: a queued or retried request may find its VM asleep by now."""
+        if ex.vm_id is None:
+            return True
+        rec = self._ctx.backend.lookup(ex.vm_id)
+        return rec is not None and rec.state is VmState.RUNNING
 
     async def _hold(self, ex: _Exchange) -> bool:
         """Wait for the VM to wake, within the per-VM bound; False when answered instead."""

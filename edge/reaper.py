@@ -7,6 +7,7 @@ with an open request or WebSocket counts as active whatever its timestamps say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 
@@ -32,23 +33,52 @@ def due_action(rec: VmRecord, now: float, open_streams: int) -> str | None:
     return None
 
 
-async def reap_once(manager: VmManager, open_streams: Mapping[str, int]) -> None:
-    now = time.time()
-    for rec in list(manager.list_vms()):
-        streams = open_streams.get(rec.id, 0)
-        if streams:
-            manager.touch(rec.id)
-        action = due_action(rec, now, streams)
-        if action is None:
-            continue
-        try:
-            await getattr(manager, action)(rec.id)
-            log.event(f"reaper.{action}", vm=rec.id, idle=round(now - rec.last_activity, 1))
-        except VmmError as exc:
-            log.event("reaper.error", level="warning", vm=rec.id, action=action, error=str(exc))
+class Reaper:
+    """Runs `due_action` over all VMs every `interval` seconds.
 
+    An action is never cut short: stopping the reaper waits for a suspend under way, so no
+    VM is left half-suspended; and no error, expected or not, ends the sweeps.
+    """
 
-async def run(manager: VmManager, open_streams: Mapping[str, int], interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        await reap_once(manager, open_streams)
+    def __init__(self, manager: VmManager, open_streams: Mapping[str, int], interval: float) -> None:
+        self.manager = manager
+        self.open_streams = open_streams
+        self.interval = interval
+        self._loop_task: asyncio.Task[None] | None = None
+        self._pending: asyncio.Task[object] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._pending is not None:
+            with contextlib.suppress(Exception):
+                await self._pending
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.reap_once()
+
+    async def reap_once(self) -> None:
+        now = time.time()
+        for rec in list(self.manager.list_vms()):
+            streams = self.open_streams.get(rec.id, 0)
+            if streams:
+                self.manager.touch(rec.id)
+            action = due_action(rec, now, streams)
+            if action is None:
+                continue
+            self._pending = asyncio.create_task(getattr(self.manager, action)(rec.id))
+            try:
+                await asyncio.shield(self._pending)
+                log.event(f"reaper.{action}", vm=rec.id, idle=round(now - rec.last_activity, 1))
+            except VmmError as exc:
+                log.event("reaper.error", level="warning", vm=rec.id, action=action, error=str(exc))
+            except Exception as exc:
+                log.event("reaper.error", level="error", vm=rec.id, action=action, error=repr(exc))
+            self._pending = None

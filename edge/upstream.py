@@ -219,6 +219,16 @@ class UpstreamPool:
                 closed += 1
         return closed
 
+    def abort_vm(self, vm_id: str) -> None:
+        """The VM is going away (suspended, failed, deleted): end its connections in use too.
+
+        Its guest will never send a FIN, so a request or WebSocket on them would hang; aborted,
+        their owners answer 502 or close the client connection.
+        """
+        self.drop_vm(vm_id)
+        for conn in list(self._live.get(vm_id, ())):
+            conn.transport.abort()
+
     def idle_count(self, vm_id: str) -> int:
         return self._counts.get(vm_id, 0)
 

@@ -228,3 +228,10 @@ def test_token_service_errors(tmp_path: Path, key_lines: str, files: dict[str, b
     with pytest.raises(ConfigError) as info:
         token_service(cfg)
     assert str(info.value).startswith(message)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)

@@ -65,7 +65,8 @@ async def test_proxies_a_request_with_a_bearer_token(edge: Edge) -> None:
 )
 async def test_routing_errors_are_json(edge: Edge, host: str, status: int) -> None:
     c = await edge.connect()
-    resp = await c.get("/echo", host, {"Authorization": f"Bearer {edge.token()}"})
+    vm_id = host.split(".")[0].rpartition("-")[2]  # a token for the VM the host names
+    resp = await c.get("/echo", host, {"Authorization": f"Bearer {edge.token(vm_id)}"})
     assert resp.status == status
     assert resp.header("Content-Type") == "application/json"
     assert resp.json()["error"] in ("not_found", "forbidden")
@@ -418,3 +419,11 @@ async def test_over_tls(upstream: Upstream, tmp_path: Path) -> None:
         assert await c.closed()
     finally:
         await edge.close()
+
+
+@pytest.mark.parametrize("host", ["vmnothere1.edge.test", "9999-vmalpha1.edge.test", "vmalpha1.edge.test"])
+async def test_without_a_token_for_that_vm_nothing_about_it_is_revealed(edge: Edge, host: str) -> None:
+    c = await edge.connect()
+    resp = await c.get("/echo", host, {"Authorization": f"Bearer {edge.token(OTHER_VM)}"})
+    assert resp.status == 401 and resp.json()["reason"] == "wrong_vm"
+    c.close()

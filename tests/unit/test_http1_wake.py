@@ -229,3 +229,40 @@ async def test_stalled_request_body_gets_408(upstream: Upstream) -> None:
         assert edge.ctx.open_streams == {}
     finally:
         await edge.close()
+
+
+async def test_queued_request_waits_for_a_wake_if_its_vm_fell_asleep(upstream: Upstream) -> None:
+    edge = await _edge(upstream.port, state=VmState.RUNNING)
+    try:
+        c = await edge.connect()
+        head = f"Host: {edge.host()}\r\nAuthorization: Bearer {edge.token()}\r\n"
+        await c.send(f"GET /sse HTTP/1.1\r\n{head}\r\nGET /echo HTTP/1.1\r\n{head}\r\n".encode())
+        await asyncio.sleep(0.2)  # the second request is parsed and queued behind the stream
+        edge.backend.vms[VM].state = VmState.SUSPENDED
+        edge.ctx.pool.drop_vm(VM)  # what the manager's listener does
+        upstream.state["sse_go"].set()
+        first, second = await c.response(), await c.response()
+        assert (first.status, second.status) == (200, 200)
+        assert edge.backend.ensure_calls == 1, "the queued request woke the VM instead of failing"
+        c.close()
+    finally:
+        await edge.close()
+
+
+async def test_requests_in_flight_end_when_their_vm_goes_away(upstream: Upstream) -> None:
+    edge = await _edge(upstream.port, state=VmState.RUNNING)
+    try:
+        c = await edge.connect()
+        await c.send(
+            f"GET /sse HTTP/1.1\r\nHost: {edge.host()}\r\nAuthorization: Bearer {edge.token()}\r\n\r\n".encode()
+        )
+        status, _ = await c.head()
+        assert status == 200 and edge.ctx.open_streams == {VM: 1}
+        edge.ctx.pool.abort_vm(VM)  # the VM was suspended or deleted under the stream
+        assert await asyncio.wait_for(c.reader.read(), 5) is not None  # the client sees the end, no hang
+        async with asyncio.timeout(5):
+            while edge.ctx.open_streams:
+                await asyncio.sleep(0.01)
+        upstream.state["sse_go"].set()
+    finally:
+        await edge.close()

@@ -1,0 +1,61 @@
+"""The control API answers JSON whatever goes wrong, and never lets a bad header crash it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from edge.config import load_config, token_service
+from edge.control import build_control_app
+from edge.metrics import Metrics
+
+
+class BrokenManager:
+    def list_vms(self) -> list[Any]:
+        raise RuntimeError("registry unreadable")
+
+    def templates(self) -> list[Any]:
+        return []
+
+
+@pytest.fixture
+async def control() -> AsyncIterator[tuple[int, str]]:
+    cfg = load_config(None)
+    app = build_control_app(cfg, BrokenManager(), token_service(cfg), Metrics())  # type: ignore[arg-type]
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield port, cfg.server.admin_key
+    await runner.cleanup()
+
+
+async def _raw(port: int, head: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    status = int(data.split(b" ", 2)[1])
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+async def test_unexpected_error_is_a_json_500(control: tuple[int, str]) -> None:
+    port, key = control
+    status, body = await _raw(
+        port, f"GET /v1/vms HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert status == 500
+    assert b'"error":"internal"' in body and b"registry unreadable" in body
+
+
+async def test_non_ascii_authorization_is_a_401_not_a_crash(control: tuple[int, str]) -> None:
+    port, _ = control
+    status, body = await _raw(
+        port, b"GET /v1/vms HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 401 and b'"error":"unauthorized"' in body
