@@ -210,7 +210,7 @@ async def test_hosts_ports_and_control_api_errors(settings: VmmSettings) -> None
         async with client.session.get(client.vm_url(vm_id, port=9999), headers=bearer(token)) as resp:
             assert resp.status == 403 and (await resp.json())["error"]
         async with client.session.get(client.vm_url("vnosuchvm00"), headers=bearer(token)) as resp:
-            assert resp.status == 404
+            assert resp.status == 401, "without a token for that id, existence is not revealed"
         async with client.session.get(client.base.format(host=f"not-a-vm.{DOMAIN}") + "/") as resp:
             assert resp.status == 404 and (await resp.json())["error"]
         bad = await client.api("POST", "/v1/vms", {"policy": {"vcpus": 0}}, status=422)
