@@ -28,7 +28,8 @@ from .tokens import TokenService
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PUBLIC = ("/healthz", "/metrics", "/openapi.json")
 _ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                409: "conflict", 422: "invalid_request", 502: "vm_failed", 503: "unavailable"}  # fmt: skip
+                409: "conflict", 413: "body_too_large", 422: "invalid_request", 502: "vm_failed",
+                503: "unavailable"}  # fmt: skip
 
 MANAGER = web.AppKey("manager", VmManager)
 TOKENS = web.AppKey("tokens", TokenService)
