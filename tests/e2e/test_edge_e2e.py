@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -246,3 +247,23 @@ async def test_edge_restart_keeps_suspended_vm_which_then_wakes(settings: VmmSet
         assert (after["boot_id"], after["counter"]) == (before["boot_id"], before["counter"] + 1)
         listed = orjson.dumps(await client.api("GET", "/v1/vms", status=200))
         assert json.loads(listed)["vms"][0]["state"] == "running"
+
+
+async def test_websockets_end_when_their_vm_is_deleted_or_suspended(settings: VmmSettings) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        doomed, sleepy = await client.create_vm(), await client.create_vm()
+        sockets = []
+        for vm_id in (doomed, sleepy):
+            ws = await client.session.ws_connect(client.vm_url(vm_id, "/ws"), headers=bearer(await client.token(vm_id)))
+            await ws.send_str("hi")
+            assert await ws.receive_str() == "hi"
+            sockets.append(ws)
+        await client.api("DELETE", f"/v1/vms/{doomed}", status=204)
+        await client.api("POST", f"/v1/vms/{sleepy}/suspend", status=200)
+        for ws in sockets:
+            message = await asyncio.wait_for(ws.receive(), 5)  # no hang: the tunnel is closed
+            assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+            await ws.close()
+        async with asyncio.timeout(5):
+            while client.edge.ctx.open_streams:
+                await asyncio.sleep(0.05)
