@@ -12,7 +12,7 @@ fi
 APT_PACKAGES=(
     qemu-system-x86 busybox-static kmod cpio iproute2 gcc libc6-dev
     python3 python3-venv openssl ca-certificates
-    nginx-light wrk   # benchmarks: nginx baseline and the load generator
+    nginx-light wrk curl   # benchmarks: nginx baseline, load generator, streaming
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
