@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .policy import Policy
@@ -73,7 +73,6 @@ class VmRecord:
     pid: int | None = None
     reason: str | None = None
     state_changed_at: float = 0.0
-    counters: dict[str, int] = field(default_factory=dict)
 
     def allows_port(self, port: int) -> bool:
         """The app port is always reachable; other ports only through the policy allow-list."""
