@@ -46,12 +46,6 @@ def new_vm_id() -> str:
     return "v" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
 
 
-async def _quietly_disconnect(client: qmp_ops.Qmp) -> None:
-    """Close the QMP connection of a QEMU that is already gone (its EOF is expected)."""
-    with contextlib.suppress(QMPError, OSError, EOFError):
-        await client.disconnect()
-
-
 class _Vm:
     """Runtime companions of one VM record: its QEMU, QMP connection, lock and wake task."""
 
@@ -103,8 +97,7 @@ class VmManager:
                 with contextlib.suppress(VmmError):
                     await self.suspend(vm.rec.id)
             if vm.qmp is not None:
-                with contextlib.suppress(QMPError, OSError):
-                    await vm.qmp.disconnect()
+                await vm.qmp.disconnect_quietly()
             if vm.proc is not None:
                 vm.proc.close()
         self._flush_activity()
@@ -394,8 +387,7 @@ class VmManager:
     async def _stop_qemu(self, vm: _Vm) -> None:
         vm.expect_exit = True
         if vm.qmp is not None:
-            with contextlib.suppress(QMPError, OSError):
-                await vm.qmp.disconnect()
+            await vm.qmp.disconnect_quietly()
             vm.qmp = None
         if vm.proc is not None:
             await vm.proc.kill()
@@ -429,7 +421,7 @@ class VmManager:
         vm.proc = None
         vm.rec.pid = None
         if vm.qmp is not None:
-            asyncio.get_running_loop().create_task(_quietly_disconnect(vm.qmp))
+            asyncio.get_running_loop().create_task(vm.qmp.disconnect_quietly())
             vm.qmp = None
         reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}"
         self._set(vm, VmState.FAILED, reason=reason)

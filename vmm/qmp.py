@@ -60,6 +60,11 @@ class Qmp(QMPClient):
         finally:
             self._close_fd_channel()
 
+    async def disconnect_quietly(self) -> None:
+        """Disconnect when QEMU may already be gone: its EOF is expected, not an error."""
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self.disconnect()
+
     def _close_fd_channel(self) -> None:
         if self._fd_channel is not None:
             self._fd_channel.close()
@@ -103,7 +108,7 @@ async def _run_migration(qmp: QMPClient, command: str, fd: int, timeout: float) 
                 status = event["data"]["status"]
     if status != "completed":
         info: dict[str, Any] = {}
-        with contextlib.suppress(QMPError, OSError):
+        with contextlib.suppress(QMPError, OSError, EOFError):
             info = await qmp.execute("query-migrate")  # type: ignore[assignment]
         raise VmmError(f"migration {status}: {info.get('error-desc', 'no detail from QEMU')}")
 

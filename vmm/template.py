@@ -120,7 +120,7 @@ async def create(
         try:
             size = await qmp_ops.save(client, work / "state", ignore_shared=True, timeout=SNAPSHOT_TIMEOUT)
         finally:
-            await client.disconnect()
+            await client.disconnect_quietly()
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
