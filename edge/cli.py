@@ -65,25 +65,25 @@ def _parser() -> argparse.ArgumentParser:
     tpl = sub.group("template", "templates (pre-initialised snapshots)", "action")
     tpl_create = tpl.add_parser("create", "boot an image once and snapshot it")
     tpl_create.add_argument("name")
-    tpl_create.add_argument("--image", default="demo")
+    tpl_create.add_argument("--image", default="demo", help="image to boot (default demo)")
     tpl_create.set_defaults(func=lambda a: _print(_api(a, "POST", "/v1/templates", {"name": a.name, "image": a.image})))
     tpl_ls = tpl.add_parser("ls", "list templates")
     tpl_ls.set_defaults(func=lambda a: _print(_api(a, "GET", "/v1/templates")))
 
     vm = sub.group("vm", "VMs", "action")
     create = vm.add_parser("create", "launch a VM from a template")
-    create.add_argument("--template", default=None)
+    create.add_argument("--template", default=None, help="template to launch from (default vmm.default_template)")
     create.add_argument("--policy", default=None, help="JSON object, e.g. '{\"idle_suspend_after\": 60}'")
     create.set_defaults(func=_vm_create)
     vm.add_parser("ls", "list VMs").set_defaults(func=_vm_ls)
-    for action, method, suffix in (
-        ("get", "GET", ""),
-        ("pause", "POST", "/pause"),
-        ("suspend", "POST", "/suspend"),
-        ("resume", "POST", "/resume"),
-        ("rm", "DELETE", ""),
+    for action, method, suffix, what in (
+        ("get", "GET", "", "show one VM"),
+        ("pause", "POST", "/pause", "pause a VM in memory"),
+        ("suspend", "POST", "/suspend", "snapshot a VM to disk and end its QEMU"),
+        ("resume", "POST", "/resume", "resume or restore a VM"),
+        ("rm", "DELETE", "", "terminate a VM and remove everything it had"),
     ):
-        cmd = vm.add_parser(action, f"{action} a VM")
+        cmd = vm.add_parser(action, what)
         cmd.add_argument("vm_id")
         cmd.set_defaults(func=lambda a, m=method, s=suffix: _print(_api(a, m, f"/v1/vms/{a.vm_id}{s}")))
 
