@@ -102,7 +102,7 @@ async def start(cfg: Config) -> Edge:
                 forwarded_proto="https" if cfg.server.tls else "http",
             ),
         )
-        manager.listeners.append(lambda rec: _drop_idle_upstreams(pool, rec))
+        manager.listeners.append(lambda rec: _end_upstreams(pool, rec))
         loop = asyncio.get_running_loop()
         server = await loop.create_server(make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024)
     except BaseException:
@@ -176,7 +176,7 @@ async def _ensure_default_template(manager: VmManager) -> None:
 _GOING_AWAY = frozenset((VmState.SUSPENDING, VmState.SUSPENDED, VmState.FAILED, VmState.TERMINATED))
 
 
-def _drop_idle_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:
+def _end_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:
     """Connections to a VM that stops running would only time out: close the idle ones, and
     those in use too when its QEMU goes away (a paused VM keeps them: they resume with it)."""
     if rec.state in _GOING_AWAY:

@@ -18,7 +18,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -370,7 +370,7 @@ class VmManager:
         """Spawn QEMU waiting for a migration and load `snapshot`; the guest stays stopped."""
         vm_id = vm.rec.id
         vm_dir = self.vm_dir(vm_id)
-        spec = template.machine_spec(self.settings, tpl, f"mvm-{vm_id}", self.accel)
+        spec = template.machine_spec(tpl, f"mvm-{vm_id}", self.accel)
         sock = vm_dir / "qmp.sock"
         sock.unlink(missing_ok=True)
         argv = build_argv(self.settings.qemu_binary, spec, ram, sock, vm_dir / "serial.log", incoming=True)
@@ -397,13 +397,13 @@ class VmManager:
     async def _discard(self, vm: _Vm) -> None:
         """Remove everything of the VM. Each step is tried even if an earlier one failed."""
         vm_id = vm.rec.id
-        steps = (
-            ("stop QEMU", self._stop_qemu(vm)),
-            ("delete the namespace", netns.delete(vm_id)),
+        steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
+            ("stop QEMU", lambda: self._stop_qemu(vm)),
+            ("delete the namespace", lambda: netns.delete(vm_id)),
         )
         for what, step in steps:
             try:
-                await step
+                await step()
             except (VmmError, OSError) as exc:
                 log.event("vm.delete_step_failed", level="warning", vm=vm_id, step=what, error=str(exc))
         shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)

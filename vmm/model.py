@@ -45,6 +45,8 @@ class Template:
     ports: tuple[int, ...]
     created_at: float
     path: str
+    cmdline: str
+    accelerator: str
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -48,6 +48,8 @@ def load(settings: VmmSettings, name: str) -> Template:
         ports=tuple(data["ports"]),
         created_at=data["created_at"],
         path=str(meta.parent),
+        cmdline=data["cmdline"],
+        accelerator=data["accelerator"],
     )
 
 
@@ -58,19 +60,18 @@ def list_all(settings: VmmSettings) -> list[Template]:
     return [load(settings, n) for n in names]
 
 
-def machine_spec(settings: VmmSettings, tpl: Template, name: str, accel: Accelerator) -> MachineSpec:
+def machine_spec(tpl: Template, name: str, accel: Accelerator) -> MachineSpec:
     """The machine every clone of `tpl` must be started with (identical to the template's boot)."""
-    data = orjson.loads((Path(tpl.path) / "template.json").read_bytes())
-    if data["accelerator"] != accel.name:
+    if tpl.accelerator != accel.name:
         raise VmmError(
-            f"template {tpl.name!r} was snapshotted under {data['accelerator']} but this host uses {accel.name}; "
+            f"template {tpl.name!r} was snapshotted under {tpl.accelerator} but this host uses {accel.name}; "
             "snapshots only restore under the accelerator that made them: recreate the template"
         )
     return MachineSpec(
         name=name,
         kernel=Path(tpl.path) / "vmlinuz",
         initrd=Path(tpl.path) / "initrd.img",
-        cmdline=data["cmdline"],
+        cmdline=tpl.cmdline,
         memory_mb=tpl.memory_mb,
         vcpus=tpl.vcpus,
         accel=accel,
