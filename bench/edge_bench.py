@@ -34,6 +34,7 @@ from edge import app
 from edge.config import Config, ProxyConfig, load_config
 from edge.tls import make_dev_cert
 from vmm import netns, probe
+from vmm.image import Readiness
 
 from . import local_edge, nginx
 from .stats import median, p95, table
@@ -220,7 +221,7 @@ async def real_guest(root: Path, cert: Path, key: Path, wakes: int) -> None:
     try:
         startup = time.perf_counter() - started
         vm_id = (await edge.manager.create_vm()).id
-        await probe.wait_ready(vm_id, 8080, "/healthz", 60, lambda: True)
+        await probe.wait_ready(vm_id, Readiness("http", 8080, "/healthz"), 60, lambda: True)
         token, _ = edge.ctx.tokens.issue(vm_id)
         print(await _guest_paths(edge, vm_id, token, root, cert, key, startup), end="\n\n", flush=True)
         print(await _wake_to_first_byte(edge, vm_id, token, cert, wakes), flush=True)

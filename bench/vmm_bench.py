@@ -1,21 +1,27 @@
-"""VM-plane benchmark: suspend, restore, pause/resume, clone times; memory; snapshot sizes.
+"""VM-plane benchmark: template, clone, suspend, restore, pause/resume times; memory; disk and snapshot sizes.
 
 Runs real QEMU guests (TCG here, KVM where the host has VMX/SVM) from the project's own
-image, in a scratch state directory that is removed at the end. Every loop is bounded.
-Usage: .venv/bin/python -m bench.vmm_bench [--cycles 20]
+images, side by side in one run: the busybox initramfs demo and a disk image built from a
+Dockerfile (python-sandbox by default), in a scratch state directory removed at the end.
+Every loop is bounded.
+Usage: .venv/bin/python -m bench.vmm_bench [--cycles 20] [--disk-image python-sandbox]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from vmm import probe
+from vmm import disks, netns, probe
+from vmm.image import Readiness, load_image
 from vmm.manager import VmManager
 from vmm.model import VmState
 from vmm.settings import VmmSettings
@@ -36,9 +42,9 @@ def _kib(path: Path, field: str) -> int:
     return 0
 
 
-async def _first_answer(vm_id: str, deadline: float = 30.0) -> None:
-    """Bounded poll until the guest app answers 200."""
-    await probe.wait_ready(vm_id, 8080, "/healthz", deadline, lambda: True)
+async def _first_answer(vm_id: str, ready: Readiness, deadline: float = 60.0) -> None:
+    """Bounded poll until the guest app answers as its image says."""
+    await probe.wait_ready(vm_id, ready, deadline, lambda: True)
 
 
 async def _timed(action: Callable[[], Awaitable[object]]) -> float:
@@ -47,77 +53,128 @@ async def _timed(action: Callable[[], Awaitable[object]]) -> float:
     return time.perf_counter() - start
 
 
-async def run(cycles: int) -> str:
+async def _put_file(vm_id: str, path: str, size: int) -> None:
+    """PUT `size` random bytes to the python-sandbox's /files (from inside the VM's namespace)."""
+    sock = await netns.connect_guest(vm_id, 8080, 10.0)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        head = f"PUT /files/{path} HTTP/1.1\r\nHost: guest\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode() + os.urandom(size))
+        status = (await asyncio.wait_for(reader.read(), 60.0)).split(b" ", 2)[1]
+        if status != b"201":
+            raise RuntimeError(f"PUT /files/{path} answered {status!r}")
+    finally:
+        writer.close()
+
+
+def _pss_mib(pid: int | None) -> float:
+    return _kib(Path(f"/proc/{pid}/smaps_rollup"), "Pss:") / 1024 if pid else 0.0
+
+
+async def _bench_template(manager: VmManager, name: str, image: str, cycles: int) -> dict[str, Any]:
+    """Template creation, clone → first answer, suspend, restore → first answer, memory: one image."""
+    ready = load_image(manager.settings.images_dir, image).ready
+    boot = await _timed(lambda: manager.create_template(name, image, lambda _: None))
+    clone: list[float] = []
+    suspend_first: list[float] = []
+    suspend: list[float] = []
+    restore: list[float] = []
+    first_answer: list[float] = []
+    pause: list[float] = []
+    resume: list[float] = []
+    vm = None
+    for i in range(cycles):
+        t0 = time.perf_counter()
+        created = await manager.create_vm(name)
+        await _first_answer(created.id, ready)
+        clone.append(time.perf_counter() - t0)
+        if i == 0:
+            vm = created
+        else:
+            suspend_first.append(await _timed(functools.partial(manager.suspend, created.id)))
+            await manager.delete(created.id)
+    assert vm is not None
+    running_mib = _pss_mib(vm.pid)
+    for _ in range(cycles):
+        pause.append(await _timed(lambda: manager.pause(vm.id)))
+        resume.append(await _timed(lambda: manager.resume(vm.id)))
+    await manager.suspend(vm.id)  # first suspend streams the copy-on-write RAM; later ones do not
+    await manager.ensure_running(vm.id)
+    await _first_answer(vm.id, ready)
+    for _ in range(cycles):
+        suspend.append(await _timed(lambda: manager.suspend(vm.id)))
+        assert vm.state is VmState.SUSPENDED and vm.pid is None
+        t0 = time.perf_counter()
+        await manager.ensure_running(vm.id)
+        restore.append(time.perf_counter() - t0)
+        await _first_answer(vm.id, ready)
+        first_answer.append(time.perf_counter() - t0)
+    result: dict[str, Any] = {
+        "template": boot, "clone": clone, "suspend_first": suspend_first, "suspend": suspend, "restore": restore,
+        "first_answer": first_answer, "pause": pause, "resume": resume, "running_mib": running_mib,
+        "own_running_mib": _pss_mib(vm.pid),
+    }  # fmt: skip
+    overlay = manager.vm_dir(vm.id) / "disk.qcow2"
+    if overlay.exists():
+        before = disks.allocated_bytes(overlay)
+        await _put_file(vm.id, "bench-10mib.bin", 10 * 2**20)
+        await manager.suspend(vm.id)  # the guest's page cache is flushed by `stop`: the overlay holds it all
+        result["disk_written"] = disks.allocated_bytes(overlay) - before
+        result["disk_total"] = disks.allocated_bytes(overlay)
+    await manager.suspend(vm.id)
+    result["state_bytes"] = (manager.vm_dir(vm.id) / "state").stat().st_size
+    result["ram_disk_mib"] = (manager.vm_dir(vm.id) / "ram").stat().st_blocks / 2048
+    await manager.delete(vm.id)
+    return result
+
+
+async def run(cycles: int, disk_image: str) -> str:
     root = Path(tempfile.mkdtemp(prefix="mvmb-", dir="/tmp"))
     settings = VmmSettings(state_dir=root)
     (root / "images").symlink_to(REPO / "var" / "images")
     manager = VmManager(settings)
     try:
         await manager.start()
-        boot = await _timed(lambda: manager.create_template("demo", "demo", lambda _: None))
+        demo = await _bench_template(manager, "demo", "demo", cycles)
+        disk = await _bench_template(manager, "disk", disk_image, cycles)
         rows: list[list[object]] = []
-        clone, suspend, suspend_first, restore, first_http, pause, resume = ([] for _ in range(7))
-        vm = None
-        for i in range(cycles):
-            t0 = time.perf_counter()
-            created = await manager.create_vm("demo")
-            await _first_answer(created.id)
-            clone.append(time.perf_counter() - t0)
-            if i == 0:
-                vm = created
-            else:
-                suspend_first.append(await _timed(lambda c=created: manager.suspend(c.id)))
-                await manager.delete(created.id)
-        assert vm is not None
-        running_kib = _kib(Path(f"/proc/{vm.pid}/smaps_rollup"), "Pss:")
-        for _ in range(cycles):
-            pause.append(await _timed(lambda: manager.pause(vm.id)))
-            resume.append(await _timed(lambda: manager.resume(vm.id)))
-        await manager.suspend(vm.id)  # first suspend streams the copy-on-write RAM; later ones do not
-        await manager.ensure_running(vm.id)
-        await _first_answer(vm.id)
-        for _ in range(cycles):
-            suspend.append(await _timed(lambda: manager.suspend(vm.id)))
-            assert vm.state is VmState.SUSPENDED and vm.pid is None
-            t0 = time.perf_counter()
-            await manager.ensure_running(vm.id)
-            restore.append(time.perf_counter() - t0)
-            await _first_answer(vm.id)
-            first_http.append(time.perf_counter() - t0)
-        own_running_kib = _kib(Path(f"/proc/{vm.pid}/smaps_rollup"), "Pss:")
-        await manager.suspend(vm.id)
-        state_bytes = (manager.vm_dir(vm.id) / "state").stat().st_size
-        ram_file = manager.vm_dir(vm.id) / "ram"
-        ram_disk_kib = ram_file.stat().st_blocks // 2
-        template_state = (settings.templates_dir / "demo" / "state").stat().st_size
 
-        def row(name: str, values: list[float], target: str) -> None:
-            rows.append([name, len(values), _ms(median(values)), _ms(p95(values)), target])
+        def row(name: str, key: str, target: str = "") -> None:
+            a, b = demo[key], disk[key]
+            ratio = median(b) / median(a) if median(a) else 0.0
+            cells = [_ms(median(a)), _ms(p95(a)), _ms(median(b)), _ms(p95(b))]
+            rows.append([name, len(a), *cells, f"{ratio:.2f}", target])
 
-        row("clone from template → first HTTP 200", clone, "")
-        row("first suspend of a clone (RAM → its own file, once)", suspend_first, "")
-        row("suspend, own RAM file (device state only)", suspend, "< 20 ms")
-        row("restore: process start → `cont`", restore, "< 60 ms")
-        row("restore → first HTTP answer", first_http, "< 500 ms")
-        row("pause (QMP stop)", pause, "")
-        row("resume (QMP cont)", resume, "")
-        out = [
-            f"accelerator: {manager.accel.name}; template boot → snapshot: {_ms(boot)} ms",
-            table(["operation", "n", "median ms", "p95 ms", "target"], rows),
-            "",
-            table(
-                ["memory / size", "value"],
-                [
-                    ["host memory, running clone (PSS, copy-on-write RAM)", f"{running_kib / 1024:.1f} MiB"],
-                    ["host memory, running VM with own RAM file (PSS)", f"{own_running_kib / 1024:.1f} MiB"],
-                    ["host memory, suspended VM (no process)", "0 MiB (RAM file is reclaimable page cache)"],
-                    ["suspended VM on disk: RAM file allocated", f"{ram_disk_kib / 1024:.1f} MiB"],
-                    ["snapshot (device state) size", f"{state_bytes / 1024:.1f} KiB"],
-                    ["template device state size", f"{template_state / 1024:.1f} KiB"],
-                ],
-            ),
+        row("clone from template → first answer", "clone")
+        row("first suspend of a clone (RAM → its own file, once)", "suspend_first")
+        row("suspend, own RAM file (device state only)", "suspend", "< 20 ms")
+        row("restore: process start → `cont`", "restore", "< 60 ms")
+        row("restore → first answer", "first_answer", "< 500 ms")
+        row("pause (QMP stop)", "pause")
+        row("resume (QMP cont)", "resume")
+        headers = ["operation", "n", "demo median ms", "demo p95 ms", "disk median ms", "disk p95 ms", "disk / demo"]
+        sizes = [
+            ["host memory, running clone (PSS)", f"{demo['running_mib']:.1f} MiB", f"{disk['running_mib']:.1f} MiB"],
+            ["host memory, running VM, own RAM file (PSS)", f"{demo['own_running_mib']:.1f} MiB",
+             f"{disk['own_running_mib']:.1f} MiB"],
+            ["host memory, suspended VM", "0 MiB (no process)", "0 MiB (no process)"],
+            ["suspended VM: RAM file allocated", f"{demo['ram_disk_mib']:.1f} MiB", f"{disk['ram_disk_mib']:.1f} MiB"],
+            ["snapshot (device state)", f"{demo['state_bytes'] / 1024:.1f} KiB",
+             f"{disk['state_bytes'] / 1024:.1f} KiB"],
+            ["VM disk overlay: growth from writing 10 MiB", "-", f"{disk['disk_written'] / 2**20:.1f} MiB"],
+            ["VM disk overlay: total allocated", "-", f"{disk['disk_total'] / 2**20:.1f} MiB"],
         ]
-        return "\n".join(out)
+        lines = [
+            f"accelerator: {manager.accel.name}; cycles: {cycles}; demo = busybox initramfs, "
+            f"disk = {disk_image} (root disk, qcow2 overlay per VM)",
+            f"template creation (boot → ready → snapshot): demo {_ms(demo['template'])} ms, "
+            f"{disk_image} {_ms(disk['template'])} ms",
+            "",
+            table([*headers, "target"], rows),
+            "",
+            table(["memory / size", "demo", disk_image], sizes),
+        ]
+        return "\n".join(lines)
     finally:
         for rec in list(manager.list_vms()):
             await manager.delete(rec.id)
@@ -128,8 +185,9 @@ async def run(cycles: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--disk-image", default="python-sandbox", help="the disk image to compare with the demo")
     args = parser.parse_args()
-    print(asyncio.run(run(max(1, min(args.cycles, 200)))))
+    print(asyncio.run(run(max(2, min(args.cycles, 200)), args.disk_image)))
 
 
 if __name__ == "__main__":

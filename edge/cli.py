@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ssl
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +60,23 @@ def _parser() -> argparse.ArgumentParser:
     cert.set_defaults(func=_dev_cert)
 
     image = sub.group("image", "guest images", "action")
-    build = image.add_parser("build", "build a guest image from its spec")
-    build.add_argument("spec", type=Path, nargs="?", default=Path("images/demo/image.toml"))
+    build = image.add_parser("build", "build a guest image from a Dockerfile, or the demo from its image.toml")
+    build.add_argument("spec", type=Path, nargs="?", default=None, help="image.toml (default images/demo/image.toml)")
+    build.add_argument("--dockerfile", type=Path, default=None, help="build this Dockerfile with buildah instead")
+    build.add_argument("--context", type=Path, default=None, help="build context (default: the Dockerfile's folder)")
+    _image_options(build)
     build.set_defaults(func=_image_build)
+    imp = image.add_parser("import", "make a guest image from an OCI archive or a docker-archive tarball")
+    imp.add_argument("archive", type=Path)
+    _image_options(imp)
+    imp.set_defaults(func=_image_import)
+    base = image.add_parser("base", "make the Debian base image for `FROM localhost/mvm/debian:bookworm` (mmdebstrap)")
+    base.add_argument("--force", action="store_true", help="make it again even if it exists")
+    base.set_defaults(func=_image_base)
+    image.add_parser("ls", "list built images").set_defaults(func=_image_ls)
+    image_rm = image.add_parser("rm", "remove an image no template uses")
+    image_rm.add_argument("name")
+    image_rm.set_defaults(func=_image_rm)
 
     tpl = sub.group("template", "templates (pre-initialised snapshots)", "action")
     tpl_create = tpl.add_parser("create", "boot an image once and snapshot it")
@@ -69,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     tpl_create.set_defaults(func=lambda a: _print(_api(a, "POST", "/v1/templates", {"name": a.name, "image": a.image})))
     tpl_ls = tpl.add_parser("ls", "list templates")
     tpl_ls.set_defaults(func=lambda a: _print(_api(a, "GET", "/v1/templates")))
+    tpl_rm = tpl.add_parser("rm", "remove a template no VM uses")
+    tpl_rm.add_argument("name")
+    tpl_rm.set_defaults(func=lambda a: _print(_api(a, "DELETE", f"/v1/templates/{a.name}")))
 
     vm = sub.group("vm", "VMs", "action")
     create = vm.add_parser("create", "launch a VM from a template")
@@ -86,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
         cmd = vm.add_parser(action, what)
         cmd.add_argument("vm_id")
         cmd.set_defaults(func=lambda a, m=method, s=suffix: _print(_api(a, m, f"/v1/vms/{a.vm_id}{s}")))
+
+    logs = sub.add_parser("logs", "print a VM's app output (stdout and stderr)")
+    logs.add_argument("vm_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output until Ctrl-C")
+    logs.add_argument("--tail", type=int, default=65536, help="bytes of earlier output to start with (default 64 KiB)")
+    logs.set_defaults(func=_logs)
 
     token = sub.add_parser("token", "issue a short-lived token for one VM")
     token.add_argument("vm_id")
@@ -130,12 +155,72 @@ def _dev_cert(args: argparse.Namespace) -> None:
     print(f"wrote {cfg.server.tls_cert} and {cfg.server.tls_key} for *.{cfg.server.domain}")
 
 
+def _image_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--name", default=None, help="image name (default: from the folder or file name)")
+    cmd.add_argument("--port", type=int, default=None, help="app port (default: LABEL mvm.port, or the EXPOSEd one)")
+    cmd.add_argument("--ready", default=None, help="'tcp' or 'http:/path' (default: LABEL mvm.ready, or tcp)")
+    cmd.add_argument("--memory-mb", type=int, default=None, help="VM memory (default: LABEL mvm.memory_mb, or 512)")
+    cmd.add_argument("--vcpus", type=int, default=None, help="VM vCPUs (default: LABEL mvm.vcpus, or 1)")
+    cmd.add_argument("--disk-mb", type=int, default=None, help="root disk size (default: LABEL mvm.disk_mb, or 1024)")
+
+
+def _build_options(args: argparse.Namespace) -> Any:
+    from vmm.disk_image import BuildOptions
+
+    return BuildOptions(args.name, args.port, args.ready, args.memory_mb, args.vcpus, args.disk_mb)
+
+
 def _image_build(args: argparse.Namespace) -> None:
-    from vmm.image import build_image
+    cfg = _config(args)
+    if args.dockerfile is not None:
+        if args.spec is not None:
+            raise CliError("give either an image.toml or --dockerfile, not both")
+        from vmm.disk_image import build_from_dockerfile
+
+        image = build_from_dockerfile(
+            args.dockerfile, args.context, _build_options(args), cfg.vmm.images_dir, cfg.vmm.state_dir, print
+        )
+    else:
+        from vmm.image_spec import build_spec_image
+
+        spec = args.spec or Path("images/demo/image.toml")
+        image = build_spec_image(spec, cfg.vmm.images_dir, cfg.vmm.cache_dir, print)
+    print(f"image {image.name!r} is ready: `mvm template create <name> --image {image.name}`")
+
+
+def _image_import(args: argparse.Namespace) -> None:
+    from vmm.disk_image import build_from_archive
 
     cfg = _config(args)
-    image = build_image(args.spec, cfg.vmm.images_dir, cfg.vmm.state_dir / "cache", lambda line: print(line))
-    print(f"image {image.name!r}: {image.kernel} + {image.initrd}")
+    image = build_from_archive(args.archive, _build_options(args), cfg.vmm.images_dir, cfg.vmm.state_dir, print)
+    print(f"image {image.name!r} is ready: `mvm template create <name> --image {image.name}`")
+
+
+def _image_base(args: argparse.Namespace) -> None:
+    from vmm import oci
+
+    cfg = _config(args)
+    ref = oci.ensure_base_image(oci.Store(cfg.vmm.containers_dir), print, force=args.force)
+    print(f"base image {ref} is ready for `FROM {ref}`")
+
+
+def _image_ls(args: argparse.Namespace) -> None:
+    from vmm.image import list_images
+
+    print(f"{'NAME':<24}{'KIND':<11}{'PORT':<7}{'MEMORY':<8}{'DISK':<8}SOURCE")
+    for image in list_images(_config(args).vmm.images_dir):
+        disk = f"{image.disk_mb}M" if image.disk_mb else "-"
+        print(f"{image.name:<24}{image.kind:<11}{image.app_port:<7}{f'{image.memory_mb}M':<8}{disk:<8}{image.source}")
+
+
+def _image_rm(args: argparse.Namespace) -> None:
+    from vmm import template
+    from vmm.image import remove_image
+
+    cfg = _config(args)
+    users = [t.name for t in template.list_all(cfg.vmm) if t.image == args.name]
+    remove_image(cfg.vmm.images_dir, args.name, users)
+    print(f"removed image {args.name!r}")
 
 
 def _vm_create(args: argparse.Namespace) -> None:
@@ -173,7 +258,11 @@ def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     return asyncio.run(_call(_config(args), method, path, body))
 
 
-async def _call(cfg: Config, method: str, path: str, body: Any) -> Any:
+@contextlib.asynccontextmanager
+async def _request(
+    cfg: Config, method: str, path: str, body: Any, timeout: float | None = 300
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """One control API request to the configured server (loopback address, control host name)."""
     server = cfg.server
     host = "127.0.0.1" if server.listen_host in ("0.0.0.0", "::") else server.listen_host
     scheme = "https" if server.tls else "http"
@@ -184,34 +273,54 @@ async def _call(cfg: Config, method: str, path: str, body: Any) -> Any:
             raise CliError(f"server.tls_cert {server.tls_cert} is missing: run `mvm dev-cert`")
         ssl_ctx = ssl.create_default_context(cafile=str(server.tls_cert))
     headers = {"Host": server.control_host, "Authorization": f"Bearer {server.admin_key}"}
-    timeout = aiohttp.ClientTimeout(total=300)
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     try:
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
             session.request(
                 method,
                 url,
                 data=orjson.dumps(body) if body is not None else None,
-                headers={**headers, "Content-Type": "application/json"} if body is not None else headers,
+                headers=headers,
                 ssl=ssl_ctx,
                 server_hostname=server.control_host if server.tls else None,
             ) as resp,
         ):
-            raw = await resp.read()
+            if resp.status >= 400:
+                raw = await resp.read()
+                try:
+                    data = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    data = None
+                message = data.get("message") if isinstance(data, dict) else raw.decode(errors="replace").strip()
+                raise CliError(f"{method} {path}: HTTP {resp.status}: {message}")
+            yield resp
     except aiohttp.ClientConnectorError as exc:
         raise CliError(f"cannot reach the control API at {url}: is `mvm serve` running? ({exc.strerror})") from exc
     except aiohttp.ClientError as exc:
         raise CliError(f"control API call {method} {path} failed: {exc}") from exc
+
+
+async def _call(cfg: Config, method: str, path: str, body: Any) -> Any:
+    async with _request(cfg, method, path, body) as resp:
+        raw = await resp.read()
     try:
-        data = orjson.loads(raw) if raw else None
+        return orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
-        data = None
-    if resp.status >= 400:
-        message = data.get("message") if isinstance(data, dict) else raw.decode(errors="replace").strip()
-        raise CliError(f"{method} {path}: HTTP {resp.status}: {message}")
-    if raw and data is None:
-        raise CliError(f"{method} {path}: the answer is not JSON: {raw[:200].decode(errors='replace')}")
-    return data
+        raise CliError(f"{method} {path}: the answer is not JSON: {raw[:200].decode(errors='replace')}") from None
+
+
+def _logs(args: argparse.Namespace) -> None:
+    path = f"/v1/vms/{args.vm_id}/logs?tail={args.tail}" + ("&follow=1" if args.follow else "")
+    asyncio.run(_stream_to_stdout(_config(args), path))
+
+
+async def _stream_to_stdout(cfg: Config, path: str) -> None:
+    async with _request(cfg, "GET", path, None, timeout=None) as resp:
+        async for chunk in resp.content.iter_any():
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
 
 
 if __name__ == "__main__":

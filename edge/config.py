@@ -215,6 +215,7 @@ _VMM: dict[str, Rule] = {
     "on_shutdown": _choice("keep", "suspend"),
     "default_template": _text,
     "default_image": _text,
+    "app_log_max_bytes": _integer(4096, 1 << 30),
 }
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}

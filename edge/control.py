@@ -29,7 +29,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PUBLIC = ("/healthz", "/metrics", "/openapi.json")
 _ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 409: "conflict", 413: "body_too_large", 422: "invalid_request", 502: "vm_failed",
-                503: "unavailable"}  # fmt: skip
+                503: "unavailable", 507: "insufficient_capacity"}  # fmt: skip
 
 MANAGER = web.AppKey("manager", VmManager)
 TOKENS = web.AppKey("tokens", TokenService)
@@ -113,6 +113,40 @@ async def create_template(request: web.Request) -> web.Response:
     return json_response(tpl.to_dict(), 201)
 
 
+async def delete_template(request: web.Request) -> web.Response:
+    request.app[MANAGER].remove_template(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def list_images(request: web.Request) -> web.Response:
+    return json_response({"images": [i.to_dict() for i in request.app[MANAGER].images()]})
+
+
+async def delete_image(request: web.Request) -> web.Response:
+    request.app[MANAGER].remove_image(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def vm_logs(request: web.Request) -> web.StreamResponse:
+    """The VM's app output: the last `tail` bytes, then (with follow=1) new output as it comes."""
+    manager = request.app[MANAGER]
+    vm_id = request.match_info["vm_id"]
+    app_log = manager.app_log(vm_id)
+    try:
+        tail = int(request.query.get("tail", "65536"))
+    except ValueError:
+        raise web.HTTPUnprocessableEntity(reason="tail must be a whole number of bytes") from None
+    follow = request.query.get("follow", "0") in ("1", "true")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    await response.write(app_log.tail(max(0, tail)))
+    if follow:
+        async for chunk in app_log.follow(lambda: manager.lookup(vm_id) is not None):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
 async def create_vm(request: web.Request) -> web.Response:
     body = await _body(request)
     unknown = sorted(set(body) - {"template", "policy"})
@@ -171,6 +205,10 @@ def build_control_app(cfg: Config, manager: VmManager, tokens: TokenService, met
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/templates", list_templates)
     app.router.add_post("/v1/templates", create_template)
+    app.router.add_delete("/v1/templates/{name}", delete_template)
+    app.router.add_get("/v1/images", list_images)
+    app.router.add_delete("/v1/images/{name}", delete_image)
+    app.router.add_get("/v1/vms/{vm_id}/logs", vm_logs)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", create_vm)
     app.router.add_get("/v1/vms/{vm_id}", get_vm)

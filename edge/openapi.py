@@ -26,6 +26,13 @@ def _op(summary: str, ok: int, schema: str | None = None, body: str | None = Non
     return op
 
 
+def _named(op: dict[str, Any]) -> dict[str, Any]:
+    """An operation on a template or image by name: 404 unknown, 409 in use."""
+    op["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    op["responses"]["404"] = op["responses"]["409"] = {"$ref": "#/components/responses/Error"}
+    return op
+
+
 def _public(summary: str) -> dict[str, Any]:
     """An operation without the admin key, which cannot fail on input."""
     return {"summary": summary, "security": [], "responses": {"200": {"description": "success"}}}
@@ -44,6 +51,9 @@ OPENAPI: dict[str, Any] = {
             "get": _op("List templates", 200),
             "post": _op("Boot an image once and snapshot it as a template", 201, "Template", "TemplateCreate"),
         },
+        "/v1/templates/{name}": {"delete": _named(_op("Remove a template no VM uses", 204))},
+        "/v1/images": {"get": _op("List built images", 200)},
+        "/v1/images/{name}": {"delete": _named(_op("Remove an image no template uses", 204))},
         "/v1/vms": {
             "get": _op("List VMs", 200),
             "post": _op("Launch a VM from a template (copy-on-write, no boot)", 201, "Vm", "VmCreate"),
@@ -55,6 +65,16 @@ OPENAPI: dict[str, Any] = {
         "/v1/vms/{vm_id}/pause": {"post": _op("Pause in memory", 200, "Vm", vm=True)},
         "/v1/vms/{vm_id}/suspend": {"post": _op("Snapshot to disk; QEMU exits", 200, "Vm", vm=True)},
         "/v1/vms/{vm_id}/resume": {"post": _op("Resume or restore", 200, "Vm", vm=True)},
+        "/v1/vms/{vm_id}/logs": {
+            "get": {
+                **_op("The app's stdout and stderr (text); follow=1 streams new output", 200, vm=True),
+                "parameters": [
+                    {"name": "vm_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "tail", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "follow", "in": "query", "schema": {"enum": ["0", "1", "true"]}},
+                ],
+            }
+        },
         "/v1/vms/{vm_id}/tokens": {"post": _op("Issue a VM-scoped token", 201, "Token", "TokenCreate", True)},
     },
     "components": {
@@ -78,8 +98,9 @@ OPENAPI: dict[str, Any] = {
                     "idle_pause_after": _SECONDS,
                     "idle_suspend_after": _SECONDS,
                     "max_lifetime": _SECONDS,
-                    "memory_mb": {"type": "integer", "minimum": 64, "maximum": 65536},
-                    "vcpus": {"type": "integer", "minimum": 1, "maximum": 64},
+                    "memory_mb": {"type": "integer", "minimum": 64, "maximum": 32768},
+                    "vcpus": {"type": "integer", "minimum": 1, "maximum": 16},
+                    "disk_mb": {"type": "integer", "minimum": 0, "maximum": 32768},
                     "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
                 },
             },

@@ -10,8 +10,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 APT_PACKAGES=(
-    qemu-system-x86 busybox-static kmod cpio iproute2 gcc libc6-dev
+    qemu-system-x86 qemu-utils busybox-static kmod cpio iproute2 gcc libc6-dev
     python3 python3-venv openssl ca-certificates
+    buildah skopeo umoci mmdebstrap e2fsprogs   # Dockerfiles and OCI archives -> root disks
     nginx-light wrk curl   # benchmarks: nginx baseline, load generator, streaming
 )
 missing=()
@@ -36,11 +37,21 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 
-inputs=$(cat images/demo/* vmm/image.py | sha256sum | cut -c1-16)
+inputs=$(cat images/demo/* vmm/image_spec.py vmm/initramfs.py | sha256sum | cut -c1-16)
 if [ "$(cat var/images/demo/.inputs 2>/dev/null)" != "$inputs" ]; then
     echo "==> image: building the demo guest image"
     .venv/bin/mvm image build images/demo/image.toml
     echo "$inputs" > var/images/demo/.inputs
+fi
+
+# The Debian base image for `FROM localhost/mvm/debian:bookworm` (mmdebstrap; a no-op once made),
+# then the python-sandbox example, rebuilt when its inputs change.
+.venv/bin/mvm image base
+inputs=$(cat images/python-sandbox/* guest/init/* guest/stage1/* vmm/disk_image.py vmm/oci.py | sha256sum | cut -c1-16)
+if [ "$(cat var/images/python-sandbox/.inputs 2>/dev/null)" != "$inputs" ]; then
+    echo "==> image: building images/python-sandbox/Dockerfile"
+    .venv/bin/mvm image build --dockerfile images/python-sandbox/Dockerfile --name python-sandbox
+    echo "$inputs" > var/images/python-sandbox/.inputs
 fi
 
 if [ ! -f var/tls/dev.crt ]; then

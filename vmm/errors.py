@@ -35,3 +35,9 @@ class VmFailed(VmmError):
     """The VM's QEMU died or could not be started; the VM is marked failed."""
 
     http_status = 502
+
+
+class OverCapacity(VmmError):
+    """The host cannot give what was asked (memory, vCPUs, disk space); nothing was changed."""
+
+    http_status = 507

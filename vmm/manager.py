@@ -25,19 +25,33 @@ from typing import Any
 from qemu.qmp.error import QMPError
 
 from . import accel as accel_mod
-from . import netns, template
+from . import disks, netns, template
 from . import qmp as qmp_ops
+from .applog import AppLog
 from .errors import Conflict, InvalidRequest, NotFound, RestoreFailed, VmFailed, VmmError
+from .image import Image, list_images, remove_image
 from .jsonlog import log
 from .model import RamMode, Template, VmRecord, VmState
 from .policy import Policy
-from .qemu import QemuProcess, RamBacking, build_argv, describe_exit
+from .qemu import (
+    APP_LOG,
+    QEMU_LOG,
+    QMP_SOCKET,
+    SERIAL_LOG,
+    DiskBacking,
+    QemuProcess,
+    RamBacking,
+    build_argv,
+    describe_exit,
+)
 from .registry import Registry
 from .settings import VmmSettings
+from .template import guest_log_tail
 
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 QMP_CONNECT_TIMEOUT = 10.0
 ACTIVITY_FLUSH_SECONDS = 2.0
+OVERLAY = "disk.qcow2"  # the VM's own writes, over its template's read-only base disk
 _LIVE = (VmState.RUNNING, VmState.PAUSED)
 
 
@@ -152,6 +166,27 @@ class VmManager:
     def templates(self) -> list[Template]:
         return template.list_all(self.settings)
 
+    def remove_template(self, name: str) -> None:
+        users = [vm.rec.id for vm in self._vms.values() if vm.rec.template == name]
+        if name in self._building:
+            raise Conflict(f"template {name!r} is being created")
+        template.remove(self.settings, name, users)
+        log.event("template.removed", template=name)
+
+    def images(self) -> list[Image]:
+        return list_images(self.settings.images_dir)
+
+    def remove_image(self, name: str) -> None:
+        users = [t.name for t in self.templates() if t.image == name]
+        remove_image(self.settings.images_dir, name, users)
+        log.event("image.removed", image=name)
+
+    def app_log(self, vm_id: str) -> AppLog:
+        """The VM's app output: app.log for disk images, the console for the initramfs demo."""
+        vm_dir = self.vm_dir(self._vm(vm_id).rec.id)
+        name = APP_LOG if (vm_dir / OVERLAY).exists() else SERIAL_LOG
+        return AppLog(vm_dir / name, self.settings.app_log_max_bytes)
+
     async def create_template(self, name: str, image: str, progress: Callable[[str], None]) -> Template:
         if name in self._building:
             raise Conflict(f"template {name!r} is being created already")
@@ -170,10 +205,11 @@ class VmManager:
         """Launch a VM from a template: copy-on-write RAM, no boot, no memory copy."""
         tpl = template.load(self.settings, template_name or self.settings.default_template)
         pol = Policy.from_dict(policy or {}, base=self.settings.default_policy)
-        if tpl.memory_mb > pol.memory_mb or tpl.vcpus > pol.vcpus:
+        if tpl.memory_mb > pol.memory_mb or tpl.vcpus > pol.vcpus or tpl.disk_mb > pol.disk_mb:
             raise InvalidRequest(
-                f"template {tpl.name!r} needs {tpl.memory_mb} MiB and {tpl.vcpus} vCPU(s), above the policy's "
-                f"limits policy.memory_mb={pol.memory_mb} / policy.vcpus={pol.vcpus}"
+                f"template {tpl.name!r} needs {tpl.memory_mb} MiB, {tpl.vcpus} vCPU(s) and a {tpl.disk_mb} MiB disk, "
+                f"above the policy's limits policy.memory_mb={pol.memory_mb} / policy.vcpus={pol.vcpus} / "
+                f"policy.disk_mb={pol.disk_mb} (a snapshot fixes a VM's size: use a smaller template)"
             )
         now = time.time()
         vm_id = new_vm_id()
@@ -184,6 +220,11 @@ class VmManager:
         async with vm.lock:
             try:
                 self.vm_dir(vm_id).mkdir(parents=True)
+                if tpl.base_disk is not None:
+                    await disks.create_overlay(tpl.base_disk, self.vm_dir(vm_id) / OVERLAY)
+                    # The app started while the template booted: its first lines belong to every VM's log.
+                    with contextlib.suppress(FileNotFoundError):
+                        shutil.copyfile(Path(tpl.path) / APP_LOG, self.vm_dir(vm_id) / APP_LOG)
                 await netns.create(vm_id)
                 ram = RamBacking(Path(tpl.path) / "ram", share=False)
                 await self._start_qemu(vm, tpl, ram, Path(tpl.path) / "state", ignore_shared=True)
@@ -371,11 +412,12 @@ class VmManager:
         vm_id = vm.rec.id
         vm_dir = self.vm_dir(vm_id)
         spec = template.machine_spec(tpl, f"mvm-{vm_id}", self.accel)
-        sock = vm_dir / "qmp.sock"
+        sock = vm_dir / QMP_SOCKET
         sock.unlink(missing_ok=True)
-        argv = build_argv(self.settings.qemu_binary, spec, ram, sock, vm_dir / "serial.log", incoming=True)
+        disk = DiskBacking(vm_dir / OVERLAY, "qcow2") if spec.has_disk else None
+        argv = build_argv(self.settings.qemu_binary, spec, ram, disk, vm_dir, incoming=True)
         vm.expect_exit = False
-        proc = QemuProcess.spawn(argv, vm_id, vm_dir / "qemu.log", on_exit=lambda p, st: self._on_exit(vm, p, st))
+        proc = QemuProcess.spawn(argv, vm_id, vm_dir / QEMU_LOG, on_exit=lambda p, st: self._on_exit(vm, p, st))
         vm.proc = proc
         vm.rec.pid = proc.pid
         vm.qmp = await qmp_ops.connect(sock, spec.name, QMP_CONNECT_TIMEOUT, lambda: proc.alive)
@@ -423,7 +465,7 @@ class VmManager:
         if vm.qmp is not None:
             asyncio.get_running_loop().create_task(vm.qmp.disconnect_quietly())
             vm.qmp = None
-        reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}"
+        reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}{guest_log_tail(self.vm_dir(vm.rec.id), 3)}"
         self._set(vm, VmState.FAILED, reason=reason)
         log.event("vm.failed", level="error", vm=vm.rec.id, reason=reason)
 
@@ -511,3 +553,12 @@ class VmManager:
         while True:
             await asyncio.sleep(ACTIVITY_FLUSH_SECONDS)
             self._flush_activity()
+            self._rotate_app_logs()
+
+    def _rotate_app_logs(self) -> None:
+        for vm in list(self._vms.values()):
+            if vm.rec.state in _LIVE:
+                try:
+                    self.app_log(vm.rec.id).rotate_if_needed()
+                except (OSError, VmmError) as exc:
+                    log.event("vm.log_rotate_failed", level="warning", vm=vm.rec.id, error=str(exc))

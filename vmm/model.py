@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .policy import Policy
@@ -47,6 +48,12 @@ class Template:
     path: str
     cmdline: str
     accelerator: str
+    disk_mb: int = 0  # 0: no root disk (an initramfs image)
+
+    @property
+    def base_disk(self) -> Path | None:
+        """The read-only root disk every VM's copy-on-write overlay is backed by."""
+        return Path(self.path) / "disk.base" if self.disk_mb else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +61,7 @@ class Template:
             "image": self.image,
             "memory_mb": self.memory_mb,
             "vcpus": self.vcpus,
+            "disk_mb": self.disk_mb,
             "app_port": self.app_port,
             "ports": list(self.ports),
             "created_at": self.created_at,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .capacity import MAX_DISK_MB, MAX_MEMORY_MB, MAX_VCPUS, MIN_MEMORY_MB
 from .errors import InvalidRequest
 
 HOUR = 3600.0
@@ -14,15 +15,17 @@ HOUR = 3600.0
 class Policy:
     """What the reaper and the edge enforce for one VM.
 
-    Times are seconds; None disables that step. Memory and vCPUs are fixed by the
-    template's snapshot, so they act as limits the template must fit in.
+    Times are seconds; None disables that step. Memory, vCPUs and the disk size are fixed by
+    the template's snapshot, so they act as limits the template must fit in; by default a
+    VM may be as large as the product allows (see vmm.capacity).
     """
 
     idle_pause_after: float | None = None
     idle_suspend_after: float | None = 300.0
     max_lifetime: float | None = 8 * HOUR
-    memory_mb: int = 256
-    vcpus: int = 1
+    memory_mb: int = MAX_MEMORY_MB
+    vcpus: int = MAX_VCPUS
+    disk_mb: int = MAX_DISK_MB
     ports: tuple[int, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,8 +46,9 @@ class Policy:
         merged.update(data)
         for name in ("idle_pause_after", "idle_suspend_after", "max_lifetime"):
             merged[name] = _seconds(merged[name], f"{where}.{name}")
-        merged["memory_mb"] = _int_in(merged["memory_mb"], f"{where}.memory_mb", 64, 65536)
-        merged["vcpus"] = _int_in(merged["vcpus"], f"{where}.vcpus", 1, 64)
+        merged["memory_mb"] = _int_in(merged["memory_mb"], f"{where}.memory_mb", MIN_MEMORY_MB, MAX_MEMORY_MB)
+        merged["vcpus"] = _int_in(merged["vcpus"], f"{where}.vcpus", 1, MAX_VCPUS)
+        merged["disk_mb"] = _int_in(merged["disk_mb"], f"{where}.disk_mb", 0, MAX_DISK_MB)
         ports = merged["ports"]
         if not isinstance(ports, list | tuple):
             raise InvalidRequest(f"{where}.ports must be a list of TCP ports")

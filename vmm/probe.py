@@ -1,4 +1,4 @@
-"""Readiness probe: an HTTP GET to the guest from inside its namespace."""
+"""Readiness probe: an HTTP request (or a bare TCP connect) to the guest from inside its namespace."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from collections.abc import Callable
 
 from . import netns
 from .errors import VmmError
+from .image import Readiness
 
 
-async def http_get(vm_id: str, port: int, path: str, timeout: float) -> tuple[int, bytes, bytes]:
-    """One GET with Connection: close; returns status, raw head and raw body.
+async def http_get(
+    vm_id: str, port: int, path: str, timeout: float, method: str = "GET"
+) -> tuple[int, bytes, bytes]:
+    """One request with Connection: close; returns status, raw head and raw body.
 
     Raises OSError/TimeoutError when the guest cannot be reached.
     """
@@ -18,7 +21,7 @@ async def http_get(vm_id: str, port: int, path: str, timeout: float) -> tuple[in
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(sock=sock)
         try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n".encode())
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n".encode())
             raw = await reader.read()
         finally:
             writer.close()
@@ -28,21 +31,31 @@ async def http_get(vm_id: str, port: int, path: str, timeout: float) -> tuple[in
     return status, head, body
 
 
-async def wait_ready(vm_id: str, port: int, path: str, timeout: float, alive: Callable[[], bool]) -> None:
-    """Poll until the app answers 200; stop early when QEMU died."""
+async def _answers(vm_id: str, ready: Readiness) -> str | None:
+    """None when the app is ready, else what it did instead (for the timeout message)."""
+    if ready.kind == "tcp":
+        sock = await netns.connect_guest(vm_id, ready.port, 2.0)
+        sock.close()
+        return None
+    code, _, _ = await http_get(vm_id, ready.port, ready.path, 2.0, ready.method)
+    return None if code == ready.expect_status else f"HTTP {code}"
+
+
+async def wait_ready(vm_id: str, ready: Readiness, timeout: float, alive: Callable[[], bool]) -> None:
+    """Poll until the app is ready as the image says; stop early when QEMU died."""
     last = "no answer"
     try:
         async with asyncio.timeout(timeout):
             while True:
                 if not alive():
-                    raise VmmError(f"QEMU exited while waiting for the app on port {port} ({last})")
+                    raise VmmError(f"QEMU exited while waiting for {ready.describe()} ({last})")
                 try:
-                    code, _, _ = await http_get(vm_id, port, path, 2.0)
-                    if code == 200:
+                    outcome = await _answers(vm_id, ready)
+                    if outcome is None:
                         return
-                    last = f"HTTP {code}"
+                    last = outcome
                 except (OSError, TimeoutError) as exc:
                     last = type(exc).__name__
                 await asyncio.sleep(0.05)
     except TimeoutError as exc:
-        raise VmmError(f"app did not answer GET {path} on port {port} within {timeout:.0f} s ({last})") from exc
+        raise VmmError(f"the app was not ready within {timeout:.0f} s: waited for {ready.describe()} ({last})") from exc

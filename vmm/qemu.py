@@ -20,6 +20,10 @@ from . import netns
 from .accel import Accelerator
 from .errors import VmmError
 
+QMP_SOCKET = "qmp.sock"
+SERIAL_LOG = "serial.log"  # the guest kernel's console (ttyS0)
+APP_LOG = "app.log"  # the app's stdout and stderr, through the guest init's virtio console
+QEMU_LOG = "qemu.log"  # QEMU's own stderr
 
 @dataclass(frozen=True)
 class MachineSpec:
@@ -32,6 +36,15 @@ class MachineSpec:
     memory_mb: int
     vcpus: int
     accel: Accelerator
+    has_disk: bool = False  # a root disk (virtio-blk) and an app log console (virtio-console)
+
+
+@dataclass(frozen=True)
+class DiskBacking:
+    """The root disk: the template's raw base while it boots, a VM's qcow2 overlay afterwards."""
+
+    path: Path
+    format: str  # raw | qcow2
 
 
 @dataclass(frozen=True)
@@ -43,9 +56,20 @@ class RamBacking:
 
 
 def build_argv(
-    qemu_binary: str, spec: MachineSpec, ram: RamBacking, qmp_sock: Path, serial_log: Path, incoming: bool
+    qemu_binary: str,
+    spec: MachineSpec,
+    ram: RamBacking,
+    disk: DiskBacking | None,
+    run_dir: Path,
+    incoming: bool,
 ) -> list[str]:
-    """The QEMU command line, run inside the VM's network namespace via `ip netns exec`."""
+    """The QEMU command line, run inside the VM's network namespace via `ip netns exec`.
+
+    `run_dir` holds the QMP socket, the console log (serial.log) and the app's log (app.log).
+    The device set must be the same at a boot and at every restore of its snapshot.
+    """
+    if spec.has_disk != (disk is not None):
+        raise VmmError(f"{spec.name}: the machine {'needs' if spec.has_disk else 'has no'} root disk")
     guest_net = f"mvm.ip={netns.GUEST_IP}/{netns.PREFIX} mvm.gw={netns.HOST_IP}"
     append = " ".join([spec.cmdline, *spec.accel.kernel_args, guest_net])
     argv = [
@@ -62,12 +86,20 @@ def build_argv(
         "-object",
         f"memory-backend-file,id=mem,size={spec.memory_mb}M,mem-path={ram.path},share={'on' if ram.share else 'off'}",
         # append=on: a restore must not truncate the log of the boot it continues.
-        "-chardev", f"file,id=ser0,path={serial_log},append=on",
+        "-chardev", f"file,id=ser0,path={run_dir / SERIAL_LOG},append=on",
         "-serial", "chardev:ser0",
         "-netdev", f"tap,id=n0,ifname={netns.TAP},script=no,downscript=no",
         "-device", f"virtio-net-device,netdev=n0,mac={netns.GUEST_MAC}",
-        "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+        "-qmp", f"unix:{run_dir / QMP_SOCKET},server=on,wait=off",
     ]  # fmt: skip
+    if disk is not None:
+        argv += [
+            "-drive", f"file={disk.path},format={disk.format},if=none,id=disk0,discard=unmap,detect-zeroes=unmap",
+            "-device", "virtio-blk-device,drive=disk0",
+            "-device", "virtio-serial-device",
+            "-chardev", f"file,id=applog,path={run_dir / APP_LOG},append=on",
+            "-device", "virtconsole,chardev=applog",
+        ]  # fmt: skip
     if incoming:
         argv += ["-incoming", "defer"]
     return argv

@@ -20,6 +20,7 @@ class VmmSettings:
     on_shutdown: str = "keep"  # keep | suspend: what `mvm serve` does with running VMs when it stops
     default_template: str = "demo"
     default_image: str = "demo"
+    app_log_max_bytes: int = 1 << 20  # per VM app log file; one older file of the same size is kept
     default_policy: Policy = field(default_factory=Policy)
 
     @property
@@ -33,6 +34,15 @@ class VmmSettings:
     @property
     def vms_dir(self) -> Path:
         return self.state_dir / "vms"
+
+    @property
+    def containers_dir(self) -> Path:
+        """buildah's image store for Dockerfile builds (kept here, not in the host's global store)."""
+        return self.state_dir / "containers"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
 
     @property
     def registry_path(self) -> Path:

@@ -1,11 +1,14 @@
 """Templates: boot an image once, wait for its app, snapshot it. Every VM starts from one.
 
 A template directory holds its own copy of the kernel and initrd, the frozen guest RAM
-file (never written again: clones map it copy-on-write) and the device-state stream.
+file (never written again: clones map it copy-on-write), the device-state stream and,
+for a disk image, the root disk as it was at the snapshot (`disk.base`, read-only: each VM
+writes to its own qcow2 overlay backed by it).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -14,17 +17,28 @@ from pathlib import Path
 
 import orjson
 
-from . import netns, probe
+from . import capacity, disks, netns, probe
 from . import qmp as qmp_ops
 from .accel import Accelerator
 from .errors import Conflict, InvalidRequest, NotFound, VmmError
 from .image import load_image
 from .model import Template
-from .qemu import MachineSpec, QemuProcess, RamBacking, build_argv
+from .qemu import (
+    APP_LOG,
+    QEMU_LOG,
+    QMP_SOCKET,
+    SERIAL_LOG,
+    DiskBacking,
+    MachineSpec,
+    QemuProcess,
+    RamBacking,
+    build_argv,
+)
 from .settings import VmmSettings
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,30}")
 SNAPSHOT_TIMEOUT = 60.0
+BASE_DISK = "disk.base"
 
 
 def template_ns(name: str) -> str:
@@ -50,6 +64,7 @@ def load(settings: VmmSettings, name: str) -> Template:
         path=str(meta.parent),
         cmdline=data["cmdline"],
         accelerator=data["accelerator"],
+        disk_mb=data.get("disk_mb", 0),
     )
 
 
@@ -75,24 +90,40 @@ def machine_spec(tpl: Template, name: str, accel: Accelerator) -> MachineSpec:
         memory_mb=tpl.memory_mb,
         vcpus=tpl.vcpus,
         accel=accel,
+        has_disk=tpl.base_disk is not None,
     )
 
 
 async def create(
     settings: VmmSettings, name: str, image_name: str, accel: Accelerator, progress: Callable[[str], None]
 ) -> Template:
-    """Boot `image_name`, wait until its app answers, snapshot it as template `name`."""
+    """Boot `image_name`, wait until its app is ready, snapshot memory, devices and disk as template `name`.
+
+    The disk is captured at the same instant as memory: `stop` flushes QEMU's block layer,
+    the device state is saved, QEMU ends, and the disk becomes the read-only base every
+    VM's overlay is backed by.
+    """
     if not NAME_RE.fullmatch(name):
         raise InvalidRequest(f"template name {name!r} must match {NAME_RE.pattern}")
     final = settings.templates_dir / name
     if final.exists():
         raise Conflict(f"template {name!r} already exists")
     image = load_image(settings.images_dir, image_name)
+    capacity.check_fits(image.memory_mb, image.vcpus, settings.templates_dir)
     work = settings.templates_dir / f".{name}.building"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    shutil.copyfile(image.kernel, work / "vmlinuz")
-    shutil.copyfile(image.initrd, work / "initrd.img")
+    disk: DiskBacking | None = None
+    try:
+        shutil.copyfile(image.kernel, work / "vmlinuz")
+        shutil.copyfile(image.initrd, work / "initrd.img")
+        if image.disk is not None:
+            progress(f"copying the {image.disk_mb} MiB root disk (sparse)")
+            await disks.sparse_copy(image.disk, work / BASE_DISK)
+            disk = DiskBacking(work / BASE_DISK, "raw")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     spec = MachineSpec(
         name=f"mvm-{template_ns(name)}",
         kernel=work / "vmlinuz",
@@ -101,48 +132,80 @@ async def create(
         memory_mb=image.memory_mb,
         vcpus=image.vcpus,
         accel=accel,
+        has_disk=disk is not None,
     )
     ns_id = template_ns(name)
     started = time.monotonic()
     proc: QemuProcess | None = None
     try:
         await netns.create(ns_id)
-        argv = build_argv(
-            settings.qemu_binary, spec, RamBacking(work / "ram", share=True), work / "qmp.sock", work / "serial.log",
-            incoming=False,
-        )  # fmt: skip
+        argv = build_argv(settings.qemu_binary, spec, RamBacking(work / "ram", share=True), disk, work, incoming=False)
         progress(f"booting image {image_name!r} under {accel.name}")
-        proc = QemuProcess.spawn(argv, ns_id, work / "qemu.log")
+        proc = QemuProcess.spawn(argv, ns_id, work / QEMU_LOG)
         running = proc
-        client = await qmp_ops.connect(work / "qmp.sock", spec.name, 10.0, lambda: running.alive)
-        await probe.wait_ready(ns_id, image.app_port, image.probe_path, settings.boot_timeout, lambda: running.alive)
-        progress(f"app ready after {time.monotonic() - started:.2f} s; snapshotting")
+        client = await qmp_ops.connect(work / QMP_SOCKET, spec.name, 10.0, lambda: running.alive)
+        try:
+            await probe.wait_ready(ns_id, image.ready, settings.boot_timeout, lambda: running.alive)
+        except VmmError as exc:
+            await client.disconnect_quietly()
+            raise VmmError(f"template {name!r}: {exc}{guest_log_tail(work)}") from exc
+        progress(f"app ready after {time.monotonic() - started:.2f} s; snapshotting memory, devices and disk")
         await client.execute("stop")
         try:
             size = await qmp_ops.save(client, work / "state", ignore_shared=True, timeout=SNAPSHOT_TIMEOUT)
         finally:
             await client.disconnect_quietly()
     except BaseException:
+        if proc is not None:
+            await proc.kill()
         shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         if proc is not None:
             await proc.kill()
         await netns.delete(ns_id)
-    (work / "qmp.sock").unlink(missing_ok=True)
+    (work / QMP_SOCKET).unlink(missing_ok=True)
+    if disk is not None:
+        os.chmod(disk.path, 0o444)  # the base of every VM's overlay: never written again
     meta = {
         "name": name,
         "image": image_name,
         "memory_mb": image.memory_mb,
         "vcpus": image.vcpus,
+        "disk_mb": image.disk_mb if disk is not None else 0,
         "app_port": image.app_port,
         "ports": list(image.ports),
         "cmdline": image.cmdline,
         "accelerator": accel.name,
         "created_at": time.time(),
         "state_bytes": size,
+        "image_fingerprint": image.fingerprint,
     }
     (work / "template.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
     work.rename(final)
     progress(f"template {name!r} ready ({size} bytes of device state)")
     return load(settings, name)
+
+
+def remove(settings: VmmSettings, name: str, used_by: list[str]) -> None:
+    """Delete template `name` unless VMs (`used_by`) were launched from it."""
+    tpl = load(settings, name)
+    if used_by:
+        raise Conflict(f"template {name!r} is in use by VM(s) {', '.join(sorted(used_by))}: delete them first")
+    trash = Path(tpl.path).with_name(f".{name}.removing")
+    shutil.rmtree(trash, ignore_errors=True)
+    Path(tpl.path).rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def guest_log_tail(run_dir: Path, lines: int = 15) -> str:
+    """The last lines the guest wrote (app log, else console), to say why it did not come up."""
+    for name in (APP_LOG, SERIAL_LOG):
+        try:
+            text = (run_dir / name).read_text(errors="replace")
+        except FileNotFoundError:
+            continue
+        tail = [line.rstrip() for line in text.strip().splitlines()[-lines:] if line.strip()]
+        if tail:
+            return f"; last lines of the guest's {name}: " + " | ".join(tail)
+    return ""

@@ -29,6 +29,7 @@ from vmm.template import create as create_template
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "var" / "images"
+SANDBOX_IMAGE = "python-sandbox"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -58,6 +59,16 @@ def template_dir(session_root: Path) -> Path:
     (settings.state_dir / "images").symlink_to(IMAGES)
     uvloop.run(create_template(settings, "demo", "demo", choose(settings.accelerator), lambda _: None))
     return settings.templates_dir
+
+
+@pytest.fixture(scope="session")
+def sandbox_template(session_root: Path, template_dir: Path) -> str:
+    """The python-sandbox image (a Dockerfile, built by scripts/install.sh) as template 'sandbox'."""
+    if not (IMAGES / SANDBOX_IMAGE / "image.json").exists():
+        pytest.fail(f"guest image {SANDBOX_IMAGE} missing: run scripts/install.sh (builds var/images/{SANDBOX_IMAGE})")
+    settings = VmmSettings(state_dir=session_root / "base")
+    uvloop.run(create_template(settings, "sandbox", SANDBOX_IMAGE, choose(settings.accelerator), lambda _: None))
+    return "sandbox"
 
 
 @pytest.fixture

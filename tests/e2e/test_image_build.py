@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from vmm.image import Image, build_image, load_image
+from vmm.image import Image, load_image
+from vmm.image_spec import build_spec_image as build_image
 
 pytestmark = pytest.mark.e2e
 

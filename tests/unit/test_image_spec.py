@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from vmm import buildtools, initramfs
 from vmm import image as image_mod
 from vmm.errors import InvalidRequest, NotFound
-from vmm.image import ImageSpec, load_image, load_spec
+from vmm.image import load_image
+from vmm.image_spec import ImageSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SPEC = REPO / "images" / "demo" / "image.toml"
@@ -195,7 +197,7 @@ def test_load_image_round_trip(tmp_path: Path) -> None:
     image = load_image(tmp_path, "demo")
     assert image.kernel == (tmp_path / "demo" / "vmlinuz").resolve()
     assert image.initrd == (tmp_path / "demo" / "initrd.img").resolve()
-    assert (image.app_port, image.ports, image.probe_path) == (8080, (8080, 8081), "/healthz")
+    assert (image.app_port, image.ports, image.ready.path) == (8080, (8080, 8081), "/healthz")
     assert (image.memory_mb, image.vcpus, image.kernel_version) == (256, 1, "1.0")
     assert image.initrd_sha256 == hashlib.sha256(b"initrd").hexdigest()
     assert len(image.fingerprint) == 16
@@ -222,7 +224,7 @@ def test_load_image_damaged_json(tmp_path: Path) -> None:
     meta = _fake_image(tmp_path)
     del meta["probe"]
     (tmp_path / "demo" / "image.json").write_text(json.dumps(meta))
-    with pytest.raises(image_mod.VmmError, match="damaged"):
+    with pytest.raises(buildtools.VmmError, match="damaged"):
         load_image(tmp_path, "demo")
 
 
@@ -231,21 +233,21 @@ def test_load_image_damaged_json(tmp_path: Path) -> None:
 
 def test_missing_tool_message(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
-    with pytest.raises(image_mod.VmmError, match=r"gcc not found: run scripts/install\.sh"):
-        image_mod._tool("gcc")
+    with pytest.raises(buildtools.VmmError, match=r"gcc not found: run scripts/install\.sh"):
+        buildtools.tool("gcc")
 
 
 def test_static_elf_detection(tmp_path: Path) -> None:
-    assert not image_mod._is_static_elf(Path(os.path.realpath("/bin/sh")))  # dynamically linked
+    assert not buildtools.is_static_elf(Path(os.path.realpath("/bin/sh")))  # dynamically linked
     (tmp_path / "text").write_text("#!/bin/sh\n")
-    assert not image_mod._is_static_elf(tmp_path / "text")
-    assert not image_mod._is_static_elf(tmp_path / "missing")
+    assert not buildtools.is_static_elf(tmp_path / "text")
+    assert not buildtools.is_static_elf(tmp_path / "missing")
     if shutil.which("gcc"):
         (tmp_path / "t.c").write_text("int main(void) { return 0; }\n")
         for flags, static in (([], False), (["-static"], True)):
             out = tmp_path / f"t{len(flags)}"
             if subprocess.run(["gcc", *flags, "-o", str(out), str(tmp_path / "t.c")], check=False).returncode == 0:
-                assert image_mod._is_static_elf(out) is static
+                assert buildtools.is_static_elf(out) is static
 
 
 @pytest.mark.skipif(not (shutil.which("cpio") and shutil.which("gzip")), reason="needs cpio and gzip")
@@ -264,6 +266,6 @@ def test_initramfs_writer_is_reproducible(tmp_path: Path) -> None:
             os.umask(old)
         os.utime(stage / "init", (1000 * run, 1000 * run))
         target = tmp_path / f"initrd{run}.img"
-        image_mod._write_initramfs(stage, target, 0, tmp_path / f"scratch{run}.cpio")
+        initramfs.write(stage, target, 0, tmp_path / f"scratch{run}.cpio", set())
         digests.append(hashlib.sha256(target.read_bytes()).hexdigest())
     assert digests[0] == digests[1]

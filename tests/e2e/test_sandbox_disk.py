@@ -1,0 +1,101 @@
+"""The python-sandbox image (a Dockerfile FROM the Debian base) as real VMs with their own disks.
+
+Memory (the session's variables), disk (files under /data) and the process itself must all
+survive a suspend and a restart of the edge; two VMs of one template never see each
+other's writes; deleting a VM removes its overlay and leaves the template's base untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.edge_harness import DOMAIN, Client, bearer, edge_config, running_edge
+from vmm.model import VmState
+from vmm.settings import VmmSettings
+
+
+async def _run(client: Client, vm_id: str, token: str, code: str) -> dict[str, Any]:
+    async with client.session.post(client.vm_url(vm_id, "/run"), json={"code": code}, headers=bearer(token)) as resp:
+        assert resp.status == 200, await resp.text()
+        result: dict[str, Any] = await resp.json()
+    assert result["error"] is None, result["error"]
+    return result
+
+
+async def _put(client: Client, vm_id: str, token: str, path: str, data: bytes) -> None:
+    async with client.session.put(client.vm_url(vm_id, f"/files/{path}"), data=data, headers=bearer(token)) as resp:
+        assert resp.status == 201, await resp.text()
+
+
+async def _get_file(client: Client, vm_id: str, token: str, path: str) -> tuple[int, bytes]:
+    async with client.session.get(client.vm_url(vm_id, f"/files/{path}"), headers=bearer(token)) as resp:
+        return resp.status, await resp.read()
+
+
+async def _launch(client: Client, template: str) -> tuple[str, str]:
+    vm = await client.api("POST", "/v1/vms", {"template": template}, status=201)
+    return vm["id"], await client.token(vm["id"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def test_session_memory_disk_and_process_survive_suspend_and_edge_restart(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    cfg = edge_config(settings)
+    async with running_edge(cfg) as client:
+        vm_id, token = await _launch(client, sandbox_template)
+        assert (settings.vms_dir / vm_id / "disk.qcow2").is_file()
+        await _run(client, vm_id, token, "x = 41")
+        await _put(client, vm_id, token, "notes/hello.txt", b"written before the suspend\n")
+        before = await client.get_json(vm_id, token)
+        assert before["hostname"] == "python-sandbox"
+        await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
+        assert client.edge.manager.get(vm_id).pid is None
+        client.edge.manager._vms.clear()  # keep the VM for the next edge: the harness deletes what it still knows
+    async with running_edge(cfg) as client:
+        assert client.edge.manager.get(vm_id).state is VmState.SUSPENDED
+        woke = await _run(client, vm_id, token, "x + 1")  # this one request wakes the VM
+        assert woke["result"] == "42"
+        assert await _get_file(client, vm_id, token, "notes/hello.txt") == (200, b"written before the suspend\n")
+        after = await client.get_json(vm_id, token)
+        same_process = (after["pid"], after["start_ticks"], after["boot_id"])
+        assert same_process == (before["pid"], before["start_ticks"], before["boot_id"])
+        assert after["runs"] == before["runs"] + 1
+        logs = await _logs(client, vm_id)
+        assert "python-sandbox listening on :8080" in logs
+
+
+async def _logs(client: Client, vm_id: str) -> str:
+    url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/logs"
+    async with client.session.get(url, headers=client.admin) as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_two_vms_of_one_template_have_their_own_disks(settings: VmmSettings, sandbox_template: str) -> None:
+    base = Path(settings.templates_dir / sandbox_template / "disk.base").resolve()
+    base_sum = _sha256(base)
+    async with running_edge(edge_config(settings)) as client:
+        (first, first_token), (second, second_token) = [await _launch(client, sandbox_template) for _ in range(2)]
+        await _put(client, first, first_token, "mine.txt", b"first VM only")
+        await _run(client, first, first_token, "open('/home/sandbox/home.txt', 'w').write('also first only')")
+        assert await _get_file(client, first, first_token, "mine.txt") == (200, b"first VM only")
+        assert (await _get_file(client, second, second_token, "mine.txt"))[0] == 404
+        seen = await _run(client, second, second_token, "import os; os.path.exists('/home/sandbox/home.txt')")
+        assert seen["result"] == "False"
+
+        overlay = settings.vms_dir / first / "disk.qcow2"
+        assert overlay.is_file()
+        await client.api("DELETE", f"/v1/vms/{first}", status=204)
+        assert not overlay.exists() and not (settings.vms_dir / first).exists()
+        assert (await _get_file(client, second, second_token, "mine.txt"))[0] == 404
+    assert _sha256(base) == base_sum  # the template's base disk was never written
