@@ -7,12 +7,14 @@ own last words, so the CLI never shows a traceback.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import os
 import shutil
 import struct
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +79,38 @@ def run(argv: list[str], what: str, *, cwd: Path | None = None, timeout: float =
         detail = (proc.stderr or proc.stdout).strip()[-2000:]
         raise VmmError(f"{what} failed (exit {proc.returncode}): {detail}")
     return proc.stdout
+
+
+def run_lines(argv: list[str], what: str, on_line: Callable[[str], None], *, timeout: float = 3600.0) -> None:
+    """Run a tool, handing each output line (stdout and stderr) to `on_line` as it comes.
+
+    A failure is a VmmError with `what` and the tool's last lines; a tool past `timeout` is killed.
+    """
+    env = dict(os.environ, LC_ALL="C")
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                text=True, errors="replace", env=env)  # fmt: skip
+    except OSError as exc:
+        raise VmmError(f"{what}: cannot run {argv[0]}: {exc}") from None
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    last: collections.deque[str] = collections.deque(maxlen=25)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            last.append(line)
+            on_line(line)
+        returncode = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if returncode != 0:
+        if returncode == -9 and not timer.is_alive():
+            raise VmmError(f"{what} timed out after {timeout:.0f} s")
+        raise VmmError(f"{what} failed (exit {returncode}): {' | '.join(line for line in last if line.strip())}")
 
 
 def sha256_file(path: Path) -> str:

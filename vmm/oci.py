@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .buildtools import Progress, run, tool
+from .buildtools import Progress, run, run_lines, tool
 from .errors import InvalidRequest, VmmError
 
 BASE_IMAGE = "localhost/mvm/debian:bookworm"
@@ -106,12 +106,9 @@ def build_dockerfile(store: Store, dockerfile: Path, context: Path, tag: str, pr
     argv = store.buildah("build", "--isolation", "chroot", "--network", "host", "--layers=false",
                          "-f", str(dockerfile.resolve()), "-t", tag, str(context.resolve()))  # fmt: skip
     try:
-        output = run(argv, f"buildah build {dockerfile}", timeout=3600)
+        run_lines(argv, f"buildah build {dockerfile}", lambda line: progress(f"      {line}"), timeout=3600)
     except VmmError as exc:
         raise VmmError(_explain_build_failure(store, dockerfile, str(exc))) from None
-    for line in output.splitlines():
-        if line.startswith("STEP "):
-            progress(f"      {line}")
 
 
 def _explain_build_failure(store: Store, dockerfile: Path, error: str) -> str:
@@ -123,7 +120,7 @@ def _explain_build_failure(store: Store, dockerfile: Path, error: str) -> str:
             if base != "scratch" and not image_exists(store, base):
                 hint = " (make it with `mvm image base`)" if base == BASE_IMAGE else ""
                 return f"image build: base image {base} is not in the local store and could not be pulled{hint}"
-    return f"image build: {error.replace(chr(10), ' | ')}"
+    return f"image build: {error}"
 
 
 def export_image(store: Store, ref: str, dest_rootfs: Path, progress: Progress) -> ImageConfig:
