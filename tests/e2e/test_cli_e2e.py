@@ -34,7 +34,7 @@ async def test_cli_drives_the_control_api(settings: VmmSettings, tmp_path: Path)
         config = tmp_path / "cli.toml"
         config.write_text(
             f'[server]\nlisten_port = {client.edge.port}\ntls_cert = "{cfg.server.tls_cert}"\n'
-            f'tls_key = "{cfg.server.tls_key}"\n'
+            f'tls_key = "{cfg.server.tls_key}"\n[vmm]\nstate_dir = "{settings.state_dir}"\n'
         )
         vm = await mvm_json(config, "vm", "create", "--policy", '{"idle_suspend_after": 120}')
         assert vm["state"] == "running" and vm["policy"]["idle_suspend_after"] == 120
@@ -46,6 +46,18 @@ async def test_cli_drives_the_control_api(settings: VmmSettings, tmp_path: Path)
         assert (await mvm_json(config, "vm", "suspend", vm["id"]))["state"] == "suspended"
         assert (await mvm_json(config, "vm", "resume", vm["id"]))["state"] == "running"
         assert (await client.get_json(vm["id"], token["token"]))["counter"] == 2
+        code, _, err = await mvm(config, "logs", vm["id"], "--tail", "100")
+        assert code == 0, err
+        code, _, err = await mvm(config, "template", "rm", "demo")
+        assert code == 1 and "HTTP 409" in err and vm["id"] in err and "Traceback" not in err
+        code, listing, err = await mvm(config, "image", "ls")
+        assert code == 0 and "demo" in listing and "initramfs" in listing, err
+        code, _, err = await mvm(config, "image", "rm", "demo")
+        assert code == 1 and "in use by template(s) demo" in err and "Traceback" not in err
+        code, _, err = await mvm(config, "image", "build", "--dockerfile", str(tmp_path / "nope" / "Dockerfile"))
+        assert code == 1 and "Dockerfile not found" in err and "Traceback" not in err
+        code, _, err = await mvm(config, "image", "import", str(tmp_path / "nope.tar"))
+        assert code == 1 and "archive not found" in err and "Traceback" not in err
         code, _, err = await mvm(config, "vm", "rm", vm["id"])
         assert code == 0, err
         code, _, err = await mvm(config, "vm", "get", vm["id"])

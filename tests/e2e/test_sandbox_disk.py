@@ -7,6 +7,7 @@ other's writes; deleting a VM removes its overlay and leaves the template's base
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,21 @@ async def test_session_memory_disk_and_process_survive_suspend_and_edge_restart(
         assert same_process == (before["pid"], before["start_ticks"], before["boot_id"])
         assert after["runs"] == before["runs"] + 1
         logs = await _logs(client, vm_id)
-        assert "python-sandbox listening on :8080" in logs
+        assert "python-sandbox listening on :8080" in logs  # printed while the template booted
+        assert "mvm-init: ready ports=8080" in logs
+        await _follow_sees_new_output(client, vm_id, token)
+
+
+async def _follow_sees_new_output(client: Client, vm_id: str, token: str) -> None:
+    """logs?follow=1 streams what the app prints after the request started."""
+    url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/logs?tail=0&follow=1"
+    async with client.session.get(url, headers=client.admin) as resp:
+        assert resp.status == 200
+        await _run(client, vm_id, token, "print('to the log')")  # the app logs each request it serves
+        seen = b""
+        async with asyncio.timeout(20):
+            while b'"POST /run HTTP/1.1" 200' not in seen:
+                seen += await resp.content.readany()
 
 
 async def _logs(client: Client, vm_id: str) -> str:
