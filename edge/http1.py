@@ -246,7 +246,12 @@ class EdgeProtocol(asyncio.Protocol):
             ex.keep_alive = False
             self._refuse(ex, Refusal(431, "the request head is too large"))
         else:
-            verdict = self._admitter.admit(ex.method, self._url, p.get_http_version(), req, ex.upgrade)
+            try:
+                verdict = self._admitter.admit(ex.method, self._url, p.get_http_version(), req, ex.upgrade)
+            except Exception as exc:  # a bug in admission must still answer, never leave the client hanging
+                log.event("edge.admission_error", level="error", error=repr(exc))
+                ex.keep_alive = False
+                verdict = Refusal(400, "the request could not be admitted")
             if isinstance(verdict, Refusal):
                 self._refuse(ex, verdict)
             else:

@@ -139,8 +139,8 @@ class TokenService:
             raise TokenError("malformed", "the token is too long")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError as e:
-            raise TokenError("malformed", f"the token is not a JWT: {e}") from None
+        except jwt.InvalidTokenError as e:  # DecodeError, and a header pyjwt rejects (e.g. a non-string kid)
+            raise TokenError("malformed", f"the token is not a valid JWT: {e}") from None
         kid = header.get("kid")
         key = self._ring.get(kid) if isinstance(kid, str) else None
         if key is None:

@@ -89,6 +89,8 @@ async def test_token_reasons(edge: Edge) -> None:
         "missing": {},
         "wrong_vm": {"Authorization": f"Bearer {edge.token(OTHER_VM)}"},
         "malformed": {"Authorization": "Bearer not-a-jwt"},
+        # a header whose kid is a number: pyjwt rejects it with an exception of its own
+        "malformed ": {"Authorization": "Bearer eyJhbGciOiJIUzI1NiIsImtpZCI6NX0.eyJzdWIiOiJ4In0.c2ln"},
         "bad_signature": {"Authorization": f"Bearer {edge.token()[:-3]}AAA"},
     }
     for reason, headers in cases.items():
@@ -97,7 +99,7 @@ async def test_token_reasons(edge: Edge) -> None:
         assert resp.header("WWW-Authenticate") == "Bearer"
         doc = resp.json()
         assert doc["error"] == "unauthorized"
-        assert doc["reason"] == reason
+        assert doc["reason"] == reason.strip()
         assert doc["message"]
     expiring = edge.token(ttl=10)
     edge.clock[0] += 60
@@ -426,4 +428,15 @@ async def test_without_a_token_for_that_vm_nothing_about_it_is_revealed(edge: Ed
     c = await edge.connect()
     resp = await c.get("/echo", host, {"Authorization": f"Bearer {edge.token(OTHER_VM)}"})
     assert resp.status == 401 and resp.json()["reason"] == "wrong_vm"
+    c.close()
+
+
+async def test_an_exception_in_admission_still_gets_an_answer(edge: Edge, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(token: str, vm_id: str) -> float:
+        raise RuntimeError("a bug in the verifier")
+
+    monkeypatch.setattr(edge.tokens, "verify", broken)
+    c = await edge.connect()
+    resp = await c.get("/echo", edge.host(), {"Authorization": f"Bearer {edge.token()}"})
+    assert resp.status == 400 and resp.json()["message"] == "the request could not be admitted"
     c.close()

@@ -208,6 +208,13 @@ def test_malformed(token: str) -> None:
     assert reason(service(), token) in {"missing", "malformed"}
 
 
+@pytest.mark.parametrize("kid", [5, None, ["k1"], {"k": 1}, True])
+def test_a_header_with_a_non_string_kid_is_malformed(kid: object) -> None:
+    """Anyone can craft one: it must be refused like any bad token, not raise past the verifier."""
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "kid": kid}).encode()).rstrip(b"=").decode()
+    assert reason(service(), f"{header}.eyJzdWIiOiJ4In0.c2lnbmF0dXJl") in {"malformed", "unknown_kid"}
+
+
 def test_missing() -> None:
     assert reason(service(), "") == "missing"
 
