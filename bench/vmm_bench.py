@@ -116,6 +116,7 @@ async def _bench_template(manager: VmManager, name: str, image: str, cycles: int
     }  # fmt: skip
     overlay = manager.vm_dir(vm.id) / "disk.qcow2"
     if overlay.exists():
+        result.update(await _bench_agent(manager, vm.id, cycles))
         before = disks.allocated_bytes(overlay)
         await _put_file(vm.id, "bench-10mib.bin", 10 * 2**20)
         await manager.suspend(vm.id)  # the guest's page cache is flushed by `stop`: the overlay holds it all
@@ -126,6 +127,26 @@ async def _bench_template(manager: VmManager, name: str, image: str, cycles: int
     result["ram_disk_mib"] = (manager.vm_dir(vm.id) / "ram").stat().st_blocks / 2048
     await manager.delete(vm.id)
     return result
+
+
+async def _bench_agent(manager: VmManager, vm_id: str, cycles: int) -> dict[str, Any]:
+    """The guest agent: a sync's round trip (what it adds to every wake), exec `true`, exec throughput."""
+    agent = manager._vms[vm_id].agent
+    assert agent is not None
+    sync = [(await agent.sync(vm_id, 5.0)).took_ms / 1000 for _ in range(cycles)]
+    exec_true = []
+    for _ in range(cycles * 5):
+        t0 = time.perf_counter()
+        async for _event in await manager.exec(vm_id, ["true"], [], "/", 0, 0):
+            pass
+        exec_true.append(time.perf_counter() - t0)
+    size = 100 * 2**20
+    t0 = time.perf_counter()
+    received = 0
+    async for event in await manager.exec(vm_id, ["head", "-c", str(size), "/dev/zero"], [], "/", 0, 0):
+        received += len(event.data) if event.kind == "stdout" else 0
+    assert received == size
+    return {"sync": sync, "exec_true": exec_true, "exec_mb_s": size / 2**20 / (time.perf_counter() - t0)}
 
 
 async def run(cycles: int, disk_image: str) -> str:
@@ -164,6 +185,12 @@ async def run(cycles: int, disk_image: str) -> str:
             ["VM disk overlay: growth from writing 10 MiB", "-", f"{disk['disk_written'] / 2**20:.1f} MiB"],
             ["VM disk overlay: total allocated", "-", f"{disk['disk_total'] / 2**20:.1f} MiB"],
         ]
+        agent_rows = [
+            ["sync after a restore (clock, 64 B entropy, hostname)", len(disk["sync"]), _ms(median(disk["sync"])),
+             _ms(p95(disk["sync"])), _ms(max(disk["sync"]))],
+            ["exec `true`, round trip", len(disk["exec_true"]), _ms(median(disk["exec_true"])),
+             _ms(p95(disk["exec_true"])), _ms(max(disk["exec_true"]))],
+        ]  # fmt: skip
         lines = [
             f"accelerator: {manager.accel.name}; cycles: {cycles}; demo = busybox initramfs, "
             f"disk = {disk_image} (root disk, qcow2 overlay per VM)",
@@ -173,6 +200,9 @@ async def run(cycles: int, disk_image: str) -> str:
             table([*headers, "target"], rows),
             "",
             table(["memory / size", "demo", disk_image], sizes),
+            "",
+            table([f"guest agent ({disk_image})", "n", "median ms", "p95 ms", "max ms"], agent_rows),
+            f"exec throughput (100 MiB of stdout): {disk['exec_mb_s']:.0f} MiB/s",
         ]
         return "\n".join(lines)
     finally:

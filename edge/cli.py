@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import ssl
 import sys
@@ -105,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
         cmd = vm.add_parser(action, what)
         cmd.add_argument("vm_id")
         cmd.set_defaults(func=lambda a, m=method, s=suffix: _print(_api(a, m, f"/v1/vms/{a.vm_id}{s}")))
+
+    run = sub.add_parser("exec", "run a command in a VM: `mvm exec <id> -- cmd args...` (stdin is piped)")
+    run.add_argument("vm_id")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="the command, after --")
+    run.add_argument("--user", default="0", help="root, <uid> or <uid>:<gid> (default root)")
+    run.add_argument("--cwd", default="/", help="working directory (default /)")
+    run.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeat)")
+    run.add_argument("--timeout", type=float, default=300.0, help="seconds before it is killed (default 300)")
+    run.set_defaults(func=_exec)
 
     logs = sub.add_parser("logs", "print a VM's app output (stdout and stderr)")
     logs.add_argument("vm_id")
@@ -277,7 +287,7 @@ async def _request(
         headers["Content-Type"] = "application/json"
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), read_bufsize=1 << 21) as session,
             session.request(
                 method,
                 url,
@@ -309,6 +319,40 @@ async def _call(cfg: Config, method: str, path: str, body: Any) -> Any:
         return orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         raise CliError(f"{method} {path}: the answer is not JSON: {raw[:200].decode(errors='replace')}") from None
+
+
+def _exec(args: argparse.Namespace) -> None:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise CliError("no command given: mvm exec <vm-id> -- cmd args...")
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CliError(f"--env {item!r} must look like NAME=VALUE")
+        env[name] = value
+    body: dict[str, Any] = {"argv": argv, "env": env, "cwd": args.cwd, "user": args.user, "timeout": args.timeout}
+    if not sys.stdin.isatty():
+        body["stdin_b64"] = base64.b64encode(sys.stdin.buffer.read()).decode()
+    sys.exit(asyncio.run(_stream_exec(_config(args), f"/v1/vms/{args.vm_id}/exec", body)))
+
+
+async def _stream_exec(cfg: Config, path: str, body: dict[str, Any]) -> int:
+    """Print the command's output as it comes; its exit code becomes ours (a signal: 128 + n)."""
+    outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    async with _request(cfg, "POST", path, body, timeout=None) as resp:
+        async for line in resp.content:
+            event = orjson.loads(line)
+            if "stream" in event:
+                out = outputs[event["stream"]]
+                out.write(base64.b64decode(event["data"]))
+                out.flush()
+            elif "exit_code" in event:
+                return int(event["exit_code"])
+            elif "error" in event:
+                print(f"mvm: exec: {event['error']}", file=sys.stderr)
+                return 124 if event.get("timed_out") else 1
+    raise CliError("the exec stream ended without an exit code")
 
 
 def _logs(args: argparse.Namespace) -> None:

@@ -216,6 +216,8 @@ _VMM: dict[str, Rule] = {
     "default_template": _text,
     "default_image": _text,
     "app_log_max_bytes": _integer(4096, 1 << 30),
+    "agent_timeout": _seconds,
+    "guest_sync": _flag,
 }
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}

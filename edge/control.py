@@ -21,6 +21,7 @@ from vmm.manager import VmManager
 from vmm.model import VmRecord
 
 from .config import Config
+from .exec_api import ExecRequest, stream_exec
 from .metrics import Metrics
 from .openapi import OPENAPI
 from .tokens import TokenService
@@ -147,6 +148,11 @@ async def vm_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def vm_exec(request: web.Request) -> web.StreamResponse:
+    req = ExecRequest.parse(await _body(request))
+    return await stream_exec(request, request.app[MANAGER], request.match_info["vm_id"], req)
+
+
 async def create_vm(request: web.Request) -> web.Response:
     body = await _body(request)
     unknown = sorted(set(body) - {"template", "policy"})
@@ -198,7 +204,7 @@ async def issue_token(request: web.Request) -> web.Response:
 
 
 def build_control_app(cfg: Config, manager: VmManager, tokens: TokenService, metrics_: Metrics) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=1024**2)
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=24 * 1024**2)  # exec stdin: 16 MiB, base64
     app[CONFIG], app[MANAGER], app[TOKENS], app[METRICS] = cfg, manager, tokens, metrics_
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -209,6 +215,7 @@ def build_control_app(cfg: Config, manager: VmManager, tokens: TokenService, met
     app.router.add_get("/v1/images", list_images)
     app.router.add_delete("/v1/images/{name}", delete_image)
     app.router.add_get("/v1/vms/{vm_id}/logs", vm_logs)
+    app.router.add_post("/v1/vms/{vm_id}/exec", vm_exec)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", create_vm)
     app.router.add_get("/v1/vms/{vm_id}", get_vm)

@@ -67,7 +67,7 @@ class Reaper:
     async def reap_once(self) -> None:
         now = time.time()
         for rec in list(self.manager.list_vms()):
-            streams = self.open_streams.get(rec.id, 0)
+            streams = self.open_streams.get(rec.id, 0) + self.manager.busy_count(rec.id)
             if streams:
                 self.manager.touch(rec.id)
             action = due_action(rec, now, streams)

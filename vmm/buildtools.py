@@ -145,13 +145,18 @@ def find_static_busybox() -> Path:
     raise VmmError(f"busybox-static not found (a statically linked /bin/busybox is needed): {INSTALL_HINT}")
 
 
-def compile_static(source: Path, workdir: Path, epoch: int) -> Path:
-    """gcc -static, from a copy of the source in a scratch dir so no host path reaches the binary."""
+def compile_static(source: Path, workdir: Path, epoch: int, companions: tuple[Path, ...] = ()) -> Path:
+    """gcc -static, from a copy of the sources in a scratch dir so no host path reaches the binary.
+
+    `companions` are further .c and .h files of the same program.
+    """
     workdir.mkdir(parents=True)
-    shutil.copyfile(source, workdir / source.name)
+    for file in (source, *companions):
+        shutil.copyfile(file, workdir / file.name)
+    units = [f.name for f in (source, *companions) if f.suffix == ".c"]
     argv = [
         tool("gcc"), "-static", "-O2", "-s", "-Wall", "-Wextra",
-        f"-ffile-prefix-map={workdir}=.", "-o", "out", source.name,
+        f"-ffile-prefix-map={workdir}=.", "-o", "out", *units,
     ]  # fmt: skip
     run(argv, f"gcc {source.name} (static glibc needs libc6-dev)", cwd=workdir, epoch=epoch)
     binary = workdir / "out"

@@ -52,6 +52,7 @@ from .image import (
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_INIT_SOURCE = REPO / "guest" / "init" / "mvm-init.c"
+GUEST_INIT_COMPANIONS = (REPO / "guest" / "init" / "agent.c", REPO / "guest" / "init" / "agent.h")
 STAGE1_INIT = REPO / "guest" / "stage1" / "init"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 STAGE1_MODULES = ("virtio_mmio", "virtio_net", "virtio_blk", "virtio_console")
@@ -183,7 +184,7 @@ def _build(
         run_config = _run_config(config, rootfs, settings["port"], name)
 
         step("compiling the guest init (guest/init/mvm-init.c)")
-        init = compile_static(GUEST_INIT_SOURCE, tmp / "cc", epoch)
+        init = compile_static(GUEST_INIT_SOURCE, tmp / "cc", epoch, GUEST_INIT_COMPANIONS)
         _inject(rootfs, init, run_config)
 
         out = tmp / name

@@ -18,7 +18,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from qemu.qmp.error import QMPError
 from . import accel as accel_mod
 from . import disks, netns, template
 from . import qmp as qmp_ops
+from .agent import Agent, AgentError, Exec
 from .applog import AppLog
 from .errors import Conflict, InvalidRequest, NotFound, RestoreFailed, VmFailed, VmmError
 from .image import Image, list_images, remove_image
@@ -34,6 +35,7 @@ from .jsonlog import log
 from .model import RamMode, Template, VmRecord, VmState
 from .policy import Policy
 from .qemu import (
+    AGENT_SOCKET,
     APP_LOG,
     QEMU_LOG,
     QMP_SOCKET,
@@ -70,6 +72,8 @@ class _Vm:
         self.lock = asyncio.Lock()
         self.wake: asyncio.Task[None] | None = None
         self.expect_exit = False
+        self.agent: Agent | None = None  # disk images only
+        self.busy = 0  # execs running: the idle reaper leaves the VM alone
 
 
 class VmManager:
@@ -196,6 +200,32 @@ class VmManager:
         finally:
             self._building.discard(name)
 
+    async def exec(self, vm_id: str, argv: list[str], env: list[str], cwd: str, uid: int, gid: int) -> Exec:
+        """Start a command in the guest (waking the VM like a request does); iterate the Exec for output."""
+        vm = self._vm(vm_id)
+        await self.ensure_running(vm_id)
+        if vm.agent is None:
+            has_disk = (self.vm_dir(vm_id) / OVERLAY).exists()
+            why = "its guest agent is not connected" if has_disk else "its image has no guest agent (the demo)"
+            raise AgentError(f"cannot exec in VM {vm_id}: {why}")
+        self.touch(vm_id)
+        return await vm.agent.exec(argv, env, cwd, uid, gid)
+
+    @contextlib.contextmanager
+    def busy(self, vm_id: str) -> Iterator[None]:
+        """Work on the VM (an exec) is under way: it counts as activity throughout."""
+        vm = self._vm(vm_id)
+        vm.busy += 1
+        try:
+            yield
+        finally:
+            vm.busy -= 1
+            self.touch(vm_id)
+
+    def busy_count(self, vm_id: str) -> int:
+        vm = self._vms.get(vm_id)
+        return vm.busy if vm is not None else 0
+
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
         return await netns.connect_guest(vm_id, port, timeout)
 
@@ -294,6 +324,7 @@ class VmManager:
             if state is VmState.PAUSED:
                 await self._qmp(vm, "cont")
                 self._set(vm, VmState.RUNNING)
+                await self._sync_guest(vm)  # its clock stood still while it was paused
                 log.event("vm.resumed", vm=vm.rec.id)
             elif state is VmState.SUSPENDED:
                 await self._restore(vm)
@@ -321,7 +352,7 @@ class VmManager:
             raise
         # The snapshot is complete: from here the VM is suspended, whatever happens next.
         try:
-            await self._stop_qemu(vm)
+            await self._stop_qemu(vm, f"VM {vm.rec.id} was suspended")
             if not ignore_shared:
                 size = await self._move_ram_to_own_file(vm, size)
         finally:
@@ -400,10 +431,35 @@ class VmManager:
         log.event("vm.restored", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1))
 
     async def _start_qemu(self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool) -> None:
-        """Spawn QEMU, load `snapshot`, mark RUNNING, then `cont`."""
+        """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use."""
         await self._spawn_and_load(vm, tpl, ram, snapshot, ignore_shared)
         self._set(vm, VmState.RUNNING, reason=None)
         await self._qmp(vm, "cont")
+        if tpl.base_disk is not None:
+            await self._connect_agent(vm)
+            await self._sync_guest(vm)
+
+    async def _connect_agent(self, vm: _Vm) -> None:
+        try:
+            vm.agent = await Agent.connect(self.vm_dir(vm.rec.id) / AGENT_SOCKET)
+        except AgentError as exc:
+            log.event("vm.agent_unavailable", level="warning", vm=vm.rec.id, error=str(exc))
+
+    async def _sync_guest(self, vm: _Vm) -> None:
+        """Before any held request is released: the host's wall clock, fresh entropy, the VM id as hostname.
+
+        Every clone of a snapshot wakes with the snapshot's clock and RNG state. A guest whose
+        agent does not answer keeps working: the step is logged and skipped, never waited on.
+        """
+        if vm.agent is None or not self.settings.guest_sync:
+            return
+        try:
+            result = await vm.agent.sync(vm.rec.id, self.settings.agent_timeout)
+        except AgentError as exc:
+            log.event("vm.sync_failed", level="warning", vm=vm.rec.id, error=str(exc))
+            return
+        log.event("vm.synced", level="debug", vm=vm.rec.id, ms=round(result.took_ms, 1),
+                  skew_ms=round(result.skew_ms, 1), reseeded=result.crng_reseeded)  # fmt: skip
 
     async def _spawn_and_load(
         self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool
@@ -426,8 +482,11 @@ class VmManager:
         except VmmError as exc:
             raise VmmError(f"{exc}{self._qemu_log_tail(vm_id)}") from exc
 
-    async def _stop_qemu(self, vm: _Vm) -> None:
+    async def _stop_qemu(self, vm: _Vm, why: str = "the VM's QEMU stopped") -> None:
         vm.expect_exit = True
+        if vm.agent is not None:
+            await vm.agent.close(why)
+            vm.agent = None
         if vm.qmp is not None:
             await vm.qmp.disconnect_quietly()
             vm.qmp = None
@@ -440,7 +499,7 @@ class VmManager:
         """Remove everything of the VM. Each step is tried even if an earlier one failed."""
         vm_id = vm.rec.id
         steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
-            ("stop QEMU", lambda: self._stop_qemu(vm)),
+            ("stop QEMU", lambda: self._stop_qemu(vm, f"VM {vm_id} was deleted")),
             ("delete the namespace", lambda: netns.delete(vm_id)),
         )
         for what, step in steps:
@@ -465,6 +524,9 @@ class VmManager:
         if vm.qmp is not None:
             asyncio.get_running_loop().create_task(vm.qmp.disconnect_quietly())
             vm.qmp = None
+        if vm.agent is not None:
+            asyncio.get_running_loop().create_task(vm.agent.close(f"VM {vm.rec.id} failed: {describe_exit(status)}"))
+            vm.agent = None
         reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}{guest_log_tail(self.vm_dir(vm.rec.id), 3)}"
         self._set(vm, VmState.FAILED, reason=reason)
         log.event("vm.failed", level="error", vm=vm.rec.id, reason=reason)
@@ -487,6 +549,8 @@ class VmManager:
                 run_state = await qmp_ops.status(vm.qmp)
             except (VmmError, QMPError, OSError, TimeoutError):
                 run_state = None
+        if run_state in ("running", "paused", "postmigrate") and (self.vm_dir(rec.id) / OVERLAY).exists():
+            await self._connect_agent(vm)
         if run_state == "running":
             self._set(vm, VmState.RUNNING)
         elif run_state in ("paused", "postmigrate"):

@@ -24,6 +24,7 @@ QMP_SOCKET = "qmp.sock"
 SERIAL_LOG = "serial.log"  # the guest kernel's console (ttyS0)
 APP_LOG = "app.log"  # the app's stdout and stderr, through the guest init's virtio console
 QEMU_LOG = "qemu.log"  # QEMU's own stderr
+AGENT_SOCKET = "agent.sock"  # the guest agent's channel (disk images)
 
 @dataclass(frozen=True)
 class MachineSpec:
@@ -36,7 +37,7 @@ class MachineSpec:
     memory_mb: int
     vcpus: int
     accel: Accelerator
-    has_disk: bool = False  # a root disk (virtio-blk) and an app log console (virtio-console)
+    has_disk: bool = False  # a root disk (virtio-blk), an app log console and the guest agent channel
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ def build_argv(
             "-device", "virtio-serial-device",
             "-chardev", f"file,id=applog,path={run_dir / APP_LOG},append=on",
             "-device", "virtconsole,chardev=applog",
+            # The guest agent's channel (guest/init/agent.c): only the host reaches this socket.
+            "-chardev", f"socket,id=agent,path={run_dir / AGENT_SOCKET},server=on,wait=off",
+            "-device", "virtserialport,chardev=agent,name=mvm.agent",
         ]  # fmt: skip
     if incoming:
         argv += ["-incoming", "defer"]

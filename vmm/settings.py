@@ -21,6 +21,8 @@ class VmmSettings:
     default_template: str = "demo"
     default_image: str = "demo"
     app_log_max_bytes: int = 1 << 20  # per VM app log file; one older file of the same size is kept
+    agent_timeout: float = 2.0  # longest wait for the guest agent after a restore; then the wake goes on
+    guest_sync: bool = True  # clock, entropy and hostname after every launch and restore (off: tests only)
     default_policy: Policy = field(default_factory=Policy)
 
     @property

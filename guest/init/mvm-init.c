@@ -9,9 +9,12 @@
  * kernel command line (mvm.ip=, mvm.gw=, mvm.hostname=), starts the image's command as
  * /mvm/config says (argv, env, cwd, uid/gid), sends the app's stdout and stderr to the
  * host through a virtio console (/dev/hvc0), reaps every zombie, forwards SIGTERM for a
- * clean stop, and powers the VM off when the app ends so the host sees it.
+ * clean stop, and powers the VM off when the app ends so the host sees it. It also keeps
+ * the guest agent (agent.c) running, restarting it if it dies.
  */
 #define _GNU_SOURCE
+#include "agent.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -398,6 +401,18 @@ static int listening(struct config *c) {
     return 1;
 }
 
+/* The agent in its own process, so that a crash in it is a restart, not a kernel panic. */
+static pid_t start_agent(sigset_t *blocked, int restarts) {
+    pid_t pid = fork();
+    if (pid != 0)
+        return pid;
+    sigprocmask(SIG_UNBLOCK, blocked, NULL);
+    if (restarts > 3)
+        sleep(1); /* crashing in a loop: do not spin */
+    agent_main();
+    _exit(1);
+}
+
 static void describe(pid_t pid, int status) {
     if (WIFEXITED(status))
         say("app (pid %d) exited with status %d", pid, WEXITSTATUS(status));
@@ -440,6 +455,8 @@ int main(void) {
     sigprocmask(SIG_BLOCK, &blocked, NULL);
     int sfd = signalfd(-1, &blocked, SFD_CLOEXEC);
 
+    int agent_restarts = 0;
+    pid_t agent = start_agent(&blocked, agent_restarts);
     pid_t app = start_app(&c, &blocked);
     if (app < 0) {
         say("fork: %s", strerror(errno));
@@ -469,7 +486,10 @@ int main(void) {
         int status;
         pid_t pid;
         while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-            if (pid == app) {
+            if (pid == agent) {
+                say("the guest agent (pid %d) ended with status %d: restarting it", pid, status);
+                agent = start_agent(&blocked, ++agent_restarts);
+            } else if (pid == app) {
                 describe(pid, status);
                 kill(-app, SIGKILL); /* whatever the app left behind in its session */
                 power_off();

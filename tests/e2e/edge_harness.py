@@ -96,7 +96,8 @@ async def running_edge(cfg: Config) -> AsyncIterator[Client]:
     ssl_ctx = ssl.create_default_context(cafile=str(cfg.server.tls_cert))
     connector = aiohttp.TCPConnector(resolver=LoopbackResolver(), ssl=ssl_ctx, limit=200)
     try:
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=1 << 21) as session:
             yield Client(edge, session)
     finally:
         for rec in list(edge.manager.list_vms()):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from vmm import probe
+from vmm import netns, probe
 
 
 async def guest_request(vm_id: str, path: str = "/", port: int = 8080, timeout: float = 20.0) -> tuple[int, bytes]:
@@ -61,3 +63,20 @@ def pid_alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+async def sandbox_run(vm_id: str, code: str, timeout: float = 30.0) -> Any:
+    """POST /run to the python-sandbox app from inside the VM's namespace; the value of its last expression."""
+    sock = await netns.connect_guest(vm_id, 8080, timeout)
+    body = orjson.dumps({"code": code})
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            head = f"POST /run HTTP/1.1\r\nHost: guest\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+            writer.write(head.encode() + body)
+            raw = await reader.read()
+        finally:
+            writer.close()
+    answer = orjson.loads(raw.partition(b"\r\n\r\n")[2])
+    assert answer["error"] is None, answer["error"]
+    return ast.literal_eval(answer["result"])

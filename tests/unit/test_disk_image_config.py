@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 from vmm import buildtools, oci
-from vmm.disk_image import GUEST_INIT_SOURCE, BuildOptions, RunConfig, _resolve_user, _run_config, _settings
+from vmm.disk_image import (
+    GUEST_INIT_COMPANIONS,
+    GUEST_INIT_SOURCE,
+    BuildOptions,
+    RunConfig,
+    _resolve_user,
+    _run_config,
+    _settings,
+)
 from vmm.errors import InvalidRequest, VmmError
 
 
@@ -150,7 +158,8 @@ def test_archive_kind_is_recognised_by_its_members(tmp_path: Path) -> None:
 def test_guest_init_builds_static_without_warnings(tmp_path: Path) -> None:
     out = tmp_path / "init"
     subprocess.run(
-        ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(GUEST_INIT_SOURCE)],
+        ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(GUEST_INIT_SOURCE),
+         *(str(f) for f in GUEST_INIT_COMPANIONS if f.suffix == ".c")],
         check=True, capture_output=True,
     )  # fmt: skip
     assert buildtools.is_static_elf(out)

@@ -1,0 +1,435 @@
+/*
+ * The guest agent (see agent.h): restore hygiene (clock, entropy, hostname) and exec.
+ *
+ * One process, one poll loop, nothing blocking: the port and every pipe are non-blocking,
+ * output waits in buffers. While the host is not connected (between a template's boot and
+ * its snapshot) the port reports POLLHUP without end, so the loop then looks every 10 ms.
+ */
+#define _GNU_SOURCE
+#include "agent.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/random.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_EXECS 64
+#define READ_CHUNK 65536
+
+struct buffer {
+    unsigned char *data;
+    size_t len, cap;
+};
+
+struct exec {
+    uint32_t ch;
+    pid_t pid;       /* 0: slot free */
+    int out, err, in; /* -1 once closed */
+    struct buffer stdin_pending;
+    int stdin_eof;   /* close stdin once the pending bytes are written */
+    int reaped, status;
+};
+
+static int port = -1;
+static struct buffer out;  /* frames waiting for the port */
+static struct buffer in;   /* bytes read from the port, not yet a whole frame */
+static struct exec execs[MAX_EXECS];
+
+static void put(struct buffer *b, const void *data, size_t n) {
+    if (b->len + n > b->cap) {
+        b->cap = (b->len + n) * 2;
+        b->data = realloc(b->data, b->cap);
+    }
+    memcpy(b->data + b->len, data, n);
+    b->len += n;
+}
+
+static void consume(struct buffer *b, size_t n) {
+    memmove(b->data, b->data + n, b->len - n);
+    b->len -= n;
+}
+
+static void be32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)(v >> 24), p[1] = (unsigned char)(v >> 16), p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+static uint32_t rd32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint64_t rd64(const unsigned char *p) { return (uint64_t)rd32(p) << 32 | rd32(p + 4); }
+
+static void send_frame(uint8_t type, uint32_t ch, const void *payload, size_t n) {
+    unsigned char head[9];
+    be32(head, (uint32_t)(n + 5));
+    head[4] = type;
+    be32(head + 5, ch);
+    put(&out, head, sizeof head);
+    put(&out, payload, n);
+}
+
+static void send_text(uint8_t type, uint32_t ch, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void send_text(uint8_t type, uint32_t ch, const char *fmt, ...) {
+    char text[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    send_frame(type, ch, text, (size_t)(n < (int)sizeof text ? n : (int)sizeof text - 1));
+}
+
+static int open_port(void) {
+    DIR *dir = opendir("/sys/class/virtio-ports");
+    if (!dir)
+        return -1;
+    struct dirent *e;
+    int fd = -1;
+    while (fd < 0 && (e = readdir(dir))) {
+        char path[300], name[64] = "";
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        if (fgets(name, sizeof name, f) && !strncmp(name, AGENT_PORT_NAME, strlen(AGENT_PORT_NAME))) {
+            snprintf(path, sizeof path, "/dev/%s", e->d_name);
+            fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        }
+        fclose(f);
+    }
+    closedir(dir);
+    return fd;
+}
+
+/* ---------------------------------------------------------------- sync */
+
+static void kill_all_execs(void) {
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (execs[i].pid > 0 && !execs[i].reaped)
+            kill(-execs[i].pid, SIGKILL);
+}
+
+static void handle_sync(uint32_t ch, const unsigned char *p, size_t n) {
+    if (n < 10) {
+        send_text(F_ERROR, ch, "sync: short frame");
+        return;
+    }
+    /* A new host session: execs of the one before have nobody to report to. */
+    kill_all_execs();
+    uint64_t ns = rd64(p);
+    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
+    uint8_t flags = 0;
+    clock_settime(CLOCK_REALTIME, &ts);
+    size_t hlen = (size_t)p[8] << 8 | p[9];
+    if (10 + hlen > n) {
+        send_text(F_ERROR, ch, "sync: bad hostname length");
+        return;
+    }
+    if (hlen)
+        sethostname((const char *)p + 10, hlen);
+    size_t elen = n - 10 - hlen;
+    int rnd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (rnd >= 0 && elen >= 4) {
+        struct rand_pool_info *info = malloc(sizeof *info + elen + 4);
+        info->entropy_count = (int)(elen * 8);
+        info->buf_size = (int)elen;
+        memcpy(info->buf, p + 10 + hlen, elen);
+        if (ioctl(rnd, RNDADDENTROPY, info) == 0)
+            flags |= 1;
+        free(info);
+#ifdef RNDRESEEDCRNG
+        if (ioctl(rnd, RNDRESEEDCRNG) == 0)
+            flags |= 2;
+#endif
+    }
+    if (rnd >= 0)
+        close(rnd);
+    unsigned char reply[9];
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    uint64_t now_ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+    be32(reply, (uint32_t)(now_ns >> 32));
+    be32(reply + 4, (uint32_t)now_ns);
+    reply[8] = flags;
+    send_frame(F_SYNC_OK, ch, reply, sizeof reply);
+}
+
+/* ---------------------------------------------------------------- exec */
+
+static struct exec *find_exec(uint32_t ch) {
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (execs[i].pid > 0 && execs[i].ch == ch)
+            return &execs[i];
+    return NULL;
+}
+
+static void exec_in_child(char **argv, char **env, const char *cwd, uid_t uid, gid_t gid) {
+    if (setgroups(0, NULL) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
+        fprintf(stderr, "exec: cannot switch to uid %u gid %u: %s\n", uid, gid, strerror(errno));
+        _exit(126);
+    }
+    if (*cwd && chdir(cwd) != 0) {
+        fprintf(stderr, "exec: cannot enter %s: %s\n", cwd, strerror(errno));
+        _exit(126);
+    }
+    const char *path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    for (char **e = env; *e; e++)
+        if (!strncmp(*e, "PATH=", 5))
+            path = *e + 5;
+    int saved = ENOENT;
+    if (strchr(argv[0], '/')) {
+        execve(argv[0], argv, env);
+        saved = errno;
+    } else {
+        for (const char *p = path; *p;) {
+            size_t n = strcspn(p, ":");
+            char full[4096];
+            snprintf(full, sizeof full, "%.*s/%s", (int)n, p, argv[0]);
+            execve(full, argv, env);
+            if (errno != ENOENT)
+                saved = errno;
+            p += n + (p[n] == ':');
+        }
+    }
+    fprintf(stderr, "exec: %s: %s\n", argv[0], strerror(saved));
+    _exit(saved == ENOENT ? 127 : 126);
+}
+
+static void handle_exec(uint32_t ch, const unsigned char *p, size_t n) {
+    struct exec *slot = NULL;
+    for (int i = 0; i < MAX_EXECS && !slot; i++)
+        if (execs[i].pid == 0)
+            slot = &execs[i];
+    if (find_exec(ch) || n < 12 || !slot) {
+        send_text(F_ERROR, ch, "exec: %s", !slot ? "too many execs at once" : "bad request");
+        return;
+    }
+    uid_t uid = rd32(p);
+    gid_t gid = rd32(p + 4);
+    int argc = p[8] << 8 | p[9], envc = p[10] << 8 | p[11];
+    char **argv = calloc((size_t)argc + 1, sizeof *argv), **env = calloc((size_t)envc + 1, sizeof *env);
+    const char *cwd = "";
+    const char *s = (const char *)p + 12, *end = (const char *)p + n;
+    for (int i = 0; i < argc + envc + 1; i++) {
+        const char *z = memchr(s, '\0', (size_t)(end - s));
+        if (!z || argc == 0) {
+            send_text(F_ERROR, ch, "exec: malformed argv/env");
+            free(argv), free(env);
+            return;
+        }
+        if (i < argc)
+            argv[i] = (char *)s;
+        else if (i < argc + envc)
+            env[i - argc] = (char *)s;
+        else
+            cwd = s;
+        s = z + 1;
+    }
+    int o[2], e[2], i[2];
+    if (pipe2(o, O_CLOEXEC) || pipe2(e, O_CLOEXEC) || pipe2(i, O_CLOEXEC)) {
+        send_text(F_ERROR, ch, "exec: pipe: %s", strerror(errno));
+        free(argv), free(env);
+        return;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        sigset_t all;
+        sigemptyset(&all);
+        sigprocmask(SIG_SETMASK, &all, NULL);
+        setsid();
+        dup2(i[0], 0), dup2(o[1], 1), dup2(e[1], 2);
+        exec_in_child(argv, env, cwd, uid, gid);
+    }
+    free(argv), free(env);
+    close(o[1]), close(e[1]), close(i[0]);
+    if (pid < 0) {
+        close(o[0]), close(e[0]), close(i[1]);
+        send_text(F_ERROR, ch, "exec: fork: %s", strerror(errno));
+        return;
+    }
+    fcntl(o[0], F_SETFL, O_NONBLOCK), fcntl(e[0], F_SETFL, O_NONBLOCK), fcntl(i[1], F_SETFL, O_NONBLOCK);
+    *slot = (struct exec){.ch = ch, .pid = pid, .out = o[0], .err = e[0], .in = i[1]};
+}
+
+static void close_fd(int *fd) {
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+static void flush_stdin(struct exec *x) {
+    while (x->in >= 0 && x->stdin_pending.len) {
+        ssize_t n = write(x->in, x->stdin_pending.data, x->stdin_pending.len);
+        if (n < 0) {
+            if (errno != EAGAIN)
+                x->stdin_pending.len = 0, close_fd(&x->in); /* EPIPE: the process does not read */
+            return;
+        }
+        consume(&x->stdin_pending, (size_t)n);
+    }
+    if (x->stdin_eof && !x->stdin_pending.len)
+        close_fd(&x->in);
+}
+
+static void pump(struct exec *x, int *fd, uint8_t type) {
+    static unsigned char chunk[READ_CHUNK];
+    ssize_t n = read(*fd, chunk, sizeof chunk);
+    if (n > 0)
+        send_frame(type, x->ch, chunk, (size_t)n);
+    else if (n == 0 || errno != EAGAIN)
+        close_fd(fd);
+}
+
+/* The exit goes out after all of the output: once reaped and both pipes are at EOF. */
+static void finish(struct exec *x) {
+    if (!x->reaped || x->out >= 0 || x->err >= 0)
+        return;
+    int32_t code = WIFEXITED(x->status) ? WEXITSTATUS(x->status) : -WTERMSIG(x->status);
+    unsigned char payload[4];
+    be32(payload, (uint32_t)code);
+    send_frame(F_EXIT, x->ch, payload, sizeof payload);
+    close_fd(&x->in);
+    free(x->stdin_pending.data);
+    memset(x, 0, sizeof *x);
+}
+
+/* ---------------------------------------------------------------- frames */
+
+static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size_t n) {
+    struct exec *x;
+    switch (type) {
+    case F_SYNC:
+        handle_sync(ch, p, n);
+        break;
+    case F_EXEC:
+        handle_exec(ch, p, n);
+        break;
+    case F_STDIN:
+        if ((x = find_exec(ch))) {
+            if (n == 0)
+                x->stdin_eof = 1;
+            else
+                put(&x->stdin_pending, p, n);
+            flush_stdin(x);
+        }
+        break;
+    case F_KILL:
+        if ((x = find_exec(ch)) && !x->reaped)
+            kill(-x->pid, n ? p[0] : SIGKILL);
+        break;
+    default:
+        send_text(F_ERROR, ch, "unknown frame type %u", type);
+    }
+}
+
+static int read_port(void) {
+    unsigned char chunk[READ_CHUNK];
+    ssize_t n = read(port, chunk, sizeof chunk);
+    if (n <= 0)
+        return n == 0 || errno != EAGAIN ? -1 : 0;
+    put(&in, chunk, (size_t)n);
+    while (in.len >= 9) {
+        uint32_t len = rd32(in.data);
+        if (len < 5 || len > AGENT_MAX_FRAME) {
+            in.len = 0; /* out of step: drop what we have and wait for the next frame */
+            return 0;
+        }
+        if (in.len < 4 + (size_t)len)
+            break;
+        handle_frame(in.data[4], rd32(in.data + 5), in.data + 9, len - 5);
+        consume(&in, 4 + (size_t)len);
+    }
+    return 0;
+}
+
+static void write_port(void) {
+    while (out.len) {
+        ssize_t n = write(port, out.data, out.len);
+        if (n <= 0)
+            return;
+        consume(&out, (size_t)n);
+    }
+}
+
+void agent_main(void) {
+    for (int i = 0; port < 0; i++) {
+        port = open_port();
+        if (port < 0)
+            usleep(i < 100 ? 10000 : 1000000); /* the virtio-serial driver may still be probing */
+    }
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigaddset(&chld, SIGPIPE);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    int sfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
+    for (;;) {
+        struct pollfd fds[2 + 3 * MAX_EXECS];
+        struct exec *owner[2 + 3 * MAX_EXECS];
+        int nfds = 0;
+        fds[nfds++] = (struct pollfd){.fd = port, .events = POLLIN | (out.len ? POLLOUT : 0)};
+        fds[nfds++] = (struct pollfd){.fd = sfd, .events = POLLIN};
+        /* Output is read only while the port keeps up: a host that stops reading stops the process. */
+        int backlog = out.len > 4 * READ_CHUNK;
+        for (int i = 0; i < MAX_EXECS; i++) {
+            struct exec *x = &execs[i];
+            if (!x->pid)
+                continue;
+            if (x->out >= 0 && !backlog)
+                owner[nfds] = x, fds[nfds++] = (struct pollfd){.fd = x->out, .events = POLLIN};
+            if (x->err >= 0 && !backlog)
+                owner[nfds] = x, fds[nfds++] = (struct pollfd){.fd = x->err, .events = POLLIN};
+            if (x->in >= 0 && x->stdin_pending.len)
+                owner[nfds] = x, fds[nfds++] = (struct pollfd){.fd = x->in, .events = POLLOUT};
+        }
+        int ready = poll(fds, (nfds_t)nfds, -1);
+        if (ready < 0)
+            continue;
+        if (fds[0].revents & POLLHUP && !(fds[0].revents & POLLIN)) {
+            usleep(10000); /* no host on the other end (yet): look again soon */
+        } else {
+            if (fds[0].revents & POLLIN)
+                read_port();
+            if (fds[0].revents & POLLOUT)
+                write_port();
+        }
+        for (int k = 2; k < nfds; k++) {
+            struct exec *x = owner[k];
+            if (!fds[k].revents)
+                continue;
+            if (fds[k].fd == x->out)
+                pump(x, &x->out, F_STDOUT);
+            else if (fds[k].fd == x->err)
+                pump(x, &x->err, F_STDERR);
+            else if (fds[k].fd == x->in)
+                flush_stdin(x);
+        }
+        struct signalfd_siginfo si;
+        while (read(sfd, &si, sizeof si) == sizeof si) {
+        }
+        int status;
+        pid_t pid;
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+            for (int i = 0; i < MAX_EXECS; i++)
+                if (execs[i].pid == pid)
+                    execs[i].reaped = 1, execs[i].status = status;
+        }
+        for (int i = 0; i < MAX_EXECS; i++)
+            if (execs[i].pid)
+                finish(&execs[i]);
+        write_port();
+    }
+}

@@ -1,0 +1,34 @@
+/*
+ * The guest agent: the host's control channel into the VM, over the virtio-serial port
+ * "mvm.agent". Only the host can reach it (a QEMU chardev on a root-only unix socket), and
+ * only one process in the guest can hold the port open: this one, started by PID 1 before
+ * the app. PID 1 restarts it if it dies.
+ *
+ * Frames, both ways: u32 length (big-endian; of what follows), u8 type, u32 channel, payload.
+ */
+#ifndef MVM_AGENT_H
+#define MVM_AGENT_H
+
+#include <stdint.h>
+
+enum agent_frame {
+    /* host -> guest */
+    F_SYNC = 1,      /* u64 realtime ns, u16 hostname length, hostname, entropy bytes (rest) */
+    F_EXEC = 10,     /* u32 uid, u32 gid, u16 argc, u16 envc, then argv, env, cwd: NUL-terminated */
+    F_STDIN = 15,    /* bytes for the exec's stdin; empty closes it */
+    F_KILL = 16,     /* u8 signal for the exec's process group */
+    /* guest -> host */
+    F_SYNC_OK = 2,   /* u64 guest realtime ns after setting it, u8 flags (1 entropy added, 2 crng reseeded) */
+    F_STDOUT = 11,
+    F_STDERR = 12,
+    F_EXIT = 13,     /* i32: exit status, or -signal */
+    F_ERROR = 14,    /* text */
+};
+
+#define AGENT_PORT_NAME "mvm.agent"
+#define AGENT_MAX_FRAME (1u << 20)
+
+/* Run the agent forever (in its own process). */
+void agent_main(void);
+
+#endif

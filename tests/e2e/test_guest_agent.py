@@ -1,0 +1,132 @@
+"""The guest agent with real guests: snapshot-safe clones (entropy, clock, identity) and exec.
+
+Every clone of a template wakes with the snapshot's RNG state and wall clock. The first test
+shows what that means without the agent's sync (identical "random" bytes in two VMs, the
+image's hostname, a stale clock); the others show the sync fixes it, and drive exec through
+the edge's control API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from tests.e2e.edge_harness import DOMAIN, Client, edge_config, running_edge
+from tests.e2e.guest import sandbox_run
+from vmm.manager import VmManager
+from vmm.settings import VmmSettings
+
+RANDOM = "import os, socket, time; (os.urandom(32).hex(), os.getrandom(32).hex(), socket.gethostname(), time.time())"
+
+
+async def test_without_the_sync_clones_share_rng_state_and_a_stale_clock(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    """Why the sync exists: with it switched off, two clones draw the same "random" bytes."""
+    mgr = VmManager(replace(settings, guest_sync=False))
+    await mgr.start()
+    try:
+        first, second = [await mgr.create_vm(sandbox_template) for _ in range(2)]
+        a, b = await sandbox_run(first.id, RANDOM), await sandbox_run(second.id, RANDOM)
+        assert a[0] == b[0] and a[1] == b[1]  # /dev/urandom and getrandom(): the same bytes in both VMs
+        assert a[2] == b[2] == "python-sandbox"  # the template's hostname, not the VM's id
+        await mgr.suspend(first.id)
+        await asyncio.sleep(3)
+        await mgr.ensure_running(first.id)
+        after = await sandbox_run(first.id, RANDOM)
+        assert time.time() - after[3] > 2.5  # the guest's clock missed the time it was suspended
+    finally:
+        for vm in list(mgr.list_vms()):
+            await mgr.delete(vm.id)
+        await mgr.close()
+
+
+async def test_clones_get_fresh_entropy_the_host_clock_and_their_own_hostname(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    mgr = VmManager(settings)
+    await mgr.start()
+    try:
+        first, second = [await mgr.create_vm(sandbox_template) for _ in range(2)]
+        a, b = await sandbox_run(first.id, RANDOM), await sandbox_run(second.id, RANDOM)
+        assert a[0] != b[0] and a[1] != b[1]
+        assert (a[2], b[2]) == (first.id, second.id)
+        for _ in range(2):  # after every restore, not only the first
+            await mgr.suspend(first.id)
+            await asyncio.sleep(3)
+            before = time.time()
+            await mgr.ensure_running(first.id)
+            guest = await sandbox_run(first.id, RANDOM)
+            assert before - 0.05 <= guest[3] <= time.time() + 0.05  # within 50 ms of the host's clock
+            assert guest[2] == first.id
+    finally:
+        for vm in list(mgr.list_vms()):
+            await mgr.delete(vm.id)
+        await mgr.close()
+
+
+async def _exec(client: Client, vm_id: str, body: dict[str, Any], status: int = 200) -> list[dict[str, Any]]:
+    url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/exec"
+    async with client.session.post(url, json=body, headers=client.admin) as resp:
+        assert resp.status == status, await resp.text()
+        if status != 200:
+            return [await resp.json()]
+        return [orjson.loads(line) async for line in resp.content]
+
+
+def _output(events: list[dict[str, Any]], stream: str) -> bytes:
+    return b"".join(base64.b64decode(e["data"]) for e in events if e.get("stream") == stream)
+
+
+async def test_exec_streams_output_exit_codes_stdin_and_timeouts(settings: VmmSettings, sandbox_template: str) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        vm = await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201)
+        vm_id = vm["id"]
+        events = await _exec(client, vm_id, {"argv": ["sh", "-c", "echo out; echo err >&2; pwd; id -u"],
+                                             "cwd": "/data", "user": "1000"})  # fmt: skip
+        assert _output(events, "stdout") == b"out\n/data\n1000\n" and _output(events, "stderr") == b"err\n"
+        assert events[-1] == {"exit_code": 0}
+        assert (await _exec(client, vm_id, {"argv": ["false"]}))[-1] == {"exit_code": 1}
+        killed = await _exec(client, vm_id, {"argv": ["sh", "-c", "kill -9 $$"]})
+        assert killed[-1] == {"exit_code": 137, "signal": "SIGKILL"}
+        missing = await _exec(client, vm_id, {"argv": ["no-such-binary"]})
+        assert missing[-1] == {"exit_code": 127} and b"no-such-binary" in _output(missing, "stderr")
+        piped = await _exec(client, vm_id, {"argv": ["sha256sum"], "stdin": "piped in\n", "env": {"X": "1"}})
+        assert _output(piped, "stdout").split()[0].decode() == hashlib.sha256(b"piped in\n").hexdigest()
+        slow = await _exec(client, vm_id, {"argv": ["sleep", "60"], "timeout": 1})
+        assert slow[-1]["timed_out"] is True and "killed" in slow[-1]["error"]
+        bad = await _exec(client, vm_id, {"argv": "ls"}, status=422)
+        assert "argv must be a non-empty list" in bad[0]["message"]
+
+        # 20 at once, each with its own output
+        many = await asyncio.gather(*(_exec(client, vm_id, {"argv": ["echo", str(i)]}) for i in range(20)))
+        assert [_output(events, "stdout") for events in many] == [f"{i}\n".encode() for i in range(20)]
+
+        # 100 MiB of stdout, byte-exact, streamed (the agent and the edge hold only bounded buffers)
+        big = await _exec(client, vm_id, {"argv": ["sh", "-c", "head -c 104857600 /dev/zero | tr '\\0' 'x'"]})
+        out = _output(big, "stdout")
+        assert len(out) == 100 * 2**20 and out == b"x" * len(out) and big[-1] == {"exit_code": 0}
+
+        # exec wakes a suspended VM like a request does
+        await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
+        woke = await _exec(client, vm_id, {"argv": ["hostname"]})
+        assert _output(woke, "stdout") == f"{vm_id}\n".encode()
+        assert (await client.api("GET", f"/v1/vms/{vm_id}"))["state"] == "running"
+
+
+async def test_exec_ends_with_an_error_when_its_vm_is_suspended(settings: VmmSettings, sandbox_template: str) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        vm_id = (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"]
+        running = asyncio.create_task(_exec(client, vm_id, {"argv": ["sleep", "30"]}))
+        async with asyncio.timeout(10):
+            while client.edge.manager.busy_count(vm_id) == 0:
+                await asyncio.sleep(0.05)
+        await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
+        events = await asyncio.wait_for(running, 10)
+        assert "was suspended" in events[-1]["error"]

@@ -1,0 +1,211 @@
+"""The host end of a VM's guest agent: restore hygiene (clock, entropy, hostname) and exec.
+
+The channel is a virtio-serial port whose QEMU chardev is a unix socket in the VM's
+directory (root-only, never reachable through the edge). Frames both ways are
+`u32 length | u8 type | u32 channel | payload` (guest/init/agent.h). One reader task
+dispatches frames to their channel; each exec's output queue is bounded, so a slow
+consumer stops the reader, QEMU's chardev, the guest agent and finally the process itself:
+memory stays bounded however much the process writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VmmError
+
+ENTROPY_BYTES = 64
+_HEAD = struct.Struct(">IBI")
+F_SYNC, F_SYNC_OK, F_EXEC, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_STDIN, F_KILL = 1, 2, 10, 11, 12, 13, 14, 15, 16
+_QUEUE_FRAMES = 64  # per exec: at most 64 frames of <= 64 KiB waiting for their reader
+MAX_FRAME = 1 << 20
+
+
+class AgentError(VmmError):
+    """The guest agent did not answer, or its channel ended."""
+
+    http_status = 502
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What a sync did: the guest clock's distance from the host's right after, and the RNG steps."""
+
+    skew_ms: float
+    entropy_added: bool
+    crng_reseeded: bool
+    took_ms: float
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    kind: str  # stdout | stderr | exit | error
+    data: bytes = b""
+    code: int = 0  # exit: the status, or -signal
+
+
+class Exec:
+    """One command running in the guest: its output as events, its stdin, a way to kill it."""
+
+    def __init__(self, agent: Agent, channel: int) -> None:
+        self.agent, self.channel = agent, channel
+        self.events: asyncio.Queue[ExecEvent] = asyncio.Queue(_QUEUE_FRAMES)
+        self.finished = False
+        self.pending_error: bytes | None = None  # the channel ended while the queue was full
+
+    async def write_stdin(self, data: bytes) -> None:
+        """Bytes for the process's stdin; b"" closes it."""
+        for start in range(0, max(len(data), 1), MAX_FRAME // 2):
+            await self.agent.send(F_STDIN, self.channel, data[start : start + MAX_FRAME // 2])
+
+    async def kill(self, signal: int = 9) -> None:
+        if not self.finished:
+            with contextlib.suppress(AgentError, OSError):
+                await self.agent.send(F_KILL, self.channel, bytes([signal]))
+
+    async def abandon(self) -> None:
+        """Nobody reads this exec any more: kill it and drop its output, so other channels flow on."""
+        await self.kill()
+        self.finished = True
+        self.agent.execs.pop(self.channel, None)
+        while not self.events.empty():
+            self.events.get_nowait()  # a reader blocked on this full queue moves on
+
+    async def __aiter__(self) -> AsyncIterator[ExecEvent]:
+        while not self.finished:
+            if self.events.empty() and self.pending_error is not None:
+                event = ExecEvent("error", self.pending_error)
+            else:
+                event = await self.events.get()
+            if event.kind in ("exit", "error"):
+                self.finished = True
+                self.agent.execs.pop(self.channel, None)
+            yield event
+
+
+class Agent:
+    """A connection to one VM's guest agent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.execs: dict[int, Exec] = {}
+        self._replies: dict[int, asyncio.Future[bytes]] = {}
+        self._channels = itertools.count(1)
+        self._closed: str | None = None
+        self._task = asyncio.get_running_loop().create_task(self._read_frames())
+
+    @classmethod
+    async def connect(cls, sock: Path, timeout: float = 5.0) -> Agent:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(str(sock), limit=2 * MAX_FRAME)
+        except (OSError, TimeoutError) as exc:
+            raise AgentError(f"cannot reach the guest agent at {sock}: {exc}") from exc
+        return cls(reader, writer)
+
+    async def send(self, kind: int, channel: int, payload: bytes) -> None:
+        if self._closed is not None:
+            raise AgentError(f"the guest agent's channel is closed: {self._closed}")
+        self.writer.write(_HEAD.pack(len(payload) + 5, kind, channel) + payload)
+        await self.writer.drain()
+
+    async def sync(self, hostname: str, timeout: float) -> SyncResult:
+        """Set the guest's wall clock, feed its RNG fresh host entropy and reseed it, set its hostname."""
+        channel = next(self._channels)
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._replies[channel] = reply
+        started = time.monotonic()
+        name = hostname.encode()
+        try:
+            payload = struct.pack(">QH", time.time_ns(), len(name)) + name + os.urandom(ENTROPY_BYTES)
+            await self.send(F_SYNC, channel, payload)
+            async with asyncio.timeout(timeout):
+                answer = await reply
+        except TimeoutError:
+            raise AgentError(f"the guest agent did not answer a sync within {timeout * 1000:.0f} ms") from None
+        finally:
+            self._replies.pop(channel, None)
+        guest_ns, flags = struct.unpack(">QB", answer[:9])
+        return SyncResult(
+            skew_ms=(guest_ns - time.time_ns()) / 1e6,
+            entropy_added=bool(flags & 1),
+            crng_reseeded=bool(flags & 2),
+            took_ms=(time.monotonic() - started) * 1000,
+        )
+
+    async def exec(self, argv: list[str], env: list[str], cwd: str, uid: int, gid: int) -> Exec:
+        """Start a command; its events come from the returned Exec."""
+        channel = next(self._channels)
+        strings = [*argv, *env, cwd]
+        if any("\0" in s for s in strings):
+            raise AgentError("argv, env and cwd must not contain NUL bytes")
+        payload = struct.pack(">IIHH", uid, gid, len(argv), len(env)) + b"".join(s.encode() + b"\0" for s in strings)
+        if len(payload) > MAX_FRAME - 16:
+            raise AgentError("argv and env are too large (1 MiB at most)")
+        ex = Exec(self, channel)
+        self.execs[channel] = ex
+        try:
+            await self.send(F_EXEC, channel, payload)
+        except BaseException:
+            self.execs.pop(channel, None)
+            raise
+        return ex
+
+    async def close(self, why: str) -> None:
+        """End the channel; every exec still running gets an error event saying `why`."""
+        if self._closed is None:
+            self._closed = why
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.writer.close()
+        self._fail_all(why)
+
+    def _fail_all(self, why: str) -> None:
+        for ex in list(self.execs.values()):
+            ex.pending_error = why.encode()
+            with contextlib.suppress(asyncio.QueueFull):
+                ex.events.put_nowait(ExecEvent("error", ex.pending_error))
+        self.execs.clear()
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(AgentError(f"the guest agent's channel ended: {why}"))
+
+    async def _read_frames(self) -> None:
+        try:
+            while True:
+                length, kind, channel = _HEAD.unpack(await self.reader.readexactly(_HEAD.size))
+                if not 5 <= length <= MAX_FRAME + 5:
+                    raise AgentError(f"the guest agent sent a frame of {length} bytes")
+                payload = await self.reader.readexactly(length - 5)
+                await self._dispatch(kind, channel, payload)
+        except (asyncio.IncompleteReadError, OSError, AgentError) as exc:
+            self._closed = self._closed or f"the guest agent's channel ended ({exc})"
+            self._fail_all(self._closed)
+
+    async def _dispatch(self, kind: int, channel: int, payload: bytes) -> None:
+        if kind == F_SYNC_OK:
+            reply = self._replies.get(channel)
+            if reply is not None and not reply.done():
+                reply.set_result(payload)
+            return
+        ex = self.execs.get(channel)
+        if ex is None:
+            reply = self._replies.get(channel)
+            if kind == F_ERROR and reply is not None and not reply.done():
+                reply.set_exception(AgentError(payload.decode(errors="replace")))
+            return
+        if kind in (F_STDOUT, F_STDERR):
+            await ex.events.put(ExecEvent("stdout" if kind == F_STDOUT else "stderr", payload))
+        elif kind == F_EXIT:
+            await ex.events.put(ExecEvent("exit", code=struct.unpack(">i", payload[:4])[0]))
+        elif kind == F_ERROR:
+            await ex.events.put(ExecEvent("error", payload))
