@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import re
 import ssl
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeat)")
     run.add_argument("--timeout", type=float, default=300.0, help="seconds before it is killed (default 300)")
     run.set_defaults(func=_exec)
+
+    cp = sub.add_parser("cp", "copy a file into or out of a VM: `mvm cp LOCAL <id>:/path` or `mvm cp <id>:/path LOCAL`")
+    cp.add_argument("source")
+    cp.add_argument("dest")
+    cp.set_defaults(func=_cp)
 
     logs = sub.add_parser("logs", "print a VM's app output (stdout and stderr)")
     logs.add_argument("vm_id")
@@ -270,7 +277,7 @@ def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
 
 @contextlib.asynccontextmanager
 async def _request(
-    cfg: Config, method: str, path: str, body: Any, timeout: float | None = 300
+    cfg: Config, method: str, path: str, body: Any, timeout: float | None = 300, data: Any = None
 ) -> AsyncIterator[aiohttp.ClientResponse]:
     """One control API request to the configured server (loopback address, control host name)."""
     server = cfg.server
@@ -291,7 +298,7 @@ async def _request(
             session.request(
                 method,
                 url,
-                data=orjson.dumps(body) if body is not None else None,
+                data=orjson.dumps(body) if body is not None else data,
                 headers=headers,
                 ssl=ssl_ctx,
                 server_hostname=server.control_host if server.tls else None,
@@ -312,8 +319,8 @@ async def _request(
         raise CliError(f"control API call {method} {path} failed: {exc}") from exc
 
 
-async def _call(cfg: Config, method: str, path: str, body: Any) -> Any:
-    async with _request(cfg, method, path, body) as resp:
+async def _call(cfg: Config, method: str, path: str, body: Any, data: Any = None) -> Any:
+    async with _request(cfg, method, path, body, data=data) as resp:
         raw = await resp.read()
     try:
         return orjson.loads(raw) if raw else None
@@ -353,6 +360,43 @@ async def _stream_exec(cfg: Config, path: str, body: dict[str, Any]) -> int:
                 print(f"mvm: exec: {event['error']}", file=sys.stderr)
                 return 124 if event.get("timed_out") else 1
     raise CliError("the exec stream ended without an exit code")
+
+
+_VM_PATH = re.compile(r"^(v[a-z2-7]{11}):(/.*)$")
+
+
+def _cp(args: argparse.Namespace) -> None:
+    into, out_of = _VM_PATH.match(args.dest), _VM_PATH.match(args.source)
+    if bool(into) == bool(out_of):
+        raise CliError("give exactly one side as <vm-id>:/absolute/path, e.g. mvm cp a.txt vabc234def56:/data/a.txt")
+    cfg = _config(args)
+    if into:
+        local = Path(args.source)
+        if not local.is_file():
+            raise CliError(f"{local}: not a file")
+        path = f"/v1/vms/{into[1]}/files?path={urllib.parse.quote(into[2])}"
+        with open(local, "rb") as data:
+            result = asyncio.run(_call(cfg, "PUT", path, None, data=data))
+        print(f"copied {result['bytes']} bytes to {args.dest}")
+    else:
+        assert out_of is not None
+        asyncio.run(_download(cfg, f"/v1/vms/{out_of[1]}/files?path={urllib.parse.quote(out_of[2])}", Path(args.dest)))
+
+
+async def _download(cfg: Config, path: str, local: Path) -> None:
+    """Stream into a temporary file beside `local`, renamed at the end: no half file on failure."""
+    async with _request(cfg, "GET", path, None, timeout=None) as resp:
+        if resp.content_type == "application/json":
+            raise CliError(f"{path.partition('path=')[2]} is a directory in the VM")
+        tmp = local.with_name(f".{local.name}.mvm-cp")
+        try:
+            with open(tmp, "wb") as out:
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    out.write(chunk)
+            tmp.rename(local)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def _logs(args: argparse.Namespace) -> None:

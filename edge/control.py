@@ -20,6 +20,7 @@ from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import VmRecord
 
+from . import files_api
 from .config import Config
 from .exec_api import ExecRequest, stream_exec
 from .metrics import Metrics
@@ -28,7 +29,7 @@ from .tokens import TokenService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PUBLIC = ("/healthz", "/metrics", "/openapi.json")
-_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
                 409: "conflict", 413: "body_too_large", 422: "invalid_request", 502: "vm_failed",
                 503: "unavailable", 507: "insufficient_capacity"}  # fmt: skip
 
@@ -216,6 +217,7 @@ def build_control_app(cfg: Config, manager: VmManager, tokens: TokenService, met
     app.router.add_delete("/v1/images/{name}", delete_image)
     app.router.add_get("/v1/vms/{vm_id}/logs", vm_logs)
     app.router.add_post("/v1/vms/{vm_id}/exec", vm_exec)
+    files_api.add_routes(app, manager)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", create_vm)
     app.router.add_get("/v1/vms/{vm_id}", get_vm)

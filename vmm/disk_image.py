@@ -52,7 +52,9 @@ from .image import (
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_INIT_SOURCE = REPO / "guest" / "init" / "mvm-init.c"
-GUEST_INIT_COMPANIONS = (REPO / "guest" / "init" / "agent.c", REPO / "guest" / "init" / "agent.h")
+GUEST_INIT_COMPANIONS = tuple(
+    REPO / "guest" / "init" / name for name in ("agent.c", "agent.h", "files.c", "files.h")
+)
 STAGE1_INIT = REPO / "guest" / "stage1" / "init"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 STAGE1_MODULES = ("virtio_mmio", "virtio_net", "virtio_blk", "virtio_console")

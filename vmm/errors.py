@@ -19,6 +19,12 @@ class InvalidRequest(VmmError):
     http_status = 422
 
 
+class PermissionDenied(VmmError):
+    """The guest refused access to a path."""
+
+    http_status = 403
+
+
 class Conflict(VmmError):
     """The VM is in a state that does not allow the operation."""
 

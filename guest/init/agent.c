@@ -3,7 +3,7 @@
  *
  * One process, one poll loop, nothing blocking: the port and every pipe are non-blocking,
  * output waits in buffers. While the host is not connected (between a template's boot and
- * its snapshot) the port reports POLLHUP without end, so the loop then looks every 10 ms.
+ * its snapshot) the port reports POLLHUP without end, so the loop then looks every 5 ms.
  */
 #define _GNU_SOURCE
 #include "agent.h"
@@ -380,7 +380,11 @@ void agent_main(void) {
         struct pollfd fds[2 + 3 * MAX_EXECS];
         struct exec *owner[2 + 3 * MAX_EXECS];
         int nfds = 0;
-        fds[nfds++] = (struct pollfd){.fd = port, .events = POLLIN | (out.len ? POLLOUT : 0)};
+        /* Stdin waits in memory until its process reads it: past 1 MiB, stop reading the port. */
+        int stdin_full = 0;
+        for (int i = 0; i < MAX_EXECS; i++)
+            stdin_full |= execs[i].pid && execs[i].stdin_pending.len > (1u << 20);
+        fds[nfds++] = (struct pollfd){.fd = port, .events = (stdin_full ? 0 : POLLIN) | (out.len ? POLLOUT : 0)};
         fds[nfds++] = (struct pollfd){.fd = sfd, .events = POLLIN};
         /* Output is read only while the port keeps up: a host that stops reading stops the process. */
         int backlog = out.len > 4 * READ_CHUNK;
@@ -399,7 +403,7 @@ void agent_main(void) {
         if (ready < 0)
             continue;
         if (fds[0].revents & POLLHUP && !(fds[0].revents & POLLIN)) {
-            usleep(10000); /* no host on the other end (yet): look again soon */
+            usleep(5000); /* no host on the other end (yet): look again soon */
         } else {
             if (fds[0].revents & POLLIN)
                 read_port();

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -130,3 +133,79 @@ async def test_exec_ends_with_an_error_when_its_vm_is_suspended(settings: VmmSet
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
         events = await asyncio.wait_for(running, 10)
         assert "was suspended" in events[-1]["error"]
+
+
+async def test_files_round_trip_any_size_list_and_atomic_overwrite(
+    settings: VmmSettings, sandbox_template: str, tmp_path: Path
+) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        vm_id = (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"]
+        url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/files"
+        big = tmp_path / "big.bin"
+        with open(big, "wb") as f:
+            for _ in range(100):
+                f.write(os.urandom(2**20))
+        digest = hashlib.sha256(big.read_bytes()).hexdigest()
+        with open(big, "rb") as f:
+            async with client.session.put(url, params={"path": "/data/in/big.bin"}, data=f, headers=client.admin) as r:
+                assert r.status == 201 and (await r.json())["bytes"] == 100 * 2**20
+        back = hashlib.sha256()
+        async with client.session.get(url, params={"path": "/data/in/big.bin"}, headers=client.admin) as resp:
+            assert resp.status == 200
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                back.update(chunk)
+        assert back.hexdigest() == digest
+
+        # the app sees the file on its own disk, and an overwrite is atomic (temp file + rename)
+        assert await sandbox_run(vm_id, "import os; os.path.getsize('/data/in/big.bin')") == 100 * 2**20
+        inode = await sandbox_run(vm_id, "import os; os.stat('/data/in/big.bin').st_ino")
+        async with client.session.put(url, params={"path": "/data/in/big.bin"}, data=b"small", headers=client.admin):
+            pass
+        assert await sandbox_run(vm_id, "open('/data/in/big.bin', 'rb').read()") == b"small"
+        assert await sandbox_run(vm_id, "import os; os.stat('/data/in/big.bin').st_ino") != inode
+
+        async with client.session.get(url, params={"path": "/data/in"}, headers=client.admin) as resp:
+            listing = await resp.json()
+        assert [(e["name"], e["type"], e["size"]) for e in listing["entries"]] == [("big.bin", "file", 5)]
+        assert set(listing["entries"][0]) == {"name", "type", "size", "mode", "mtime"}
+
+        async with client.session.get(url, params={"path": "/data/nope"}, headers=client.admin) as resp:
+            assert resp.status == 404 and "No such file" in (await resp.json())["message"]
+        async with client.session.get(url, params={"path": "relative"}, headers=client.admin) as resp:
+            assert resp.status == 422
+        async with client.session.delete(url, params={"path": "/data/in"}, headers=client.admin) as resp:
+            assert resp.status == 409 and "not empty" in (await resp.json())["message"]
+        async with client.session.delete(url, params={"path": "/data/in/big.bin"}, headers=client.admin) as resp:
+            assert resp.status == 204
+        assert await sandbox_run(vm_id, "import os; os.listdir('/data/in')") == []
+
+
+async def test_cli_exec_and_cp(settings: VmmSettings, sandbox_template: str, tmp_path: Path) -> None:
+    cfg = edge_config(settings)
+    async with running_edge(cfg) as client:
+        vm_id = (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"]
+        config = tmp_path / "cli.toml"
+        config.write_text(f'[server]\nlisten_port = {client.edge.port}\ntls_cert = "{cfg.server.tls_cert}"\n'
+                          f'tls_key = "{cfg.server.tls_key}"\n')  # fmt: skip
+
+        async def mvm(*args: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "edge.cli", "--config", str(config), *args,  # exec's argv takes the rest
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+            assert proc.returncode is not None
+            return proc.returncode, out, err
+
+        code, out, err = await mvm("exec", vm_id, "--", "sh", "-c", "tr a-z A-Z; echo oops >&2; exit 7", stdin=b"abc\n")
+        assert (code, out, err) == (7, b"ABC\n", b"oops\n")
+        local = tmp_path / "notes.txt"
+        local.write_bytes(b"copied in\n")
+        code, out, err = await mvm("cp", str(local), f"{vm_id}:/data/notes.txt")
+        assert code == 0, err
+        code, _, err = await mvm("cp", f"{vm_id}:/data/notes.txt", str(tmp_path / "back.txt"))
+        assert code == 0 and (tmp_path / "back.txt").read_bytes() == b"copied in\n", err
+        code, _, err = await mvm("cp", f"{vm_id}:/data/missing", str(tmp_path / "x"))
+        assert code == 1 and b"HTTP 404" in err and b"Traceback" not in err and not (tmp_path / "x").exists()
+        code, _, err = await mvm("exec", vm_id)
+        assert code == 1 and b"no command given" in err

@@ -1,0 +1,138 @@
+"""GET/PUT/DELETE /v1/vms/{id}/files?path=...: a VM's files, streamed any size, through its agent.
+
+The guest side is `/mvm/init file-get|file-put|file-delete PATH` (guest/init/files.c) run
+with the agent's exec, so it works in every disk image whatever tools the image has:
+- GET streams a file's bytes, or answers a directory's listing as JSON (name, type, size,
+  mode, mtime);
+- PUT streams the request body into a temporary file beside the target, then renames it;
+- DELETE removes a file or an empty directory.
+A guest errno becomes the matching HTTP error with the guest's message.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import orjson
+from aiohttp import web
+
+from vmm.agent import AgentError, Exec
+from vmm.errors import Conflict, InvalidRequest, NotFound, OverCapacity, PermissionDenied, VmmError
+from vmm.manager import VmManager
+
+TOOL = "/mvm/init"
+_ERRORS: dict[int, type[VmmError]] = {
+    errno.ENOENT: NotFound, errno.EACCES: PermissionDenied, errno.EPERM: PermissionDenied,
+    errno.EISDIR: Conflict, errno.ENOTDIR: Conflict, errno.ENOTEMPTY: Conflict, errno.EEXIST: Conflict,
+    errno.ENOSPC: OverCapacity, errno.EDQUOT: OverCapacity, errno.EINVAL: InvalidRequest,
+    errno.ENAMETOOLONG: InvalidRequest, errno.EROFS: PermissionDenied,
+}  # fmt: skip
+
+
+def _path(request: web.Request) -> str:
+    path = request.query.get("path", "")
+    if not path.startswith("/") or "\0" in path:
+        raise InvalidRequest("path must be an absolute path in the guest, e.g. ?path=/data/notes.txt")
+    return path
+
+
+def _error(code: int, stderr: bytes) -> VmmError:
+    message = stderr.decode(errors="replace").strip() or f"guest error {code}"
+    return _ERRORS.get(code, VmmError)(message)
+
+
+async def _finish(ex: Exec) -> None:
+    """Wait for the tool's exit; a failure becomes the HTTP error its errno means."""
+    stderr = b""
+    async for event in ex:
+        if event.kind == "stderr":
+            stderr += event.data
+        elif event.kind == "error":
+            raise AgentError(f"the guest agent failed: {event.data.decode(errors='replace')}")
+        elif event.kind == "exit" and event.code != 0:
+            raise _error(event.code, stderr)
+
+
+class FilesApi:
+    """The three handlers, bound to the manager that runs the tools."""
+
+    def __init__(self, manager: VmManager) -> None:
+        self.manager = manager
+
+    async def _start(self, request: web.Request, tool: str) -> tuple[str, str, Exec]:
+        vm_id, path = request.match_info["vm_id"], _path(request)
+        ex = await self.manager.exec(vm_id, [TOOL, tool, path], [], "/", 0, 0)
+        return vm_id, path, ex
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        vm_id, path, ex = await self._start(request, "file-get")
+        response: web.StreamResponse | None = None
+        listing = bytearray()
+        stderr = b""
+        with self.manager.busy(vm_id):
+            try:
+                await ex.write_stdin(b"")
+                async for event in ex:
+                    if event.kind == "stdout":
+                        data = event.data
+                        if response is None and not listing and data[:1] == b"F":
+                            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+                            await response.prepare(request)
+                            data = data[1:]
+                        elif response is None and not listing:
+                            data = data[1:]  # "D": a directory listing follows
+                            listing += b"\n"
+                        if response is not None:
+                            await response.write(data)
+                        else:
+                            listing += data
+                    elif event.kind == "stderr":
+                        stderr += event.data
+                    elif event.kind == "error" or event.code != 0:
+                        if response is not None:  # headers are out: the client sees a cut stream
+                            raise ConnectionAbortedError(f"reading {path} failed midway")
+                        if event.kind == "error":
+                            raise AgentError(f"the guest agent failed: {event.data.decode(errors='replace')}")
+                        raise _error(event.code, stderr)
+            finally:
+                if not ex.finished:
+                    await ex.abandon()
+        if response is not None:
+            await response.write_eof()
+            return response
+        entries = [orjson.loads(line) for line in bytes(listing).splitlines() if line]
+        return web.Response(body=orjson.dumps({"path": path, "entries": entries}), content_type="application/json")
+
+    async def put(self, request: web.Request) -> web.Response:
+        vm_id, path, ex = await self._start(request, "file-put")
+        size = 0
+        with self.manager.busy(vm_id):
+            try:
+                async for chunk in request.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    await ex.write_stdin(chunk)
+                await ex.write_stdin(b"")
+                await _finish(ex)
+            finally:
+                if not ex.finished:
+                    await ex.abandon()
+        return web.Response(body=orjson.dumps({"path": path, "bytes": size}), status=201,
+                            content_type="application/json")  # fmt: skip
+
+    async def delete(self, request: web.Request) -> web.Response:
+        vm_id, _, ex = await self._start(request, "file-delete")
+        with self.manager.busy(vm_id):
+            try:
+                await ex.write_stdin(b"")
+                await _finish(ex)
+            finally:
+                if not ex.finished:
+                    await ex.abandon()
+        return web.Response(status=204)
+
+
+def add_routes(app: web.Application, manager: VmManager) -> None:
+    files = FilesApi(manager)
+    app.router.add_get("/v1/vms/{vm_id}/files", files.get)
+    app.router.add_put("/v1/vms/{vm_id}/files", files.put)
+    app.router.add_delete("/v1/vms/{vm_id}/files", files.delete)

@@ -1,0 +1,158 @@
+/*
+ * File tools the host runs through the agent's exec as `/mvm/init <tool> PATH`: every image
+ * has /mvm/init, not every image has cat, ls or a shell. Data goes over the exec's stdin and
+ * stdout, so any size streams; errors are a message on stderr and errno as the exit status.
+ *
+ *   file-get PATH     stdout: "F" then the file's bytes, or "D" then one JSON object per entry
+ *   file-put PATH     stdin -> a temporary file beside PATH, fsync, rename: readers never see half
+ *   file-delete PATH  a file, or an empty directory
+ */
+#define _GNU_SOURCE
+#include "files.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static int fail(const char *what, const char *path) {
+    int err = errno ? errno : EIO;
+    fprintf(stderr, "%s %s: %s\n", what, path, strerror(err));
+    return err;
+}
+
+static int write_all(int fd, const char *data, size_t n) {
+    while (n) {
+        ssize_t w = write(fd, data, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        data += w, n -= (size_t)w;
+    }
+    return 0;
+}
+
+static void json_string(FILE *out, const char *s) {
+    fputc('"', out);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            fprintf(out, "\\%c", *p);
+        else if (*p < 0x20)
+            fprintf(out, "\\u%04x", *p);
+        else
+            fputc(*p, out);
+    }
+    fputc('"', out);
+}
+
+static int list_dir(const char *path) {
+    DIR *dir = opendir(path);
+    if (!dir)
+        return fail("cannot list", path);
+    fputc('D', stdout);
+    struct dirent *e;
+    while ((e = readdir(dir))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        struct stat st;
+        if (fstatat(dirfd(dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+            continue;
+        const char *type = S_ISDIR(st.st_mode) ? "dir" : S_ISREG(st.st_mode) ? "file" : S_ISLNK(st.st_mode) ? "link" : "other";
+        fputs("{\"name\":", stdout);
+        json_string(stdout, e->d_name);
+        printf(",\"type\":\"%s\",\"size\":%lld,\"mode\":\"%04o\",\"mtime\":%lld.%09ld}\n", type, (long long)st.st_size,
+               (unsigned)(st.st_mode & 07777), (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+    }
+    closedir(dir);
+    return fflush(stdout) == 0 ? 0 : fail("cannot write the listing of", path);
+}
+
+static int get(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fail("cannot open", path);
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return fail("cannot stat", path);
+    if (S_ISDIR(st.st_mode)) {
+        close(fd);
+        return list_dir(path);
+    }
+    if (write_all(1, "F", 1) != 0)
+        return fail("cannot send", path);
+    static char buf[65536];
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n == 0)
+            return 0;
+        if (n < 0 || write_all(1, buf, (size_t)n) != 0)
+            return fail("cannot read", path);
+    }
+}
+
+static void make_parents(char *path) {
+    for (char *p = path + 1; (p = strchr(p, '/')); p++) {
+        *p = '\0';
+        mkdir(path, 0755);
+        *p = '/';
+    }
+}
+
+static int put(const char *path) {
+    char *copy = strdup(path), tmp[4096];
+    make_parents(copy);
+    free(copy);
+    snprintf(tmp, sizeof tmp, "%s.mvm-upload-XXXXXX", path);
+    int fd = mkstemp(tmp);
+    if (fd < 0)
+        return fail("cannot create a temporary file for", path);
+    fchmod(fd, 0644);
+    static char buf[65536];
+    for (;;) {
+        ssize_t n = read(0, buf, sizeof buf);
+        if (n == 0)
+            break;
+        if (n < 0 || write_all(fd, buf, (size_t)n) != 0) {
+            int err = fail("cannot write", path);
+            close(fd), unlink(tmp);
+            return err;
+        }
+    }
+    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
+        int err = fail("cannot finish writing", path);
+        unlink(tmp);
+        return err;
+    }
+    return 0;
+}
+
+static int delete(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0)
+        return fail("cannot delete", path);
+    if ((S_ISDIR(st.st_mode) ? rmdir(path) : unlink(path)) != 0)
+        return fail("cannot delete", path);
+    return 0;
+}
+
+int files_tool(const char *tool, const char *path) {
+    errno = 0;
+    if (path[0] != '/') {
+        fprintf(stderr, "%s: the path must be absolute: %s\n", tool, path);
+        return EINVAL;
+    }
+    if (!strcmp(tool, "file-get"))
+        return get(path);
+    if (!strcmp(tool, "file-put"))
+        return put(path);
+    if (!strcmp(tool, "file-delete"))
+        return delete(path);
+    fprintf(stderr, "unknown tool %s\n", tool);
+    return EINVAL;
+}
