@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.e2e.edge_harness import DOMAIN, Client, edge_config, running_edge
 from tests.e2e.guest import sandbox_run
 from vmm.manager import VmManager
 from vmm.settings import VmmSettings
 
+REPO = Path(__file__).resolve().parents[2]
 RANDOM = "import os, socket, time; (os.urandom(32).hex(), os.getrandom(32).hex(), socket.gethostname(), time.time())"
 
 
@@ -209,3 +211,40 @@ async def test_cli_exec_and_cp(settings: VmmSettings, sandbox_template: str, tmp
         assert code == 1 and b"HTTP 404" in err and b"Traceback" not in err and not (tmp_path / "x").exists()
         code, _, err = await mvm("exec", vm_id)
         assert code == 1 and b"no command given" in err
+
+
+async def test_sdk_example_runs_against_the_real_edge(settings: VmmSettings, sandbox_template: str) -> None:
+    cfg = edge_config(settings)
+    async with running_edge(cfg) as client:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(REPO / "examples" / "sandbox_agent.py"), "--url", f"https://127.0.0.1:{client.edge.port}",
+            "--admin-key", cfg.server.admin_key, "--cafile", str(cfg.server.tls_cert), "--template", sandbox_template,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        lines = out.decode().splitlines()
+        assert lines[0].startswith("step 0: exit 0: 2432902008176640000 v")  # the hostname is the VM's id
+        assert lines[1:] == ["step 1: exit 0: ", "step 2: exit 3: 42", "files: ['answer.txt']"]
+        assert client.edge.manager.list_vms() == []  # the example deleted its VM
+
+
+async def test_sdk_errors_are_typed(settings: VmmSettings, sandbox_template: str) -> None:
+    from microvm_edge import AsyncClient, InvalidRequest, NotFound, Unauthorized
+
+    cfg = edge_config(settings)
+    async with running_edge(cfg) as client:
+        url = f"https://127.0.0.1:{client.edge.port}"
+        async with AsyncClient(url, cfg.server.admin_key, cafile=str(cfg.server.tls_cert)) as sdk:
+            with pytest.raises(NotFound) as missing:
+                await sdk.get("vaaaaaaaaaaa")
+            assert missing.value.code == "not_found" and missing.value.status == 404
+            with pytest.raises(InvalidRequest, match=r"policy\.vcpus"):
+                await sdk.create(template=sandbox_template, policy={"vcpus": 0})
+            vm = await sdk.create(template=sandbox_template)
+            events = [e async for e in sdk.exec(vm.id, ["sh", "-c", "echo a; echo b >&2"])]
+            assert sorted((e.kind, e.data) for e in events[:-1]) == [("stderr", b"b\n"), ("stdout", b"a\n")]
+            assert events[-1].exit_code == 0
+        async with AsyncClient(url, "wrong-key-0123456789", cafile=str(cfg.server.tls_cert)) as bad:
+            with pytest.raises(Unauthorized):
+                await bad.list()

@@ -1,0 +1,324 @@
+"""The Python SDK: AsyncClient (asyncio) and Client (the same calls, blocking).
+
+    from microvm_edge import Client
+    with Client("https://127.0.0.1:8443", admin_key="...", cafile="var/tls/dev.crt") as mvm:
+        vm = mvm.create(template="sandbox")
+        print(mvm.run(vm.id, ["python3", "-c", "print(6 * 7)"]).stdout)
+
+Every call goes to the control API of a running `mvm serve` (or edge). Errors are typed
+exceptions (microvm_edge.errors) carrying the API's error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import ssl
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from .errors import ApiError, ExecFailed, error_for
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Vm:
+    id: str
+    state: str
+    template: str
+    url: str
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Vm:
+        return cls(data["id"], data["state"], data["template"], data["url"], data)
+
+
+@dataclass(frozen=True)
+class Token:
+    token: str
+    expires_at: float
+    url: str
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """One step of a running command: output ("stdout"/"stderr" with data) or its end ("exit")."""
+
+    kind: str
+    data: bytes = b""
+    exit_code: int | None = None
+    signal: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    signal: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class AsyncClient:
+    """The control API over HTTPS (or HTTP), authenticated with the admin key."""
+
+    def __init__(
+        self,
+        url: str = "https://127.0.0.1:8443",
+        admin_key: str = "",
+        *,
+        control_host: str = "api.mvm.localhost",
+        cafile: str | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.control_host = control_host
+        self._headers = {"Host": control_host, "Authorization": f"Bearer {admin_key}"}
+        secure = url.startswith("https")
+        self._ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if secure else False
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- VMs
+
+    async def create(self, template: str | None = None, policy: dict[str, Any] | None = None) -> Vm:
+        body: dict[str, Any] = {}
+        if template is not None:
+            body["template"] = template
+        if policy is not None:
+            body["policy"] = policy
+        return Vm.from_json(await self._json("POST", "/v1/vms", body))
+
+    async def get(self, vm_id: str) -> Vm:
+        return Vm.from_json(await self._json("GET", f"/v1/vms/{vm_id}"))
+
+    async def list(self) -> builtins.list[Vm]:
+        return [Vm.from_json(vm) for vm in (await self._json("GET", "/v1/vms"))["vms"]]
+
+    async def token(self, vm_id: str, ttl: float | None = None) -> Token:
+        data = await self._json("POST", f"/v1/vms/{vm_id}/tokens", {} if ttl is None else {"ttl": ttl})
+        return Token(data["token"], data["expires_at"], data["url"])
+
+    async def suspend(self, vm_id: str) -> Vm:
+        return Vm.from_json(await self._json("POST", f"/v1/vms/{vm_id}/suspend"))
+
+    async def resume(self, vm_id: str) -> Vm:
+        return Vm.from_json(await self._json("POST", f"/v1/vms/{vm_id}/resume"))
+
+    async def delete(self, vm_id: str) -> None:
+        await self._json("DELETE", f"/v1/vms/{vm_id}")
+
+    # ---- exec
+
+    async def exec(
+        self,
+        vm_id: str,
+        argv: builtins.list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str = "/",
+        user: str = "root",
+        stdin: bytes = b"",
+        timeout: float = 300.0,
+    ) -> AsyncIterator[ExecEvent]:
+        """Run a command; yields its output as it comes, then one "exit" event."""
+        body = {"argv": argv, "env": env or {}, "cwd": cwd, "user": user, "timeout": timeout,
+                "stdin_b64": base64.b64encode(stdin).decode()}  # fmt: skip
+        async with self._request("POST", f"/v1/vms/{vm_id}/exec", orjson.dumps(body), timeout=None) as resp:
+            async for line in resp.content:
+                event = orjson.loads(line)
+                if "stream" in event:
+                    yield ExecEvent(event["stream"], base64.b64decode(event["data"]))
+                elif "exit_code" in event:
+                    yield ExecEvent("exit", exit_code=event["exit_code"], signal=event.get("signal"))
+                    return
+                else:
+                    code = "timed_out" if event.get("timed_out") else "exec_failed"
+                    raise ExecFailed(200, code, event.get("error", "the exec ended without an exit code"))
+        raise ExecFailed(200, "exec_failed", "the exec stream ended without an exit code")
+
+    async def run(self, vm_id: str, argv: builtins.list[str], **options: Any) -> ExecResult:
+        """Run a command to its end: stdout, stderr, exit code (and the signal that killed it, if one did)."""
+        out, err = bytearray(), bytearray()
+        async for event in self.exec(vm_id, argv, **options):
+            if event.kind == "stdout":
+                out += event.data
+            elif event.kind == "stderr":
+                err += event.data
+            else:
+                assert event.exit_code is not None
+                return ExecResult(bytes(out), bytes(err), event.exit_code, event.signal)
+        raise ExecFailed(200, "exec_failed", "the exec stream ended without an exit code")
+
+    # ---- files
+
+    async def read_file(self, vm_id: str, path: str) -> bytes:
+        async with self._request("GET", f"/v1/vms/{vm_id}/files", params={"path": path}) as resp:
+            if resp.content_type == "application/json":
+                raise ApiError(409, "is_a_directory", f"{path} is a directory: use list_files")
+            return await resp.read()
+
+    async def write_file(self, vm_id: str, path: str, data: bytes) -> int:
+        """Write atomically (the guest writes a temporary file and renames it); returns the size."""
+        async with self._request("PUT", f"/v1/vms/{vm_id}/files", data, params={"path": path}) as resp:
+            return int((await resp.json())["bytes"])
+
+    async def list_files(self, vm_id: str, path: str) -> builtins.list[dict[str, Any]]:
+        """A directory's entries: name, type, size, mode, mtime."""
+        async with self._request("GET", f"/v1/vms/{vm_id}/files", params={"path": path}) as resp:
+            if resp.content_type != "application/json":
+                raise ApiError(409, "not_a_directory", f"{path} is a file: use read_file")
+            entries: builtins.list[dict[str, Any]] = (await resp.json())["entries"]
+            return entries
+
+    async def delete_file(self, vm_id: str, path: str) -> None:
+        async with self._request("DELETE", f"/v1/vms/{vm_id}/files", params={"path": path}):
+            pass
+
+    # ---- transport
+
+    async def _json(self, method: str, path: str, body: Any = None) -> Any:
+        data = orjson.dumps(body) if body is not None else None
+        async with self._request(method, path, data) as resp:
+            raw = await resp.read()
+        return orjson.loads(raw) if raw else None
+
+    def _request(
+        self, method: str, path: str, data: Any = None, *, params: dict[str, str] | None = None,
+        timeout: float | None = -1.0,
+    ) -> _Call:  # fmt: skip
+        if self._session is None:
+            self._session = aiohttp.ClientSession(read_bufsize=1 << 21)
+        total = self._timeout if timeout == -1.0 else timeout
+        return _Call(self, method, path, data, params, aiohttp.ClientTimeout(total=total))
+
+
+class _Call:
+    """One request as an async context manager; an error answer raises its typed ApiError."""
+
+    def __init__(self, client: AsyncClient, method: str, path: str, data: Any, params: Any, timeout: Any) -> None:
+        self.client, self.method, self.path = client, method, path
+        self.data, self.params, self.timeout = data, params, timeout
+        self.resp: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        c = self.client
+        assert c._session is not None
+        try:
+            self.resp = await c._session.request(
+                self.method, c.url + self.path, data=self.data, params=self.params, headers=c._headers,
+                ssl=c._ssl, server_hostname=c.control_host if c._ssl else None, timeout=self.timeout,
+            )  # fmt: skip
+        except aiohttp.ClientError as exc:
+            raise ApiError(0, "unreachable", f"cannot reach {urlsplit(c.url).netloc}: {exc}") from exc
+        if self.resp.status >= 400:
+            raw = await self.resp.read()
+            self.resp.release()
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                doc = {}
+            doc = doc if isinstance(doc, dict) else {}
+            message = doc.get("message", raw.decode(errors="replace"))
+            raise error_for(self.resp.status, doc.get("error", "error"), message)
+        return self.resp
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.resp is not None:
+            self.resp.release()
+
+
+class Client:
+    """The blocking SDK: AsyncClient's calls on a private event loop thread."""
+
+    def __init__(self, url: str = "https://127.0.0.1:8443", admin_key: str = "", **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="microvm-edge-sdk", daemon=True)
+        self._thread.start()
+        self._async = AsyncClient(url, admin_key, **options)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._call(self._async.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop).result()  # type: ignore[arg-type]
+
+    def create(self, template: str | None = None, policy: dict[str, Any] | None = None) -> Vm:
+        return self._call(self._async.create, template, policy)
+
+    def get(self, vm_id: str) -> Vm:
+        return self._call(self._async.get, vm_id)
+
+    def list(self) -> builtins.list[Vm]:
+        return self._call(self._async.list)
+
+    def token(self, vm_id: str, ttl: float | None = None) -> Token:
+        return self._call(self._async.token, vm_id, ttl)
+
+    def suspend(self, vm_id: str) -> Vm:
+        return self._call(self._async.suspend, vm_id)
+
+    def resume(self, vm_id: str) -> Vm:
+        return self._call(self._async.resume, vm_id)
+
+    def delete(self, vm_id: str) -> None:
+        self._call(self._async.delete, vm_id)
+
+    def exec(self, vm_id: str, argv: builtins.list[str], **options: Any) -> Iterator[ExecEvent]:
+        """A blocking iterator over the command's events, as they come."""
+        events = self._async.exec(vm_id, argv, **options)
+        try:
+            while True:
+                try:
+                    yield self._call(events.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(events.aclose)  # type: ignore[attr-defined]
+
+    def run(self, vm_id: str, argv: builtins.list[str], **options: Any) -> ExecResult:
+        return self._call(self._async.run, vm_id, argv, **options)
+
+    def read_file(self, vm_id: str, path: str) -> bytes:
+        return self._call(self._async.read_file, vm_id, path)
+
+    def write_file(self, vm_id: str, path: str, data: bytes) -> int:
+        return self._call(self._async.write_file, vm_id, path, data)
+
+    def list_files(self, vm_id: str, path: str) -> builtins.list[dict[str, Any]]:
+        return self._call(self._async.list_files, vm_id, path)
+
+    def delete_file(self, vm_id: str, path: str) -> None:
+        self._call(self._async.delete_file, vm_id, path)
