@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     create = vm.add_parser("create", "launch a VM from a template")
     create.add_argument("--template", default=None, help="template to launch from (default vmm.default_template)")
     create.add_argument("--policy", default=None, help="JSON object, e.g. '{\"idle_suspend_after\": 60}'")
+    create.add_argument("--run-payload", default=None, help="JSON given to the image's run hook (at most 16 KiB)")
     create.set_defaults(func=_vm_create)
     vm.add_parser("ls", "list VMs").set_defaults(func=_vm_ls)
     for action, method, suffix, what in (
@@ -179,12 +180,13 @@ def _image_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--memory-mb", type=int, default=None, help="VM memory (default: LABEL mvm.memory_mb, or 512)")
     cmd.add_argument("--vcpus", type=int, default=None, help="VM vCPUs (default: LABEL mvm.vcpus, or 1)")
     cmd.add_argument("--disk-mb", type=int, default=None, help="root disk size (default: LABEL mvm.disk_mb, or 1024)")
+    cmd.add_argument("--hooks", default=None, help="events with HTTP hooks, e.g. run,resume (default: LABEL mvm.hooks)")
 
 
 def _build_options(args: argparse.Namespace) -> Any:
     from vmm.disk_image import BuildOptions
 
-    return BuildOptions(args.name, args.port, args.ready, args.memory_mb, args.vcpus, args.disk_mb)
+    return BuildOptions(args.name, args.port, args.ready, args.memory_mb, args.vcpus, args.disk_mb, args.hooks)
 
 
 def _image_build(args: argparse.Namespace) -> None:
@@ -249,6 +251,11 @@ def _vm_create(args: argparse.Namespace) -> None:
             body["policy"] = orjson.loads(args.policy)
         except orjson.JSONDecodeError as exc:
             raise CliError(f"--policy is not valid JSON: {exc}") from exc
+    if args.run_payload:
+        try:
+            body["run_payload"] = orjson.loads(args.run_payload)
+        except orjson.JSONDecodeError as exc:
+            raise CliError(f"--run-payload is not valid JSON: {exc}") from exc
     _print(_api(args, "POST", "/v1/vms", body))
 
 

@@ -156,15 +156,16 @@ async def vm_exec(request: web.Request) -> web.StreamResponse:
 
 async def create_vm(request: web.Request) -> web.Response:
     body = await _body(request)
-    unknown = sorted(set(body) - {"template", "policy"})
+    allowed = ("template", "policy", "run_payload")
+    unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise web.HTTPUnprocessableEntity(reason=f"{unknown[0]}: unknown field (allowed: template, policy)")
+        raise web.HTTPUnprocessableEntity(reason=f"{unknown[0]}: unknown field (allowed: {', '.join(allowed)})")
     template, policy = body.get("template"), body.get("policy")
     if template is not None and not isinstance(template, str):
         raise web.HTTPUnprocessableEntity(reason="template must be a string")
     if policy is not None and not isinstance(policy, dict):
         raise web.HTTPUnprocessableEntity(reason="policy must be an object")
-    rec = await request.app[MANAGER].create_vm(template, policy)
+    rec = await request.app[MANAGER].create_vm(template, policy, body.get("run_payload"))
     return json_response(_vm_json(request, rec), 201)
 
 

@@ -18,9 +18,8 @@ from aiohttp import web
 
 from vmm.agent import AgentError, Exec
 from vmm.errors import Conflict, InvalidRequest, NotFound, OverCapacity, PermissionDenied, VmmError
-from vmm.manager import VmManager
+from vmm.manager import GUEST_TOOL, VmManager
 
-TOOL = "/mvm/init"
 _ERRORS: dict[int, type[VmmError]] = {
     errno.ENOENT: NotFound, errno.EACCES: PermissionDenied, errno.EPERM: PermissionDenied,
     errno.EISDIR: Conflict, errno.ENOTDIR: Conflict, errno.ENOTEMPTY: Conflict, errno.EEXIST: Conflict,
@@ -61,7 +60,7 @@ class FilesApi:
 
     async def _start(self, request: web.Request, tool: str) -> tuple[str, str, Exec]:
         vm_id, path = request.match_info["vm_id"], _path(request)
-        ex = await self.manager.exec(vm_id, [TOOL, tool, path], [], "/", 0, 0)
+        ex = await self.manager.exec(vm_id, [GUEST_TOOL, tool, path], [], "/", 0, 0)
         return vm_id, path, ex
 
     async def get(self, request: web.Request) -> web.StreamResponse:

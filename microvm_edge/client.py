@@ -104,8 +104,13 @@ class AsyncClient:
 
     # ---- VMs
 
-    async def create(self, template: str | None = None, policy: dict[str, Any] | None = None) -> Vm:
+    async def create(
+        self, template: str | None = None, policy: dict[str, Any] | None = None, run_payload: Any = None
+    ) -> Vm:
+        """Launch a VM from a template; `run_payload` (JSON) goes to the image's run hook."""
         body: dict[str, Any] = {}
+        if run_payload is not None:
+            body["run_payload"] = run_payload
         if template is not None:
             body["template"] = template
         if policy is not None:
@@ -275,8 +280,8 @@ class Client:
     def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop).result()  # type: ignore[arg-type]
 
-    def create(self, template: str | None = None, policy: dict[str, Any] | None = None) -> Vm:
-        return self._call(self._async.create, template, policy)
+    def create(self, template: str | None = None, policy: dict[str, Any] | None = None, run_payload: Any = None) -> Vm:
+        return self._call(self._async.create, template, policy, run_payload)
 
     def get(self, vm_id: str) -> Vm:
         return self._call(self._async.get, vm_id)

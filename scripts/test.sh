@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: install what is missing, lint, then unit and end-to-end tests (real QEMU guests).
+# The test command: install what is missing, lint, type-check, then unit and end-to-end tests (real QEMU guests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/ruff check .
+.venv/bin/mypy edge vmm microvm_edge bench
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import capacity, initramfs, kernel, oci
+from . import capacity, hooks, initramfs, kernel, oci
 from .buildtools import (
     Progress,
     Steps,
@@ -53,7 +53,7 @@ from .image import (
 REPO = Path(__file__).resolve().parent.parent
 GUEST_INIT_SOURCE = REPO / "guest" / "init" / "mvm-init.c"
 GUEST_INIT_COMPANIONS = tuple(
-    REPO / "guest" / "init" / name for name in ("agent.c", "agent.h", "files.c", "files.h")
+    REPO / "guest" / "init" / name for name in ("agent.c", "agent.h", "files.c", "files.h", "hooks.c", "hooks.h")
 )
 STAGE1_INIT = REPO / "guest" / "stage1" / "init"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -77,6 +77,7 @@ class BuildOptions:
     memory_mb: int | None = None
     vcpus: int | None = None
     disk_mb: int | None = None
+    hooks: str | None = None  # comma list of events with HTTP hooks (default: LABEL mvm.hooks)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ def _build(
         config: oci.ImageConfig = make_rootfs(rootfs, step)
         settings = _settings(config, options)
         run_config = _run_config(config, rootfs, settings["port"], name)
+        image_hooks = hooks.from_image(config.labels, options.hooks, settings["port"], rootfs)
 
         step("compiling the guest init (guest/init/mvm-init.c)")
         init = compile_static(GUEST_INIT_SOURCE, tmp / "cc", epoch, GUEST_INIT_COMPANIONS)
@@ -202,7 +204,9 @@ def _build(
         shutil.copyfile(tree.vmlinuz, out / KERNEL_FILE)
         for file in (KERNEL_FILE, INITRD_FILE):
             os.chmod(out / file, 0o644)
-        write_metadata(out, _metadata(name, source, tree, out, config, run_config, settings))
+        meta = _metadata(name, source, tree, out, config, run_config, settings)
+        meta["hooks"] = image_hooks.to_dict()
+        write_metadata(out, meta)
         install_dir(out, images_dir / name, tmp / "previous")
 
     image = load_image(images_dir, name)

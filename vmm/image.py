@@ -72,6 +72,7 @@ class Image:
     kernel_version: str = ""
     kernel_sha256: str = ""
     initrd_sha256: str = ""
+    hooks: dict[str, Any] | None = None  # kind "disk": see vmm.hooks
     build_id: str = ""  # kind "disk": unique per build (its rootfs is too large to hash at every load)
     created_at: float = 0.0
 
@@ -147,6 +148,7 @@ def load_image(images_dir: Path, name: str) -> Image:
             kernel_sha256=meta["files"][KERNEL_FILE]["sha256"],
             initrd_sha256=meta["files"][INITRD_FILE]["sha256"],
             build_id=str(meta.get("build_id", "")),
+            hooks=meta.get("hooks"),
             created_at=float(meta.get("created_at", 0.0)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

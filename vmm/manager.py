@@ -30,6 +30,7 @@ from . import qmp as qmp_ops
 from .agent import Agent, AgentError, Exec
 from .applog import AppLog
 from .errors import Conflict, InvalidRequest, NotFound, RestoreFailed, VmFailed, VmmError
+from .hooks import HookOutcome, Hooks, call_http, check_payload
 from .image import Image, list_images, remove_image
 from .jsonlog import log
 from .model import RamMode, Template, VmRecord, VmState
@@ -53,6 +54,7 @@ from .template import guest_log_tail
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 QMP_CONNECT_TIMEOUT = 10.0
 ACTIVITY_FLUSH_SECONDS = 2.0
+GUEST_TOOL = "/mvm/init"  # also the guest's file and hook tool (guest/init)
 OVERLAY = "disk.qcow2"  # the VM's own writes, over its template's read-only base disk
 _LIVE = (VmState.RUNNING, VmState.PAUSED)
 
@@ -231,8 +233,14 @@ class VmManager:
 
     # ---- lifecycle --------------------------------------------------------------------
 
-    async def create_vm(self, template_name: str | None = None, policy: dict[str, Any] | None = None) -> VmRecord:
-        """Launch a VM from a template: copy-on-write RAM, no boot, no memory copy."""
+    async def create_vm(
+        self, template_name: str | None = None, policy: dict[str, Any] | None = None, run_payload: Any = None
+    ) -> VmRecord:
+        """Launch a VM from a template: copy-on-write RAM, no boot, no memory copy.
+
+        The image's `run` hook, if it has one, gets `run_payload` (JSON, at most 16 KiB) once.
+        """
+        payload = check_payload(run_payload) if run_payload is not None else b"{}"
         tpl = template.load(self.settings, template_name or self.settings.default_template)
         pol = Policy.from_dict(policy or {}, base=self.settings.default_policy)
         if tpl.memory_mb > pol.memory_mb or tpl.vcpus > pol.vcpus or tpl.disk_mb > pol.disk_mb:
@@ -258,6 +266,7 @@ class VmManager:
                 await netns.create(vm_id)
                 ram = RamBacking(Path(tpl.path) / "ram", share=False)
                 await self._start_qemu(vm, tpl, ram, Path(tpl.path) / "state", ignore_shared=True)
+                await self._run_hook(vm, "run", payload)
             except BaseException as exc:
                 await self._discard(vm)
                 if isinstance(exc, Exception):
@@ -311,6 +320,8 @@ class VmManager:
         """Terminate the VM and remove everything it had: process, namespace, files, record."""
         vm = self._vm(vm_id)
         async with vm.lock:
+            if vm.rec.state is VmState.RUNNING:
+                await self._run_hook(vm, "terminate")
             await self._discard(vm)
         log.event("vm.deleted", vm=vm_id)
 
@@ -339,6 +350,8 @@ class VmManager:
         path = self.vm_dir(vm.rec.id) / "state"
         # Own-file RAM is already on disk; copy-on-write RAM must go into the stream.
         ignore_shared = vm.rec.ram_mode is RamMode.OWN_FILE
+        if was is VmState.RUNNING:
+            await self._run_hook(vm, "suspend")
         self._set(vm, VmState.SUSPENDING)
         try:
             if was is VmState.RUNNING:
@@ -428,6 +441,7 @@ class VmManager:
         (vm_dir / "state").unlink(missing_ok=True)
         vm.rec.ram_mode = RamMode.OWN_FILE
         self._store(vm)
+        await self._run_hook(vm, "resume")
         log.event("vm.restored", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1))
 
     async def _start_qemu(self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool) -> None:
@@ -460,6 +474,50 @@ class VmManager:
             return
         log.event("vm.synced", level="debug", vm=vm.rec.id, ms=round(result.took_ms, 1),
                   skew_ms=round(result.skew_ms, 1), reseeded=result.crng_reseeded)  # fmt: skip
+
+    async def _run_hook(self, vm: _Vm, event: str, payload: bytes = b"{}") -> None:
+        """The image's hook for `event`, if it has one. Failures and timeouts are logged, never raised."""
+        try:
+            hooks = template.load(self.settings, vm.rec.template).hooks
+            if hooks is None or not hooks.has(event):
+                return
+            started = time.monotonic()
+            outcomes = []
+            if event in hooks.http:
+                outcomes.append(await call_http(vm.rec.id, hooks, event, payload))
+            if event in hooks.exec:
+                outcomes.append(await self._exec_hook(vm, hooks, event))
+        except Exception as exc:
+            log.event("vm.hook", level="warning", vm=vm.rec.id, hook=event, ok=False, error=repr(exc))
+            return
+        ok = all(o.ok for o in outcomes)
+        ms = round((time.monotonic() - started) * 1000, 1)
+        output = " | ".join(o.detail for o in outcomes)
+        log.event("vm.hook", level="info" if ok else "warning", vm=vm.rec.id, hook=event, ok=ok, ms=ms, output=output)
+
+    async def _exec_hook(self, vm: _Vm, hooks: Hooks, event: str) -> HookOutcome:
+        """/etc/mvm/hooks/<event>.d through the agent, killed at the hook's timeout."""
+        if vm.agent is None:
+            return HookOutcome(False, "no guest agent to run /etc/mvm/hooks")
+        ex = await vm.agent.exec([GUEST_TOOL, "hooks", event], [], "/", 0, 0)
+        output, code = bytearray(), None
+        try:
+            async with asyncio.timeout(hooks.timeout(event)):
+                async for item in ex:
+                    if item.kind == "exit":
+                        code = item.code
+                    elif item.kind == "error":
+                        return HookOutcome(False, item.data.decode(errors="replace"))
+                    elif len(output) < 4096:
+                        output += item.data
+        except TimeoutError:
+            text = output.decode(errors="replace").strip()
+            return HookOutcome(False, f"/etc/mvm/hooks/{event}.d ran past {hooks.timeout(event):g} s: {text}")
+        finally:
+            if not ex.finished:
+                await ex.abandon()
+        text = output.decode(errors="replace").strip()
+        return HookOutcome(code == 0, f"/etc/mvm/hooks/{event}.d exited {code}: {text}")
 
     async def _spawn_and_load(
         self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool

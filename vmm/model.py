@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .hooks import Hooks
 from .policy import Policy
 
 
@@ -49,6 +50,7 @@ class Template:
     cmdline: str
     accelerator: str
     disk_mb: int = 0  # 0: no root disk (an initramfs image)
+    hooks: Hooks | None = None
 
     @property
     def base_disk(self) -> Path | None:

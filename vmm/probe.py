@@ -10,25 +10,28 @@ from .errors import VmmError
 from .image import Readiness
 
 
-async def http_get(
-    vm_id: str, port: int, path: str, timeout: float, method: str = "GET"
+async def http_request(
+    vm_id: str, port: int, path: str, timeout: float, method: str = "GET", body: bytes | None = None
 ) -> tuple[int, bytes, bytes]:
-    """One request with Connection: close; returns status, raw head and raw body.
+    """One request with Connection: close (a JSON body if given); returns status, raw head and raw body.
 
     Raises OSError/TimeoutError when the guest cannot be reached.
     """
     sock = await netns.connect_guest(vm_id, port, timeout)
+    request = f"{method} {path} HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n"
+    if body is not None:
+        request += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(sock=sock)
         try:
-            writer.write(f"{method} {path} HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n".encode())
+            writer.write(request.encode() + b"\r\n" + (body or b""))
             raw = await reader.read()
         finally:
             writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
+    head, _, answer = raw.partition(b"\r\n\r\n")
     parts = head.split(b" ", 2)
     status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
-    return status, head, body
+    return status, head, answer
 
 
 async def _answers(vm_id: str, ready: Readiness) -> str | None:
@@ -37,7 +40,7 @@ async def _answers(vm_id: str, ready: Readiness) -> str | None:
         sock = await netns.connect_guest(vm_id, ready.port, 2.0)
         sock.close()
         return None
-    code, _, _ = await http_get(vm_id, ready.port, ready.path, 2.0, ready.method)
+    code, _, _ = await http_request(vm_id, ready.port, ready.path, 2.0, ready.method)
     return None if code == ready.expect_status else f"HTTP {code}"
 
 

@@ -8,6 +8,7 @@ writes to its own qcow2 overlay backed by it).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from . import capacity, disks, netns, probe
 from . import qmp as qmp_ops
 from .accel import Accelerator
 from .errors import Conflict, InvalidRequest, NotFound, VmmError
+from .hooks import Hooks, call_http
 from .image import load_image
 from .model import Template
 from .qemu import (
@@ -65,6 +67,7 @@ def load(settings: VmmSettings, name: str) -> Template:
         cmdline=data["cmdline"],
         accelerator=data["accelerator"],
         disk_mb=data.get("disk_mb", 0),
+        hooks=Hooks.from_dict(data["hooks"]) if data.get("hooks") else None,
     )
 
 
@@ -146,6 +149,9 @@ async def create(
         client = await qmp_ops.connect(work / QMP_SOCKET, spec.name, 10.0, lambda: running.alive)
         try:
             await probe.wait_ready(ns_id, image.ready, settings.boot_timeout, lambda: running.alive)
+            if image.hooks:
+                deadline = started + settings.boot_timeout
+                await _pass_gates(ns_id, Hooks.from_dict(image.hooks), deadline, progress)
         except VmmError as exc:
             await client.disconnect_quietly()
             raise VmmError(f"template {name!r}: {exc}{guest_log_tail(work)}") from exc
@@ -180,11 +186,32 @@ async def create(
         "created_at": time.time(),
         "state_bytes": size,
         "image_fingerprint": image.fingerprint,
+        "hooks": image.hooks,
     }
     (work / "template.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
     work.rename(final)
     progress(f"template {name!r} ready ({size} bytes of device state)")
     return load(settings, name)
+
+
+async def _pass_gates(vm_ns: str, hooks: Hooks, deadline: float, progress: Callable[[str], None]) -> None:
+    """The image's `ready` hook must answer 2xx (asked until the boot deadline), then `validate` once."""
+    if "ready" in hooks.http:
+        last = "no answer"
+        while True:
+            outcome = await call_http(vm_ns, hooks, "ready", b"{}")
+            if outcome.ok:
+                break
+            last = outcome.detail
+            if time.monotonic() >= deadline:
+                raise VmmError(f"the ready hook did not answer 2xx before the boot timeout ({last})")
+            await asyncio.sleep(0.2)
+        progress("ready hook answered")
+    if "validate" in hooks.http:
+        outcome = await call_http(vm_ns, hooks, "validate", b"{}")
+        if not outcome.ok:
+            raise VmmError(f"the validate hook failed: {outcome.detail}")
+        progress("validate hook answered")
 
 
 def remove(settings: VmmSettings, name: str, used_by: list[str]) -> None:

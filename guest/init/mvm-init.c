@@ -15,6 +15,7 @@
 #define _GNU_SOURCE
 #include "agent.h"
 #include "files.h"
+#include "hooks.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -425,6 +426,8 @@ int main(int argc, char **argv) {
     static struct config c = {.cwd = "/", .hostname = "mvm", .stop_timeout = 10};
     if (getpid() != 1 && argc == 3 && !strncmp(argv[1], "file-", 5))
         return files_tool(argv[1], argv[2]); /* run by the agent's exec: see files.c */
+    if (getpid() != 1 && argc == 3 && !strcmp(argv[1], "hooks"))
+        return hooks_tool(argv[2]); /* likewise: see hooks.c */
     if (getpid() != 1)
         fprintf(stderr, "mvm-init: not PID 1; running anyway\n");
     setup_mounts();

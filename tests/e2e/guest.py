@@ -15,7 +15,7 @@ from vmm import netns, probe
 
 async def guest_request(vm_id: str, path: str = "/", port: int = 8080, timeout: float = 20.0) -> tuple[int, bytes]:
     """One HTTP/1.1 GET to the guest from inside its namespace; returns status and body."""
-    status, head, body = await probe.http_get(vm_id, port, path, timeout)
+    status, head, body = await probe.http_request(vm_id, port, path, timeout)
     if b"transfer-encoding: chunked" in head.lower():
         body = _dechunk(body)
     return status, body

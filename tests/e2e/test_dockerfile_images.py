@@ -229,3 +229,61 @@ async def test_app_that_never_gets_ready_fails_the_template_with_its_log(
             await mgr.create_template("huge", "bad", lambda _: None)
     finally:
         await mgr.close()
+
+
+HOOKED = DOCKERFILE.replace(
+    'LABEL mvm.ready="http:/cgi-bin/ready"',
+    'LABEL mvm.hooks="run,resume,suspend,terminate,ready,validate" mvm.hooks.prefix="/cgi-bin" '
+    'mvm.hooks.timeout="5" mvm.hooks.suspend.timeout="1" mvm.ready="http:/cgi-bin/show"',
+)
+HOOK_CGI = {
+    # every HTTP hook appends its event (and its body) to /data/hooks.log; suspend is slower than its timeout
+    **{e: f'echo "{e} $(busybox head -c "${{CONTENT_LENGTH:-0}}")" >> /data/hooks.log; echo ok'
+       for e in ("run", "resume", "terminate", "ready", "validate")},
+    "suspend": 'echo "suspend" >> /data/hooks.log; busybox sleep 3; echo late',
+    "show": "busybox cat /data/hooks.log /data/exec-hooks.log 2>/dev/null",
+}
+
+
+async def test_lifecycle_hooks_run_once_per_step_and_never_hold_a_vm(
+    build_settings: VmmSettings, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    ctx = _context(tmp_path, HOOKED)
+    cgi = ctx / "rootfs" / "srv" / "www" / "cgi-bin"
+    for name, body in HOOK_CGI.items():
+        (cgi / name).write_text(f"#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n{body}\n")
+        (cgi / name).chmod(0o755)
+    executable = ctx / "rootfs" / "etc" / "mvm" / "hooks" / "resume.d" / "10-mark"
+    executable.parent.mkdir(parents=True)
+    executable.write_text("#!/bin/busybox sh\necho \"exec-resume $1\" >> /data/exec-hooks.log\n")
+    executable.chmod(0o755)
+    image = build_from_dockerfile(ctx / "Dockerfile", None, BuildOptions(name="hooked"), build_settings.images_dir,
+                                  build_settings.state_dir, lambda _: None)  # fmt: skip
+    assert image.hooks is not None and image.hooks["exec"] == ["resume"] and image.hooks["prefix"] == "/cgi-bin"
+
+    mgr = VmManager(build_settings)
+    await mgr.start()
+    try:
+        await mgr.create_template("hooked", "hooked", lambda _: None)
+        rec = await mgr.create_vm("hooked", run_payload={"user": "alice"})
+
+        async def log() -> list[str]:
+            status, body = await guest_request(rec.id, "/cgi-bin/show")
+            assert status == 200
+            return body.decode().splitlines()
+
+        assert await log() == ["ready {}", "validate {}", 'run {"user":"alice"}']
+        for restores in (1, 2):
+            await mgr.suspend(rec.id)  # its suspend hook outlives its 1 s timeout: logged, the suspend goes on
+            await mgr.ensure_running(rec.id)
+            lines = await log()
+            assert lines.count("suspend") == restores and lines.count("resume {}") == restores
+            assert lines.count("exec-resume resume") == restores
+        await mgr.delete(rec.id)
+        events = [line for line in capfd.readouterr().err.splitlines() if '"vm.hook"' in line]
+        assert any('"hook":"suspend","ok":false' in e and "TimeoutError" in e for e in events), events
+        assert any('"hook":"terminate","ok":true' in e for e in events), events
+    finally:
+        for vm in list(mgr.list_vms()):
+            await mgr.delete(vm.id)
+        await mgr.close()
