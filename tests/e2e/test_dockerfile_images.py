@@ -104,7 +104,7 @@ async def test_dockerfile_to_image_to_template_to_vm(build_settings: VmmSettings
         text = body.decode()
         assert "greeting=hello from the image" in text
         assert "uid=1000 gid=1000" in text
-        assert "host=bbweb" in text
+        assert f"host={rec.id}" in text  # the agent names each VM after its id
 
         # The guest fills its disk: ENOSPC inside, and the host file stays within the disk's size.
         status, body = await guest_request(rec.id, "/cgi-bin/fill", timeout=120)

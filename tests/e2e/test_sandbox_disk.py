@@ -58,7 +58,7 @@ async def test_session_memory_disk_and_process_survive_suspend_and_edge_restart(
         await _run(client, vm_id, token, "x = 41")
         await _put(client, vm_id, token, "notes/hello.txt", b"written before the suspend\n")
         before = await client.get_json(vm_id, token)
-        assert before["hostname"] == "python-sandbox"
+        assert before["hostname"] == vm_id  # the agent names each VM after its id
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
         assert client.edge.manager.get(vm_id).pid is None
         client.edge.manager._vms.clear()  # keep the VM for the next edge: the harness deletes what it still knows
