@@ -13,6 +13,7 @@ from .backend import VmBackend
 from .hosts import HostRouter, Route
 from .reqhead import RequestHead
 from .tokens import (
+    Grant,
     TokenError,
     TokenService,
     extract_token,
@@ -22,6 +23,8 @@ from .tokens import (
 )
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+AGENT_PREFIX = b"/.mvm/"
+_AGENT_METHODS = {b"exec": (b"POST",), b"files": (b"GET", b"PUT", b"DELETE")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +52,20 @@ class Admitter:
     """Admits the requests of one client connection (which mostly repeats one Host)."""
 
     def __init__(
-        self, backend: VmBackend, router: HostRouter, tokens: TokenService, client: bytes, proto: bytes
+        self,
+        backend: VmBackend,
+        router: HostRouter,
+        tokens: TokenService,
+        client: bytes,
+        proto: bytes,
+        control_auth: bytes = b"",
     ) -> None:
         self._backend = backend
         self._router = router
         self._tokens = tokens
         self._client = client
         self._proto = proto
+        self._control_auth = control_auth  # what the control API accepts, for the agent paths below
         self._host: bytes | None = None
         self._route: Route | None = None
 
@@ -92,17 +102,24 @@ class Admitter:
         query = target.partition(b"?")[2] if b"token" in target else None
         token, source = extract_token(req.authorization, query, req.cookie)
         try:
-            exp = self._tokens.verify(token or "", vm_id)
+            grant = self._tokens.grant(token or "", vm_id)
         except TokenError as exc:
             return Refusal(401, str(exc), exc.reason, bearer=True)
         rec = self._backend.lookup(vm_id)
         if rec is None:
             return Refusal(404, f"VM {vm_id} does not exist")
+        if target.startswith(AGENT_PREFIX) and route.port is None:
+            return self._agent_api(method, target, version, req, vm_id, grant)
+        if "http" not in grant.scopes:
+            return _missing_scope(grant, "http")
         port = rec.app_port
         if route.port is not None:
             port = route.port
             if not rec.allows_port(port):
                 return Refusal(403, f"port {port} of VM {vm_id} is not open")
+        if not grant.allows_port(port):
+            return Refusal(403, f"this token does not open port {port}")
+        exp = grant.exp
         if query is not None:
             target = strip_token_from_target(target)
         cookie = req.cookie
@@ -123,8 +140,34 @@ class Admitter:
         )
         return Admission(head, vm_id, port, rec.state is VmState.RUNNING, set_cookie)
 
+    def _agent_api(
+        self, method: bytes, target: bytes, version: bytes, req: RequestHead, vm_id: str, grant: Grant
+    ) -> Admission | Refusal:
+        """`/.mvm/exec` and `/.mvm/files` on the VM's own host name: the control API's agent endpoints
+        for this VM only, with a token that carries the scope. The app never sees these paths."""
+        path, _, query = target.partition(b"?")
+        name = path[len(AGENT_PREFIX) :]
+        methods = _AGENT_METHODS.get(name)
+        if methods is None:
+            return Refusal(404, f"{path.decode('latin-1')} is not an agent endpoint (/.mvm/exec, /.mvm/files)")
+        if name.decode() not in grant.scopes:
+            return _missing_scope(grant, name.decode())
+        if method not in methods:
+            return Refusal(405, f"{path.decode()} takes {' or '.join(m.decode() for m in methods)}")
+        rewritten = b"/v1/vms/" + vm_id.encode() + b"/" + name
+        if query:
+            rewritten = strip_token_from_target(rewritten + b"?" + query)
+        head = req.render(method, rewritten, version, keep_authorization=False, cookie=None, upgrade=False,
+                          client=self._client, proto=self._proto)  # fmt: skip
+        # The scoped token stays here; the control API behind it takes the edge's own credential.
+        return Admission(head.replace(b"\r\n", b"\r\nAuthorization: " + self._control_auth + b"\r\n", 1))
+
     def _route_for(self, host: bytes) -> Route | None:
         if host != self._host:
             self._route = self._router.route(host.decode("latin-1"))
             self._host = host
         return self._route
+
+
+def _missing_scope(grant: Grant, scope: str) -> Refusal:
+    return Refusal(403, f"this token's scopes ({', '.join(sorted(grant.scopes))}) do not include {scope}")

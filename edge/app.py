@@ -93,6 +93,7 @@ async def start(cfg: Config) -> Edge:
             metrics=metrics,
             pool=pool,
             control_socket=control_socket,
+            control_auth=f"Bearer {cfg.server.admin_key}".encode(),
             settings=ProxySettings(
                 connect_timeout=cfg.proxy.connect_timeout,
                 read_timeout=cfg.proxy.read_timeout,

@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", "issue a short-lived token for one VM")
     token.add_argument("vm_id")
     token.add_argument("--ttl", type=float, default=None, help="seconds (default tokens.default_ttl)")
+    token.add_argument("--scopes", default=None, help="comma list of http, exec, files (default http)")
+    token.add_argument("--ports", default=None, help='"all" (default), one port, or a range like 8000-8100')
     token.set_defaults(func=_token)
     return parser
 
@@ -268,7 +270,11 @@ def _vm_ls(args: argparse.Namespace) -> None:
 
 
 def _token(args: argparse.Namespace) -> None:
-    body = {"ttl": args.ttl} if args.ttl is not None else {}
+    body: dict[str, Any] = {"ttl": args.ttl} if args.ttl is not None else {}
+    if args.scopes:
+        body["scopes"] = [scope.strip() for scope in args.scopes.split(",") if scope.strip()]
+    if args.ports:
+        body["ports"] = args.ports
     _print(_api(args, "POST", f"/v1/vms/{args.vm_id}/tokens", body))
 
 

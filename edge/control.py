@@ -198,11 +198,16 @@ async def issue_token(request: web.Request) -> web.Response:
     ttl = body.get("ttl")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
         raise web.HTTPUnprocessableEntity(reason="ttl must be a number of seconds")
-    token, exp = request.app[TOKENS].issue(vm_id, ttl)
+    unknown = sorted(set(body) - {"ttl", "scopes", "ports"})
+    if unknown:
+        raise web.HTTPUnprocessableEntity(reason=f"{unknown[0]}: unknown field (allowed: ttl, scopes, ports)")
+    token, exp = request.app[TOKENS].issue(vm_id, ttl, body.get("scopes"), body.get("ports"))
     url = _vm_url(request.app[CONFIG], vm_id)
+    scopes = sorted(body.get("scopes") or ["http"])
     return json_response(
-        {"vm": vm_id, "token": token, "expires_at": exp, "expires_in": round(exp - time.time()), "url": url}, 201
-    )
+        {"vm": vm_id, "token": token, "expires_at": exp, "expires_in": round(exp - time.time()), "url": url,
+         "scopes": scopes, "ports": str(body.get("ports", "all"))}, 201,
+    )  # fmt: skip
 
 
 def build_control_app(cfg: Config, manager: VmManager, tokens: TokenService, metrics_: Metrics) -> web.Application:

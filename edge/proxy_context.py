@@ -44,6 +44,7 @@ class ProxyContext:
     pool: UpstreamPool
     control_socket: str
     settings: ProxySettings = field(default_factory=ProxySettings)
+    control_auth: bytes = b""  # "Bearer <admin key>": scoped agent requests reach the control API with it
     open_streams: dict[str, int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
     _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, init=False, repr=False)

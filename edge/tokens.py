@@ -29,6 +29,47 @@ _MAX_TOKEN = 4096
 _COOKIE_PREFIX = COOKIE_NAME.encode() + b"="
 
 
+SCOPES = ("http", "exec", "files")
+DEFAULT_SCOPES = frozenset({"http"})
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified token opens: until `exp`, these scopes, on these ports (None: the VM's allow-list)."""
+
+    exp: float
+    scopes: frozenset[str] = DEFAULT_SCOPES
+    ports: tuple[int, int] | None = None  # an inclusive range
+
+    def allows_port(self, port: int) -> bool:
+        return self.ports is None or self.ports[0] <= port <= self.ports[1]
+
+
+def parse_ports(value: Any) -> tuple[int, int] | None:
+    """A token's ports: "all", one port ("8080") or a range ("8000-8100")."""
+    if value is None or value == "all":
+        return None
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    low, _, high = text.partition("-")
+    if not low.isdigit() or (high and not high.isdigit()):
+        raise InvalidRequest(f'ports must be "all", a port ("8080") or a range ("8000-8100"), got {value!r}')
+    first, last = int(low), int(high or low)
+    if not 1 <= first <= last <= 65535:
+        raise InvalidRequest(f"ports {value!r}: must be within 1-65535, low to high")
+    return first, last
+
+
+def parse_scopes(value: Any) -> frozenset[str]:
+    if value is None:
+        return DEFAULT_SCOPES
+    if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"scopes must be a non-empty list of {', '.join(SCOPES)}")
+    unknown = sorted(set(value) - set(SCOPES))
+    if unknown:
+        raise InvalidRequest(f"scopes: unknown scope {unknown[0]!r} (known: {', '.join(SCOPES)})")
+    return frozenset(value)
+
+
 class TokenError(Exception):
     """A token was refused; `reason` is a short machine code, str() a sentence for humans."""
 
@@ -92,12 +133,15 @@ class TokenService:
         self._leeway = leeway
         self._clock = clock
         # Entries die at the token's exp: the cache never extends a token's life.
-        self._cache: TLRUCache[str, tuple[str, float]] | None = (
-            TLRUCache(cache_size, ttu=lambda _token, entry, _now: entry[1], timer=clock) if cache_size else None
+        self._cache: TLRUCache[str, tuple[str, Grant]] | None = (
+            TLRUCache(cache_size, ttu=lambda _token, entry, _now: entry[1].exp, timer=clock) if cache_size else None
         )
 
-    def issue(self, vm_id: str, ttl: float | None = None) -> tuple[str, float]:
-        """A token for `vm_id` and its exp (unix time)."""
+    def issue(
+        self, vm_id: str, ttl: float | None = None, scopes: Any = None, ports: Any = None
+    ) -> tuple[str, float]:
+        """A token for `vm_id` and its exp (unix time); `scopes` (default http) and `ports` (default all)."""
+        granted, port_range = parse_scopes(scopes), parse_ports(ports)
         ttl = self.default_ttl if ttl is None else ttl
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= self.max_ttl:
             raise InvalidRequest(f"ttl must be a number of seconds in (0, {self.max_ttl:g}], got {ttl!r}")
@@ -111,28 +155,36 @@ class TokenService:
             "exp": exp,
             "jti": secrets.token_urlsafe(12),
         }
+        if granted != DEFAULT_SCOPES:
+            claims["scp"] = sorted(granted)
+        if port_range is not None:
+            claims["ports"] = f"{port_range[0]}-{port_range[1]}"
         token = jwt.encode(claims, self._active.signer, algorithm=self._active.alg, headers={"kid": self._active_kid})
         return token, float(exp)
 
     def verify(self, token: str, vm_id: str) -> float:
         """The token's exp if it is valid now for `vm_id`; otherwise raises TokenError."""
+        return self.grant(token, vm_id).exp
+
+    def grant(self, token: str, vm_id: str) -> Grant:
+        """What the token opens if it is valid now for `vm_id`; otherwise raises TokenError."""
         if self._cache is not None:
             try:
-                cached_vm, exp = self._cache[token]
+                cached_vm, grant = self._cache[token]
             except KeyError:
                 pass
             else:
                 if cached_vm != vm_id:
                     raise TokenError("wrong_vm", "the token was issued for another VM")
-                if self._clock() >= exp:
+                if self._clock() >= grant.exp:
                     raise TokenError("expired", "the token has expired")
-                return exp
-        exp = self._verify_fully(token, vm_id)
+                return grant
+        grant = self._verify_fully(token, vm_id)
         if self._cache is not None:
-            self._cache[token] = (vm_id, exp)  # not stored if already past exp (leeway)
-        return exp
+            self._cache[token] = (vm_id, grant)  # not stored if already past exp (leeway)
+        return grant
 
-    def _verify_fully(self, token: str, vm_id: str) -> float:
+    def _verify_fully(self, token: str, vm_id: str) -> Grant:
         if not token:
             raise TokenError("missing", "no token was given")
         if len(token) > _MAX_TOKEN:
@@ -182,7 +234,10 @@ class TokenService:
             raise TokenError("expired", "the token has expired")
         if iat > now + self._leeway:
             raise TokenError("malformed", "the token was issued in the future")
-        return float(exp)
+        try:
+            return Grant(float(exp), parse_scopes(claims.get("scp")), parse_ports(claims.get("ports")))
+        except InvalidRequest as e:
+            raise TokenError("malformed", f"the token's grant is invalid: {e}") from None
 
 
 def _load(key: SigningKey) -> _LoadedKey:

@@ -123,8 +123,16 @@ class AsyncClient:
     async def list(self) -> builtins.list[Vm]:
         return [Vm.from_json(vm) for vm in (await self._json("GET", "/v1/vms"))["vms"]]
 
-    async def token(self, vm_id: str, ttl: float | None = None) -> Token:
-        data = await self._json("POST", f"/v1/vms/{vm_id}/tokens", {} if ttl is None else {"ttl": ttl})
+    async def token(
+        self, vm_id: str, ttl: float | None = None, scopes: builtins.list[str] | None = None, ports: str | None = None
+    ) -> Token:
+        """A token for the VM's host name: scopes http (the app), exec, files (/.mvm/ paths); ports "all" or a range."""
+        body: dict[str, Any] = {} if ttl is None else {"ttl": ttl}
+        if scopes is not None:
+            body["scopes"] = scopes
+        if ports is not None:
+            body["ports"] = ports
+        data = await self._json("POST", f"/v1/vms/{vm_id}/tokens", body)
         return Token(data["token"], data["expires_at"], data["url"])
 
     async def suspend(self, vm_id: str) -> Vm:
@@ -289,8 +297,10 @@ class Client:
     def list(self) -> builtins.list[Vm]:
         return self._call(self._async.list)
 
-    def token(self, vm_id: str, ttl: float | None = None) -> Token:
-        return self._call(self._async.token, vm_id, ttl)
+    def token(
+        self, vm_id: str, ttl: float | None = None, scopes: builtins.list[str] | None = None, ports: str | None = None
+    ) -> Token:
+        return self._call(self._async.token, vm_id, ttl, scopes, ports)
 
     def suspend(self, vm_id: str) -> Vm:
         return self._call(self._async.suspend, vm_id)

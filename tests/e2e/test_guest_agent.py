@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.e2e.edge_harness import DOMAIN, Client, edge_config, running_edge
+from tests.e2e.edge_harness import DOMAIN, Client, bearer, edge_config, running_edge
 from tests.e2e.guest import sandbox_run
 from vmm.manager import VmManager
 from vmm.settings import VmmSettings
@@ -248,3 +248,48 @@ async def test_sdk_errors_are_typed(settings: VmmSettings, sandbox_template: str
         async with AsyncClient(url, "wrong-key-0123456789", cafile=str(cfg.server.tls_cert)) as bad:
             with pytest.raises(Unauthorized):
                 await bad.list()
+
+
+async def test_scoped_tokens_reach_the_agent_on_the_vms_own_host_and_ports_are_bounded(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        vm_id = (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"]
+
+        async def token(**body: Any) -> str:
+            return str((await client.api("POST", f"/v1/vms/{vm_id}/tokens", body, status=201))["token"])
+
+        runner, plain = await token(scopes=["exec", "files"]), await token()
+        exec_url = client.vm_url(vm_id, "/.mvm/exec")
+        async with client.session.post(exec_url, json={"argv": ["hostname"]}, headers=bearer(runner)) as resp:
+            assert resp.status == 200, await resp.text()
+            events = [orjson.loads(line) async for line in resp.content]
+        assert _output(events, "stdout") == f"{vm_id}\n".encode() and events[-1] == {"exit_code": 0}
+        files_url = client.vm_url(vm_id, "/.mvm/files?path=/data/ide.txt")
+        async with client.session.put(files_url, data=b"from the browser IDE", headers=bearer(runner)) as resp:
+            assert resp.status == 201
+        async with client.session.get(files_url + f"&token={runner}") as resp:  # a browser link works too
+            assert resp.status == 200 and await resp.read() == b"from the browser IDE"
+
+        # scopes: an exec token does not reach the app, an http token does not reach the agent
+        async with client.session.get(client.vm_url(vm_id, "/"), headers=bearer(runner)) as resp:
+            assert resp.status == 403 and "do not include http" in (await resp.json())["message"]
+        async with client.session.post(exec_url, json={"argv": ["id"]}, headers=bearer(plain)) as resp:
+            assert resp.status == 403 and "do not include exec" in (await resp.json())["message"]
+        async with client.session.get(client.vm_url(vm_id, "/.mvm/shellz"), headers=bearer(runner)) as resp:
+            assert resp.status == 404
+        async with client.session.get(exec_url, headers=bearer(runner)) as resp:
+            assert resp.status == 405
+        # the app itself never sees /.mvm/ paths, whatever the token (it logs every request it serves)
+        logs_url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/logs?tail=100000"
+        async with client.session.get(logs_url, headers=client.admin) as resp:
+            app_log = await resp.text()
+        assert "GET / HTTP/1.1" not in app_log and "/.mvm/" not in app_log
+
+        # ports: within the VM's allow-list, a token may open fewer
+        await client.api("POST", f"/v1/vms/{vm_id}/tokens", {"ports": "9000-8000"}, status=422)
+        only_app = await token(ports="8080")
+        async with client.session.get(client.vm_url(vm_id, "/healthz"), headers=bearer(only_app)) as resp:
+            assert resp.status == 200
+        async with client.session.get(client.vm_url(vm_id, "/", port=8081), headers=bearer(only_app)) as resp:
+            assert resp.status == 403 and "does not open port 8081" in (await resp.json())["message"]

@@ -435,7 +435,7 @@ async def test_an_exception_in_admission_still_gets_an_answer(edge: Edge, monkey
     def broken(token: str, vm_id: str) -> float:
         raise RuntimeError("a bug in the verifier")
 
-    monkeypatch.setattr(edge.tokens, "verify", broken)
+    monkeypatch.setattr(edge.tokens, "grant", broken)
     c = await edge.connect()
     resp = await c.get("/echo", edge.host(), {"Authorization": f"Bearer {edge.token()}"})
     assert resp.status == 400 and resp.json()["message"] == "the request could not be admitted"

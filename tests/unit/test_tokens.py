@@ -109,7 +109,7 @@ def test_cached_entry_checks_exp_itself() -> None:
     clock = Clock()
     svc = service(clock=clock)
     # Even a cache that kept the entry too long does not extend the token.
-    svc._cache = TLRUCache(10, ttu=lambda _k, entry, _now: entry[1] + 100, timer=clock)
+    svc._cache = TLRUCache(10, ttu=lambda _k, entry, _now: entry[1].exp + 100, timer=clock)
     token, exp = svc.issue(VM_A, ttl=10)
     svc.verify(token, VM_A)
     clock.now = exp + 1
@@ -335,3 +335,24 @@ def test_set_cookie_header() -> None:
     assert value == b"mvm_token=abc.def.ghi; Max-Age=299; Path=/; HttpOnly; Secure; SameSite=Lax"
     assert b"Domain" not in value
     assert b"Max-Age=0;" in set_cookie_header("t", exp=10.0, now=20.0)
+
+
+def test_scopes_and_ports_travel_in_the_token() -> None:
+    svc = service()
+    token, exp = svc.issue(VM_A, scopes=["exec", "files"], ports="8000-8100")
+    grant = svc.grant(token, VM_A)
+    assert grant.exp == exp and grant.scopes == {"exec", "files"} and grant.ports == (8000, 8100)
+    assert grant.allows_port(8080) and not grant.allows_port(9000)
+    plain = svc.grant(svc.issue(VM_A)[0], VM_A)
+    assert plain.scopes == {"http"} and plain.ports is None and plain.allows_port(1)
+    assert svc.grant(svc.issue(VM_A, ports=8081)[0], VM_A).ports == (8081, 8081)
+
+
+@pytest.mark.parametrize(
+    ("scopes", "ports", "message"),
+    [(["root"], None, "unknown scope 'root'"), ([], None, "non-empty list"), ("http", None, "non-empty list"),
+     (None, "9000-8000", "low to high"), (None, "x", "ports must be"), (None, 70000, "within 1-65535")],
+)  # fmt: skip
+def test_bad_scopes_and_ports_are_refused(scopes: object, ports: object, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        service().issue(VM_A, scopes=scopes, ports=ports)
