@@ -24,7 +24,7 @@ from .tokens import (
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 AGENT_PREFIX = b"/.mvm/"
-_AGENT_METHODS = {b"exec": (b"POST",), b"files": (b"GET", b"PUT", b"DELETE")}
+_AGENT_METHODS = {b"exec": (b"POST",), b"files": (b"GET", b"PUT", b"DELETE"), b"shell": (b"GET",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +108,14 @@ class Admitter:
         rec = self._backend.lookup(vm_id)
         if rec is None:
             return Refusal(404, f"VM {vm_id} does not exist")
+        set_cookie = None
+        if source == "query" and token is not None:
+            set_cookie = b"Set-Cookie: " + set_cookie_header(token, grant.exp, time.time()) + b"\r\n"
         if target.startswith(AGENT_PREFIX) and route.port is None:
-            return self._agent_api(method, target, version, req, vm_id, grant)
+            verdict = self._agent_api(method, target, version, req, vm_id, grant, upgrade)
+            if isinstance(verdict, Admission):
+                verdict.set_cookie = set_cookie  # a browser page (the shell) then loads the rest by cookie
+            return verdict
         if "http" not in grant.scopes:
             return _missing_scope(grant, "http")
         port = rec.app_port
@@ -119,15 +125,11 @@ class Admitter:
                 return Refusal(403, f"port {port} of VM {vm_id} is not open")
         if not grant.allows_port(port):
             return Refusal(403, f"this token does not open port {port}")
-        exp = grant.exp
         if query is not None:
             target = strip_token_from_target(target)
         cookie = req.cookie
         if cookie is not None:
             cookie = strip_token_cookie(cookie)
-        set_cookie = None
-        if source == "query" and token is not None:
-            set_cookie = b"Set-Cookie: " + set_cookie_header(token, exp, time.time()) + b"\r\n"
         head = req.render(
             method,
             target,
@@ -141,24 +143,26 @@ class Admitter:
         return Admission(head, vm_id, port, rec.state is VmState.RUNNING, set_cookie)
 
     def _agent_api(
-        self, method: bytes, target: bytes, version: bytes, req: RequestHead, vm_id: str, grant: Grant
+        self, method: bytes, target: bytes, version: bytes, req: RequestHead, vm_id: str, grant: Grant, upgrade: bool
     ) -> Admission | Refusal:
-        """`/.mvm/exec` and `/.mvm/files` on the VM's own host name: the control API's agent endpoints
-        for this VM only, with a token that carries the scope. The app never sees these paths."""
+        """`/.mvm/exec`, `/.mvm/files` and `/.mvm/shell` on the VM's own host name: the control API's agent
+        endpoints for this VM only, with a token that carries the scope. The app never sees these paths."""
         path, _, query = target.partition(b"?")
-        name = path[len(AGENT_PREFIX) :]
+        rest = path[len(AGENT_PREFIX) :]
+        name = rest
         methods = _AGENT_METHODS.get(name)
         if methods is None:
-            return Refusal(404, f"{path.decode('latin-1')} is not an agent endpoint (/.mvm/exec, /.mvm/files)")
+            listed = ", ".join(f"/.mvm/{n.decode()}" for n in _AGENT_METHODS)
+            return Refusal(404, f"{path.decode('latin-1')} is not an agent endpoint ({listed})")
         if name.decode() not in grant.scopes:
             return _missing_scope(grant, name.decode())
         if method not in methods:
             return Refusal(405, f"{path.decode()} takes {' or '.join(m.decode() for m in methods)}")
-        rewritten = b"/v1/vms/" + vm_id.encode() + b"/" + name
+        rewritten = b"/v1/vms/" + vm_id.encode() + b"/" + rest
         if query:
             rewritten = strip_token_from_target(rewritten + b"?" + query)
-        head = req.render(method, rewritten, version, keep_authorization=False, cookie=None, upgrade=False,
-                          client=self._client, proto=self._proto)  # fmt: skip
+        head = req.render(method, rewritten, version, keep_authorization=False, cookie=None,
+                          upgrade=upgrade and name == b"shell", client=self._client, proto=self._proto)  # fmt: skip
         # The scoped token stays here; the control API behind it takes the edge's own credential.
         return Admission(head.replace(b"\r\n", b"\r\nAuthorization: " + self._control_auth + b"\r\n", 1))
 

@@ -11,9 +11,14 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import os
 import re
+import shutil
+import signal
 import ssl
 import sys
+import termios
+import tty
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -123,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("source")
     cp.add_argument("dest")
     cp.set_defaults(func=_cp)
+
+    shell = sub.add_parser("shell", "an interactive shell in a VM (Ctrl-D or exit ends it)")
+    shell.add_argument("vm_id")
+    shell.add_argument("--user", default="0", help="root, <uid> or <uid>:<gid> (default root)")
+    shell.set_defaults(func=_shell)
 
     logs = sub.add_parser("logs", "print a VM's app output (stdout and stderr)")
     logs.add_argument("vm_id")
@@ -288,21 +298,27 @@ def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     return asyncio.run(_call(_config(args), method, path, body))
 
 
-@contextlib.asynccontextmanager
-async def _request(
-    cfg: Config, method: str, path: str, body: Any, timeout: float | None = 300, data: Any = None
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """One control API request to the configured server (loopback address, control host name)."""
+def _endpoint(cfg: Config, path: str) -> tuple[str, ssl.SSLContext | bool, dict[str, str]]:
+    """URL (loopback address), TLS context and headers (control host name, admin key) for a control API call."""
     server = cfg.server
     host = "127.0.0.1" if server.listen_host in ("0.0.0.0", "::") else server.listen_host
     scheme = "https" if server.tls else "http"
-    url = f"{scheme}://{host}:{server.listen_port}{path}"
     ssl_ctx: ssl.SSLContext | bool = False
     if server.tls:
         if not server.tls_cert.exists():
             raise CliError(f"server.tls_cert {server.tls_cert} is missing: run `mvm dev-cert`")
         ssl_ctx = ssl.create_default_context(cafile=str(server.tls_cert))
     headers = {"Host": server.control_host, "Authorization": f"Bearer {server.admin_key}"}
+    return f"{scheme}://{host}:{server.listen_port}{path}", ssl_ctx, headers
+
+
+@contextlib.asynccontextmanager
+async def _request(
+    cfg: Config, method: str, path: str, body: Any, timeout: float | None = 300, data: Any = None
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """One control API request to the configured server (loopback address, control host name)."""
+    server = cfg.server
+    url, ssl_ctx, headers = _endpoint(cfg, path)
     if body is not None:
         headers["Content-Type"] = "application/json"
     try:
@@ -410,6 +426,71 @@ async def _download(cfg: Config, path: str, local: Path) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _shell(args: argparse.Namespace) -> None:
+    sys.exit(asyncio.run(_run_shell(_config(args), args.vm_id, args.user)))
+
+
+async def _run_shell(cfg: Config, vm_id: str, user: str) -> int:
+    """The terminal in raw mode, bytes both ways, window size changes passed on; the shell's status is ours."""
+    fd = sys.stdin.fileno()
+    interactive = sys.stdin.isatty()
+    cols, rows = shutil.get_terminal_size() if interactive else (80, 24)
+    url, ssl_ctx, headers = _endpoint(cfg, f"/v1/vms/{vm_id}/shell?cols={cols}&rows={rows}&user={user}")
+    loop = asyncio.get_running_loop()
+    saved = termios.tcgetattr(fd) if interactive else None
+    code = 1
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(url, headers=headers, ssl=ssl_ctx,
+                               server_hostname=cfg.server.control_host if cfg.server.tls else None) as ws,
+        ):  # fmt: skip
+            outbox: asyncio.Queue[bytes | str] = asyncio.Queue()  # keystrokes and resizes, in order
+            if interactive:
+                tty.setraw(fd)
+
+                def resized() -> None:
+                    size = shutil.get_terminal_size()
+                    outbox.put_nowait(orjson.dumps({"resize": [size.columns, size.lines]}).decode())
+
+                loop.add_signal_handler(signal.SIGWINCH, resized)
+
+            def typed() -> None:
+                data = os.read(fd, 4096)
+                if not data:  # piped input ended: end the shell like Ctrl-D would
+                    loop.remove_reader(fd)
+                    data = b"\x04"
+                outbox.put_nowait(data)
+
+            async def send() -> None:
+                while True:
+                    item = await outbox.get()
+                    await (ws.send_bytes(item) if isinstance(item, bytes) else ws.send_str(item))
+
+            loop.add_reader(fd, typed)
+            sender = asyncio.create_task(send())
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    sys.stdout.buffer.write(msg.data)
+                    sys.stdout.buffer.flush()
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    end = orjson.loads(msg.data)
+                    if "error" in end:
+                        print(f"\r\nmvm: shell: {end['error']}", file=sys.stderr)
+                    code = int(end.get("exit_code", 1))
+            sender.cancel()
+    except aiohttp.WSServerHandshakeError as exc:
+        raise CliError(f"shell of VM {vm_id}: HTTP {exc.status}: {exc.message}") from None
+    except aiohttp.ClientError as exc:
+        raise CliError(f"cannot open a shell at {url}: {exc}") from exc
+    finally:
+        loop.remove_reader(fd)
+        if saved is not None:
+            loop.remove_signal_handler(signal.SIGWINCH)
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    return code
 
 
 def _logs(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import VmRecord
 
-from . import files_api
+from . import files_api, shell_api
 from .config import Config
 from .exec_api import ExecRequest, stream_exec
 from .metrics import Metrics
@@ -224,6 +224,7 @@ def build_control_app(cfg: Config, manager: VmManager, tokens: TokenService, met
     app.router.add_get("/v1/vms/{vm_id}/logs", vm_logs)
     app.router.add_post("/v1/vms/{vm_id}/exec", vm_exec)
     files_api.add_routes(app, manager)
+    shell_api.add_routes(app, manager)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", create_vm)
     app.router.add_get("/v1/vms/{vm_id}", get_vm)

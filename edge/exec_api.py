@@ -59,7 +59,7 @@ class ExecRequest:
         cwd = body.get("cwd", "/")
         if not isinstance(cwd, str) or not cwd.startswith("/"):
             raise InvalidRequest("cwd must be an absolute path")
-        uid, gid = _user(body.get("user", "0"))
+        uid, gid = parse_user(body.get("user", "0"))
         stdin = _stdin(body)
         timeout = body.get("timeout", DEFAULT_TIMEOUT)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT:
@@ -67,7 +67,7 @@ class ExecRequest:
         return cls(argv, [f"{k}={v}" for k, v in env.items()], cwd, uid, gid, stdin, float(timeout))
 
 
-def _user(value: Any) -> tuple[int, int]:
+def parse_user(value: Any) -> tuple[int, int]:
     if value == "root":
         return 0, 0
     text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""

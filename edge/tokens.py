@@ -29,7 +29,7 @@ _MAX_TOKEN = 4096
 _COOKIE_PREFIX = COOKIE_NAME.encode() + b"="
 
 
-SCOPES = ("http", "exec", "files")
+SCOPES = ("http", "exec", "files", "shell")
 DEFAULT_SCOPES = frozenset({"http"})
 
 

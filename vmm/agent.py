@@ -25,6 +25,7 @@ from .errors import VmmError
 ENTROPY_BYTES = 64
 _HEAD = struct.Struct(">IBI")
 F_SYNC, F_SYNC_OK, F_EXEC, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_STDIN, F_KILL = 1, 2, 10, 11, 12, 13, 14, 15, 16
+F_PTY_EXEC, F_RESIZE = 17, 18
 _QUEUE_FRAMES = 64  # per exec: at most 64 frames of <= 64 KiB waiting for their reader
 MAX_FRAME = 1 << 20
 
@@ -65,6 +66,10 @@ class Exec:
         """Bytes for the process's stdin; b"" closes it."""
         for start in range(0, max(len(data), 1), MAX_FRAME // 2):
             await self.agent.send(F_STDIN, self.channel, data[start : start + MAX_FRAME // 2])
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """The terminal's new size (an exec started with a pty)."""
+        await self.agent.send(F_RESIZE, self.channel, struct.pack(">HH", rows, cols))
 
     async def kill(self, signal: int = 9) -> None:
         if not self.finished:
@@ -141,19 +146,23 @@ class Agent:
             took_ms=(time.monotonic() - started) * 1000,
         )
 
-    async def exec(self, argv: list[str], env: list[str], cwd: str, uid: int, gid: int) -> Exec:
-        """Start a command; its events come from the returned Exec."""
+    async def exec(
+        self, argv: list[str], env: list[str], cwd: str, uid: int, gid: int, pty: tuple[int, int] | None = None
+    ) -> Exec:
+        """Start a command; its events come from the returned Exec. With `pty` (rows, cols) it gets a terminal."""
         channel = next(self._channels)
         strings = [*argv, *env, cwd]
         if any("\0" in s for s in strings):
             raise AgentError("argv, env and cwd must not contain NUL bytes")
         payload = struct.pack(">IIHH", uid, gid, len(argv), len(env)) + b"".join(s.encode() + b"\0" for s in strings)
+        if pty is not None:
+            payload = struct.pack(">HH", *pty) + payload
         if len(payload) > MAX_FRAME - 16:
             raise AgentError("argv and env are too large (1 MiB at most)")
         ex = Exec(self, channel)
         self.execs[channel] = ex
         try:
-            await self.send(F_EXEC, channel, payload)
+            await self.send(F_EXEC if pty is None else F_PTY_EXEC, channel, payload)
         except BaseException:
             self.execs.pop(channel, None)
             raise

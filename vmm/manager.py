@@ -202,7 +202,10 @@ class VmManager:
         finally:
             self._building.discard(name)
 
-    async def exec(self, vm_id: str, argv: list[str], env: list[str], cwd: str, uid: int, gid: int) -> Exec:
+    async def exec(
+        self, vm_id: str, argv: list[str], env: list[str], cwd: str, uid: int, gid: int,
+        pty: tuple[int, int] | None = None,
+    ) -> Exec:  # fmt: skip
         """Start a command in the guest (waking the VM like a request does); iterate the Exec for output."""
         vm = self._vm(vm_id)
         await self.ensure_running(vm_id)
@@ -211,7 +214,7 @@ class VmManager:
             why = "its guest agent is not connected" if has_disk else "its image has no guest agent (the demo)"
             raise AgentError(f"cannot exec in VM {vm_id}: {why}")
         self.touch(vm_id)
-        return await vm.agent.exec(argv, env, cwd, uid, gid)
+        return await vm.agent.exec(argv, env, cwd, uid, gid, pty)
 
     @contextlib.contextmanager
     def busy(self, vm_id: str) -> Iterator[None]:

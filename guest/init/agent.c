@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -169,6 +170,12 @@ static void handle_sync(uint32_t ch, const unsigned char *p, size_t n) {
 
 /* ---------------------------------------------------------------- exec */
 
+static void close_fd(int *fd) {
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
 static struct exec *find_exec(uint32_t ch) {
     for (int i = 0; i < MAX_EXECS; i++)
         if (execs[i].pid > 0 && execs[i].ch == ch)
@@ -208,7 +215,29 @@ static void exec_in_child(char **argv, char **env, const char *cwd, uid_t uid, g
     _exit(saved == ENOENT ? 127 : 126);
 }
 
-static void handle_exec(uint32_t ch, const unsigned char *p, size_t n) {
+/* A terminal for an interactive exec: the child's stdin, stdout and stderr, its controlling tty. */
+static int open_pty(int *master, int *slave, unsigned rows, unsigned cols) {
+    *master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (*master < 0 || grantpt(*master) || unlockpt(*master))
+        return -1;
+    *slave = open(ptsname(*master), O_RDWR | O_NOCTTY);
+    if (*slave < 0)
+        return -1;
+    struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+    ioctl(*master, TIOCSWINSZ, &ws);
+    return 0;
+}
+
+static void handle_exec(uint32_t ch, const unsigned char *p, size_t n, int pty) {
+    unsigned rows = 0, cols = 0;
+    if (pty) {
+        if (n < 4) {
+            send_text(F_ERROR, ch, "exec: bad request");
+            return;
+        }
+        rows = (unsigned)(p[0] << 8 | p[1]), cols = (unsigned)(p[2] << 8 | p[3]);
+        p += 4, n -= 4;
+    }
     struct exec *slot = NULL;
     for (int i = 0; i < MAX_EXECS && !slot; i++)
         if (execs[i].pid == 0)
@@ -238,9 +267,11 @@ static void handle_exec(uint32_t ch, const unsigned char *p, size_t n) {
             cwd = s;
         s = z + 1;
     }
-    int o[2], e[2], i[2];
-    if (pipe2(o, O_CLOEXEC) || pipe2(e, O_CLOEXEC) || pipe2(i, O_CLOEXEC)) {
-        send_text(F_ERROR, ch, "exec: pipe: %s", strerror(errno));
+    int o[2] = {-1, -1}, e[2] = {-1, -1}, i[2] = {-1, -1}, master = -1, slave = -1;
+    int failed = pty ? open_pty(&master, &slave, rows, cols)
+                     : (pipe2(o, O_CLOEXEC) || pipe2(e, O_CLOEXEC) || pipe2(i, O_CLOEXEC));
+    if (failed) {
+        send_text(F_ERROR, ch, "exec: %s: %s", pty ? "pty" : "pipe", strerror(errno));
         free(argv), free(env);
         return;
     }
@@ -250,24 +281,33 @@ static void handle_exec(uint32_t ch, const unsigned char *p, size_t n) {
         sigemptyset(&all);
         sigprocmask(SIG_SETMASK, &all, NULL);
         setsid();
-        dup2(i[0], 0), dup2(o[1], 1), dup2(e[1], 2);
+        if (pty) {
+            ioctl(slave, TIOCSCTTY, 0); /* Ctrl-C in the terminal now interrupts this session */
+            dup2(slave, 0), dup2(slave, 1), dup2(slave, 2);
+            if (slave > 2)
+                close(slave);
+        } else {
+            dup2(i[0], 0), dup2(o[1], 1), dup2(e[1], 2);
+        }
         exec_in_child(argv, env, cwd, uid, gid);
     }
     free(argv), free(env);
-    close(o[1]), close(e[1]), close(i[0]);
+    if (pty) {
+        close(slave);
+        o[0] = master, i[1] = dup(master); /* one terminal, read and written separately */
+        fcntl(i[1], F_SETFD, FD_CLOEXEC);
+    } else {
+        close(o[1]), close(e[1]), close(i[0]);
+    }
     if (pid < 0) {
-        close(o[0]), close(e[0]), close(i[1]);
+        close_fd(&o[0]), close_fd(&e[0]), close_fd(&i[1]);
         send_text(F_ERROR, ch, "exec: fork: %s", strerror(errno));
         return;
     }
-    fcntl(o[0], F_SETFL, O_NONBLOCK), fcntl(e[0], F_SETFL, O_NONBLOCK), fcntl(i[1], F_SETFL, O_NONBLOCK);
+    fcntl(o[0], F_SETFL, O_NONBLOCK), fcntl(i[1], F_SETFL, O_NONBLOCK);
+    if (e[0] >= 0)
+        fcntl(e[0], F_SETFL, O_NONBLOCK);
     *slot = (struct exec){.ch = ch, .pid = pid, .out = o[0], .err = e[0], .in = i[1]};
-}
-
-static void close_fd(int *fd) {
-    if (*fd >= 0)
-        close(*fd);
-    *fd = -1;
 }
 
 static void flush_stdin(struct exec *x) {
@@ -315,7 +355,14 @@ static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size
         handle_sync(ch, p, n);
         break;
     case F_EXEC:
-        handle_exec(ch, p, n);
+    case F_PTY_EXEC:
+        handle_exec(ch, p, n, type == F_PTY_EXEC);
+        break;
+    case F_RESIZE:
+        if ((x = find_exec(ch)) && n >= 4) {
+            struct winsize ws = {.ws_row = (unsigned short)(p[0] << 8 | p[1]), .ws_col = (unsigned short)(p[2] << 8 | p[3])};
+            ioctl(x->out, TIOCSWINSZ, &ws);
+        }
         break;
     case F_STDIN:
         if ((x = find_exec(ch))) {

@@ -17,6 +17,8 @@ enum agent_frame {
     F_EXEC = 10,     /* u32 uid, u32 gid, u16 argc, u16 envc, then argv, env, cwd: NUL-terminated */
     F_STDIN = 15,    /* bytes for the exec's stdin; empty closes it */
     F_KILL = 16,     /* u8 signal for the exec's process group */
+    F_PTY_EXEC = 17, /* u16 rows, u16 cols, then as F_EXEC: the command gets a terminal (output is stdout) */
+    F_RESIZE = 18,   /* u16 rows, u16 cols for an exec's terminal */
     /* guest -> host */
     F_SYNC_OK = 2,   /* u64 guest realtime ns after setting it, u8 flags (1 entropy added, 2 crng reseeded) */
     F_STDOUT = 11,

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -293,3 +294,52 @@ async def test_scoped_tokens_reach_the_agent_on_the_vms_own_host_and_ports_are_b
             assert resp.status == 200
         async with client.session.get(client.vm_url(vm_id, "/", port=8081), headers=bearer(only_app)) as resp:
             assert resp.status == 403 and "does not open port 8081" in (await resp.json())["message"]
+
+
+async def _read_until(ws: Any, needle: bytes, seen: bytearray, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while needle not in seen:
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.BINARY, msg
+            seen += msg.data
+
+
+async def test_shell_over_a_websocket_with_resize_ctrl_c_and_exit_status(
+    settings: VmmSettings, sandbox_template: str, tmp_path: Path
+) -> None:
+    cfg = edge_config(settings)
+    async with running_edge(cfg) as client:
+        vm_id = (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"]
+        token = (await client.api("POST", f"/v1/vms/{vm_id}/tokens", {"scopes": ["shell"]}, status=201))["token"]
+        url = client.vm_url(vm_id, "/.mvm/shell?cols=80&rows=24")
+        async with client.session.ws_connect(url, headers=bearer(token)) as ws:
+            seen = bytearray()
+            await ws.send_bytes(b"stty size; echo marker-$((6*7))\n")
+            await _read_until(ws, b"marker-42", seen)
+            assert b"24 80" in seen
+            await ws.send_str(orjson.dumps({"resize": [100, 40]}).decode())
+            await ws.send_bytes(b"stty size\n")
+            await _read_until(ws, b"40 100", seen)
+            await ws.send_bytes(b"sleep 100\n")
+            await asyncio.sleep(0.5)
+            await ws.send_bytes(b"\x03")  # Ctrl-C: the guest's tty interrupts the sleep
+            await ws.send_bytes(b"echo after-$((1+1))\n")
+            await _read_until(ws, b"after-2", seen)
+            await ws.send_bytes(b"exit 5\n")
+            async with asyncio.timeout(20):
+                while (msg := await ws.receive()).type == aiohttp.WSMsgType.BINARY:
+                    pass
+            assert msg.type == aiohttp.WSMsgType.TEXT and orjson.loads(msg.data) == {"exit_code": 5}
+        async with client.session.get(client.vm_url(vm_id, "/.mvm/shell"), headers=bearer(token)) as resp:
+            assert resp.status == 200 and "new WebSocket" in await resp.text()  # the browser page
+
+        # `mvm shell` with piped input: the commands run, Ctrl-D at the end of the input, the status is ours
+        config = tmp_path / "cli.toml"
+        config.write_text(f'[server]\nlisten_port = {client.edge.port}\ntls_cert = "{cfg.server.tls_cert}"\n'
+                          f'tls_key = "{cfg.server.tls_key}"\n')  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge.cli", "--config", str(config), "shell", vm_id,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(b"echo via-$((2*21))\nexit 4\n"), 60)
+        assert proc.returncode == 4 and b"via-42" in out, err
