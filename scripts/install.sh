@@ -14,6 +14,7 @@ APT_PACKAGES=(
     python3 python3-venv openssl ca-certificates
     buildah skopeo umoci mmdebstrap e2fsprogs   # Dockerfiles and OCI archives -> root disks
     nginx-light wrk curl   # benchmarks: nginx baseline, load generator, streaming
+    chromium               # the shell page's test in a real (headless) browser
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
