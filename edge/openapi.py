@@ -75,6 +75,30 @@ OPENAPI: dict[str, Any] = {
                 ],
             }
         },
+        "/v1/vms/{vm_id}/exec": {
+            "post": {
+                **_op("Run a command in the guest; the answer streams NDJSON (stdout/stderr base64, then "
+                      "exit_code[, signal] or error[, timed_out])", 200, body="ExecRequest", vm=True),
+            }
+        },
+        "/v1/vms/{vm_id}/files": {
+            op: {
+                **_op(summary, status, vm=True),
+                "parameters": [
+                    {"name": "vm_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "path", "in": "query", "required": True, "schema": {"type": "string", "pattern": "^/"}},
+                ],
+            }
+            for op, summary, status in (
+                ("get", "A file's bytes (streamed), or a directory's entries as JSON", 200),
+                ("put", "Write the request body to the file atomically (temp file + rename)", 201),
+                ("delete", "Remove a file or an empty directory", 204),
+            )
+        },
+        "/v1/vms/{vm_id}/shell": {
+            "get": _op("A login shell on a pty over a WebSocket (binary: terminal bytes; text: "
+                       '{"resize": [cols, rows]}, then {"exit_code"}); without Upgrade: a terminal page', 101, vm=True)
+        },
         "/v1/vms/{vm_id}/tokens": {"post": _op("Issue a VM-scoped token", 201, "Token", "TokenCreate", True)},
     },
     "components": {
@@ -107,7 +131,25 @@ OPENAPI: dict[str, Any] = {
             "VmCreate": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"template": {"type": "string"}, "policy": {"$ref": "#/components/schemas/Policy"}},
+                "properties": {
+                    "template": {"type": "string"},
+                    "policy": {"$ref": "#/components/schemas/Policy"},
+                    "run_payload": {"description": "any JSON (at most 16 KiB), given to the image's run hook"},
+                },
+            },
+            "ExecRequest": {
+                "type": "object",
+                "required": ["argv"],
+                "additionalProperties": False,
+                "properties": {
+                    "argv": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "cwd": {"type": "string", "pattern": "^/"},
+                    "user": {"type": "string", "description": "root, <uid> or <uid>:<gid>"},
+                    "stdin": {"type": "string"},
+                    "stdin_b64": {"type": "string", "contentEncoding": "base64"},
+                    "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+                },
             },
             "Vm": {
                 "type": "object",
@@ -131,7 +173,15 @@ OPENAPI: dict[str, Any] = {
                 "properties": {"name": {"type": "string"}, "image": {"type": "string"}},
             },
             "Template": {"type": "object"},
-            "TokenCreate": {"type": "object", "properties": {"ttl": {"type": "number", "exclusiveMinimum": 0}}},
+            "TokenCreate": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "ttl": {"type": "number", "exclusiveMinimum": 0},
+                    "scopes": {"type": "array", "items": {"enum": ["http", "exec", "files", "shell"]}, "minItems": 1},
+                    "ports": {"type": "string", "description": '"all", "8080" or "8000-8100"'},
+                },
+            },
             "Token": {
                 "type": "object",
                 "properties": {
