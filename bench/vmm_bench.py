@@ -117,7 +117,7 @@ async def _bench_template(manager: VmManager, name: str, image: str, cycles: int
     }  # fmt: skip
     overlay = manager.vm_dir(vm.id) / "disk.qcow2"
     if overlay.exists():
-        result.update(await _bench_agent(manager, vm.id, cycles))
+        result.update(await _bench_agent(manager, vm.id, ready, cycles))
         before = disks.allocated_bytes(overlay)
         await _put_file(vm.id, "bench-10mib.bin", 10 * 2**20)
         await manager.suspend(vm.id)  # the guest's page cache is flushed by `stop`: the overlay holds it all
@@ -130,14 +130,18 @@ async def _bench_template(manager: VmManager, name: str, image: str, cycles: int
     return result
 
 
-async def _bench_agent(manager: VmManager, vm_id: str, cycles: int) -> dict[str, Any]:
+async def _bench_agent(manager: VmManager, vm_id: str, ready: Readiness, cycles: int) -> dict[str, Any]:
     """The guest agent: a sync's round trip (what it adds to every wake), exec `true`, exec throughput."""
     settings = manager.settings
     cold = []  # right after a restore, with the guest's code cold: what the sync adds to a wake
+    unsynced = []  # restore -> first answer without the sync, to set against the same with it
     for _ in range(cycles):
         await manager.suspend(vm_id)
         manager.settings = replace(settings, guest_sync=False)
+        t0 = time.perf_counter()
         await manager.ensure_running(vm_id)
+        await _first_answer(vm_id, ready)
+        unsynced.append(time.perf_counter() - t0)
         manager.settings = settings
         cold_agent = manager._vms[vm_id].agent
         assert cold_agent is not None
@@ -158,7 +162,7 @@ async def _bench_agent(manager: VmManager, vm_id: str, cycles: int) -> dict[str,
         received += len(event.data) if event.kind == "stdout" else 0
     assert received == size
     files = await _bench_files(manager, vm_id)
-    return {"sync": sync, "sync_cold": cold, "exec_true": exec_true,
+    return {"sync": sync, "sync_cold": cold, "unsynced_first_answer": unsynced, "exec_true": exec_true,
             "exec_mb_s": size / 2**20 / (time.perf_counter() - t0), **files}  # fmt: skip
 
 
@@ -232,6 +236,9 @@ async def run(cycles: int, disk_image: str) -> str:
              _ms(p95(disk["sync"])), _ms(max(disk["sync"]))],
             ["sync right after a restore (cold guest code): added to a wake", len(disk["sync_cold"]),
              _ms(median(disk["sync_cold"])), _ms(p95(disk["sync_cold"])), _ms(max(disk["sync_cold"]))],
+            ["restore → first answer, sync off (compare: the table above, sync on)", len(disk["unsynced_first_answer"]),
+             _ms(median(disk["unsynced_first_answer"])), _ms(p95(disk["unsynced_first_answer"])),
+             _ms(max(disk["unsynced_first_answer"]))],
             ["exec `true`, round trip", len(disk["exec_true"]), _ms(median(disk["exec_true"])),
              _ms(p95(disk["exec_true"])), _ms(max(disk["exec_true"]))],
         ]  # fmt: skip

@@ -118,6 +118,8 @@ class VmManager:
                     await self.suspend(vm.rec.id)
             if vm.qmp is not None:
                 await vm.qmp.disconnect_quietly()
+            if vm.agent is not None:
+                await vm.agent.close("the manager stopped")
             if vm.proc is not None:
                 vm.proc.close()
         self._flush_activity()

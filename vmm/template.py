@@ -26,6 +26,7 @@ from .hooks import Hooks, call_http
 from .image import load_image
 from .model import Template
 from .qemu import (
+    AGENT_SOCKET,
     APP_LOG,
     QEMU_LOG,
     QMP_SOCKET,
@@ -170,7 +171,8 @@ async def create(
         if proc is not None:
             await proc.kill()
         await netns.delete(ns_id)
-    (work / QMP_SOCKET).unlink(missing_ok=True)
+    for socket_file in (QMP_SOCKET, AGENT_SOCKET):
+        (work / socket_file).unlink(missing_ok=True)
     if disk is not None:
         os.chmod(disk.path, 0o444)  # the base of every VM's overlay: never written again
     meta = {
