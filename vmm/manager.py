@@ -54,6 +54,7 @@ from .template import guest_log_tail
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 QMP_CONNECT_TIMEOUT = 10.0
 ACTIVITY_FLUSH_SECONDS = 2.0
+SYNC_SKEW_MS = 5.0  # a guest clock further off than this after a sync is synced once more
 GUEST_TOOL = "/mvm/init"  # also the guest's file and hook tool (guest/init)
 OVERLAY = "disk.qcow2"  # the VM's own writes, over its template's read-only base disk
 _LIVE = (VmState.RUNNING, VmState.PAUSED)
@@ -474,6 +475,10 @@ class VmManager:
             return
         try:
             result = await vm.agent.sync(vm.rec.id, self.settings.agent_timeout)
+            if abs(result.skew_ms) > SYNC_SKEW_MS:
+                # The first answer after a restore is slow (cold guest code), so the clock it set is
+                # behind by that delay; a second sync, warm, lands within a millisecond.
+                result = await vm.agent.sync(vm.rec.id, self.settings.agent_timeout)
         except AgentError as exc:
             log.event("vm.sync_failed", level="warning", vm=vm.rec.id, error=str(exc))
             return

@@ -63,9 +63,9 @@ async def test_clones_get_fresh_entropy_the_host_clock_and_their_own_hostname(
         a, b = await sandbox_run(first.id, RANDOM), await sandbox_run(second.id, RANDOM)
         assert a[0] != b[0] and a[1] != b[1]
         assert (a[2], b[2]) == (first.id, second.id)
-        for _ in range(2):  # after every restore, not only the first
+        for pause in (30, 1):  # after every restore, not only the first; the first after a 30 s suspend
             await mgr.suspend(first.id)
-            await asyncio.sleep(3)
+            await asyncio.sleep(pause)
             before = time.time()
             await mgr.ensure_running(first.id)
             guest = await sandbox_run(first.id, RANDOM)
@@ -84,6 +84,31 @@ async def _exec(client: Client, vm_id: str, body: dict[str, Any], status: int = 
         if status != 200:
             return [await resp.json()]
         return [orjson.loads(line) async for line in resp.content]
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def _stream_big_output(client: Client, vm_id: str, size: int) -> tuple[str, int, int]:
+    """Read an exec's output line by line, hashing it, and note how far RSS rose meanwhile."""
+    url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/exec"
+    body = {"argv": ["sh", "-c", f"head -c {size} /dev/zero | tr '\\0' 'x'"]}
+    digest, received, base, peak = hashlib.sha256(), 0, _rss(), 0
+    async with client.session.post(url, json=body, headers=client.admin) as resp:
+        async for line in resp.content:
+            event = orjson.loads(line)
+            if event.get("stream") == "stdout":
+                chunk = base64.b64decode(event["data"])
+                digest.update(chunk)
+                received += len(chunk)
+                peak = max(peak, _rss() - base)
+            elif "exit_code" in event:
+                assert event == {"exit_code": 0}
+    return digest.hexdigest(), received, peak
 
 
 def _output(events: list[dict[str, Any]], stream: str) -> bytes:
@@ -114,10 +139,10 @@ async def test_exec_streams_output_exit_codes_stdin_and_timeouts(settings: VmmSe
         many = await asyncio.gather(*(_exec(client, vm_id, {"argv": ["echo", str(i)]}) for i in range(20)))
         assert [_output(events, "stdout") for events in many] == [f"{i}\n".encode() for i in range(20)]
 
-        # 100 MiB of stdout, byte-exact, streamed (the agent and the edge hold only bounded buffers)
-        big = await _exec(client, vm_id, {"argv": ["sh", "-c", "head -c 104857600 /dev/zero | tr '\\0' 'x'"]})
-        out = _output(big, "stdout")
-        assert len(out) == 100 * 2**20 and out == b"x" * len(out) and big[-1] == {"exit_code": 0}
+        # 100 MiB of stdout, byte-exact and streamed: this process (edge and client both) never holds it whole
+        digest, size, peak_growth = await _stream_big_output(client, vm_id, 100 * 2**20)
+        assert size == 100 * 2**20 and digest == hashlib.sha256(b"x" * size).hexdigest()
+        assert peak_growth < 48 * 2**20, f"RSS grew {peak_growth / 2**20:.0f} MiB while streaming 100 MiB"
 
         # exec wakes a suspended VM like a request does
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
@@ -343,3 +368,51 @@ async def test_shell_over_a_websocket_with_resize_ctrl_c_and_exit_status(
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(b"echo via-$((2*21))\nexit 4\n"), 60)
         assert proc.returncode == 4 and b"via-42" in out, err
+
+
+async def _count_in_guest(client: Client, vm_id: str, pattern: str) -> int:
+    """How many guest processes' command lines match `pattern` (write it as "[s]leep" so it does not match itself)."""
+    each = 'for p in /proc/[0-9]*; do tr "\\0" " " < $p/cmdline 2>/dev/null; echo; done'
+    script = f'{each} | grep -c "{pattern}" || true'
+    events = await _exec(client, vm_id, {"argv": ["sh", "-c", script]})
+    return int(_output(events, "stdout").strip() or 0)
+
+
+async def test_exec_faults_client_gone_agent_killed_and_the_reaper_waits(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        body = {"template": sandbox_template, "policy": {"idle_suspend_after": 1}}
+        vm_id = (await client.api("POST", "/v1/vms", body, status=201))["id"]
+        url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/exec"
+
+        # a client that leaves mid-stream: the command (and its children) are killed
+        started = {"argv": ["sh", "-c", "echo started; sleep 987; echo never"]}
+        async with client.session.post(url, json=started, headers=client.admin) as resp:
+            assert (await resp.content.readline()).startswith(b'{"stream":"stdout"')
+            assert await _count_in_guest(client, vm_id, "[s]leep 987") == 1
+        async with asyncio.timeout(10):
+            while await _count_in_guest(client, vm_id, "[s]leep 987"):
+                await asyncio.sleep(0.2)
+
+        # the idle reaper (1 s) leaves a VM alone while an exec runs in it
+        events = await _exec(client, vm_id, {"argv": ["sleep", "4"]})
+        assert events[-1] == {"exit_code": 0}
+        assert (await client.api("GET", f"/v1/vms/{vm_id}"))["state"] == "running"
+
+        # the agent killed inside the guest: its exec ends with an error, init restarts it, execs work again
+        killed = await _exec(client, vm_id, {"argv": ["sh", "-c", "kill -9 $PPID; sleep 30"], "timeout": 5})
+        assert "error" in killed[-1]
+        async with asyncio.timeout(20):
+            while True:
+                again = await _exec(client, vm_id, {"argv": ["echo", "agent is back"], "timeout": 5})
+                if _output(again, "stdout") == b"agent is back\n":
+                    break
+                await asyncio.sleep(0.5)
+        assert "restarting it" in (await _logs_text(client, vm_id))
+
+
+async def _logs_text(client: Client, vm_id: str) -> str:
+    async with client.session.get(client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/logs",
+                                  headers=client.admin) as resp:  # fmt: skip
+        return await resp.text()
