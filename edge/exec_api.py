@@ -22,13 +22,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from vmm.agent import AgentError, ExecEvent
+from vmm.agent import AgentError, Exec, ExecEvent
 from vmm.errors import InvalidRequest
 from vmm.manager import VmManager
 
 MAX_TIMEOUT = 3600.0
 DEFAULT_TIMEOUT = 300.0
 MAX_STDIN = 16 * 1024 * 1024
+CLIENT_CHECK_SECONDS = 0.5
 _FIELDS = ("argv", "env", "cwd", "user", "stdin", "stdin_b64", "timeout")
 
 
@@ -105,6 +106,17 @@ def event_line(event: ExecEvent) -> dict[str, Any]:
     return {"error": event.data.decode(errors="replace")}
 
 
+async def _relay(ex: Exec, response: web.StreamResponse) -> None:
+    async for event in ex:
+        await response.write(orjson.dumps(event_line(event)) + b"\n")
+
+
+async def _client_gone(request: web.Request) -> None:
+    """Returns once the client's connection is gone: a quiet command would not notice by itself."""
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(CLIENT_CHECK_SECONDS)
+
+
 async def stream_exec(request: web.Request, manager: VmManager, vm_id: str, req: ExecRequest) -> web.StreamResponse:
     """Start the exec, then stream its events until it ends, times out or the client leaves."""
     ex = await manager.exec(vm_id, req.argv, req.env, req.cwd, req.uid, req.gid)
@@ -114,9 +126,18 @@ async def stream_exec(request: web.Request, manager: VmManager, vm_id: str, req:
             await response.prepare(request)
             await ex.write_stdin(req.stdin)
             await ex.write_stdin(b"")
-            async with asyncio.timeout(req.timeout):
-                async for event in ex:
-                    await response.write(orjson.dumps(event_line(event)) + b"\n")
+            relay = asyncio.create_task(_relay(ex, response))
+            gone = asyncio.create_task(_client_gone(request))
+            try:
+                async with asyncio.timeout(req.timeout):
+                    await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                relay.cancel()  # a no-op when it has finished
+                await asyncio.gather(relay, gone, return_exceptions=True)
+            if relay.cancelled():
+                return response  # the client left while the command was quiet: the finally below kills it
+            relay.result()
         except TimeoutError:
             await ex.kill()
             line = {"error": f"timed out after {req.timeout:g} s: its process group was killed", "timed_out": True}
