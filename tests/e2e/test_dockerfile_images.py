@@ -7,6 +7,7 @@ user) and fill the disk. Bad input of every kind gets a one-line error and leave
 
 from __future__ import annotations
 
+import io
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.guest import guest_request
-from vmm import disks, oci
+from vmm import disks, jsonlog, oci
 from vmm.disk_image import BuildOptions, build_from_archive, build_from_dockerfile
 from vmm.errors import Conflict, InvalidRequest, OverCapacity, VmmError
 from vmm.image import list_images
@@ -246,7 +247,7 @@ HOOK_CGI = {
 
 
 async def test_lifecycle_hooks_run_once_per_step_and_never_hold_a_vm(
-    build_settings: VmmSettings, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    build_settings: VmmSettings, tmp_path: Path
 ) -> None:
     ctx = _context(tmp_path, HOOKED)
     cgi = ctx / "rootfs" / "srv" / "www" / "cgi-bin"
@@ -261,6 +262,8 @@ async def test_lifecycle_hooks_run_once_per_step_and_never_hold_a_vm(
                                   build_settings.state_dir, lambda _: None)  # fmt: skip
     assert image.hooks is not None and image.hooks["exec"] == ["resume"] and image.hooks["prefix"] == "/cgi-bin"
 
+    events = io.StringIO()
+    jsonlog.configure("info", stream=events)  # every hook is logged with its outcome
     mgr = VmManager(build_settings)
     await mgr.start()
     try:
@@ -280,10 +283,11 @@ async def test_lifecycle_hooks_run_once_per_step_and_never_hold_a_vm(
             assert lines.count("suspend") == restores and lines.count("resume {}") == restores
             assert lines.count("exec-resume resume") == restores
         await mgr.delete(rec.id)
-        events = [line for line in capfd.readouterr().err.splitlines() if '"vm.hook"' in line]
-        assert any('"hook":"suspend","ok":false' in e and "TimeoutError" in e for e in events), events
-        assert any('"hook":"terminate","ok":true' in e for e in events), events
+        hooks = [line for line in events.getvalue().splitlines() if '"vm.hook"' in line]
+        assert any('"hook":"suspend","ok":false' in e and "TimeoutError" in e for e in hooks), hooks
+        assert any('"hook":"terminate","ok":true' in e for e in hooks), hooks
     finally:
         for vm in list(mgr.list_vms()):
             await mgr.delete(vm.id)
         await mgr.close()
+        jsonlog.configure("info", None)
