@@ -8,11 +8,11 @@ other's writes; deleting a VM removes its overlay and leaves the template's base
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.edge_harness import DOMAIN, Client, bearer, edge_config, running_edge
+from vmm.buildtools import sha256_file
 from vmm.model import VmState
 from vmm.settings import VmmSettings
 
@@ -38,14 +38,6 @@ async def _get_file(client: Client, vm_id: str, token: str, path: str) -> tuple[
 async def _launch(client: Client, template: str) -> tuple[str, str]:
     vm = await client.api("POST", "/v1/vms", {"template": template}, status=201)
     return vm["id"], await client.token(vm["id"])
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 async def test_session_memory_disk_and_process_survive_suspend_and_edge_restart(
@@ -98,7 +90,7 @@ async def _logs(client: Client, vm_id: str) -> str:
 
 async def test_two_vms_of_one_template_have_their_own_disks(settings: VmmSettings, sandbox_template: str) -> None:
     base = Path(settings.templates_dir / sandbox_template / "disk.base").resolve()
-    base_sum = _sha256(base)
+    base_sum = sha256_file(base)
     async with running_edge(edge_config(settings)) as client:
         (first, first_token), (second, second_token) = [await _launch(client, sandbox_template) for _ in range(2)]
         await _put(client, first, first_token, "mine.txt", b"first VM only")
@@ -113,4 +105,4 @@ async def test_two_vms_of_one_template_have_their_own_disks(settings: VmmSetting
         await client.api("DELETE", f"/v1/vms/{first}", status=204)
         assert not overlay.exists() and not (settings.vms_dir / first).exists()
         assert (await _get_file(client, second, second_token, "mine.txt"))[0] == 404
-    assert _sha256(base) == base_sum  # the template's base disk was never written
+    assert sha256_file(base) == base_sum  # the template's base disk was never written
