@@ -10,9 +10,18 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def p95(values: Sequence[float]) -> float:
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (no interpolation)."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def p95(values: Sequence[float]) -> float:
+    return percentile(values, 0.95)
+
+
+def p99(values: Sequence[float]) -> float:
+    return percentile(values, 0.99)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -147,6 +148,26 @@ async def test_oci_and_docker_archives_import(build_settings: VmmSettings, tmp_p
             lambda _: None,
         )  # fmt: skip
         assert (image.app_port, image.ready.path, image.disk_mb) == (8080, "/cgi-bin/ready", 64)
+
+    # and an archive of an image FROM the local Debian base: its files and config come through
+    base_ctx = tmp_path / "from-base"
+    base_ctx.mkdir()
+    (base_ctx / "Dockerfile").write_text(
+        f"FROM {oci.BASE_IMAGE}\nRUN echo imported > /etc/mvm-test\nEXPOSE 9000\n"
+        'CMD ["python3", "-m", "http.server", "9000"]\n'
+    )
+    oci.build_dockerfile(store, base_ctx / "Dockerfile", base_ctx, ref, lambda _: None)
+    try:
+        oci.save_archive(store, ref, tmp_path / "from-base.tar", "oci-archive")
+    finally:
+        oci.remove_image(store, ref)
+    debian = build_from_archive(tmp_path / "from-base.tar", BuildOptions(), build_settings.images_dir,
+                                build_settings.state_dir, lambda _: None)  # fmt: skip
+    assert (debian.name, debian.app_port, debian.ready.kind) == ("from-base", 9000, "tcp")
+    assert debian.disk is not None
+    for inside in ("/usr/bin/python3", "/etc/mvm-test", "/mvm/init"):
+        listed = subprocess.run(["debugfs", "-R", f"stat {inside}", str(debian.disk)], capture_output=True, text=True)
+        assert "Inode:" in listed.stdout, (inside, listed.stderr)
 
     mgr = VmManager(build_settings)
     await mgr.start()

@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from tests.e2e.edge_harness import DOMAIN, Client, bearer, edge_config, running_edge
-from tests.e2e.guest import sandbox_run
+from tests.e2e.guest import guest_request, sandbox_run
 from vmm.manager import VmManager
 from vmm.settings import VmmSettings
 
@@ -416,3 +416,33 @@ async def _logs_text(client: Client, vm_id: str) -> str:
     async with client.session.get(client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/logs",
                                   headers=client.admin) as resp:  # fmt: skip
         return await resp.text()
+
+
+async def test_sigterm_to_init_stops_the_app_cleanly_and_a_silent_agent_never_holds_a_wake(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        bad = await client.api("POST", "/v1/vms/vnosuchvm2345/exec", {"argv": ["true"]}, status=404)
+        assert "does not exist" in bad["message"]
+
+        # an agent that stops answering (SIGSTOP): the restore goes on without it, within agent_timeout
+        vm_id = (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"]
+        stopped = await _exec(client, vm_id, {"argv": ["sh", "-c", "kill -STOP $PPID; sleep 30"], "timeout": 2})
+        assert stopped[-1].get("timed_out") is True
+        await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
+        started = time.monotonic()
+        resumed = await client.api("POST", f"/v1/vms/{vm_id}/resume", status=200)
+        assert resumed["state"] == "running" and time.monotonic() - started < 10
+        status, _ = await guest_request(vm_id, "/healthz")
+        assert status == 200  # the app serves, agent or not
+
+        # SIGTERM to PID 1: the init forwards it to the app, which ends; the VM powers off and says why
+        other = (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"]
+        sent = await _exec(client, other, {"argv": ["sh", "-c", "kill -TERM 1"]})
+        assert sent[-1] == {"exit_code": 0}, sent
+        async with asyncio.timeout(30):
+            while (vm := await client.api("GET", f"/v1/vms/{other}"))["state"] != "failed":
+                await asyncio.sleep(0.2)
+        log = await _logs_text(client, other)
+        assert "stopping: SIGTERM to the app" in log and "app (pid" in log, log[-2000:]
+        assert "app (pid" in vm["reason"], vm["reason"]
