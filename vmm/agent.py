@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import secrets
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -23,11 +24,29 @@ from pathlib import Path
 from .errors import VmmError
 
 ENTROPY_BYTES = 64
+KEY_BYTES = 32  # the per-VM key every sync and exec carries (guest/init/agent.h)
 _HEAD = struct.Struct(">IBI")
 F_SYNC, F_SYNC_OK, F_EXEC, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_STDIN, F_KILL = 1, 2, 10, 11, 12, 13, 14, 15, 16
 F_PTY_EXEC, F_RESIZE = 17, 18
 _QUEUE_FRAMES = 64  # per exec: at most 64 frames of <= 64 KiB waiting for their reader
 MAX_FRAME = 1 << 20
+
+
+def load_key(path: Path) -> bytes:
+    """The VM's agent key: made once (0600) when first asked for, then read back, also after a restart."""
+    try:
+        key = path.read_bytes()
+        if len(key) == KEY_BYTES:
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_bytes(KEY_BYTES)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key)
+    finally:
+        os.close(fd)
+    return key
 
 
 class AgentError(VmmError):
@@ -99,8 +118,8 @@ class Exec:
 class Agent:
     """A connection to one VM's guest agent."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> None:
+        self.reader, self.writer, self.key = reader, writer, key
         self.execs: dict[int, Exec] = {}
         self._replies: dict[int, asyncio.Future[bytes]] = {}
         self._channels = itertools.count(1)
@@ -108,13 +127,14 @@ class Agent:
         self._task = asyncio.get_running_loop().create_task(self._read_frames())
 
     @classmethod
-    async def connect(cls, sock: Path, timeout: float = 5.0) -> Agent:
+    async def connect(cls, sock: Path, key: bytes, timeout: float = 5.0) -> Agent:
+        """Connect to the VM's agent socket; `key` is the VM's (KEY_BYTES, from load_key)."""
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_unix_connection(str(sock), limit=2 * MAX_FRAME)
         except (OSError, TimeoutError) as exc:
             raise AgentError(f"cannot reach the guest agent at {sock}: {exc}") from exc
-        return cls(reader, writer)
+        return cls(reader, writer, key)
 
     async def send(self, kind: int, channel: int, payload: bytes) -> None:
         if self._closed is not None:
@@ -130,7 +150,7 @@ class Agent:
         started = time.monotonic()
         name = hostname.encode()
         try:
-            payload = struct.pack(">QH", time.time_ns(), len(name)) + name + os.urandom(ENTROPY_BYTES)
+            payload = self.key + struct.pack(">QH", time.time_ns(), len(name)) + name + os.urandom(ENTROPY_BYTES)
             await self.send(F_SYNC, channel, payload)
             async with asyncio.timeout(timeout):
                 answer = await reply
@@ -157,6 +177,7 @@ class Agent:
         payload = struct.pack(">IIHH", uid, gid, len(argv), len(env)) + b"".join(s.encode() + b"\0" for s in strings)
         if pty is not None:
             payload = struct.pack(">HH", *pty) + payload
+        payload = self.key + payload
         if len(payload) > MAX_FRAME - 16:
             raise AgentError("argv and env are too large (1 MiB at most)")
         ex = Exec(self, channel)

@@ -27,7 +27,7 @@ from qemu.qmp.error import QMPError
 from . import accel as accel_mod
 from . import disks, netns, template
 from . import qmp as qmp_ops
-from .agent import Agent, AgentError, Exec
+from .agent import Agent, AgentError, Exec, load_key
 from .applog import AppLog
 from .errors import Conflict, InvalidRequest, NotFound, RestoreFailed, VmFailed, VmmError
 from .hooks import HookOutcome, Hooks, call_http, check_payload
@@ -57,6 +57,7 @@ ACTIVITY_FLUSH_SECONDS = 2.0
 SYNC_SKEW_MS = 5.0  # a guest clock further off than this after a sync is synced once more
 GUEST_TOOL = "/mvm/init"  # also the guest's file and hook tool (guest/init)
 OVERLAY = "disk.qcow2"  # the VM's own writes, over its template's read-only base disk
+AGENT_KEY = "agent.key"  # the VM's key for its guest agent (0600)
 _LIVE = (VmState.RUNNING, VmState.PAUSED)
 
 
@@ -461,7 +462,8 @@ class VmManager:
 
     async def _connect_agent(self, vm: _Vm) -> None:
         try:
-            vm.agent = await Agent.connect(self.vm_dir(vm.rec.id) / AGENT_SOCKET)
+            vm_dir = self.vm_dir(vm.rec.id)
+            vm.agent = await Agent.connect(vm_dir / AGENT_SOCKET, load_key(vm_dir / AGENT_KEY))
         except AgentError as exc:
             log.event("vm.agent_unavailable", level="warning", vm=vm.rec.id, error=str(exc))
 

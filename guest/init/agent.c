@@ -48,6 +48,23 @@ static int port = -1;
 static struct buffer out;  /* frames waiting for the port */
 static struct buffer in;   /* bytes read from the port, not yet a whole frame */
 static struct exec execs[MAX_EXECS];
+static unsigned char key[AGENT_KEY_BYTES];
+static int keyed;
+
+/* The VM's key: learnt from the first keyed frame, then required on every one. */
+static int authenticated(const unsigned char *p, size_t n) {
+    if (n < AGENT_KEY_BYTES)
+        return 0;
+    if (!keyed) {
+        memcpy(key, p, AGENT_KEY_BYTES);
+        keyed = 1;
+        return 1;
+    }
+    unsigned char diff = 0;
+    for (int i = 0; i < AGENT_KEY_BYTES; i++)
+        diff |= (unsigned char)(key[i] ^ p[i]);
+    return diff == 0;
+}
 
 static void put(struct buffer *b, const void *data, size_t n) {
     if (b->len + n > b->cap) {
@@ -352,11 +369,17 @@ static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size
     struct exec *x;
     switch (type) {
     case F_SYNC:
-        handle_sync(ch, p, n);
-        break;
     case F_EXEC:
     case F_PTY_EXEC:
-        handle_exec(ch, p, n, type == F_PTY_EXEC);
+        if (!authenticated(p, n)) {
+            send_text(F_ERROR, ch, "the frame does not carry this VM's key");
+            break;
+        }
+        p += AGENT_KEY_BYTES, n -= AGENT_KEY_BYTES;
+        if (type == F_SYNC)
+            handle_sync(ch, p, n);
+        else
+            handle_exec(ch, p, n, type == F_PTY_EXEC);
         break;
     case F_RESIZE:
         if ((x = find_exec(ch)) && n >= 4) {

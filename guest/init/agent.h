@@ -5,6 +5,9 @@
  * the app. PID 1 restarts it if it dies.
  *
  * Frames, both ways: u32 length (big-endian; of what follows), u8 type, u32 channel, payload.
+ * SYNC, EXEC and PTY_EXEC payloads start with the VM's 32-byte key: the first such frame an
+ * agent sees sets it (a clone's agent wakes from the template's snapshot knowing none), and
+ * every later one must carry the same key.
  */
 #ifndef MVM_AGENT_H
 #define MVM_AGENT_H
@@ -29,6 +32,7 @@ enum agent_frame {
 
 #define AGENT_PORT_NAME "mvm.agent"
 #define AGENT_MAX_FRAME (1u << 20)
+#define AGENT_KEY_BYTES 32
 
 /* Run the agent forever (in its own process). */
 void agent_main(void);
