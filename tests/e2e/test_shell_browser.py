@@ -63,6 +63,7 @@ async def chromium() -> AsyncIterator[DevTools]:
     proc = await asyncio.create_subprocess_exec(
         CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "TMPDIR": str(profile)},  # its own temporary files go with the profile
     )  # fmt: skip
     try:
         port_file = profile / "DevToolsActivePort"
