@@ -59,6 +59,7 @@ class Admitter:
         client: bytes,
         proto: bytes,
         control_auth: bytes = b"",
+        trusted: bool = False,
     ) -> None:
         self._backend = backend
         self._router = router
@@ -66,6 +67,7 @@ class Admitter:
         self._client = client
         self._proto = proto
         self._control_auth = control_auth  # what the control API accepts, for the agent paths below
+        self._trusted = trusted  # the client is a trusted proxy: its X-Forwarded-For is kept
         self._host: bytes | None = None
         self._route: Route | None = None
 
@@ -83,6 +85,11 @@ class Admitter:
         route = self._route_for(host)
         if route is None:
             return Refusal(404, f"nothing is served at {host.decode('latin-1')}")
+        if not target.startswith(b"/") and target != b"*":
+            origin = _origin_form(target, host)
+            if origin is None:
+                return Refusal(400, "an absolute-form target must name the Host it is sent to")
+            target = origin
         if route.control:  # the control API checks its own credentials: pass them on
             head = req.render(
                 method,
@@ -93,6 +100,7 @@ class Admitter:
                 upgrade=upgrade,
                 client=self._client,
                 proto=self._proto,
+                trust_forwarded=self._trusted,
             )
             return Admission(head)
         vm_id = route.vm_id
@@ -139,6 +147,7 @@ class Admitter:
             upgrade=upgrade,
             client=self._client,
             proto=self._proto,
+                trust_forwarded=self._trusted,
         )
         return Admission(head, vm_id, port, rec.state is VmState.RUNNING, set_cookie)
 
@@ -161,8 +170,10 @@ class Admitter:
         rewritten = b"/v1/vms/" + vm_id.encode() + b"/" + rest
         if query:
             rewritten = strip_token_from_target(rewritten + b"?" + query)
-        head = req.render(method, rewritten, version, keep_authorization=False, cookie=None,
-                          upgrade=upgrade and name == b"shell", client=self._client, proto=self._proto)  # fmt: skip
+        head = req.render(
+            method, rewritten, version, keep_authorization=False, cookie=None, upgrade=upgrade and name == b"shell",
+            client=self._client, proto=self._proto, trust_forwarded=self._trusted,
+        )  # fmt: skip
         # The scoped token stays here; the control API behind it takes the edge's own credential.
         return Admission(head.replace(b"\r\n", b"\r\nAuthorization: " + self._control_auth + b"\r\n", 1))
 
@@ -175,3 +186,15 @@ class Admitter:
 
 def _missing_scope(grant: Grant, scope: str) -> Refusal:
     return Refusal(403, f"this token's scopes ({', '.join(sorted(grant.scopes))}) do not include {scope}")
+
+
+def _origin_form(target: bytes, host: bytes) -> bytes | None:
+    """`http://host/path?q` -> `/path?q` when it names `host` (routing went by Host); else None."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    authority, slash, path = rest.partition(b"/")
+    authority = authority.rpartition(b"@")[2]  # no userinfo is honoured
+    if authority.split(b":")[0].lower() != host.split(b":")[0].lower():
+        return None
+    return b"/" + path if slash else b"/"

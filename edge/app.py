@@ -21,6 +21,7 @@ Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`edge.reap
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 import socket
 import ssl
@@ -101,6 +102,7 @@ async def start(cfg: Config) -> Edge:
                 max_held_per_vm=cfg.proxy.max_held_per_vm,
                 retry_after=cfg.proxy.retry_after,
                 forwarded_proto="https" if cfg.server.tls else "http",
+                trusted_proxies=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.proxy.trusted_proxies),
             ),
         )
         manager.listeners.append(lambda rec: _end_upstreams(pool, rec))

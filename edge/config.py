@@ -56,6 +56,7 @@ class ProxyConfig:
     upstream_keepalive_per_vm: int = 32
     upstream_keepalive_idle: float = 30.0
     retry_after: int = 2
+    trusted_proxies: tuple[str, ...] = ()  # clients whose X-Forwarded-For is kept (appended to), as IPs or CIDRs
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,18 @@ def _seconds_or_zero(value: Any, key: str) -> float:
     return float(value)
 
 
+def _networks(value: Any, key: str) -> tuple[str, ...]:
+    """A list of IP addresses or CIDR networks, each checked now."""
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _fail(key, "a list of IP addresses or networks such as \"10.0.0.0/8\"", value)
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _fail(key, "a list of IP addresses or networks such as \"10.0.0.0/8\"", item) from None
+    return tuple(value)
+
+
 def _text(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise _fail(key, "a non-empty string", value)
@@ -189,6 +202,7 @@ _PROXY: dict[str, Rule] = {
     "upstream_keepalive_per_vm": _integer(0, 10_000),
     "upstream_keepalive_idle": _seconds,
     "retry_after": _integer(0, 3600),
+    "trusted_proxies": lambda value, key: _networks(value, key),
 }
 _TOKENS: dict[str, Rule] = {
     "default_ttl": _seconds,

@@ -154,7 +154,10 @@ class EdgeProtocol(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             self._client = str(peer[0]).encode("ascii", "replace")
         ctx = self._ctx
-        self._admitter = Admitter(ctx.backend, ctx.router, ctx.tokens, self._client, self._proto, ctx.control_auth)
+        self._admitter = Admitter(
+            ctx.backend, ctx.router, ctx.tokens, self._client, self._proto, ctx.control_auth,
+            trusted=ctx.settings.trusts(self._client),
+        )  # fmt: skip
         now = self._loop.time()
         self._flush_at = now + _TOUCH_EVERY
         self._idle_deadline = now + self._s.idle_timeout

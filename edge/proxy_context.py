@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,17 @@ class ProxySettings:
     idle_timeout: float = 75.0  # a client between requests, sending a head, or pausing a body
     max_head_size: int = 64 * 1024
     linger_timeout: float = 5.0  # reading a body we no longer need before closing
+    # Clients (other proxies) whose X-Forwarded-For is appended to; everyone else's is replaced.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def trusts(self, client: bytes) -> bool:
+        if not self.trusted_proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(client.decode("ascii"))
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
 
 
 @dataclass(eq=False)

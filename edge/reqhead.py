@@ -7,6 +7,8 @@ aside, so one pass and one join build the forwarded head.
 
 from __future__ import annotations
 
+from .tokens import strip_token_from_target
+
 _PLAIN = 0
 _DROP = 1
 _HOST = 2
@@ -17,6 +19,7 @@ _UPGRADE = 6
 _FORWARDED_FOR = 7
 _CONTENT_LENGTH = 8
 _TRANSFER_ENCODING = 9
+_REFERER = 10
 
 _KINDS = {
     b"host": _HOST,
@@ -27,6 +30,7 @@ _KINDS = {
     b"x-forwarded-for": _FORWARDED_FOR,
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,
+    b"referer": _REFERER,
     # Hop-by-hop (RFC 9110 7.6.1) or set by the edge itself.
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
@@ -35,6 +39,9 @@ _KINDS = {
     b"trailer": _DROP,
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
+    # The edge is the outermost proxy: what a client claims about its own address goes.
+    b"forwarded": _DROP,
+    b"x-real-ip": _DROP,
 }
 # Connection options that name no header of their own, and framing no client may have dropped.
 _KEEP = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
@@ -52,6 +59,7 @@ class RequestHead:
         "forwarded_for",
         "host",
         "hosts",
+        "referer",
         "transfer_encoding",
         "upgrade",
     )
@@ -67,6 +75,7 @@ class RequestHead:
         self.content_length: bytes | None = None
         self.transfer_encoding: bytes | None = None
         self.upgrade: bytes | None = None
+        self.referer: bytes | None = None
 
     def add(self, name: bytes, value: bytes) -> None:
         kind = _KINDS.get(name.lower(), _PLAIN)
@@ -91,6 +100,8 @@ class RequestHead:
         elif kind == _CONTENT_LENGTH:
             self.content_length = value
             self._plain += (name, b": ", value, b"\r\n")
+        elif kind == _REFERER:
+            self.referer = value
         elif kind == _TRANSFER_ENCODING:
             te = self.transfer_encoding
             self.transfer_encoding = value if te is None else te + b", " + value
@@ -119,8 +130,13 @@ class RequestHead:
         upgrade: bool,
         client: bytes,
         proto: bytes,
+        trust_forwarded: bool = False,
     ) -> bytes:
-        """The head to forward; Host stays as the client sent it."""
+        """The head to forward; Host stays as the client sent it.
+
+        X-Forwarded-For is the client's address, or, from a trusted proxy, its list plus the client.
+        A Referer loses any `token` parameter (a `?token=` page's links would carry it on).
+        """
         host = self.host or b""
         plain = self._plain
         if self._connection is not None:
@@ -130,13 +146,15 @@ class RequestHead:
             parts += (b"Authorization: ", self.authorization, b"\r\n")
         if cookie:
             parts += (b"Cookie: ", cookie, b"\r\n")
+        if self.referer is not None:
+            parts += (b"Referer: ", strip_token_from_target(self.referer), b"\r\n")
         if self.transfer_encoding is not None:
             parts += (b"Transfer-Encoding: ", self.transfer_encoding, b"\r\n")
         if upgrade and self.upgrade is not None:
             parts += (b"Connection: Upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
         elif version == b"1.0":
             parts.append(b"Connection: keep-alive\r\n")  # HTTP/1.0 upstreams close otherwise
-        xff = client if self.forwarded_for is None else self.forwarded_for + b", " + client
+        xff = self.forwarded_for + b", " + client if trust_forwarded and self.forwarded_for else client
         parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto)
         parts += (b"\r\nX-Forwarded-Host: ", host, b"\r\n\r\n")
         return b"".join(parts)

@@ -1,3 +1,4 @@
+import ipaddress
 from dataclasses import fields
 from pathlib import Path
 
@@ -142,6 +143,8 @@ public_key_file = "x.pem"
         ("[vmm]\nboot_timeout = 0", "vmm.boot_timeout: must be a positive number"),
         ("[vmm]\nbogus = 1", "vmm.bogus: unknown key"),
         ("[vmm]\ndefault_policy = {}", "vmm.default_policy: unknown key"),
+        ('[proxy]\ntrusted_proxies = ["not-an-ip"]', "proxy.trusted_proxies: must be a list of IP addresses"),
+        ('[proxy]\ntrusted_proxies = "10.0.0.1"', "proxy.trusted_proxies: must be a list"),
         ("[policy]\nvcpus = 0", "policy.vcpus"),
         ("[policy]\nbogus = 1", "policy.bogus: unknown key"),
         ("[policy]\nports = [0]", "policy.ports"),
@@ -235,3 +238,13 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xfe\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(bad)
+
+
+def test_trusted_proxies_are_networks() -> None:
+    from edge.proxy_context import ProxySettings
+
+    cfg = load_config(None)
+    assert cfg.proxy.trusted_proxies == ()
+    settings = ProxySettings(trusted_proxies=(ipaddress.ip_network("10.1.0.0/16"),))
+    assert settings.trusts(b"10.1.2.3") and not settings.trusts(b"10.2.0.1") and not settings.trusts(b"garbage")
+    assert not ProxySettings().trusts(b"127.0.0.1")

@@ -58,8 +58,18 @@ def test_token_carriers_and_forwarded_for_chain() -> None:
     head = _head((b"Host", b"h"), (b"Authorization", b"Bearer t"), (b"X-Forwarded-For", b"10.0.0.1"))
     assert b"Authorization" not in _render(head)
     assert b"Authorization: Bearer t\r\n" in _render(head, keep_authorization=True)
-    assert b"X-Forwarded-For: 10.0.0.1, 198.51.100.1\r\n" in _render(head)
+    # the edge is the outermost proxy: a client's own X-Forwarded-For is replaced, a trusted proxy's kept
+    assert b"X-Forwarded-For: 198.51.100.1\r\n" in _render(head)
+    assert b"X-Forwarded-For: 10.0.0.1, 198.51.100.1\r\n" in _render(head, trust_forwarded=True)
     assert b"Cookie" not in _render(head, cookie=None)
+
+
+def test_client_claims_about_addresses_are_dropped_and_referer_loses_the_token() -> None:
+    head = _head((b"Host", b"h"), (b"Forwarded", b"for=1.2.3.4"), (b"X-Real-IP", b"1.2.3.4"),
+                 (b"Referer", b"https://v.example/page?a=1&token=SECRET&b=2"))  # fmt: skip
+    out = _render(head)
+    assert b"Forwarded:" not in out and b"X-Real-IP" not in out and b"1.2.3.4" not in out
+    assert b"Referer: https://v.example/page?a=1&b=2\r\n" in out and b"SECRET" not in out
 
 
 def test_framing_facts() -> None:
