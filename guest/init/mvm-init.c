@@ -52,7 +52,7 @@ static int log_fd = 2;
 struct config {
     char *argv[MAX_ITEMS + 1];
     int argc;
-    char *env[MAX_ITEMS + 3];
+    char *env[MAX_ITEMS + 4]; /* + PATH, HOME, HOSTNAME and the NULL */
     int envc;
     const char *cwd;
     uid_t uid;
@@ -163,7 +163,8 @@ static char *read_file(const char *path) {
 }
 
 static void parse_config(struct config *c, char *text) {
-    for (char *line = strtok(text, "\n"); line; line = strtok(NULL, "\n")) {
+    char *lines, *gs; /* strtok_r: `groups` splits its value while the lines are being split */
+    for (char *line = strtok_r(text, "\n", &lines); line; line = strtok_r(NULL, "\n", &lines)) {
         char *value = strchr(line, ' ');
         if (!value) {
             say("config: ignoring line without a value: %s", line);
@@ -181,7 +182,7 @@ static void parse_config(struct config *c, char *text) {
         else if (!strcmp(line, "gid"))
             c->gid = (gid_t)strtoul(value, NULL, 10);
         else if (!strcmp(line, "groups")) {
-            for (char *g = strtok(value, ","); g && c->ngroups < 64; g = strtok(NULL, ","))
+            for (char *g = strtok_r(value, ",", &gs); g && c->ngroups < 64; g = strtok_r(NULL, ",", &gs))
                 c->groups[c->ngroups++] = (gid_t)strtoul(g, NULL, 10);
         } else if (!strcmp(line, "hostname"))
             c->hostname = value;
@@ -364,6 +365,8 @@ static pid_t start_app(struct config *c, sigset_t *blocked) {
     dup2(null, 0);
     dup2(log_fd, 1);
     dup2(log_fd, 2);
+    if (null > 2)
+        close(null); /* the app gets fds 0-2 and nothing else of ours */
     if (setgroups((size_t)c->ngroups, c->groups) != 0 || setgid(c->gid) != 0 || setuid(c->uid) != 0) {
         say("cannot switch to uid %u gid %u: %s", c->uid, c->gid, strerror(errno));
         _exit(126);
@@ -416,10 +419,13 @@ static pid_t start_agent(sigset_t *blocked, int restarts) {
 }
 
 static void describe(pid_t pid, int status) {
+    const char *name = WIFSIGNALED(status) ? sigabbrev_np(WTERMSIG(status)) : NULL; /* "TERM"; NULL for RT signals */
     if (WIFEXITED(status))
         say("app (pid %d) exited with status %d", pid, WEXITSTATUS(status));
+    else if (name)
+        say("app (pid %d) was killed by signal SIG%s", pid, name);
     else if (WIFSIGNALED(status))
-        say("app (pid %d) was killed by signal %s", pid, strsignal(WTERMSIG(status)));
+        say("app (pid %d) was killed by signal %d", pid, WTERMSIG(status));
 }
 
 int main(int argc, char **argv) {
@@ -470,6 +476,7 @@ int main(int argc, char **argv) {
     }
     int ready = c.nports == 0;
     struct timespec stop_deadline = {0, 0};
+    int sigkilled = 0;
     for (;;) {
         /* wake on a signal, or every 20 ms while waiting for the ports / a stop deadline */
         int waiting = !ready || stop_deadline.tv_sec;
@@ -514,10 +521,15 @@ int main(int argc, char **argv) {
             struct timespec now;
             clock_gettime(CLOCK_MONOTONIC, &now);
             if (now.tv_sec >= stop_deadline.tv_sec) {
+                if (sigkilled) { /* not reaped even after SIGKILL (stuck in D state): never hang the VM on it */
+                    say("the app did not die after SIGKILL: powering off anyway");
+                    power_off();
+                }
                 say("the app did not stop within %d s: SIGKILL", c.stop_timeout);
                 kill(-app, SIGKILL);
                 kill(app, SIGKILL);
-                stop_deadline.tv_sec = now.tv_sec + 3600;
+                sigkilled = 1;
+                stop_deadline.tv_sec = now.tv_sec + 2; /* 1-2 s for it to die and be reaped */
             }
         }
     }
