@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ def _name_from(text: str) -> str:
 def _build(
     name: str,
     source: str,
-    make_rootfs: Any,
+    make_rootfs: Callable[[Path, Steps], oci.ImageConfig],
     options: BuildOptions,
     images_dir: Path,
     state_dir: Path,

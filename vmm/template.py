@@ -164,12 +164,12 @@ async def create(
             await client.disconnect_quietly()
     except BaseException:
         if proc is not None:
-            await proc.kill()
+            await proc.kill()  # before its files go
         shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         if proc is not None:
-            await proc.kill()
+            await proc.kill()  # a no-op when the except above did it
         await netns.delete(ns_id)
     for socket_file in (QMP_SOCKET, AGENT_SOCKET):
         (work / socket_file).unlink(missing_ok=True)
