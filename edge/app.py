@@ -14,7 +14,7 @@ A request's path, top to bottom:
   6. The rewritten head and the body stream to the guest over an upstream connection made
      inside the VM's network namespace (`edge.upstream` keeps them alive per VM); the
      answer streams back as bytes. Activity is recorded on the VM as bytes flow.
-Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`edge.reaper`) and
+Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`vmm.reaper`) and
 `/metrics` on the control host.
 """
 
@@ -37,13 +37,13 @@ from vmm.errors import NotFound
 from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import VmRecord, VmState
+from vmm.reaper import Reaper
 
 from .config import Config, ConfigError, token_service
 from .control import build_control_app
 from .hosts import HostRouter
 from .metrics import Metrics
 from .proxy_context import ProxyContext, ProxySettings, make_protocol_factory
-from .reaper import Reaper
 from .tls import server_context
 from .upstream import UpstreamPool
 
@@ -176,7 +176,9 @@ async def _ensure_default_template(manager: VmManager) -> None:
         log.event("template.missing", level="warning", template=name, error=str(exc))
 
 
-_GOING_AWAY = frozenset((VmState.SUSPENDING, VmState.SUSPENDED, VmState.FAILED, VmState.TERMINATED))
+_GOING_AWAY = frozenset(
+    (VmState.SUSPENDING, VmState.SUSPENDED, VmState.FAILED, VmState.TERMINATING, VmState.TERMINATED)
+)
 
 
 def _end_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:

@@ -232,6 +232,9 @@ _VMM: dict[str, Rule] = {
     "app_log_max_bytes": _integer(4096, 1 << 30),
     "agent_timeout": _seconds,
     "guest_sync": _flag,
+    "max_lifetime_cap": _seconds,
+    "terminated_ttl": _seconds,
+    "verify_ram": _flag,
 }
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
@@ -255,16 +258,18 @@ def load_config(path: Path | None) -> Config:
     server = _server(_table(data, "server"))
     tokens = _tokens(_table(data, "tokens"))
     _check_dev_secrets(server, tokens)
-    policy_table = _table(data, "policy")
+    vmm = _section(_table(data, "vmm"), "vmm", VmmSettings(), _VMM)
     try:
-        policy = Policy.from_dict(policy_table, base=DEFAULT_POLICY, where="policy")
+        policy = Policy.from_dict(
+            _table(data, "policy"), base=DEFAULT_POLICY, where="policy", max_lifetime_cap=vmm.max_lifetime_cap
+        )
     except InvalidRequest as e:
         raise ConfigError(str(e)) from None
     return Config(
         server=server,
         proxy=_section(_table(data, "proxy"), "proxy", ProxyConfig(), _PROXY),
         tokens=tokens,
-        vmm=_section(_table(data, "vmm"), "vmm", VmmSettings(default_policy=policy), _VMM),
+        vmm=replace(vmm, default_policy=policy),
         reaper=_section(_table(data, "reaper"), "reaper", ReaperConfig(), _REAPER),
         log=_section(_table(data, "log"), "log", LogConfig(), _LOG),
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmm.model import VmState
+
 
 def _op(summary: str, ok: int, schema: str | None = None, body: str | None = None, vm: bool = False) -> dict[str, Any]:
     responses: dict[str, Any] = {
@@ -156,9 +158,7 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "id": {"type": "string"},
                     "template": {"type": "string"},
-                    "state": {
-                        "enum": ["starting", "running", "paused", "suspending", "suspended", "restoring", "failed"]
-                    },
+                    "state": {"enum": [s.value for s in VmState]},
                     "policy": {"$ref": "#/components/schemas/Policy"},
                     "app_port": {"type": "integer"},
                     "created_at": {"type": "number"},

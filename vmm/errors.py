@@ -47,3 +47,15 @@ class OverCapacity(VmmError):
     """The host cannot give what was asked (memory, vCPUs, disk space); nothing was changed."""
 
     http_status = 507
+
+
+class NotRunning(VmmError):
+    """The VM is not running and may not be woken now (auto_resume=false, or the edge is stopping)."""
+
+    http_status = 503
+
+
+class RegistryError(VmmError):
+    """The registry could not record a transition (e.g. its disk is full); the transition did not happen."""
+
+    http_status = 507

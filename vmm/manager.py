@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,11 +26,21 @@ from typing import Any
 from qemu.qmp.error import QMPError
 
 from . import accel as accel_mod
-from . import disks, netns, template
+from . import disks, faults, netns, snapshot_check, template
 from . import qmp as qmp_ops
 from .agent import Agent, AgentError, Exec, load_key
 from .applog import AppLog
-from .errors import Conflict, InvalidRequest, NotFound, RestoreFailed, VmFailed, VmmError
+from .errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    NotRunning,
+    OverCapacity,
+    RegistryError,
+    RestoreFailed,
+    VmFailed,
+    VmmError,
+)
 from .hooks import HookOutcome, Hooks, call_http, check_payload
 from .image import Image, list_images, remove_image
 from .jsonlog import log
@@ -46,8 +57,11 @@ from .qemu import (
     RamBacking,
     build_argv,
     describe_exit,
+    kill_pid,
+    qemus_by_name,
+    start_ticks,
 )
-from .registry import Registry
+from .registry import ProcessIntent, Registry
 from .settings import VmmSettings
 from .template import guest_log_tail
 
@@ -58,6 +72,10 @@ SYNC_SKEW_MS = 5.0  # a guest clock further off than this after a sync is synced
 GUEST_TOOL = "/mvm/init"  # also the guest's file and hook tool (guest/init)
 OVERLAY = "disk.qcow2"  # the VM's own writes, over its template's read-only base disk
 AGENT_KEY = "agent.key"  # the VM's key for its guest agent (0600)
+STATE = "state"  # the VM's snapshot: device state (and all RAM, until its first suspend's RAM move ends)
+STATE_DEV = "state.dev"  # device state saved by the RAM move, renamed over STATE once the registry knows
+RAM = "ram"  # the VM's own RAM file, shared with its QEMU
+SUSPEND_ROOM = 16 << 20  # free bytes a suspend needs beyond what it writes (device state, registry, logs)
 _LIVE = (VmState.RUNNING, VmState.PAUSED)
 
 
@@ -88,7 +106,9 @@ class VmManager:
         self.accel = accel_mod.choose(settings.accelerator)
         self.listeners: list[Callable[[VmRecord], None]] = []
         self._vms: dict[str, _Vm] = {}
+        self._terminated: dict[str, VmRecord] = {}  # kept for `mvm vm get` until vmm.terminated_ttl
         self._dirty: set[str] = set()
+        self._unsaved: set[str] = set()  # records whose last registry write failed; the flusher retries
         self._registry: Registry | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
@@ -101,10 +121,14 @@ class VmManager:
         self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
         self._registry = Registry(self.settings.registry_path)
+        running = qemus_by_name()
         for rec in self._registry.load_all():
+            if rec.state is VmState.TERMINATED:
+                self._terminated[rec.id] = rec
+                continue
             vm = _Vm(rec)
             self._vms[rec.id] = vm
-            await self._recover(vm)
+            await self._recover(vm, running.get(f"mvm-{rec.id}", []))
         self._flusher = asyncio.create_task(self._flush_activity_forever())
         log.event("vmm.started", accelerator=self.accel.name, vms=len(self._vms))
 
@@ -155,7 +179,9 @@ class VmManager:
         return vm.rec if vm is not None else None
 
     def get(self, vm_id: str) -> VmRecord:
-        return self._vm(vm_id).rec
+        """A VM, or what is left of a terminated one (for vmm.terminated_ttl)."""
+        tombstone = self._terminated.get(vm_id)
+        return tombstone if tombstone is not None else self._vm(vm_id).rec
 
     def list_vms(self) -> list[VmRecord]:
         return [vm.rec for vm in self._vms.values()]
@@ -249,7 +275,8 @@ class VmManager:
         """
         payload = check_payload(run_payload) if run_payload is not None else b"{}"
         tpl = template.load(self.settings, template_name or self.settings.default_template)
-        pol = Policy.from_dict(policy or {}, base=self.settings.default_policy)
+        cap = self.settings.max_lifetime_cap
+        pol = Policy.from_dict(policy or {}, base=self.settings.default_policy, max_lifetime_cap=cap)
         if tpl.memory_mb > pol.memory_mb or tpl.vcpus > pol.vcpus or tpl.disk_mb > pol.disk_mb:
             raise InvalidRequest(
                 f"template {tpl.name!r} needs {tpl.memory_mb} MiB, {tpl.vcpus} vCPU(s) and a {tpl.disk_mb} MiB disk, "
@@ -258,10 +285,13 @@ class VmManager:
             )
         now = time.time()
         vm_id = new_vm_id()
-        rec = VmRecord(vm_id, tpl.name, VmState.STARTING, pol, tpl.app_port, now, now, state_changed_at=now)
+        rec = VmRecord(vm_id, tpl.name, VmState.PENDING, pol, tpl.app_port, now, now, state_changed_at=now)
         vm = _Vm(rec)
+        try:
+            self._store(vm)
+        except (sqlite3.Error, OSError) as exc:
+            raise RegistryError(f"could not record a new VM: {exc}") from exc
         self._vms[vm_id] = vm
-        self._store(vm)
         async with vm.lock:
             try:
                 self.vm_dir(vm_id).mkdir(parents=True)
@@ -271,11 +301,11 @@ class VmManager:
                     with contextlib.suppress(FileNotFoundError):
                         shutil.copyfile(Path(tpl.path) / APP_LOG, self.vm_dir(vm_id) / APP_LOG)
                 await netns.create(vm_id)
-                ram = RamBacking(Path(tpl.path) / "ram", share=False)
-                await self._start_qemu(vm, tpl, ram, Path(tpl.path) / "state", ignore_shared=True)
+                ram = RamBacking(Path(tpl.path) / RAM, share=False)
+                await self._start_qemu(vm, tpl, ram, Path(tpl.path) / STATE, ignore_shared=True, purpose="launch")
                 await self._run_hook(vm, "run", payload)
             except BaseException as exc:
-                await self._discard(vm)
+                await self._discard(vm, f"its launch failed: {exc}")
                 if isinstance(exc, Exception):
                     raise VmFailed(f"could not launch a VM from template {tpl.name!r}: {exc}") from exc
                 raise
@@ -290,7 +320,11 @@ class VmManager:
                 return vm.rec
             self._require(vm, VmState.RUNNING)
             await self._qmp(vm, "stop")
-            self._set(vm, VmState.PAUSED)
+            try:
+                self._set(vm, VmState.PAUSED)
+            except RegistryError:
+                await self._qmp(vm, "cont")  # undone: the VM runs on, as the registry says
+                raise
         log.event("vm.paused", vm=vm_id)
         return vm.rec
 
@@ -299,15 +333,23 @@ class VmManager:
 
         Counts as activity, so the idle reaper does not put it straight back to sleep.
         """
-        await self.ensure_running(vm_id)
+        await self.ensure_running(vm_id, explicit=True)
         self.touch(vm_id)
         return self._vm(vm_id).rec
 
-    async def ensure_running(self, vm_id: str) -> bool:
-        """Single-flight wake: every concurrent caller awaits the same task. True if it had to wake."""
+    async def ensure_running(self, vm_id: str, explicit: bool = False) -> bool:
+        """Single-flight wake: every concurrent caller awaits the same task. True if it had to wake.
+
+        A request wakes a VM only if its policy has auto_resume; `explicit` (a resume call) always does.
+        """
         vm = self._vm(vm_id)
         if vm.rec.state is VmState.RUNNING:
             return False
+        if not explicit and not vm.rec.policy.auto_resume and vm.rec.state in (VmState.PAUSED, VmState.SUSPENDED):
+            raise NotRunning(
+                f"VM {vm_id} is {vm.rec.state.value} and its policy has auto_resume=false: "
+                f"resume it explicitly (POST /v1/vms/{vm_id}/resume or `mvm vm resume {vm_id}`)"
+            )
         if vm.wake is None or vm.wake.done():
             vm.wake = asyncio.create_task(self._wake(vm))
         await asyncio.shield(vm.wake)
@@ -323,14 +365,17 @@ class VmManager:
             await self._suspend_locked(vm)
         return vm.rec
 
-    async def delete(self, vm_id: str) -> None:
-        """Terminate the VM and remove everything it had: process, namespace, files, record."""
+    async def delete(self, vm_id: str, reason: str = "deleted") -> None:
+        """Terminate the VM and remove everything it had: every process, namespace and file.
+
+        `reason` stays on its terminated record (e.g. the reaper's "reached its max_lifetime").
+        """
         vm = self._vm(vm_id)
         async with vm.lock:
             if vm.rec.state is VmState.RUNNING:
                 await self._run_hook(vm, "terminate")
-            await self._discard(vm)
-        log.event("vm.deleted", vm=vm_id)
+            await self._discard(vm, reason)
+        log.event("vm.deleted", vm=vm_id, reason=reason)
 
     # ---- transitions (called with vm.lock held) --------------------------------------
 
@@ -340,8 +385,8 @@ class VmManager:
             if state is VmState.RUNNING:
                 return
             if state is VmState.PAUSED:
-                await self._qmp(vm, "cont")
                 self._set(vm, VmState.RUNNING)
+                await self._qmp(vm, "cont")
                 await self._sync_guest(vm)  # its clock stood still while it was paused
                 log.event("vm.resumed", vm=vm.rec.id)
             elif state is VmState.SUSPENDED:
@@ -354,17 +399,19 @@ class VmManager:
     async def _suspend_locked(self, vm: _Vm) -> None:
         started = time.monotonic()
         was = vm.rec.state
-        path = self.vm_dir(vm.rec.id) / "state"
+        path = self.vm_dir(vm.rec.id) / STATE
         # Own-file RAM is already on disk; copy-on-write RAM must go into the stream.
         ignore_shared = vm.rec.ram_mode is RamMode.OWN_FILE
+        self._check_room_to_suspend(vm)
         if was is VmState.RUNNING:
             await self._run_hook(vm, "suspend")
         self._set(vm, VmState.SUSPENDING)
         try:
             if was is VmState.RUNNING:
                 await self._qmp(vm, "stop")
-            assert vm.qmp is not None
-            size = await qmp_ops.save(vm.qmp, path, ignore_shared, self.settings.restore_timeout)
+            assert vm.qmp is not None and vm.proc is not None
+            size = await qmp_ops.save(vm.qmp, path, ignore_shared, self.settings.restore_timeout, vm.proc.exited)
+            faults.point("suspend.saved")
         except BaseException as exc:
             await self._undo_suspend(vm, was)
             if isinstance(exc, Exception):
@@ -376,22 +423,25 @@ class VmManager:
             if not ignore_shared:
                 size = await self._move_ram_to_own_file(vm, size)
         finally:
-            self._set(vm, VmState.SUSPENDED)
+            self._record(vm, VmState.SUSPENDED)
         log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
 
     async def _undo_suspend(self, vm: _Vm, was: VmState) -> None:
         """A suspend that did not complete: back to what the VM was, or failed if that is impossible."""
         if vm.proc is None or not vm.proc.alive:
             if vm.rec.state is VmState.SUSPENDING:
-                self._set(vm, VmState.FAILED, reason="QEMU exited during a suspend")
+                status = vm.proc.exit_status if vm.proc is not None else None
+                await self._stop_qemu(vm)
+                reason = f"{describe_exit(status)} during a suspend{self._qemu_log_tail(vm.rec.id)}"
+                self._record(vm, VmState.FAILED, reason=reason)
             return
-        self._set(vm, was)
+        self._record(vm, was)
         if was is VmState.RUNNING:
             try:
                 await self._qmp(vm, "cont")
             except VmFailed as exc:
                 await self._stop_qemu(vm)
-                self._set(vm, VmState.FAILED, reason=f"could not resume after a failed suspend: {exc}")
+                self._record(vm, VmState.FAILED, reason=f"could not resume after a failed suspend: {exc}")
 
     async def _move_ram_to_own_file(self, vm: _Vm, stream_size: int) -> int:
         """Turn a clone's full-RAM stream into the VM's own RAM file plus device state.
@@ -400,16 +450,25 @@ class VmManager:
         is loaded into a new shared file and the device state saved again without RAM. On
         failure the full stream stays and the VM still restores from it (more slowly). The
         registry learns the new RAM mode before the device-state file replaces the stream, so
-        a crash in between never pairs a RAM-less snapshot with "RAM is in the stream".
+        a crash in between never pairs a RAM-less snapshot with "RAM is in the stream"
+        (recovery finishes the rename).
         """
         vm_dir = self.vm_dir(vm.rec.id)
-        ram = RamBacking(vm_dir / "ram", share=True)
+        ram = RamBacking(vm_dir / RAM, share=True)
         ram.path.unlink(missing_ok=True)
+        free = shutil.disk_usage(vm_dir).free
+        if free < stream_size + SUSPEND_ROOM:
+            log.event("vm.ram_move_skipped", level="warning", vm=vm.rec.id, free=free, needs=stream_size + SUSPEND_ROOM,
+                      why="not enough free disk space; the VM restores from its full stream")  # fmt: skip
+            return stream_size
         try:
             tpl = template.load(self.settings, vm.rec.template)
-            await self._spawn_and_load(vm, tpl, ram, vm_dir / "state", ignore_shared=False)
-            assert vm.qmp is not None
-            size = await qmp_ops.save(vm.qmp, vm_dir / "state.dev", True, self.settings.restore_timeout)
+            await self._spawn_and_load(vm, tpl, ram, vm_dir / STATE, ignore_shared=False, purpose="ram-move")
+            assert vm.qmp is not None and vm.proc is not None
+            size = await qmp_ops.save(vm.qmp, vm_dir / STATE_DEV, True, self.settings.restore_timeout, vm.proc.exited)
+            if self.settings.verify_ram:
+                snapshot_check.write(ram.path, await asyncio.to_thread(snapshot_check.sparse_digest, ram.path))
+            faults.point("suspend.ram_moved")
         except (VmmError, QMPError, OSError, TimeoutError) as exc:
             ram.path.unlink(missing_ok=True)
             log.event("vm.ram_move_failed", level="warning", vm=vm.rec.id, error=str(exc))
@@ -418,43 +477,49 @@ class VmManager:
             await self._stop_qemu(vm)
         vm.rec.ram_mode = RamMode.OWN_FILE
         self._store(vm)
-        (vm_dir / "state.dev").rename(vm_dir / "state")
+        _finish_ram_move(vm_dir)
         return size
 
     async def _restore(self, vm: _Vm) -> None:
         started = time.monotonic()
         vm_dir = self.vm_dir(vm.rec.id)
         own_file = vm.rec.ram_mode is RamMode.OWN_FILE
-        ram = RamBacking(vm_dir / "ram", share=True)
-        if not own_file:
-            # The stream carries all RAM; it is loaded into a fresh file the VM owns from now on.
-            ram.path.unlink(missing_ok=True)
+        ram = RamBacking(vm_dir / RAM, share=True)
         self._set(vm, VmState.RESTORING)
         try:
+            snapshot_check.verify(vm_dir / STATE)
+            if own_file and self.settings.verify_ram:
+                await asyncio.to_thread(snapshot_check.verify, ram.path, True)
+            if not own_file:
+                # The stream carries all RAM; it is loaded into a fresh file the VM owns from now on.
+                ram.path.unlink(missing_ok=True)
             tpl = template.load(self.settings, vm.rec.template)
             if not netns.exists(vm.rec.id):
                 await netns.create(vm.rec.id)
-            await self._start_qemu(vm, tpl, ram, vm_dir / "state", ignore_shared=own_file)
+            await self._start_qemu(vm, tpl, ram, vm_dir / STATE, ignore_shared=own_file, purpose="restore")
         except BaseException as exc:
             await self._stop_qemu(vm)
             if not own_file:
                 ram.path.unlink(missing_ok=True)
-            self._set(vm, VmState.SUSPENDED, reason=f"restore failed: {exc}")
+            self._record(vm, VmState.SUSPENDED, reason=f"restore failed: {exc}")
             log.event("vm.restore_failed", level="error", vm=vm.rec.id, error=str(exc))
             if isinstance(exc, Exception):
                 raise RestoreFailed(f"restore of VM {vm.rec.id} failed; it stays suspended: {exc}") from exc
             raise
         # The snapshot no longer matches the RAM file the guest now writes to.
-        (vm_dir / "state").unlink(missing_ok=True)
+        _remove_snapshot(vm_dir)
         vm.rec.ram_mode = RamMode.OWN_FILE
-        self._store(vm)
+        self._record(vm, VmState.RUNNING)
         await self._run_hook(vm, "resume")
         log.event("vm.restored", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1))
 
-    async def _start_qemu(self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool) -> None:
+    async def _start_qemu(
+        self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str
+    ) -> None:
         """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use."""
-        await self._spawn_and_load(vm, tpl, ram, snapshot, ignore_shared)
+        await self._spawn_and_load(vm, tpl, ram, snapshot, ignore_shared, purpose)
         self._set(vm, VmState.RUNNING, reason=None)
+        faults.point(f"{purpose}.recorded")
         await self._qmp(vm, "cont")
         if tpl.base_disk is not None:
             await self._connect_agent(vm)
@@ -532,11 +597,17 @@ class VmManager:
         return HookOutcome(code == 0, f"/etc/mvm/hooks/{event}.d exited {code}: {text}")
 
     async def _spawn_and_load(
-        self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool
+        self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str
     ) -> None:
-        """Spawn QEMU waiting for a migration and load `snapshot`; the guest stays stopped."""
+        """Spawn QEMU waiting for a migration and load `snapshot`; the guest stays stopped.
+
+        The process is in the registry before anything depends on it, so a manager that dies
+        from here on leaves nothing a restart cannot find.
+        """
         vm_id = vm.rec.id
         vm_dir = self.vm_dir(vm_id)
+        if purpose == "launch":
+            snapshot_check.verify(snapshot)
         spec = template.machine_spec(tpl, f"mvm-{vm_id}", self.accel)
         sock = vm_dir / QMP_SOCKET
         sock.unlink(missing_ok=True)
@@ -545,12 +616,23 @@ class VmManager:
         vm.expect_exit = False
         proc = QemuProcess.spawn(argv, vm_id, vm_dir / QEMU_LOG, on_exit=lambda p, st: self._on_exit(vm, p, st))
         vm.proc = proc
-        vm.rec.pid = proc.pid
-        vm.qmp = await qmp_ops.connect(sock, spec.name, QMP_CONNECT_TIMEOUT, lambda: proc.alive)
         try:
-            await qmp_ops.load(vm.qmp, snapshot, ignore_shared, self.settings.restore_timeout)
+            if self._registry is not None:
+                self._registry.add_process(ProcessIntent(proc.pid, vm_id, proc.start_ticks, purpose), time.time())
+            if purpose != "ram-move":
+                vm.rec.pid = proc.pid  # the process that runs the guest, adopted after a restart
+                self._store(vm)
+        except (sqlite3.Error, OSError) as exc:
+            await self._stop_qemu(vm)
+            raise RegistryError(f"could not record VM {vm_id}'s QEMU in the registry: {exc}") from exc
+        faults.point(f"{purpose}.spawned")
+        try:
+            vm.qmp = await qmp_ops.connect(sock, spec.name, QMP_CONNECT_TIMEOUT, lambda: proc.alive)
+            await qmp_ops.load(vm.qmp, snapshot, ignore_shared, self.settings.restore_timeout, proc.exited)
         except VmmError as exc:
-            raise VmmError(f"{exc}{self._qemu_log_tail(vm_id)}") from exc
+            why = f" ({describe_exit(proc.exit_status)})" if not proc.alive else ""
+            raise VmmError(f"{exc}{why}{self._qemu_log_tail(vm_id)}") from exc
+        faults.point(f"{purpose}.loaded")
 
     async def _stop_qemu(self, vm: _Vm, why: str = "the VM's QEMU stopped") -> None:
         vm.expect_exit = True
@@ -562,14 +644,20 @@ class VmManager:
             vm.qmp = None
         if vm.proc is not None:
             await vm.proc.kill()
+            self._forget_process(vm.proc.pid)
             vm.proc = None
         vm.rec.pid = None
 
-    async def _discard(self, vm: _Vm) -> None:
-        """Remove everything of the VM. Each step is tried even if an earlier one failed."""
+    async def _discard(self, vm: _Vm, why: str) -> None:
+        """End every process of the VM and remove its namespace and files; keep its record as terminated.
+
+        Each step is tried even if an earlier one failed.
+        """
         vm_id = vm.rec.id
+        self._record(vm, VmState.TERMINATING)
         steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
-            ("stop QEMU", lambda: self._stop_qemu(vm, f"VM {vm_id} was deleted")),
+            ("stop QEMU", lambda: self._stop_qemu(vm, f"VM {vm_id} is terminated: {why}")),
+            ("end every other QEMU", lambda: self._kill_strays(vm_id, None, qemus_by_name().get(f"mvm-{vm_id}", []))),
             ("delete the namespace", lambda: netns.delete(vm_id)),
         )
         for what, step in steps:
@@ -580,59 +668,73 @@ class VmManager:
         shutil.rmtree(self.vm_dir(vm_id), ignore_errors=True)
         self._vms.pop(vm_id, None)
         self._dirty.discard(vm_id)
-        if self._registry is not None:
-            self._registry.delete(vm_id)
-        vm.rec.state = VmState.TERMINATED
-        self._notify(vm.rec)
+        self._unsaved.discard(vm_id)
+        self._record(vm, VmState.TERMINATED, reason=why)
+        self._terminated[vm_id] = vm.rec
 
     def _on_exit(self, vm: _Vm, proc: QemuProcess, status: int | None) -> None:
-        """QEMU ended. If nobody asked it to, the VM is failed and says why."""
-        if vm.proc is not proc or vm.expect_exit:
-            return
-        vm.proc = None
-        vm.rec.pid = None
-        if vm.qmp is not None:
-            asyncio.get_running_loop().create_task(vm.qmp.disconnect_quietly())
-            vm.qmp = None
-        if vm.agent is not None:
-            asyncio.get_running_loop().create_task(vm.agent.close(f"VM {vm.rec.id} failed: {describe_exit(status)}"))
-            vm.agent = None
-        reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}{guest_log_tail(self.vm_dir(vm.rec.id), 3)}"
-        self._set(vm, VmState.FAILED, reason=reason)
+        """QEMU ended: settled under the VM's lock, after any transition that is watching it."""
+        asyncio.get_running_loop().create_task(self._settle_exit(vm, proc, status))
+
+    async def _settle_exit(self, vm: _Vm, proc: QemuProcess, status: int | None) -> None:
+        """If nobody asked QEMU to end, the VM is failed and says why."""
+        async with vm.lock:
+            if vm.proc is not proc or vm.expect_exit:
+                return
+            await self._stop_qemu(vm)
+            vm_dir = self.vm_dir(vm.rec.id)
+            reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}{guest_log_tail(vm_dir, 3)}"
+            self._record(vm, VmState.FAILED, reason=reason)
         log.event("vm.failed", level="error", vm=vm.rec.id, reason=reason)
 
     # ---- restart recovery ---------------------------------------------------------------
 
-    async def _recover(self, vm: _Vm) -> None:
-        """Re-adopt a QEMU that is still running, or settle the record on what is on disk."""
+    async def _recover(self, vm: _Vm, found: list[int]) -> None:
+        """Settle a VM after a restart: re-adopt the QEMU that runs it, end every other one, tidy its files.
+
+        A transition cut short by a crash leaves one of: a QEMU loading a snapshot (restore),
+        a QEMU moving RAM (first suspend), a paused QEMU whose snapshot is incomplete, or
+        temporary files. The snapshot is trusted only if it is complete; otherwise the VM's
+        QEMU is kept (paused) so nothing of its memory is lost.
+        """
         rec = vm.rec
-        if rec.state not in (*_LIVE, VmState.STARTING, VmState.SUSPENDING, VmState.RESTORING):
-            return
-        proc = QemuProcess.adopt(rec.pid, f"mvm-{rec.id}", lambda p, st: self._on_exit(vm, p, st)) if rec.pid else None
+        vm_dir = self.vm_dir(rec.id)
+        _tidy_snapshot_files(vm_dir, rec.ram_mode)
+        snapshot_kept = (vm_dir / STATE).exists()
+        runner = rec.pid if rec.pid in found else None
+        keeps = rec.state in (*_LIVE, VmState.PENDING) or (rec.state is VmState.SUSPENDING and not snapshot_kept)
+        keep = runner if keeps else None
+        was = rec.state
+        await self._kill_strays(rec.id, keep, found)
+        proc = QemuProcess.adopt(keep, f"mvm-{rec.id}", lambda p, st: self._on_exit(vm, p, st)) if keep else None
         run_state = None
         if proc is not None:
             vm.proc = proc
             try:
                 vm.qmp = await qmp_ops.connect(
-                    self.vm_dir(rec.id) / "qmp.sock", f"mvm-{rec.id}", QMP_CONNECT_TIMEOUT, lambda: proc.alive
+                    vm_dir / QMP_SOCKET, f"mvm-{rec.id}", QMP_CONNECT_TIMEOUT, lambda: proc.alive
                 )
                 run_state = await qmp_ops.status(vm.qmp)
             except (VmmError, QMPError, OSError, TimeoutError):
                 run_state = None
-        if run_state in ("running", "paused", "postmigrate") and (self.vm_dir(rec.id) / OVERLAY).exists():
-            await self._connect_agent(vm)
+        if run_state in ("running", "paused", "postmigrate"):
+            _remove_snapshot(vm_dir)  # the guest ran on (or may): a snapshot left over no longer matches
+            if (vm_dir / OVERLAY).exists():
+                await self._connect_agent(vm)
         if run_state == "running":
-            self._set(vm, VmState.RUNNING)
+            self._record(vm, VmState.RUNNING)
         elif run_state in ("paused", "postmigrate"):
-            self._set(vm, VmState.PAUSED)
+            why = None if was in _LIVE else f"manager restarted during {was.value}"
+            self._record(vm, VmState.PAUSED, reason=why)
+        elif rec.state in (VmState.SUSPENDED, VmState.FAILED):
+            pass
         else:
             await self._stop_qemu(vm)
-            snapshot_kept = (self.vm_dir(rec.id) / "state").exists()
-            if rec.state in (VmState.RESTORING, VmState.SUSPENDING) and snapshot_kept:
-                self._set(vm, VmState.SUSPENDED, reason=f"manager restarted during {rec.state.value}")
+            if was in (VmState.RESTORING, VmState.SUSPENDING) and snapshot_kept:
+                self._record(vm, VmState.SUSPENDED, reason=f"manager restarted during {was.value}")
             else:
-                self._set(vm, VmState.FAILED, reason=f"QEMU was gone when the manager restarted ({rec.state.value})")
-        log.event("vm.recovered", vm=rec.id, state=vm.rec.state.value, adopted=run_state is not None)
+                self._record(vm, VmState.FAILED, reason=f"QEMU was gone when the manager restarted ({was.value})")
+        log.event("vm.recovered", vm=rec.id, state=vm.rec.state.value, adopted=run_state is not None, was=was.value)
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -656,10 +758,30 @@ class VmManager:
             raise VmFailed(f"QMP {command} on VM {vm.rec.id} failed: {exc}") from exc
 
     def _set(self, vm: _Vm, state: VmState, reason: str | None = None) -> None:
-        vm.rec.state = state
-        vm.rec.reason = reason
-        vm.rec.state_changed_at = time.time()
-        self._store(vm)
+        """Make a transition: recorded first; if the registry cannot take it, it is undone in memory too."""
+        before = (vm.rec.state, vm.rec.reason, vm.rec.state_changed_at)
+        vm.rec.state, vm.rec.reason, vm.rec.state_changed_at = state, reason, time.time()
+        try:
+            self._store(vm)
+        except (sqlite3.Error, OSError) as exc:
+            vm.rec.state, vm.rec.reason, vm.rec.state_changed_at = before
+            log.event("vm.registry_write_failed", level="error", vm=vm.rec.id, state=state.value, error=str(exc))
+            raise RegistryError(
+                f"VM {vm.rec.id} stays {before[0].value}: the registry could not record it as {state.value}: {exc}"
+            ) from exc
+        self._notify(vm.rec)
+
+    def _record(self, vm: _Vm, state: VmState, reason: str | None = None) -> None:
+        """Record what already happened (QEMU is gone, a snapshot is complete): it stays true in memory
+        even if the registry write fails, and the flusher writes it once it can."""
+        vm.rec.state, vm.rec.reason, vm.rec.state_changed_at = state, reason, time.time()
+        try:
+            self._store(vm)
+            self._unsaved.discard(vm.rec.id)
+        except (sqlite3.Error, OSError) as exc:
+            self._unsaved.add(vm.rec.id)
+            log.event("vm.registry_write_failed", level="error", vm=vm.rec.id, state=state.value, error=str(exc),
+                      retry=True)  # fmt: skip
         self._notify(vm.rec)
 
     def _store(self, vm: _Vm) -> None:
@@ -678,10 +800,73 @@ class VmManager:
             return ""
         return f" (qemu: {lines[-1]})" if lines else ""
 
+    async def _kill_strays(self, vm_id: str, keep: int | None, found: list[int]) -> None:
+        """End every QEMU of the VM except `keep`: those running under its name, and those the
+        registry recorded (if their start time says they are still the same processes)."""
+        intents = self._registry.processes(vm_id) if self._registry is not None else []
+        pids = set(found) | {i.pid for i in intents if start_ticks(i.pid) == i.start_ticks}
+        purposes = {i.pid: i.purpose for i in intents}
+        for pid in sorted(pids - {keep} if keep is not None else pids):
+            await kill_pid(pid)
+            log.event("vm.orphan_killed", level="warning", vm=vm_id, pid=pid, purpose=purposes.get(pid, "unknown"))
+        for intent in intents:
+            if intent.pid != keep:
+                self._forget_process(intent.pid)
+
+    def _forget_process(self, pid: int) -> None:
+        """The process ended: its write-ahead record goes (a stale one is harmless, its start time differs)."""
+        if self._registry is not None:
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._registry.remove_process(pid)
+
+    def _check_room_to_suspend(self, vm: _Vm) -> None:
+        """Refuse a suspend the disk cannot hold, while the VM still runs.
+
+        A first suspend writes every page the guest uses twice (the stream, then the VM's own
+        RAM file); later ones write device state only. Running out of space half-way would
+        kill the QEMU writing RAM (SIGBUS) or fail the registry write.
+        """
+        vm_dir = self.vm_dir(vm.rec.id)
+        needs = SUSPEND_ROOM
+        if vm.rec.ram_mode is RamMode.TEMPLATE_COW:
+            tpl = template.load(self.settings, vm.rec.template)
+            used = disks.allocated_bytes(Path(tpl.path) / RAM) + _private_dirty(vm.proc.pid if vm.proc else None)
+            needs += 2 * min(used, tpl.memory_mb << 20)
+        free = shutil.disk_usage(vm_dir).free
+        if free < needs:
+            raise OverCapacity(
+                f"not enough disk space to suspend VM {vm.rec.id}: it needs about {needs >> 20} MiB free in "
+                f"{vm_dir} and {free >> 20} MiB are; the VM keeps running (free space, then suspend again)"
+            )
+
+    def _purge_terminated(self) -> None:
+        """Records of terminated VMs go after vmm.terminated_ttl."""
+        cutoff = time.time() - self.settings.terminated_ttl
+        for vm_id, rec in list(self._terminated.items()):
+            if rec.state_changed_at < cutoff:
+                try:
+                    if self._registry is not None:
+                        self._registry.delete(vm_id)
+                except (sqlite3.Error, OSError):
+                    return
+                del self._terminated[vm_id]
+
     def _flush_activity(self) -> None:
-        if self._registry is not None and self._dirty:
-            self._registry.save_activity(self._vms[i].rec for i in self._dirty if i in self._vms)
-        self._dirty.clear()
+        if self._registry is None:
+            return
+        for vm_id in list(self._unsaved):
+            rec = self._vms[vm_id].rec if vm_id in self._vms else self._terminated.get(vm_id)
+            try:
+                if rec is not None:
+                    self._registry.save(rec)
+                self._unsaved.discard(vm_id)
+            except (sqlite3.Error, OSError):
+                break
+        if self._dirty:
+            with contextlib.suppress(sqlite3.Error, OSError):
+                self._registry.save_activity(self._vms[i].rec for i in self._dirty if i in self._vms)
+                self._dirty.clear()
+        self._purge_terminated()
 
     async def _flush_activity_forever(self) -> None:
         while True:
@@ -696,3 +881,40 @@ class VmManager:
                     self.app_log(vm.rec.id).rotate_if_needed()
                 except (OSError, VmmError) as exc:
                     log.event("vm.log_rotate_failed", level="warning", vm=vm.rec.id, error=str(exc))
+
+
+def _private_dirty(pid: int | None) -> int:
+    """Bytes a process has written to private memory (its copy-on-write guest RAM among them)."""
+    if pid is None:
+        return 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def _remove_snapshot(vm_dir: Path) -> None:
+    """The snapshot and its checksum, once the guest has run on past it."""
+    (vm_dir / STATE).unlink(missing_ok=True)
+    snapshot_check.remove(vm_dir / STATE)
+
+
+def _finish_ram_move(vm_dir: Path) -> None:
+    """The device state saved by the RAM move replaces the full stream (checksum first)."""
+    snapshot_check.sidecar(vm_dir / STATE_DEV).rename(snapshot_check.sidecar(vm_dir / STATE))
+    (vm_dir / STATE_DEV).rename(vm_dir / STATE)
+
+
+def _tidy_snapshot_files(vm_dir: Path, ram_mode: RamMode) -> None:
+    """Temporary files of a transition cut short: finished if the registry says it got that far, else removed."""
+    for tmp in (vm_dir / "state.tmp", vm_dir / "state.dev.tmp", vm_dir / "state.sha256.tmp"):
+        tmp.unlink(missing_ok=True)
+    if (vm_dir / STATE_DEV).exists():
+        if ram_mode is RamMode.OWN_FILE and snapshot_check.sidecar(vm_dir / STATE_DEV).exists():
+            _finish_ram_move(vm_dir)
+        else:
+            (vm_dir / STATE_DEV).unlink()
+            snapshot_check.remove(vm_dir / STATE_DEV)

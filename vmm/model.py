@@ -12,16 +12,22 @@ from .policy import Policy
 
 
 class VmState(enum.StrEnum):
-    """Lifecycle states. Transitional states only exist while a transition runs."""
+    """Lifecycle states, named as the anchor (Lambda MicroVMs) names them, plus paused and restoring.
 
-    STARTING = "starting"
+    Transitional states (pending, suspending, restoring, terminating) only exist while a
+    transition runs. A terminated VM is kept as a record for a while, so `mvm vm get` can
+    still say what happened to it.
+    """
+
+    PENDING = "pending"
     RUNNING = "running"
     PAUSED = "paused"
     SUSPENDING = "suspending"
     SUSPENDED = "suspended"
     RESTORING = "restoring"
-    FAILED = "failed"
+    TERMINATING = "terminating"
     TERMINATED = "terminated"
+    FAILED = "failed"
 
 
 class RamMode(enum.StrEnum):

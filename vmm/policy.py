@@ -9,20 +9,26 @@ from .capacity import MAX_DISK_MB, MAX_MEMORY_MB, MAX_VCPUS, MIN_MEMORY_MB
 from .errors import InvalidRequest
 
 HOUR = 3600.0
+DAY = 24 * HOUR
 
 
 @dataclass(frozen=True)
 class Policy:
     """What the reaper and the edge enforce for one VM.
 
-    Times are seconds; None disables that step. Memory, vCPUs and the disk size are fixed by
-    the template's snapshot, so they act as limits the template must fit in; by default a
-    VM may be as large as the product allows (see vmm.capacity).
+    Times are seconds; None disables that step. A VM suspended for `suspended_ttl` is
+    terminated and its files removed. With `auto_resume` false a request to a paused or
+    suspended VM gets 503 instead of waking it, until it is resumed explicitly. Memory,
+    vCPUs and the disk size are fixed by the template's snapshot, so they act as limits the
+    template must fit in; by default a VM may be as large as the product allows (see
+    vmm.capacity).
     """
 
     idle_pause_after: float | None = None
     idle_suspend_after: float | None = 300.0
     max_lifetime: float | None = 8 * HOUR
+    suspended_ttl: float | None = 7 * DAY
+    auto_resume: bool = True
     memory_mb: int = MAX_MEMORY_MB
     vcpus: int = MAX_VCPUS
     disk_mb: int = MAX_DISK_MB
@@ -34,8 +40,17 @@ class Policy:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base: Policy | None = None, where: str = "policy") -> Policy:
-        """Validate `data` over `base`; errors name the offending key (e.g. policy.vcpus)."""
+    def from_dict(
+        cls,
+        data: dict[str, Any],
+        base: Policy | None = None,
+        where: str = "policy",
+        max_lifetime_cap: float | None = None,
+    ) -> Policy:
+        """Validate `data` over `base`; errors name the offending key (e.g. policy.vcpus).
+
+        `max_lifetime_cap` (vmm.max_lifetime_cap) bounds max_lifetime; null is then refused.
+        """
         if not isinstance(data, dict):
             raise InvalidRequest(f"{where} must be an object")
         known = {f.name for f in fields(cls)}
@@ -44,8 +59,15 @@ class Policy:
             raise InvalidRequest(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
         merged = (base or cls()).to_dict()
         merged.update(data)
-        for name in ("idle_pause_after", "idle_suspend_after", "max_lifetime"):
+        for name in ("idle_pause_after", "idle_suspend_after", "max_lifetime", "suspended_ttl"):
             merged[name] = _seconds(merged[name], f"{where}.{name}")
+        lifetime = merged["max_lifetime"]
+        if max_lifetime_cap is not None and (lifetime is None or lifetime > max_lifetime_cap):
+            raise InvalidRequest(
+                f"{where}.max_lifetime must be at most {max_lifetime_cap:g} s (vmm.max_lifetime_cap), got {lifetime!r}"
+            )
+        if not isinstance(merged["auto_resume"], bool):
+            raise InvalidRequest(f"{where}.auto_resume must be true or false, got {merged['auto_resume']!r}")
         merged["memory_mb"] = _int_in(merged["memory_mb"], f"{where}.memory_mb", MIN_MEMORY_MB, MAX_MEMORY_MB)
         merged["vcpus"] = _int_in(merged["vcpus"], f"{where}.vcpus", 1, MAX_VCPUS)
         merged["disk_mb"] = _int_in(merged["disk_mb"], f"{where}.disk_mb", 0, MAX_DISK_MB)

@@ -114,6 +114,7 @@ class QemuProcess:
 
     def __init__(self, pid: int, on_exit: Callable[[QemuProcess, int | None], None] | None = None) -> None:
         self.pid = pid
+        self.start_ticks = start_ticks(pid)
         self.exit_status: int | None = None
         self.exited = asyncio.Event()
         self._on_exit = on_exit
@@ -195,6 +196,58 @@ class QemuProcess:
                 await self.exited.wait()
         except TimeoutError as exc:
             raise VmmError(f"QEMU pid {self.pid} did not exit after SIGKILL") from exc
+
+
+def start_ticks(pid: int) -> int:
+    """When the process started (clock ticks since boot): a pid with another start time is another process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def qemus_by_name() -> dict[str, list[int]]:
+    """Every running QEMU by its `-name`, whoever started it and whatever it is for."""
+    found: dict[str, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not any(b"qemu-system" in arg for arg in argv) or b"-name" not in argv:
+            continue
+        name_at = argv.index(b"-name") + 1
+        if name_at < len(argv):
+            found.setdefault(argv[name_at].decode(errors="replace"), []).append(int(entry.name))
+    return found
+
+
+async def kill_pid(pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL a process that is not (or no longer) tracked as a QemuProcess, and wait for its end."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        ended = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(pidfd, ended.set)
+        try:
+            async with asyncio.timeout(timeout):
+                await ended.wait()
+        except TimeoutError as exc:
+            raise VmmError(f"QEMU pid {pid} did not exit after SIGKILL") from exc
+        finally:
+            loop.remove_reader(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    finally:
+        os.close(pidfd)
 
 
 def describe_exit(status: int | None) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from . import faults, snapshot_check
 from .errors import VmmError
 
 # QEMU 7.2 migrates at 32 MiB/s by default; a snapshot to a local file needs no cap.
@@ -95,17 +96,30 @@ async def _capabilities(qmp: QMPClient, ignore_shared: bool) -> None:
     await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
 
 
-async def _run_migration(qmp: QMPClient, command: str, fd: int, timeout: float) -> None:
-    """Pass `fd`, start the migration `command` on it, wait for the MIGRATION event's end."""
+async def _run_migration(qmp: QMPClient, command: str, fd: int, timeout: float, exited: asyncio.Event) -> None:
+    """Pass `fd`, start the migration `command` on it, wait for the MIGRATION event's end.
+
+    The wait also watches `exited` (QEMU's end): a QEMU killed mid-migration (SIGBUS on a
+    full disk, OOM) fails the wait at once instead of after `timeout`.
+    """
     with qmp.listener(("MIGRATION",)) as events:
         qmp.send_fd_scm(fd)
         await qmp.execute("getfd", {"fdname": "snapshot"})
         await qmp.execute(command, {"uri": "fd:snapshot"})
         status = "unknown"
-        async with asyncio.timeout(timeout):
-            while status not in _DONE:
-                event: Any = await events.get()
-                status = event["data"]["status"]
+        died = asyncio.ensure_future(exited.wait())
+        try:
+            async with asyncio.timeout(timeout):
+                while status not in _DONE:
+                    event = asyncio.ensure_future(events.get())
+                    await asyncio.wait((event, died), return_when=asyncio.FIRST_COMPLETED)
+                    if not event.done():
+                        event.cancel()
+                        raise VmmError("QEMU exited during the migration")
+                    data: Any = event.result()
+                    status = data["data"]["status"]
+        finally:
+            died.cancel()
     if status != "completed":
         info: dict[str, Any] = {}
         with contextlib.suppress(QMPError, OSError, EOFError):
@@ -113,14 +127,16 @@ async def _run_migration(qmp: QMPClient, command: str, fd: int, timeout: float) 
         raise VmmError(f"migration {status}: {info.get('error-desc', 'no detail from QEMU')}")
 
 
-async def save(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float) -> int:
-    """Write the stopped VM's snapshot to `path` atomically; returns its size in bytes."""
+async def save(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float, exited: asyncio.Event) -> int:
+    """Write the stopped VM's snapshot to `path` atomically, its checksum first; returns its size in bytes."""
     await _capabilities(qmp, ignore_shared)
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        await _run_migration(qmp, "migrate", fd, timeout)
+        await _run_migration(qmp, "migrate", fd, timeout, exited)
+        faults.point("snapshot.saved")
+        snapshot_check.write(path, snapshot_check.file_digest(tmp))
     except BaseException:
         # A migration still running would stop the guest later behind the caller's back.
         with contextlib.suppress(QMPError, OSError, EOFError):
@@ -134,7 +150,7 @@ async def save(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float) 
     return path.stat().st_size
 
 
-async def load(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float) -> None:
+async def load(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float, exited: asyncio.Event) -> None:
     """Load a snapshot into a QEMU started with `-incoming defer`; leaves it stopped."""
     await _capabilities(qmp, ignore_shared)
     try:
@@ -142,7 +158,7 @@ async def load(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float) 
     except FileNotFoundError as exc:
         raise VmmError(f"snapshot file {path} is missing") from exc
     try:
-        await _run_migration(qmp, "migrate-incoming", fd, timeout)
+        await _run_migration(qmp, "migrate-incoming", fd, timeout, exited)
     finally:
         os.close(fd)
 

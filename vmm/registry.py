@@ -2,16 +2,21 @@
 
 Writes happen on state transitions and on a periodic flush of activity times, never per
 request. WAL mode keeps a write from blocking concurrent readers (e.g. `mvm vm ls`).
+Every QEMU the manager starts is written here (pid, start time, purpose) before anything
+depends on it, so a manager that restarts after a crash finds and ends every process a
+transition left behind.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
+from . import faults
 from .model import RamMode, VmRecord, VmState
 from .policy import Policy
 
@@ -28,9 +33,27 @@ CREATE TABLE IF NOT EXISTS vms (
     ram_mode TEXT NOT NULL,
     pid INTEGER,
     reason TEXT
-)
+);
+CREATE TABLE IF NOT EXISTS processes (
+    pid INTEGER PRIMARY KEY,
+    vm_id TEXT NOT NULL,
+    start_ticks INTEGER NOT NULL,
+    purpose TEXT NOT NULL,
+    started_at REAL NOT NULL
+);
 """
+_RENAMED_STATES = {"starting": VmState.PENDING.value}  # names of earlier versions
 _COLUMNS = "id, template, state, policy, app_port, created_at, last_activity, state_changed_at, ram_mode, pid, reason"
+
+
+@dataclass(frozen=True)
+class ProcessIntent:
+    """A QEMU the manager started: `start_ticks` tells it from a later process with the same pid."""
+
+    pid: int
+    vm_id: str
+    start_ticks: int
+    purpose: str  # launch | restore | ram-move
 
 
 class Registry:
@@ -41,12 +64,13 @@ class Registry:
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(_SCHEMA)
+        self.db.executescript(_SCHEMA)
 
     def close(self) -> None:
         self.db.close()
 
     def save(self, rec: VmRecord) -> None:
+        faults.point("registry.save")
         self.db.execute(
             f"INSERT OR REPLACE INTO vms ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
@@ -72,7 +96,25 @@ class Registry:
             )
 
     def delete(self, vm_id: str) -> None:
-        self.db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+        with self.db:
+            self.db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+            self.db.execute("DELETE FROM processes WHERE vm_id = ?", (vm_id,))
+
+    def add_process(self, intent: ProcessIntent, started_at: float) -> None:
+        faults.point("registry.add_process")
+        self.db.execute(
+            "INSERT OR REPLACE INTO processes (pid, vm_id, start_ticks, purpose, started_at) VALUES (?,?,?,?,?)",
+            (intent.pid, intent.vm_id, intent.start_ticks, intent.purpose, started_at),
+        )
+
+    def remove_process(self, pid: int) -> None:
+        self.db.execute("DELETE FROM processes WHERE pid = ?", (pid,))
+
+    def processes(self, vm_id: str) -> list[ProcessIntent]:
+        rows = self.db.execute(
+            "SELECT pid, vm_id, start_ticks, purpose FROM processes WHERE vm_id = ?", (vm_id,)
+        ).fetchall()
+        return [ProcessIntent(*row) for row in rows]
 
     def load_all(self) -> list[VmRecord]:
         rows = self.db.execute(f"SELECT {_COLUMNS} FROM vms ORDER BY created_at").fetchall()
@@ -80,7 +122,7 @@ class Registry:
             VmRecord(
                 id=row[0],
                 template=row[1],
-                state=VmState(row[2]),
+                state=VmState(_RENAMED_STATES.get(row[2], row[2])),
                 policy=Policy.from_dict(orjson.loads(row[3])),
                 app_port=row[4],
                 created_at=row[5],

@@ -23,6 +23,9 @@ class VmmSettings:
     app_log_max_bytes: int = 1 << 20  # per VM app log file; one older file of the same size is kept
     agent_timeout: float = 2.0  # longest wait for the guest agent after a restore; then the wake goes on
     guest_sync: bool = True  # clock, entropy and hostname after every launch and restore (off: tests only)
+    max_lifetime_cap: float | None = 8 * 3600.0  # the longest policy.max_lifetime a VM may ask for
+    terminated_ttl: float = 3600.0  # how long a terminated VM's record stays visible (`mvm vm get`)
+    verify_ram: bool = False  # checksum a VM's RAM file at suspend and verify it at restore (costs a full read)
     default_policy: Policy = field(default_factory=Policy)
 
     @property

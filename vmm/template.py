@@ -159,7 +159,7 @@ async def create(
         progress(f"app ready after {time.monotonic() - started:.2f} s; snapshotting memory, devices and disk")
         await client.execute("stop")
         try:
-            size = await qmp_ops.save(client, work / "state", ignore_shared=True, timeout=SNAPSHOT_TIMEOUT)
+            size = await qmp_ops.save(client, work / "state", True, SNAPSHOT_TIMEOUT, running.exited)
         finally:
             await client.disconnect_quietly()
     except BaseException:

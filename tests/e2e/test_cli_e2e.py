@@ -60,7 +60,9 @@ async def test_cli_drives_the_control_api(settings: VmmSettings, tmp_path: Path)
         assert code == 1 and "archive not found" in err and "Traceback" not in err
         code, _, err = await mvm(config, "vm", "rm", vm["id"])
         assert code == 0, err
-        code, _, err = await mvm(config, "vm", "get", vm["id"])
+        code, out, err = await mvm(config, "vm", "get", vm["id"])
+        assert code == 0 and '"terminated"' in out, "a deleted VM's record stays visible for a while"
+        code, _, err = await mvm(config, "vm", "rm", vm["id"])
         assert code == 1 and "HTTP 404" in err and "Traceback" not in err
         code, _, err = await mvm(config, "vm", "create", "--policy", '{"vcpus": 0}')
         assert code == 1 and "policy.vcpus" in err and "Traceback" not in err

@@ -26,6 +26,8 @@ def test_merges_over_base_and_normalises_ports() -> None:
         ({"ports": 80}, "policy.ports"),
         ({"colour": "red"}, "policy.colour"),
         ({"idle_pause_after": 100, "idle_suspend_after": 10}, "policy.idle_suspend_after"),
+        ({"auto_resume": "no"}, "policy.auto_resume"),
+        ({"suspended_ttl": -1}, "policy.suspended_ttl"),
     ],
 )
 def test_errors_name_the_key(data: dict, key: str) -> None:
@@ -35,3 +37,10 @@ def test_errors_name_the_key(data: dict, key: str) -> None:
 
 def test_null_disables_a_step() -> None:
     assert Policy.from_dict({"max_lifetime": None}).max_lifetime is None
+
+
+def test_max_lifetime_is_capped_when_a_cap_is_set() -> None:
+    assert Policy.from_dict({"max_lifetime": 3600}, max_lifetime_cap=7200).max_lifetime == 3600
+    for too_long in (7201, None):
+        with pytest.raises(InvalidRequest, match=r"at most 7200 s \(vmm.max_lifetime_cap\)"):
+            Policy.from_dict({"max_lifetime": too_long}, max_lifetime_cap=7200)

@@ -1,6 +1,6 @@
-from edge.reaper import due_action
 from vmm.model import VmRecord, VmState
 from vmm.policy import Policy
+from vmm.reaper import due_action
 
 NOW = 10_000.0
 
@@ -26,4 +26,14 @@ def test_open_streams_keep_a_vm_awake_but_not_past_its_lifetime() -> None:
 
 def test_disabled_steps_never_fire() -> None:
     rec = _rec(VmState.RUNNING, 10**6, age=10**6, idle_pause_after=None, idle_suspend_after=None, max_lifetime=None)
+    assert due_action(rec, NOW, 0) is None
+
+
+def test_a_vm_suspended_past_its_ttl_is_terminated() -> None:
+    rec = _rec(VmState.SUSPENDED, 5000, suspended_ttl=3600.0, idle_suspend_after=None)
+    rec.state_changed_at = NOW - 3599
+    assert due_action(rec, NOW, 0) is None
+    rec.state_changed_at = NOW - 3600
+    assert due_action(rec, NOW, 0) == "delete"
+    rec.state = VmState.RUNNING  # only time spent suspended counts
     assert due_action(rec, NOW, 0) is None

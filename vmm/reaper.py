@@ -9,18 +9,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any, Protocol
 
-from vmm.errors import VmmError
-from vmm.jsonlog import log
-from vmm.manager import VmManager
-from vmm.model import VmRecord, VmState
+from .errors import VmmError
+from .jsonlog import log
+from .model import VmRecord, VmState
+
+
+class ReapedVms(Protocol):
+    """What the reaper needs of the VM plane (vmm.manager.VmManager)."""
+
+    def list_vms(self) -> list[VmRecord]: ...
+    def busy_count(self, vm_id: str) -> int: ...
+    def touch(self, vm_id: str) -> None: ...
+    async def pause(self, vm_id: str) -> VmRecord: ...
+    async def suspend(self, vm_id: str) -> VmRecord: ...
+    async def delete(self, vm_id: str, reason: str = ...) -> None: ...
 
 
 def due_action(rec: VmRecord, now: float, open_streams: int) -> str | None:
     """What the policy asks for now: 'delete', 'suspend', 'pause' or nothing."""
     pol = rec.policy
     if pol.max_lifetime is not None and now - rec.created_at >= pol.max_lifetime:
+        return "delete"
+    suspended_for = now - rec.state_changed_at
+    if rec.state is VmState.SUSPENDED and pol.suspended_ttl is not None and suspended_for >= pol.suspended_ttl:
         return "delete"
     if open_streams > 0:
         return None
@@ -40,8 +54,8 @@ class Reaper:
     VM is left half-suspended; and no error, expected or not, ends the sweeps.
     """
 
-    def __init__(self, manager: VmManager, open_streams: Mapping[str, int], interval: float) -> None:
-        self.manager = manager
+    def __init__(self, vms: ReapedVms, open_streams: Mapping[str, int], interval: float) -> None:
+        self.vms = vms
         self.open_streams = open_streams
         self.interval = interval
         self._loop_task: asyncio.Task[None] | None = None
@@ -64,19 +78,29 @@ class Reaper:
             await asyncio.sleep(self.interval)
             await self.reap_once()
 
+    def _action(self, name: str, rec: VmRecord, now: float) -> Coroutine[Any, Any, object]:
+        if name == "pause":
+            return self.vms.pause(rec.id)
+        if name == "suspend":
+            return self.vms.suspend(rec.id)
+        lifetime = rec.policy.max_lifetime
+        if lifetime is not None and now - rec.created_at >= lifetime:
+            return self.vms.delete(rec.id, f"reached its max_lifetime of {lifetime:g} s")
+        return self.vms.delete(rec.id, f"suspended for longer than its suspended_ttl of {rec.policy.suspended_ttl:g} s")
+
     async def reap_once(self) -> None:
         now = time.time()
-        for rec in list(self.manager.list_vms()):
-            streams = self.open_streams.get(rec.id, 0) + self.manager.busy_count(rec.id)
+        for rec in list(self.vms.list_vms()):
+            streams = self.open_streams.get(rec.id, 0) + self.vms.busy_count(rec.id)
             if streams:
-                self.manager.touch(rec.id)
+                self.vms.touch(rec.id)
             action = due_action(rec, now, streams)
             if action is None:
                 continue
-            self._pending = asyncio.create_task(getattr(self.manager, action)(rec.id))
+            self._pending = asyncio.create_task(self._action(action, rec, now))
             try:
                 await asyncio.shield(self._pending)
-                log.event(f"reaper.{action}", vm=rec.id, idle=round(now - rec.last_activity, 1))
+                log.event(f"reaper.{action}", vm=rec.id, idle=round(now - rec.last_activity, 1), state=rec.state.value)
             except VmmError as exc:
                 log.event("reaper.error", level="warning", vm=rec.id, action=action, error=str(exc))
             except Exception as exc:
