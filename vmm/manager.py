@@ -830,7 +830,8 @@ class VmManager:
         needs = SUSPEND_ROOM
         if vm.rec.ram_mode is RamMode.TEMPLATE_COW:
             tpl = template.load(self.settings, vm.rec.template)
-            used = disks.allocated_bytes(Path(tpl.path) / RAM) + _private_dirty(vm.proc.pid if vm.proc else None)
+            ram = Path(tpl.path) / RAM
+            used = disks.allocated_bytes(ram) + _private_dirty(vm.proc.pid if vm.proc else None, ram)
             needs += 2 * min(used, tpl.memory_mb << 20)
         free = shutil.disk_usage(vm_dir).free
         if free < needs:
@@ -883,17 +884,22 @@ class VmManager:
                     log.event("vm.log_rotate_failed", level="warning", vm=vm.rec.id, error=str(exc))
 
 
-def _private_dirty(pid: int | None) -> int:
-    """Bytes a process has written to private memory (its copy-on-write guest RAM among them)."""
+def _private_dirty(pid: int | None, mapped: Path) -> int:
+    """Bytes a process has written to its private (copy-on-write) mapping of `mapped`."""
     if pid is None:
         return 0
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Private_Dirty:"):
-                return int(line.split()[1]) * 1024
+        smaps = Path(f"/proc/{pid}/smaps").read_text()
     except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        return 0
+    total, inside, name = 0, False, str(mapped.resolve())
+    for line in smaps.splitlines():
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line: "start-end perms ... path"
+            inside = line.endswith(name)
+        elif inside and first == "Private_Dirty:":
+            total += int(line.split()[1]) * 1024
+    return total
 
 
 def _remove_snapshot(vm_dir: Path) -> None:
