@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from vmm import netns
 from vmm.egress import EgressPolicy, may_dial, normalise_host, split_authority
 from vmm.jsonlog import log
 
@@ -265,6 +266,41 @@ class EgressProxy:
     def _deny(self, host: str | None, port: int | None, reason: str, method: str | None = None) -> None:
         self._metrics.egress(False)
         log.event("egress.denied", vm=self.vm_id, host=host, port=port, method=method, reason=reason)
+
+
+class EgressProxies:
+    """Every VM's egress proxy, by VM id: what the VM manager calls as VMs start and go away."""
+
+    def __init__(
+        self, metrics: Metrics, limits: EgressLimits | None = None, host: str = netns.HOST_IP,
+        port: int = netns.EGRESS_PORT,
+    ) -> None:  # fmt: skip
+        self._metrics = metrics
+        self._limits = limits
+        self._host, self._port = host, port
+        self._proxies: dict[str, EgressProxy] = {}
+
+    async def open(self, vm_id: str, policy: EgressPolicy) -> None:
+        """(Re)start the VM's proxy in its namespace: after netns.create, before the guest runs."""
+        await self.close(vm_id)
+        sock = await netns.listen_in(vm_id, self._host, self._port)
+        proxy = EgressProxy(vm_id, policy, sock, self._metrics, self._limits)
+        try:
+            await proxy.start()
+        except BaseException:
+            sock.close()
+            raise
+        self._proxies[vm_id] = proxy
+
+    async def close(self, vm_id: str) -> None:
+        """Stop the VM's proxy and its tunnels, if it has one; before its namespace goes."""
+        proxy = self._proxies.pop(vm_id, None)
+        if proxy is not None:
+            await proxy.stop()
+
+    async def close_all(self) -> None:
+        for vm_id in list(self._proxies):
+            await self.close(vm_id)
 
 
 def _parse(head: bytes) -> _Request:
