@@ -1,4 +1,4 @@
-"""Egress proxy of one VM: the guest's only way out, as its egress policy allows.
+"""Egress proxies, one per VM: a guest's only way out, as its egress policy allows.
 
 Guests have no route out of their namespace. Init points HTTP(S)_PROXY at 10.77.0.1:3128,
 where this server listens on a socket made inside the VM's namespace (vmm.netns.listen_in),

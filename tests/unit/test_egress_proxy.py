@@ -144,6 +144,24 @@ async def test_plain_request_is_forwarded_in_origin_form_without_hop_by_hop_head
     ]
 
 
+async def test_a_chunked_body_is_relayed_as_it_comes() -> None:
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.readuntil(b"0\r\n\r\n")
+        assert b"Transfer-Encoding: chunked\r\n" in head
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async with local_server(origin) as target, running_proxy([f"127.0.0.1:{target}"]) as (_, port):
+        chunked = b"5\r\nhello\r\n0\r\n\r\n"
+        reply = await answer(
+            port,
+            f"PUT http://127.0.0.1:{target}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + chunked,
+        )
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(chunked)
+
+
 async def test_plain_request_denied() -> None:
     async with running_proxy(["127.0.0.1:1"]) as (proxy, port):
         reply = await answer(port, b"GET http://127.0.0.1:2/ HTTP/1.1\r\nHost: 127.0.0.1:2\r\n\r\n")
