@@ -30,6 +30,13 @@ class Metrics:
             "mvm_proxied_bytes", "Bytes relayed, up (to VMs) and down.", ["direction"], registry=self.registry
         )
         self._up, self._down = traffic.labels(direction="up"), traffic.labels(direction="down")
+        egress = Counter(
+            "mvm_egress_attempts",
+            "Guests' outbound connections via the egress proxy, by decision.",
+            ["decision"],
+            registry=self.registry,
+        )
+        self._egress_allowed, self._egress_denied = egress.labels(decision="allowed"), egress.labels(decision="denied")
         if vm_states is not None:
             self.registry.register(_VmStates(vm_states))
 
@@ -51,6 +58,9 @@ class Metrics:
             self._up.inc(upstream_bytes)
         if downstream_bytes:
             self._down.inc(downstream_bytes)
+
+    def egress(self, allowed: bool) -> None:
+        (self._egress_allowed if allowed else self._egress_denied).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type, for GET /metrics."""

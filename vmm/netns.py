@@ -4,7 +4,9 @@ Every namespace has identical addressing (host side 10.77.0.1, guest 10.77.0.2, 
 MACs), so clones of one snapshot need no reconfiguration. Nothing is ever added to the
 root namespace: the edge reaches a guest by creating its socket inside the VM's
 namespace (setns in a worker thread), so guests cannot reach each other, the host's
-root namespace or anything outside — there is no route, bridge or forwarding.
+root namespace or anything outside — there is no route, bridge or forwarding. The one way
+out is the VM's egress proxy (edge.egress_proxy), listening on HOST_IP:EGRESS_PORT inside
+the namespace (listen_in) and dialling out, as the VM's egress policy allows, from the edge.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ TAP_MAC = "02:00:00:77:00:01"
 GUEST_MAC = "52:54:00:12:34:56"
 NETNS_DIR = Path("/var/run/netns")
 CLONE_NEWNET = 0x40000000
+# The egress proxy of each VM listens on HOST_IP:EGRESS_PORT inside the VM's namespace.
+EGRESS_PORT = 3128
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _setns_lock = threading.Lock()
@@ -102,15 +106,36 @@ def _socket_in_netns(vm_id: str) -> socket.socket:
     return sock
 
 
-async def connect_guest(vm_id: str, port: int, timeout: float) -> socket.socket:
-    """A non-blocking socket connected to the guest's port, from inside the VM's namespace."""
+async def _new_socket(vm_id: str) -> socket.socket:
+    """A TCP socket of the VM's namespace, made in a worker thread so setns never touches the event loop's."""
     if not exists(vm_id):
         raise VmmError(f"network namespace of VM {vm_id} is missing")
-    loop = asyncio.get_running_loop()
-    sock = await loop.run_in_executor(None, _socket_in_netns, vm_id)
+    return await asyncio.get_running_loop().run_in_executor(None, _socket_in_netns, vm_id)
+
+
+async def connect_guest(vm_id: str, port: int, timeout: float) -> socket.socket:
+    """A non-blocking socket connected to the guest's port, from inside the VM's namespace."""
+    sock = await _new_socket(vm_id)
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (GUEST_IP, port))
+            await asyncio.get_running_loop().sock_connect(sock, (GUEST_IP, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def listen_in(vm_id: str, host: str, port: int, backlog: int = 64) -> socket.socket:
+    """A non-blocking listening socket inside the VM's namespace: only that VM's guest can reach it.
+
+    For the egress proxy (host HOST_IP, port EGRESS_PORT); the socket keeps the namespace it
+    was made in, so binding it here, outside the worker thread, binds it there.
+    """
+    sock = await _new_socket(vm_id)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise

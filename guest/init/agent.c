@@ -44,6 +44,11 @@ struct exec {
     int reaped, status;
 };
 
+const char *const proxy_env[PROXY_ENV_COUNT] = {
+    "HTTP_PROXY=" PROXY_URL, "HTTPS_PROXY=" PROXY_URL, "NO_PROXY=" NO_PROXY_HOSTS,
+    "http_proxy=" PROXY_URL, "https_proxy=" PROXY_URL, "no_proxy=" NO_PROXY_HOSTS,
+};
+
 static int port = -1;
 static struct buffer out;  /* frames waiting for the port */
 static struct buffer in;   /* bytes read from the port, not yet a whole frame */
@@ -200,6 +205,24 @@ static struct exec *find_exec(uint32_t ch) {
     return NULL;
 }
 
+/* Append to an exec's env (with room for PROXY_ENV_COUNT more) each proxy setting init exported that it
+ * lacks: execs see what the app sees unless the caller says otherwise. */
+static void add_proxy_env(char **env, int envc) {
+    int given = envc;
+    for (int i = 0; i < PROXY_ENV_COUNT; i++) {
+        size_t n = strcspn(proxy_env[i], "=") + 1; /* "NAME=" */
+        int set = 0;
+        for (int j = 0; j < given && !set; j++)
+            set = !strncmp(env[j], proxy_env[i], n);
+        for (char **e = environ; !set && *e; e++)
+            if (!strncmp(*e, proxy_env[i], n)) {
+                env[envc++] = *e;
+                set = 1;
+            }
+    }
+    env[envc] = NULL;
+}
+
 static void exec_in_child(char **argv, char **env, const char *cwd, uid_t uid, gid_t gid) {
     if (setgroups(0, NULL) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
         fprintf(stderr, "exec: cannot switch to uid %u gid %u: %s\n", uid, gid, strerror(errno));
@@ -266,7 +289,8 @@ static void handle_exec(uint32_t ch, const unsigned char *p, size_t n, int pty) 
     uid_t uid = rd32(p);
     gid_t gid = rd32(p + 4);
     int argc = p[8] << 8 | p[9], envc = p[10] << 8 | p[11];
-    char **argv = calloc((size_t)argc + 1, sizeof *argv), **env = calloc((size_t)envc + 1, sizeof *env);
+    char **argv = calloc((size_t)argc + 1, sizeof *argv);
+    char **env = calloc((size_t)envc + PROXY_ENV_COUNT + 1, sizeof *env);
     const char *cwd = "";
     const char *s = (const char *)p + 12, *end = (const char *)p + n;
     for (int i = 0; i < argc + envc + 1; i++) {
@@ -284,6 +308,7 @@ static void handle_exec(uint32_t ch, const unsigned char *p, size_t n, int pty) 
             cwd = s;
         s = z + 1;
     }
+    add_proxy_env(env, envc);
     int o[2] = {-1, -1}, e[2] = {-1, -1}, i[2] = {-1, -1}, master = -1, slave = -1;
     int failed = pty ? open_pty(&master, &slave, rows, cols)
                      : (pipe2(o, O_CLOEXEC) || pipe2(e, O_CLOEXEC) || pipe2(i, O_CLOEXEC));

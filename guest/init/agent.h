@@ -34,6 +34,17 @@ enum agent_frame {
 #define AGENT_MAX_FRAME (1u << 20)
 #define AGENT_KEY_BYTES 32
 
+/*
+ * The egress proxy on the host's side of the tap (vmm/netns.py HOST_IP:EGRESS_PORT): the same
+ * address in every VM's namespace, so a template's snapshot holds for all its clones. Init gives
+ * these to the app unless the image's env sets them, and exports the values the app got so the
+ * agent gives each exec the same unless the exec's own env sets them.
+ */
+#define PROXY_URL "http://10.77.0.1:3128"
+#define NO_PROXY_HOSTS "localhost,127.0.0.1,::1"
+#define PROXY_ENV_COUNT 6
+extern const char *const proxy_env[PROXY_ENV_COUNT]; /* "NAME=default" */
+
 /* Run the agent forever (in its own process). */
 void agent_main(void);
 

@@ -7,9 +7,9 @@
  *
  * It mounts the kernel filesystems, sets the hostname, configures lo and eth0 from the
  * kernel command line (mvm.ip=, mvm.gw=, mvm.hostname=), starts the image's command as
- * /mvm/config says (argv, env, cwd, uid/gid), sends the app's stdout and stderr to the
- * host through a virtio console (/dev/hvc0), reaps every zombie, forwards SIGTERM for a
- * clean stop, and powers the VM off when the app ends so the host sees it. It also keeps
+ * /mvm/config says (argv, env, cwd, uid/gid; plus HTTP(S)_PROXY naming the host's egress
+ * proxy, see agent.h), sends the app's stdout and stderr to the host through a virtio
+ * console (/dev/hvc0), reaps every zombie, forwards SIGTERM for a clean stop, and powers the VM off when the app ends so the host sees it. It also keeps
  * the guest agent (agent.c) running, restarting it if it dies.
  */
 #define _GNU_SOURCE
@@ -52,7 +52,7 @@ static int log_fd = 2;
 struct config {
     char *argv[MAX_ITEMS + 1];
     int argc;
-    char *env[MAX_ITEMS + 4]; /* + PATH, HOME, HOSTNAME and the NULL */
+    char *env[MAX_ITEMS + 4 + PROXY_ENV_COUNT]; /* + PATH, HOME, HOSTNAME, the proxy settings and the NULL */
     int envc;
     const char *cwd;
     uid_t uid;
@@ -330,6 +330,16 @@ static void complete_env(struct config *c) {
     if (!env_get(c, "HOSTNAME")) {
         snprintf(host, sizeof host, "HOSTNAME=%s", c->hostname);
         c->env[c->envc++] = host;
+    }
+    for (int i = 0; i < PROXY_ENV_COUNT; i++) { /* see agent.h */
+        char name[32];
+        snprintf(name, sizeof name, "%.*s", (int)strcspn(proxy_env[i], "="), proxy_env[i]);
+        const char *value = env_get(c, name);
+        if (!value) {
+            c->env[c->envc++] = (char *)proxy_env[i];
+            value = strchr(proxy_env[i], '=') + 1;
+        }
+        setenv(name, value, 1); /* for the agent, forked after this, to give execs the same */
     }
     c->env[c->envc] = NULL;
 }
