@@ -41,6 +41,7 @@ from vmm.reaper import Reaper
 
 from .config import Config, ConfigError, token_service
 from .control import build_control_app
+from .egress_proxy import EgressProxies
 from .hosts import HostRouter
 from .metrics import Metrics
 from .proxy_context import ProxyContext, ProxySettings, make_protocol_factory
@@ -59,6 +60,7 @@ class Edge:
     control: web.AppRunner
     reaper: Reaper
     control_dir: tempfile.TemporaryDirectory[str]
+    egress: EgressProxies
 
     @property
     def port(self) -> int:
@@ -73,14 +75,17 @@ async def start(cfg: Config) -> Edge:
     tokens = token_service(cfg)
     listener = _bind(cfg.server.listen_host, cfg.server.listen_port)
     manager = VmManager(cfg.vmm)
+    metrics = Metrics(manager.counts_by_state)
+    egress = EgressProxies(metrics)
+    manager.egress = egress
     try:
         await manager.start()
     except BaseException:
         listener.close()
+        await egress.close_all()
         raise
     try:
         await _ensure_default_template(manager)
-        metrics = Metrics(manager.counts_by_state)
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
         control_socket = str(Path(control_dir.name) / "control.sock")
         control = web.AppRunner(build_control_app(cfg, manager, tokens, metrics), access_log=None)
@@ -111,10 +116,11 @@ async def start(cfg: Config) -> Edge:
     except BaseException:
         listener.close()
         await manager.close()
+        await egress.close_all()
         raise
     idle_reaper = Reaper(manager, ctx.open_streams, cfg.reaper.interval)
     idle_reaper.start()
-    edge = Edge(cfg, manager, ctx, server, control, idle_reaper, control_dir)
+    edge = Edge(cfg, manager, ctx, server, control, idle_reaper, control_dir, egress)
     log.event(
         "edge.started",
         listen=f"{cfg.server.listen_host}:{edge.port}",
@@ -133,6 +139,7 @@ async def stop(edge: Edge) -> None:
     edge.ctx.pool.close()
     await edge.control.cleanup()
     await edge.manager.close()
+    await edge.egress.close_all()
     edge.control_dir.cleanup()
     log.event("edge.stopped")
 

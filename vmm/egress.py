@@ -12,12 +12,15 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import InvalidRequest
 
 NONE = "none"
 MAX_RULES = 256
+_PRIVATE = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -98,6 +101,14 @@ def may_dial(target: str, address: str) -> bool:
         return False
 
 
+class EgressServer(Protocol):
+    """Who serves VMs' egress proxies (edge.egress_proxy.EgressProxies): the manager opens one when a
+    VM's namespace is ready to run a guest and closes it before the namespace goes."""
+
+    async def open(self, vm_id: str, policy: EgressPolicy) -> None: ...
+    async def close(self, vm_id: str) -> None: ...
+
+
 def split_authority(authority: str) -> tuple[str, str]:
     """`host:port` or `[v6]:port` into host and port text; ValueError when there is no port."""
     host, sep, port = authority.rpartition(":")
@@ -123,4 +134,21 @@ def _parse_rule(item: Any, key: str) -> Rule:
     host = normalise_host(host_text[2:] if wildcard else host_text)
     if host is None or (wildcard and ":" in host) or (wildcard and host.replace(".", "").isdigit()):
         raise InvalidRequest(f"{key}: {host_text!r} is not a DNS name, *.name wildcard or IP address")
+    if not wildcard and _is_private_literal(host):
+        raise InvalidRequest(
+            f"{key}: {host_text} is a private or link-local address; the egress proxy never dials those "
+            "(list a public address, a name, or a loopback service of this host)"
+        )
     return Rule(host, port, wildcard)
+
+
+def _is_private_literal(host: str) -> bool:
+    """Private ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7) and link-local: never a target.
+
+    Loopback stays listable: an operator may hand a guest one service of its own host on purpose.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_link_local or any(address in net for net in _PRIVATE if net.version == address.version)

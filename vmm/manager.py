@@ -30,6 +30,7 @@ from . import disks, faults, netns, snapshot_check, template
 from . import qmp as qmp_ops
 from .agent import Agent, AgentError, Exec, load_key
 from .applog import AppLog
+from .egress import EgressServer
 from .errors import (
     Conflict,
     InvalidRequest,
@@ -101,8 +102,9 @@ class _Vm:
 class VmManager:
     """Creates, pauses, suspends, restores and deletes VMs; the edge's VmBackend."""
 
-    def __init__(self, settings: VmmSettings) -> None:
+    def __init__(self, settings: VmmSettings, egress: EgressServer | None = None) -> None:
         self.settings = settings
+        self.egress = egress  # serves each running VM's egress proxy (the edge's); None: guests have none
         self.accel = accel_mod.choose(settings.accelerator)
         self.listeners: list[Callable[[VmRecord], None]] = []
         self._vms: dict[str, _Vm] = {}
@@ -301,6 +303,7 @@ class VmManager:
                     with contextlib.suppress(FileNotFoundError):
                         shutil.copyfile(Path(tpl.path) / APP_LOG, self.vm_dir(vm_id) / APP_LOG)
                 await netns.create(vm_id)
+                await self._open_egress(vm)
                 ram = RamBacking(Path(tpl.path) / RAM, share=False)
                 await self._start_qemu(vm, tpl, ram, Path(tpl.path) / STATE, ignore_shared=True, purpose="launch")
                 await self._run_hook(vm, "run", payload)
@@ -420,6 +423,7 @@ class VmManager:
         # The snapshot is complete: from here the VM is suspended, whatever happens next.
         try:
             await self._stop_qemu(vm, f"VM {vm.rec.id} was suspended")
+            await self._close_egress(vm.rec.id)
             if not ignore_shared:
                 size = await self._move_ram_to_own_file(vm, size)
         finally:
@@ -496,9 +500,11 @@ class VmManager:
             tpl = template.load(self.settings, vm.rec.template)
             if not netns.exists(vm.rec.id):
                 await netns.create(vm.rec.id)
+            await self._open_egress(vm)
             await self._start_qemu(vm, tpl, ram, vm_dir / STATE, ignore_shared=own_file, purpose="restore")
         except BaseException as exc:
             await self._stop_qemu(vm)
+            await self._close_egress(vm.rec.id)
             if not own_file:
                 ram.path.unlink(missing_ok=True)
             self._record(vm, VmState.SUSPENDED, reason=f"restore failed: {exc}")
@@ -658,6 +664,7 @@ class VmManager:
         steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
             ("stop QEMU", lambda: self._stop_qemu(vm, f"VM {vm_id} is terminated: {why}")),
             ("end every other QEMU", lambda: self._kill_strays(vm_id, None, qemus_by_name().get(f"mvm-{vm_id}", []))),
+            ("stop the egress proxy", lambda: self._close_egress(vm_id)),
             ("delete the namespace", lambda: netns.delete(vm_id)),
         )
         for what, step in steps:
@@ -682,6 +689,7 @@ class VmManager:
             if vm.proc is not proc or vm.expect_exit:
                 return
             await self._stop_qemu(vm)
+            await self._close_egress(vm.rec.id)
             vm_dir = self.vm_dir(vm.rec.id)
             reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}{guest_log_tail(vm_dir, 3)}"
             self._record(vm, VmState.FAILED, reason=reason)
@@ -719,6 +727,7 @@ class VmManager:
                 run_state = None
         if run_state in ("running", "paused", "postmigrate"):
             _remove_snapshot(vm_dir)  # the guest ran on (or may): a snapshot left over no longer matches
+            await self._open_egress(vm)
             if (vm_dir / OVERLAY).exists():
                 await self._connect_agent(vm)
         if run_state == "running":
@@ -799,6 +808,19 @@ class VmManager:
         except FileNotFoundError:
             return ""
         return f" (qemu: {lines[-1]})" if lines else ""
+
+    async def _open_egress(self, vm: _Vm) -> None:
+        """The VM's egress proxy, listening in its namespace before the guest runs (again)."""
+        if self.egress is None:
+            return
+        try:
+            await self.egress.open(vm.rec.id, vm.rec.policy.egress)
+        except (OSError, VmmError) as exc:  # the guest runs on without a way out, as with egress "none"
+            log.event("vm.egress_unavailable", level="error", vm=vm.rec.id, error=str(exc))
+
+    async def _close_egress(self, vm_id: str) -> None:
+        if self.egress is not None:
+            await self.egress.close(vm_id)
 
     async def _kill_strays(self, vm_id: str, keep: int | None, found: list[int]) -> None:
         """End every QEMU of the VM except `keep`: those running under its name, and those the

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .capacity import MAX_DISK_MB, MAX_MEMORY_MB, MAX_VCPUS, MIN_MEMORY_MB
+from .egress import EgressPolicy
 from .errors import InvalidRequest
 
 HOUR = 3600.0
@@ -29,6 +30,7 @@ class Policy:
     max_lifetime: float | None = 8 * HOUR
     suspended_ttl: float | None = 7 * DAY
     auto_resume: bool = True
+    egress: EgressPolicy = field(default_factory=EgressPolicy)  # "none", or host:port patterns
     memory_mb: int = MAX_MEMORY_MB
     vcpus: int = MAX_VCPUS
     disk_mb: int = MAX_DISK_MB
@@ -37,6 +39,7 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["ports"] = list(self.ports)
+        data["egress"] = self.egress.to_json()
         return data
 
     @classmethod
@@ -66,6 +69,7 @@ class Policy:
             raise InvalidRequest(
                 f"{where}.max_lifetime must be at most {max_lifetime_cap:g} s (vmm.max_lifetime_cap), got {lifetime!r}"
             )
+        merged["egress"] = EgressPolicy.from_json(merged["egress"], f"{where}.egress")
         if not isinstance(merged["auto_resume"], bool):
             raise InvalidRequest(f"{where}.auto_resume must be true or false, got {merged['auto_resume']!r}")
         merged["memory_mb"] = _int_in(merged["memory_mb"], f"{where}.memory_mb", MIN_MEMORY_MB, MAX_MEMORY_MB)

@@ -67,3 +67,9 @@ def test_only_public_addresses_or_the_allowed_literal_are_dialled() -> None:
     for private in ("127.0.0.1", "10.77.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1%2", "0.0.0.0"):
         assert not may_dial("example.com", private)
     assert may_dial("127.0.0.1", "127.0.0.1") and not may_dial("127.0.0.2", "127.0.0.1")
+
+
+@pytest.mark.parametrize("address", ["10.77.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "[fd00::1]"])
+def test_private_and_link_local_literals_are_refused(address: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"policy.egress\[0\]: .* private or link-local"):
+        EgressPolicy.from_json([f"{address}:80"])
