@@ -41,8 +41,9 @@ from vmm.model import VmRecord, VmState
 from .config import Config, ConfigError, token_service
 from .control import build_control_app
 from .hosts import HostRouter
+from .http1 import make_protocol_factory
 from .metrics import Metrics
-from .proxy_context import ProxyContext, ProxySettings, make_protocol_factory
+from .proxy_context import ProxyContext, ProxySettings
 from .reaper import Reaper
 from .tls import server_context
 from .upstream import UpstreamPool

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import cast
 
 from httptools import HttpRequestParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
@@ -21,11 +22,9 @@ from vmm.model import VmState
 
 from .admission import Admitter, Refusal
 from .errors_http import error_response
+from .proxy_context import ProxyContext
 from .reqhead import RequestHead
 from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, connect_unix, connect_vm
-
-if TYPE_CHECKING:
-    from .proxy_context import ProxyContext
 
 # Why reading from the client is paused; it resumes when no reason is left.
 _WAITING = 1  # the request waiting for a wake or a connection has buffered enough body
@@ -869,3 +868,16 @@ class EdgeProtocol(asyncio.Protocol):
         self._stash = None
         self._tunnel = False
         self._flush_bytes(self._loop.time())
+
+
+def make_protocol_factory(ctx: ProxyContext, forwarded_proto: str | None = None) -> Callable[[], asyncio.Protocol]:
+    """For `loop.create_server(factory, host, port, ssl=...)`; one protocol per connection.
+
+    `forwarded_proto` overrides the settings' X-Forwarded-Proto for this listener.
+    """
+    proto = (forwarded_proto or ctx.settings.forwarded_proto).encode("ascii")
+
+    def factory() -> asyncio.Protocol:
+        return EdgeProtocol(ctx, proto)
+
+    return factory

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .backend import VmBackend
 from .hosts import HostRouter
-from .http1 import EdgeProtocol
 from .metrics import Metrics
 from .tokens import TokenService
 from .upstream import UpstreamPool
@@ -92,15 +90,3 @@ class ProxyContext:
         else:
             del self.open_streams[vm_id]
 
-
-def make_protocol_factory(ctx: ProxyContext, forwarded_proto: str | None = None) -> Callable[[], asyncio.Protocol]:
-    """For `loop.create_server(factory, host, port, ssl=...)`; one protocol per connection.
-
-    `forwarded_proto` overrides the settings' X-Forwarded-Proto for this listener.
-    """
-    proto = (forwarded_proto or ctx.settings.forwarded_proto).encode("ascii")
-
-    def factory() -> asyncio.Protocol:
-        return EdgeProtocol(ctx, proto)
-
-    return factory
