@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import resource
 import signal
 import socket
 import ssl
@@ -69,6 +70,7 @@ class Edge:
 async def start(cfg: Config) -> Edge:
     """Start the VM manager, the control API, the listener and the reaper."""
     jsonlog.configure(cfg.log.level)
+    raise_nofile_limit(cfg.server.rlimit_nofile)
     # Everything that can fail on bad input is checked before the manager touches any VM.
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg)
@@ -102,6 +104,13 @@ async def start(cfg: Config) -> Edge:
                 wake_timeout=cfg.proxy.wake_timeout,
                 max_held_per_vm=cfg.proxy.max_held_per_vm,
                 retry_after=cfg.proxy.retry_after,
+                idle_timeout=cfg.proxy.idle_timeout,
+                max_head_size=cfg.proxy.max_head_size,
+                max_headers=cfg.proxy.max_headers,
+                body_timeout=cfg.proxy.body_timeout,
+                body_min_rate=cfg.proxy.body_min_rate,
+                body_rate_grace=cfg.proxy.body_rate_grace,
+                max_connections_per_ip=cfg.proxy.max_connections_per_ip,
                 forwarded_proto="https" if cfg.server.tls else "http",
                 trusted_proxies=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.proxy.trusted_proxies),
             ),
@@ -154,6 +163,22 @@ async def _serve_until_signalled(cfg: Config) -> None:
           f"(control API: Host {cfg.server.control_host}); Ctrl-C stops", flush=True)  # fmt: skip
     await stopping.wait()
     await stop(edge)
+
+
+def raise_nofile_limit(wanted: int) -> int:
+    """Each client costs one descriptor and each request in flight another: raise the soft
+    RLIMIT_NOFILE to min(hard, wanted) (never lower it); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if wanted and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.event("edge.rlimit_nofile", level="warning", soft=soft, hard=hard, wanted=wanted, error=str(exc))
+            return soft
+        soft = target
+    log.event("edge.rlimit_nofile", soft=soft, hard=hard, wanted=wanted)
+    return soft
 
 
 def _bind(host: str, port: int) -> socket.socket:

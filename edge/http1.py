@@ -40,6 +40,7 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _HOLD_BUFFER = 256 * 1024
 _TOUCH_EVERY = 1.0  # long streams report activity (and bytes) at most this often
 _CLOSE_GRACE = 30.0  # a closing connection whose peer stops reading is aborted after this
+_PAUSED_RECHECK = 1.0  # a body paused by the edge: its deadlines are looked at again this often
 _INF = float("inf")
 
 
@@ -60,6 +61,7 @@ class _Exchange:
         "keep_alive",
         "method",
         "port",
+        "received",
         "refusal",
         "req_done",
         "resp_done",
@@ -89,6 +91,7 @@ class _Exchange:
         self.refusal: Refusal | None = None  # the edge answers itself
         self.body: list[bytes] | None = []  # body bytes read before an upstream is attached
         self.buffered = 0
+        self.received = 0  # request body bytes so far, for body_min_rate
         self.discard = False  # the body is not wanted (answered already)
         self.req_done = False
         self.resp_done = False
@@ -117,6 +120,8 @@ class EdgeProtocol(asyncio.Protocol):
         self._msgs = 0
         self._head_bytes = 0  # url and headers delivered so far
         self._head_raw = 0  # reads that fell wholly inside the head
+        self._headers = 0  # header fields of the head being parsed
+        self._counted_ip = False  # included in ctx.per_ip
         self._admitter: Admitter
         self._ex: _Exchange | None = None  # the request being answered
         self._parsing: _Exchange | None = None  # the request whose body is being read
@@ -142,7 +147,11 @@ class EdgeProtocol(asyncio.Protocol):
         self._up_bytes = 0
         self._down_bytes = 0
         self._touch_at = 0.0
-        self._body_at = 0.0  # last time request body bytes arrived
+        self._body_at = 0.0  # last time request body bytes arrived (or the edge let the client send again)
+        self._body_start = 0.0  # when the body being read started
+        self._body_paused = 0.0  # _paused_for() when it started: time the edge paused reading is not the client's
+        self._paused_at = 0.0
+        self._paused_total = 0.0
         self._flush_at = 0.0
 
     # -- client transport ------------------------------------------------------------
@@ -159,6 +168,10 @@ class EdgeProtocol(asyncio.Protocol):
         )  # fmt: skip
         now = self._loop.time()
         self._flush_at = now + _TOUCH_EVERY
+        if not ctx.client_opened(self._client):
+            self._too_many_connections()
+            return
+        self._counted_ip = True
         self._idle_deadline = now + self._s.idle_timeout
         self._arm(self._idle_deadline)
 
@@ -195,6 +208,8 @@ class EdgeProtocol(asyncio.Protocol):
                     self._head_raw += len(data)
                 if max(self._head_raw, self._head_bytes) > self._s.max_head_size:
                     self._malformed(431, "the request head is too large")
+                elif self._headers > self._s.max_headers:
+                    self._malformed(431, f"the request head has more than {self._s.max_headers} header fields")
 
     def eof_received(self) -> bool:
         # Like nginx, a client's FIN is taken as leaving (browsers never half-close): held
@@ -204,6 +219,9 @@ class EdgeProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = self._closing = True
         self._teardown()
+        if self._counted_ip:
+            self._counted_ip = False
+            self._ctx.client_closed(self._client)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -225,7 +243,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._url = b""
         self._in_head = True
         self._msgs += 1
-        self._head_bytes = self._head_raw = 0
+        self._head_bytes = self._head_raw = self._headers = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -234,6 +252,7 @@ class EdgeProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._req.add(name, value)
         self._head_bytes += len(name) + len(value) + 4
+        self._headers += 1
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -247,6 +266,10 @@ class EdgeProtocol(asyncio.Protocol):
             self._dead = True
             ex.keep_alive = False
             self._refuse(ex, Refusal(431, "the request head is too large"))
+        elif self._headers > self._s.max_headers:
+            self._dead = True
+            ex.keep_alive = False
+            self._refuse(ex, Refusal(431, f"the request head has more than {self._s.max_headers} header fields"))
         else:
             try:
                 verdict = self._admitter.admit(ex.method, self._url, p.get_http_version(), req, ex.upgrade)
@@ -275,6 +298,7 @@ class EdgeProtocol(asyncio.Protocol):
             return
         now = self._loop.time()
         self._body_at = now
+        ex.received += len(body)
         self._up_bytes += len(body)
         if ex.chunked:
             parts: tuple[bytes, ...] = (b"%x\r\n" % len(body), body, b"\r\n")
@@ -356,8 +380,9 @@ class EdgeProtocol(asyncio.Protocol):
             ex.counted = True
             self._touch_at = now + _TOUCH_EVERY
         if ex.has_body and not ex.req_done:
-            self._body_at = now
-            self._arm(now + self._s.idle_timeout)
+            self._body_at = self._body_start = now
+            self._body_paused = self._paused_for(now)
+            self._arm(self._body_check(ex, now)[1])
         if ex.running:
             key = vm_id or CONTROL_KEY
             conn = self._take_kept(key, ex.port, now) or ctx.pool.acquire(key, ex.port, now)
@@ -747,6 +772,7 @@ class EdgeProtocol(asyncio.Protocol):
         if not was & why:
             self._paused = was | why
             if not was and not self._closing:
+                self._paused_at = self._loop.time()
                 self.transport.pause_reading()
 
     def _unpause(self, why: int) -> None:
@@ -754,7 +780,14 @@ class EdgeProtocol(asyncio.Protocol):
         if was & why:
             self._paused = was & ~why
             if not self._paused and not self._closing:
+                now = self._loop.time()
+                self._paused_total += now - self._paused_at
+                self._body_at = now  # a body's silence counts from when the client could send again
                 self.transport.resume_reading()
+
+    def _paused_for(self, now: float) -> float:
+        """Seconds reading from this client was paused by the edge, in all."""
+        return self._paused_total + (now - self._paused_at if self._paused else 0.0)
 
     def _flowing(self, now: float) -> None:
         """Bytes moved on a long exchange: count activity about once a second."""
@@ -809,16 +842,17 @@ class EdgeProtocol(asyncio.Protocol):
         next_at = _INF
         if self._parsing is ex:  # the client is still sending the body
             if self._paused:  # held or pushed back by us: not the client's fault
-                next_at = now + self._s.idle_timeout
-            elif now >= self._body_at + self._s.idle_timeout:
-                log.event("proxy.client_timeout", level="info", vm=ex.vm_id)
-                if ex.sent:
-                    self._close_client()
-                else:
-                    self._answer(ex, 408, f"no request body bytes for {self._s.idle_timeout:g}s")
-                return
+                next_at = now + min(self._s.idle_timeout, _PAUSED_RECHECK)
             else:
-                next_at = self._body_at + self._s.idle_timeout
+                overdue, next_at = self._body_check(ex, now)
+                if overdue is not None:
+                    log.event("proxy.client_timeout", level="info", vm=ex.vm_id, client=self._client, why=overdue)
+                    self._ctx.metrics.slow_client()
+                    if ex.sent:
+                        self._close_client()
+                    else:
+                        self._answer(ex, 408, overdue)
+                    return
         if self._up is not None and not ex.status and not self._tunnel and self._head_deadline < _INF:
             if now >= self._head_deadline:
                 self._upstream_error(ex, 504, f"{self._where(ex)} did not answer within {self._s.read_timeout:g}s")
@@ -826,6 +860,38 @@ class EdgeProtocol(asyncio.Protocol):
             next_at = min(next_at, self._head_deadline)
         if next_at < _INF:
             self._arm(next_at)
+
+    def _body_check(self, ex: _Exchange, now: float) -> tuple[str | None, float]:
+        """Why the body being read is overdue (None: it is not), and when to check it next.
+
+        Three limits: bytes must keep coming (idle_timeout), the whole body must arrive within
+        body_timeout, and after body_rate_grace it must average body_min_rate bytes/s. Time
+        the edge paused reading is not counted against the client.
+        """
+        s = self._s
+        due = self._body_at + s.idle_timeout
+        if now >= due:
+            return f"no request body bytes for {s.idle_timeout:g}s", now
+        elapsed = now - self._body_start - (self._paused_for(now) - self._body_paused)
+        if s.body_timeout:
+            if elapsed >= s.body_timeout:
+                return f"the request body took longer than {s.body_timeout:g}s", now
+            due = min(due, now + s.body_timeout - elapsed)
+        if s.body_min_rate:
+            need = max(s.body_rate_grace, ex.received / s.body_min_rate)
+            if elapsed >= need:
+                return f"the request body came slower than {s.body_min_rate} bytes/s", now
+            due = min(due, now + need - elapsed)
+        return None, due
+
+    def _too_many_connections(self) -> None:
+        """Over proxy.max_connections_per_ip: answer 429 without reading a request, then close."""
+        s = self._s
+        limit = s.max_connections_per_ip
+        message = f"too many connections from this address (at most {limit})"
+        self.transport.write(error_response(429, message, retry_after=s.retry_after))
+        self._ctx.metrics.connection_refused("per_ip")
+        self._close_client(linger=True)
 
     def _close_client(self, linger: bool = False) -> None:
         """Close after what was written; `linger` first reads off a body still arriving."""

@@ -25,6 +25,11 @@ class ProxySettings:
     forwarded_proto: str = "https"
     idle_timeout: float = 75.0  # a client between requests, sending a head, or pausing a body
     max_head_size: int = 64 * 1024
+    max_headers: int = 100
+    body_timeout: float = 300.0  # a whole request body, not counting time the edge paused reading (0: off)
+    body_min_rate: int = 0  # bytes/s a body must average once body_rate_grace has passed (0: off)
+    body_rate_grace: float = 10.0
+    max_connections_per_ip: int = 256  # 0: off; trusted proxies are exempt
     linger_timeout: float = 5.0  # reading a body we no longer need before closing
     # Clients (other proxies) whose X-Forwarded-For is appended to; everyone else's is replaced.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -57,6 +62,7 @@ class ProxyContext:
     control_auth: bytes = b""  # "Bearer <admin key>": scoped agent requests reach the control API with it
     open_streams: dict[str, int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
+    per_ip: dict[bytes, int] = field(default_factory=dict)  # open client connections by client address
     _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, init=False, repr=False)
 
     def wake(self, vm_id: str) -> asyncio.Task[bool]:
@@ -79,6 +85,24 @@ class ProxyContext:
         failed = task.exception() is not None  # also marks it seen for waiters that gave up
         if failed or task.result():
             self.metrics.wake(seconds, not failed)
+
+    def client_opened(self, client: bytes) -> bool:
+        """Count a new client connection; False (not counted) when its address has too many."""
+        limit = self.settings.max_connections_per_ip
+        n = self.per_ip.get(client, 0)
+        if limit and n >= limit and not self.settings.trusts(client):
+            return False
+        self.per_ip[client] = n + 1
+        self.metrics.client_connections(1)
+        return True
+
+    def client_closed(self, client: bytes) -> None:
+        left = self.per_ip[client] - 1
+        if left:
+            self.per_ip[client] = left
+        else:
+            del self.per_ip[client]
+        self.metrics.client_connections(-1)
 
     def stream_opened(self, vm_id: str) -> None:
         self.open_streams[vm_id] = self.open_streams.get(vm_id, 0) + 1
