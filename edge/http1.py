@@ -24,7 +24,7 @@ from .admission import Admitter, Refusal
 from .errors_http import error_response
 from .proxy_context import ProxyContext
 from .reqhead import RequestHead
-from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, connect_unix, connect_vm
+from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, connect_unix, connect_vm, take_head
 
 # Why reading from the client is paused; it resumes when no reason is left.
 _WAITING = 1  # the request waiting for a wake or a connection has buffered enough body
@@ -126,10 +126,9 @@ class EdgeProtocol(asyncio.Protocol):
         self._ex: _Exchange | None = None  # the request being answered
         self._parsing: _Exchange | None = None  # the request whose body is being read
         self._queue: deque[_Exchange] = deque()
+        # The upstream of the request being answered; between requests a client holds none, so
+        # idle keep-alive clients cost no guest connections past the pool's bound.
         self._up: UpstreamConn | None = None
-        # The upstream of this connection's last answer, kept for its next request: keep-alive
-        # clients then cost no pool traffic (and no new connection past the pool's bound).
-        self._kept: UpstreamConn | None = None
         self._rbuf: bytearray | None = None  # a response head being collected (HEAD, Set-Cookie)
         self._stash: bytearray | None = None  # client bytes after an Upgrade request
         self._tunnel = False
@@ -385,7 +384,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._arm(self._body_check(ex, now)[1])
         if ex.running:
             key = vm_id or CONTROL_KEY
-            conn = self._take_kept(key, ex.port, now) or ctx.pool.acquire(key, ex.port, now)
+            conn = ctx.pool.acquire(key, ex.port, now)
             if conn is not None:
                 self._attach(ex, conn, reused=True)
                 return
@@ -626,16 +625,14 @@ class EdgeProtocol(asyncio.Protocol):
         assert ex is not None and conn is not None
         tr = conn.tracker
         try:
-            tr.parser.feed_data(data)
-        except HttpParserUpgrade:
-            self._send(ex, tr, data)
-            self._upgraded(ex, tr)
-            return
+            upgraded = tr.feed(data)
         except HttpParserError as exc:
             self._bad_response(ex, str(exc))
             return
         self._send(ex, tr, data)
-        if tr.done:
+        if upgraded:
+            self._upgraded(ex, tr)
+        elif tr.done:
             self._response_done(ex, conn)
         else:
             self._flowing(self._loop.time())
@@ -648,19 +645,14 @@ class EdgeProtocol(asyncio.Protocol):
         assert ex is not None and conn is not None and buf is not None
         buf += data
         tr = conn.tracker
-        upgraded = False
         while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            head = take_head(buf)
+            if head is None:
                 if len(buf) > self._s.max_head_size:
                     self._bad_response(ex, "the response head is too large")
                 return
-            head = bytes(buf[: end + 4])
-            del buf[: end + 4]
             try:
-                tr.parser.feed_data(head)
-            except HttpParserUpgrade:
-                upgraded = True
+                upgraded = tr.feed(head)
             except HttpParserError as exc:
                 self._bad_response(ex, str(exc))
                 return
@@ -678,10 +670,7 @@ class EdgeProtocol(asyncio.Protocol):
             if rest and self._tunnel:
                 self.transport.write(rest)
         elif ex.is_head or tr.done:
-            if not tr.done:  # HEAD: the head is all of it, whatever Content-Length says
-                tr.done = True
-                tr.keep_alive = tr.parser.should_keep_alive()
-            tr.extra = tr.extra or bool(rest)
+            tr.head_ends_it(bool(rest))
             self._response_done(ex, conn)
         elif rest:
             self._relay(rest)
@@ -713,13 +702,8 @@ class EdgeProtocol(asyncio.Protocol):
         tr = conn.tracker
         self._up = None
         self._unpause(_UPSTREAM)
-        if ex.req_done and tr.keep_alive and not tr.extra and not ex.is_head:
-            if ex.keep_alive and not conn.stale and not self._closing:
-                self._keep(conn)
-            else:
-                self._ctx.pool.release(conn, self._loop.time())
-        else:
-            conn.close()
+        # After HEAD the tracker's parser still expects the body its head announced: not reused.
+        conn.finish(self._loop.time(), reusable=ex.req_done and not ex.is_head)
         if not tr.keep_alive or tr.extra:
             ex.keep_alive = False
         self._response_finished(ex)
@@ -731,31 +715,6 @@ class EdgeProtocol(asyncio.Protocol):
             self._close_client()
         else:
             self._answer(ex, 502, f"{self._where(ex)} sent an invalid HTTP response")
-
-    def _keep(self, conn: UpstreamConn) -> None:
-        """Hold an idle upstream for this client's next request (it notices a peer close)."""
-        conn.owner = None
-        conn.idle_since = self._loop.time()
-        conn.resume_reading()
-        self._kept = conn
-
-    def _take_kept(self, key: str, port: int, now: float) -> UpstreamConn | None:
-        """The kept upstream if it fits this request; otherwise it goes to the shared pool."""
-        conn = self._kept
-        if conn is None:
-            return None
-        self._kept = None
-        fresh = now - conn.idle_since < self._ctx.pool.idle_timeout
-        if conn.key == (key, port) and fresh and not conn.closed and not conn.stale:
-            return conn
-        self._ctx.pool.release(conn, now)
-        return None
-
-    def _release_kept(self) -> None:
-        conn = self._kept
-        if conn is not None:
-            self._kept = None
-            self._ctx.pool.release(conn, self._loop.time())
 
     def _drop_upstream(self) -> None:
         conn = self._up
@@ -924,7 +883,6 @@ class EdgeProtocol(asyncio.Protocol):
             self._task = None
             task.cancel()
         self._drop_upstream()
-        self._release_kept()
         ex = self._ex
         if ex is not None and ex.counted:
             ex.counted = False
