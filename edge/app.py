@@ -12,10 +12,11 @@ A request's path, top to bottom:
   5. A paused or suspended VM is woken (`VmManager.ensure_running`, single-flight) while
      the request is held, within the wake timeout and the per-VM hold bound.
   6. The rewritten head and the body stream to the guest over an upstream connection made
-     inside the VM's network namespace (`edge.upstream` keeps them alive per VM); the
+     inside the VM's network namespace (`edge.upstream` pools them per VM for all clients); the
      answer streams back as bytes. Activity is recorded on the VM as bytes flow.
 Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`edge.reaper`) and
-`/metrics` on the control host.
+`/metrics` on the control host. On SIGTERM `stop` drains: no new connections, no new wakes,
+requests in flight finish within server.drain_timeout, then the manager's shutdown runs.
 """
 
 from __future__ import annotations
@@ -137,8 +138,18 @@ async def start(cfg: Config) -> Edge:
 
 
 async def stop(edge: Edge) -> None:
-    """Stop accepting, then the reaper, control API and manager (VMs keep or suspend per config)."""
+    """Drain, then stop the reaper, control API and manager (VMs keep or suspend per config).
+
+    Draining: the listener closes, idle clients are closed, requests in flight get
+    server.drain_timeout seconds to finish. From its start to the end of the manager's
+    on_shutdown step a request for a VM that is not running gets 503 + Retry-After instead
+    of a wake, so nothing resumes a VM that is being suspended.
+    """
+    edge.ctx.wakes_refused = True
     edge.server.close()
+    started = asyncio.get_running_loop().time()
+    cut = await edge.ctx.drain(edge.cfg.server.drain_timeout)
+    log.event("edge.drained", seconds=round(asyncio.get_running_loop().time() - started, 3), cut=cut)
     await edge.reaper.stop()
     edge.ctx.pool.close()
     await edge.control.cleanup()

@@ -143,6 +143,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._lingering = False
         self._closed = False
         self._dead = False  # the request stream is unparseable: answer what is queued, then close
+        self._draining = False  # the edge is stopping: close once the requests received are answered
         self._up_bytes = 0
         self._down_bytes = 0
         self._touch_at = 0.0
@@ -167,6 +168,9 @@ class EdgeProtocol(asyncio.Protocol):
         )  # fmt: skip
         now = self._loop.time()
         self._flush_at = now + _TOUCH_EVERY
+        ctx.connection_made(self)
+        if self._closing:  # drained as it arrived
+            return
         if not ctx.client_opened(self._client):
             self._too_many_connections()
             return
@@ -221,6 +225,7 @@ class EdgeProtocol(asyncio.Protocol):
         if self._counted_ip:
             self._counted_ip = False
             self._ctx.client_closed(self._client)
+        self._ctx.connection_lost(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -234,6 +239,15 @@ class EdgeProtocol(asyncio.Protocol):
         self._write_paused = False
         if self._up is not None:
             self._up.resume_reading()
+
+    def drain(self) -> None:
+        """The edge is stopping: close now when between requests, else once they are answered."""
+        self._draining = True
+        if self._ex is None and not self._queue and not self._in_head and not self._closing:
+            self._close_client()
+
+    def abort(self) -> None:
+        self.transport.abort()
 
     # -- request parser callbacks ----------------------------------------------------
 
@@ -434,6 +448,9 @@ class EdgeProtocol(asyncio.Protocol):
         ctx, s = self._ctx, self._s
         vm_id = ex.vm_id
         assert vm_id is not None
+        if ctx.wakes_refused:
+            self._answer(ex, 503, f"the edge is shutting down: VM {vm_id} is not woken now", retry_after=s.retry_after)
+            return False
         held = ctx.held.get(vm_id, 0)
         if held >= s.max_held_per_vm:
             message = f"too many requests are waiting for VM {vm_id} to wake"
@@ -515,7 +532,7 @@ class EdgeProtocol(asyncio.Protocol):
             task.cancel()
         self._drop_upstream()
         self._unpause(_WAITING)
-        close = not ex.keep_alive or self._dead or (ex.has_body and not ex.req_done)
+        close = not ex.keep_alive or self._dead or self._draining or (ex.has_body and not ex.req_done)
         data = error_response(
             status, message, reason=reason, close=close, retry_after=retry_after, bearer=bearer, body=not ex.is_head
         )
@@ -557,7 +574,7 @@ class EdgeProtocol(asyncio.Protocol):
             assert ex.vm_id is not None
             self._ctx.stream_closed(ex.vm_id)
         self._ex = None
-        if not ex.keep_alive:
+        if not ex.keep_alive or (self._draining and not self._queue):
             self._close_client(linger=self._dead)  # after a parse error the client may still be sending
             return
         if self._queue:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .backend import VmBackend
 from .hosts import HostRouter
@@ -44,12 +46,24 @@ class ProxySettings:
         return any(address in network for network in self.trusted_proxies)
 
 
+class ClientConnection(Protocol):
+    """What a draining edge needs of each client connection."""
+
+    def drain(self) -> None:
+        """Close now if between requests, else after the requests already received."""
+
+    def abort(self) -> None:
+        """Cut the connection (the drain took too long)."""
+
+
 @dataclass(eq=False)
 class ProxyContext:
     """Shared by every client connection of one edge process.
 
     `open_streams[vm]` counts requests and tunnels in progress (the idle reaper keeps such
-    VMs awake); `held[vm]` counts requests waiting for that VM to wake.
+    VMs awake); `held[vm]` counts requests waiting for that VM to wake. Once `wakes_refused`
+    is set (the edge is stopping) a request for a VM that is not running gets 503 instead
+    of waking it: the manager may be suspending VMs at that very moment.
     """
 
     backend: VmBackend
@@ -63,6 +77,9 @@ class ProxyContext:
     open_streams: dict[str, int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
     per_ip: dict[bytes, int] = field(default_factory=dict)  # open client connections by client address
+    clients: set[ClientConnection] = field(default_factory=set)
+    wakes_refused: bool = False
+    _drained: asyncio.Event | None = field(default=None, init=False, repr=False)
     _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, init=False, repr=False)
 
     def wake(self, vm_id: str) -> asyncio.Task[bool]:
@@ -103,6 +120,31 @@ class ProxyContext:
         else:
             del self.per_ip[client]
         self.metrics.client_connections(-1)
+
+    def connection_made(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+        if self._drained is not None:  # accepted just before the listener closed
+            client.drain()
+
+    def connection_lost(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if self._drained is not None and not self.clients:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse wakes, close idle clients, give requests in flight `timeout` seconds to end,
+        then cut what is left; returns how many connections were cut."""
+        self.wakes_refused = True
+        drained = self._drained = asyncio.Event()
+        for client in list(self.clients):
+            client.drain()
+        if self.clients:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), timeout)
+        left = list(self.clients)
+        for client in left:
+            client.abort()
+        return len(left)
 
     def stream_opened(self, vm_id: str) -> None:
         self.open_streams[vm_id] = self.open_streams.get(vm_id, 0) + 1

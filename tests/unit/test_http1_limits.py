@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from tests.unit.proxy_harness import VM, Edge, FakeBackend, Upstream, start_edge
 
 
-async def _edge(upstream: Upstream, **settings: object) -> Edge:
+async def _edge(upstream: Upstream, **settings: Any) -> Edge:
     backend = FakeBackend()
     backend.add_vm(VM, upstream.port)
     return await start_edge(backend, **settings)
