@@ -40,6 +40,7 @@ from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import VmRecord, VmState
 
+from . import memory
 from .config import Config, ConfigError, token_service
 from .control import build_control_app
 from .hosts import HostRouter
@@ -72,6 +73,7 @@ async def start(cfg: Config) -> Edge:
     """Start the VM manager, the control API, the listener and the reaper."""
     jsonlog.configure(cfg.log.level)
     raise_nofile_limit(cfg.server.rlimit_nofile)
+    memory.limit_arenas()
     # Everything that can fail on bad input is checked before the manager touches any VM.
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg)
@@ -152,6 +154,7 @@ async def stop(edge: Edge) -> None:
     log.event("edge.drained", seconds=round(asyncio.get_running_loop().time() - started, 3), cut=cut)
     await edge.reaper.stop()
     edge.ctx.pool.close()
+    edge.ctx.trimmer.close()
     await edge.control.cleanup()
     await edge.manager.close()
     edge.control_dir.cleanup()

@@ -10,6 +10,7 @@ from typing import Protocol
 
 from .backend import VmBackend
 from .hosts import HostRouter
+from .memory import BurstTrimmer
 from .metrics import Metrics
 from .tokens import TokenService
 from .upstream import UpstreamPool
@@ -79,6 +80,7 @@ class ProxyContext:
     per_ip: dict[bytes, int] = field(default_factory=dict)  # open client connections by client address
     clients: set[ClientConnection] = field(default_factory=set)
     wakes_refused: bool = False
+    trimmer: BurstTrimmer = field(default_factory=BurstTrimmer)  # memory back to the OS after a burst
     _drained: asyncio.Event | None = field(default=None, init=False, repr=False)
     _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, init=False, repr=False)
 
@@ -123,11 +125,13 @@ class ProxyContext:
 
     def connection_made(self, client: ClientConnection) -> None:
         self.clients.add(client)
+        self.trimmer.opened(len(self.clients))
         if self._drained is not None:  # accepted just before the listener closed
             client.drain()
 
     def connection_lost(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        self.trimmer.closed(len(self.clients))
         if self._drained is not None and not self.clients:
             self._drained.set()
 

@@ -236,6 +236,7 @@ class Edge:
         self.server.close()
         await self.server.wait_closed()
         self.ctx.pool.close()
+        self.ctx.trimmer.close()
         await asyncio.sleep(0)  # let transports finish closing
 
 
