@@ -73,7 +73,7 @@ async def start(cfg: Config) -> Edge:
     """Start the VM manager, the control API, the listener and the reaper."""
     jsonlog.configure(cfg.log.level)
     raise_nofile_limit(cfg.server.rlimit_nofile)
-    memory.limit_arenas()
+    log.event("edge.malloc", arenas_capped=memory.limit_arenas())
     # Everything that can fail on bad input is checked before the manager touches any VM.
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg)
