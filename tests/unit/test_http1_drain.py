@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from typing import cast
+
+from aiohttp import web
 
 from tests.unit.proxy_harness import OTHER_VM, VM, FakeBackend, Upstream, start_edge
+from vmm.manager import VmManager
 from vmm.model import VmState
 
 
@@ -73,3 +78,43 @@ async def test_drain_cuts_what_outlives_its_timeout(upstream: Upstream) -> None:
         upstream.state["sse_go"].set()
     finally:
         await edge.close()
+
+
+async def test_app_stop_drains_before_the_manager_shuts_down(upstream: Upstream) -> None:
+    """edge.app.stop: listener closed, requests in flight finished, wakes refused until the
+    manager's own shutdown is over."""
+    from edge import app
+    from edge.config import load_config
+
+    backend = FakeBackend()
+    backend.add_vm(VM, upstream.port)
+    harness = await start_edge(backend)
+    seen: dict[str, object] = {}
+
+    class Manager:
+        async def close(self) -> None:
+            seen["wakes_refused"] = harness.ctx.wakes_refused
+            seen["clients"] = len(harness.ctx.clients)
+
+    class Reaper:
+        async def stop(self) -> None:
+            pass
+
+    control = web.AppRunner(web.Application())
+    await control.setup()
+    manager, reaper = cast(VmManager, Manager()), cast(app.Reaper, Reaper())
+    control_dir = tempfile.TemporaryDirectory()
+    edge = app.Edge(load_config(None), manager, harness.ctx, harness.server, control, reaper, control_dir)
+    try:
+        c = await harness.connect()
+        auth = f"Authorization: Bearer {harness.token()}\r\n"
+        await c.send(f"GET /sse HTTP/1.1\r\nHost: {harness.host()}\r\n{auth}\r\n".encode())
+        assert (await c.head())[0] == 200
+        stopping = asyncio.ensure_future(app.stop(edge))
+        await asyncio.sleep(0.1)
+        assert not stopping.done() and not harness.server.is_serving()
+        upstream.state["sse_go"].set()
+        await asyncio.wait_for(stopping, 5)
+        assert seen == {"wakes_refused": True, "clients": 0}
+    finally:
+        await harness.close()
