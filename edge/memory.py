@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import time
 from collections.abc import Callable
 
 from vmm.jsonlog import log
@@ -90,10 +91,10 @@ class BurstTrimmer:
 
     def _run(self) -> None:
         self._timer = None
-        before = rss_bytes()
+        before, started = rss_bytes(), time.perf_counter()
         gc.collect()  # connections left in reference cycles are freed only by the collector: first
         if self._trim():
             self.trims += 1
-            log.event("edge.malloc_trim", level="debug", peak=self._peak, open=self._open,
-                      rss_before=before, rss_after=rss_bytes())  # fmt: skip
+            log.event("edge.malloc_trim", level="debug", peak=self._peak, open=self._open, rss_before=before,
+                      rss_after=rss_bytes(), ms=round((time.perf_counter() - started) * 1000, 1))  # fmt: skip
         self._peak = self._open

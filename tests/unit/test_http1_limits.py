@@ -125,18 +125,21 @@ async def test_time_the_edge_holds_a_body_does_not_count_against_the_client(upst
     backend = FakeBackend()
     backend.add_vm(VM, upstream.port, state=VmState.SUSPENDED)
     backend.wake_gate = asyncio.Event()
-    edge = await start_edge(backend, body_timeout=0.5)
+    edge = await start_edge(backend, body_timeout=1.0)
     try:
         c = await edge.connect()
         head = f"POST /upload HTTP/1.1\r\nHost: {edge.host()}\r\nAuthorization: Bearer {edge.token()}\r\n"
-        size = 600 * 1024  # past the hold buffer: the edge pauses reading until the VM is up
-        await c.send((head + f"Content-Length: {size}\r\n\r\n").encode())
-        c.writer.write(b"z" * size)
-        await asyncio.sleep(1.2)
+        held, tail = 600 * 1024, 6 * 1000  # past the hold buffer: the edge pauses reading until the VM is up
+        await c.send((head + f"Content-Length: {held + tail}\r\n\r\n").encode())
+        c.writer.write(b"z" * held)
+        await asyncio.sleep(1.5)  # longer than body_timeout, all of it paused by the edge
         backend.wake_gate.set()
         await asyncio.wait_for(c.writer.drain(), 5)
+        for _ in range(6):  # then 0.6 s of the client's own time, within body_timeout
+            await c.send(b"t" * 1000)
+            await asyncio.sleep(0.1)
         resp = await c.response()
-        assert resp.status == 200 and resp.json()["length"] == size
+        assert resp.status == 200 and resp.json()["length"] == held + tail
         c.close()
     finally:
         await edge.close()
