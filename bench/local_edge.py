@@ -25,8 +25,9 @@ import uvloop
 
 from edge.config import load_config, token_service
 from edge.hosts import HostRouter
+from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
-from edge.proxy_context import ProxyContext, ProxySettings, make_protocol_factory
+from edge.proxy_context import ProxyContext, ProxySettings
 from edge.tls import server_context
 from edge.upstream import UpstreamPool
 from vmm import jsonlog

@@ -12,16 +12,19 @@ A request's path, top to bottom:
   5. A paused or suspended VM is woken (`VmManager.ensure_running`, single-flight) while
      the request is held, within the wake timeout and the per-VM hold bound.
   6. The rewritten head and the body stream to the guest over an upstream connection made
-     inside the VM's network namespace (`edge.upstream` keeps them alive per VM); the
+     inside the VM's network namespace (`edge.upstream` pools them per VM for all clients); the
      answer streams back as bytes. Activity is recorded on the VM as bytes flow.
-Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`vmm.reaper`) and
-`/metrics` on the control host.
+Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`vmm.reaper`), each
+VM's egress proxy (`edge.egress_proxy`) and `/metrics` on the control host. On SIGTERM `stop`
+drains: no new connections, no new wakes, requests in flight finish within
+server.drain_timeout, then the manager's shutdown runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import resource
 import signal
 import socket
 import ssl
@@ -39,12 +42,14 @@ from vmm.manager import VmManager
 from vmm.model import VmRecord, VmState
 from vmm.reaper import Reaper
 
+from . import memory
 from .config import Config, ConfigError, token_service
 from .control import build_control_app
 from .egress_proxy import EgressProxies
 from .hosts import HostRouter
+from .http1 import make_protocol_factory
 from .metrics import Metrics
-from .proxy_context import ProxyContext, ProxySettings, make_protocol_factory
+from .proxy_context import ProxyContext, ProxySettings
 from .tls import server_context
 from .upstream import UpstreamPool
 
@@ -70,6 +75,8 @@ class Edge:
 async def start(cfg: Config) -> Edge:
     """Start the VM manager, the control API, the listener and the reaper."""
     jsonlog.configure(cfg.log.level)
+    raise_nofile_limit(cfg.server.rlimit_nofile)
+    log.event("edge.malloc", arenas_capped=memory.limit_arenas())
     # Everything that can fail on bad input is checked before the manager touches any VM.
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg)
@@ -106,6 +113,13 @@ async def start(cfg: Config) -> Edge:
                 wake_timeout=cfg.proxy.wake_timeout,
                 max_held_per_vm=cfg.proxy.max_held_per_vm,
                 retry_after=cfg.proxy.retry_after,
+                idle_timeout=cfg.proxy.idle_timeout,
+                max_head_size=cfg.proxy.max_head_size,
+                max_headers=cfg.proxy.max_headers,
+                body_timeout=cfg.proxy.body_timeout,
+                body_min_rate=cfg.proxy.body_min_rate,
+                body_rate_grace=cfg.proxy.body_rate_grace,
+                max_connections_per_ip=cfg.proxy.max_connections_per_ip,
                 forwarded_proto="https" if cfg.server.tls else "http",
                 trusted_proxies=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.proxy.trusted_proxies),
             ),
@@ -133,10 +147,21 @@ async def start(cfg: Config) -> Edge:
 
 
 async def stop(edge: Edge) -> None:
-    """Stop accepting, then the reaper, control API and manager (VMs keep or suspend per config)."""
+    """Drain, then stop the reaper, control API and manager (VMs keep or suspend per config).
+
+    Draining: the listener closes, idle clients are closed, requests in flight get
+    server.drain_timeout seconds to finish. From its start to the end of the manager's
+    on_shutdown step a request for a VM that is not running gets 503 + Retry-After instead
+    of a wake, so nothing resumes a VM that is being suspended.
+    """
+    edge.ctx.wakes_refused = True
     edge.server.close()
+    started = asyncio.get_running_loop().time()
+    cut = await edge.ctx.drain(edge.cfg.server.drain_timeout)
+    log.event("edge.drained", seconds=round(asyncio.get_running_loop().time() - started, 3), cut=cut)
     await edge.reaper.stop()
     edge.ctx.pool.close()
+    edge.ctx.trimmer.close()
     await edge.control.cleanup()
     await edge.manager.close()
     await edge.egress.close_all()
@@ -160,6 +185,22 @@ async def _serve_until_signalled(cfg: Config) -> None:
           f"(control API: Host {cfg.server.control_host}); Ctrl-C stops", flush=True)  # fmt: skip
     await stopping.wait()
     await stop(edge)
+
+
+def raise_nofile_limit(wanted: int) -> int:
+    """Each client costs one descriptor and each request in flight another: raise the soft
+    RLIMIT_NOFILE to min(hard, wanted) (never lower it); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if wanted and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.event("edge.rlimit_nofile", level="warning", soft=soft, hard=hard, wanted=wanted, error=str(exc))
+            return soft
+        soft = target
+    log.event("edge.rlimit_nofile", soft=soft, hard=hard, wanted=wanted)
+    return soft
 
 
 def _bind(host: str, port: int) -> socket.socket:

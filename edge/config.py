@@ -45,6 +45,8 @@ class ServerConfig:
     tls_cert: Path = Path("var/tls/dev.crt")
     tls_key: Path = Path("var/tls/dev.key")
     admin_key: str = field(default=DEV_ADMIN_KEY, repr=False)
+    rlimit_nofile: int = 65536  # soft RLIMIT_NOFILE wanted at start (capped by the hard limit); 0: leave it
+    drain_timeout: float = 10.0  # on SIGTERM: how long requests in flight may take to finish
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,13 @@ class ProxyConfig:
     upstream_keepalive_per_vm: int = 32
     upstream_keepalive_idle: float = 30.0
     retry_after: int = 2
+    idle_timeout: float = 75.0
+    max_head_size: int = 64 * 1024
+    max_headers: int = 100
+    body_timeout: float = 300.0
+    body_min_rate: int = 0
+    body_rate_grace: float = 10.0
+    max_connections_per_ip: int = 256
     trusted_proxies: tuple[str, ...] = ()  # clients whose X-Forwarded-For is kept (appended to), as IPs or CIDRs
 
 
@@ -193,6 +202,8 @@ _SERVER: dict[str, Rule] = {
     "tls_cert": _path,
     "tls_key": _path,
     "admin_key": _text,
+    "rlimit_nofile": _integer(0, 1 << 30),
+    "drain_timeout": _seconds_or_zero,
 }
 _PROXY: dict[str, Rule] = {
     "connect_timeout": _seconds,
@@ -202,6 +213,13 @@ _PROXY: dict[str, Rule] = {
     "upstream_keepalive_per_vm": _integer(0, 10_000),
     "upstream_keepalive_idle": _seconds,
     "retry_after": _integer(0, 3600),
+    "idle_timeout": _seconds,
+    "max_head_size": _integer(1024, 1 << 24),
+    "max_headers": _integer(1, 10_000),
+    "body_timeout": _seconds_or_zero,
+    "body_min_rate": _integer(0, 1 << 30),
+    "body_rate_grace": _seconds_or_zero,
+    "max_connections_per_ip": _integer(0, 1_000_000),
     "trusted_proxies": lambda value, key: _networks(value, key),
 }
 _TOKENS: dict[str, Rule] = {

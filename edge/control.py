@@ -22,6 +22,7 @@ from vmm.model import VmRecord
 
 from . import files_api, shell_api
 from .config import Config
+from .errors_http import error_code
 from .exec_api import ExecRequest, stream_exec
 from .metrics import Metrics
 from .openapi import OPENAPI
@@ -29,9 +30,6 @@ from .tokens import TokenService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PUBLIC = ("/healthz", "/metrics", "/openapi.json")
-_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-                409: "conflict", 413: "body_too_large", 422: "invalid_request", 502: "vm_failed",
-                503: "unavailable", 507: "insufficient_capacity"}  # fmt: skip
 
 MANAGER = web.AppKey("manager", VmManager)
 TOKENS = web.AppKey("tokens", TokenService)
@@ -43,8 +41,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def error_response(status: int, message: str, code: str | None = None) -> web.Response:
-    return json_response({"error": code or _ERROR_CODES.get(status, "error"), "message": message}, status)
+def error_response(status: int, message: str) -> web.Response:
+    """The same {"error", "message"} body and codes as the proxy's own answers."""
+    return json_response({"error": error_code(status), "message": message}, status)
 
 
 @web.middleware
@@ -63,7 +62,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(exc.status, exc.reason or exc.text or "")
     except Exception as exc:
         log.event("control.error", level="error", path=request.path, error=repr(exc))
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", code="internal")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from http import HTTPStatus
 
 import orjson
 
-# Codes shared with the control API's error bodies, where the status alone says it.
+# The one table of `error` codes, for the proxy's answers and the control API's alike.
 _CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -20,13 +20,16 @@ _CODES = {
     405: "method_not_allowed",
     408: "request_timeout",
     409: "conflict",
+    413: "body_too_large",
     422: "invalid_request",
+    429: "too_many_requests",
     431: "headers_too_large",
     500: "internal_error",
     502: "bad_gateway",
     503: "unavailable",
     504: "gateway_timeout",
     505: "http_version_not_supported",
+    507: "insufficient_capacity",
 }
 
 

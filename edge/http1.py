@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import cast
 
 from httptools import HttpRequestParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
@@ -21,11 +22,9 @@ from vmm.model import VmState
 
 from .admission import Admitter, Refusal
 from .errors_http import error_response
+from .proxy_context import ProxyContext
 from .reqhead import RequestHead
-from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, connect_unix, connect_vm
-
-if TYPE_CHECKING:
-    from .proxy_context import ProxyContext
+from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, connect_unix, connect_vm, take_head
 
 # Why reading from the client is paused; it resumes when no reason is left.
 _WAITING = 1  # the request waiting for a wake or a connection has buffered enough body
@@ -41,6 +40,7 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _HOLD_BUFFER = 256 * 1024
 _TOUCH_EVERY = 1.0  # long streams report activity (and bytes) at most this often
 _CLOSE_GRACE = 30.0  # a closing connection whose peer stops reading is aborted after this
+_PAUSED_RECHECK = 1.0  # a body paused by the edge: its deadlines are looked at again this often
 _INF = float("inf")
 
 
@@ -61,6 +61,7 @@ class _Exchange:
         "keep_alive",
         "method",
         "port",
+        "received",
         "refusal",
         "req_done",
         "resp_done",
@@ -90,6 +91,7 @@ class _Exchange:
         self.refusal: Refusal | None = None  # the edge answers itself
         self.body: list[bytes] | None = []  # body bytes read before an upstream is attached
         self.buffered = 0
+        self.received = 0  # request body bytes so far, for body_min_rate
         self.discard = False  # the body is not wanted (answered already)
         self.req_done = False
         self.resp_done = False
@@ -118,14 +120,15 @@ class EdgeProtocol(asyncio.Protocol):
         self._msgs = 0
         self._head_bytes = 0  # url and headers delivered so far
         self._head_raw = 0  # reads that fell wholly inside the head
+        self._headers = 0  # header fields of the head being parsed
+        self._counted_ip = False  # included in ctx.per_ip
         self._admitter: Admitter
         self._ex: _Exchange | None = None  # the request being answered
         self._parsing: _Exchange | None = None  # the request whose body is being read
         self._queue: deque[_Exchange] = deque()
+        # The upstream of the request being answered; between requests a client holds none, so
+        # idle keep-alive clients cost no guest connections past the pool's bound.
         self._up: UpstreamConn | None = None
-        # The upstream of this connection's last answer, kept for its next request: keep-alive
-        # clients then cost no pool traffic (and no new connection past the pool's bound).
-        self._kept: UpstreamConn | None = None
         self._rbuf: bytearray | None = None  # a response head being collected (HEAD, Set-Cookie)
         self._stash: bytearray | None = None  # client bytes after an Upgrade request
         self._tunnel = False
@@ -140,10 +143,15 @@ class EdgeProtocol(asyncio.Protocol):
         self._lingering = False
         self._closed = False
         self._dead = False  # the request stream is unparseable: answer what is queued, then close
+        self._draining = False  # the edge is stopping: close once the requests received are answered
         self._up_bytes = 0
         self._down_bytes = 0
         self._touch_at = 0.0
-        self._body_at = 0.0  # last time request body bytes arrived
+        self._body_at = 0.0  # last time request body bytes arrived (or the edge let the client send again)
+        self._body_start = 0.0  # when the body being read started
+        self._body_paused = 0.0  # _paused_for() when it started: time the edge paused reading is not the client's
+        self._paused_at = 0.0
+        self._paused_total = 0.0
         self._flush_at = 0.0
 
     # -- client transport ------------------------------------------------------------
@@ -160,6 +168,13 @@ class EdgeProtocol(asyncio.Protocol):
         )  # fmt: skip
         now = self._loop.time()
         self._flush_at = now + _TOUCH_EVERY
+        ctx.connection_made(self)
+        if self._closing:  # drained as it arrived
+            return
+        if not ctx.client_opened(self._client):
+            self._too_many_connections()
+            return
+        self._counted_ip = True
         self._idle_deadline = now + self._s.idle_timeout
         self._arm(self._idle_deadline)
 
@@ -196,6 +211,8 @@ class EdgeProtocol(asyncio.Protocol):
                     self._head_raw += len(data)
                 if max(self._head_raw, self._head_bytes) > self._s.max_head_size:
                     self._malformed(431, "the request head is too large")
+                elif self._headers > self._s.max_headers:
+                    self._malformed(431, f"the request head has more than {self._s.max_headers} header fields")
 
     def eof_received(self) -> bool:
         # Like nginx, a client's FIN is taken as leaving (browsers never half-close): held
@@ -205,6 +222,10 @@ class EdgeProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = self._closing = True
         self._teardown()
+        if self._counted_ip:
+            self._counted_ip = False
+            self._ctx.client_closed(self._client)
+        self._ctx.connection_lost(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -219,6 +240,15 @@ class EdgeProtocol(asyncio.Protocol):
         if self._up is not None:
             self._up.resume_reading()
 
+    def drain(self) -> None:
+        """The edge is stopping: close now when between requests, else once they are answered."""
+        self._draining = True
+        if self._ex is None and not self._queue and not self._in_head and not self._closing:
+            self._close_client()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
     # -- request parser callbacks ----------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -226,7 +256,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._url = b""
         self._in_head = True
         self._msgs += 1
-        self._head_bytes = self._head_raw = 0
+        self._head_bytes = self._head_raw = self._headers = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -235,6 +265,7 @@ class EdgeProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._req.add(name, value)
         self._head_bytes += len(name) + len(value) + 4
+        self._headers += 1
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -248,6 +279,10 @@ class EdgeProtocol(asyncio.Protocol):
             self._dead = True
             ex.keep_alive = False
             self._refuse(ex, Refusal(431, "the request head is too large"))
+        elif self._headers > self._s.max_headers:
+            self._dead = True
+            ex.keep_alive = False
+            self._refuse(ex, Refusal(431, f"the request head has more than {self._s.max_headers} header fields"))
         else:
             try:
                 verdict = self._admitter.admit(ex.method, self._url, p.get_http_version(), req, ex.upgrade)
@@ -276,6 +311,7 @@ class EdgeProtocol(asyncio.Protocol):
             return
         now = self._loop.time()
         self._body_at = now
+        ex.received += len(body)
         self._up_bytes += len(body)
         if ex.chunked:
             parts: tuple[bytes, ...] = (b"%x\r\n" % len(body), body, b"\r\n")
@@ -357,11 +393,12 @@ class EdgeProtocol(asyncio.Protocol):
             ex.counted = True
             self._touch_at = now + _TOUCH_EVERY
         if ex.has_body and not ex.req_done:
-            self._body_at = now
-            self._arm(now + self._s.idle_timeout)
+            self._body_at = self._body_start = now
+            self._body_paused = self._paused_for(now)
+            self._arm(self._body_check(ex, now)[1])
         if ex.running:
             key = vm_id or CONTROL_KEY
-            conn = self._take_kept(key, ex.port, now) or ctx.pool.acquire(key, ex.port, now)
+            conn = ctx.pool.acquire(key, ex.port, now)
             if conn is not None:
                 self._attach(ex, conn, reused=True)
                 return
@@ -411,6 +448,9 @@ class EdgeProtocol(asyncio.Protocol):
         ctx, s = self._ctx, self._s
         vm_id = ex.vm_id
         assert vm_id is not None
+        if ctx.wakes_refused:
+            self._answer(ex, 503, f"the edge is shutting down: VM {vm_id} is not woken now", retry_after=s.retry_after)
+            return False
         held = ctx.held.get(vm_id, 0)
         if held >= s.max_held_per_vm:
             message = f"too many requests are waiting for VM {vm_id} to wake"
@@ -492,7 +532,7 @@ class EdgeProtocol(asyncio.Protocol):
             task.cancel()
         self._drop_upstream()
         self._unpause(_WAITING)
-        close = not ex.keep_alive or self._dead or (ex.has_body and not ex.req_done)
+        close = not ex.keep_alive or self._dead or self._draining or (ex.has_body and not ex.req_done)
         data = error_response(
             status, message, reason=reason, close=close, retry_after=retry_after, bearer=bearer, body=not ex.is_head
         )
@@ -534,7 +574,7 @@ class EdgeProtocol(asyncio.Protocol):
             assert ex.vm_id is not None
             self._ctx.stream_closed(ex.vm_id)
         self._ex = None
-        if not ex.keep_alive:
+        if not ex.keep_alive or (self._draining and not self._queue):
             self._close_client(linger=self._dead)  # after a parse error the client may still be sending
             return
         if self._queue:
@@ -602,16 +642,14 @@ class EdgeProtocol(asyncio.Protocol):
         assert ex is not None and conn is not None
         tr = conn.tracker
         try:
-            tr.parser.feed_data(data)
-        except HttpParserUpgrade:
-            self._send(ex, tr, data)
-            self._upgraded(ex, tr)
-            return
+            upgraded = tr.feed(data)
         except HttpParserError as exc:
             self._bad_response(ex, str(exc))
             return
         self._send(ex, tr, data)
-        if tr.done:
+        if upgraded:
+            self._upgraded(ex, tr)
+        elif tr.done:
             self._response_done(ex, conn)
         else:
             self._flowing(self._loop.time())
@@ -624,19 +662,14 @@ class EdgeProtocol(asyncio.Protocol):
         assert ex is not None and conn is not None and buf is not None
         buf += data
         tr = conn.tracker
-        upgraded = False
         while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            head = take_head(buf)
+            if head is None:
                 if len(buf) > self._s.max_head_size:
                     self._bad_response(ex, "the response head is too large")
                 return
-            head = bytes(buf[: end + 4])
-            del buf[: end + 4]
             try:
-                tr.parser.feed_data(head)
-            except HttpParserUpgrade:
-                upgraded = True
+                upgraded = tr.feed(head)
             except HttpParserError as exc:
                 self._bad_response(ex, str(exc))
                 return
@@ -654,10 +687,7 @@ class EdgeProtocol(asyncio.Protocol):
             if rest and self._tunnel:
                 self.transport.write(rest)
         elif ex.is_head or tr.done:
-            if not tr.done:  # HEAD: the head is all of it, whatever Content-Length says
-                tr.done = True
-                tr.keep_alive = tr.parser.should_keep_alive()
-            tr.extra = tr.extra or bool(rest)
+            tr.head_ends_it(bool(rest))
             self._response_done(ex, conn)
         elif rest:
             self._relay(rest)
@@ -689,13 +719,8 @@ class EdgeProtocol(asyncio.Protocol):
         tr = conn.tracker
         self._up = None
         self._unpause(_UPSTREAM)
-        if ex.req_done and tr.keep_alive and not tr.extra and not ex.is_head:
-            if ex.keep_alive and not conn.stale and not self._closing:
-                self._keep(conn)
-            else:
-                self._ctx.pool.release(conn, self._loop.time())
-        else:
-            conn.close()
+        # After HEAD the tracker's parser still expects the body its head announced: not reused.
+        conn.finish(self._loop.time(), reusable=ex.req_done and not ex.is_head)
         if not tr.keep_alive or tr.extra:
             ex.keep_alive = False
         self._response_finished(ex)
@@ -707,31 +732,6 @@ class EdgeProtocol(asyncio.Protocol):
             self._close_client()
         else:
             self._answer(ex, 502, f"{self._where(ex)} sent an invalid HTTP response")
-
-    def _keep(self, conn: UpstreamConn) -> None:
-        """Hold an idle upstream for this client's next request (it notices a peer close)."""
-        conn.owner = None
-        conn.idle_since = self._loop.time()
-        conn.resume_reading()
-        self._kept = conn
-
-    def _take_kept(self, key: str, port: int, now: float) -> UpstreamConn | None:
-        """The kept upstream if it fits this request; otherwise it goes to the shared pool."""
-        conn = self._kept
-        if conn is None:
-            return None
-        self._kept = None
-        fresh = now - conn.idle_since < self._ctx.pool.idle_timeout
-        if conn.key == (key, port) and fresh and not conn.closed and not conn.stale:
-            return conn
-        self._ctx.pool.release(conn, now)
-        return None
-
-    def _release_kept(self) -> None:
-        conn = self._kept
-        if conn is not None:
-            self._kept = None
-            self._ctx.pool.release(conn, self._loop.time())
 
     def _drop_upstream(self) -> None:
         conn = self._up
@@ -748,6 +748,7 @@ class EdgeProtocol(asyncio.Protocol):
         if not was & why:
             self._paused = was | why
             if not was and not self._closing:
+                self._paused_at = self._loop.time()
                 self.transport.pause_reading()
 
     def _unpause(self, why: int) -> None:
@@ -755,7 +756,14 @@ class EdgeProtocol(asyncio.Protocol):
         if was & why:
             self._paused = was & ~why
             if not self._paused and not self._closing:
+                now = self._loop.time()
+                self._paused_total += now - self._paused_at
+                self._body_at = now  # a body's silence counts from when the client could send again
                 self.transport.resume_reading()
+
+    def _paused_for(self, now: float) -> float:
+        """Seconds reading from this client was paused by the edge, in all."""
+        return self._paused_total + (now - self._paused_at if self._paused else 0.0)
 
     def _flowing(self, now: float) -> None:
         """Bytes moved on a long exchange: count activity about once a second."""
@@ -810,16 +818,17 @@ class EdgeProtocol(asyncio.Protocol):
         next_at = _INF
         if self._parsing is ex:  # the client is still sending the body
             if self._paused:  # held or pushed back by us: not the client's fault
-                next_at = now + self._s.idle_timeout
-            elif now >= self._body_at + self._s.idle_timeout:
-                log.event("proxy.client_timeout", level="info", vm=ex.vm_id)
-                if ex.sent:
-                    self._close_client()
-                else:
-                    self._answer(ex, 408, f"no request body bytes for {self._s.idle_timeout:g}s")
-                return
+                next_at = now + min(self._s.idle_timeout, _PAUSED_RECHECK)
             else:
-                next_at = self._body_at + self._s.idle_timeout
+                overdue, next_at = self._body_check(ex, now)
+                if overdue is not None:
+                    log.event("proxy.client_timeout", level="info", vm=ex.vm_id, client=self._client, why=overdue)
+                    self._ctx.metrics.slow_client()
+                    if ex.sent:
+                        self._close_client()
+                    else:
+                        self._answer(ex, 408, overdue)
+                    return
         if self._up is not None and not ex.status and not self._tunnel and self._head_deadline < _INF:
             if now >= self._head_deadline:
                 self._upstream_error(ex, 504, f"{self._where(ex)} did not answer within {self._s.read_timeout:g}s")
@@ -827,6 +836,38 @@ class EdgeProtocol(asyncio.Protocol):
             next_at = min(next_at, self._head_deadline)
         if next_at < _INF:
             self._arm(next_at)
+
+    def _body_check(self, ex: _Exchange, now: float) -> tuple[str | None, float]:
+        """Why the body being read is overdue (None: it is not), and when to check it next.
+
+        Three limits: bytes must keep coming (idle_timeout), the whole body must arrive within
+        body_timeout, and after body_rate_grace it must average body_min_rate bytes/s. Time
+        the edge paused reading is not counted against the client.
+        """
+        s = self._s
+        due = self._body_at + s.idle_timeout
+        if now >= due:
+            return f"no request body bytes for {s.idle_timeout:g}s", now
+        elapsed = now - self._body_start - (self._paused_for(now) - self._body_paused)
+        if s.body_timeout:
+            if elapsed >= s.body_timeout:
+                return f"the request body took longer than {s.body_timeout:g}s", now
+            due = min(due, now + s.body_timeout - elapsed)
+        if s.body_min_rate:
+            need = max(s.body_rate_grace, ex.received / s.body_min_rate)
+            if elapsed >= need:
+                return f"the request body came slower than {s.body_min_rate} bytes/s", now
+            due = min(due, now + need - elapsed)
+        return None, due
+
+    def _too_many_connections(self) -> None:
+        """Over proxy.max_connections_per_ip: answer 429 without reading a request, then close."""
+        s = self._s
+        limit = s.max_connections_per_ip
+        message = f"too many connections from this address (at most {limit})"
+        self.transport.write(error_response(429, message, retry_after=s.retry_after))
+        self._ctx.metrics.connection_refused("per_ip")
+        self._close_client(linger=True)
 
     def _close_client(self, linger: bool = False) -> None:
         """Close after what was written; `linger` first reads off a body still arriving."""
@@ -859,7 +900,6 @@ class EdgeProtocol(asyncio.Protocol):
             self._task = None
             task.cancel()
         self._drop_upstream()
-        self._release_kept()
         ex = self._ex
         if ex is not None and ex.counted:
             ex.counted = False
@@ -869,3 +909,16 @@ class EdgeProtocol(asyncio.Protocol):
         self._stash = None
         self._tunnel = False
         self._flush_bytes(self._loop.time())
+
+
+def make_protocol_factory(ctx: ProxyContext, forwarded_proto: str | None = None) -> Callable[[], asyncio.Protocol]:
+    """For `loop.create_server(factory, host, port, ssl=...)`; one protocol per connection.
+
+    `forwarded_proto` overrides the settings' X-Forwarded-Proto for this listener.
+    """
+    proto = (forwarded_proto or ctx.settings.forwarded_proto).encode("ascii")
+
+    def factory() -> asyncio.Protocol:
+        return EdgeProtocol(ctx, proto)
+
+    return factory

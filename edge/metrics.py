@@ -37,6 +37,14 @@ class Metrics:
             registry=self.registry,
         )
         self._egress_allowed, self._egress_denied = egress.labels(decision="allowed"), egress.labels(decision="denied")
+        self._clients = Gauge("mvm_client_connections", "Open client connections.", registry=self.registry)
+        self._refused = Counter(
+            "mvm_connections_refused", "Client connections refused on arrival, by reason.", ["reason"],
+            registry=self.registry,
+        )  # fmt: skip
+        self._slow = Counter(
+            "mvm_slow_clients", "Requests cut because their body came too slowly (408).", registry=self.registry
+        )
         if vm_states is not None:
             self.registry.register(_VmStates(vm_states))
 
@@ -52,6 +60,15 @@ class Metrics:
 
     def held(self, delta: int) -> None:
         self._held.inc(delta)
+
+    def client_connections(self, delta: int) -> None:
+        self._clients.inc(delta)
+
+    def connection_refused(self, reason: str) -> None:
+        self._refused.labels(reason=reason).inc()
+
+    def slow_client(self) -> None:
+        self._slow.inc()
 
     def proxied(self, upstream_bytes: int, downstream_bytes: int) -> None:
         if upstream_bytes:

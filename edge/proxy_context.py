@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .backend import VmBackend
 from .hosts import HostRouter
-from .http1 import EdgeProtocol
+from .memory import BurstTrimmer
 from .metrics import Metrics
 from .tokens import TokenService
 from .upstream import UpstreamPool
@@ -27,6 +28,11 @@ class ProxySettings:
     forwarded_proto: str = "https"
     idle_timeout: float = 75.0  # a client between requests, sending a head, or pausing a body
     max_head_size: int = 64 * 1024
+    max_headers: int = 100
+    body_timeout: float = 300.0  # a whole request body, not counting time the edge paused reading (0: off)
+    body_min_rate: int = 0  # bytes/s a body must average once body_rate_grace has passed (0: off)
+    body_rate_grace: float = 10.0
+    max_connections_per_ip: int = 256  # 0: off; trusted proxies are exempt
     linger_timeout: float = 5.0  # reading a body we no longer need before closing
     # Clients (other proxies) whose X-Forwarded-For is appended to; everyone else's is replaced.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -41,12 +47,24 @@ class ProxySettings:
         return any(address in network for network in self.trusted_proxies)
 
 
+class ClientConnection(Protocol):
+    """What a draining edge needs of each client connection."""
+
+    def drain(self) -> None:
+        """Close now if between requests, else after the requests already received."""
+
+    def abort(self) -> None:
+        """Cut the connection (the drain took too long)."""
+
+
 @dataclass(eq=False)
 class ProxyContext:
     """Shared by every client connection of one edge process.
 
     `open_streams[vm]` counts requests and tunnels in progress (the idle reaper keeps such
-    VMs awake); `held[vm]` counts requests waiting for that VM to wake.
+    VMs awake); `held[vm]` counts requests waiting for that VM to wake. Once `wakes_refused`
+    is set (the edge is stopping) a request for a VM that is not running gets 503 instead
+    of waking it: the manager may be suspending VMs at that very moment.
     """
 
     backend: VmBackend
@@ -59,6 +77,11 @@ class ProxyContext:
     control_auth: bytes = b""  # "Bearer <admin key>": scoped agent requests reach the control API with it
     open_streams: dict[str, int] = field(default_factory=dict)
     held: dict[str, int] = field(default_factory=dict)
+    per_ip: dict[bytes, int] = field(default_factory=dict)  # open client connections by client address
+    clients: set[ClientConnection] = field(default_factory=set)
+    wakes_refused: bool = False
+    trimmer: BurstTrimmer = field(default_factory=BurstTrimmer)  # memory back to the OS after a burst
+    _drained: asyncio.Event | None = field(default=None, init=False, repr=False)
     _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, init=False, repr=False)
 
     def wake(self, vm_id: str) -> asyncio.Task[bool]:
@@ -82,6 +105,51 @@ class ProxyContext:
         if failed or task.result():
             self.metrics.wake(seconds, not failed)
 
+    def client_opened(self, client: bytes) -> bool:
+        """Count a new client connection; False (not counted) when its address has too many."""
+        limit = self.settings.max_connections_per_ip
+        n = self.per_ip.get(client, 0)
+        if limit and n >= limit and not self.settings.trusts(client):
+            return False
+        self.per_ip[client] = n + 1
+        self.metrics.client_connections(1)
+        return True
+
+    def client_closed(self, client: bytes) -> None:
+        left = self.per_ip[client] - 1
+        if left:
+            self.per_ip[client] = left
+        else:
+            del self.per_ip[client]
+        self.metrics.client_connections(-1)
+
+    def connection_made(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+        self.trimmer.opened(len(self.clients))
+        if self._drained is not None:  # accepted just before the listener closed
+            client.drain()
+
+    def connection_lost(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        self.trimmer.closed(len(self.clients))
+        if self._drained is not None and not self.clients:
+            self._drained.set()
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse wakes, close idle clients, give requests in flight `timeout` seconds to end,
+        then cut what is left; returns how many connections were cut."""
+        self.wakes_refused = True
+        drained = self._drained = asyncio.Event()
+        for client in list(self.clients):
+            client.drain()
+        if self.clients:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), timeout)
+        left = list(self.clients)
+        for client in left:
+            client.abort()
+        return len(left)
+
     def stream_opened(self, vm_id: str) -> None:
         self.open_streams[vm_id] = self.open_streams.get(vm_id, 0) + 1
 
@@ -92,15 +160,3 @@ class ProxyContext:
         else:
             del self.open_streams[vm_id]
 
-
-def make_protocol_factory(ctx: ProxyContext, forwarded_proto: str | None = None) -> Callable[[], asyncio.Protocol]:
-    """For `loop.create_server(factory, host, port, ssl=...)`; one protocol per connection.
-
-    `forwarded_proto` overrides the settings' X-Forwarded-Proto for this listener.
-    """
-    proto = (forwarded_proto or ctx.settings.forwarded_proto).encode("ascii")
-
-    def factory() -> asyncio.Protocol:
-        return EdgeProtocol(ctx, proto)
-
-    return factory

@@ -2,7 +2,9 @@
 
 An UpstreamConn belongs to at most one client exchange at a time (its `owner`) and sits in
 the pool between exchanges. It tracks response boundaries with llhttp so a connection
-goes back to the pool only after a complete response.
+goes back to the pool only after a complete response, and then at once: a client idling
+between requests holds no guest connection, so guest connections stay within the pool's
+bound plus the requests in flight.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 from typing import Protocol, cast
 
 from httptools import HttpResponseParser
+from httptools.parser.errors import HttpParserUpgrade
 
 from .backend import VmBackend
 
@@ -47,6 +50,25 @@ class ResponseTracker:
         self.keep_alive = False
         self.extra = False
 
+    def feed(self, data: bytes) -> bool:
+        """Follow response bytes; True when they switch protocols (what follows is not HTTP).
+
+        Raises HttpParserError when the upstream's bytes are not a valid response.
+        """
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            return True
+        return False
+
+    def head_ends_it(self, more: bool) -> None:
+        """The final head was all of the response (a HEAD answer, whatever its Content-Length
+        says); `more`: bytes came after it, so the connection is out of step."""
+        if not self.done:
+            self.done = True
+            self.keep_alive = self.parser.should_keep_alive()
+        self.extra = self.extra or more
+
     def on_message_begin(self) -> None:
         if self.done:
             self.extra = True
@@ -61,6 +83,16 @@ class ResponseTracker:
         if self.final and not self.done:
             self.done = True
             self.keep_alive = self.parser.should_keep_alive()
+
+
+def take_head(buf: bytearray) -> bytes | None:
+    """Remove and return the first whole response head in `buf`; None while it is incomplete."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buf[: end + 4])
+    del buf[: end + 4]
+    return head
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -133,6 +165,15 @@ class UpstreamConn(asyncio.Protocol):
         if not self.reading and not self.closed:
             self.reading = True
             self.transport.resume_reading()
+
+    def finish(self, now: float, reusable: bool) -> None:
+        """Its exchange is over: back to the shared pool at once when the response ended
+        cleanly and the connection is in step (`reusable`), else closed."""
+        tr = self.tracker
+        if reusable and tr.done and tr.keep_alive and not tr.extra:
+            self.pool.release(self, now)
+        else:
+            self.close()
 
     def close(self) -> None:
         """Close for good; the owner, if any, must have let go first."""
@@ -231,6 +272,10 @@ class UpstreamPool:
 
     def idle_count(self, vm_id: str) -> int:
         return self._counts.get(vm_id, 0)
+
+    def live_count(self, vm_id: str) -> int:
+        """Open connections to a VM, idle and in use."""
+        return len(self._live.get(vm_id, ()))
 
     def close(self) -> None:
         """Close everything idle and stop sweeping (server shutdown)."""

@@ -18,8 +18,9 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from edge.hosts import HostRouter
+from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
-from edge.proxy_context import ProxyContext, ProxySettings, make_protocol_factory
+from edge.proxy_context import ProxyContext, ProxySettings
 from edge.tokens import SigningKey, TokenService
 from edge.upstream import UpstreamPool
 from vmm.model import VmRecord, VmState
@@ -235,6 +236,7 @@ class Edge:
         self.server.close()
         await self.server.wait_closed()
         self.ctx.pool.close()
+        self.ctx.trimmer.close()
         await asyncio.sleep(0)  # let transports finish closing
 
 

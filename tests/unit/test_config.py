@@ -248,3 +248,48 @@ def test_trusted_proxies_are_networks() -> None:
     settings = ProxySettings(trusted_proxies=(ipaddress.ip_network("10.1.0.0/16"),))
     assert settings.trusts(b"10.1.2.3") and not settings.trusts(b"10.2.0.1") and not settings.trusts(b"garbage")
     assert not ProxySettings().trusts(b"127.0.0.1")
+
+
+def test_dev_toml_lists_every_server_and_proxy_knob() -> None:
+    import tomllib
+
+    data = tomllib.loads(DEV_TOML.read_text())
+    assert set(data["server"]) | {"admin_key_file"} == set(config_module._SERVER) | {"admin_key_file"}
+    assert set(data["proxy"]) == set(config_module._PROXY)
+
+
+def test_proxy_settings_defaults_match_the_config_defaults() -> None:
+    """The unit harness runs on ProxySettings' defaults: they must be the served ones."""
+    from edge.proxy_context import ProxySettings
+
+    cfg, settings = load_config(None).proxy, ProxySettings()
+    shared = {f.name for f in fields(ProxySettings)} & {f.name for f in fields(cfg)} - {"trusted_proxies"}
+    assert {"idle_timeout", "max_head_size", "max_headers", "body_timeout", "max_connections_per_ip"} <= shared
+    assert {n: getattr(settings, n) for n in shared} == {n: getattr(cfg, n) for n in shared}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[proxy]\nidle_timeout = 0", "proxy.idle_timeout: must be a positive number"),
+        ("[proxy]\nmax_head_size = 10", "proxy.max_head_size: must be an integer"),
+        ("[proxy]\nmax_headers = 0", "proxy.max_headers: must be an integer"),
+        ("[proxy]\nbody_timeout = -1", "proxy.body_timeout: must be a number of seconds >= 0"),
+        ("[proxy]\nbody_min_rate = 1.5", "proxy.body_min_rate: must be an integer"),
+        ("[proxy]\nbody_rate_grace = \"x\"", "proxy.body_rate_grace: must be a number"),
+        ("[proxy]\nmax_connections_per_ip = -1", "proxy.max_connections_per_ip: must be an integer"),
+        ("[server]\nrlimit_nofile = true", "server.rlimit_nofile: must be an integer"),
+        ("[server]\ndrain_timeout = -2", "server.drain_timeout: must be a number of seconds >= 0"),
+    ],
+)
+def test_limit_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert str(info.value).startswith(message)
+
+
+def test_limits_are_configurable(tmp_path: Path) -> None:
+    text = "[proxy]\nmax_headers = 20\nbody_min_rate = 512\n[server]\nrlimit_nofile = 0\ndrain_timeout = 3\n"
+    cfg = load(tmp_path, text)
+    assert cfg.proxy.max_headers == 20 and cfg.proxy.body_min_rate == 512
+    assert cfg.server.rlimit_nofile == 0 and cfg.server.drain_timeout == 3.0

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -50,7 +51,7 @@ async def test_unexpected_error_is_a_json_500(control: tuple[int, str]) -> None:
         port, f"GET /v1/vms HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n".encode()
     )
     assert status == 500
-    assert b'"error":"internal"' in body and b"registry unreadable" in body
+    assert b'"error":"internal_error"' in body and b"registry unreadable" in body
 
 
 async def test_non_ascii_authorization_is_a_401_not_a_crash(control: tuple[int, str]) -> None:
@@ -59,3 +60,12 @@ async def test_non_ascii_authorization_is_a_401_not_a_crash(control: tuple[int, 
         port, b"GET /v1/vms HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
     )
     assert status == 401 and b'"error":"unauthorized"' in body
+
+
+def test_control_and_proxy_share_one_error_table() -> None:
+    """A 502 from the control API and from the proxy carry the same code."""
+    from edge.control import error_response as control_error
+    from edge.errors_http import error_code
+
+    doc = orjson.loads(control_error(502, "qemu died").body)  # type: ignore[arg-type]
+    assert doc == {"error": error_code(502), "message": "qemu died"} and doc["error"] == "bad_gateway"
