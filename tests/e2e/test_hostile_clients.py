@@ -1,0 +1,223 @@
+"""`mvm serve` as its own process, with real guests, against clients that misbehave and a SIGTERM.
+
+The edge runs as a subprocess (plain HTTP on 127.0.0.1) so that its memory and its exit are
+its own: 500 idle keep-alive clients must not pin more guest connections than the pool
+bound and its RSS must come back after they leave; a slow body is cut; a client over the
+per-IP cap is refused; SIGTERM drains requests in flight, then suspends the VMs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.e2e.conftest import REPO
+from tests.e2e.guest import guest_state
+from tests.e2e.test_crash_safety import qemus_of
+from vmm import netns
+from vmm.manager import VmManager
+from vmm.model import VmState
+from vmm.settings import VmmSettings
+
+ADMIN = "dev-admin-key-change-me"
+DOMAIN = "mvm.localhost"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    """A running `mvm serve`: its pid and port, and HTTP/1.1 exchanges with it over raw sockets."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+    async def exchange(self, host: str, head: str, body: bytes = b"") -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(f"{head}Host: {host}\r\nConnection: close\r\n\r\n".encode() + body)
+            raw = await asyncio.wait_for(reader.read(), 30)
+        finally:
+            writer.close()
+        status_line, _, rest = raw.partition(b"\r\n")
+        return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+    async def api(self, method: str, path: str, body: Any = None) -> Any:
+        data = orjson.dumps(body) if body is not None else b""
+        head = f"{method} {path} HTTP/1.1\r\nAuthorization: Bearer {ADMIN}\r\nContent-Length: {len(data)}\r\n"
+        if data:
+            head += "Content-Type: application/json\r\n"
+        status, payload = await self.exchange(f"api.{DOMAIN}", head, data)
+        assert status < 300, payload
+        return orjson.loads(payload) if payload else None
+
+    async def vm_with_token(self, **policy: Any) -> tuple[str, str]:
+        vm = await self.api("POST", "/v1/vms", {"policy": policy})
+        token = await self.api("POST", f"/v1/vms/{vm['id']}/tokens", {})
+        return str(vm["id"]), str(token["token"])
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("the edge has no RSS: it is gone")
+
+
+@asynccontextmanager
+async def served(settings: VmmSettings, tmp: Path, **proxy: Any) -> AsyncIterator[Served]:
+    port = _free_port()
+    lines = [
+        f"[server]\nlisten_port = {port}\ntls = false\ndrain_timeout = 10.0",
+        "[proxy]",
+        *(f"{key} = {orjson.dumps(value).decode()}" for key, value in proxy.items()),
+        f'[vmm]\nstate_dir = "{settings.state_dir}"\non_shutdown = "suspend"',
+        '[log]\nlevel = "warning"',
+    ]
+    config = tmp / "served.toml"
+    config.write_text("\n".join(lines) + "\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edge.cli", "serve", "--config", str(config), cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    edge = Served(proc, port)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                assert proc.returncode is None, "mvm serve exited at start"
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    if (await edge.exchange(f"api.{DOMAIN}", "GET /healthz HTTP/1.1\r\n"))[0] == 200:
+                        break
+                await asyncio.sleep(0.1)
+        yield edge
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def _guest_connections(vm_id: str) -> int:
+    """Established connections to the guest's app port, counted inside the VM's namespace."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns.ns_name(vm_id), "ss", "-Htn", "state", "established",
+         "dst", f"{netns.GUEST_IP}:8080"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return len(out.splitlines())
+
+
+async def _idle_clients(edge: Served, vm_id: str, token: str, count: int) -> list[asyncio.StreamWriter]:
+    """`count` keep-alive clients that each made one request and now sit idle."""
+
+    async def one() -> asyncio.StreamWriter:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        head = f"GET /healthz HTTP/1.1\r\nHost: {vm_id}.{DOMAIN}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        writer.write(head.encode())
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        length = int(answer.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        return writer
+
+    writers: list[asyncio.StreamWriter] = []
+    for start in range(0, count, 50):  # in waves: 2 cores also run the guest
+        writers += await asyncio.gather(*(one() for _ in range(min(50, count - start))))
+    return writers
+
+
+async def _until(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.1)
+
+
+async def test_500_idle_clients_stay_within_the_pool_and_memory_comes_back(
+    settings: VmmSettings, tmp_path: Path
+) -> None:
+    async with served(settings, tmp_path, upstream_keepalive_per_vm=32, max_connections_per_ip=1000) as edge:
+        vm_id, token = await edge.vm_with_token()
+        for _ in range(2):  # warm-up bursts: the allocator's and the TLS-less path's steady state
+            for writer in await _idle_clients(edge, vm_id, token, 500):
+                writer.close()
+        await _until(lambda: _guest_connections(vm_id) <= 32)
+        baseline = edge.rss()
+        writers = await _idle_clients(edge, vm_id, token, 500)
+        assert _guest_connections(vm_id) <= 32, "idle clients give their guest connection back to the pool"
+        peak = edge.rss()
+        for writer in writers:
+            writer.close()
+        await _until(lambda: edge.rss() <= baseline * 1.10)
+        assert edge.rss() <= baseline * 1.10, f"RSS {baseline >> 20} -> {peak >> 20} -> {edge.rss() >> 20} MiB"
+
+
+async def test_slow_body_is_cut_and_the_per_ip_cap_refuses(settings: VmmSettings, tmp_path: Path) -> None:
+    async with served(settings, tmp_path, body_timeout=2.0, max_connections_per_ip=20) as edge:
+        vm_id, token = await edge.vm_with_token()
+        auth = f"Authorization: Bearer {token}\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        head = (f"POST /upload HTTP/1.1\r\nHost: {vm_id}.{DOMAIN}\r\nAuthorization: Bearer {token}\r\n"
+                "Content-Length: 1000\r\n\r\nx")  # fmt: skip
+        writer.write(head.encode())  # ... and never the other 999 bytes
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        held = [await asyncio.open_connection("127.0.0.1", edge.port) for _ in range(20)]  # the cap is 20
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+            refused = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            assert refused.startswith(b"HTTP/1.1 429"), refused
+        finally:
+            for _, w in held:
+                w.close()
+        async with asyncio.timeout(20):  # until the edge has seen the held connections close
+            while (answer := await edge.exchange(f"{vm_id}.{DOMAIN}", f"GET / HTTP/1.1\r\n{auth}"))[0] == 429:
+                await asyncio.sleep(0.1)
+        status, body = answer
+        assert status == 200 and orjson.loads(body)["counter"] == 1, "the VM served on, untouched"
+
+
+async def test_sigterm_drains_requests_in_flight_then_suspends(settings: VmmSettings, tmp_path: Path) -> None:
+    async with served(settings, tmp_path) as edge:
+        vm_id, token = await edge.vm_with_token()
+        status, body = await edge.exchange(f"{vm_id}.{DOMAIN}", f"GET / HTTP/1.1\r\nAuthorization: Bearer {token}\r\n")
+        assert status == 200, body
+        counter = orjson.loads(body)["counter"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        writer.write(f"GET /sse?n=15&interval_ms=100 HTTP/1.1\r\nHost: {vm_id}.{DOMAIN}\r\n"
+                     f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+        first = await asyncio.wait_for(reader.readuntil(b"data: 0\n\n"), 30)
+        assert first.startswith(b"HTTP/1.1 200")
+        edge.proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert b"data: 14\n\n" in rest and rest.endswith(b"0\r\n\r\n"), "the stream in flight was drained, not cut"
+        assert await asyncio.wait_for(edge.proc.wait(), 60) == 0
+    assert qemus_of(vm_id) == [], "on_shutdown = suspend left no VM running"
+    manager = VmManager(settings)
+    await manager.start()
+    try:
+        assert manager.get(vm_id).state is VmState.SUSPENDED
+        await manager.ensure_running(vm_id)
+        assert (await guest_state(vm_id))["counter"] == counter + 1
+    finally:
+        for rec in list(manager.list_vms()):
+            await manager.delete(rec.id)
+        await manager.close()
