@@ -1,11 +1,16 @@
-"""What the data plane needs from the VM plane; vmm.manager.VmManager provides it."""
+"""What the data plane and the control API need from the VM plane; vmm.manager.VmManager provides it."""
 
 from __future__ import annotations
 
 import socket
-from typing import Protocol
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
-from vmm.model import VmRecord
+from vmm.agent import Exec
+from vmm.applog import AppLog
+from vmm.image import Image
+from vmm.model import Template, VmRecord
 
 
 class VmBackend(Protocol):
@@ -25,3 +30,28 @@ class VmBackend(Protocol):
 
     def touch(self, vm_id: str) -> None:
         """Record activity now (requests, bytes on long-lived streams)."""
+
+
+class ManagedVms(VmBackend, Protocol):
+    """What the control API (and its exec, files and shell endpoints) asks of the VM plane."""
+
+    def get(self, vm_id: str) -> VmRecord: ...
+    def list_vms(self) -> list[VmRecord]: ...
+    async def create_vm(
+        self, template_name: str | None = None, policy: dict[str, Any] | None = None, run_payload: Any = None
+    ) -> VmRecord: ...
+    async def pause(self, vm_id: str) -> VmRecord: ...
+    async def suspend(self, vm_id: str) -> VmRecord: ...
+    async def resume(self, vm_id: str) -> VmRecord: ...
+    async def delete(self, vm_id: str, reason: str = ...) -> None: ...
+    def app_log(self, vm_id: str) -> AppLog: ...
+    async def exec(
+        self, vm_id: str, argv: list[str], env: list[str], cwd: str, uid: int, gid: int,
+        pty: tuple[int, int] | None = None,
+    ) -> Exec: ...  # fmt: skip
+    def busy(self, vm_id: str) -> AbstractContextManager[None]: ...
+    def templates(self) -> list[Template]: ...
+    async def create_template(self, name: str, image: str, progress: Callable[[str], None]) -> Template: ...
+    def remove_template(self, name: str) -> None: ...
+    def images(self) -> list[Image]: ...
+    def remove_image(self, name: str) -> None: ...

@@ -17,10 +17,10 @@ from aiohttp import web
 
 from vmm.errors import VmmError
 from vmm.jsonlog import log
-from vmm.manager import VmManager
 from vmm.model import VmRecord
 
 from . import files_api, shell_api
+from .backend import ManagedVms
 from .config import Config
 from .errors_http import error_code
 from .exec_api import ExecRequest, stream_exec
@@ -31,7 +31,7 @@ from .tokens import TokenService
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PUBLIC = ("/healthz", "/metrics", "/openapi.json")
 
-MANAGER = web.AppKey("manager", VmManager)
+MANAGER = web.AppKey("manager", ManagedVms)
 TOKENS = web.AppKey("tokens", TokenService)
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", Config)
@@ -178,8 +178,9 @@ async def get_vm(request: web.Request) -> web.Response:
 
 def _action(name: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
-        manager = request.app[MANAGER]
-        rec = await getattr(manager, name)(request.match_info["vm_id"])
+        vms = request.app[MANAGER]
+        transitions = {"pause": vms.pause, "suspend": vms.suspend, "resume": vms.resume}
+        rec = await transitions[name](request.match_info["vm_id"])
         return json_response(_vm_json(request, rec))
 
     return handler
@@ -209,7 +210,7 @@ async def issue_token(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
-def build_control_app(cfg: Config, manager: VmManager, tokens: TokenService, metrics_: Metrics) -> web.Application:
+def build_control_app(cfg: Config, manager: ManagedVms, tokens: TokenService, metrics_: Metrics) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=24 * 1024**2)  # exec stdin: 16 MiB, base64
     app[CONFIG], app[MANAGER], app[TOKENS], app[METRICS] = cfg, manager, tokens, metrics_
     app.router.add_get("/healthz", healthz)

@@ -24,7 +24,8 @@ from aiohttp import web
 
 from vmm.agent import AgentError, Exec, ExecEvent
 from vmm.errors import InvalidRequest
-from vmm.manager import VmManager
+
+from .backend import ManagedVms
 
 MAX_TIMEOUT = 3600.0
 DEFAULT_TIMEOUT = 300.0
@@ -117,7 +118,7 @@ async def _client_gone(request: web.Request) -> None:
         await asyncio.sleep(CLIENT_CHECK_SECONDS)
 
 
-async def stream_exec(request: web.Request, manager: VmManager, vm_id: str, req: ExecRequest) -> web.StreamResponse:
+async def stream_exec(request: web.Request, manager: ManagedVms, vm_id: str, req: ExecRequest) -> web.StreamResponse:
     """Start the exec, then stream its events until it ends, times out or the client leaves."""
     ex = await manager.exec(vm_id, req.argv, req.env, req.cwd, req.uid, req.gid)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})

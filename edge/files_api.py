@@ -18,7 +18,9 @@ from aiohttp import web
 
 from vmm.agent import AgentError, Exec
 from vmm.errors import Conflict, InvalidRequest, NotFound, OverCapacity, PermissionDenied, VmmError
-from vmm.manager import GUEST_TOOL, VmManager
+from vmm.manager import GUEST_TOOL
+
+from .backend import ManagedVms
 
 _ERRORS: dict[int, type[VmmError]] = {
     errno.ENOENT: NotFound, errno.EACCES: PermissionDenied, errno.EPERM: PermissionDenied,
@@ -55,7 +57,7 @@ async def _finish(ex: Exec) -> None:
 class FilesApi:
     """The three handlers, bound to the manager that runs the tools."""
 
-    def __init__(self, manager: VmManager) -> None:
+    def __init__(self, manager: ManagedVms) -> None:
         self.manager = manager
 
     async def _start(self, request: web.Request, tool: str) -> tuple[str, str, Exec]:
@@ -130,7 +132,7 @@ class FilesApi:
         return web.Response(status=204)
 
 
-def add_routes(app: web.Application, manager: VmManager) -> None:
+def add_routes(app: web.Application, manager: ManagedVms) -> None:
     files = FilesApi(manager)
     app.router.add_get("/v1/vms/{vm_id}/files", files.get)
     app.router.add_put("/v1/vms/{vm_id}/files", files.put)

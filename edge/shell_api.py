@@ -19,8 +19,8 @@ from aiohttp import WSMsgType, web
 
 from vmm.agent import Exec
 from vmm.errors import InvalidRequest
-from vmm.manager import VmManager
 
+from .backend import ManagedVms
 from .exec_api import parse_user
 
 SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi"]
@@ -108,7 +108,7 @@ async def _pump(ex: Exec, ws: web.WebSocketResponse) -> None:
 
 
 class ShellApi:
-    def __init__(self, manager: VmManager) -> None:
+    def __init__(self, manager: ManagedVms) -> None:
         self.manager = manager
 
     async def shell(self, request: web.Request) -> web.StreamResponse:
@@ -143,6 +143,6 @@ class ShellApi:
         return ws
 
 
-def add_routes(app: web.Application, manager: VmManager) -> None:
+def add_routes(app: web.Application, manager: ManagedVms) -> None:
     api = ShellApi(manager)
     app.router.add_get("/v1/vms/{vm_id}/shell", api.shell)
