@@ -14,6 +14,7 @@ from typing import Protocol
 from ..model import VmRecord, VmState
 
 ChangeCallback = Callable[[str], None]  # gets the id of a VM whose route or state changed
+GapCallback = Callable[[], None]  # the feed was interrupted: changes may have been missed, reload
 Unsubscribe = Callable[[], None]
 
 
@@ -94,8 +95,10 @@ class Catalog(Protocol):
     async def template_hosts(self, name: str) -> set[str]:
         """The hosts that hold the template, i.e. where a VM of it can be created."""
 
-    async def subscribe(self, callback: ChangeCallback) -> Unsubscribe:
+    async def subscribe(self, callback: ChangeCallback, on_gap: GapCallback | None = None) -> Unsubscribe:
         """Call `callback(vm_id)` after each committed change of a VM's route or state.
 
         Once this returns, every later change is delivered. Activity times are not changes.
+        If the feed breaks (PostgreSQL: its connection was lost) and comes back, `on_gap()` is
+        called, since changes in between were missed and whatever was cached must be reloaded.
         """

@@ -2,7 +2,9 @@
 
 Every write that changes a VM's route or state calls pg_notify in the same statement, so a
 notification goes out exactly when the change commits (and never for a rolled-back one).
-Each catalog LISTENs on its own connection, outside the pool, once something subscribes.
+Each catalog LISTENs on its own connection, outside the pool, once something subscribes;
+if that connection is lost it is made again (a bounded number of times) and subscribers are
+told of the gap, since notifications sent meanwhile are gone.
 The compare-and-set is a conditional UPDATE: concurrent callers queue on the row lock and
 re-check the state after the winner commits, so only one of them matches.
 """
@@ -13,14 +15,14 @@ import asyncio
 import time
 from collections.abc import Collection, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from ..errors import CatalogError, Conflict, NotFound
 from ..jsonlog import log
 from ..model import VmRecord, VmState
-from .api import Capacity, ChangeCallback, HostRecord, PlacedVm, Unsubscribe
+from .api import Capacity, ChangeCallback, GapCallback, HostRecord, PlacedVm, Unsubscribe
 from .feed import Subscribers
 from .migrations import SCHEMA_VERSION_POSTGRES, pending
 from .rows import RECORD_FIELDS, VM_COLUMNS, placed_vm, record_values
@@ -28,20 +30,23 @@ from .rows import RECORD_FIELDS, VM_COLUMNS, placed_vm, record_values
 CHANNEL = "mvm_vm_changed"
 CONNECT_TIMEOUT = 5.0  # seconds; an unreachable server is reported instead of hanging the start
 CLOSE_TIMEOUT = 10.0  # seconds to let queries finish before connections are cut
+RELISTEN_ATTEMPTS = 10  # with delays doubling from RELISTEN_FIRST_DELAY up to RELISTEN_MAX_DELAY: ~2 minutes
+RELISTEN_FIRST_DELAY = 0.2
+RELISTEN_MAX_DELAY = 30.0
 _MIGRATION_LOCK = 0x6D766D63  # advisory lock key ("mvmc"): one process migrates at a time
 _CONNECT_ERRORS = (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def redact(url: str) -> str:
-    """The URL without its password, fit for errors and logs."""
+    """The URL without its password (in the user part or as ?password=), fit for errors and logs."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "(a URL that does not parse)"
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    if parts.password is not None:
+        parts = parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
+    query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/*")))
 
 
 async def migrate(conn: Any, upto: int | None = None) -> tuple[int, ...]:
@@ -91,10 +96,13 @@ class PostgresCatalog:
         self._pool = pool
         self._listener: Any = None
         self._listen_lock = asyncio.Lock()
+        self._relisten_task: asyncio.Task[None] | None = None
         self._subscribers = Subscribers()
         self.migrated = migrated
 
     async def close(self) -> None:
+        if self._relisten_task is not None:
+            self._relisten_task.cancel()
         if self._listener is not None:
             self._listener.remove_termination_listener(self._feed_lost)  # closing it here is no loss
             await self._listener.close(timeout=CLOSE_TIMEOUT)
@@ -213,20 +221,49 @@ class PostgresCatalog:
         rows = await self._pool.fetch("SELECT host_id FROM templates WHERE name = $1", name)
         return {r[0] for r in rows}
 
-    async def subscribe(self, callback: ChangeCallback) -> Unsubscribe:
+    async def subscribe(self, callback: ChangeCallback, on_gap: GapCallback | None = None) -> Unsubscribe:
         async with self._listen_lock:
-            if self._listener is None:
-                try:
-                    listener = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
-                except _CONNECT_ERRORS as exc:
-                    raise CatalogError(f"catalog.url: cannot connect to {redact(self._url)}: {exc}") from None
-                listener.add_termination_listener(self._feed_lost)
-                await listener.add_listener(CHANNEL, self._notified)
-                self._listener = listener
-        return self._subscribers.add(callback)
+            relistening = self._relisten_task is not None and not self._relisten_task.done()
+            if self._listener is None and not relistening:
+                self._listener = await self._listen()
+        return self._subscribers.add(callback, on_gap)
+
+    async def _listen(self) -> Any:
+        """A connection outside the pool that LISTENs, and reports its own loss."""
+        try:
+            listener = await asyncpg.connect(self._url, timeout=CONNECT_TIMEOUT)
+        except _CONNECT_ERRORS as exc:
+            raise CatalogError(f"catalog.url: cannot connect to {redact(self._url)}: {exc}") from None
+        try:
+            await listener.add_listener(CHANNEL, self._notified)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            listener.terminate()
+            raise CatalogError(f"catalog.url: cannot LISTEN on {redact(self._url)}: {exc}") from None
+        listener.add_termination_listener(self._feed_lost)
+        return listener
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, vm_id: str) -> None:
-        self._subscribers.notify(vm_id)
+        self._subscribers.changed(vm_id)
 
-    def _feed_lost(self, _conn: Any) -> None:
+    def _feed_lost(self, conn: Any) -> None:
+        if conn is not self._listener:
+            return
         log.event("catalog.feed_lost", level="error", url=redact(self._url))
+        self._listener = None
+        self._relisten_task = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _relisten(self) -> None:
+        """LISTEN again, RELISTEN_ATTEMPTS times at most with doubling delays; then tell of the gap."""
+        delay = RELISTEN_FIRST_DELAY
+        for attempt in range(1, RELISTEN_ATTEMPTS + 1):
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RELISTEN_MAX_DELAY)
+            try:
+                self._listener = await self._listen()
+            except CatalogError as exc:
+                log.event("catalog.feed_retry", level="warning", attempt=attempt, error=str(exc))
+                continue
+            log.event("catalog.feed_restored", attempts=attempt)
+            self._subscribers.gap()
+            return
+        log.event("catalog.feed_gave_up", level="error", attempts=RELISTEN_ATTEMPTS)

@@ -20,7 +20,7 @@ from typing import TypeVar
 from ..errors import CatalogError, Conflict, NotFound
 from ..jsonlog import log
 from ..model import VmRecord, VmState
-from .api import Capacity, ChangeCallback, HostRecord, PlacedVm, Unsubscribe
+from .api import Capacity, ChangeCallback, GapCallback, HostRecord, PlacedVm, Unsubscribe
 from .feed import Subscribers
 from .migrations import SCHEMA_VERSION_SQLITE, pending
 from .rows import RECORD_FIELDS, VM_COLUMNS, placed_vm, record_values
@@ -141,7 +141,7 @@ class SqliteCatalog:
             await self._run(write)
         except sqlite3.IntegrityError:
             raise Conflict(f"VM {rec.id} already exists") from None
-        self._subscribers.notify(rec.id)
+        self._subscribers.changed(rec.id)
 
     async def get_vm(self, vm_id: str) -> PlacedVm | None:
         row = await self._run(lambda db: db.execute(f"SELECT {VM_COLUMNS} FROM vms WHERE id = ?", (vm_id,)).fetchone())
@@ -167,13 +167,13 @@ class SqliteCatalog:
         )
         if cursor.rowcount == 0:
             raise NotFound(f"VM {rec.id} is not in the catalog")
-        self._subscribers.notify(rec.id)
+        self._subscribers.changed(rec.id)
 
     async def delete_vm(self, vm_id: str) -> bool:
         cursor = await self._run(lambda db: db.execute("DELETE FROM vms WHERE id = ?", (vm_id,)))
         if cursor.rowcount == 0:
             return False
-        self._subscribers.notify(vm_id)
+        self._subscribers.changed(vm_id)
         return True
 
     async def set_state(
@@ -189,7 +189,7 @@ class SqliteCatalog:
         )
         if cursor.rowcount == 0:
             return False
-        self._subscribers.notify(vm_id)
+        self._subscribers.changed(vm_id)
         return True
 
     async def touch_many(self, activity: Mapping[str, float]) -> None:
@@ -215,5 +215,6 @@ class SqliteCatalog:
         rows = await self._run(lambda db: db.execute(query, (name,)).fetchall())
         return {r[0] for r in rows}
 
-    async def subscribe(self, callback: ChangeCallback) -> Unsubscribe:
-        return self._subscribers.add(callback)
+    async def subscribe(self, callback: ChangeCallback, on_gap: GapCallback | None = None) -> Unsubscribe:
+        """In-process, so the feed never breaks and `on_gap` is never called."""
+        return self._subscribers.add(callback, on_gap)
