@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -113,7 +114,7 @@ async def create_database(cluster: PgCluster) -> str:
 
 async def drop_database(cluster: PgCluster, url: str) -> None:
     """Drop the database of `url`, cutting any connection a failed test left open."""
-    name = url.rpartition("/")[2].partition("?")[0]
+    name = urlsplit(url).path.lstrip("/")
     admin = await asyncpg.connect(cluster.url("postgres"))
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

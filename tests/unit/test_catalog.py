@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,8 +14,8 @@ import pytest
 
 from tests.pg import PgCluster, create_database, drop_database
 from vmm.catalog import Capacity, Catalog, PlacedVm, open_catalog
+from vmm.catalog import sqlite as catalog_sqlite
 from vmm.catalog.postgres import open_postgres
-from vmm.catalog.sqlite import open_sqlite
 from vmm.errors import CatalogError, Conflict, NotFound
 from vmm.model import RamMode, VmRecord, VmState
 from vmm.policy import Policy
@@ -37,7 +38,7 @@ class Store:
         if upto is None:
             cat = await open_catalog(self.url, self.sqlite_path)
         elif self.url is None:
-            cat = await open_sqlite(self.sqlite_path, upto=upto)
+            cat = await catalog_sqlite.open_sqlite(self.sqlite_path, upto=upto)
         else:
             cat = await open_postgres(self.url, upto=upto)
         self.opened.append(cat)
@@ -280,6 +281,33 @@ async def test_a_lost_feed_comes_back_and_reports_the_gap(pg_store: Store) -> No
     await wait_for(lambda: gaps == [None], "the feed to come back")
     await writer.create_vm(vm("va"), "h1")
     await wait_for(lambda: seen == ["va"], "a notification on the new LISTEN connection")
+
+
+async def test_a_locked_sqlite_catalog_fails_with_a_catalog_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(catalog_sqlite, "BUSY_TIMEOUT", 0.05)
+    cat = await open_catalog(None, tmp_path / "c.sqlite3")
+    other = sqlite3.connect(tmp_path / "c.sqlite3", isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")  # another process holding the write lock too long
+        with pytest.raises(CatalogError, match="database is locked"):
+            await cat.heartbeat("h1", "10.0.0.1:7000", Capacity(1, 1, 1), at=1.0)
+        other.execute("ROLLBACK")
+        await cat.heartbeat("h1", "10.0.0.1:7000", Capacity(1, 1, 1), at=1.0)
+    finally:
+        other.close()
+        await cat.close()
+
+
+async def test_a_postgres_catalog_whose_database_is_gone_fails_with_a_catalog_error(
+    pg_store: Store, pg_cluster: PgCluster
+) -> None:
+    cat = await pg_store.open()
+    assert pg_store.url is not None
+    await drop_database(pg_cluster, pg_store.url)
+    with pytest.raises(CatalogError, match=r"^catalog: postgresql://postgres@/t_"):
+        await cat.get_vm("va")
 
 
 async def test_a_url_of_another_kind_is_refused_naming_the_key(tmp_path: Path) -> None:

@@ -47,7 +47,10 @@ class PlacedVm:
 
 
 class Catalog(Protocol):
-    """The shared catalog; every method is one transaction, and writers of VMs feed `subscribe`."""
+    """The shared catalog; every method is one transaction, and writers of VMs feed `subscribe`.
+
+    A store that fails (server gone, database locked, disk full) raises CatalogError (503).
+    """
 
     backend: str  # "sqlite" | "postgres"
     migrated: tuple[int, ...]  # schema versions this start applied; empty when the schema was current

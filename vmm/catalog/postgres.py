@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Mapping
-from typing import Any
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -29,12 +30,14 @@ from .rows import RECORD_FIELDS, VM_COLUMNS, placed_vm, record_values
 
 CHANNEL = "mvm_vm_changed"
 CONNECT_TIMEOUT = 5.0  # seconds; an unreachable server is reported instead of hanging the start
+COMMAND_TIMEOUT = 30.0  # seconds one statement may take, so a stalled server cannot hang a caller
 CLOSE_TIMEOUT = 10.0  # seconds to let queries finish before connections are cut
 RELISTEN_ATTEMPTS = 10  # with delays doubling from RELISTEN_FIRST_DELAY up to RELISTEN_MAX_DELAY: ~2 minutes
 RELISTEN_FIRST_DELAY = 0.2
 RELISTEN_MAX_DELAY = 30.0
 _MIGRATION_LOCK = 0x6D766D63  # advisory lock key ("mvmc"): one process migrates at a time
 _CONNECT_ERRORS = (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_STORE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def redact(url: str) -> str:
@@ -47,6 +50,17 @@ def redact(url: str) -> str:
         parts = parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}")
     query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
     return urlunsplit(parts._replace(query=urlencode(query, safe="/*")))
+
+
+@contextmanager
+def _store_errors(url: str) -> Iterator[None]:
+    """A failing server or connection becomes CatalogError (503); a unique violation is the caller's to handle."""
+    try:
+        yield
+    except asyncpg.UniqueViolationError:
+        raise
+    except _STORE_ERRORS as exc:
+        raise CatalogError(f"catalog: {redact(url)}: {exc}") from exc
 
 
 async def migrate(conn: Any, upto: int | None = None) -> tuple[int, ...]:
@@ -73,7 +87,9 @@ async def migrate(conn: Any, upto: int | None = None) -> tuple[int, ...]:
 async def open_postgres(url: str, pool_size: int = 10, upto: int | None = None) -> PostgresCatalog:
     """Connect a pool and migrate; errors name `catalog.url`. `upto` stops at an older version (tests)."""
     try:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT)
+        pool = await asyncpg.create_pool(
+            url, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT
+        )
     except _CONNECT_ERRORS as exc:
         raise CatalogError(f"catalog.url: cannot connect to {redact(url)}: {exc}") from None
     try:
@@ -100,6 +116,18 @@ class PostgresCatalog:
         self._subscribers = Subscribers()
         self.migrated = migrated
 
+    async def _execute(self, query: str, *args: Any) -> str:
+        with _store_errors(self._url):
+            return cast(str, await self._pool.execute(query, *args))
+
+    async def _fetch(self, query: str, *args: Any) -> list[Any]:
+        with _store_errors(self._url):
+            return cast(list[Any], await self._pool.fetch(query, *args))
+
+    async def _fetchrow(self, query: str, *args: Any) -> Any:
+        with _store_errors(self._url):
+            return await self._pool.fetchrow(query, *args)
+
     async def close(self) -> None:
         if self._relisten_task is not None:
             self._relisten_task.cancel()
@@ -112,7 +140,7 @@ class PostgresCatalog:
             self._pool.terminate()
 
     async def heartbeat(self, host_id: str, address: str, capacity: Capacity, at: float) -> None:
-        await self._pool.execute(
+        await self._execute(
             "INSERT INTO hosts (id, address, memory_mb, vcpus, disk_mb, heartbeat_at, up)"
             " VALUES ($1, $2, $3, $4, $5, $6, true) ON CONFLICT (id) DO UPDATE SET address = excluded.address,"
             " memory_mb = excluded.memory_mb, vcpus = excluded.vcpus, disk_mb = excluded.disk_mb,"
@@ -126,15 +154,13 @@ class PostgresCatalog:
         )
 
     async def hosts(self) -> list[HostRecord]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "SELECT id, address, memory_mb, vcpus, disk_mb, heartbeat_at, up FROM hosts ORDER BY id"
         )
         return [HostRecord(r[0], r[1], Capacity(r[2], r[3], r[4]), r[5], r[6]) for r in rows]
 
     async def mark_down(self, older_than: float) -> list[str]:
-        rows = await self._pool.fetch(
-            "UPDATE hosts SET up = false WHERE up AND heartbeat_at < $1 RETURNING id", older_than
-        )
+        rows = await self._fetch("UPDATE hosts SET up = false WHERE up AND heartbeat_at < $1 RETURNING id", older_than)
         down = sorted(r[0] for r in rows)
         if down:
             log.event("catalog.hosts_down", level="warning", hosts=down, older_than=older_than)
@@ -143,7 +169,7 @@ class PostgresCatalog:
     async def create_vm(self, rec: VmRecord, host_id: str) -> None:
         marks = ", ".join(f"${i}" for i in range(1, 3 + len(RECORD_FIELDS)))
         try:
-            await self._pool.execute(
+            await self._execute(
                 f"WITH changed AS (INSERT INTO vms ({VM_COLUMNS}) VALUES ({marks}) RETURNING id)"
                 f" SELECT pg_notify('{CHANNEL}', id) FROM changed",
                 rec.id,
@@ -154,11 +180,11 @@ class PostgresCatalog:
             raise Conflict(f"VM {rec.id} already exists") from None
 
     async def get_vm(self, vm_id: str) -> PlacedVm | None:
-        row = await self._pool.fetchrow(f"SELECT {VM_COLUMNS} FROM vms WHERE id = $1", vm_id)
+        row = await self._fetchrow(f"SELECT {VM_COLUMNS} FROM vms WHERE id = $1", vm_id)
         return None if row is None else placed_vm(row)
 
     async def list_vms(self, host_id: str | None = None, states: Collection[VmState] | None = None) -> list[PlacedVm]:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             f"SELECT {VM_COLUMNS} FROM vms WHERE ($1::text IS NULL OR host_id = $1)"
             " AND ($2::text[] IS NULL OR state = ANY($2)) ORDER BY created_at, id",
             host_id,
@@ -168,7 +194,7 @@ class PostgresCatalog:
 
     async def save_vm(self, rec: VmRecord) -> None:
         assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(RECORD_FIELDS, start=2))
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             f"WITH changed AS (UPDATE vms SET {assignments} WHERE id = $1 RETURNING id)"
             f" SELECT pg_notify('{CHANNEL}', id) FROM changed",
             rec.id,
@@ -178,7 +204,7 @@ class PostgresCatalog:
             raise NotFound(f"VM {rec.id} is not in the catalog")
 
     async def delete_vm(self, vm_id: str) -> bool:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "WITH changed AS (DELETE FROM vms WHERE id = $1 RETURNING id)"
             f" SELECT pg_notify('{CHANNEL}', id) FROM changed",
             vm_id,
@@ -188,7 +214,7 @@ class PostgresCatalog:
     async def set_state(
         self, vm_id: str, from_states: Collection[VmState], to_state: VmState, at: float | None = None
     ) -> bool:
-        rows = await self._pool.fetch(
+        rows = await self._fetch(
             "WITH changed AS (UPDATE vms SET state = $3, state_changed_at = $4"
             " WHERE id = $1 AND state = ANY($2::text[]) RETURNING id)"
             f" SELECT pg_notify('{CHANNEL}', id) FROM changed",
@@ -202,7 +228,7 @@ class PostgresCatalog:
     async def touch_many(self, activity: Mapping[str, float]) -> None:
         if not activity:
             return
-        await self._pool.execute(
+        await self._execute(
             "UPDATE vms SET last_activity = greatest(vms.last_activity, a.at)"
             " FROM unnest($1::text[], $2::float8[]) AS a(id, at) WHERE vms.id = a.id",
             list(activity),
@@ -210,15 +236,15 @@ class PostgresCatalog:
         )
 
     async def add_template(self, name: str, host_id: str) -> None:
-        await self._pool.execute(
+        await self._execute(
             "INSERT INTO templates (name, host_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", name, host_id
         )
 
     async def remove_template(self, name: str, host_id: str) -> None:
-        await self._pool.execute("DELETE FROM templates WHERE name = $1 AND host_id = $2", name, host_id)
+        await self._execute("DELETE FROM templates WHERE name = $1 AND host_id = $2", name, host_id)
 
     async def template_hosts(self, name: str) -> set[str]:
-        rows = await self._pool.fetch("SELECT host_id FROM templates WHERE name = $1", name)
+        rows = await self._fetch("SELECT host_id FROM templates WHERE name = $1", name)
         return {r[0] for r in rows}
 
     async def subscribe(self, callback: ChangeCallback, on_gap: GapCallback | None = None) -> Unsubscribe:

@@ -78,7 +78,7 @@ async def open_sqlite(path: Path, upto: int | None = None) -> SqliteCatalog:
         executor.shutdown(wait=False)
         raise CatalogError(f"catalog: cannot open the embedded catalog {path}: {exc}") from None
     log.event("catalog.opened", backend="sqlite", path=str(path))
-    return SqliteCatalog(db, executor, migrated)
+    return SqliteCatalog(path, db, executor, migrated)
 
 
 class SqliteCatalog:
@@ -86,14 +86,23 @@ class SqliteCatalog:
 
     backend = "sqlite"
 
-    def __init__(self, db: sqlite3.Connection, executor: ThreadPoolExecutor, migrated: tuple[int, ...]) -> None:
+    def __init__(
+        self, path: Path, db: sqlite3.Connection, executor: ThreadPoolExecutor, migrated: tuple[int, ...]
+    ) -> None:
+        self._path = path
         self._db = db
         self._executor = executor
         self._subscribers = Subscribers()
         self.migrated = migrated
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
+        """Run `fn` on the connection's thread; a failing database becomes CatalogError (503)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._db)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise CatalogError(f"catalog: the embedded catalog {self._path}: {exc}") from exc
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
