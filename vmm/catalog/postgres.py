@@ -95,7 +95,7 @@ async def open_postgres(url: str, pool_size: int = 10, upto: int | None = None) 
     try:
         async with pool.acquire() as conn:
             migrated = await migrate(conn, upto)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except _STORE_ERRORS as exc:
         pool.terminate()
         raise CatalogError(f"catalog.url: cannot prepare the catalog schema in {redact(url)}: {exc}") from None
     log.event("catalog.opened", backend="postgres", url=redact(url), pool_size=pool_size)
@@ -262,7 +262,7 @@ class PostgresCatalog:
             raise CatalogError(f"catalog.url: cannot connect to {redact(self._url)}: {exc}") from None
         try:
             await listener.add_listener(CHANNEL, self._notified)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except _STORE_ERRORS as exc:
             listener.terminate()
             raise CatalogError(f"catalog.url: cannot LISTEN on {redact(self._url)}: {exc}") from None
         listener.add_termination_listener(self._feed_lost)

@@ -41,12 +41,17 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, upto: int | None) -> tuple[sqlite3.Connection, tuple[int, ...]]:
+    """Connect and migrate; a connection whose migration failed is closed again."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    return db
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db, migrate(db, upto)
+    except BaseException:
+        db.close()
+        raise
 
 
 def migrate(db: sqlite3.Connection, upto: int | None = None) -> tuple[int, ...]:
@@ -72,8 +77,7 @@ async def open_sqlite(path: Path, upto: int | None = None) -> SqliteCatalog:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog-sqlite")
     loop = asyncio.get_running_loop()
     try:
-        db = await loop.run_in_executor(executor, _connect, path)
-        migrated = await loop.run_in_executor(executor, migrate, db, upto)
+        db, migrated = await loop.run_in_executor(executor, _connect, path, upto)
     except (sqlite3.Error, OSError) as exc:
         executor.shutdown(wait=False)
         raise CatalogError(f"catalog: cannot open the embedded catalog {path}: {exc}") from None
