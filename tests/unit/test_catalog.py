@@ -300,6 +300,29 @@ async def test_a_locked_sqlite_catalog_fails_with_a_catalog_error(
         await cat.close()
 
 
+async def test_a_sqlite_change_committed_for_a_cancelled_caller_is_still_delivered(tmp_path: Path) -> None:
+    cat = await open_catalog(None, tmp_path / "c.sqlite3")
+    other = sqlite3.connect(tmp_path / "c.sqlite3", isolation_level=None)
+    try:
+        await cat.create_vm(vm("va", VmState.SUSPENDED), "h1")
+        seen: list[str] = []
+        await cat.subscribe(seen.append)
+        other.execute("BEGIN IMMEDIATE")  # the catalog's write waits for this lock on its thread
+        waker = asyncio.ensure_future(cat.set_state("va", [VmState.SUSPENDED], VmState.RESTORING))
+        await asyncio.sleep(0.5)
+        waker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waker
+        other.execute("ROLLBACK")
+        await wait_for(lambda: seen == ["va"], "the notification of the write the cancelled caller started")
+        placed = await cat.get_vm("va")
+        assert placed is not None
+        assert placed.rec.state is VmState.RESTORING
+    finally:
+        other.close()
+        await cat.close()
+
+
 async def test_a_postgres_catalog_whose_database_is_gone_fails_with_a_catalog_error(
     pg_store: Store, pg_cluster: PgCluster
 ) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,18 +143,27 @@ class SqliteCatalog:
             log.event("catalog.hosts_down", level="warning", hosts=down, older_than=older_than)
         return down
 
+    async def _change_vm(self, vm_id: str, query: str, args: Sequence[object]) -> bool:
+        """One write of a VM's row; subscribers hear of a change even if the caller is cancelled meanwhile."""
+        loop = asyncio.get_running_loop()
+
+        def write(db: sqlite3.Connection) -> bool:
+            changed = db.execute(query, args).rowcount > 0
+            if changed:
+                loop.call_soon_threadsafe(self._subscribers.changed, vm_id)  # runs before the caller resumes
+            return changed
+
+        return await self._run(write)
+
     async def create_vm(self, rec: VmRecord, host_id: str) -> None:
-        def write(db: sqlite3.Connection) -> None:
-            db.execute(
+        try:
+            await self._change_vm(
+                rec.id,
                 f"INSERT INTO vms ({VM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rec.id, host_id, *record_values(rec)),
             )
-
-        try:
-            await self._run(write)
         except sqlite3.IntegrityError:
             raise Conflict(f"VM {rec.id} already exists") from None
-        self._subscribers.changed(rec.id)
 
     async def get_vm(self, vm_id: str) -> PlacedVm | None:
         row = await self._run(lambda db: db.execute(f"SELECT {VM_COLUMNS} FROM vms WHERE id = ?", (vm_id,)).fetchone())
@@ -175,35 +184,22 @@ class SqliteCatalog:
 
     async def save_vm(self, rec: VmRecord) -> None:
         assignments = ", ".join(f"{c} = ?" for c in RECORD_FIELDS)
-        cursor = await self._run(
-            lambda db: db.execute(f"UPDATE vms SET {assignments} WHERE id = ?", (*record_values(rec), rec.id))
-        )
-        if cursor.rowcount == 0:
+        query = f"UPDATE vms SET {assignments} WHERE id = ?"
+        if not await self._change_vm(rec.id, query, (*record_values(rec), rec.id)):
             raise NotFound(f"VM {rec.id} is not in the catalog")
-        self._subscribers.changed(rec.id)
 
     async def delete_vm(self, vm_id: str) -> bool:
-        cursor = await self._run(lambda db: db.execute("DELETE FROM vms WHERE id = ?", (vm_id,)))
-        if cursor.rowcount == 0:
-            return False
-        self._subscribers.changed(vm_id)
-        return True
+        return await self._change_vm(vm_id, "DELETE FROM vms WHERE id = ?", (vm_id,))
 
     async def set_state(
         self, vm_id: str, from_states: Collection[VmState], to_state: VmState, at: float | None = None
     ) -> bool:
-        when = time.time() if at is None else at
         marks = ",".join("?" * len(from_states))
-        cursor = await self._run(
-            lambda db: db.execute(
-                f"UPDATE vms SET state = ?, state_changed_at = ? WHERE id = ? AND state IN ({marks})",
-                (to_state.value, when, vm_id, *(s.value for s in from_states)),
-            )
+        return await self._change_vm(
+            vm_id,
+            f"UPDATE vms SET state = ?, state_changed_at = ? WHERE id = ? AND state IN ({marks})",
+            (to_state.value, time.time() if at is None else at, vm_id, *(s.value for s in from_states)),
         )
-        if cursor.rowcount == 0:
-            return False
-        self._subscribers.changed(vm_id)
-        return True
 
     async def touch_many(self, activity: Mapping[str, float]) -> None:
         def write(db: sqlite3.Connection) -> None:
