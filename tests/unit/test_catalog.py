@@ -87,6 +87,10 @@ async def wait_for(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+async def test_the_url_chooses_the_backend(store: Store) -> None:
+    assert (await store.open()).backend == store.kind
+
+
 async def test_hosts_heartbeat_and_are_marked_down_when_silent(store: Store) -> None:
     cat = await store.open()
     await cat.heartbeat("h1", "10.0.0.1:7000", Capacity(4096, 4, 10_000), at=100.0)
