@@ -15,6 +15,7 @@ APT_PACKAGES=(
     buildah skopeo umoci mmdebstrap e2fsprogs   # Dockerfiles and OCI archives -> root disks
     nginx-light wrk curl   # benchmarks: nginx baseline, load generator, streaming
     chromium               # the shell page's test in a real (headless) browser
+    postgresql             # the shared catalog's tests run a throwaway server (initdb, pg_ctl)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -59,3 +59,9 @@ class RegistryError(VmmError):
     """The registry could not record a transition (e.g. its disk is full); the transition did not happen."""
 
     http_status = 507
+
+
+class CatalogError(VmmError):
+    """The shared catalog cannot be used (bad `catalog.url`, server unreachable); names the config key."""
+
+    http_status = 503

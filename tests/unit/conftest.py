@@ -1,9 +1,10 @@
-"""Fixtures shared by the proxy's socket tests."""
+"""Fixtures shared by the proxy's socket tests and the catalog tests."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.pg import PgCluster, PgUnavailable
 from tests.unit.proxy_harness import Upstream, start_upstream
 
 
@@ -13,3 +14,18 @@ async def upstream() -> AsyncIterator[Upstream]:
     up = await start_upstream()
     yield up
     await up.runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One real PostgreSQL for the session (unix socket only); missing PostgreSQL fails the tests."""
+    try:
+        cluster = PgCluster()
+        cluster.start()
+    except PgUnavailable as exc:
+        problem = str(exc)
+    else:
+        yield cluster
+        cluster.stop()
+        return
+    pytest.fail(f"PostgreSQL is needed for the catalog tests: {problem}", pytrace=False)

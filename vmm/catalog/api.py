@@ -1,0 +1,107 @@
+"""What every catalog backend offers: the state VM hosts and edge workers share.
+
+VM hosts write their capacity, their VMs and their templates here; stateless edges read it
+to route requests and race each other (via `set_state`) to wake a VM, so exactly one of them
+starts its restore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..model import VmRecord, VmState
+
+ChangeCallback = Callable[[str], None]  # gets the id of a VM whose route or state changed
+GapCallback = Callable[[], None]  # the feed was interrupted: changes may have been missed, reload
+Unsubscribe = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a host can still give to new VMs."""
+
+    memory_mb: int
+    vcpus: int
+    disk_mb: int
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """A VM host as its last heartbeat described it; `up` is false once it missed the threshold."""
+
+    id: str
+    address: str
+    capacity: Capacity
+    heartbeat_at: float
+    up: bool
+
+
+@dataclass(frozen=True)
+class PlacedVm:
+    """A VM record and the host it lives on, which is where an edge routes its requests."""
+
+    host_id: str
+    rec: VmRecord
+
+
+class Catalog(Protocol):
+    """The shared catalog; every method is one transaction, and writers of VMs feed `subscribe`.
+
+    A store that fails (server gone, database locked, disk full) raises CatalogError (503).
+    """
+
+    backend: str  # "sqlite" | "postgres"
+    migrated: tuple[int, ...]  # schema versions this start applied; empty when the schema was current
+
+    async def close(self) -> None: ...
+
+    async def heartbeat(self, host_id: str, address: str, capacity: Capacity, at: float) -> None:
+        """Register the host or refresh it; a heartbeat brings a host marked down back up."""
+
+    async def hosts(self) -> list[HostRecord]: ...
+
+    async def mark_down(self, older_than: float) -> list[str]:
+        """Mark down the up hosts whose last heartbeat is before `older_than`; returns their ids."""
+
+    async def create_vm(self, rec: VmRecord, host_id: str) -> None:
+        """Add a VM on a host; raises Conflict if the id is taken."""
+
+    async def get_vm(self, vm_id: str) -> PlacedVm | None: ...
+
+    async def list_vms(
+        self, host_id: str | None = None, states: Collection[VmState] | None = None
+    ) -> list[PlacedVm]: ...
+
+    async def save_vm(self, rec: VmRecord) -> None:
+        """Overwrite a VM's record (its host stays); raises NotFound if it does not exist."""
+
+    async def delete_vm(self, vm_id: str) -> bool:
+        """Remove a VM; returns whether it existed."""
+
+    async def set_state(
+        self, vm_id: str, from_states: Collection[VmState], to_state: VmState, at: float | None = None
+    ) -> bool:
+        """Move the VM to `to_state` only if it is in one of `from_states`; returns whether this call won.
+
+        Atomic across processes: of many concurrent callers exactly one sees True.
+        """
+
+    async def touch_many(self, activity: Mapping[str, float]) -> None:
+        """Record last-activity times in one statement; a time never moves backwards."""
+
+    async def add_template(self, name: str, host_id: str) -> None: ...
+
+    async def remove_template(self, name: str, host_id: str) -> None: ...
+
+    async def template_hosts(self, name: str) -> set[str]:
+        """The hosts that hold the template, i.e. where a VM of it can be created."""
+
+    async def subscribe(self, callback: ChangeCallback, on_gap: GapCallback | None = None) -> Unsubscribe:
+        """Call `callback(vm_id)` after each committed change of a VM's route or state.
+
+        Once this returns, every later change is delivered. Activity times are not changes.
+        If the feed breaks (PostgreSQL: its connection was lost) and comes back, `on_gap()` is
+        called, since changes in between were missed and whatever was cached must be reloaded.
+        """
