@@ -67,7 +67,7 @@ class LoopbackBackend:
             raise
         return sock
 
-    def touch(self, vm_id: str) -> None:
+    def touch(self, vm_id: str, at: float | None = None) -> None:
         return None
 
 

@@ -80,7 +80,7 @@ async def start(cfg: Config) -> Edge:
     # Everything that can fail on bad input is checked before the manager touches any VM.
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg)
-    listener = _bind(cfg.server.listen_host, cfg.server.listen_port)
+    listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port)
     manager = VmManager(cfg.vmm)
     metrics = Metrics(manager.counts_by_state)
     egress = EgressProxies(metrics)
@@ -92,7 +92,7 @@ async def start(cfg: Config) -> Edge:
         await egress.close_all()
         raise
     try:
-        await _ensure_default_template(manager)
+        await ensure_default_template(manager)
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
         control_socket = str(Path(control_dir.name) / "control.sock")
         control = web.AppRunner(build_control_app(cfg, manager, tokens, metrics), access_log=None)
@@ -107,24 +107,9 @@ async def start(cfg: Config) -> Edge:
             pool=pool,
             control_socket=control_socket,
             control_auth=f"Bearer {cfg.server.admin_key}".encode(),
-            settings=ProxySettings(
-                connect_timeout=cfg.proxy.connect_timeout,
-                read_timeout=cfg.proxy.read_timeout,
-                wake_timeout=cfg.proxy.wake_timeout,
-                max_held_per_vm=cfg.proxy.max_held_per_vm,
-                retry_after=cfg.proxy.retry_after,
-                idle_timeout=cfg.proxy.idle_timeout,
-                max_head_size=cfg.proxy.max_head_size,
-                max_headers=cfg.proxy.max_headers,
-                body_timeout=cfg.proxy.body_timeout,
-                body_min_rate=cfg.proxy.body_min_rate,
-                body_rate_grace=cfg.proxy.body_rate_grace,
-                max_connections_per_ip=cfg.proxy.max_connections_per_ip,
-                forwarded_proto="https" if cfg.server.tls else "http",
-                trusted_proxies=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.proxy.trusted_proxies),
-            ),
+            settings=proxy_settings(cfg),
         )
-        manager.listeners.append(lambda rec: _end_upstreams(pool, rec))
+        manager.listeners.append(lambda rec: end_upstreams(pool, rec))
         loop = asyncio.get_running_loop()
         server = await loop.create_server(make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024)
     except BaseException:
@@ -203,16 +188,40 @@ def raise_nofile_limit(wanted: int) -> int:
     return soft
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound up front so a busy port is an error before any VM is touched."""
+def proxy_settings(cfg: Config) -> ProxySettings:
+    """The data plane's limits from [proxy] (and the scheme from [server])."""
+    p = cfg.proxy
+    return ProxySettings(
+        connect_timeout=p.connect_timeout,
+        read_timeout=p.read_timeout,
+        wake_timeout=p.wake_timeout,
+        max_held_per_vm=p.max_held_per_vm,
+        retry_after=p.retry_after,
+        idle_timeout=p.idle_timeout,
+        max_head_size=p.max_head_size,
+        max_headers=p.max_headers,
+        body_timeout=p.body_timeout,
+        body_min_rate=p.body_min_rate,
+        body_rate_grace=p.body_rate_grace,
+        max_connections_per_ip=p.max_connections_per_ip,
+        forwarded_proto="https" if cfg.server.tls else "http",
+        trusted_proxies=tuple(ipaddress.ip_network(n, strict=False) for n in p.trusted_proxies),
+    )
+
+
+def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The listening socket, bound up front so a busy port is an error before any VM is touched.
+
+    `reuse_port`: edge workers in several processes share the port (SO_REUSEPORT).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=1024)
+        return socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port)
     except OSError as exc:
         raise ConfigError(f"server.listen_port: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
-async def _ensure_default_template(manager: VmManager) -> None:
+async def ensure_default_template(manager: VmManager) -> None:
     """No VM ever cold-boots on the request path: the default template is made at start-up."""
     name = manager.settings.default_template
     if any(t.name == name for t in manager.templates()):
@@ -229,7 +238,7 @@ _GOING_AWAY = frozenset(
 )
 
 
-def _end_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:
+def end_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:
     """Connections to a VM that stops running would only time out: close the idle ones, and
     those in use too when its QEMU goes away (a paused VM keeps them: they resume with it)."""
     if rec.state in _GOING_AWAY:

@@ -28,8 +28,8 @@ class VmBackend(Protocol):
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
         """A non-blocking TCP socket connected to the guest's port, made inside the VM's netns."""
 
-    def touch(self, vm_id: str) -> None:
-        """Record activity now (requests, bytes on long-lived streams)."""
+    def touch(self, vm_id: str, at: float | None = None) -> None:
+        """Record activity now, or at `at` (requests, bytes on long-lived streams)."""
 
 
 class ManagedVms(VmBackend, Protocol):

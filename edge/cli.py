@@ -61,8 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = _Subparsers(parser.add_subparsers(required=True, metavar="command"), common)
 
-    serve = sub.add_parser("serve", "run the edge proxy, control API and VM manager")
+    serve = sub.add_parser("serve", "run the edge proxy, control API and VM manager (one machine)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="edge worker processes (default server.workers; 0: one per core); above 1, "
+                            "serve runs as one `mvm host` plus that many `mvm edge` workers")  # fmt: skip
     serve.set_defaults(func=_serve)
+
+    host = sub.add_parser("host", "run a VM host of a fleet (or, with an action, ask the edge about hosts)")
+    host_actions = _Subparsers(host.add_subparsers(required=False, metavar="action"), common)
+    host.set_defaults(func=_host)
+    host_actions.add_parser("ls", "list the fleet's hosts (up, capacity, VMs)").set_defaults(
+        func=lambda a: _print(_api(a, "GET", "/v1/hosts"))
+    )
+
+    edge = sub.add_parser("edge", "run edge workers of a fleet (stateless; they route by the catalog)")
+    edge.add_argument("--workers", type=int, default=None, help="processes (default server.workers; 0: one per core)")
+    edge.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one worker, in this process
+    edge.set_defaults(func=_edge)
 
     cert = sub.add_parser("dev-cert", "make a self-signed wildcard certificate for the dev domain")
     cert.set_defaults(func=_dev_cert)
@@ -102,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--template", default=None, help="template to launch from (default vmm.default_template)")
     create.add_argument("--policy", default=None, help="JSON object, e.g. '{\"idle_suspend_after\": 60}'")
     create.add_argument("--run-payload", default=None, help="JSON given to the image's run hook (at most 16 KiB)")
+    create.add_argument("--host", default=None, help="place it on this host of the fleet (default: the edge picks)")
     create.set_defaults(func=_vm_create)
     vm.add_parser("ls", "list VMs").set_defaults(func=_vm_ls)
     for action, method, suffix, what in (
@@ -171,9 +187,43 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from .app import serve
+    cfg = _config(args)
+    workers = _workers(args, cfg)
+    if workers == 1:
+        from .app import serve
+
+        serve(cfg)
+        return
+    from fleet.edge_node import run_processes, worker_command
+
+    config = getattr(args, "config", None)
+    edges = [[*worker_command(config, "edge"), "--worker"] for _ in range(workers)]
+    sys.exit(run_processes([worker_command(config, "host"), *edges]))
+
+
+def _host(args: argparse.Namespace) -> None:
+    from fleet.host import serve
 
     serve(_config(args))
+
+
+def _edge(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from fleet.edge_node import run_processes, serve_worker, worker_command
+
+    workers = _workers(args, cfg)
+    if args.worker or workers == 1:
+        serve_worker(cfg)
+        return
+    config = getattr(args, "config", None)
+    sys.exit(run_processes([[*worker_command(config, "edge"), "--worker"] for _ in range(workers)]))
+
+
+def _workers(args: argparse.Namespace, cfg: Config) -> int:
+    wanted = args.workers if args.workers is not None else cfg.server.workers
+    if wanted < 0:
+        raise CliError("--workers must be 0 (one per core) or more")
+    return wanted or os.cpu_count() or 1
 
 
 def _dev_cert(args: argparse.Namespace) -> None:
@@ -263,6 +313,8 @@ def _vm_create(args: argparse.Namespace) -> None:
             body["policy"] = orjson.loads(args.policy)
         except orjson.JSONDecodeError as exc:
             raise CliError(f"--policy is not valid JSON: {exc}") from exc
+    if args.host:
+        body["host"] = args.host
     if args.run_payload:
         try:
             body["run_payload"] = orjson.loads(args.run_payload)

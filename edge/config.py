@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 DEV_ADMIN_KEY = "dev-admin-key-change-me"
 DEV_SECRET = "dev-secret-change-me-0123456789abcdef"
+DEV_CLUSTER_SECRET = "dev-cluster-secret-change-me-0123456789"
+MIN_CLUSTER_SECRET = 32
 DEFAULT_POLICY = Policy(ports=(8081,))
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_ADMIN_KEY = 16
@@ -47,6 +49,7 @@ class ServerConfig:
     admin_key: str = field(default=DEV_ADMIN_KEY, repr=False)
     rlimit_nofile: int = 65536  # soft RLIMIT_NOFILE wanted at start (capped by the hard limit); 0: leave it
     drain_timeout: float = 10.0  # on SIGTERM: how long requests in flight may take to finish
+    workers: int = 1  # edge worker processes (SO_REUSEPORT); 0: one per core
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,24 @@ class TokensConfig:
 
 
 @dataclass(frozen=True)
+class CatalogConfig:
+    url: str = field(default="", repr=False)  # "": the embedded SQLite catalog in vmm.state_dir
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How VM hosts and edge workers find and trust each other (`mvm host`, `mvm edge`)."""
+
+    secret: str = field(default=DEV_CLUSTER_SECRET, repr=False)  # bearer key of host APIs and data ports
+    host_id: str = ""  # "": this machine's hostname
+    host_listen: str = "127.0.0.1:9100"  # the host API of `mvm host`
+    data_listen: str = "127.0.0.1:9101"  # the data port: edges on other machines tunnel to guests through it
+    advertise: str = ""  # the address edges use for this host; "": its host_listen's address
+    heartbeat_interval: float = 1.0
+    down_after: float = 5.0  # seconds without a heartbeat before a host's VMs show as unavailable
+
+
+@dataclass(frozen=True)
 class ReaperConfig:
     interval: float = 1.0
 
@@ -109,6 +130,8 @@ class Config:
     vmm: VmmSettings
     reaper: ReaperConfig
     log: LogConfig
+    catalog: CatalogConfig = CatalogConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
 
 Rule = Callable[[Any, str], Any]  # (value, key) -> the value to keep; raises ConfigError
@@ -158,6 +181,29 @@ def _text(value: Any, key: str) -> str:
     return value
 
 
+def _text_or_empty(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, "a string", value)
+    return value
+
+
+_HOST_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _host_id(value: Any, key: str) -> str:
+    if value != "" and (not isinstance(value, str) or not _HOST_ID.fullmatch(value)):
+        raise _fail(key, "a host name of lower-case letters, digits and dashes (or \"\" for the hostname)", value)
+    return str(value)
+
+
+def _address(value: Any, key: str) -> str:
+    """host:port, with the port a number; IPv6 in brackets."""
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _fail(key, "an address host:port such as 127.0.0.1:9100", value)
+    return str(value)
+
+
 def _flag(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise _fail(key, "true or false", value)
@@ -204,6 +250,7 @@ _SERVER: dict[str, Rule] = {
     "admin_key": _text,
     "rlimit_nofile": _integer(0, 1 << 30),
     "drain_timeout": _seconds_or_zero,
+    "workers": _integer(0, 1024),
 }
 _PROXY: dict[str, Rule] = {
     "connect_timeout": _seconds,
@@ -254,9 +301,19 @@ _VMM: dict[str, Rule] = {
     "terminated_ttl": _seconds,
     "verify_ram": _flag,
 }
+_CATALOG: dict[str, Rule] = {"url": _text_or_empty}
+_CLUSTER: dict[str, Rule] = {
+    "secret": _text,
+    "host_id": _host_id,
+    "host_listen": _address,
+    "data_listen": _address,
+    "advertise": lambda value, key: "" if value == "" else _address(value, key),
+    "heartbeat_interval": _seconds,
+    "down_after": _seconds,
+}
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
-_SECTIONS = ("server", "proxy", "tokens", "vmm", "policy", "reaper", "log")
+_SECTIONS = ("server", "proxy", "tokens", "vmm", "policy", "reaper", "log", "catalog", "cluster")
 
 
 def load_config(path: Path | None) -> Config:
@@ -290,6 +347,8 @@ def load_config(path: Path | None) -> Config:
         vmm=replace(vmm, default_policy=policy),
         reaper=_section(_table(data, "reaper"), "reaper", ReaperConfig(), _REAPER),
         log=_section(_table(data, "log"), "log", LogConfig(), _LOG),
+        catalog=_section(_table(data, "catalog"), "catalog", CatalogConfig(), _CATALOG),
+        cluster=_cluster(_table(data, "cluster")),
     )
 
 
@@ -403,6 +462,16 @@ def _key(table: Any, where: str) -> KeyConfig:
         if key.private_key_file is None and key.public_key_file is None:
             raise ConfigError(f"{where}.private_key_file: {key.alg} needs private_key_file and/or public_key_file")
     return key
+
+
+def _cluster(table: dict[str, Any]) -> ClusterConfig:
+    cluster = _section(table, "cluster", ClusterConfig(), _CLUSTER)
+    if len(cluster.secret) < MIN_CLUSTER_SECRET:
+        raise ConfigError(f"cluster.secret: must be at least {MIN_CLUSTER_SECRET} characters")
+    listens = (cluster.host_listen, cluster.data_listen, cluster.advertise or cluster.host_listen)
+    if cluster.secret == DEV_CLUSTER_SECRET and not all(_is_loopback(a.rpartition(":")[0]) for a in listens):
+        raise ConfigError("cluster.secret: replace the development default before a host listens beyond loopback")
+    return cluster
 
 
 def _check_dev_secrets(server: ServerConfig, tokens: TokensConfig) -> None:

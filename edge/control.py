@@ -65,7 +65,7 @@ async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def read_body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
     try:
@@ -77,13 +77,13 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _vm_json(request: web.Request, rec: VmRecord) -> dict[str, Any]:
+def vm_json(request: web.Request, rec: VmRecord) -> dict[str, Any]:
     data = rec.to_dict()
-    data["url"] = _vm_url(request.app[CONFIG], rec.id)
+    data["url"] = vm_url(request.app[CONFIG], rec.id)
     return data
 
 
-def _vm_url(cfg: Config, vm_id: str) -> str:
+def vm_url(cfg: Config, vm_id: str) -> str:
     scheme = "https" if cfg.server.tls else "http"
     return f"{scheme}://{vm_id}.{cfg.server.domain}:{cfg.server.listen_port}/"
 
@@ -106,7 +106,7 @@ async def list_templates(request: web.Request) -> web.Response:
 
 
 async def create_template(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_body(request)
     name, image = body.get("name"), body.get("image", "demo")
     if not isinstance(name, str) or not isinstance(image, str):
         raise web.HTTPUnprocessableEntity(reason="name and image must be strings")
@@ -149,12 +149,12 @@ async def vm_logs(request: web.Request) -> web.StreamResponse:
 
 
 async def vm_exec(request: web.Request) -> web.StreamResponse:
-    req = ExecRequest.parse(await _body(request))
+    req = ExecRequest.parse(await read_body(request))
     return await stream_exec(request, request.app[MANAGER], request.match_info["vm_id"], req)
 
 
 async def create_vm(request: web.Request) -> web.Response:
-    body = await _body(request)
+    body = await read_body(request)
     allowed = ("template", "policy", "run_payload")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
@@ -165,15 +165,15 @@ async def create_vm(request: web.Request) -> web.Response:
     if policy is not None and not isinstance(policy, dict):
         raise web.HTTPUnprocessableEntity(reason="policy must be an object")
     rec = await request.app[MANAGER].create_vm(template, policy, body.get("run_payload"))
-    return json_response(_vm_json(request, rec), 201)
+    return json_response(vm_json(request, rec), 201)
 
 
 async def list_vms(request: web.Request) -> web.Response:
-    return json_response({"vms": [_vm_json(request, rec) for rec in request.app[MANAGER].list_vms()]})
+    return json_response({"vms": [vm_json(request, rec) for rec in request.app[MANAGER].list_vms()]})
 
 
 async def get_vm(request: web.Request) -> web.Response:
-    return json_response(_vm_json(request, request.app[MANAGER].get(request.match_info["vm_id"])))
+    return json_response(vm_json(request, request.app[MANAGER].get(request.match_info["vm_id"])))
 
 
 def _action(name: str) -> Handler:
@@ -181,7 +181,7 @@ def _action(name: str) -> Handler:
         vms = request.app[MANAGER]
         transitions = {"pause": vms.pause, "suspend": vms.suspend, "resume": vms.resume}
         rec = await transitions[name](request.match_info["vm_id"])
-        return json_response(_vm_json(request, rec))
+        return json_response(vm_json(request, rec))
 
     return handler
 
@@ -194,7 +194,12 @@ async def delete_vm(request: web.Request) -> web.Response:
 async def issue_token(request: web.Request) -> web.Response:
     vm_id = request.match_info["vm_id"]
     request.app[MANAGER].get(vm_id)
-    body = await _body(request)
+    return await token_answer(request, vm_id)
+
+
+async def token_answer(request: web.Request, vm_id: str) -> web.Response:
+    """Issue a token for `vm_id` (which exists) as the body asks: {"ttl"?, "scopes"?, "ports"?}."""
+    body = await read_body(request)
     ttl = body.get("ttl")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
         raise web.HTTPUnprocessableEntity(reason="ttl must be a number of seconds")
@@ -202,7 +207,7 @@ async def issue_token(request: web.Request) -> web.Response:
     if unknown:
         raise web.HTTPUnprocessableEntity(reason=f"{unknown[0]}: unknown field (allowed: ttl, scopes, ports)")
     token, exp = request.app[TOKENS].issue(vm_id, ttl, body.get("scopes"), body.get("ports"))
-    url = _vm_url(request.app[CONFIG], vm_id)
+    url = vm_url(request.app[CONFIG], vm_id)
     scopes = sorted(body.get("scopes") or ["http"])
     return json_response(
         {"vm": vm_id, "token": token, "expires_at": exp, "expires_in": round(exp - time.time()), "url": url,

@@ -192,10 +192,11 @@ class VmManager:
         counts = Counter(vm.rec.state.value for vm in self._vms.values())
         return {state.value: counts.get(state.value, 0) for state in VmState if state != VmState.TERMINATED}
 
-    def touch(self, vm_id: str) -> None:
+    def touch(self, vm_id: str, at: float | None = None) -> None:
+        """Activity now, or at `at` (an edge's batch); never moves the time backwards."""
         vm = self._vms.get(vm_id)
         if vm is not None:
-            vm.rec.last_activity = time.time()
+            vm.rec.last_activity = max(vm.rec.last_activity, time.time() if at is None else at)
             self._dirty.add(vm_id)
 
     def vm_dir(self, vm_id: str) -> Path:

@@ -28,6 +28,7 @@ class VmState(enum.StrEnum):
     TERMINATING = "terminating"
     TERMINATED = "terminated"
     FAILED = "failed"
+    UNAVAILABLE = "unavailable"  # shown by edges while the VM's host misses heartbeats; never stored
 
 
 class RamMode(enum.StrEnum):

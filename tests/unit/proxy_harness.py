@@ -85,7 +85,7 @@ class FakeBackend:
             raise
         return sock
 
-    def touch(self, vm_id: str) -> None:
+    def touch(self, vm_id: str, at: float | None = None) -> None:
         self.touches[vm_id] += 1
 
 

@@ -1,0 +1,1 @@
+"""The fleet: VM hosts (`mvm host`) and stateless edge workers (`mvm edge`) sharing one catalog."""

@@ -1,0 +1,165 @@
+"""The data port: how an edge on another machine reaches a guest, one tunnel per upstream connection.
+
+A guest's namespace exists only on its host, so a remote edge connects to the host's data
+port and asks for `vm_id:port` in one line signed with the cluster secret (HMAC-SHA256
+over the request and a timestamp: the secret never crosses the wire and a captured line
+is useless after SKEW seconds). The host connects to the guest inside its namespace,
+answers `OK`, and from then on copies bytes both ways. Traffic is not encrypted: across
+machines, run it inside a private network or a VPN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import socket
+import time
+from collections.abc import Callable
+
+from vmm import netns
+from vmm.errors import NotFound, VmFailed, VmmError
+from vmm.jsonlog import log
+
+MAGIC = "MVM-TUNNEL"
+SKEW = 30.0  # seconds a signed request stays valid
+MAX_LINE = 512
+CHUNK = 65536
+
+
+def sign(secret: str, vm_id: str, port: int, at: int) -> str:
+    return hmac.new(secret.encode(), f"{vm_id} {port} {at}".encode(), hashlib.sha256).hexdigest()
+
+
+def request_line(secret: str, vm_id: str, port: int) -> bytes:
+    at = int(time.time())
+    return f"{MAGIC} {vm_id} {port} {at} {sign(secret, vm_id, port, at)}\r\n".encode()
+
+
+async def open_tunnel(address: str, secret: str, vm_id: str, port: int, timeout: float) -> socket.socket:
+    """A connected non-blocking socket that carries bytes to and from the guest's port, via its host."""
+    host, _, port_text = address.rpartition(":")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (host.strip("[]"), int(port_text)))
+            await loop.sock_sendall(sock, request_line(secret, vm_id, port))
+            answer = await _read_line(loop, sock)
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise VmFailed(f"cannot reach VM {vm_id} through its host's data port {address}: {exc}") from exc
+    if answer != "OK":
+        sock.close()
+        raise VmFailed(f"the host's data port refused a tunnel to VM {vm_id}:{port}: {answer}")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> str:
+    """The answer line only: peeked first, so no byte the guest sends after it is consumed here."""
+    while True:
+        peeked = await _peek(loop, sock)
+        end = peeked.find(b"\r\n")
+        if end >= 0:
+            await loop.sock_recv(sock, end + 2)
+            return peeked[:end].decode(errors="replace")
+        if len(peeked) >= MAX_LINE:
+            raise OSError("the data port's answer line is too long")
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+    data = sock.recv(MAX_LINE, socket.MSG_PEEK)
+    if not data:
+        raise OSError("the data port closed the connection")
+    return data
+
+
+class DataPort:
+    """The host's side: checks each request line, connects to the guest, then relays."""
+
+    def __init__(self, secret: str, vm_exists: Callable[[str, int], bool], connect_timeout: float = 5.0) -> None:
+        self.secret = secret
+        self.vm_exists = vm_exists
+        self.connect_timeout = connect_timeout
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._tunnel(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with asyncio.timeout(self.connect_timeout):
+            line = (await reader.readuntil(b"\r\n")).decode(errors="replace").strip()
+        try:
+            vm_id, port = self._check(line)
+            guest = await netns.connect_guest(vm_id, port, self.connect_timeout)
+        except (VmmError, OSError) as exc:
+            log.event("data_port.refused", level="warning", peer=str(writer.get_extra_info("peername")), error=str(exc))
+            writer.write(f"ERR {exc}\r\n".encode())
+            await writer.drain()
+            return
+        up_reader, up_writer = await asyncio.open_connection(sock=guest, limit=CHUNK)
+        writer.write(b"OK\r\n")
+        try:
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        finally:
+            up_writer.close()
+
+    def _check(self, line: str) -> tuple[str, int]:
+        parts = line.split(" ")
+        if len(parts) != 5 or parts[0] != MAGIC or not parts[2].isdigit() or not parts[3].isdigit():
+            raise VmmError("malformed tunnel request")
+        _, vm_id, port_text, at_text, mac = parts
+        port, at = int(port_text), int(at_text)
+        if abs(time.time() - at) > SKEW or not hmac.compare_digest(mac, sign(self.secret, vm_id, port, at)):
+            raise VmmError("tunnel request not signed with the cluster secret (or too old)")
+        if not self.vm_exists(vm_id, port):
+            raise NotFound(f"no VM {vm_id} with port {port} on this host")
+        return vm_id, port
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await src.read(CHUNK):
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()

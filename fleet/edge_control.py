@@ -1,0 +1,156 @@
+"""The control API of a fleet edge: the same paths as `mvm serve`'s, answered from the catalog or by the VM's host.
+
+Listing and reading VMs, tokens and hosts are answered here (catalog and local keys);
+creating a VM places it on a host; everything else about one VM (suspend, resume,
+delete, logs, exec, files) is forwarded to the host that has it, streamed both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from edge.config import Config
+from edge.control import (
+    CONFIG,
+    METRICS,
+    TOKENS,
+    errors_and_auth,
+    healthz,
+    json_response,
+    metrics,
+    openapi,
+    read_body,
+    token_answer,
+    vm_url,
+)
+from edge.metrics import Metrics
+from edge.tokens import TokenService
+from vmm.errors import NotFound, NotRunning, OverCapacity, VmmError
+from vmm.jsonlog import log
+from vmm.model import VmRecord
+
+from .host_client import HostClient
+from .placement import candidates
+from .routes import RouteTable
+
+ROUTES = web.AppKey("routes", RouteTable)
+HOSTS = web.AppKey("hosts", HostClient)
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
+                         "content-length", "authorization"))  # fmt: skip
+
+
+def placed_json(request: web.Request, host_id: str, rec: VmRecord) -> dict[str, Any]:
+    data = rec.to_dict()
+    data["url"] = vm_url(request.app[CONFIG], rec.id)
+    data["host"] = host_id
+    return data
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    routes = request.app[ROUTES]
+    return json_response({"vms": [placed_json(request, host, rec) for host, rec in routes.records()]})
+
+
+async def get_vm(request: web.Request) -> web.Response:
+    routes, vm_id = request.app[ROUTES], request.match_info["vm_id"]
+    placed = await routes.reload(vm_id)
+    rec = routes.record(vm_id)
+    if placed is None or rec is None:
+        raise NotFound(f"VM {vm_id!r} does not exist")
+    return json_response(placed_json(request, placed.host_id, rec))
+
+
+async def issue_token(request: web.Request) -> web.Response:
+    vm_id = request.match_info["vm_id"]
+    if request.app[ROUTES].placed(vm_id) is None and await request.app[ROUTES].reload(vm_id) is None:
+        raise NotFound(f"VM {vm_id!r} does not exist")
+    return await token_answer(request, vm_id)
+
+
+async def list_hosts(request: web.Request) -> web.Response:
+    routes = request.app[ROUTES]
+    hosts = [
+        {"id": h.id, "address": h.address, "up": routes.host_up(h.id), "heartbeat_at": h.heartbeat_at,
+         "capacity": {"memory_mb": h.capacity.memory_mb, "vcpus": h.capacity.vcpus, "disk_mb": h.capacity.disk_mb},
+         "vms": sum(1 for host, _ in routes.records() if host == h.id)}
+        for h in sorted(routes.hosts(), key=lambda h: h.id)
+    ]  # fmt: skip
+    return json_response({"hosts": hosts})
+
+
+async def create_vm(request: web.Request) -> web.Response:
+    """Place the VM: hosts that have the template, most free memory first; a full host passes it on."""
+    body = await read_body(request)
+    wanted = body.pop("host", None)
+    if wanted is not None and not isinstance(wanted, str):
+        raise web.HTTPUnprocessableEntity(reason="host must be a host id (see GET /v1/hosts)")
+    routes, hosts = request.app[ROUTES], request.app[HOSTS]
+    template = body.get("template") or request.app[CONFIG].vmm.default_template
+    having = await routes.catalog.template_hosts(str(template))
+    tried: list[str] = []
+    for host in candidates(routes.hosts(), having, routes.host_up, wanted):
+        try:
+            rec = await hosts.call(host.id, host.address, "POST", "/v1/vms", body)
+        except VmmError as exc:
+            if exc.http_status not in (503, 507):
+                raise
+            tried.append(f"{host.id}: {exc}")
+            log.event("edge.placement_skipped", host=host.id, error=str(exc))
+            continue
+        await routes.reload(rec["id"])
+        rec["host"] = host.id
+        log.event("edge.placed", vm=rec["id"], host=host.id, template=template)
+        return json_response(rec, 201)
+    if tried:
+        raise OverCapacity(f"no host could take a VM of template {template!r}: " + "; ".join(tried))
+    asked = f" (host {wanted!r} asked for)" if wanted else ""
+    raise NotRunning(f"no host that is up has template {template!r}{asked}")
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Everything else about one VM goes to its host, body and answer streamed."""
+    routes, hosts = request.app[ROUTES], request.app[HOSTS]
+    vm_id = request.match_info["vm_id"]
+    placed = routes.placed(vm_id) or await routes.reload(vm_id)
+    if placed is None:
+        raise NotFound(f"VM {vm_id!r} does not exist")
+    host = routes.host(placed.host_id)
+    if host is None or not routes.host_up(host.id):
+        raise NotRunning(f"VM {vm_id} is unavailable: its host {placed.host_id} is not answering heartbeats")
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        raise web.HTTPNotImplemented(reason="WebSocket endpoints (the shell) are served by the VM's host API only")
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    url = hosts.url(host.address, request.path_qs)
+    data = request.content if request.can_read_body else None
+    try:
+        async with hosts.session.request(request.method, url, headers=headers, data=data) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP})  # fmt: skip
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise NotRunning(f"host {host.id} did not answer for VM {vm_id}: {exc}") from exc
+
+
+def build_edge_control_app(
+    cfg: Config, routes: RouteTable, hosts: HostClient, tokens: TokenService, metrics_: Metrics
+) -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=24 * 1024**2)
+    app[CONFIG], app[TOKENS], app[METRICS], app[ROUTES], app[HOSTS] = cfg, tokens, metrics_, routes, hosts
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/v1/hosts", list_hosts)
+    app.router.add_get("/v1/vms", list_vms)
+    app.router.add_post("/v1/vms", create_vm)
+    app.router.add_get("/v1/vms/{vm_id}", get_vm)
+    app.router.add_post("/v1/vms/{vm_id}/tokens", issue_token)
+    app.router.add_delete("/v1/vms/{vm_id}", forward)
+    app.router.add_route("*", "/v1/vms/{vm_id}/{tail:.*}", forward)
+    return app

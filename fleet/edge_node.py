@@ -1,0 +1,179 @@
+"""`mvm edge`: edge workers of a fleet, one process per core, sharing the port (SO_REUSEPORT).
+
+A worker holds no VM state: it routes by the catalog (`fleet.routes`), verifies tokens
+with its own keys, asks the VM's host to wake it, and proxies with the same data plane
+as `mvm serve` (`edge.http1`). Any worker can answer any request, so they can be added,
+restarted or killed without losing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from edge.app import bind_listener, end_upstreams, proxy_settings, raise_nofile_limit
+from edge.config import Config, token_service
+from edge.hosts import HostRouter
+from edge.http1 import make_protocol_factory
+from edge.metrics import Metrics
+from edge.proxy_context import ProxyContext
+from edge.tls import server_context
+from edge.upstream import UpstreamPool
+from vmm import jsonlog
+from vmm.catalog import Catalog, open_catalog
+from vmm.jsonlog import log
+from vmm.model import VmState
+
+from .edge_control import build_edge_control_app
+from .host_client import HostClient
+from .remote_backend import RemoteBackend
+from .routes import RouteTable
+
+SUPERVISE_EVERY = 0.2  # seconds between looks at the worker processes
+
+
+@dataclass
+class EdgeNode:
+    """A running edge worker: what `stop` takes down, and what tests look at."""
+
+    cfg: Config
+    catalog: Catalog
+    routes: RouteTable
+    backend: RemoteBackend
+    hosts: HostClient
+    ctx: ProxyContext
+    server: asyncio.Server
+    control: web.AppRunner
+    control_dir: tempfile.TemporaryDirectory[str]
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+
+async def start(cfg: Config) -> EdgeNode:
+    jsonlog.configure(cfg.log.level)
+    raise_nofile_limit(cfg.server.rlimit_nofile)
+    ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
+    tokens = token_service(cfg)
+    listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port, reuse_port=True)
+    try:
+        catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
+    except BaseException:
+        listener.close()
+        raise
+    routes = RouteTable(catalog, cfg.cluster.down_after, cfg.cluster.heartbeat_interval)
+    await routes.start()
+    hosts = HostClient(cfg.cluster.secret)
+    backend = RemoteBackend(routes, hosts, cfg.cluster.secret)
+    metrics = Metrics(lambda: _counts(routes))
+    control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
+    control_socket = str(Path(control_dir.name) / "control.sock")
+    control = web.AppRunner(build_edge_control_app(cfg, routes, hosts, tokens, metrics), access_log=None)
+    await control.setup()
+    await web.UnixSite(control, control_socket).start()
+    pool = UpstreamPool(cfg.proxy.upstream_keepalive_per_vm, cfg.proxy.upstream_keepalive_idle)
+    ctx = ProxyContext(
+        backend=backend,
+        router=HostRouter(cfg.server.domain, cfg.server.control_host),
+        tokens=tokens,
+        metrics=metrics,
+        pool=pool,
+        control_socket=control_socket,
+        control_auth=f"Bearer {cfg.server.admin_key}".encode(),
+        settings=proxy_settings(cfg),
+    )
+    routes.listeners.append(lambda rec: end_upstreams(pool, rec))
+    server = await asyncio.get_running_loop().create_server(
+        make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024
+    )
+    backend.start(ctx.open_streams)
+    node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir)
+    log.event("edge.worker_started", listen=f"{cfg.server.listen_host}:{node.port}", pid=os.getpid(),
+              catalog=catalog.backend)  # fmt: skip
+    return node
+
+
+async def stop(node: EdgeNode) -> None:
+    """Drain the requests in flight, then hand the last activity batch to the hosts."""
+    node.server.close()
+    cut = await node.ctx.drain(node.cfg.server.drain_timeout)
+    node.ctx.pool.close()
+    node.ctx.trimmer.close()
+    await node.backend.stop()
+    await node.control.cleanup()
+    await node.routes.stop()
+    await node.hosts.close()
+    await node.catalog.close()
+    node.control_dir.cleanup()
+    log.event("edge.worker_stopped", pid=os.getpid(), cut=cut)
+
+
+def _counts(routes: RouteTable) -> dict[str, int]:
+    counts = Counter(rec.state.value for _, rec in routes.records())
+    return {state.value: counts.get(state.value, 0) for state in VmState if state is not VmState.TERMINATED}
+
+
+def serve_worker(cfg: Config) -> None:
+    """One worker in this process, until SIGINT or SIGTERM."""
+    uvloop.run(_worker_until_signalled(cfg))
+
+
+async def _worker_until_signalled(cfg: Config) -> None:
+    node = await start(cfg)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await stop(node)
+
+
+def worker_count(cfg: Config) -> int:
+    return cfg.server.workers or os.cpu_count() or 1
+
+
+def run_processes(commands: list[list[str]]) -> int:
+    """Start every command as a child, forward SIGINT/SIGTERM to all, and end when they have.
+
+    If one child ends on its own, the others are stopped too (a supervisor such as systemd
+    then restarts the whole set): a fleet role never runs half-started.
+    """
+    children = [subprocess.Popen(command) for command in commands]
+    stopping = False
+
+    def stop_all(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    status = 0
+    while any(child.poll() is None for child in children):
+        time.sleep(SUPERVISE_EVERY)
+        ended = [child for child in children if child.returncode is not None]
+        if ended and not stopping:
+            log.event("fleet.child_exited", level="error", pid=ended[0].pid, status=ended[0].returncode)
+            status = ended[0].returncode or 1
+            stop_all(signal.SIGTERM, None)
+    return status
+
+
+def worker_command(config: Path | None, role: str) -> list[str]:
+    command = [sys.executable, "-m", "edge.cli", role]
+    return command + (["--config", str(config)] if config is not None else [])

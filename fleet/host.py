@@ -1,0 +1,187 @@
+"""`mvm host`: one VM host of a fleet.
+
+It owns the QEMU processes, namespaces, images, templates and snapshots of its machine
+(the same VM manager and idle reaper as `mvm serve`), publishes them to the shared
+catalog, and serves:
+  - the host API: the control API of its own VMs (create, suspend, resume, delete, logs,
+    exec, files, ...) plus `wake`, activity batches from edges and health with capacity,
+    all behind the cluster secret;
+  - the data port, through which edges on other machines reach its guests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import uvloop
+from aiohttp import web
+
+from edge.app import ensure_default_template
+from edge.config import Config, token_service
+from edge.control import MANAGER, Handler, build_control_app, json_response
+from edge.egress_proxy import EgressProxies
+from edge.metrics import Metrics
+from vmm import jsonlog
+from vmm.catalog import Catalog, open_catalog
+from vmm.errors import InvalidRequest
+from vmm.jsonlog import log
+from vmm.manager import VmManager
+from vmm.reaper import Reaper
+
+from .data_port import DataPort
+from .host_sync import HostAddress, HostSync, capacity
+
+SYNC = web.AppKey("sync", HostSync)
+
+
+@dataclass
+class Host:
+    """A running host: what `stop` takes down, and what tests look at."""
+
+    cfg: Config
+    host_id: str
+    manager: VmManager
+    catalog: Catalog
+    sync: HostSync
+    api: web.AppRunner
+    data: DataPort
+    reaper: Reaper
+    egress: EgressProxies
+
+    @property
+    def api_port(self) -> int:
+        server = self.api.addresses[0]
+        return int(server[1])
+
+
+def host_id_of(cfg: Config) -> str:
+    return cfg.cluster.host_id or socket.gethostname().split(".")[0].lower()
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def start(cfg: Config) -> Host:
+    """Recover this host's VMs, publish them, then serve the host API and the data port."""
+    jsonlog.configure(cfg.log.level)
+    host_id = host_id_of(cfg)
+    manager = VmManager(cfg.vmm)
+    metrics = Metrics(manager.counts_by_state)
+    egress = EgressProxies(metrics)
+    manager.egress = egress
+    catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
+    try:
+        await manager.start()
+    except BaseException:
+        await catalog.close()
+        raise
+    await ensure_default_template(manager)
+    api_cfg = replace(cfg, server=replace(cfg.server, admin_key=cfg.cluster.secret))
+    app = build_control_app(api_cfg, manager, token_service(cfg), metrics)
+    app.router.add_post("/v1/vms/{vm_id}/wake", wake)
+    app.router.add_post("/v1/host/activity", activity)
+    app.router.add_get("/v1/host", health)
+    app.middlewares.append(catalog_first)
+    api = web.AppRunner(app, access_log=None)
+    await api.setup()
+    listen_host, listen_port = _split(cfg.cluster.host_listen)
+    await web.TCPSite(api, listen_host, listen_port).start()
+    api_port = int(api.addresses[0][1])
+    advertised = cfg.cluster.advertise or f"{listen_host}:{api_port}"
+    data = DataPort(cfg.cluster.secret, lambda vm_id, port: _reachable(manager, vm_id, port))
+    data_host, data_port = _split(cfg.cluster.data_listen)
+    await data.start(data_host, data_port)
+    advertised_host = advertised.rpartition(":")[0]
+    address = HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}")
+    sync = HostSync(catalog, manager, host_id, address, cfg.cluster.heartbeat_interval)
+    app[SYNC] = sync
+    await sync.start()
+    reaper = Reaper(manager, {}, cfg.reaper.interval)
+    reaper.start()
+    log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend)
+    return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress)
+
+
+async def stop(host: Host) -> None:
+    """Stop taking requests, then stop the reaper and the manager (VMs keep running or suspend per config)."""
+    await host.data.stop()
+    await host.api.cleanup()
+    await host.reaper.stop()
+    await host.manager.close()
+    await host.sync.stop()
+    await host.egress.close_all()
+    await host.catalog.close()
+    log.event("host.stopped", host=host.host_id)
+
+
+def _reachable(manager: VmManager, vm_id: str, port: int) -> bool:
+    rec = manager.lookup(vm_id)
+    return rec is not None and rec.allows_port(port)
+
+
+@web.middleware
+async def catalog_first(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Whatever a request changed is in the catalog before its answer leaves: an edge that
+    created or woke a VM routes by the new record at once."""
+    response = await handler(request)
+    if request.method != "GET":
+        await request.app[SYNC].flush()
+    return response
+
+
+async def wake(request: web.Request) -> web.Response:
+    """An edge holds a request for this VM: resume or restore it (shared by concurrent callers).
+
+    The answer carries the record's state_changed_at, so an edge can tell it from older news.
+    """
+    manager = request.app[MANAGER]
+    vm_id = request.match_info["vm_id"]
+    await manager.ensure_running(vm_id)
+    manager.touch(vm_id)  # a request is waiting: the idle clock restarts now, not at its first byte
+    return json_response(manager.get(vm_id).to_dict())
+
+
+async def activity(request: web.Request) -> web.Response:
+    """An edge's batch of last-activity times {"vms": {id: unix time}} (open streams included)."""
+    body: Any = await request.json()
+    vms = body.get("vms") if isinstance(body, dict) else None
+    if not isinstance(vms, dict) or not all(isinstance(t, int | float) for t in vms.values()):
+        raise InvalidRequest('the body must be {"vms": {"<vm id>": <unix time>, ...}}')
+    manager = request.app[MANAGER]
+    now = time.time()
+    for vm_id, at in vms.items():
+        manager.touch(str(vm_id), min(float(at), now))
+    return web.Response(status=204)
+
+
+async def health(request: web.Request) -> web.Response:
+    sync = request.app[SYNC]
+    manager = request.app[MANAGER]
+    cap = capacity(sync.manager)
+    return json_response(
+        {"id": sync.host_id, "vms": len(manager.list_vms()),
+         "capacity": {"memory_mb": cap.memory_mb, "vcpus": cap.vcpus, "disk_mb": cap.disk_mb}}
+    )  # fmt: skip
+
+
+def serve(cfg: Config) -> None:
+    """Run until SIGINT or SIGTERM (`mvm host`)."""
+    uvloop.run(_serve_until_signalled(cfg))
+
+
+async def _serve_until_signalled(cfg: Config) -> None:
+    host = await start(cfg)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    print(f"microvm-edge host {host.host_id}: host API on {cfg.cluster.host_listen}", flush=True)
+    await stopping.wait()
+    await stop(host)

@@ -1,0 +1,63 @@
+"""How edges call a VM host's API: JSON over HTTP with the cluster secret, errors back as VmmErrors.
+
+A host's answer keeps its status and message, so a client of the edge sees what the host
+said (e.g. 507 when it is full, 409 for a VM in the wrong state). A host that does not
+answer is `unavailable` (503): its VMs are not lost, only out of reach for now.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+
+from vmm.errors import NotRunning, VmmError
+
+from .host_sync import HostAddress
+
+TIMEOUT = aiohttp.ClientTimeout(total=120, connect=5)
+
+
+class HostError(VmmError):
+    """An error answer from a host, passed on with the host's own status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = status
+
+
+class HostClient:
+    """One HTTP connection pool to every host of the fleet."""
+
+    def __init__(self, secret: str) -> None:
+        self._auth = {"Authorization": f"Bearer {secret}"}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=TIMEOUT, headers=self._auth)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def url(self, address: str, path: str) -> str:
+        return HostAddress.parse(address).api + path
+
+    async def call(self, host_id: str, address: str, method: str, path: str, body: Any = None) -> Any:
+        """One request to a host's API; its JSON answer, or HostError / NotRunning."""
+        data = orjson.dumps(body) if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        try:
+            async with self.session.request(method, self.url(address, path), data=data, headers=headers) as resp:
+                payload = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise NotRunning(f"host {host_id} did not answer ({exc or type(exc).__name__}); try again shortly") from exc
+        answer: Any = orjson.loads(payload) if payload else None
+        if resp.status >= 400:
+            message = answer.get("message") if isinstance(answer, dict) else None
+            raise HostError(resp.status, f"host {host_id}: {message or resp.reason}")
+        return answer

@@ -1,0 +1,106 @@
+"""The edge worker's VM backend: routes from the catalog, wakes by the VM's host, guests reached directly or tunnelled.
+
+It is what `edge.http1` sees as its VmBackend, so the data plane is the same code as in
+`mvm serve`. On the VM's own machine the upstream socket is made inside its namespace
+(no hop); from another machine it goes through the host's data port. Activity goes to
+each VM's host once per second as one batch, open streams included, so the host's idle
+reaper sees what the edges see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Mapping
+
+from vmm import netns
+from vmm.errors import NotFound, NotRunning
+from vmm.jsonlog import log
+from vmm.model import VmRecord, VmState
+
+from .data_port import open_tunnel
+from .host_client import HostClient
+from .host_sync import HostAddress
+from .routes import RouteTable
+
+ACTIVITY_EVERY = 1.0  # seconds between activity batches to each host
+
+
+class RemoteBackend:
+    """VmBackend over the catalog and the hosts' APIs."""
+
+    def __init__(self, routes: RouteTable, hosts: HostClient, secret: str, direct: bool = True) -> None:
+        self.routes = routes
+        self.hosts = hosts
+        self.secret = secret
+        self.direct = direct  # reach guests on this machine through their namespace (False: always tunnel)
+        self.open_streams: Mapping[str, int] = {}
+        self._activity: dict[str, float] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    def start(self, open_streams: Mapping[str, int]) -> None:
+        self.open_streams = open_streams
+        self._flusher = asyncio.create_task(self._flush_forever())
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush_activity()
+
+    def lookup(self, vm_id: str) -> VmRecord | None:
+        return self.routes.record(vm_id)
+
+    async def ensure_running(self, vm_id: str) -> bool:
+        """Ask the VM's host to wake it; the host shares one wake among all edges asking."""
+        placed = self.routes.placed(vm_id) or await self.routes.reload(vm_id)
+        if placed is None:
+            raise NotFound(f"VM {vm_id!r} does not exist")
+        host = self.routes.host(placed.host_id)
+        if host is None or not self.routes.host_up(placed.host_id):
+            raise NotRunning(f"VM {vm_id} is unavailable: its host {placed.host_id} is not answering heartbeats")
+        if placed.rec.state is VmState.RUNNING:
+            return False
+        woke = await self.hosts.call(host.id, host.address, "POST", f"/v1/vms/{vm_id}/wake")
+        self.routes.set_state(vm_id, VmState(woke["state"]), float(woke["state_changed_at"]))
+        return True
+
+    async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
+        if self.direct and netns.exists(vm_id):
+            return await netns.connect_guest(vm_id, port, timeout)
+        placed = self.routes.placed(vm_id)
+        host = self.routes.host(placed.host_id) if placed is not None else None
+        if host is None:
+            raise NotFound(f"VM {vm_id!r} has no host")
+        return await open_tunnel(HostAddress.parse(host.address).data, self.secret, vm_id, port, timeout)
+
+    def touch(self, vm_id: str, at: float | None = None) -> None:
+        self._activity[vm_id] = time.time() if at is None else at
+
+    async def flush_activity(self) -> None:
+        """One batch per host: what this edge saw since the last one, and every VM with a stream open."""
+        now = time.time()
+        for vm_id in self.open_streams:
+            self._activity[vm_id] = now
+        pending, self._activity = self._activity, {}
+        by_host: dict[str, dict[str, float]] = {}
+        for vm_id, at in pending.items():
+            placed = self.routes.placed(vm_id)
+            if placed is not None:
+                by_host.setdefault(placed.host_id, {})[vm_id] = at
+        for host_id, batch in by_host.items():
+            host = self.routes.host(host_id)
+            if host is None or not self.routes.host_up(host_id):
+                continue
+            try:
+                await self.hosts.call(host_id, host.address, "POST", "/v1/host/activity", {"vms": batch})
+            except Exception as exc:  # a lost batch only makes an idle suspend come sooner
+                log.event("edge.activity_failed", level="warning", host=host_id, error=str(exc))
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(ACTIVITY_EVERY)
+            await self.flush_activity()

@@ -1,0 +1,161 @@
+"""An edge's routing table: which host each VM is on, its state, and which hosts are up.
+
+Read from the catalog at start, then kept current by its change feed (PostgreSQL: LISTEN/
+NOTIFY, so a route changed by one edge or host is dropped by every edge at once). The
+embedded SQLite catalog has no cross-process feed, so there the table is reloaded every
+POLL seconds instead. A host is up while its last heartbeat is younger than down_after;
+the edge decides that itself, from the heartbeat time, so no one has to mark hosts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from vmm.catalog import Catalog, HostRecord, PlacedVm
+from vmm.errors import VmmError
+from vmm.jsonlog import log
+from vmm.model import VmRecord, VmState
+
+POLL = 0.1  # seconds between reloads when the catalog has no cross-process feed (SQLite)
+
+
+class RouteTable:
+    """VMs and hosts as the catalog says, in memory: the request path never waits on the catalog."""
+
+    def __init__(self, catalog: Catalog, down_after: float, host_refresh: float) -> None:
+        self.catalog = catalog
+        self.down_after = down_after
+        self.host_refresh = host_refresh
+        self._vms: dict[str, PlacedVm] = {}
+        self._hosts: dict[str, HostRecord] = {}
+        self._reloads: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsubscribe: object = None
+        self.listeners: list[Callable[[VmRecord], None]] = []  # told when a VM's state changes
+
+    async def start(self) -> None:
+        await self.reload_all()
+        if self.catalog.backend == "postgres":
+            self._unsubscribe = await self.catalog.subscribe(self._changed, self._gap)
+            self._tasks.append(asyncio.create_task(self._apply_changes_forever()))
+        else:
+            self._tasks.append(asyncio.create_task(self._poll_forever()))
+        self._tasks.append(asyncio.create_task(self._refresh_hosts_forever()))
+
+    async def stop(self) -> None:
+        if callable(self._unsubscribe):
+            self._unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def reload_all(self) -> None:
+        self._hosts = {h.id: h for h in await self.catalog.hosts()}
+        self._replace_all(await self.catalog.list_vms())
+
+    async def reload(self, vm_id: str) -> PlacedVm | None:
+        placed = await self.catalog.get_vm(vm_id)
+        self._put(vm_id, placed)
+        return placed
+
+    def _replace_all(self, placed: list[PlacedVm]) -> None:
+        fresh = {p.rec.id: p for p in placed}
+        for vm_id in set(self._vms) | set(fresh):
+            self._put(vm_id, fresh.get(vm_id))
+
+    def _put(self, vm_id: str, placed: PlacedVm | None) -> None:
+        """Store a VM's new record; a change of state goes to the listeners (upstreams of a VM gone quiet close)."""
+        before = self._vms.get(vm_id)
+        if before is not None and placed is not None and placed.rec.state_changed_at < before.rec.state_changed_at:
+            return  # older than what this edge knows (a reload overtaken by a wake it asked for)
+        if placed is None:
+            self._vms.pop(vm_id, None)
+        else:
+            self._vms[vm_id] = placed
+        if before is not None and (placed is None or placed.rec.state is not before.rec.state):
+            gone = placed.rec if placed is not None else replace(before.rec, state=VmState.TERMINATED)
+            for listener in self.listeners:
+                listener(gone)
+
+    # ---- the request path: memory only ---------------------------------------------------
+
+    def placed(self, vm_id: str) -> PlacedVm | None:
+        return self._vms.get(vm_id)
+
+    def host(self, host_id: str) -> HostRecord | None:
+        return self._hosts.get(host_id)
+
+    def host_up(self, host_id: str) -> bool:
+        host = self._hosts.get(host_id)
+        return host is not None and time.time() - host.heartbeat_at < self.down_after
+
+    def record(self, vm_id: str) -> VmRecord | None:
+        """The VM's record; `unavailable` while its host is down (its real state is unknown then)."""
+        placed = self._vms.get(vm_id)
+        if placed is None:
+            return None
+        if not self.host_up(placed.host_id):
+            return replace(placed.rec, state=VmState.UNAVAILABLE)
+        return placed.rec
+
+    def records(self) -> list[tuple[str, VmRecord]]:
+        return [(p.host_id, self.record(vm_id) or p.rec) for vm_id, p in self._vms.items()]
+
+    def hosts(self) -> list[HostRecord]:
+        return list(self._hosts.values())
+
+    def set_state(self, vm_id: str, state: VmState, changed_at: float) -> None:
+        """What this edge just made true (a wake it asked for), before the catalog's feed says so."""
+        placed = self._vms.get(vm_id)
+        if placed is not None and changed_at >= placed.rec.state_changed_at:
+            placed.rec.state, placed.rec.state_changed_at = state, changed_at
+
+    # ---- keeping it current ------------------------------------------------------------------
+
+    def _changed(self, vm_id: str) -> None:
+        self._reloads.add(vm_id)
+        self._wakeup.set()
+
+    def _gap(self) -> None:
+        self._reloads.add("*")
+        self._wakeup.set()
+
+    async def _apply_changes_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            pending, self._reloads = self._reloads, set()
+            try:
+                if "*" in pending:
+                    await self.reload_all()
+                else:
+                    for vm_id in pending:
+                        await self.reload(vm_id)
+            except VmmError as exc:
+                log.event("routes.reload_failed", level="warning", error=str(exc))
+                self._reloads |= pending
+                await asyncio.sleep(self.host_refresh)
+                self._wakeup.set()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POLL)
+            try:
+                self._replace_all(await self.catalog.list_vms())
+            except VmmError as exc:
+                log.event("routes.reload_failed", level="warning", error=str(exc))
+
+    async def _refresh_hosts_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.host_refresh)
+            try:
+                self._hosts = {h.id: h for h in await self.catalog.hosts()}
+            except VmmError as exc:
+                log.event("routes.hosts_failed", level="warning", error=str(exc))

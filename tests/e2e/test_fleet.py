@@ -1,0 +1,172 @@
+"""A fleet on this machine with real guests: two `mvm host`s and two `mvm edge`s on a real PostgreSQL,
+and `mvm serve --workers 2` (one host, two edge workers) on the embedded SQLite catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.e2e.fleet_harness import EdgeClient, Role, free_port, toml
+from tests.pg import PgCluster, create_database, drop_database
+from vmm.settings import VmmSettings
+
+FAST = {"heartbeat_interval": 0.3, "down_after": 2.0}
+
+
+@dataclass
+class Fleet:
+    hosts: dict[str, Role]
+    edges: list[Role]
+    clients: list[EdgeClient]
+
+
+def _state_dir(settings: VmmSettings, name: str) -> Path:
+    """A host's own state dir, sharing the session's images and templates (read-only)."""
+    state = settings.state_dir / name
+    state.mkdir()
+    for shared in ("images", "templates"):
+        (state / shared).symlink_to((settings.state_dir / shared).resolve())
+    return state
+
+
+@pytest.fixture
+async def pg_fleet(settings: VmmSettings, pg_cluster: PgCluster, tmp_path: Path) -> AsyncIterator[Fleet]:
+    url = await create_database(pg_cluster)
+    hosts: dict[str, Role] = {}
+    for name in ("h1", "h2"):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(toml({
+            "vmm": {"state_dir": str(_state_dir(settings, name))},
+            "catalog": {"url": url},
+            "cluster": {"host_id": name, "host_listen": f"127.0.0.1:{free_port()}",
+                        "data_listen": f"127.0.0.1:{free_port()}", **FAST},
+            "reaper": {"interval": 0.2},
+        }))  # fmt: skip
+        hosts[name] = Role(name, ["host"], config, tmp_path / f"{name}.log")
+    edges, clients = [], []
+    for name in ("edge-a", "edge-b"):
+        port = free_port()
+        config = tmp_path / f"{name}.toml"
+        config.write_text(toml({
+            "server": {"listen_port": port, "tls": False},
+            "vmm": {"state_dir": str(tmp_path / name)},
+            "catalog": {"url": url},
+            "cluster": FAST,
+        }))  # fmt: skip
+        edges.append(Role(name, ["edge", "--worker"], config, tmp_path / f"{name}.log"))
+        clients.append(EdgeClient(port))
+    try:
+        for role in [*hosts.values(), *edges]:
+            await role.start()
+        for client in clients:
+            await client.until_up()
+        await _until_hosts_up(clients[0], {"h1", "h2"})
+        yield Fleet(hosts, edges, clients)
+    finally:
+        for role in [*edges, *hosts.values()]:
+            await role.stop()
+        await drop_database(pg_cluster, url)
+
+
+async def _until_hosts_up(client: EdgeClient, wanted: set[str], timeout: float = 60.0) -> None:
+    async with asyncio.timeout(timeout):
+        while {h["id"] for h in (await client.api("GET", "/v1/hosts"))["hosts"] if h["up"]} != wanted:
+            await asyncio.sleep(0.2)
+
+
+async def _until_state(client: EdgeClient, vm_id: str, state: str, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while (await client.api("GET", f"/v1/vms/{vm_id}"))["state"] != state:
+            await asyncio.sleep(0.1)
+
+
+async def _one_restore_for_fifty(fleet_clients: list[EdgeClient], host: Role, vm_id: str, token: str) -> None:
+    """50 concurrent requests, spread over the edges, to a suspended VM: one restore, every one answered."""
+    restores = host.events("vm.restored", vm_id)
+    answers = await asyncio.gather(
+        *(fleet_clients[i % len(fleet_clients)].vm_get(vm_id, token) for i in range(50))
+    )
+    assert [status for status, _, _ in answers] == [200] * 50
+    assert host.events("vm.restored", vm_id) == restores + 1, "two edges waking one VM caused one restore"
+
+
+async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
+    edge_a, edge_b = pg_fleet.clients
+    vm = await edge_a.api("POST", "/v1/vms", {"host": "h2", "policy": {"idle_suspend_after": 2}}, status=201)
+    vm_id = vm["id"]
+    assert vm["host"] == "h2"
+    token = (await edge_a.api("POST", f"/v1/vms/{vm_id}/tokens", {}, status=201))["token"]
+    assert await edge_b.counter(vm_id, token) == 1, "reached through the other edge"
+    await _until_state(edge_b, vm_id, "suspended")  # host 2's reaper
+    assert await edge_a.counter(vm_id, token) == 2, "woken by a request through edge A, memory intact"
+
+    await edge_a.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
+    for edge in pg_fleet.clients:
+        await _until_state(edge, vm_id, "suspended")
+    await _one_restore_for_fifty(pg_fleet.clients, pg_fleet.hosts["h2"], vm_id, token)
+    assert await edge_b.counter(vm_id, token) == 53
+
+    # Host 1 dies: its VM is unavailable (503, not lost); it comes back with its host.
+    other = await edge_b.api("POST", "/v1/vms", {"host": "h1", "policy": {"idle_suspend_after": 600}}, status=201)
+    other_token = (await edge_b.api("POST", f"/v1/vms/{other['id']}/tokens", {}, status=201))["token"]
+    assert await edge_a.counter(other["id"], other_token) == 1
+    await pg_fleet.hosts["h1"].stop(signal.SIGKILL)
+    seen = 1
+    async with asyncio.timeout(30):  # its guest still runs until the edges see the host miss heartbeats
+        while (answer := await edge_a.vm_get(other["id"], other_token))[0] != 503:
+            seen = orjson.loads(answer[2])["counter"]
+            await asyncio.sleep(0.2)
+    assert answer[1].get("retry-after"), answer
+    assert (await edge_b.api("GET", f"/v1/vms/{other['id']}"))["state"] == "unavailable"
+    assert await edge_b.counter(vm_id, token) == 54, "host 2's VMs are untouched"
+    await pg_fleet.hosts["h1"].start()
+    await _until_hosts_up(edge_a, {"h1", "h2"})
+    assert await edge_a.counter(other["id"], other_token) == seen + 1, "back with its host, memory intact"
+
+    # An edge restart loses nothing: edges hold no VM state.
+    await pg_fleet.edges[1].stop()
+    await pg_fleet.edges[1].start()
+    await edge_b.until_up()
+    assert await edge_b.counter(vm_id, token) == 55
+    listed = {v["id"]: v["host"] for v in (await edge_b.api("GET", "/v1/vms"))["vms"]}
+    assert listed == {vm_id: "h2", other["id"]: "h1"}
+
+
+async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(toml({
+        "server": {"listen_port": port, "tls": False, "workers": 2},
+        "vmm": {"state_dir": str(settings.state_dir)},
+        "cluster": {"host_listen": f"127.0.0.1:{free_port()}", "data_listen": f"127.0.0.1:{free_port()}", **FAST},
+        "reaper": {"interval": 0.2},
+    }))  # fmt: skip
+    serve = Role("serve", ["serve"], config, tmp_path / "serve.log")
+    client = EdgeClient(port)
+    await serve.start()
+    try:
+        await client.until_up()
+        await _until_hosts_up(client, {_hostname()})
+        vm = await client.api("POST", "/v1/vms", {"policy": {"idle_suspend_after": 2}}, status=201)
+        token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
+        assert await client.counter(vm["id"], token) == 1
+        await _until_state(client, vm["id"], "suspended")
+        assert await client.counter(vm["id"], token) == 2
+        await client.api("POST", f"/v1/vms/{vm['id']}/suspend", status=200)
+        await _until_state(client, vm["id"], "suspended")
+        await _one_restore_for_fifty([client], serve, vm["id"], token)
+        await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
+    finally:
+        await serve.stop()
+
+
+def _hostname() -> str:
+    return socket.gethostname().split(".")[0].lower()
