@@ -81,7 +81,7 @@ class LocalEdge:
     token: str
 
 
-async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int) -> None:
+async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int, ports: tuple[int, int]) -> None:
     cfg = load_config(None)  # the dev token key: the parent never needs it, the child issues the token
     jsonlog.configure("warning")
     tokens = token_service(cfg)
@@ -95,14 +95,18 @@ async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int) -> N
         settings=ProxySettings(),
     )
     loop = asyncio.get_running_loop()
-    plain = await loop.create_server(make_protocol_factory(ctx, "http"), "127.0.0.1", 0, backlog=1024)
+    # reuse_port: several of these processes may share the two ports, as `mvm edge --workers` does.
+    plain = await loop.create_server(
+        make_protocol_factory(ctx, "http"), "127.0.0.1", ports[0], backlog=1024, reuse_port=True
+    )
     tls = await loop.create_server(
-        make_protocol_factory(ctx, "https"), "127.0.0.1", 0, ssl=server_context(cert, key), backlog=1024
+        make_protocol_factory(ctx, "https"), "127.0.0.1", ports[1], ssl=server_context(cert, key), backlog=1024,
+        reuse_port=True,
     )
     token, _ = tokens.issue(VM_ID, ttl=cfg.tokens.max_ttl)
-    ports = [int(server.sockets[0].getsockname()[1]) for server in (plain, tls)]
+    bound = [int(server.sockets[0].getsockname()[1]) for server in (plain, tls)]
     host = f"{VM_ID}.{cfg.server.domain}"
-    print(json.dumps({"http_port": ports[0], "tls_port": ports[1], "host": host, "token": token}), flush=True)
+    print(json.dumps({"http_port": bound[0], "tls_port": bound[1], "host": host, "token": token}), flush=True)
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
@@ -114,26 +118,32 @@ async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int) -> N
 
 @contextlib.asynccontextmanager
 async def running(
-    upstream_port: int, cert: Path, key: Path, keepalive: int, log: Path, prefix: Sequence[str] = ()
+    upstream_port: int, cert: Path, key: Path, keepalive: int, log: Path, prefix: Sequence[str] = (),
+    workers: int = 1,
 ) -> AsyncIterator[LocalEdge]:
-    """Run the local edge as a child process (so it has its own interpreter and core)."""
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            *prefix, sys.executable, "-m", "bench.local_edge",
-            "--upstream-port", str(upstream_port), "--cert", str(cert), "--key", str(key),
-            "--keepalive", str(keepalive),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
-        )  # fmt: skip
+    """Run the local edge as `workers` child processes sharing two ports (each its own interpreter)."""
+    procs: list[asyncio.subprocess.Process] = []
+    ports = (0, 0)
     try:
-        assert proc.stdout is not None
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
-            info = json.loads(line)
-        except (TimeoutError, ValueError):
-            raise RuntimeError(f"the local edge did not start: {log.read_text()[-2000:]}") from None
+        for _ in range(workers):
+            with log.open("ab") as err:
+                proc = await asyncio.create_subprocess_exec(
+                    *prefix, sys.executable, "-m", "bench.local_edge",
+                    "--upstream-port", str(upstream_port), "--cert", str(cert), "--key", str(key),
+                    "--keepalive", str(keepalive), "--http-port", str(ports[0]), "--tls-port", str(ports[1]),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
+                )  # fmt: skip
+            procs.append(proc)
+            assert proc.stdout is not None
+            try:
+                info = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+            except (TimeoutError, ValueError):
+                raise RuntimeError(f"the local edge did not start: {log.read_text()[-2000:]}") from None
+            ports = (info["http_port"], info["tls_port"])
         yield LocalEdge(info["http_port"], info["tls_port"], info["host"], info["token"])
     finally:
-        await stop(proc)
+        for proc in procs:
+            await stop(proc)
 
 
 def main() -> None:
@@ -142,8 +152,10 @@ def main() -> None:
     parser.add_argument("--cert", type=Path, required=True)
     parser.add_argument("--key", type=Path, required=True)
     parser.add_argument("--keepalive", type=int, required=True, help="idle upstream connections kept")
+    parser.add_argument("--http-port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--tls-port", type=int, default=0, help="0: any free port")
     args = parser.parse_args()
-    uvloop.run(_serve(args.upstream_port, args.cert, args.key, args.keepalive))
+    uvloop.run(_serve(args.upstream_port, args.cert, args.key, args.keepalive, (args.http_port, args.tls_port)))
 
 
 if __name__ == "__main__":

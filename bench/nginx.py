@@ -15,7 +15,7 @@ from .tools import stop
 
 _CONF = """daemon off;
 master_process {master};
-worker_processes 1;
+worker_processes {workers};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -64,7 +64,7 @@ def reverse_proxy(upstream: str, keepalive: int, listeners: Sequence[tuple[int, 
 
 @contextlib.asynccontextmanager
 async def running(
-    workdir: Path, servers: str, prefix: Sequence[str] = (), master: bool = True
+    workdir: Path, servers: str, prefix: Sequence[str] = (), master: bool = True, workers: int = 1
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """Run nginx with `servers` until the block ends; `prefix` wraps the command
     (taskset, `ip netns exec`, both exec nginx, so the pid is nginx's own).
@@ -73,7 +73,7 @@ async def running(
     """
     workdir.mkdir(parents=True)
     conf = workdir / "nginx.conf"
-    conf.write_text(_CONF.format(master="on" if master else "off", dir=workdir, servers=servers))
+    conf.write_text(_CONF.format(master="on" if master else "off", workers=workers, dir=workdir, servers=servers))
     pid_file = workdir / "nginx.pid"
     proc = await asyncio.create_subprocess_exec(
         *prefix, "nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log"),

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     host_actions.add_parser("ls", "list the fleet's hosts (up, capacity, VMs)").set_defaults(
         func=lambda a: _print(_api(a, "GET", "/v1/hosts"))
     )
+    drain = host_actions.add_parser("drain", "move every VM of a host to other hosts (running ones are suspended)")
+    drain.add_argument("host_id")
+    drain.set_defaults(func=lambda a: _print(_api(a, "POST", f"/v1/hosts/{a.host_id}/drain")))
 
     edge = sub.add_parser("edge", "run edge workers of a fleet (stateless; they route by the catalog)")
     edge.add_argument("--workers", type=int, default=None, help="processes (default server.workers; 0: one per core)")
@@ -130,6 +133,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd = vm.add_parser(action, what)
         cmd.add_argument("vm_id")
         cmd.set_defaults(func=lambda a, m=method, s=suffix: _print(_api(a, m, f"/v1/vms/{a.vm_id}{s}")))
+
+    move = vm.add_parser("move", "move a VM (memory, disk, device state) to another host of the fleet")
+    move.add_argument("vm_id")
+    move.add_argument("--to", required=True, help="the host id (see `mvm host ls`)")
+    move.set_defaults(func=lambda a: _print(_api(a, "POST", f"/v1/vms/{a.vm_id}/move", {"to": a.to})))
 
     run = sub.add_parser("exec", "run a command in a VM: `mvm exec <id> -- cmd args...` (stdin is piped)")
     run.add_argument("vm_id")

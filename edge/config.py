@@ -110,6 +110,7 @@ class ClusterConfig:
     advertise: str = ""  # the address edges use for this host; "": its host_listen's address
     heartbeat_interval: float = 1.0
     down_after: float = 5.0  # seconds without a heartbeat before a host's VMs show as unavailable
+    direct: bool = True  # an edge reaches guests on its own machine in their namespace (False: via data ports)
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,7 @@ _VMM: dict[str, Rule] = {
     "max_lifetime_cap": _seconds,
     "terminated_ttl": _seconds,
     "verify_ram": _flag,
+    "memory_reserve_mb": _integer(0, 1 << 30),
 }
 _CATALOG: dict[str, Rule] = {"url": _text_or_empty}
 _CLUSTER: dict[str, Rule] = {
@@ -310,6 +312,7 @@ _CLUSTER: dict[str, Rule] = {
     "advertise": lambda value, key: "" if value == "" else _address(value, key),
     "heartbeat_interval": _seconds,
     "down_after": _seconds,
+    "direct": _flag,
 }
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}

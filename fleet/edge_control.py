@@ -33,6 +33,7 @@ from vmm.jsonlog import log
 from vmm.model import VmRecord
 
 from .host_client import HostClient
+from .mover import Mover
 from .placement import candidates
 from .routes import RouteTable
 
@@ -110,6 +111,22 @@ async def create_vm(request: web.Request) -> web.Response:
     raise NotRunning(f"no host that is up has template {template!r}{asked}")
 
 
+async def move_vm(request: web.Request) -> web.Response:
+    """POST /v1/vms/{id}/move {"to": host}: the VM with its memory, disk and device state, to another host."""
+    body = await read_body(request)
+    to = body.get("to")
+    if not isinstance(to, str) or set(body) != {"to"}:
+        raise web.HTTPUnprocessableEntity(reason='the body must be {"to": "<host id>"}')
+    moved = await Mover(request.app[ROUTES], request.app[HOSTS]).move(request.match_info["vm_id"], to)
+    return json_response(moved)
+
+
+async def drain_host(request: web.Request) -> web.Response:
+    """POST /v1/hosts/{host}/drain: every VM of the host to other hosts (running ones suspended first)."""
+    report = await Mover(request.app[ROUTES], request.app[HOSTS]).drain(request.match_info["host_id"])
+    return json_response(report, 200 if not report["failed"] else 207)
+
+
 async def forward(request: web.Request) -> web.StreamResponse:
     """Everything else about one VM goes to its host, body and answer streamed."""
     routes, hosts = request.app[ROUTES], request.app[HOSTS]
@@ -147,10 +164,12 @@ def build_edge_control_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/hosts", list_hosts)
+    app.router.add_post("/v1/hosts/{host_id}/drain", drain_host)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", create_vm)
     app.router.add_get("/v1/vms/{vm_id}", get_vm)
     app.router.add_post("/v1/vms/{vm_id}/tokens", issue_token)
+    app.router.add_post("/v1/vms/{vm_id}/move", move_vm)
     app.router.add_delete("/v1/vms/{vm_id}", forward)
     app.router.add_route("*", "/v1/vms/{vm_id}/{tail:.*}", forward)
     return app

@@ -77,7 +77,7 @@ async def start(cfg: Config) -> EdgeNode:
     routes = RouteTable(catalog, cfg.cluster.down_after, cfg.cluster.heartbeat_interval)
     await routes.start()
     hosts = HostClient(cfg.cluster.secret)
-    backend = RemoteBackend(routes, hosts, cfg.cluster.secret)
+    backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=cfg.cluster.direct)
     metrics = Metrics(lambda: _counts(routes))
     control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
     control_socket = str(Path(control_dir.name) / "control.sock")

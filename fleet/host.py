@@ -35,6 +35,7 @@ from vmm.reaper import Reaper
 
 from .data_port import DataPort
 from .host_sync import HostAddress, HostSync, capacity
+from .move_api import HOST_MANAGER, add_host_routes
 
 SYNC = web.AppKey("sync", HostSync)
 
@@ -88,6 +89,8 @@ async def start(cfg: Config) -> Host:
     app.router.add_post("/v1/vms/{vm_id}/wake", wake)
     app.router.add_post("/v1/host/activity", activity)
     app.router.add_get("/v1/host", health)
+    app[HOST_MANAGER] = manager
+    add_host_routes(app)
     app.middlewares.append(catalog_first)
     api = web.AppRunner(app, access_log=None)
     await api.setup()

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from vmm.capacity import mem_available_mb
 from vmm.catalog import Capacity, Catalog
 from vmm.errors import Conflict, NotFound, VmmError
 from vmm.jsonlog import log
@@ -38,14 +39,10 @@ class HostAddress:
 
 
 def capacity(manager: VmManager) -> Capacity:
-    """What this machine can still give new VMs: available memory, cores, free disk of the state dir."""
-    available_kib = 0
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                available_kib = int(line.split()[1])
+    """What this machine can still give new VMs: memory beyond its reserve, cores, free disk of the state dir."""
+    memory = max(0, mem_available_mb() - manager.settings.memory_reserve_mb)
     disk = shutil.disk_usage(manager.settings.vms_dir)
-    return Capacity(memory_mb=available_kib // 1024, vcpus=os.cpu_count() or 1, disk_mb=disk.free >> 20)
+    return Capacity(memory_mb=memory, vcpus=os.cpu_count() or 1, disk_mb=disk.free >> 20)
 
 
 class HostSync:
@@ -98,18 +95,25 @@ class HostSync:
         await self.catalog.remove_template(name, self.host_id)
 
     async def publish(self, rec: VmRecord) -> None:
-        """Write one VM's record as it is now: added, overwritten, or removed once terminated."""
+        """Write one VM's record as it is now: added, overwritten, or removed once terminated.
+
+        Only while the catalog places it here: a VM that moved to another host is that host's to write.
+        """
         if rec.state is VmState.TERMINATED:
-            await self.catalog.delete_vm(rec.id)
+            await self.catalog.delete_vm(rec.id, self.host_id)
             self._flushed.pop(rec.id, None)
             return
         try:
-            await self.catalog.save_vm(rec)
+            await self.catalog.save_vm(rec, self.host_id)
+            return
         except NotFound:
-            try:
-                await self.catalog.create_vm(rec, self.host_id)
-            except Conflict:  # published meanwhile by the other writer (flush vs. the push task)
-                await self.catalog.save_vm(rec)
+            if await self.catalog.get_vm(rec.id) is not None:
+                return  # placed on another host now
+        try:
+            await self.catalog.create_vm(rec, self.host_id)
+        except Conflict:  # published meanwhile by the other writer (flush vs. the push task)
+            with contextlib.suppress(NotFound):
+                await self.catalog.save_vm(rec, self.host_id)
 
     async def flush(self) -> None:
         """Publish every change made so far, now: a host API answer is never ahead of the catalog."""

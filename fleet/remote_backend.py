@@ -59,6 +59,8 @@ class RemoteBackend:
         placed = self.routes.placed(vm_id) or await self.routes.reload(vm_id)
         if placed is None:
             raise NotFound(f"VM {vm_id!r} does not exist")
+        if not self.routes.host_up(placed.host_id):
+            await self.routes.refresh_hosts()  # before a 503, make sure the news is not just late
         host = self.routes.host(placed.host_id)
         if host is None or not self.routes.host_up(placed.host_id):
             raise NotRunning(f"VM {vm_id} is unavailable: its host {placed.host_id} is not answering heartbeats")

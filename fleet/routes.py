@@ -57,8 +57,11 @@ class RouteTable:
                 await task
 
     async def reload_all(self) -> None:
-        self._hosts = {h.id: h for h in await self.catalog.hosts()}
+        await self.refresh_hosts()
         self._replace_all(await self.catalog.list_vms())
+
+    async def refresh_hosts(self) -> None:
+        self._hosts = {h.id: h for h in await self.catalog.hosts()}
 
     async def reload(self, vm_id: str) -> PlacedVm | None:
         placed = await self.catalog.get_vm(vm_id)
@@ -156,6 +159,6 @@ class RouteTable:
         while True:
             await asyncio.sleep(self.host_refresh)
             try:
-                self._hosts = {h.id: h for h in await self.catalog.hosts()}
+                await self.refresh_hosts()
             except VmmError as exc:
                 log.event("routes.hosts_failed", level="warning", error=str(exc))

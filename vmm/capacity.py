@@ -44,6 +44,16 @@ def check_fits(memory_mb: int, vcpus: int, state_dir: Path) -> None:
     check_free_space(state_dir, memory_mb * 1024 * 1024, "the template's RAM file")
 
 
+def check_memory_for_vm(memory_mb: int, reserve_mb: int) -> None:
+    """A new VM may touch all its memory: refuse it while less than that is available beyond the host's reserve."""
+    free = mem_available_mb() - reserve_mb
+    if memory_mb > free:
+        raise OverCapacity(
+            f"this host cannot take a {memory_mb} MiB VM: {max(free, 0)} MiB available beyond the "
+            f"{reserve_mb} MiB it keeps for itself (vmm.memory_reserve_mb)"
+        )
+
+
 def check_free_space(path: Path, need_bytes: int, what: str) -> None:
     """Refuse to start writing `need_bytes` where they do not fit: a full disk kills guests."""
     path = Path(path)

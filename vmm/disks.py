@@ -31,6 +31,12 @@ async def create_overlay(base: Path, overlay: Path) -> None:
     await _run(tool("qemu-img"), "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base.resolve()), str(overlay))
 
 
+async def rebase_overlay(overlay: Path, base: Path) -> None:
+    """Point an overlay that came from another host at this host's copy of the same base (no data copied)."""
+    backing = str(base.resolve())
+    await _run(tool("qemu-img"), "rebase", "-u", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, str(overlay))
+
+
 def allocated_bytes(path: Path) -> int:
     """Bytes the file really takes on the host (sparse holes not counted)."""
     return path.stat().st_blocks * 512

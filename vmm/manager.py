@@ -26,7 +26,7 @@ from typing import Any
 from qemu.qmp.error import QMPError
 
 from . import accel as accel_mod
-from . import disks, faults, netns, snapshot_check, template
+from . import capacity, disks, faults, netns, snapshot_check, template
 from . import qmp as qmp_ops
 from .agent import Agent, AgentError, Exec, load_key
 from .applog import AppLog
@@ -97,6 +97,7 @@ class _Vm:
         self.expect_exit = False
         self.agent: Agent | None = None  # disk images only
         self.busy = 0  # execs running: the idle reaper leaves the VM alone
+        self.moving = False  # its files are being copied to another host: no wake until that ends
 
 
 class VmManager:
@@ -280,6 +281,7 @@ class VmManager:
         tpl = template.load(self.settings, template_name or self.settings.default_template)
         cap = self.settings.max_lifetime_cap
         pol = Policy.from_dict(policy or {}, base=self.settings.default_policy, max_lifetime_cap=cap)
+        capacity.check_memory_for_vm(tpl.memory_mb, self.settings.memory_reserve_mb)
         if tpl.memory_mb > pol.memory_mb or tpl.vcpus > pol.vcpus or tpl.disk_mb > pol.disk_mb:
             raise InvalidRequest(
                 f"template {tpl.name!r} needs {tpl.memory_mb} MiB, {tpl.vcpus} vCPU(s) and a {tpl.disk_mb} MiB disk, "
@@ -381,6 +383,50 @@ class VmManager:
             await self._discard(vm, reason)
         log.event("vm.deleted", vm=vm_id, reason=reason)
 
+    # ---- moving between hosts --------------------------------------------------------
+
+    async def begin_export(self, vm_id: str) -> tuple[VmRecord, Template, Path]:
+        """A suspended VM's files may now be copied to another host; wakes are refused until end_export."""
+        vm = self._vm(vm_id)
+        async with vm.lock:
+            self._require(vm, VmState.SUSPENDED)
+            if vm.moving:
+                raise Conflict(f"VM {vm_id} is being moved already")
+            vm.moving = True
+        return vm.rec, template.load(self.settings, vm.rec.template), self.vm_dir(vm_id)
+
+    async def end_export(self, vm_id: str, moved_to: str | None) -> None:
+        """The copy is done: gone from here if it moved (`moved_to`), else it stays and may wake again."""
+        vm = self._vm(vm_id)
+        async with vm.lock:
+            vm.moving = False
+            if moved_to is not None:
+                await self._discard(vm, f"moved to host {moved_to}")
+        log.event("vm.exported", vm=vm_id, moved_to=moved_to)
+
+    async def adopt_moved(self, rec: VmRecord, files: Path, template_created_at: float) -> VmRecord:
+        """Take over a suspended VM whose files another host exported into `files` (moved into place here)."""
+        if rec.id in self._vms:
+            raise Conflict(f"VM {rec.id} exists on this host already")
+        tpl = template.load(self.settings, rec.template)
+        if abs(tpl.created_at - template_created_at) > 1e-3:
+            raise Conflict(
+                f"template {rec.template!r} on this host is another snapshot than the VM's (made at "
+                f"{tpl.created_at:.0f}, not {template_created_at:.0f}): copy the template's files to move its VMs"
+            )
+        if rec.state is not VmState.SUSPENDED:
+            raise InvalidRequest(f"only a suspended VM can move, VM {rec.id} is {rec.state.value}")
+        if tpl.base_disk is not None:
+            await disks.rebase_overlay(files / OVERLAY, tpl.base_disk)
+        files.rename(self.vm_dir(rec.id))
+        rec.pid, rec.reason = None, None
+        vm = _Vm(rec)
+        self._store(vm)
+        self._vms[rec.id] = vm
+        self._notify(rec)
+        log.event("vm.imported", vm=rec.id, template=rec.template)
+        return rec
+
     # ---- transitions (called with vm.lock held) --------------------------------------
 
     async def _wake(self, vm: _Vm) -> None:
@@ -393,6 +439,8 @@ class VmManager:
                 await self._qmp(vm, "cont")
                 await self._sync_guest(vm)  # its clock stood still while it was paused
                 log.event("vm.resumed", vm=vm.rec.id)
+            elif state is VmState.SUSPENDED and vm.moving:
+                raise NotRunning(f"VM {vm.rec.id} is moving to another host; try again in a moment")
             elif state is VmState.SUSPENDED:
                 await self._restore(vm)
             elif state is VmState.FAILED:

@@ -52,14 +52,14 @@ async def pg_fleet(settings: VmmSettings, pg_cluster: PgCluster, tmp_path: Path)
         }))  # fmt: skip
         hosts[name] = Role(name, ["host"], config, tmp_path / f"{name}.log")
     edges, clients = [], []
-    for name in ("edge-a", "edge-b"):
-        port = free_port()
+    for name, direct in (("edge-a", True), ("edge-b", False)):  # B goes through the hosts' data ports, as
+        port = free_port()                                      # an edge on another machine would
         config = tmp_path / f"{name}.toml"
         config.write_text(toml({
             "server": {"listen_port": port, "tls": False},
             "vmm": {"state_dir": str(tmp_path / name)},
             "catalog": {"url": url},
-            "cluster": FAST,
+            "cluster": {**FAST, "direct": direct},
         }))  # fmt: skip
         edges.append(Role(name, ["edge", "--worker"], config, tmp_path / f"{name}.log"))
         clients.append(EdgeClient(port))
@@ -68,7 +68,7 @@ async def pg_fleet(settings: VmmSettings, pg_cluster: PgCluster, tmp_path: Path)
             await role.start()
         for client in clients:
             await client.until_up()
-        await _until_hosts_up(clients[0], {"h1", "h2"})
+            await _until_hosts_up(client, {"h1", "h2"})
         yield Fleet(hosts, edges, clients)
     finally:
         for role in [*edges, *hosts.values()]:
@@ -138,6 +138,18 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
     assert await edge_b.counter(vm_id, token) == 55
     listed = {v["id"]: v["host"] for v in (await edge_b.api("GET", "/v1/vms"))["vms"]}
     assert listed == {vm_id: "h2", other["id"]: "h1"}
+
+    # A running VM moves with its memory, disk and device state; then host 2 is drained back to host 1.
+    moved = await edge_a.api("POST", f"/v1/vms/{vm_id}/move", {"to": "h1"}, status=200)
+    assert moved["host"] == "h1" and moved["state"] == "suspended"
+    assert await edge_b.counter(vm_id, token) == 56, "woken on its new host"
+    assert pg_fleet.hosts["h1"].events("vm.restored", vm_id) == 1
+    drained = await edge_b.api("POST", "/v1/hosts/h1/drain", status=200)
+    assert sorted(m["vm"] for m in drained["moved"]) == sorted([vm_id, other["id"]]) and not drained["failed"]
+    listed = {v["id"]: v["host"] for v in (await edge_a.api("GET", "/v1/vms"))["vms"]}
+    assert listed == {vm_id: "h2", other["id"]: "h2"}
+    assert await edge_a.counter(vm_id, token) == 57
+    assert await edge_b.counter(other["id"], other_token) == seen + 2
 
 
 async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path: Path) -> None:

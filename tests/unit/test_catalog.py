@@ -136,6 +136,21 @@ async def test_vms_are_created_read_listed_saved_and_deleted(store: Store) -> No
     assert [p.rec.id for p in await cat.list_vms()] == ["vb", "vc"]
 
 
+async def test_a_vm_moves_between_hosts_and_only_its_host_writes_it(store: Store) -> None:
+    cat = await store.open()
+    rec = vm("va", VmState.SUSPENDED)
+    await cat.create_vm(rec, "h1")
+    assert await cat.move_vm("va", "h2", "h3") is False, "only from the host it is on"
+    assert await cat.move_vm("va", "h1", "h2") is True
+    assert (await cat.get_vm("va")) == PlacedVm("h2", rec)
+    rec.state = VmState.RUNNING
+    with pytest.raises(NotFound, match="on host h1"):
+        await cat.save_vm(rec, "h1")  # the host it left
+    await cat.save_vm(rec, "h2")
+    assert await cat.delete_vm("va", "h1") is False
+    assert await cat.delete_vm("va", "h2") is True
+
+
 async def test_set_state_moves_only_from_the_expected_states(store: Store) -> None:
     cat = await store.open()
     await cat.create_vm(vm("va", VmState.SUSPENDED), "h1")

@@ -74,11 +74,15 @@ class Catalog(Protocol):
         self, host_id: str | None = None, states: Collection[VmState] | None = None
     ) -> list[PlacedVm]: ...
 
-    async def save_vm(self, rec: VmRecord) -> None:
-        """Overwrite a VM's record (its host stays); raises NotFound if it does not exist."""
+    async def save_vm(self, rec: VmRecord, host_id: str | None = None) -> None:
+        """Overwrite a VM's record (its host stays); raises NotFound if it does not exist
+        (or, with `host_id`, is not on that host: a host never overwrites a VM that moved away)."""
 
-    async def delete_vm(self, vm_id: str) -> bool:
-        """Remove a VM; returns whether it existed."""
+    async def delete_vm(self, vm_id: str, host_id: str | None = None) -> bool:
+        """Remove a VM (with `host_id`: only if it is on that host); returns whether it did."""
+
+    async def move_vm(self, vm_id: str, from_host: str, to_host: str) -> bool:
+        """Re-place a VM on another host, if it is still on `from_host`; returns whether it moved."""
 
     async def set_state(
         self, vm_id: str, from_states: Collection[VmState], to_state: VmState, at: float | None = None

@@ -192,22 +192,34 @@ class PostgresCatalog:
         )
         return [placed_vm(r) for r in rows]
 
-    async def save_vm(self, rec: VmRecord) -> None:
-        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(RECORD_FIELDS, start=2))
+    async def save_vm(self, rec: VmRecord, host_id: str | None = None) -> None:
+        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(RECORD_FIELDS, start=3))
         rows = await self._fetch(
-            f"WITH changed AS (UPDATE vms SET {assignments} WHERE id = $1 RETURNING id)"
-            f" SELECT pg_notify('{CHANNEL}', id) FROM changed",
+            f"WITH changed AS (UPDATE vms SET {assignments} WHERE id = $1 AND ($2::text IS NULL OR host_id = $2)"
+            f" RETURNING id) SELECT pg_notify('{CHANNEL}', id) FROM changed",
             rec.id,
+            host_id,
             *record_values(rec),
         )
         if not rows:
-            raise NotFound(f"VM {rec.id} is not in the catalog")
+            raise NotFound(f"VM {rec.id} is not in the catalog" + (f" on host {host_id}" if host_id else ""))
 
-    async def delete_vm(self, vm_id: str) -> bool:
+    async def delete_vm(self, vm_id: str, host_id: str | None = None) -> bool:
         rows = await self._fetch(
-            "WITH changed AS (DELETE FROM vms WHERE id = $1 RETURNING id)"
+            "WITH changed AS (DELETE FROM vms WHERE id = $1 AND ($2::text IS NULL OR host_id = $2) RETURNING id)"
             f" SELECT pg_notify('{CHANNEL}', id) FROM changed",
             vm_id,
+            host_id,
+        )
+        return bool(rows)
+
+    async def move_vm(self, vm_id: str, from_host: str, to_host: str) -> bool:
+        rows = await self._fetch(
+            "WITH changed AS (UPDATE vms SET host_id = $3 WHERE id = $1 AND host_id = $2 RETURNING id)"
+            f" SELECT pg_notify('{CHANNEL}', id) FROM changed",
+            vm_id,
+            from_host,
+            to_host,
         )
         return bool(rows)
 

@@ -41,12 +41,26 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch to WAL. The switch needs the file to itself and SQLite does not wait for that (no busy
+    handler), so processes opening a new catalog at once retry here, up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _connect(path: Path, upto: int | None) -> tuple[sqlite3.Connection, tuple[int, ...]]:
     """Connect and migrate; a connection whose migration failed is closed again."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
         return db, migrate(db, upto)
     except BaseException:
@@ -182,14 +196,19 @@ class SqliteCatalog:
         rows = await self._run(lambda db: db.execute(query, args).fetchall())
         return [placed_vm(r) for r in rows]
 
-    async def save_vm(self, rec: VmRecord) -> None:
+    async def save_vm(self, rec: VmRecord, host_id: str | None = None) -> None:
         assignments = ", ".join(f"{c} = ?" for c in RECORD_FIELDS)
-        query = f"UPDATE vms SET {assignments} WHERE id = ?"
-        if not await self._change_vm(rec.id, query, (*record_values(rec), rec.id)):
-            raise NotFound(f"VM {rec.id} is not in the catalog")
+        query = f"UPDATE vms SET {assignments} WHERE id = ? AND (? IS NULL OR host_id = ?)"
+        if not await self._change_vm(rec.id, query, (*record_values(rec), rec.id, host_id, host_id)):
+            raise NotFound(f"VM {rec.id} is not in the catalog" + (f" on host {host_id}" if host_id else ""))
 
-    async def delete_vm(self, vm_id: str) -> bool:
-        return await self._change_vm(vm_id, "DELETE FROM vms WHERE id = ?", (vm_id,))
+    async def delete_vm(self, vm_id: str, host_id: str | None = None) -> bool:
+        query = "DELETE FROM vms WHERE id = ? AND (? IS NULL OR host_id = ?)"
+        return await self._change_vm(vm_id, query, (vm_id, host_id, host_id))
+
+    async def move_vm(self, vm_id: str, from_host: str, to_host: str) -> bool:
+        query = "UPDATE vms SET host_id = ? WHERE id = ? AND host_id = ?"
+        return await self._change_vm(vm_id, query, (to_host, vm_id, from_host))
 
     async def set_state(
         self, vm_id: str, from_states: Collection[VmState], to_state: VmState, at: float | None = None
