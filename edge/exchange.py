@@ -20,13 +20,17 @@ compare against module-level aliases, since an enum class attribute costs ~0.1 Â
 
 from __future__ import annotations
 
+import asyncio
 import enum
 
+from vmm.errors import VmmError
+from vmm.jsonlog import log
 from vmm.model import VmState
 
 from .admission import Admission, Refusal
 from .backend import VmBackend
-from .proxy_context import ProxySettings
+from .proxy_context import ProxyContext, ProxySettings
+from .upstream import UpstreamConn, connect_unix, connect_vm
 
 
 class IllegalMove(RuntimeError):
@@ -188,6 +192,45 @@ class Exchange:
             return True
         rec = backend.lookup(self.vm_id)
         return rec is not None and rec.state is VmState.RUNNING
+
+    async def wait_for_vm(self, ctx: ProxyContext) -> Refusal | None:
+        """Hold until the VM has woken, within the per-VM bound; else why the edge answers instead."""
+        s = ctx.settings
+        vm_id = self.vm_id
+        assert vm_id is not None
+        self.move(_E.WAITING_FOR_VM)
+        if ctx.wakes_refused:
+            return Refusal(503, f"the edge is shutting down: VM {vm_id} is not woken now", retry_after=s.retry_after)
+        held = ctx.held.get(vm_id, 0)
+        if held >= s.max_held_per_vm:
+            return Refusal(503, f"too many requests are waiting for VM {vm_id} to wake", retry_after=s.retry_after)
+        ctx.held[vm_id] = held + 1
+        ctx.metrics.held(1)
+        try:
+            await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id)), s.wake_timeout)
+        except TimeoutError:
+            log.event("proxy.wake_timeout", level="warning", vm=vm_id)
+            return Refusal(503, f"VM {vm_id} did not wake within {s.wake_timeout:g}s", retry_after=s.retry_after)
+        except VmmError as exc:
+            log.event("proxy.wake_failed", level="warning", vm=vm_id, error=str(exc))
+            retry = s.retry_after if exc.http_status == 503 else None
+            return Refusal(exc.http_status, str(exc), retry_after=retry)
+        finally:
+            left = ctx.held[vm_id] - 1
+            if left:
+                ctx.held[vm_id] = left
+            else:
+                del ctx.held[vm_id]
+            ctx.metrics.held(-1)
+        self.move(_E.CONNECTING)
+        return None
+
+    async def connect(self, ctx: ProxyContext) -> UpstreamConn:
+        """A new connection to where the request goes: the VM's port, or the control API."""
+        timeout = ctx.settings.connect_timeout
+        if self.vm_id is None:
+            return await connect_unix(ctx.pool, ctx.control_socket, timeout)
+        return await connect_vm(ctx.pool, ctx.backend, self.vm_id, self.port, timeout)
 
     def body_overdue(self, s: ProxySettings, now: float, paused_for: float) -> tuple[str | None, float]:
         """Why the body being read is overdue (None: it is not), and when to check it next.

@@ -25,7 +25,7 @@ from .errors_http import error_response
 from .exchange import BodyState, Exchange, ExchangeState, IllegalMove
 from .proxy_context import ProxyContext
 from .reqhead import RequestHead
-from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, connect_unix, connect_vm, take_head
+from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, take_head
 
 # Why reading from the client is paused; it resumes when no reason is left.
 _WAITING = 1  # the request waiting for a wake or a connection has buffered enough body
@@ -79,7 +79,6 @@ _UNPARSEABLE = _C.UNPARSEABLE
 _LINGERING = _C.LINGERING
 _CLOSING = _C.CLOSING
 _CLOSED = _C.CLOSED
-_WAITING_FOR_VM = ExchangeState.WAITING_FOR_VM
 _CONNECTING = ExchangeState.CONNECTING
 _FORWARDED = ExchangeState.FORWARDED
 _STREAMING = ExchangeState.STREAMING
@@ -355,9 +354,8 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _activate(self, ex: Exchange) -> None:
         self._ex = ex
-        refusal = ex.refusal
-        if refusal is not None:
-            self._answer(ex, refusal.status, refusal.message, reason=refusal.reason, bearer=refusal.bearer)
+        if ex.refusal is not None:
+            self._refused(ex, ex.refusal)
             return
         ctx = self._ctx
         now = self._loop.time()
@@ -386,9 +384,12 @@ class EdgeProtocol(asyncio.Protocol):
     async def _prepare(self, ex: Exchange) -> None:
         """Wake the VM if needed and open a connection to it; body bytes meanwhile are buffered."""
         try:
-            if not ex.vm_running(self._ctx.backend) and not await self._hold(ex):
-                return
-            conn = await self._open(ex)
+            if not ex.vm_running(self._ctx.backend):
+                refusal = await ex.wait_for_vm(self._ctx)
+                if refusal is not None:
+                    self._refused(ex, refusal)
+                    return
+            conn = await ex.connect(self._ctx)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -411,52 +412,6 @@ class EdgeProtocol(asyncio.Protocol):
             conn.close()
             return
         self._attach(ex, conn, reused=False)
-
-    async def _hold(self, ex: Exchange) -> bool:
-        """Wait for the VM to wake, within the per-VM bound; False when answered instead."""
-        ctx, s = self._ctx, self._s
-        vm_id = ex.vm_id
-        assert vm_id is not None
-        ex.move(_WAITING_FOR_VM)
-        if ctx.wakes_refused:
-            self._answer(ex, 503, f"the edge is shutting down: VM {vm_id} is not woken now", retry_after=s.retry_after)
-            return False
-        held = ctx.held.get(vm_id, 0)
-        if held >= s.max_held_per_vm:
-            message = f"too many requests are waiting for VM {vm_id} to wake"
-            self._answer(ex, 503, message, retry_after=s.retry_after)
-            return False
-        ctx.held[vm_id] = held + 1
-        ctx.metrics.held(1)
-        try:
-            await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id)), s.wake_timeout)
-        except TimeoutError:
-            message = f"VM {vm_id} did not wake within {s.wake_timeout:g}s"
-            log.event("proxy.wake_timeout", level="warning", vm=vm_id)
-            self._answer(ex, 503, message, retry_after=s.retry_after)
-            return False
-        except VmmError as exc:
-            log.event("proxy.wake_failed", level="warning", vm=vm_id, error=str(exc))
-            retry = s.retry_after if exc.http_status == 503 else None
-            self._answer(ex, exc.http_status, str(exc), retry_after=retry)
-            return False
-        finally:
-            left = ctx.held[vm_id] - 1
-            if left:
-                ctx.held[vm_id] = left
-            else:
-                del ctx.held[vm_id]
-            ctx.metrics.held(-1)
-        ex.move(_CONNECTING)
-        return True
-
-    async def _open(self, ex: Exchange) -> UpstreamConn:
-        ctx = self._ctx
-        timeout = self._s.connect_timeout
-        if ex.vm_id is None:
-            return await connect_unix(ctx.pool, ctx.control_socket, timeout)
-        assert ex.vm_id is not None
-        return await connect_vm(ctx.pool, ctx.backend, ex.vm_id, ex.port, timeout)
 
     def _attach(self, ex: Exchange, conn: UpstreamConn, reused: bool) -> None:
         """Send the request head (and any body read so far) on `conn`; relay from now on."""
@@ -521,6 +476,12 @@ class EdgeProtocol(asyncio.Protocol):
             ex.keep_alive = False
         self._ctx.metrics.request(status)
         self._response_finished(ex)
+
+    def _refused(self, ex: Exchange, refusal: Refusal) -> None:
+        self._answer(
+            ex, refusal.status, refusal.message,
+            reason=refusal.reason, bearer=refusal.bearer, retry_after=refusal.retry_after,
+        )  # fmt: skip
 
     def _upstream_error(self, ex: Exchange, status: int, message: str) -> None:
         log.event("proxy.error", level="warning", vm=ex.vm_id, port=ex.port, status=status, error=message)
