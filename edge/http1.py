@@ -4,6 +4,11 @@ Request heads are parsed with llhttp (httptools) to route by Host, check the VM'
 and rewrite the head; bodies and responses then move as bytes, never as request objects.
 Requests on one connection are answered one at a time and in order: pipelined ones are
 parsed ahead and wait (reading paused), so buffering stays within one read.
+
+Each request is an `edge.exchange.Exchange`, whose states say how far it has come; the
+connection's own `ConnectionState` says what is done with the bytes the client sends.
+This protocol parses, orchestrates the exchanges in turn, relays the answers and keeps
+the connection's timers and flow control.
 """
 
 from __future__ import annotations
@@ -345,10 +350,8 @@ class EdgeProtocol(asyncio.Protocol):
         ex.end_body()
         if ex is not self._ex:  # still queued: it gets the error instead
             ex.refuse(Refusal(status, message))
-        elif ex.answer_started:
-            self._close_client()
         else:
-            self._answer(ex, status, message)
+            self._fail(ex, status, message)
 
     # -- answering ---------------------------------------------------------------------
 
@@ -483,13 +486,17 @@ class EdgeProtocol(asyncio.Protocol):
             reason=refusal.reason, bearer=refusal.bearer, retry_after=refusal.retry_after,
         )  # fmt: skip
 
-    def _upstream_error(self, ex: Exchange, status: int, message: str) -> None:
-        log.event("proxy.error", level="warning", vm=ex.vm_id, port=ex.port, status=status, error=message)
+    def _fail(self, ex: Exchange, status: int, message: str, retry_after: int | None = None) -> None:
+        """`ex` cannot be answered as it should: with the edge's error while nothing of an answer
+        went out, else by closing (the client sees the answer cut short)."""
         if ex.answer_started:
             self._close_client()
         else:
-            retry = self._s.retry_after if status == 503 else None
-            self._answer(ex, status, message, retry_after=retry)
+            self._answer(ex, status, message, retry_after=retry_after)
+
+    def _upstream_error(self, ex: Exchange, status: int, message: str) -> None:
+        log.event("proxy.error", level="warning", vm=ex.vm_id, port=ex.port, status=status, error=message)
+        self._fail(ex, status, message, self._s.retry_after if status == 503 else None)
 
     def _response_finished(self, ex: Exchange) -> None:
         ex.move(_ANSWERED)
@@ -660,10 +667,7 @@ class EdgeProtocol(asyncio.Protocol):
     def _bad_response(self, ex: Exchange, why: str) -> None:
         log.event("proxy.error", level="warning", vm=ex.vm_id, error=f"invalid response: {why}")
         self._drop_upstream()
-        if ex.answer_started:
-            self._close_client()
-        else:
-            self._answer(ex, 502, f"{ex.where()} sent an invalid HTTP response")
+        self._fail(ex, 502, f"{ex.where()} sent an invalid HTTP response")
 
     def _drop_upstream(self) -> None:
         conn = self._up
@@ -759,10 +763,7 @@ class EdgeProtocol(asyncio.Protocol):
                 if overdue is not None:
                     log.event("proxy.client_timeout", level="info", vm=ex.vm_id, client=self._client, why=overdue)
                     self._ctx.metrics.slow_client()
-                    if ex.answer_started:
-                        self._close_client()
-                    else:
-                        self._answer(ex, 408, overdue)
+                    self._fail(ex, 408, overdue)
                     return
         if self._up is not None and not ex.status and self._state is not _TUNNEL and self._head_deadline < _INF:
             if now >= self._head_deadline:
