@@ -12,8 +12,9 @@ exchange stays STREAMING: the connection has become a tunnel (`ConnectionState.T
 The request side (`BodyState`) runs beside it, since a body may still arrive while the answer
 streams: ARRIVING -> DONE, or ARRIVING -> DISCARDING -> DONE once the body is no longer wanted.
 
-Moves go through `move` / `end_body` / `drop_body`, which refuse a move the table does not
-list by raising `IllegalMove` (a bug in the edge; the event loop logs it and closes the client).
+Moves go through `move` (checked against a table) and `drop_body` / `end_body`, which refuse
+a move that is not allowed by raising `IllegalMove` (a bug in the edge; the event loop logs
+it and closes the client).
 The states are IntEnums so that the table lookups hash at C speed; callers on hot paths
 compare against module-level aliases, since an enum class attribute costs ~0.1 µs on 3.11.
 """
@@ -71,15 +72,16 @@ _EXCHANGE_MOVES: dict[ExchangeState, frozenset[ExchangeState]] = {
     _E.ANSWERED: frozenset((_E.FINISHED,)),
     _E.FINISHED: frozenset(),
 }
-_BODY_MOVES: dict[BodyState, frozenset[BodyState]] = {
-    BodyState.ARRIVING: frozenset((BodyState.DISCARDING, BodyState.DONE)),
-    BodyState.DISCARDING: frozenset((BodyState.DONE,)),
-    BodyState.DONE: frozenset(),
-}
 # A request that failed on a reused connection before any answer is sent again on a new
 # one when repeating it is harmless.
 _RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT", b"TRACE"))
 _STARTED = frozenset((_E.STREAMING, _E.ANSWERED, _E.FINISHED))
+# Members as module names: a lookup on the enum class costs ~0.1 µs on 3.11.
+_RECEIVED = _E.RECEIVED
+_REFUSED = _E.REFUSED
+_ADMITTED = _E.ADMITTED
+_WAITING_FOR_VM = _E.WAITING_FOR_VM
+_CONNECTING = _E.CONNECTING
 _ARRIVING = BodyState.ARRIVING
 _DISCARDING = BodyState.DISCARDING
 _DONE = BodyState.DONE
@@ -114,7 +116,7 @@ class Exchange:
     )
 
     def __init__(self, method: bytes, keep_alive: bool, has_body: bool, chunked: bool, upgrade: bool) -> None:
-        self.state = _E.RECEIVED
+        self.state = _RECEIVED
         self.body_state = _ARRIVING
         self.method = method
         self.is_head = method == b"HEAD"
@@ -144,7 +146,7 @@ class Exchange:
         self.state = new
 
     def admit(self, verdict: Admission) -> None:
-        self.move(_E.ADMITTED)
+        self.move(_ADMITTED)
         self.head = verdict.head
         self.vm_id = verdict.vm_id
         self.port = verdict.port
@@ -152,26 +154,25 @@ class Exchange:
         self.cookie = verdict.set_cookie
 
     def refuse(self, refusal: Refusal) -> None:
-        self.move(_E.REFUSED)
+        self.move(_REFUSED)
         self.refusal = refusal
         self.drop_body()
 
     def drop_body(self) -> None:
-        """The body is not wanted (the request is answered or refused): read the rest off."""
+        """ARRIVING -> DISCARDING: the body is not wanted (the request is answered or refused),
+        the rest is read off. Once the whole request was read there is nothing left to drop."""
         self.body = None
         if self.body_state is _ARRIVING:
-            self._move_body(_DISCARDING)
+            self.body_state = _DISCARDING
 
     def end_body(self) -> bool:
-        """The whole request was read; True when its end is still to be forwarded."""
-        forwarding = self.body_state is _ARRIVING
-        self._move_body(_DONE)
-        return forwarding
-
-    def _move_body(self, new: BodyState) -> None:
-        if new not in _BODY_MOVES[self.body_state]:
-            raise IllegalMove(f"request body {self.body_state.name} -> {new.name}")
-        self.body_state = new
+        """ARRIVING or DISCARDING -> DONE: the whole request was read. True when its end is
+        still to be forwarded (it was not being discarded)."""
+        old = self.body_state
+        if old is _DONE:
+            raise IllegalMove("request body DONE -> DONE")
+        self.body_state = _DONE
+        return old is _ARRIVING
 
     @property
     def answer_started(self) -> bool:
@@ -198,7 +199,7 @@ class Exchange:
         s = ctx.settings
         vm_id = self.vm_id
         assert vm_id is not None
-        self.move(_E.WAITING_FOR_VM)
+        self.move(_WAITING_FOR_VM)
         if ctx.wakes_refused:
             return Refusal(503, f"the edge is shutting down: VM {vm_id} is not woken now", retry_after=s.retry_after)
         held = ctx.held.get(vm_id, 0)
@@ -222,7 +223,7 @@ class Exchange:
             else:
                 del ctx.held[vm_id]
             ctx.metrics.held(-1)
-        self.move(_E.CONNECTING)
+        self.move(_CONNECTING)
         return None
 
     async def connect(self, ctx: ProxyContext) -> UpstreamConn:
