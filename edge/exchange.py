@@ -1,22 +1,22 @@
 """One request and its answer on a client connection, as two small state machines.
 
-The answer side (`ExchangeState`) goes, for a request that reaches a VM:
+The answer side (`ExchangeState`) goes, for a request that reaches a VM (or the control API):
 
-    RECEIVED -> ADMITTED -> [WAITING_FOR_VM <->] CONNECTING -> FORWARDED -> STREAMING -> ANSWERED -> FINISHED
+    RECEIVED -> ADMITTED -> CONNECTING -> FORWARDED -> STREAMING -> ANSWERED -> FINISHED
 
-and for one the edge answers itself: RECEIVED -> REFUSED -> ANSWERED -> FINISHED. Any state
-before STREAMING can end in ANSWERED with the edge's own error; a request sent on a pooled
-connection that closed before answering goes FORWARDED -> CONNECTING once. After a 101 the
-exchange stays STREAMING: the connection has become a tunnel (`ConnectionState.TUNNEL`).
+skipping CONNECTING when an idle pooled connection is at hand, and passing CONNECTING ->
+WAITING_FOR_VM -> CONNECTING when its VM sleeps. One the edge answers itself goes RECEIVED ->
+REFUSED -> ANSWERED -> FINISHED. Any state before STREAMING can end in ANSWERED with the
+edge's own error; a request sent on a pooled connection that closed before answering goes
+FORWARDED -> CONNECTING once. After a 101 the exchange stays STREAMING: the connection has
+become a tunnel (`edge.http1.ConnectionState.TUNNEL`).
 
 The request side (`BodyState`) runs beside it, since a body may still arrive while the answer
 streams: ARRIVING -> DONE, or ARRIVING -> DISCARDING -> DONE once the body is no longer wanted.
 
 Moves go through `move` (checked against a table) and `drop_body` / `end_body`, which refuse
 a move that is not allowed by raising `IllegalMove` (a bug in the edge; the event loop logs
-it and closes the client).
-The states are IntEnums so that the table lookups hash at C speed; callers on hot paths
-compare against module-level aliases, since an enum class attribute costs ~0.1 µs on 3.11.
+it and closes the client). The states are IntEnums so that the table lookups hash at C speed.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ class BodyState(enum.IntEnum):
 
 
 _E = ExchangeState
+# A queued request is refused (again) when the request stream breaks behind it.
 _EXCHANGE_MOVES: dict[ExchangeState, frozenset[ExchangeState]] = {
     _E.RECEIVED: frozenset((_E.REFUSED, _E.ADMITTED)),
-    _E.REFUSED: frozenset((_E.REFUSED, _E.ANSWERED)),  # refused again: the stream broke while it was queued
+    _E.REFUSED: frozenset((_E.REFUSED, _E.ANSWERED)),
     _E.ADMITTED: frozenset((_E.REFUSED, _E.CONNECTING, _E.FORWARDED, _E.ANSWERED)),
     _E.WAITING_FOR_VM: frozenset((_E.CONNECTING, _E.ANSWERED)),
     _E.CONNECTING: frozenset((_E.WAITING_FOR_VM, _E.FORWARDED, _E.ANSWERED)),
