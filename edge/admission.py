@@ -35,6 +35,7 @@ class Refusal:
     message: str
     reason: str | None = None
     bearer: bool = False  # 401: add WWW-Authenticate: Bearer
+    retry_after: int | None = None  # seconds, for a Retry-After header
 
 
 @dataclass(slots=True)

@@ -3,6 +3,7 @@
 A request's path, top to bottom:
   1. The listener (`loop.create_server`, TLS from `edge.tls`) hands each client
      connection to an `edge.http1.EdgeProtocol`, which parses request heads with llhttp.
+     Each request becomes an `edge.exchange.Exchange`; its states name the steps below.
   2. `edge.hosts.HostRouter` maps the Host header: the control host, `<vm-id>.<domain>`
      (the VM's app port) or `<port>-<vm-id>.<domain>` (a port on the VM's allow-list).
   3. Control host: the connection is spliced to the aiohttp control API (`edge.control`)

@@ -4,11 +4,17 @@ Request heads are parsed with llhttp (httptools) to route by Host, check the VM'
 and rewrite the head; bodies and responses then move as bytes, never as request objects.
 Requests on one connection are answered one at a time and in order: pipelined ones are
 parsed ahead and wait (reading paused), so buffering stays within one read.
+
+Each request is an `edge.exchange.Exchange`, whose states say how far it has come; the
+connection's own `ConnectionState` says what is done with the bytes the client sends.
+This protocol parses, orchestrates the exchanges in turn, relays the answers and keeps
+the connection's timers and flow control.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
 from collections.abc import Callable
 from typing import cast
@@ -18,22 +24,19 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 
 from vmm.errors import VmmError
 from vmm.jsonlog import log
-from vmm.model import VmState
 
 from .admission import Admitter, Refusal
 from .errors_http import error_response
+from .exchange import BodyState, Exchange, ExchangeState, IllegalMove
 from .proxy_context import ProxyContext
 from .reqhead import RequestHead
-from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, connect_unix, connect_vm, take_head
+from .upstream import CONTROL_KEY, ResponseTracker, UpstreamConn, take_head
 
 # Why reading from the client is paused; it resumes when no reason is left.
 _WAITING = 1  # the request waiting for a wake or a connection has buffered enough body
 _QUEUED = 2  # later requests are parsed and wait their turn (or bytes after an Upgrade)
 _UPSTREAM = 4  # the upstream's write buffer is full
 
-# A request that failed on a reused connection before any answer is sent again on a new
-# one when repeating it is harmless (the keep-alive race with the guest closing first).
-_RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT", b"TRACE"))
 _LAST_CHUNK = b"0\r\n\r\n"
 # Body bytes kept for a request waiting for its upstream. Reading goes on until then so a
 # client that leaves is noticed (and its place among the held requests freed).
@@ -44,62 +47,50 @@ _PAUSED_RECHECK = 1.0  # a body paused by the edge: its deadlines are looked at 
 _INF = float("inf")
 
 
-class _Exchange:
-    """One request and its answer."""
+class ConnectionState(enum.IntEnum):
+    """What a client connection does with the bytes it reads. It only moves down this list,
+    and from LINGERING on it is closing: what it reads is no longer acted on.
 
-    __slots__ = (
-        "body",
-        "buffered",
-        "chunked",
-        "control",
-        "cookie",
-        "counted",
-        "discard",
-        "has_body",
-        "head",
-        "is_head",
-        "keep_alive",
-        "method",
-        "port",
-        "received",
-        "refusal",
-        "req_done",
-        "resp_done",
-        "retried",
-        "reused",
-        "running",
-        "sent",
-        "status",
-        "upgrade",
-        "vm_id",
-    )
+    OPEN -> UPGRADING -> TUNNEL for a 101; OPEN -> UNPARSEABLE after a parse error; any of
+    those -> LINGERING or CLOSING -> CLOSED. Whether the edge is draining is separate: a
+    draining connection still answers what it received, in any of the first four states.
+    """
 
-    def __init__(self, method: bytes, keep_alive: bool, has_body: bool, chunked: bool, upgrade: bool) -> None:
-        self.method = method
-        self.is_head = method == b"HEAD"
-        # An Upgrade the VM refuses leaves the connection's framing unknown: close after it.
-        self.keep_alive = keep_alive and not upgrade
-        self.has_body = has_body
-        self.chunked = chunked
-        self.upgrade = upgrade
-        self.vm_id: str | None = None
-        self.port = 0
-        self.control = False
-        self.running = True
-        self.head = b""
-        self.cookie: bytes | None = None  # a Set-Cookie line for the response head
-        self.refusal: Refusal | None = None  # the edge answers itself
-        self.body: list[bytes] | None = []  # body bytes read before an upstream is attached
-        self.buffered = 0
-        self.received = 0  # request body bytes so far, for body_min_rate
-        self.discard = False  # the body is not wanted (answered already)
-        self.req_done = False
-        self.resp_done = False
-        self.sent = False  # bytes of the answer went to the client
-        self.status = 0
-        self.reused = False
-        self.retried = False
-        self.counted = False  # included in ctx.open_streams
+    OPEN = enum.auto()  # request heads are parsed, bodies read
+    UPGRADING = enum.auto()  # an Upgrade request was parsed: later bytes are kept for the tunnel
+    TUNNEL = enum.auto()  # after a 101: bytes go both ways as they are until either side closes
+    UNPARSEABLE = enum.auto()  # the request stream is broken: what was received is answered, then close
+    LINGERING = enum.auto()  # answered and half-closed: a body still arriving is read off for linger_timeout
+    CLOSING = enum.auto()  # closed after what was written; aborted if the peer stops reading
+    CLOSED = enum.auto()  # connection_lost ran
+
+
+_C = ConnectionState
+_ENDS = (_C.LINGERING, _C.CLOSING, _C.CLOSED)
+_CONNECTION_MOVES: dict[ConnectionState, frozenset[ConnectionState]] = {
+    _C.OPEN: frozenset((_C.UPGRADING, _C.UNPARSEABLE, *_ENDS)),
+    _C.UPGRADING: frozenset((_C.TUNNEL, *_ENDS)),
+    _C.TUNNEL: frozenset(_ENDS),
+    _C.UNPARSEABLE: frozenset(_ENDS),
+    _C.LINGERING: frozenset((_C.CLOSING, _C.CLOSED)),
+    _C.CLOSING: frozenset((_C.CLOSED,)),
+    _C.CLOSED: frozenset(),
+}
+# Members as module names for the hot paths: a lookup on the enum class costs ~0.1 µs on 3.11.
+_OPEN = _C.OPEN
+_UPGRADING = _C.UPGRADING
+_TUNNEL = _C.TUNNEL
+_UNPARSEABLE = _C.UNPARSEABLE
+_LINGERING = _C.LINGERING
+_CLOSING = _C.CLOSING
+_CLOSED = _C.CLOSED
+_CONNECTING = ExchangeState.CONNECTING
+_FORWARDED = ExchangeState.FORWARDED
+_STREAMING = ExchangeState.STREAMING
+_ANSWERED = ExchangeState.ANSWERED
+_FINISHED = ExchangeState.FINISHED
+_ARRIVING = BodyState.ARRIVING
+_BODY_DONE = BodyState.DONE
 
 
 class EdgeProtocol(asyncio.Protocol):
@@ -123,15 +114,17 @@ class EdgeProtocol(asyncio.Protocol):
         self._headers = 0  # header fields of the head being parsed
         self._counted_ip = False  # included in ctx.per_ip
         self._admitter: Admitter
-        self._ex: _Exchange | None = None  # the request being answered
-        self._parsing: _Exchange | None = None  # the request whose body is being read
-        self._queue: deque[_Exchange] = deque()
+        self._ex: Exchange | None = None  # the request being answered
+        self._parsing: Exchange | None = None  # the request whose body is being read
+        self._queue: deque[Exchange] = deque()
         # The upstream of the request being answered; between requests a client holds none, so
         # idle keep-alive clients cost no guest connections past the pool's bound.
         self._up: UpstreamConn | None = None
         self._rbuf: bytearray | None = None  # a response head being collected (HEAD, Set-Cookie)
         self._stash: bytearray | None = None  # client bytes after an Upgrade request
-        self._tunnel = False
+        self._state = _OPEN
+        self._draining = False  # the edge is stopping: close once the requests received are answered
+        self._stream_vm: str | None = None  # the VM whose open_streams counts the request being answered
         self._paused = 0
         self._write_paused = False
         self._task: asyncio.Task[None] | None = None
@@ -139,17 +132,9 @@ class EdgeProtocol(asyncio.Protocol):
         self._timer_at = _INF
         self._idle_deadline = _INF
         self._head_deadline = _INF
-        self._closing = False
-        self._lingering = False
-        self._closed = False
-        self._dead = False  # the request stream is unparseable: answer what is queued, then close
-        self._draining = False  # the edge is stopping: close once the requests received are answered
         self._up_bytes = 0
         self._down_bytes = 0
         self._touch_at = 0.0
-        self._body_at = 0.0  # last time request body bytes arrived (or the edge let the client send again)
-        self._body_start = 0.0  # when the body being read started
-        self._body_paused = 0.0  # _paused_for() when it started: time the edge paused reading is not the client's
         self._paused_at = 0.0
         self._paused_total = 0.0
         self._flush_at = 0.0
@@ -169,7 +154,7 @@ class EdgeProtocol(asyncio.Protocol):
         now = self._loop.time()
         self._flush_at = now + _TOUCH_EVERY
         ctx.connection_made(self)
-        if self._closing:  # drained as it arrived
+        if self._state >= _LINGERING:  # drained as it arrived
             return
         if not ctx.client_opened(self._client):
             self._too_many_connections()
@@ -179,19 +164,22 @@ class EdgeProtocol(asyncio.Protocol):
         self._arm(self._idle_deadline)
 
     def data_received(self, data: bytes) -> None:
-        if self._tunnel:
+        state = self._state
+        if state is _TUNNEL:
             up = self._up
             if up is not None:
                 up.transport.write(data)
                 self._up_bytes += len(data)
                 self._flowing(self._loop.time())
             return
-        if self._closing or self._dead:
-            return
-        if self._stash is not None:
-            self._stash += data
-            if len(self._stash) > self._s.max_head_size:
+        if state is _UPGRADING:
+            stash = self._stash
+            assert stash is not None
+            stash += data
+            if len(stash) > self._s.max_head_size:
                 self._pause(_QUEUED)
+            return
+        if state is not _OPEN:
             return
         in_head, msgs = self._in_head, self._msgs
         try:
@@ -200,6 +188,8 @@ class EdgeProtocol(asyncio.Protocol):
             if self._parsing is not None:  # CONNECT ends at its head
                 self.on_message_complete()
             self._stash = bytearray(data[exc.args[0] :])
+            if self._state is _OPEN:
+                self._move(_UPGRADING)
         except HttpParserCallbackError as exc:
             log.event("proxy.error", level="error", error=repr(exc.__context__ or exc))
             self._malformed(500, "the edge failed to handle this request")
@@ -220,7 +210,7 @@ class EdgeProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = self._closing = True
+        self._move(_CLOSED)
         self._teardown()
         if self._counted_ip:
             self._counted_ip = False
@@ -243,7 +233,7 @@ class EdgeProtocol(asyncio.Protocol):
     def drain(self) -> None:
         """The edge is stopping: close now when between requests, else once they are answered."""
         self._draining = True
-        if self._ex is None and not self._queue and not self._in_head and not self._closing:
+        if self._ex is None and not self._queue and not self._in_head and self._state < _LINGERING:
             self._close_client()
 
     def abort(self) -> None:
@@ -269,20 +259,20 @@ class EdgeProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._closing:
+        if self._state >= _LINGERING:
             return
         p = self._parser
         req = self._req
-        ex = _Exchange(p.get_method(), p.should_keep_alive(), req.has_body, req.chunked, p.should_upgrade())
+        ex = Exchange(p.get_method(), p.should_keep_alive(), req.has_body, req.chunked, p.should_upgrade())
         self._parsing = ex
         if self._head_bytes > self._s.max_head_size:
-            self._dead = True
+            self._unparseable()
             ex.keep_alive = False
-            self._refuse(ex, Refusal(431, "the request head is too large"))
+            ex.refuse(Refusal(431, "the request head is too large"))
         elif self._headers > self._s.max_headers:
-            self._dead = True
+            self._unparseable()
             ex.keep_alive = False
-            self._refuse(ex, Refusal(431, f"the request head has more than {self._s.max_headers} header fields"))
+            ex.refuse(Refusal(431, f"the request head has more than {self._s.max_headers} header fields"))
         else:
             try:
                 verdict = self._admitter.admit(ex.method, self._url, p.get_http_version(), req, ex.upgrade)
@@ -291,14 +281,9 @@ class EdgeProtocol(asyncio.Protocol):
                 ex.keep_alive = False
                 verdict = Refusal(400, "the request could not be admitted")
             if isinstance(verdict, Refusal):
-                self._refuse(ex, verdict)
+                ex.refuse(verdict)
             else:
-                ex.head = verdict.head
-                ex.vm_id = verdict.vm_id
-                ex.control = verdict.vm_id is None
-                ex.port = verdict.port
-                ex.running = verdict.running
-                ex.cookie = verdict.set_cookie
+                ex.admit(verdict)
         if self._ex is None and not self._queue:
             self._activate(ex)
         else:
@@ -307,10 +292,10 @@ class EdgeProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
-        if ex is None or ex.discard:
+        if ex is None or ex.body_state is not _ARRIVING:
             return
         now = self._loop.time()
-        self._body_at = now
+        ex.body_at = now
         ex.received += len(body)
         self._up_bytes += len(body)
         if ex.chunked:
@@ -334,8 +319,7 @@ class EdgeProtocol(asyncio.Protocol):
         if ex is None:
             return
         self._parsing = None
-        ex.req_done = True
-        if not ex.discard:
+        if ex.end_body():
             if ex.chunked:
                 if ex.body is not None:
                     ex.body.append(_LAST_CHUNK)
@@ -343,46 +327,38 @@ class EdgeProtocol(asyncio.Protocol):
                     self._up.transport.write(_LAST_CHUNK)
             if ex is self._ex and self._up is not None:
                 self._await_head()
-        if ex.resp_done:
+        if ex.state is _ANSWERED:
             self._next(ex)
 
     # -- deciding on a request -----------------------------------------------------------
 
-    def _refuse(self, ex: _Exchange, refusal: Refusal) -> None:
-        ex.refusal = refusal
-        ex.discard = True
-        ex.body = None
-
     def _malformed(self, status: int, message: str) -> None:
         """The request stream cannot be parsed further: answer in turn, then close."""
-        self._dead = True
+        self._unparseable()
         ex = self._parsing
         self._parsing = None
         if ex is None:
-            ex = _Exchange(b"", False, False, False, False)
-            self._refuse(ex, Refusal(status, message))
-            ex.req_done = True
+            ex = Exchange(b"", False, False, False, False)
+            ex.refuse(Refusal(status, message))
+            ex.end_body()
             if self._ex is None and not self._queue:
                 self._activate(ex)
             else:
                 self._queue.append(ex)
             return
         ex.keep_alive = False
-        ex.req_done = True
+        ex.end_body()
         if ex is not self._ex:  # still queued: it gets the error instead
-            self._refuse(ex, Refusal(status, message))
-        elif ex.sent or ex.resp_done:
-            self._close_client()
+            ex.refuse(Refusal(status, message))
         else:
-            self._answer(ex, status, message)
+            self._fail(ex, status, message)
 
     # -- answering ---------------------------------------------------------------------
 
-    def _activate(self, ex: _Exchange) -> None:
+    def _activate(self, ex: Exchange) -> None:
         self._ex = ex
-        refusal = ex.refusal
-        if refusal is not None:
-            self._answer(ex, refusal.status, refusal.message, reason=refusal.reason, bearer=refusal.bearer)
+        if ex.refusal is not None:
+            self._refused(ex, ex.refusal)
             return
         ctx = self._ctx
         now = self._loop.time()
@@ -390,13 +366,13 @@ class EdgeProtocol(asyncio.Protocol):
         if vm_id is not None:
             ctx.backend.touch(vm_id)
             ctx.stream_opened(vm_id)
-            ex.counted = True
+            self._stream_vm = vm_id
             self._touch_at = now + _TOUCH_EVERY
-        if ex.has_body and not ex.req_done:
-            self._body_at = self._body_start = now
-            self._body_paused = self._paused_for(now)
-            self._arm(self._body_check(ex, now)[1])
-        if ex.running:
+        if ex.has_body and ex.body_state is not _BODY_DONE:
+            ex.body_at = ex.body_start = now
+            ex.body_paused = self._paused_for(now)
+            self._arm(ex.body_overdue(self._s, now, ex.body_paused)[1])
+        if ex.vm_was_running:
             key = vm_id or CONTROL_KEY
             conn = ctx.pool.acquire(key, ex.port, now)
             if conn is not None:
@@ -404,25 +380,29 @@ class EdgeProtocol(asyncio.Protocol):
                 return
         self._start_task(ex)
 
-    def _start_task(self, ex: _Exchange) -> None:
+    def _start_task(self, ex: Exchange) -> None:
+        ex.move(_CONNECTING)
         self._task = self._loop.create_task(self._prepare(ex))
 
-    async def _prepare(self, ex: _Exchange) -> None:
+    async def _prepare(self, ex: Exchange) -> None:
         """Wake the VM if needed and open a connection to it; body bytes meanwhile are buffered."""
         try:
-            if not self._vm_running(ex) and not await self._hold(ex):
-                return
-            conn = await self._open(ex)
+            if not ex.vm_running(self._ctx.backend):
+                refusal = await ex.wait_for_vm(self._ctx)
+                if refusal is not None:
+                    self._refused(ex, refusal)
+                    return
+            conn = await ex.connect(self._ctx)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            self._upstream_error(ex, 504, f"no connection to {self._where(ex)} within {self._s.connect_timeout:g}s")
+            self._upstream_error(ex, 504, f"no connection to {ex.where()} within {self._s.connect_timeout:g}s")
             return
         except VmmError as exc:
             self._upstream_error(ex, exc.http_status, str(exc))
             return
         except OSError as exc:
-            self._upstream_error(ex, 502, f"cannot connect to {self._where(ex)}: {exc.strerror or exc}")
+            self._upstream_error(ex, 502, f"cannot connect to {ex.where()}: {exc.strerror or exc}")
             return
         except Exception as exc:
             log.event("proxy.error", level="error", vm=ex.vm_id, error=repr(exc))
@@ -431,64 +411,14 @@ class EdgeProtocol(asyncio.Protocol):
         finally:
             if self._task is asyncio.current_task():
                 self._task = None
-        if self._ex is not ex or self._closing:
+        if self._ex is not ex or self._state >= _LINGERING:
             conn.close()
             return
         self._attach(ex, conn, reused=False)
 
-    def _vm_running(self, ex: _Exchange) -> bool:
-        """Asked again when connecting: a queued or retried request may find its VM asleep by now."""
-        if ex.vm_id is None:
-            return True
-        rec = self._ctx.backend.lookup(ex.vm_id)
-        return rec is not None and rec.state is VmState.RUNNING
-
-    async def _hold(self, ex: _Exchange) -> bool:
-        """Wait for the VM to wake, within the per-VM bound; False when answered instead."""
-        ctx, s = self._ctx, self._s
-        vm_id = ex.vm_id
-        assert vm_id is not None
-        if ctx.wakes_refused:
-            self._answer(ex, 503, f"the edge is shutting down: VM {vm_id} is not woken now", retry_after=s.retry_after)
-            return False
-        held = ctx.held.get(vm_id, 0)
-        if held >= s.max_held_per_vm:
-            message = f"too many requests are waiting for VM {vm_id} to wake"
-            self._answer(ex, 503, message, retry_after=s.retry_after)
-            return False
-        ctx.held[vm_id] = held + 1
-        ctx.metrics.held(1)
-        try:
-            await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id)), s.wake_timeout)
-        except TimeoutError:
-            message = f"VM {vm_id} did not wake within {s.wake_timeout:g}s"
-            log.event("proxy.wake_timeout", level="warning", vm=vm_id)
-            self._answer(ex, 503, message, retry_after=s.retry_after)
-            return False
-        except VmmError as exc:
-            log.event("proxy.wake_failed", level="warning", vm=vm_id, error=str(exc))
-            retry = s.retry_after if exc.http_status == 503 else None
-            self._answer(ex, exc.http_status, str(exc), retry_after=retry)
-            return False
-        finally:
-            left = ctx.held[vm_id] - 1
-            if left:
-                ctx.held[vm_id] = left
-            else:
-                del ctx.held[vm_id]
-            ctx.metrics.held(-1)
-        return True
-
-    async def _open(self, ex: _Exchange) -> UpstreamConn:
-        ctx = self._ctx
-        timeout = self._s.connect_timeout
-        if ex.control:
-            return await connect_unix(ctx.pool, ctx.control_socket, timeout)
-        assert ex.vm_id is not None
-        return await connect_vm(ctx.pool, ctx.backend, ex.vm_id, ex.port, timeout)
-
-    def _attach(self, ex: _Exchange, conn: UpstreamConn, reused: bool) -> None:
+    def _attach(self, ex: Exchange, conn: UpstreamConn, reused: bool) -> None:
         """Send the request head (and any body read so far) on `conn`; relay from now on."""
+        ex.move(_FORWARDED)
         self._up = conn
         conn.owner = self
         conn.tracker.reset()
@@ -507,7 +437,7 @@ class EdgeProtocol(asyncio.Protocol):
         else:
             conn.transport.write(ex.head)
         self._up_bytes += len(ex.head)
-        if ex.req_done:
+        if ex.body_state is _BODY_DONE:
             self._await_head()
         self._unpause(_WAITING)
 
@@ -517,7 +447,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _answer(
         self,
-        ex: _Exchange,
+        ex: Exchange,
         status: int,
         message: str,
         *,
@@ -532,50 +462,59 @@ class EdgeProtocol(asyncio.Protocol):
             task.cancel()
         self._drop_upstream()
         self._unpause(_WAITING)
-        close = not ex.keep_alive or self._dead or self._draining or (ex.has_body and not ex.req_done)
+        close = (
+            not ex.keep_alive
+            or self._state is _UNPARSEABLE
+            or self._draining
+            or (ex.has_body and ex.body_state is not _BODY_DONE)
+        )
         data = error_response(
             status, message, reason=reason, close=close, retry_after=retry_after, bearer=bearer, body=not ex.is_head
         )
         self.transport.write(data)
         self._down_bytes += len(data)
-        ex.sent = True
         ex.status = status
-        ex.discard = True
-        ex.body = None
+        ex.drop_body()
         if close:
             ex.keep_alive = False
         self._ctx.metrics.request(status)
         self._response_finished(ex)
 
-    def _upstream_error(self, ex: _Exchange, status: int, message: str) -> None:
-        log.event("proxy.error", level="warning", vm=ex.vm_id, port=ex.port, status=status, error=message)
-        if ex.sent:
+    def _refused(self, ex: Exchange, refusal: Refusal) -> None:
+        self._answer(
+            ex, refusal.status, refusal.message,
+            reason=refusal.reason, bearer=refusal.bearer, retry_after=refusal.retry_after,
+        )  # fmt: skip
+
+    def _fail(self, ex: Exchange, status: int, message: str, retry_after: int | None = None) -> None:
+        """`ex` cannot be answered as it should: with the edge's error while nothing of an answer
+        went out, else by closing (the client sees the answer cut short)."""
+        if ex.answer_started:
             self._close_client()
         else:
-            retry = self._s.retry_after if status == 503 else None
-            self._answer(ex, status, message, retry_after=retry)
+            self._answer(ex, status, message, retry_after=retry_after)
 
-    def _where(self, ex: _Exchange) -> str:
-        return "the control API" if ex.control else f"port {ex.port} of VM {ex.vm_id}"
+    def _upstream_error(self, ex: Exchange, status: int, message: str) -> None:
+        log.event("proxy.error", level="warning", vm=ex.vm_id, port=ex.port, status=status, error=message)
+        self._fail(ex, status, message, self._s.retry_after if status == 503 else None)
 
-    def _response_finished(self, ex: _Exchange) -> None:
-        ex.resp_done = True
-        if ex.req_done:
+    def _response_finished(self, ex: Exchange) -> None:
+        ex.move(_ANSWERED)
+        if ex.body_state is _BODY_DONE:
             self._next(ex)
         elif ex.has_body:  # the rest of the body is not wanted: read it off briefly, then close
-            ex.discard = True
+            ex.drop_body()
             self._close_client(linger=True)
         # else: the request's end is in the bytes being parsed; on_message_complete moves on
 
-    def _next(self, ex: _Exchange) -> None:
+    def _next(self, ex: Exchange) -> None:
         """The exchange is over: go on with the next request, or close."""
-        if ex.counted:
-            ex.counted = False
-            assert ex.vm_id is not None
-            self._ctx.stream_closed(ex.vm_id)
+        ex.move(_FINISHED)
+        self._release_stream()
         self._ex = None
         if not ex.keep_alive or (self._draining and not self._queue):
-            self._close_client(linger=self._dead)  # after a parse error the client may still be sending
+            # After a parse error the client may still be sending: read that off first.
+            self._close_client(linger=self._state is _UNPARSEABLE)
             return
         if self._queue:
             self._loop.call_soon(self._advance)  # not recursively: a read can hold many requests
@@ -588,7 +527,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._arm(self._idle_deadline)
 
     def _advance(self) -> None:
-        if self._closing or self._ex is not None or not self._queue:
+        if self._state >= _LINGERING or self._ex is not None or not self._queue:
             return
         ex = self._queue.popleft()
         if not self._queue:
@@ -599,7 +538,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def upstream_data(self, data: bytes) -> None:
         self._down_bytes += len(data)
-        if self._tunnel:
+        if self._state is _TUNNEL:
             self.transport.write(data)
             self._flowing(self._loop.time())
         elif self._rbuf is not None:
@@ -615,16 +554,15 @@ class EdgeProtocol(asyncio.Protocol):
         ex = self._ex
         if ex is None:
             return
-        if self._tunnel:
+        if self._state is _TUNNEL:
             self._close_client()
-        elif not ex.sent:
-            if ex.reused and not ex.retried and not ex.has_body and ex.method in _RETRYABLE:
-                ex.retried = True
+        elif not ex.answer_started:
+            if ex.retryable():
                 ex.body = []
                 self._rbuf = None
                 self._start_task(ex)
             else:
-                self._upstream_error(ex, 502, f"{self._where(ex)} closed the connection without answering")
+                self._upstream_error(ex, 502, f"{ex.where()} closed the connection without answering")
         else:  # the client learns where the answer ends from the connection closing
             ex.keep_alive = False
             self._close_client()
@@ -684,7 +622,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._send(ex, tr, head)
         if upgraded:
             self._upgraded(ex, tr)
-            if rest and self._tunnel:
+            if rest and self._state is _TUNNEL:
                 self.transport.write(rest)
         elif ex.is_head or tr.done:
             tr.head_ends_it(bool(rest))
@@ -692,20 +630,21 @@ class EdgeProtocol(asyncio.Protocol):
         elif rest:
             self._relay(rest)
 
-    def _send(self, ex: _Exchange, tr: ResponseTracker, data: bytes) -> None:
+    def _send(self, ex: Exchange, tr: ResponseTracker, data: bytes) -> None:
         self.transport.write(data)
-        ex.sent = True
+        if ex.state is _FORWARDED:
+            ex.move(_STREAMING)
         if not ex.status and tr.final:
             ex.status = tr.status
             self._head_deadline = _INF
             self._ctx.metrics.request(tr.status)
 
-    def _upgraded(self, ex: _Exchange, tr: ResponseTracker) -> None:
+    def _upgraded(self, ex: Exchange, tr: ResponseTracker) -> None:
         """101: from here on both directions are plain bytes until either side closes."""
         if not ex.upgrade or tr.status != 101:
             self._bad_response(ex, "101 Switching Protocols to a request that asked for no upgrade")
             return
-        self._tunnel = True
+        self._move(_TUNNEL)
         self._rbuf = None
         stash = self._stash
         self._stash = None
@@ -715,23 +654,20 @@ class EdgeProtocol(asyncio.Protocol):
             self._up_bytes += len(stash)
         self._unpause(_QUEUED)
 
-    def _response_done(self, ex: _Exchange, conn: UpstreamConn) -> None:
+    def _response_done(self, ex: Exchange, conn: UpstreamConn) -> None:
         tr = conn.tracker
         self._up = None
         self._unpause(_UPSTREAM)
         # After HEAD the tracker's parser still expects the body its head announced: not reused.
-        conn.finish(self._loop.time(), reusable=ex.req_done and not ex.is_head)
+        conn.finish(self._loop.time(), reusable=ex.body_state is _BODY_DONE and not ex.is_head)
         if not tr.keep_alive or tr.extra:
             ex.keep_alive = False
         self._response_finished(ex)
 
-    def _bad_response(self, ex: _Exchange, why: str) -> None:
+    def _bad_response(self, ex: Exchange, why: str) -> None:
         log.event("proxy.error", level="warning", vm=ex.vm_id, error=f"invalid response: {why}")
         self._drop_upstream()
-        if ex.sent:
-            self._close_client()
-        else:
-            self._answer(ex, 502, f"{self._where(ex)} sent an invalid HTTP response")
+        self._fail(ex, 502, f"{ex.where()} sent an invalid HTTP response")
 
     def _drop_upstream(self) -> None:
         conn = self._up
@@ -747,7 +683,7 @@ class EdgeProtocol(asyncio.Protocol):
         was = self._paused
         if not was & why:
             self._paused = was | why
-            if not was and not self._closing:
+            if not was and self._state < _LINGERING:
                 self._paused_at = self._loop.time()
                 self.transport.pause_reading()
 
@@ -755,10 +691,12 @@ class EdgeProtocol(asyncio.Protocol):
         was = self._paused
         if was & why:
             self._paused = was & ~why
-            if not self._paused and not self._closing:
+            if not self._paused and self._state < _LINGERING:
                 now = self._loop.time()
                 self._paused_total += now - self._paused_at
-                self._body_at = now  # a body's silence counts from when the client could send again
+                ex = self._parsing
+                if ex is not None:  # a body's silence counts from when the client could send again
+                    ex.body_at = now
                 self.transport.resume_reading()
 
     def _paused_for(self, now: float) -> float:
@@ -791,16 +729,17 @@ class EdgeProtocol(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = _INF
-        if self._closed:
+        state = self._state
+        if state is _CLOSED:
             return
         now = self._loop.time()
-        if self._closing:
-            if self._lingering:
-                self._lingering = False
-                self.transport.close()
-                self._arm(now + _CLOSE_GRACE)
-            else:
-                self.transport.abort()
+        if state is _LINGERING:
+            self._move(_CLOSING)
+            self.transport.close()
+            self._arm(now + _CLOSE_GRACE)
+            return
+        if state is _CLOSING:
+            self.transport.abort()
             return
         ex = self._ex
         if ex is None:
@@ -813,52 +752,26 @@ class EdgeProtocol(asyncio.Protocol):
         else:
             self._check_exchange(ex, now)
 
-    def _check_exchange(self, ex: _Exchange, now: float) -> None:
+    def _check_exchange(self, ex: Exchange, now: float) -> None:
         """Deadlines of the request being answered: body arriving, response head coming."""
         next_at = _INF
         if self._parsing is ex:  # the client is still sending the body
             if self._paused:  # held or pushed back by us: not the client's fault
                 next_at = now + min(self._s.idle_timeout, _PAUSED_RECHECK)
             else:
-                overdue, next_at = self._body_check(ex, now)
+                overdue, next_at = ex.body_overdue(self._s, now, self._paused_for(now))
                 if overdue is not None:
                     log.event("proxy.client_timeout", level="info", vm=ex.vm_id, client=self._client, why=overdue)
                     self._ctx.metrics.slow_client()
-                    if ex.sent:
-                        self._close_client()
-                    else:
-                        self._answer(ex, 408, overdue)
+                    self._fail(ex, 408, overdue)
                     return
-        if self._up is not None and not ex.status and not self._tunnel and self._head_deadline < _INF:
+        if self._up is not None and not ex.status and self._state is not _TUNNEL and self._head_deadline < _INF:
             if now >= self._head_deadline:
-                self._upstream_error(ex, 504, f"{self._where(ex)} did not answer within {self._s.read_timeout:g}s")
+                self._upstream_error(ex, 504, f"{ex.where()} did not answer within {self._s.read_timeout:g}s")
                 return
             next_at = min(next_at, self._head_deadline)
         if next_at < _INF:
             self._arm(next_at)
-
-    def _body_check(self, ex: _Exchange, now: float) -> tuple[str | None, float]:
-        """Why the body being read is overdue (None: it is not), and when to check it next.
-
-        Three limits: bytes must keep coming (idle_timeout), the whole body must arrive within
-        body_timeout, and after body_rate_grace it must average body_min_rate bytes/s. Time
-        the edge paused reading is not counted against the client.
-        """
-        s = self._s
-        due = self._body_at + s.idle_timeout
-        if now >= due:
-            return f"no request body bytes for {s.idle_timeout:g}s", now
-        elapsed = now - self._body_start - (self._paused_for(now) - self._body_paused)
-        if s.body_timeout:
-            if elapsed >= s.body_timeout:
-                return f"the request body took longer than {s.body_timeout:g}s", now
-            due = min(due, now + s.body_timeout - elapsed)
-        if s.body_min_rate:
-            need = max(s.body_rate_grace, ex.received / s.body_min_rate)
-            if elapsed >= need:
-                return f"the request body came slower than {s.body_min_rate} bytes/s", now
-            due = min(due, now + need - elapsed)
-        return None, due
 
     def _too_many_connections(self) -> None:
         """Over proxy.max_connections_per_ip: answer 429 without reading a request, then close."""
@@ -871,15 +784,15 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _close_client(self, linger: bool = False) -> None:
         """Close after what was written; `linger` first reads off a body still arriving."""
-        if self._closing:
+        if self._state >= _LINGERING:
             return
-        self._closing = True
-        self._teardown()
         t = self.transport
+        lingering = linger and t.can_write_eof()
+        self._move(_LINGERING if lingering else _CLOSING)
+        self._teardown()
         now = self._loop.time()
-        if linger and t.can_write_eof():
+        if lingering:
             t.write_eof()
-            self._lingering = True
             if self._paused:
                 self._paused = 0
                 t.resume_reading()
@@ -900,15 +813,26 @@ class EdgeProtocol(asyncio.Protocol):
             self._task = None
             task.cancel()
         self._drop_upstream()
-        ex = self._ex
-        if ex is not None and ex.counted:
-            ex.counted = False
-            assert ex.vm_id is not None
-            self._ctx.stream_closed(ex.vm_id)
+        self._release_stream()
         self._queue.clear()
         self._stash = None
-        self._tunnel = False
         self._flush_bytes(self._loop.time())
+
+    def _release_stream(self) -> None:
+        vm_id = self._stream_vm
+        if vm_id is not None:
+            self._stream_vm = None
+            self._ctx.stream_closed(vm_id)
+
+    def _move(self, new: ConnectionState) -> None:
+        if new not in _CONNECTION_MOVES[self._state]:
+            raise IllegalMove(f"client connection {self._state.name} -> {new.name}")
+        self._state = new
+
+    def _unparseable(self) -> None:
+        """No more requests are read: those received are answered, then the connection closes."""
+        if self._state is _OPEN:
+            self._move(_UNPARSEABLE)
 
 
 def make_protocol_factory(ctx: ProxyContext, forwarded_proto: str | None = None) -> Callable[[], asyncio.Protocol]:
