@@ -44,6 +44,7 @@ from vmm.model import VmRecord, VmState
 from vmm.reaper import Reaper
 
 from . import memory
+from .backend import VmBackend
 from .config import Config, ConfigError, token_service
 from .control import build_control_app
 from .egress_proxy import EgressProxies
@@ -52,6 +53,7 @@ from .http1 import make_protocol_factory
 from .metrics import Metrics
 from .proxy_context import ProxyContext, ProxySettings
 from .tls import server_context
+from .tokens import TokenService
 from .upstream import UpstreamPool
 
 
@@ -99,18 +101,8 @@ async def start(cfg: Config) -> Edge:
         control = web.AppRunner(build_control_app(cfg, manager, tokens, metrics), access_log=None)
         await control.setup()
         await web.UnixSite(control, control_socket).start()
-        pool = UpstreamPool(cfg.proxy.upstream_keepalive_per_vm, cfg.proxy.upstream_keepalive_idle)
-        ctx = ProxyContext(
-            backend=manager,
-            router=HostRouter(cfg.server.domain, cfg.server.control_host),
-            tokens=tokens,
-            metrics=metrics,
-            pool=pool,
-            control_socket=control_socket,
-            control_auth=f"Bearer {cfg.server.admin_key}".encode(),
-            settings=proxy_settings(cfg),
-        )
-        manager.listeners.append(lambda rec: end_upstreams(pool, rec))
+        ctx = proxy_context(cfg, manager, tokens, metrics, control_socket)
+        manager.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
         loop = asyncio.get_running_loop()
         server = await loop.create_server(make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024)
     except BaseException:
@@ -162,15 +154,20 @@ def serve(cfg: Config) -> None:
 
 async def _serve_until_signalled(cfg: Config) -> None:
     edge = await start(cfg)
+    scheme = "https" if cfg.server.tls else "http"
+    print(f"microvm-edge listening on {scheme}://{cfg.server.listen_host}:{edge.port} "
+          f"(control API: Host {cfg.server.control_host}); Ctrl-C stops", flush=True)  # fmt: skip
+    await until_signalled()
+    await stop(edge)
+
+
+async def until_signalled() -> None:
+    """Return on the first SIGINT or SIGTERM: every role then runs its own orderly stop."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    scheme = "https" if cfg.server.tls else "http"
-    print(f"microvm-edge listening on {scheme}://{cfg.server.listen_host}:{edge.port} "
-          f"(control API: Host {cfg.server.control_host}); Ctrl-C stops", flush=True)  # fmt: skip
     await stopping.wait()
-    await stop(edge)
 
 
 def raise_nofile_limit(wanted: int) -> int:
@@ -187,6 +184,22 @@ def raise_nofile_limit(wanted: int) -> int:
         soft = target
     log.event("edge.rlimit_nofile", soft=soft, hard=hard, wanted=wanted)
     return soft
+
+
+def proxy_context(
+    cfg: Config, backend: VmBackend, tokens: TokenService, metrics: Metrics, control_socket: str
+) -> ProxyContext:
+    """What every client connection of this process shares (`mvm serve` and fleet edge workers alike)."""
+    return ProxyContext(
+        backend=backend,
+        router=HostRouter(cfg.server.domain, cfg.server.control_host),
+        tokens=tokens,
+        metrics=metrics,
+        pool=UpstreamPool(cfg.proxy.upstream_keepalive_per_vm, cfg.proxy.upstream_keepalive_idle),
+        control_socket=control_socket,
+        control_auth=f"Bearer {cfg.server.admin_key}".encode(),
+        settings=proxy_settings(cfg),
+    )
 
 
 def proxy_settings(cfg: Config) -> ProxySettings:

@@ -114,16 +114,20 @@ class DataPort:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        """Each tunnel runs in a task of ours, so stop() can cancel it without asyncio's streams
+        reporting a cancelled connection callback as an error."""
+        task = asyncio.create_task(self._tunnel(reader, writer))
         self._tasks.add(task)
         try:
-            await self._tunnel(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass
+            await asyncio.wait((task,))
         finally:
             self._tasks.discard(task)
+            task.cancel()
             writer.close()
+        if not task.cancelled() and isinstance(task.exception(), Exception):
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                                     TimeoutError):  # fmt: skip
+                task.result()
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async with asyncio.timeout(self.connect_timeout):

@@ -23,16 +23,15 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from edge.app import bind_listener, end_upstreams, proxy_settings, raise_nofile_limit
+from edge.app import bind_listener, end_upstreams, proxy_context, raise_nofile_limit, until_signalled
 from edge.config import Config, token_service
-from edge.hosts import HostRouter
 from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext
 from edge.tls import server_context
-from edge.upstream import UpstreamPool
 from vmm import jsonlog
 from vmm.catalog import Catalog, open_catalog
+from vmm.catalog.sqlite import SqliteCatalog
 from vmm.jsonlog import log
 from vmm.model import VmState
 
@@ -74,7 +73,8 @@ async def start(cfg: Config) -> EdgeNode:
     except BaseException:
         listener.close()
         raise
-    routes = RouteTable(catalog, cfg.cluster.down_after, cfg.cluster.heartbeat_interval)
+    read_now = catalog.get_vm_now if isinstance(catalog, SqliteCatalog) else None
+    routes = RouteTable(catalog, cfg.cluster.down_after, cfg.cluster.heartbeat_interval, read_now)
     await routes.start()
     hosts = HostClient(cfg.cluster.secret)
     backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=cfg.cluster.direct)
@@ -84,18 +84,8 @@ async def start(cfg: Config) -> EdgeNode:
     control = web.AppRunner(build_edge_control_app(cfg, routes, hosts, tokens, metrics), access_log=None)
     await control.setup()
     await web.UnixSite(control, control_socket).start()
-    pool = UpstreamPool(cfg.proxy.upstream_keepalive_per_vm, cfg.proxy.upstream_keepalive_idle)
-    ctx = ProxyContext(
-        backend=backend,
-        router=HostRouter(cfg.server.domain, cfg.server.control_host),
-        tokens=tokens,
-        metrics=metrics,
-        pool=pool,
-        control_socket=control_socket,
-        control_auth=f"Bearer {cfg.server.admin_key}".encode(),
-        settings=proxy_settings(cfg),
-    )
-    routes.listeners.append(lambda rec: end_upstreams(pool, rec))
+    ctx = proxy_context(cfg, backend, tokens, metrics, control_socket)
+    routes.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
     server = await asyncio.get_running_loop().create_server(
         make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024
     )
@@ -133,11 +123,7 @@ def serve_worker(cfg: Config) -> None:
 
 async def _worker_until_signalled(cfg: Config) -> None:
     node = await start(cfg)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await until_signalled()
     await stop(node)
 
 

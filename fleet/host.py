@@ -11,8 +11,6 @@ catalog, and serves:
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -21,7 +19,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from edge.app import ensure_default_template
+from edge.app import ensure_default_template, until_signalled
 from edge.config import Config, token_service
 from edge.control import MANAGER, Handler, build_control_app, json_response
 from edge.egress_proxy import EgressProxies
@@ -181,10 +179,6 @@ def serve(cfg: Config) -> None:
 
 async def _serve_until_signalled(cfg: Config) -> None:
     host = await start(cfg)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
     print(f"microvm-edge host {host.host_id}: host API on {cfg.cluster.host_listen}", flush=True)
-    await stopping.wait()
+    await until_signalled()
     await stop(host)

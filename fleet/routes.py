@@ -26,8 +26,12 @@ POLL = 0.1  # seconds between reloads when the catalog has no cross-process feed
 class RouteTable:
     """VMs and hosts as the catalog says, in memory: the request path never waits on the catalog."""
 
-    def __init__(self, catalog: Catalog, down_after: float, host_refresh: float) -> None:
+    def __init__(
+        self, catalog: Catalog, down_after: float, host_refresh: float,
+        read_now: Callable[[str], PlacedVm | None] | None = None,
+    ) -> None:  # fmt: skip
         self.catalog = catalog
+        self.read_now = read_now  # a synchronous read of one VM, where the catalog allows one (SQLite)
         self.down_after = down_after
         self.host_refresh = host_refresh
         self._vms: dict[str, PlacedVm] = {}
@@ -100,8 +104,19 @@ class RouteTable:
         return host is not None and time.time() - host.heartbeat_at < self.down_after
 
     def record(self, vm_id: str) -> VmRecord | None:
-        """The VM's record; `unavailable` while its host is down (its real state is unknown then)."""
+        """The VM's record; `unavailable` while its host is down (its real state is unknown then).
+
+        A VM this table does not know may be newer than its last poll: where the catalog can be
+        read synchronously, it is asked once before the answer is "no such VM".
+        """
         placed = self._vms.get(vm_id)
+        if placed is None and self.read_now is not None:
+            try:
+                placed = self.read_now(vm_id)
+            except VmmError as exc:
+                log.event("routes.read_failed", level="warning", vm=vm_id, error=str(exc))
+            if placed is not None:
+                self._put(vm_id, placed)
         if placed is None:
             return None
         if not self.host_up(placed.host_id):

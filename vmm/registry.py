@@ -14,11 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
 from . import faults
-from .model import RamMode, VmRecord, VmState
-from .policy import Policy
+from .catalog.rows import RECORD_COLUMNS, RECORD_FIELDS, record_from, record_values
+from .model import VmRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -42,8 +40,7 @@ CREATE TABLE IF NOT EXISTS processes (
     started_at REAL NOT NULL
 );
 """
-_RENAMED_STATES = {"starting": VmState.PENDING.value}  # names of earlier versions
-_COLUMNS = "id, template, state, policy, app_port, created_at, last_activity, state_changed_at, ram_mode, pid, reason"
+_COLUMNS = f"id, {RECORD_COLUMNS}"  # the catalog's encoding (vmm.catalog.rows), so one file can become the other
 
 
 @dataclass(frozen=True)
@@ -71,22 +68,8 @@ class Registry:
 
     def save(self, rec: VmRecord) -> None:
         faults.point("registry.save")
-        self.db.execute(
-            f"INSERT OR REPLACE INTO vms ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                rec.id,
-                rec.template,
-                rec.state.value,
-                orjson.dumps(rec.policy.to_dict()).decode(),
-                rec.app_port,
-                rec.created_at,
-                rec.last_activity,
-                rec.state_changed_at,
-                rec.ram_mode.value,
-                rec.pid,
-                rec.reason,
-            ),
-        )
+        marks = ",".join("?" * (1 + len(RECORD_FIELDS)))
+        self.db.execute(f"INSERT OR REPLACE INTO vms ({_COLUMNS}) VALUES ({marks})", (rec.id, *record_values(rec)))
 
     def save_activity(self, records: Iterable[VmRecord]) -> None:
         """Flush last-activity times in one transaction."""
@@ -118,19 +101,4 @@ class Registry:
 
     def load_all(self) -> list[VmRecord]:
         rows = self.db.execute(f"SELECT {_COLUMNS} FROM vms ORDER BY created_at").fetchall()
-        return [
-            VmRecord(
-                id=row[0],
-                template=row[1],
-                state=VmState(_RENAMED_STATES.get(row[2], row[2])),
-                policy=Policy.from_dict(orjson.loads(row[3])),
-                app_port=row[4],
-                created_at=row[5],
-                last_activity=row[6],
-                state_changed_at=row[7],
-                ram_mode=RamMode(row[8]),
-                pid=row[9],
-                reason=row[10],
-            )
-            for row in rows
-        ]
+        return [record_from(row[0], row[1:]) for row in rows]

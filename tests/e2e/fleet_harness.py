@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from tests.e2e.conftest import REPO
+from tests.e2e.guest import dechunk
 
 ADMIN = "dev-admin-key-change-me"
 DOMAIN = "mvm.localhost"
@@ -91,7 +92,7 @@ class EdgeClient:
         lines = head_bytes.decode("latin-1").split("\r\n")
         fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
         if fields.get("Transfer-Encoding") == "chunked":
-            payload = _dechunk(payload)
+            payload = dechunk(payload)
         return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, payload
 
     async def api(self, method: str, path: str, body: Any = None, status: int | None = None) -> Any:
@@ -118,14 +119,3 @@ class EdgeClient:
                         return
                 await asyncio.sleep(0.1)
 
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2 :]
-    return bytes(out)

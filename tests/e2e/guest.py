@@ -17,11 +17,11 @@ async def guest_request(vm_id: str, path: str = "/", port: int = 8080, timeout: 
     """One HTTP/1.1 GET to the guest from inside its namespace; returns status and body."""
     status, head, body = await probe.http_request(vm_id, port, path, timeout)
     if b"transfer-encoding: chunked" in head.lower():
-        body = _dechunk(body)
+        body = dechunk(body)
     return status, body
 
 
-def _dechunk(data: bytes) -> bytes:
+def dechunk(data: bytes) -> bytes:
     out = bytearray()
     while data:
         size_line, _, rest = data.partition(b"\r\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ from typing import Any
 import orjson
 
 from tests.e2e.conftest import REPO
+from tests.e2e.fleet_harness import free_port
 from tests.e2e.guest import guest_state
 from tests.e2e.test_crash_safety import qemus_of
 from vmm import netns
@@ -31,12 +31,6 @@ from vmm.settings import VmmSettings
 
 ADMIN = "dev-admin-key-change-me"
 DOMAIN = "mvm.localhost"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:
@@ -79,7 +73,7 @@ class Served:
 
 @asynccontextmanager
 async def served(settings: VmmSettings, tmp: Path, **proxy: Any) -> AsyncIterator[Served]:
-    port = _free_port()
+    port = free_port()
     lines = [
         f"[server]\nlisten_port = {port}\ntls = false\ndrain_timeout = 10.0",
         "[proxy]",

@@ -44,21 +44,23 @@ def record_values(rec: VmRecord) -> tuple[Any, ...]:
     )
 
 
+def record_from(vm_id: str, values: Sequence[Any]) -> VmRecord:
+    """A VM's record from the values of RECORD_FIELDS, in order (the registry's rows too)."""
+    return VmRecord(
+        id=vm_id,
+        template=values[0],
+        state=VmState(_RENAMED_STATES.get(values[1], values[1])),
+        policy=Policy.from_dict(orjson.loads(values[2])),
+        app_port=values[3],
+        created_at=values[4],
+        last_activity=values[5],
+        state_changed_at=values[6],
+        ram_mode=RamMode(values[7]),
+        pid=values[8],
+        reason=values[9],
+    )
+
+
 def placed_vm(row: Sequence[Any]) -> PlacedVm:
     """A row selected as VM_COLUMNS."""
-    return PlacedVm(
-        host_id=row[1],
-        rec=VmRecord(
-            id=row[0],
-            template=row[2],
-            state=VmState(_RENAMED_STATES.get(row[3], row[3])),
-            policy=Policy.from_dict(orjson.loads(row[4])),
-            app_port=row[5],
-            created_at=row[6],
-            last_activity=row[7],
-            state_changed_at=row[8],
-            ram_mode=RamMode(row[9]),
-            pid=row[10],
-            reason=row[11],
-        ),
-    )
+    return PlacedVm(host_id=row[1], rec=record_from(row[0], row[2:]))
