@@ -288,12 +288,9 @@ async def run(rounds: int, seconds: int, vms: int) -> None:
     try:
         cert, key = make_dev_cert(DOMAIN, root / "tls")
         cluster.start()
-        sections = [
-            await edge_scaling(root / "scaling", cert, key, rounds, seconds),
-            await hop_cost(root / "hop", seconds),
-            await catalog_churn(root, cluster, vms),
-        ]
-        print("\n\n".join(sections))
+        print(await edge_scaling(root / "scaling", cert, key, rounds, seconds), end="\n\n", flush=True)
+        print(await hop_cost(root / "hop", seconds), end="\n\n", flush=True)
+        print(await catalog_churn(root, cluster, vms), flush=True)
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)

@@ -144,8 +144,10 @@ async def forward(request: web.Request) -> web.StreamResponse:
     data = request.content if request.can_read_body else None
     try:
         async with hosts.session.request(request.method, url, headers=headers, data=data) as upstream:
-            response = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP})  # fmt: skip
+            kept = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+            if upstream.content_length is not None:  # a sized answer stays sized; a stream stays a stream
+                kept["Content-Length"] = str(upstream.content_length)
+            response = web.StreamResponse(status=upstream.status, headers=kept)
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
