@@ -7,6 +7,7 @@ delete, logs, exec, files) is forwarded to the host that has it, streamed both w
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -138,7 +139,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     if host is None or not routes.host_up(host.id):
         raise NotRunning(f"VM {vm_id} is unavailable: its host {placed.host_id} is not answering heartbeats")
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        raise web.HTTPNotImplemented(reason="WebSocket endpoints (the shell) are served by the VM's host API only")
+        return await _forward_websocket(request, hosts, hosts.url(host.address, request.path_qs))
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
     url = hosts.url(host.address, request.path_qs)
     data = request.content if request.can_read_body else None
@@ -155,6 +156,33 @@ async def forward(request: web.Request) -> web.StreamResponse:
             return response
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise NotRunning(f"host {host.id} did not answer for VM {vm_id}: {exc}") from exc
+
+
+async def _forward_websocket(request: web.Request, hosts: HostClient, url: str) -> web.WebSocketResponse:
+    """The shell's WebSocket, message for message, between the client and the VM's host."""
+    try:
+        upstream = await hosts.session.ws_connect(url, autoping=True)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise NotRunning(f"the VM's host did not open the WebSocket: {exc}") from exc
+    client = web.WebSocketResponse(autoping=True)
+    await client.prepare(request)
+
+    async def pump(src: Any, dst: Any) -> None:
+        async for msg in src:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            else:
+                break
+        await dst.close()
+
+    try:
+        await asyncio.gather(pump(client, upstream), pump(upstream, client))
+    finally:
+        await upstream.close()
+        await client.close()
+    return client
 
 
 def build_edge_control_app(

@@ -5,16 +5,18 @@ and `mvm serve --workers 2` (one host, two edge workers) on the embedded SQLite 
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
-from tests.e2e.fleet_harness import EdgeClient, Role, free_port, toml
+from tests.e2e.fleet_harness import ADMIN, DOMAIN, EdgeClient, Role, free_port, toml
 from tests.pg import PgCluster, create_database, drop_database
 from vmm.settings import VmmSettings
 
@@ -182,3 +184,46 @@ async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path:
 
 def _hostname() -> str:
     return socket.gethostname().split(".")[0].lower()
+
+
+async def test_exec_logs_and_shell_through_fleet_edges(
+    settings: VmmSettings, sandbox_template: str, tmp_path: Path
+) -> None:
+    """The agent's endpoints are the host's: an edge worker forwards them, streams and WebSocket included."""
+    port = free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(toml({
+        "server": {"listen_port": port, "tls": False, "workers": 2},
+        "vmm": {"state_dir": str(settings.state_dir)},
+        "cluster": {"host_listen": f"127.0.0.1:{free_port()}", "data_listen": f"127.0.0.1:{free_port()}", **FAST},
+    }))  # fmt: skip
+    serve = Role("serve", ["serve"], config, tmp_path / "serve.log")
+    client = EdgeClient(port)
+    await serve.start()
+    try:
+        await client.until_up()
+        await _until_hosts_up(client, {_hostname()})
+        vm = await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201)
+        body = orjson.dumps({"argv": ["sh", "-c", "echo from-$((6*7)); hostname"]})
+        status, _, out = await client.request(
+            f"api.{DOMAIN}", "POST", f"/v1/vms/{vm['id']}/exec", f"Authorization: Bearer {ADMIN}\r\n", body
+        )
+        events = [orjson.loads(line) for line in out.splitlines() if line.strip()]
+        assert status == 200 and events[-1] == {"exit_code": 0}, out
+        stdout = b"".join(base64.b64decode(e["data"]) for e in events if e.get("stream") == "stdout")
+        assert b"from-42" in stdout, events
+        token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {"scopes": ["shell"]}, status=201))["token"]
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/.mvm/shell?cols=80&rows=24"
+            headers = {"Host": f"{vm['id']}.{DOMAIN}", "Authorization": f"Bearer {token}"}
+            async with session.ws_connect(url, headers=headers) as ws:
+                await ws.send_bytes(b"echo shell-$((2+3)); exit 3\n")
+                seen = bytearray()
+                async with asyncio.timeout(30):
+                    while (msg := await ws.receive()).type == aiohttp.WSMsgType.BINARY:
+                        seen += msg.data
+                assert b"shell-5" in seen
+                assert msg.type == aiohttp.WSMsgType.TEXT and orjson.loads(msg.data) == {"exit_code": 3}
+        await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
+    finally:
+        await serve.stop()
