@@ -62,9 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = _Subparsers(parser.add_subparsers(required=True, metavar="command"), common)
 
     serve = sub.add_parser("serve", "run the edge proxy, control API and VM manager (one machine)")
-    serve.add_argument("--workers", type=int, default=None,
-                       help="edge worker processes (default server.workers; 0: one per core); above 1, "
-                            "serve runs as one `mvm host` plus that many `mvm edge` workers")  # fmt: skip
+    serve.add_argument("--workers", type=_worker_count, default=None,
+                       help="edge worker processes: a number or auto, one per core (default server.workers); "
+                            "1 serves from this one process, more run one `mvm host` plus that many `mvm edge` "
+                            "workers")  # fmt: skip
     serve.set_defaults(func=_serve)
 
     host = sub.add_parser("host", "run a VM host of a fleet (or, with an action, ask the edge about hosts)")
@@ -78,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     drain.set_defaults(func=lambda a: _print(_api(a, "POST", f"/v1/hosts/{a.host_id}/drain")))
 
     edge = sub.add_parser("edge", "run edge workers of a fleet (stateless; they route by the catalog)")
-    edge.add_argument("--workers", type=int, default=None, help="processes (default server.workers; 0: one per core)")
+    edge.add_argument("--workers", type=_worker_count, default=None,
+                      help="processes: a number or auto, one per core (default server.workers)")  # fmt: skip
     edge.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one worker, in this process
     edge.set_defaults(func=_edge)
 
@@ -108,12 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     tpl_create = tpl.add_parser("create", "boot an image once and snapshot it")
     tpl_create.add_argument("name")
     tpl_create.add_argument("--image", default="demo", help="image to boot (default demo)")
-    tpl_create.set_defaults(func=lambda a: _print(_api(a, "POST", "/v1/templates", {"name": a.name, "image": a.image})))
+    tpl_create.add_argument("--host", default=None, help="in a fleet of several hosts: the host to make it on")
+    tpl_create.set_defaults(
+        func=lambda a: _print(_api(a, "POST", f"/v1/templates{_on_host(a)}", {"name": a.name, "image": a.image}))
+    )
     tpl_ls = tpl.add_parser("ls", "list templates")
     tpl_ls.set_defaults(func=lambda a: _print(_api(a, "GET", "/v1/templates")))
     tpl_rm = tpl.add_parser("rm", "remove a template no VM uses")
     tpl_rm.add_argument("name")
-    tpl_rm.set_defaults(func=lambda a: _print(_api(a, "DELETE", f"/v1/templates/{a.name}")))
+    tpl_rm.add_argument("--host", default=None, help="in a fleet of several hosts: the host to remove it from")
+    tpl_rm.set_defaults(func=lambda a: _print(_api(a, "DELETE", f"/v1/templates/{a.name}{_on_host(a)}")))
 
     vm = sub.group("vm", "VMs", "action")
     create = vm.add_parser("create", "launch a VM from a template")
@@ -202,11 +208,12 @@ def _serve(args: argparse.Namespace) -> None:
 
         serve(cfg)
         return
-    from fleet.edge_node import run_processes, worker_command
+    from fleet.edge_node import host_answers, run_processes, worker_command
 
     config = getattr(args, "config", None)
     edges = [[*worker_command(config, "edge"), "--worker"] for _ in range(workers)]
-    sys.exit(run_processes([worker_command(config, "host"), *edges]))
+    ready = host_answers(cfg.cluster.host_listen)  # the edges open the port once the host can serve
+    sys.exit(run_processes([worker_command(config, "host"), *edges], ready, cfg.vmm.boot_timeout + 60))
 
 
 def _host(args: argparse.Namespace) -> None:
@@ -227,10 +234,17 @@ def _edge(args: argparse.Namespace) -> None:
     sys.exit(run_processes([[*worker_command(config, "edge"), "--worker"] for _ in range(workers)]))
 
 
+def _worker_count(text: str) -> int:
+    """--workers N or auto (0: one per core)."""
+    if text == "auto":
+        return 0
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of processes or auto, got {text!r}")
+    return int(text)
+
+
 def _workers(args: argparse.Namespace, cfg: Config) -> int:
     wanted = args.workers if args.workers is not None else cfg.server.workers
-    if wanted < 0:
-        raise CliError("--workers must be 0 (one per core) or more")
     return wanted or os.cpu_count() or 1
 
 
@@ -291,6 +305,10 @@ def _image_base(args: argparse.Namespace) -> None:
     cfg = _config(args)
     ref = oci.ensure_base_image(oci.Store(cfg.vmm.containers_dir), print, force=args.force)
     print(f"base image {ref} is ready for `FROM {ref}`")
+
+
+def _on_host(args: argparse.Namespace) -> str:
+    return f"?host={args.host}" if args.host else ""
 
 
 def _image_ls(args: argparse.Namespace) -> None:

@@ -49,7 +49,7 @@ class ServerConfig:
     admin_key: str = field(default=DEV_ADMIN_KEY, repr=False)
     rlimit_nofile: int = 65536  # soft RLIMIT_NOFILE wanted at start (capped by the hard limit); 0: leave it
     drain_timeout: float = 10.0  # on SIGTERM: how long requests in flight may take to finish
-    workers: int = 1  # edge worker processes (SO_REUSEPORT); 0: one per core
+    workers: int = 0  # edge worker processes (SO_REUSEPORT); 0: one per core; 1: serve in one process
 
 
 @dataclass(frozen=True)

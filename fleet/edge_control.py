@@ -29,6 +29,7 @@ from edge.control import (
 )
 from edge.metrics import Metrics
 from edge.tokens import TokenService
+from vmm.catalog import HostRecord
 from vmm.errors import NotFound, NotRunning, OverCapacity, VmmError
 from vmm.jsonlog import log
 from vmm.model import VmRecord
@@ -130,7 +131,7 @@ async def drain_host(request: web.Request) -> web.Response:
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """Everything else about one VM goes to its host, body and answer streamed."""
-    routes, hosts = request.app[ROUTES], request.app[HOSTS]
+    routes = request.app[ROUTES]
     vm_id = request.match_info["vm_id"]
     placed = routes.placed(vm_id) or await routes.reload(vm_id)
     if placed is None:
@@ -138,6 +139,40 @@ async def forward(request: web.Request) -> web.StreamResponse:
     host = routes.host(placed.host_id)
     if host is None or not routes.host_up(host.id):
         raise NotRunning(f"VM {vm_id} is unavailable: its host {placed.host_id} is not answering heartbeats")
+    return await _forward_to(request, host)
+
+
+async def list_per_host(request: web.Request) -> web.Response:
+    """GET /v1/templates or /v1/images: every up host's, each item with its host (they are per host)."""
+    routes, hosts = request.app[ROUTES], request.app[HOSTS]
+    kind = request.path.rsplit("/", 1)[-1]
+    items = []
+    for host in sorted(routes.hosts(), key=lambda h: h.id):
+        if routes.host_up(host.id):
+            for item in (await hosts.call(host.id, host.address, "GET", request.path))[kind]:
+                items.append({**item, "host": host.id})
+    return json_response({kind: items})
+
+
+async def to_named_host(request: web.Request) -> web.StreamResponse:
+    """Template and image changes go to one host: `?host=`, or the only host there is."""
+    routes = request.app[ROUTES]
+    up = [h for h in routes.hosts() if routes.host_up(h.id)]
+    wanted = request.query.get("host")
+    chosen = [h for h in up if h.id == wanted] if wanted else up
+    if not up:
+        raise NotRunning("no host is up to hold templates and images (see GET /v1/hosts)")
+    if len(chosen) != 1:
+        names = ", ".join(sorted(h.id for h in up))
+        raise web.HTTPUnprocessableEntity(
+            reason=f"templates and images are per host: name one with ?host= (hosts that are up: {names})"
+        )
+    return await _forward_to(request, chosen[0])
+
+
+async def _forward_to(request: web.Request, host: HostRecord) -> web.StreamResponse:
+    """The request, as it came, to `host`'s API; body and answer streamed."""
+    hosts = request.app[HOSTS]
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _forward_websocket(request, hosts, hosts.url(host.address, request.path_qs))
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -155,7 +190,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
             return response
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise NotRunning(f"host {host.id} did not answer for VM {vm_id}: {exc}") from exc
+        raise NotRunning(f"host {host.id} did not answer: {exc}") from exc
 
 
 async def _forward_websocket(request: web.Request, hosts: HostClient, url: str) -> web.WebSocketResponse:
@@ -194,6 +229,11 @@ def build_edge_control_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/hosts", list_hosts)
+    app.router.add_get("/v1/templates", list_per_host)
+    app.router.add_post("/v1/templates", to_named_host)
+    app.router.add_delete("/v1/templates/{name}", to_named_host)
+    app.router.add_get("/v1/images", list_per_host)
+    app.router.add_delete("/v1/images/{name}", to_named_host)
     app.router.add_post("/v1/hosts/{host_id}/drain", drain_host)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", create_vm)

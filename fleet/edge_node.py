@@ -16,7 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,13 +134,17 @@ def worker_count(cfg: Config) -> int:
     return cfg.server.workers or os.cpu_count() or 1
 
 
-def run_processes(commands: list[list[str]]) -> int:
+def run_processes(
+    commands: list[list[str]], first_ready: Callable[[], bool] | None = None, wait: float = 0.0
+) -> int:
     """Start every command as a child, forward SIGINT/SIGTERM to all, and end when they have.
 
+    With `first_ready`, the others start only once it says the first child is ready (`mvm
+    serve`: edges open the port when the host can take requests), for at most `wait` seconds.
     If one child ends on its own, the others are stopped too (a supervisor such as systemd
     then restarts the whole set): a fleet role never runs half-started.
     """
-    children = [subprocess.Popen(command) for command in commands]
+    children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def stop_all(signum: int, _frame: object) -> None:
@@ -149,6 +156,16 @@ def run_processes(commands: list[list[str]]) -> int:
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
+    children.append(subprocess.Popen(commands[0]))
+    deadline = time.monotonic() + wait
+    while first_ready is not None and not stopping and not first_ready():
+        if children[0].poll() is not None or time.monotonic() > deadline:
+            log.event("fleet.first_not_ready", level="error", command=" ".join(commands[0]), waited=wait)
+            stop_all(signal.SIGTERM, None)
+            break
+        time.sleep(SUPERVISE_EVERY)
+    if not stopping:
+        children += [subprocess.Popen(command) for command in commands[1:]]
     status = 0
     while any(child.poll() is None for child in children):
         time.sleep(SUPERVISE_EVERY)
@@ -157,7 +174,20 @@ def run_processes(commands: list[list[str]]) -> int:
             log.event("fleet.child_exited", level="error", pid=ended[0].pid, status=ended[0].returncode)
             status = ended[0].returncode or 1
             stop_all(signal.SIGTERM, None)
-    return status
+    return status if len(children) == len(commands) else (children[0].returncode or 1)
+
+
+def host_answers(address: str) -> Callable[[], bool]:
+    """Whether the host API at `address` (host:port) answers /healthz: it has recovered its VMs."""
+
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{address}/healthz", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return check
 
 
 def worker_command(config: Path | None, role: str) -> list[str]:

@@ -133,7 +133,10 @@ async def catalog_first(request: web.Request, handler: Handler) -> web.StreamRes
     created or woke a VM routes by the new record at once."""
     response = await handler(request)
     if request.method != "GET":
-        await request.app[SYNC].flush()
+        sync = request.app[SYNC]
+        await sync.flush()
+        if request.path.startswith("/v1/templates") and response.status < 300:
+            await sync.sync_templates(removed=request.match_info.get("name") if request.method == "DELETE" else None)
     return response
 
 

@@ -71,8 +71,7 @@ class HostSync:
             if self.manager.lookup(placed.rec.id) is None:
                 await self.catalog.delete_vm(placed.rec.id)
                 log.event("host.vm_forgotten", vm=placed.rec.id, why="listed here in the catalog, unknown to this host")
-        for tpl in self.manager.templates():
-            await self.catalog.add_template(tpl.name, self.host_id)
+        await self.sync_templates()
         self.manager.listeners.append(lambda rec: self._changed.put_nowait(rec.id))
         self._tasks = [asyncio.create_task(loop()) for loop in (self._push_forever, self._beat_forever)]
 
@@ -88,11 +87,12 @@ class HostSync:
     async def heartbeat(self) -> None:
         await self.catalog.heartbeat(self.host_id, str(self.address), capacity(self.manager), time.time())
 
-    async def template_added(self, name: str) -> None:
-        await self.catalog.add_template(name, self.host_id)
-
-    async def template_removed(self, name: str) -> None:
-        await self.catalog.remove_template(name, self.host_id)
+    async def sync_templates(self, removed: str | None = None) -> None:
+        """The catalog lists this host under every template it has (and no longer under `removed`)."""
+        if removed is not None:
+            await self.catalog.remove_template(removed, self.host_id)
+        for tpl in self.manager.templates():
+            await self.catalog.add_template(tpl.name, self.host_id)
 
     async def publish(self, rec: VmRecord) -> None:
         """Write one VM's record as it is now: added, overwritten, or removed once terminated.

@@ -133,6 +133,12 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
     await _until_hosts_up(edge_a, {"h1", "h2"})
     assert await edge_a.counter(other["id"], other_token) == seen + 1, "back with its host, memory intact"
 
+    # Templates are per host: listed with their host, and a change must name one.
+    listed = {(t["name"], t["host"]) for t in (await edge_a.api("GET", "/v1/templates"))["templates"]}
+    assert listed == {("demo", "h1"), ("demo", "h2")}
+    refused = await edge_a.api("POST", "/v1/templates", {"name": "x", "image": "demo"}, status=422)
+    assert "?host=" in refused["message"]
+
     # An edge restart loses nothing: edges hold no VM state.
     await pg_fleet.edges[1].stop()
     await pg_fleet.edges[1].start()
@@ -178,6 +184,16 @@ async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path:
         await _until_state(client, vm["id"], "suspended")
         await _one_restore_for_fifty([client], serve, vm["id"], token)
         await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
+        # Templates through the edge: made on the (only) host, listed with it, placeable at once.
+        made = await client.api("POST", "/v1/templates", {"name": "again", "image": "demo"}, status=201)
+        assert made["name"] == "again"
+        listed = (await client.api("GET", "/v1/templates"))["templates"]
+        assert {(t["name"], t["host"]) for t in listed} >= {("demo", _hostname()), ("again", _hostname())}
+        other = await client.api("POST", "/v1/vms", {"template": "again"}, status=201)
+        await client.api("DELETE", "/v1/templates/again", status=409)  # in use
+        await client.api("DELETE", f"/v1/vms/{other['id']}", status=204)
+        await client.api("DELETE", "/v1/templates/again", status=204)
+        await client.api("POST", "/v1/vms", {"template": "again"}, status=503)  # no host has it any more
     finally:
         await serve.stop()
 

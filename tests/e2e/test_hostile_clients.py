@@ -76,7 +76,8 @@ class Served:
 async def served(settings: VmmSettings, tmp: Path, **proxy: Any) -> AsyncIterator[Served]:
     port = free_port()
     lines = [
-        f"[server]\nlisten_port = {port}\ntls = false\ndrain_timeout = 10.0",
+        # One process: the RSS measured and the exit status waited for are the edge's own.
+        f"[server]\nlisten_port = {port}\ntls = false\ndrain_timeout = 10.0\nworkers = 1",
         "[proxy]",
         *(f"{key} = {orjson.dumps(value).decode()}" for key, value in proxy.items()),
         f'[vmm]\nstate_dir = "{settings.state_dir}"\non_shutdown = "suspend"',
