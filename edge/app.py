@@ -133,6 +133,7 @@ async def stop(edge: Edge) -> None:
     of a wake, so nothing resumes a VM that is being suspended.
     """
     edge.ctx.wakes_refused = True
+    edge.manager.refuse_wakes()  # the control API's resume and exec too, not only the proxy's wakes
     edge.server.close()
     started = asyncio.get_running_loop().time()
     cut = await edge.ctx.drain(edge.cfg.server.drain_timeout)

@@ -112,6 +112,7 @@ async def start(cfg: Config) -> Host:
 
 async def stop(host: Host) -> None:
     """Stop taking requests, then stop the reaper and the manager (VMs keep running or suspend per config)."""
+    host.manager.refuse_wakes()  # requests still in flight get 503 rather than a VM being woken now
     await host.data.stop()
     await host.api.cleanup()
     await host.reaper.stop()

@@ -116,6 +116,7 @@ class VmManager:
         self._flusher: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._building: set[str] = set()
+        self._wakes_refused = False  # the process is stopping: nothing is resumed or restored any more
 
     # ---- start and stop -------------------------------------------------------------
 
@@ -134,6 +135,11 @@ class VmManager:
             await self._recover(vm, running.get(f"mvm-{rec.id}", []))
         self._flusher = asyncio.create_task(self._flush_activity_forever())
         log.event("vmm.started", accelerator=self.accel.name, vms=len(self._vms))
+
+    def refuse_wakes(self) -> None:
+        """From now on no VM is resumed or restored, whoever asks (proxy, control API, exec):
+        a stopping process must not wake a VM that its on_shutdown step is about to suspend."""
+        self._wakes_refused = True
 
     async def close(self) -> None:
         """Stop managing: running VMs keep running (re-adopted later) or are suspended."""
@@ -351,6 +357,8 @@ class VmManager:
         vm = self._vm(vm_id)
         if vm.rec.state is VmState.RUNNING:
             return False
+        if self._wakes_refused:
+            raise NotRunning(f"VM {vm_id} is {vm.rec.state.value} and is not woken while its host stops; try again")
         if not explicit and not vm.rec.policy.auto_resume and vm.rec.state in (VmState.PAUSED, VmState.SUSPENDED):
             raise NotRunning(
                 f"VM {vm_id} is {vm.rec.state.value} and its policy has auto_resume=false: "

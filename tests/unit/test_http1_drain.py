@@ -93,6 +93,9 @@ async def test_app_stop_drains_before_the_manager_shuts_down(upstream: Upstream)
     seen: dict[str, object] = {}
 
     class Manager:
+        def refuse_wakes(self) -> None:
+            seen["manager_refuses"] = True
+
         async def close(self) -> None:
             seen["wakes_refused"] = harness.ctx.wakes_refused
             seen["clients"] = len(harness.ctx.clients)
@@ -117,6 +120,6 @@ async def test_app_stop_drains_before_the_manager_shuts_down(upstream: Upstream)
         assert not stopping.done() and not harness.server.is_serving()
         upstream.state["sse_go"].set()
         await asyncio.wait_for(stopping, 5)
-        assert seen == {"wakes_refused": True, "clients": 0}
+        assert seen == {"manager_refuses": True, "wakes_refused": True, "clients": 0}
     finally:
         await harness.close()

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 from vmm.model import RamMode, VmRecord, VmState
 from vmm.policy import Policy
 from vmm.registry import ProcessIntent, Registry
@@ -41,3 +43,18 @@ def test_records_of_earlier_versions_load_with_todays_state_names(tmp_path: Path
     reg.save(VmRecord("vabcdefghijk", "demo", VmState.PENDING, Policy(), 8080, 1.0, 2.0))
     reg.db.execute("UPDATE vms SET state = 'starting'")
     assert reg.load_all()[0].state is VmState.PENDING
+
+
+async def test_a_stopping_manager_wakes_nothing(tmp_path: Path) -> None:
+    from vmm.errors import NotRunning
+    from vmm.manager import VmManager, _Vm
+    from vmm.settings import VmmSettings
+
+    manager = VmManager(VmmSettings(state_dir=tmp_path))
+    rec = VmRecord("vabcdefghijk", "demo", VmState.SUSPENDED, Policy(), 8080, 1.0, 2.0)
+    manager._vms[rec.id] = _Vm(rec)
+    manager.refuse_wakes()
+    for explicit in (False, True):
+        with pytest.raises(NotRunning, match="not woken while its host stops"):
+            await manager.ensure_running(rec.id, explicit=explicit)
+    assert rec.state is VmState.SUSPENDED
