@@ -30,7 +30,7 @@ from vmm.model import VmState
 
 from .admission import Admission, Refusal
 from .backend import VmBackend
-from .proxy_context import ProxyContext, ProxySettings
+from .proxy_context import ProxyContext, ProxySettings, count_down
 from .upstream import UpstreamConn, connect_unix, connect_vm
 
 
@@ -218,11 +218,7 @@ class Exchange:
             retry = s.retry_after if exc.http_status == 503 else None
             return Refusal(exc.http_status, str(exc), retry_after=retry)
         finally:
-            left = ctx.held[vm_id] - 1
-            if left:
-                ctx.held[vm_id] = left
-            else:
-                del ctx.held[vm_id]
+            count_down(ctx.held, vm_id)
             ctx.metrics.held(-1)
         self.move(_CONNECTING)
         return None

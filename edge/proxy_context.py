@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .backend import VmBackend
 from .hosts import HostRouter
@@ -14,6 +14,17 @@ from .memory import BurstTrimmer
 from .metrics import Metrics
 from .tokens import TokenService
 from .upstream import UpstreamPool
+
+K = TypeVar("K")
+
+
+def count_down(counts: dict[K, int], key: K) -> None:
+    """One fewer of `key`; a key at zero leaves the dict, so its size stays the live keys."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +127,7 @@ class ProxyContext:
         return True
 
     def client_closed(self, client: bytes) -> None:
-        left = self.per_ip[client] - 1
-        if left:
-            self.per_ip[client] = left
-        else:
-            del self.per_ip[client]
+        count_down(self.per_ip, client)
         self.metrics.client_connections(-1)
 
     def connection_made(self, client: ClientConnection) -> None:
@@ -154,9 +161,5 @@ class ProxyContext:
         self.open_streams[vm_id] = self.open_streams.get(vm_id, 0) + 1
 
     def stream_closed(self, vm_id: str) -> None:
-        left = self.open_streams[vm_id] - 1
-        if left:
-            self.open_streams[vm_id] = left
-        else:
-            del self.open_streams[vm_id]
+        count_down(self.open_streams, vm_id)
 

@@ -8,6 +8,7 @@ delete, logs, exec, files) is forwarded to the host that has it, streamed both w
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -75,10 +76,11 @@ async def issue_token(request: web.Request) -> web.Response:
 
 async def list_hosts(request: web.Request) -> web.Response:
     routes = request.app[ROUTES]
+    vms_on = Counter(host for host, _ in routes.records())
     hosts = [
         {"id": h.id, "address": h.address, "up": routes.host_up(h.id), "heartbeat_at": h.heartbeat_at,
          "capacity": {"memory_mb": h.capacity.memory_mb, "vcpus": h.capacity.vcpus, "disk_mb": h.capacity.disk_mb},
-         "vms": sum(1 for host, _ in routes.records() if host == h.id)}
+         "vms": vms_on[h.id]}
         for h in sorted(routes.hosts(), key=lambda h: h.id)
     ]  # fmt: skip
     return json_response({"hosts": hosts})
@@ -136,10 +138,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     placed = routes.placed(vm_id) or await routes.reload(vm_id)
     if placed is None:
         raise NotFound(f"VM {vm_id!r} does not exist")
-    host = routes.host(placed.host_id)
-    if host is None or not routes.host_up(host.id):
-        raise NotRunning(f"VM {vm_id} is unavailable: its host {placed.host_id} is not answering heartbeats")
-    return await _forward_to(request, host)
+    return await _forward_to(request, routes.reachable_host(placed))
 
 
 async def list_per_host(request: web.Request) -> web.Response:

@@ -120,11 +120,17 @@ class HostSync:
         async with self._publishing:
             await self._push_pending()
 
+    async def _publish_current(self, vm_id: str) -> None:
+        """The VM's record as it is now (live, or terminated and kept for a while)."""
+        try:
+            rec = self.manager.get(vm_id)
+        except NotFound:
+            return  # its terminated record is gone too: nothing left to publish
+        await self.publish(rec)
+
     async def _push_pending(self) -> None:
         while not self._changed.empty():
-            vm_id = self._changed.get_nowait()
-            rec = self.manager.lookup(vm_id)
-            await self.publish(rec if rec is not None else self.manager.get(vm_id))
+            await self._publish_current(self._changed.get_nowait())
 
     async def _push_forever(self) -> None:
         """Changes in order; a catalog that fails is retried, the change kept, so edges converge."""
@@ -133,11 +139,8 @@ class HostSync:
             async with self._publishing:  # taken without yielding: no flush slips in between
                 while True:
                     try:
-                        rec = self.manager.lookup(vm_id)
-                        await self.publish(rec if rec is not None else self.manager.get(vm_id))
+                        await self._publish_current(vm_id)
                         break
-                    except NotFound:
-                        break  # its terminated record is gone too: nothing left to publish
                     except VmmError as exc:
                         log.event("host.catalog_write_failed", level="warning", vm=vm_id, error=str(exc))
                         await asyncio.sleep(self.interval)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 
 from vmm import netns
-from vmm.errors import NotFound, NotRunning
+from vmm.errors import NotFound
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
 
@@ -61,9 +61,7 @@ class RemoteBackend:
             raise NotFound(f"VM {vm_id!r} does not exist")
         if not self.routes.host_up(placed.host_id):
             await self.routes.refresh_hosts()  # before a 503, make sure the news is not just late
-        host = self.routes.host(placed.host_id)
-        if host is None or not self.routes.host_up(placed.host_id):
-            raise NotRunning(f"VM {vm_id} is unavailable: its host {placed.host_id} is not answering heartbeats")
+        host = self.routes.reachable_host(placed)
         if placed.rec.state is VmState.RUNNING:
             return False
         woke = await self.hosts.call(host.id, host.address, "POST", f"/v1/vms/{vm_id}/wake")

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from vmm.catalog import Catalog, HostRecord, PlacedVm
-from vmm.errors import VmmError
+from vmm.catalog import Catalog, HostRecord, PlacedVm, Unsubscribe
+from vmm.errors import NotRunning, VmmError
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
 
@@ -39,7 +39,7 @@ class RouteTable:
         self._reloads: set[str] = set()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._unsubscribe: object = None
+        self._unsubscribe: Unsubscribe | None = None
         self.listeners: list[Callable[[VmRecord], None]] = []  # told when a VM's state changes
 
     async def start(self) -> None:
@@ -52,7 +52,7 @@ class RouteTable:
         self._tasks.append(asyncio.create_task(self._refresh_hosts_forever()))
 
     async def stop(self) -> None:
-        if callable(self._unsubscribe):
+        if self._unsubscribe is not None:
             self._unsubscribe()
         for task in self._tasks:
             task.cancel()
@@ -117,14 +117,24 @@ class RouteTable:
                 log.event("routes.read_failed", level="warning", vm=vm_id, error=str(exc))
             if placed is not None:
                 self._put(vm_id, placed)
-        if placed is None:
-            return None
+        return None if placed is None else self._shown(placed)
+
+    def _shown(self, placed: PlacedVm) -> VmRecord:
         if not self.host_up(placed.host_id):
             return replace(placed.rec, state=VmState.UNAVAILABLE)
         return placed.rec
 
     def records(self) -> list[tuple[str, VmRecord]]:
-        return [(p.host_id, self.record(vm_id) or p.rec) for vm_id, p in self._vms.items()]
+        return [(p.host_id, self._shown(p)) for p in self._vms.values()]
+
+    def reachable_host(self, placed: PlacedVm) -> HostRecord:
+        """The host a VM's requests go to; NotRunning (503) while it misses heartbeats."""
+        host = self._hosts.get(placed.host_id)
+        if host is None or not self.host_up(placed.host_id):
+            raise NotRunning(
+                f"VM {placed.rec.id} is unavailable: its host {placed.host_id} is not answering heartbeats"
+            )
+        return host
 
     def hosts(self) -> list[HostRecord]:
         return list(self._hosts.values())

@@ -189,8 +189,13 @@ class VmManager:
 
     def get(self, vm_id: str) -> VmRecord:
         """A VM, or what is left of a terminated one (for vmm.terminated_ttl)."""
+        vm = self._vms.get(vm_id)
+        if vm is not None:
+            return vm.rec
         tombstone = self._terminated.get(vm_id)
-        return tombstone if tombstone is not None else self._vm(vm_id).rec
+        if tombstone is None:
+            raise NotFound(f"VM {vm_id!r} does not exist")
+        return tombstone
 
     def list_vms(self) -> list[VmRecord]:
         return [vm.rec for vm in self._vms.values()]
@@ -430,6 +435,7 @@ class VmManager:
         rec.pid, rec.reason = None, None
         vm = _Vm(rec)
         self._store(vm)
+        self._terminated.pop(rec.id, None)  # it left this host once and is back: live again
         self._vms[rec.id] = vm
         self._notify(rec)
         log.event("vm.imported", vm=rec.id, template=rec.template)
@@ -994,8 +1000,11 @@ def _finish_ram_move(vm_dir: Path) -> None:
 
 
 def _tidy_snapshot_files(vm_dir: Path, ram_mode: RamMode) -> None:
-    """Temporary files of a transition cut short: finished if the registry says it got that far, else removed."""
-    for tmp in (vm_dir / "state.tmp", vm_dir / "state.dev.tmp", vm_dir / "state.sha256.tmp"):
+    """Temporary files of a transition cut short: finished if the registry says it got that far, else removed.
+
+    Every snapshot writer (qmp.save, snapshot_check.write) writes `*.tmp` first and renames it.
+    """
+    for tmp in vm_dir.glob("*.tmp"):
         tmp.unlink(missing_ok=True)
     if (vm_dir / STATE_DEV).exists():
         if ram_mode is RamMode.OWN_FILE and snapshot_check.sidecar(vm_dir / STATE_DEV).exists():
