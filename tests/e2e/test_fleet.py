@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import signal
-import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +16,14 @@ import aiohttp
 import orjson
 import pytest
 
+from edge.config import load_config
+from fleet.host import host_id_of
 from tests.e2e.fleet_harness import ADMIN, DOMAIN, EdgeClient, Role, free_port, toml
 from tests.pg import PgCluster, create_database, drop_database
 from vmm.settings import VmmSettings
 
 FAST = {"heartbeat_interval": 0.3, "down_after": 2.0}
+HOST = host_id_of(load_config(None))  # the id `mvm serve`'s host takes: this machine's name
 
 
 @dataclass
@@ -134,8 +137,8 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
     assert await edge_a.counter(other["id"], other_token) == seen + 1, "back with its host, memory intact"
 
     # Templates are per host: listed with their host, and a change must name one.
-    listed = {(t["name"], t["host"]) for t in (await edge_a.api("GET", "/v1/templates"))["templates"]}
-    assert {("demo", "h1"), ("demo", "h2")} <= listed  # (and whatever else the session's templates hold)
+    templates = {(t["name"], t["host"]) for t in (await edge_a.api("GET", "/v1/templates"))["templates"]}
+    assert {("demo", "h1"), ("demo", "h2")} <= templates  # (and whatever else the session's templates hold)
     refused = await edge_a.api("POST", "/v1/templates", {"name": "x", "image": "demo"}, status=422)
     assert "?host=" in refused["message"]
 
@@ -160,7 +163,9 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
     assert await edge_b.counter(other["id"], other_token) == seen + 2
 
 
-async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path: Path) -> None:
+@asynccontextmanager
+async def _serve_workers(settings: VmmSettings, tmp_path: Path) -> AsyncIterator[tuple[Role, EdgeClient]]:
+    """`mvm serve --workers 2` on the embedded SQLite catalog, until its host is up; stopped at the end."""
     port = free_port()
     config = tmp_path / "serve.toml"
     config.write_text(toml({
@@ -174,7 +179,14 @@ async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path:
     await serve.start()
     try:
         await client.until_up()
-        await _until_hosts_up(client, {_hostname()})
+        await _until_hosts_up(client, {HOST})
+        yield serve, client
+    finally:
+        await serve.stop()
+
+
+async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path: Path) -> None:
+    async with _serve_workers(settings, tmp_path) as (serve, client):
         vm = await client.api("POST", "/v1/vms", {"policy": {"idle_suspend_after": 2}}, status=201)
         token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
         assert await client.counter(vm["id"], token) == 1
@@ -188,37 +200,19 @@ async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path:
         made = await client.api("POST", "/v1/templates", {"name": "again", "image": "demo"}, status=201)
         assert made["name"] == "again"
         listed = (await client.api("GET", "/v1/templates"))["templates"]
-        assert {(t["name"], t["host"]) for t in listed} >= {("demo", _hostname()), ("again", _hostname())}
+        assert {(t["name"], t["host"]) for t in listed} >= {("demo", HOST), ("again", HOST)}
         other = await client.api("POST", "/v1/vms", {"template": "again"}, status=201)
         await client.api("DELETE", "/v1/templates/again", status=409)  # in use
         await client.api("DELETE", f"/v1/vms/{other['id']}", status=204)
         await client.api("DELETE", "/v1/templates/again", status=204)
         await client.api("POST", "/v1/vms", {"template": "again"}, status=503)  # no host has it any more
-    finally:
-        await serve.stop()
-
-
-def _hostname() -> str:
-    return socket.gethostname().split(".")[0].lower()
 
 
 async def test_exec_logs_and_shell_through_fleet_edges(
     settings: VmmSettings, sandbox_template: str, tmp_path: Path
 ) -> None:
     """The agent's endpoints are the host's: an edge worker forwards them, streams and WebSocket included."""
-    port = free_port()
-    config = tmp_path / "serve.toml"
-    config.write_text(toml({
-        "server": {"listen_port": port, "tls": False, "workers": 2},
-        "vmm": {"state_dir": str(settings.state_dir)},
-        "cluster": {"host_listen": f"127.0.0.1:{free_port()}", "data_listen": f"127.0.0.1:{free_port()}", **FAST},
-    }))  # fmt: skip
-    serve = Role("serve", ["serve"], config, tmp_path / "serve.log")
-    client = EdgeClient(port)
-    await serve.start()
-    try:
-        await client.until_up()
-        await _until_hosts_up(client, {_hostname()})
+    async with _serve_workers(settings, tmp_path) as (_, client):
         vm = await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201)
         body = orjson.dumps({"argv": ["sh", "-c", "echo from-$((6*7)); hostname"]})
         status, _, out = await client.request(
@@ -230,7 +224,7 @@ async def test_exec_logs_and_shell_through_fleet_edges(
         assert b"from-42" in stdout, events
         token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {"scopes": ["shell"]}, status=201))["token"]
         async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}/.mvm/shell?cols=80&rows=24"
+            url = f"http://127.0.0.1:{client.port}/.mvm/shell?cols=80&rows=24"
             headers = {"Host": f"{vm['id']}.{DOMAIN}", "Authorization": f"Bearer {token}"}
             async with session.ws_connect(url, headers=headers) as ws:
                 await ws.send_bytes(b"echo shell-$((2+3)); exit 3\n")
@@ -241,5 +235,3 @@ async def test_exec_logs_and_shell_through_fleet_edges(
                 assert b"shell-5" in seen
                 assert msg.type == aiohttp.WSMsgType.TEXT and orjson.loads(msg.data) == {"exit_code": 3}
         await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
-    finally:
-        await serve.stop()

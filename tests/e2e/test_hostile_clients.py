@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,8 +19,7 @@ from typing import Any
 
 import orjson
 
-from tests.e2e.conftest import REPO
-from tests.e2e.fleet_harness import free_port
+from tests.e2e.fleet_harness import DOMAIN, EdgeClient, Role, free_port, toml
 from tests.e2e.guest import guest_state
 from tests.e2e.test_crash_safety import qemus_of
 from vmm import netns
@@ -30,39 +27,22 @@ from vmm.manager import VmManager
 from vmm.model import VmState
 from vmm.settings import VmmSettings
 
-ADMIN = "dev-admin-key-change-me"
-DOMAIN = "mvm.localhost"
 
+class Served(EdgeClient):
+    """A running `mvm serve` in one process: the fleet harness's client, plus its process and memory."""
 
-class Served:
-    """A running `mvm serve`: its pid and port, and HTTP/1.1 exchanges with it over raw sockets."""
+    def __init__(self, role: Role, port: int) -> None:
+        super().__init__(port)
+        self.role = role
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
-        self.proc = proc
-        self.port = port
-
-    async def exchange(self, host: str, head: str, body: bytes = b"") -> tuple[int, bytes]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        try:
-            writer.write(f"{head}Host: {host}\r\nConnection: close\r\n\r\n".encode() + body)
-            raw = await asyncio.wait_for(reader.read(), 30)
-        finally:
-            writer.close()
-        status_line, _, rest = raw.partition(b"\r\n")
-        return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
-
-    async def api(self, method: str, path: str, body: Any = None) -> Any:
-        data = orjson.dumps(body) if body is not None else b""
-        head = f"{method} {path} HTTP/1.1\r\nAuthorization: Bearer {ADMIN}\r\nContent-Length: {len(data)}\r\n"
-        if data:
-            head += "Content-Type: application/json\r\n"
-        status, payload = await self.exchange(f"api.{DOMAIN}", head, data)
-        assert status < 300, payload
-        return orjson.loads(payload) if payload else None
+    @property
+    def proc(self) -> asyncio.subprocess.Process:
+        assert self.role.proc is not None
+        return self.role.proc
 
     async def vm_with_token(self, **policy: Any) -> tuple[str, str]:
-        vm = await self.api("POST", "/v1/vms", {"policy": policy})
-        token = await self.api("POST", f"/v1/vms/{vm['id']}/tokens", {})
+        vm = await self.api("POST", "/v1/vms", {"policy": policy}, status=201)
+        token = await self.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201)
         return str(vm["id"]), str(token["token"])
 
     def rss(self) -> int:
@@ -75,38 +55,22 @@ class Served:
 @asynccontextmanager
 async def served(settings: VmmSettings, tmp: Path, **proxy: Any) -> AsyncIterator[Served]:
     port = free_port()
-    lines = [
-        # One process: the RSS measured and the exit status waited for are the edge's own.
-        f"[server]\nlisten_port = {port}\ntls = false\ndrain_timeout = 10.0\nworkers = 1",
-        "[proxy]",
-        *(f"{key} = {orjson.dumps(value).decode()}" for key, value in proxy.items()),
-        f'[vmm]\nstate_dir = "{settings.state_dir}"\non_shutdown = "suspend"',
-        '[log]\nlevel = "warning"',
-    ]
     config = tmp / "served.toml"
-    config.write_text("\n".join(lines) + "\n")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edge.cli", "serve", "--config", str(config), cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    edge = Served(proc, port)
+    config.write_text(toml({
+        # One process: the RSS measured and the exit status waited for are the edge's own.
+        "server": {"listen_port": port, "tls": False, "drain_timeout": 10.0, "workers": 1},
+        "proxy": proxy,
+        "vmm": {"state_dir": str(settings.state_dir), "on_shutdown": "suspend"},
+        "log": {"level": "warning"},
+    }))  # fmt: skip
+    role = Role("serve", ["serve"], config, tmp / "serve.log")
+    await role.start()
     try:
-        async with asyncio.timeout(60):
-            while True:
-                assert proc.returncode is None, "mvm serve exited at start"
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    if (await edge.exchange(f"api.{DOMAIN}", "GET /healthz HTTP/1.1\r\n"))[0] == 200:
-                        break
-                await asyncio.sleep(0.1)
+        edge = Served(role, port)
+        await edge.until_up()
         yield edge
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 60)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await role.stop()
 
 
 def _guest_connections(vm_id: str) -> int:
@@ -170,7 +134,7 @@ async def test_crafted_kid_slow_body_and_per_ip_cap_are_answered(settings: VmmSe
         for kid in (5, ["dev-hs256"], None):  # a header anyone can craft: answered at once, never left hanging
             header = base64.urlsafe_b64encode(orjson.dumps({"alg": "HS256", "kid": kid})).rstrip(b"=").decode()
             crafted = f"Authorization: Bearer {header}.eyJzdWIiOiJ4In0.c2ln\r\n"
-            status, body = await edge.exchange(f"{vm_id}.{DOMAIN}", f"GET / HTTP/1.1\r\n{crafted}")
+            status, _, body = await edge.request(f"{vm_id}.{DOMAIN}", "GET", "/", crafted)
             assert status == 401 and orjson.loads(body)["error"] == "unauthorized", body
         reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
         head = (f"POST /upload HTTP/1.1\r\nHost: {vm_id}.{DOMAIN}\r\nAuthorization: Bearer {token}\r\n"
@@ -189,16 +153,16 @@ async def test_crafted_kid_slow_body_and_per_ip_cap_are_answered(settings: VmmSe
             for _, w in held:
                 w.close()
         async with asyncio.timeout(20):  # until the edge has seen the held connections close
-            while (answer := await edge.exchange(f"{vm_id}.{DOMAIN}", f"GET / HTTP/1.1\r\n{auth}"))[0] == 429:
+            while (reply := await edge.request(f"{vm_id}.{DOMAIN}", "GET", "/", auth))[0] == 429:
                 await asyncio.sleep(0.1)
-        status, body = answer
+        status, _, body = reply
         assert status == 200 and orjson.loads(body)["counter"] == 1, "the VM served on, untouched"
 
 
 async def test_sigterm_drains_requests_in_flight_then_suspends(settings: VmmSettings, tmp_path: Path) -> None:
     async with served(settings, tmp_path) as edge:
         vm_id, token = await edge.vm_with_token()
-        status, body = await edge.exchange(f"{vm_id}.{DOMAIN}", f"GET / HTTP/1.1\r\nAuthorization: Bearer {token}\r\n")
+        status, _, body = await edge.vm_get(vm_id, token)
         assert status == 200, body
         counter = orjson.loads(body)["counter"]
         reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
