@@ -226,28 +226,15 @@ def qemus_by_name() -> dict[str, list[int]]:
 
 
 async def kill_pid(pid: int, timeout: float = 5.0) -> None:
-    """SIGKILL a process that is not (or no longer) tracked as a QemuProcess, and wait for its end."""
+    """SIGKILL a QEMU nothing tracks (an orphan found after a restart) and wait for its end."""
     try:
-        pidfd = os.pidfd_open(pid)
+        proc = QemuProcess(pid)
     except ProcessLookupError:
         return
     try:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        ended = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_reader(pidfd, ended.set)
-        try:
-            async with asyncio.timeout(timeout):
-                await ended.wait()
-        except TimeoutError as exc:
-            raise VmmError(f"QEMU pid {pid} did not exit after SIGKILL") from exc
-        finally:
-            loop.remove_reader(pidfd)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+        await proc.kill(timeout)
     finally:
-        os.close(pidfd)
+        proc.close()
 
 
 def describe_exit(status: int | None) -> str:
