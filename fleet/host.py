@@ -82,12 +82,13 @@ async def start(cfg: Config) -> Host:
         await catalog.close()
         raise
     await ensure_default_template(manager)
+    sync = HostSync(catalog, manager, host_id, cfg.cluster.heartbeat_interval)
     api_cfg = replace(cfg, server=replace(cfg.server, admin_key=cfg.cluster.secret))
     app = build_control_app(api_cfg, manager, token_service(cfg), metrics)
     app.router.add_post("/v1/vms/{vm_id}/wake", wake)
     app.router.add_post("/v1/host/activity", activity)
     app.router.add_get("/v1/host", health)
-    app[HOST_MANAGER] = manager
+    app[HOST_MANAGER], app[SYNC] = manager, sync  # before the app is frozen and serving
     add_host_routes(app)
     app.middlewares.append(catalog_first)
     api = web.AppRunner(app, access_log=None)
@@ -100,10 +101,7 @@ async def start(cfg: Config) -> Host:
     data_host, data_port = _split(cfg.cluster.data_listen)
     await data.start(data_host, data_port)
     advertised_host = advertised.rpartition(":")[0]
-    address = HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}")
-    sync = HostSync(catalog, manager, host_id, address, cfg.cluster.heartbeat_interval)
-    app[SYNC] = sync
-    await sync.start()
+    await sync.start(HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}"))
     reaper = Reaper(manager, {}, cfg.reaper.interval)
     reaper.start()
     log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend)
@@ -168,10 +166,9 @@ async def activity(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     sync = request.app[SYNC]
-    manager = request.app[MANAGER]
     cap = capacity(sync.manager)
     return json_response(
-        {"id": sync.host_id, "vms": len(manager.list_vms()),
+        {"id": sync.host_id, "vms": len(sync.manager.list_vms()),
          "capacity": {"memory_mb": cap.memory_mb, "vcpus": cap.vcpus, "disk_mb": cap.disk_mb}}
     )  # fmt: skip
 

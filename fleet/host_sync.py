@@ -48,21 +48,20 @@ def capacity(manager: VmManager) -> Capacity:
 class HostSync:
     """Keeps the catalog's view of this host current: heartbeats, VM records, activity, templates."""
 
-    def __init__(
-        self, catalog: Catalog, manager: VmManager, host_id: str, address: HostAddress, interval: float
-    ) -> None:
+    def __init__(self, catalog: Catalog, manager: VmManager, host_id: str, interval: float) -> None:
         self.catalog = catalog
         self.manager = manager
         self.host_id = host_id
-        self.address = address
+        self.address = HostAddress("", "")  # known once the host API and the data port listen (start)
         self.interval = interval
         self._changed: asyncio.Queue[str] = asyncio.Queue()
         self._publishing = asyncio.Lock()  # held from taking a change to having written it
         self._flushed: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        """Publish every VM and template this host has, then follow changes."""
+    async def start(self, address: HostAddress) -> None:
+        """Publish this host at `address`, every VM and template it has, then follow changes."""
+        self.address = address
         await self.heartbeat()
         for rec in self.manager.list_vms():
             await self.publish(rec)
