@@ -54,6 +54,9 @@ class LoopbackBackend:
     async def ensure_running(self, vm_id: str) -> bool:
         return False
 
+    async def confirm_running(self, vm_id: str) -> bool:
+        return False
+
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
         """Like vmm.netns.connect_guest (non-blocking, TCP_NODELAY), minus the namespace."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -47,6 +47,7 @@ class Admission:
     port: int = 0
     running: bool = True
     set_cookie: bytes | None = None  # a Set-Cookie line for the response head
+    generation: int = 0  # the VM's, as this edge knows it: pooled connections of another are not used
 
 
 class Admitter:
@@ -150,7 +151,7 @@ class Admitter:
             proto=self._proto,
                 trust_forwarded=self._trusted,
         )
-        return Admission(head, vm_id, port, rec.state is VmState.RUNNING, set_cookie)
+        return Admission(head, vm_id, port, rec.state is VmState.RUNNING, set_cookie, rec.generation)
 
     def _agent_api(
         self, method: bytes, target: bytes, version: bytes, req: RequestHead, vm_id: str, grant: Grant, upgrade: bool

@@ -40,7 +40,7 @@ from vmm import jsonlog
 from vmm.errors import NotFound
 from vmm.jsonlog import log
 from vmm.manager import VmManager
-from vmm.model import VmRecord, VmState
+from vmm.model import GUEST_GOING_AWAY, VmRecord, VmState
 from vmm.reaper import Reaper
 
 from . import memory
@@ -248,15 +248,11 @@ async def ensure_default_template(manager: VmManager) -> None:
         log.event("template.missing", level="warning", template=name, error=str(exc))
 
 
-_GOING_AWAY = frozenset(
-    (VmState.SUSPENDING, VmState.SUSPENDED, VmState.FAILED, VmState.TERMINATING, VmState.TERMINATED)
-)
-
 
 def end_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:
     """Connections to a VM that stops running would only time out: close the idle ones, and
     those in use too when its QEMU goes away (a paused VM keeps them: they resume with it)."""
-    if rec.state in _GOING_AWAY:
+    if rec.state in GUEST_GOING_AWAY:
         pool.abort_vm(rec.id)
     elif rec.state is not VmState.RUNNING:
         pool.drop_vm(rec.id)

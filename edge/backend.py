@@ -14,7 +14,7 @@ from vmm.model import Template, VmRecord
 
 
 class VmBackend(Protocol):
-    """The four calls on the request path. Tests may pass a fake."""
+    """The calls on the request path. Tests may pass a fake."""
 
     def lookup(self, vm_id: str) -> VmRecord | None:
         """The VM's current record, or None when no such VM exists (cheap, in memory)."""
@@ -24,6 +24,10 @@ class VmBackend(Protocol):
 
         Raises vmm.errors.VmmError subclasses (NotFound, RestoreFailed, VmFailed, Conflict).
         """
+
+    async def confirm_running(self, vm_id: str) -> bool:
+        """Ask the VM's owner, not this process's view of it, to make it run (waking it if
+        needed): a connect failed although the VM looked running. True when it had to wake."""
 
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
         """A non-blocking TCP socket connected to the guest's port, made inside the VM's netns."""

@@ -73,9 +73,9 @@ _EXCHANGE_MOVES: dict[ExchangeState, frozenset[ExchangeState]] = {
     _E.ANSWERED: frozenset((_E.FINISHED,)),
     _E.FINISHED: frozenset(),
 }
-# A request that failed on a reused connection before any answer is sent again on a new
-# one when repeating it is harmless.
-_RETRYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT", b"TRACE"))
+# Methods a guest may be asked twice: a request whose head may have reached the guest is sent
+# again only with one of these, and only when its connection was fresh (see retryable).
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"PUT", b"TRACE"))
 _STARTED = frozenset((_E.STREAMING, _E.ANSWERED, _E.FINISHED))
 # Members as module names: a lookup on the enum class costs ~0.1 µs on 3.11.
 _RECEIVED = _E.RECEIVED
@@ -100,6 +100,7 @@ class Exchange:
         "buffered",
         "chunked",
         "cookie",
+        "generation",
         "has_body",
         "head",
         "is_head",
@@ -107,7 +108,9 @@ class Exchange:
         "method",
         "port",
         "received",
+        "reconnected",
         "refusal",
+        "resent",
         "reused",
         "state",
         "status",
@@ -140,6 +143,9 @@ class Exchange:
         self.body_paused = 0.0  # the connection's paused time then: time the edge paused is not the client's
         self.status = 0
         self.reused = False  # the upstream connection came from the pool
+        self.generation = 0  # the VM's generation when admitted (pooled connections must match)
+        self.reconnected = False  # a connect failed and the VM's owner was asked: no second time
+        self.resent = False  # the head was sent again after a connection ended unanswered: no second time
 
     def move(self, new: ExchangeState) -> None:
         if new not in _EXCHANGE_MOVES[self.state]:
@@ -153,6 +159,7 @@ class Exchange:
         self.port = verdict.port
         self.vm_was_running = verdict.running
         self.cookie = verdict.set_cookie
+        self.generation = verdict.generation
 
     def refuse(self, refusal: Refusal) -> None:
         self.move(_REFUSED)
@@ -181,9 +188,12 @@ class Exchange:
         return self.state in _STARTED
 
     def retryable(self) -> bool:
-        """Sent on a pooled connection that closed before answering (the keep-alive race with
-        the guest closing first), and harmless to repeat on a new one; a retry is never reused."""
-        return self.reused and not self.has_body and self.method in _RETRYABLE
+        """The connection ended after the head went out and before any answer: the guest may
+        have run the request. Sent again only when that is harmless (an idempotent method, no
+        body) and the connection was fresh. A pooled one is never retried: it was checked
+        just before (UpstreamConn.established), so its loss is no keep-alive race but a guest
+        that may be running the request already, e.g. one restored with it in its buffers."""
+        return not self.reused and not self.resent and not self.has_body and self.method in _IDEMPOTENT
 
     def where(self) -> str:
         return "the control API" if self.vm_id is None else f"port {self.port} of VM {self.vm_id}"
@@ -195,8 +205,11 @@ class Exchange:
         rec = backend.lookup(self.vm_id)
         return rec is not None and rec.state is VmState.RUNNING
 
-    async def wait_for_vm(self, ctx: ProxyContext) -> Refusal | None:
-        """Hold until the VM has woken, within the per-VM bound; else why the edge answers instead."""
+    async def wait_for_vm(self, ctx: ProxyContext, recheck: bool = False) -> Refusal | None:
+        """Hold until the VM has woken, within the per-VM bound; else why the edge answers instead.
+
+        `recheck`: the VM looked running but could not be reached, so its owner is asked
+        whatever this edge believes (its view may be a moment old)."""
         s = ctx.settings
         vm_id = self.vm_id
         assert vm_id is not None
@@ -209,7 +222,7 @@ class Exchange:
         ctx.held[vm_id] = held + 1
         ctx.metrics.held(1)
         try:
-            await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id)), s.wake_timeout)
+            await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id, recheck)), s.wake_timeout)
         except TimeoutError:
             log.event("proxy.wake_timeout", level="warning", vm=vm_id)
             return Refusal(503, f"VM {vm_id} did not wake within {s.wake_timeout:g}s", retry_after=s.retry_after)

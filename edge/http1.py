@@ -374,7 +374,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._arm(ex.body_overdue(self._s, now, ex.body_paused)[1])
         if ex.vm_was_running:
             key = vm_id or CONTROL_KEY
-            conn = ctx.pool.acquire(key, ex.port, now)
+            conn = ctx.pool.acquire(key, ex.port, now, ex.generation)
             if conn is not None:
                 self._attach(ex, conn, reused=True)
                 return
@@ -385,14 +385,30 @@ class EdgeProtocol(asyncio.Protocol):
         self._task = self._loop.create_task(self._prepare(ex))
 
     async def _prepare(self, ex: Exchange) -> None:
-        """Wake the VM if needed and open a connection to it; body bytes meanwhile are buffered."""
+        """Wake the VM if needed and open a connection to it; body bytes meanwhile are buffered.
+
+        A connect that fails has sent nothing: the VM's owner is asked to make it run (this
+        edge's view of it may be a moment old, e.g. just suspended by its host) and the
+        connect is tried once more.
+        """
         try:
             if not ex.vm_running(self._ctx.backend):
                 refusal = await ex.wait_for_vm(self._ctx)
                 if refusal is not None:
                     self._refused(ex, refusal)
                     return
-            conn = await ex.connect(self._ctx)
+            try:
+                conn = await ex.connect(self._ctx)
+            except (OSError, TimeoutError, VmmError) as exc:
+                if ex.vm_id is None or ex.reconnected:
+                    raise
+                ex.reconnected = True
+                log.event("proxy.reconnect", level="info", vm=ex.vm_id, port=ex.port, error=str(exc) or repr(exc))
+                refusal = await ex.wait_for_vm(self._ctx, recheck=True)
+                if refusal is not None:
+                    self._refused(ex, refusal)
+                    return
+                conn = await ex.connect(self._ctx)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -558,6 +574,7 @@ class EdgeProtocol(asyncio.Protocol):
             self._close_client()
         elif not ex.answer_started:
             if ex.retryable():
+                ex.resent = True
                 ex.body = []
                 self._rbuf = None
                 self._start_task(ex)

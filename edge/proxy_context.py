@@ -95,13 +95,16 @@ class ProxyContext:
     _drained: asyncio.Event | None = field(default=None, init=False, repr=False)
     _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, init=False, repr=False)
 
-    def wake(self, vm_id: str) -> asyncio.Task[bool]:
-        """One ensure_running per VM at a time, shared by every request held for it."""
+    def wake(self, vm_id: str, recheck: bool = False) -> asyncio.Task[bool]:
+        """One wake per VM at a time, shared by every request held for it. `recheck` asks the
+        VM's owner even if this edge takes the VM for running (a connect to it failed); a wake
+        already under way answers that too."""
         task = self._wakes.get(vm_id)
         if task is None:
             loop = asyncio.get_running_loop()
             started = loop.time()
-            task = loop.create_task(self.backend.ensure_running(vm_id))
+            woken = self.backend.confirm_running(vm_id) if recheck else self.backend.ensure_running(vm_id)
+            task = loop.create_task(woken)
             self._wakes[vm_id] = task
             task.add_done_callback(lambda t: self._wake_done(vm_id, t, loop.time() - started))
         return task

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Protocol, cast
 
 from httptools import HttpResponseParser
@@ -19,6 +20,7 @@ from httptools.parser.errors import HttpParserUpgrade
 from .backend import VmBackend
 
 CONTROL_KEY = ""  # pool key of control-socket connections; never a VM id
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info
 
 
 class Owner(Protocol):
@@ -100,11 +102,13 @@ class UpstreamConn(asyncio.Protocol):
 
     __slots__ = (
         "closed",
+        "generation",
         "idle_since",
         "key",
         "owner",
         "pool",
         "reading",
+        "sock",
         "stale",
         "tracker",
         "transport",
@@ -113,9 +117,11 @@ class UpstreamConn(asyncio.Protocol):
 
     transport: asyncio.Transport  # set by connection_made, before anyone gets the connection
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int], generation: int = 0) -> None:
         self.pool = pool
         self.key = key
+        self.generation = generation  # the VM's generation it was opened in; never reused in another
+        self.sock: socket.socket | None = None  # TCP only: asked whether it is still established
         self.owner: Owner | None = None
         self.tracker = ResponseTracker()
         self.closed = False
@@ -126,6 +132,9 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            self.sock = sock
         self.pool.track(self)
 
     def data_received(self, data: bytes) -> None:
@@ -166,6 +175,21 @@ class UpstreamConn(asyncio.Protocol):
             self.reading = True
             self.transport.resume_reading()
 
+    def established(self) -> bool:
+        """Still open both ways as far as the kernel knows. A pooled connection is asked before
+        it carries a request: one whose guest went away (destroyed when its VM was suspended,
+        or closed by the guest) may not have been reported to this process yet, and a request
+        written on it could not be told apart from one the guest received."""
+        if self.closed:
+            return False
+        if self.sock is None:
+            return True
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+        except OSError:
+            return False
+        return struct.unpack_from("B", info)[0] == _TCP_ESTABLISHED
+
     def finish(self, now: float, reusable: bool) -> None:
         """Its exchange is over: back to the shared pool at once when the response ended
         cleanly and the connection is in step (`reusable`), else closed."""
@@ -199,8 +223,8 @@ class UpstreamPool:
         self._live: dict[str, set[UpstreamConn]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def acquire(self, vm_id: str, port: int, now: float) -> UpstreamConn | None:
-        """A live idle connection to (vm_id, port), or None."""
+    def acquire(self, vm_id: str, port: int, now: float, generation: int) -> UpstreamConn | None:
+        """A live idle connection to (vm_id, port) opened in the VM's `generation`, or None."""
         ports = self._idle.get(vm_id)
         if ports is None:
             return None
@@ -208,7 +232,7 @@ class UpstreamPool:
         while stack:
             conn = stack.pop()
             self._forget(vm_id, port, ports, stack)
-            if conn.closed or now - conn.idle_since >= self.idle_timeout:
+            if now - conn.idle_since >= self.idle_timeout or conn.generation != generation or not conn.established():
                 conn.close()
                 continue
             return conn
@@ -314,11 +338,13 @@ class UpstreamPool:
 
 
 async def connect_vm(pool: UpstreamPool, backend: VmBackend, vm_id: str, port: int, timeout: float) -> UpstreamConn:
-    """A new connection to a guest port, opened inside the VM's network namespace."""
+    """A new connection to a guest port, opened inside the VM's network namespace, in the
+    VM's generation as known once it is connected."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         sock = await backend.open_upstream(vm_id, port, timeout)
-    return await _wrap(loop, sock, pool, (vm_id, port))
+    rec = backend.lookup(vm_id)
+    return await _wrap(loop, sock, pool, (vm_id, port), rec.generation if rec is not None else -1)
 
 
 async def connect_unix(pool: UpstreamPool, path: str, timeout: float) -> UpstreamConn:
@@ -330,10 +356,10 @@ async def connect_unix(pool: UpstreamPool, path: str, timeout: float) -> Upstrea
 
 
 async def _wrap(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, pool: UpstreamPool, key: tuple[str, int]
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, pool: UpstreamPool, key: tuple[str, int], generation: int
 ) -> UpstreamConn:
     try:
-        _, conn = await loop.create_connection(lambda: UpstreamConn(pool, key), sock=sock)
+        _, conn = await loop.create_connection(lambda: UpstreamConn(pool, key, generation), sock=sock)
     except BaseException:
         sock.close()  # no-op when the loop already took the descriptor and closed it
         raise

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from vmm import netns
 from vmm.errors import NotFound, VmFailed, VmmError
 from vmm.jsonlog import log
+from vmm.model import GUEST_GOING_AWAY, VmRecord
 
 MAGIC = "MVM-TUNNEL"
 SKEW = 30.0  # seconds a signed request stays valid
@@ -97,6 +98,7 @@ class DataPort:
         self.connect_timeout = connect_timeout
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tunnels: dict[str, set[asyncio.StreamWriter]] = {}  # by VM: the edge's end of each tunnel
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
@@ -112,6 +114,14 @@ class DataPort:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def vm_changed(self, rec: VmRecord) -> None:
+        """A manager listener: when a VM's QEMU goes away, its tunnels end at once (before the
+        transition that stops it is answered), so no edge sends a request into a tunnel to a
+        guest that is gone; the edge's next connect asks the host, which wakes the VM."""
+        if rec.state in GUEST_GOING_AWAY:
+            for writer in self._tunnels.pop(rec.id, ()):
+                writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Each tunnel runs in a task of ours, so stop() can cancel it without asyncio's streams
@@ -142,10 +152,15 @@ class DataPort:
             return
         up_reader, up_writer = await asyncio.open_connection(sock=guest, limit=CHUNK)
         writer.write(b"OK\r\n")
+        tunnels = self._tunnels.setdefault(vm_id, set())
+        tunnels.add(writer)
         try:
             await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
         finally:
             up_writer.close()
+            tunnels.discard(writer)
+            if not tunnels and self._tunnels.get(vm_id) is tunnels:
+                del self._tunnels[vm_id]
 
     def _check(self, line: str) -> tuple[str, int]:
         parts = line.split(" ")

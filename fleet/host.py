@@ -98,6 +98,7 @@ async def start(cfg: Config) -> Host:
     api_port = int(api.addresses[0][1])
     advertised = cfg.cluster.advertise or f"{listen_host}:{api_port}"
     data = DataPort(cfg.cluster.secret, lambda vm_id, port: _reachable(manager, vm_id, port))
+    manager.listeners.append(data.vm_changed)
     data_host, data_port = _split(cfg.cluster.data_listen)
     await data.start(data_host, data_port)
     advertised_host = advertised.rpartition(":")[0]

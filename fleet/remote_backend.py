@@ -56,17 +56,29 @@ class RemoteBackend:
 
     async def ensure_running(self, vm_id: str) -> bool:
         """Ask the VM's host to wake it; the host shares one wake among all edges asking."""
+        placed = self.routes.placed(vm_id)
+        if placed is not None and placed.rec.state is VmState.RUNNING and self.routes.host_up(placed.host_id):
+            return False
+        return await self._wake(vm_id)
+
+    async def confirm_running(self, vm_id: str) -> bool:
+        """The guest could not be reached although the routes say it runs: ask its host, which
+        knows (and wakes it if it was suspended a moment ago, before this edge heard)."""
+        return await self._wake(vm_id)
+
+    async def _wake(self, vm_id: str) -> bool:
+        """POST wake to the VM's host; True when the VM's generation moved (it was woken)."""
         placed = self.routes.placed(vm_id) or await self.routes.reload(vm_id)
         if placed is None:
             raise NotFound(f"VM {vm_id!r} does not exist")
         if not self.routes.host_up(placed.host_id):
             await self.routes.refresh_hosts()  # before a 503, make sure the news is not just late
         host = self.routes.reachable_host(placed)
-        if placed.rec.state is VmState.RUNNING:
-            return False
+        before = placed.rec.generation
         woke = await self.hosts.call(host.id, host.address, "POST", f"/v1/vms/{vm_id}/wake")
-        self.routes.set_state(vm_id, VmState(woke["state"]), float(woke["state_changed_at"]))
-        return True
+        generation = int(woke["generation"])
+        self.routes.set_state(vm_id, VmState(woke["state"]), float(woke["state_changed_at"]), generation)
+        return generation != before
 
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
         if self.direct and netns.exists(vm_id):

@@ -78,7 +78,8 @@ class RouteTable:
             self._put(vm_id, fresh.get(vm_id))
 
     def _put(self, vm_id: str, placed: PlacedVm | None) -> None:
-        """Store a VM's new record; a change of state goes to the listeners (upstreams of a VM gone quiet close)."""
+        """Store a VM's new record; a change of state or generation goes to the listeners
+        (upstreams of a VM gone quiet, or of an earlier generation, close)."""
         before = self._vms.get(vm_id)
         if before is not None and placed is not None and placed.rec.state_changed_at < before.rec.state_changed_at:
             return  # older than what this edge knows (a reload overtaken by a wake it asked for)
@@ -86,7 +87,11 @@ class RouteTable:
             self._vms.pop(vm_id, None)
         else:
             self._vms[vm_id] = placed
-        if before is not None and (placed is None or placed.rec.state is not before.rec.state):
+        if before is not None and (
+            placed is None
+            or placed.rec.state is not before.rec.state
+            or placed.rec.generation != before.rec.generation
+        ):
             gone = placed.rec if placed is not None else replace(before.rec, state=VmState.TERMINATED)
             for listener in self.listeners:
                 listener(gone)
@@ -139,11 +144,12 @@ class RouteTable:
     def hosts(self) -> list[HostRecord]:
         return list(self._hosts.values())
 
-    def set_state(self, vm_id: str, state: VmState, changed_at: float) -> None:
+    def set_state(self, vm_id: str, state: VmState, changed_at: float, generation: int) -> None:
         """What this edge just made true (a wake it asked for), before the catalog's feed says so."""
         placed = self._vms.get(vm_id)
         if placed is not None and changed_at >= placed.rec.state_changed_at:
-            placed.rec.state, placed.rec.state_changed_at = state, changed_at
+            rec = placed.rec
+            rec.state, rec.state_changed_at, rec.generation = state, changed_at, generation
 
     # ---- keeping it current ------------------------------------------------------------------
 

@@ -374,6 +374,11 @@ class VmManager:
         await asyncio.shield(vm.wake)
         return True
 
+    async def confirm_running(self, vm_id: str) -> bool:
+        """An edge could not reach the guest of a VM it took for running. This manager's view
+        is the VM's own (no catalog in between), so this is ensure_running."""
+        return await self.ensure_running(vm_id)
+
     async def suspend(self, vm_id: str) -> VmRecord:
         """Snapshot to disk and end the QEMU process; its memory is freed."""
         vm = self._vm(vm_id)
@@ -473,6 +478,7 @@ class VmManager:
             await self._run_hook(vm, "suspend")
         self._set(vm, VmState.SUSPENDING)
         try:
+            await netns.cut_guest(vm.rec.id)
             if was is VmState.RUNNING:
                 await self._qmp(vm, "stop")
             assert vm.qmp is not None and vm.proc is not None
@@ -490,6 +496,7 @@ class VmManager:
             if not ignore_shared:
                 size = await self._move_ram_to_own_file(vm, size)
         finally:
+            vm.rec.generation += 1
             self._record(vm, VmState.SUSPENDED)
         log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
 
@@ -503,6 +510,10 @@ class VmManager:
                 self._record(vm, VmState.FAILED, reason=reason)
             return
         self._record(vm, was)
+        try:
+            await netns.uncut_guest(vm.rec.id)
+        except VmmError as exc:
+            log.event("vm.uncut_failed", level="error", vm=vm.rec.id, error=str(exc))
         if was is VmState.RUNNING:
             try:
                 await self._qmp(vm, "cont")
@@ -552,6 +563,7 @@ class VmManager:
         vm_dir = self.vm_dir(vm.rec.id)
         own_file = vm.rec.ram_mode is RamMode.OWN_FILE
         ram = RamBacking(vm_dir / RAM, share=True)
+        vm.rec.generation += 1
         self._set(vm, VmState.RESTORING)
         try:
             snapshot_check.verify(vm_dir / STATE)
@@ -561,13 +573,17 @@ class VmManager:
                 # The stream carries all RAM; it is loaded into a fresh file the VM owns from now on.
                 ram.path.unlink(missing_ok=True)
             tpl = template.load(self.settings, vm.rec.template)
-            if not netns.exists(vm.rec.id):
+            if netns.exists(vm.rec.id):
+                await netns.uncut_guest(vm.rec.id)
+            else:
                 await netns.create(vm.rec.id)
             await self._open_egress(vm)
             await self._start_qemu(vm, tpl, ram, vm_dir / STATE, ignore_shared=own_file, purpose="restore")
         except BaseException as exc:
             await self._stop_qemu(vm)
             await self._close_egress(vm.rec.id)
+            with contextlib.suppress(VmmError):
+                await netns.cut_guest(vm.rec.id)
             if not own_file:
                 ram.path.unlink(missing_ok=True)
             self._record(vm, VmState.SUSPENDED, reason=f"restore failed: {exc}")
@@ -725,6 +741,7 @@ class VmManager:
         vm_id = vm.rec.id
         self._record(vm, VmState.TERMINATING)
         steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
+            ("cut the guest's connections", lambda: netns.cut_guest(vm_id)),
             ("stop QEMU", lambda: self._stop_qemu(vm, f"VM {vm_id} is terminated: {why}")),
             ("end every other QEMU", lambda: self._kill_strays(vm_id, None, qemus_by_name().get(f"mvm-{vm_id}", []))),
             ("stop the egress proxy", lambda: self._close_egress(vm_id)),
@@ -753,6 +770,8 @@ class VmManager:
                 return
             await self._stop_qemu(vm)
             await self._close_egress(vm.rec.id)
+            with contextlib.suppress(VmmError):
+                await netns.cut_guest(vm.rec.id)
             vm_dir = self.vm_dir(vm.rec.id)
             reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}{guest_log_tail(vm_dir, 3)}"
             self._record(vm, VmState.FAILED, reason=reason)
@@ -790,6 +809,8 @@ class VmManager:
                 run_state = None
         if run_state in ("running", "paused", "postmigrate"):
             _remove_snapshot(vm_dir)  # the guest ran on (or may): a snapshot left over no longer matches
+            with contextlib.suppress(VmmError):  # a suspend cut short may have cut its connections
+                await netns.uncut_guest(rec.id)
             await self._open_egress(vm)
             if (vm_dir / OVERLAY).exists():
                 await self._connect_agent(vm)

@@ -31,6 +31,12 @@ class VmState(enum.StrEnum):
     UNAVAILABLE = "unavailable"  # shown by edges while the VM's host misses heartbeats; never stored
 
 
+# States in which the VM's QEMU is going or gone: a connection to its guest would only hang.
+GUEST_GOING_AWAY = frozenset(
+    (VmState.SUSPENDING, VmState.SUSPENDED, VmState.FAILED, VmState.TERMINATING, VmState.TERMINATED)
+)
+
+
 class RamMode(enum.StrEnum):
     """Where a VM's guest RAM lives, which decides how it is snapshotted.
 
@@ -92,6 +98,9 @@ class VmRecord:
     pid: int | None = None
     reason: str | None = None
     state_changed_at: float = 0.0
+    # Bumped at every suspend and every restore: connections to the guest opened in an earlier
+    # generation reached a QEMU that no longer runs, so edges never reuse them.
+    generation: int = 0
 
     def allows_port(self, port: int) -> bool:
         """The app port is always reachable; other ports only through the policy allow-list."""
@@ -109,4 +118,5 @@ class VmRecord:
             "state_changed_at": self.state_changed_at,
             "reason": self.reason,
             "pid": self.pid,
+            "generation": self.generation,
         }

@@ -41,12 +41,16 @@ def ns_name(vm_id: str) -> str:
 
 
 async def _ip(*args: str) -> None:
+    await _run("ip", *args)
+
+
+async def _run(*argv: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     _, err = await proc.communicate()
     if proc.returncode != 0:
-        raise VmmError(f"ip {' '.join(args)} failed: {err.decode().strip()}")
+        raise VmmError(f"{' '.join(argv)} failed: {err.decode().strip()}")
 
 
 async def create(vm_id: str) -> str:
@@ -73,6 +77,32 @@ async def delete(vm_id: str) -> None:
     """Remove the namespace (and with it the tap). Missing namespaces are fine."""
     if (NETNS_DIR / ns_name(vm_id)).exists():
         await _ip("netns", "delete", ns_name(vm_id))
+
+
+async def cut_guest(vm_id: str) -> None:
+    """The guest is about to stop running (suspend, failure, delete): no connection to it
+    may outlive that QEMU, wherever it was opened from.
+
+    An unreachable route makes every new connect fail at once (an edge with a stale view
+    asks the VM's host and retries, instead of waiting on a guest that is gone), and every
+    TCP socket to the guest is destroyed (SOCK_DESTROY), so an edge that pooled one, in this
+    process or another, finds it dead before it could write a request on it.
+    """
+    name = ns_name(vm_id)
+    if not (NETNS_DIR / name).exists():
+        return
+    await _ip("-n", name, "route", "replace", "unreachable", f"{GUEST_IP}/32")
+    await _run("nsenter", f"--net={NETNS_DIR / name}", "ss", "-K", "-t", "-n", "dst", GUEST_IP)
+
+
+async def uncut_guest(vm_id: str) -> None:
+    """The guest runs again (restored, or a suspend was undone): connections reach it again."""
+    name = ns_name(vm_id)
+    try:
+        await _ip("-n", name, "route", "del", "unreachable", f"{GUEST_IP}/32")
+    except VmmError as exc:
+        if "No such process" not in str(exc):  # the route was not there: nothing to undo
+            raise
 
 
 def exists(vm_id: str) -> bool:

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS vms (
     state_changed_at REAL NOT NULL,
     ram_mode TEXT NOT NULL,
     pid INTEGER,
-    reason TEXT
+    reason TEXT,
+    generation INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS processes (
     pid INTEGER PRIMARY KEY,
@@ -62,6 +63,9 @@ class Registry:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(vms)")}
+        if "generation" not in columns:  # a registry written before VM generations
+            self.db.execute("ALTER TABLE vms ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()

@@ -40,12 +40,14 @@ class FakeBackend:
         self.vms: dict[str, VmRecord] = {}
         self.targets: dict[tuple[str, int], int] = {}
         self.ensure_calls = 0
+        self.confirm_calls = 0
         self.opened = 0
         self.touches: Counter[str] = Counter()
         self.wake_gate: asyncio.Event | None = None  # a wake waits for it when set
         self.wake_delay = 0.0
         self.wake_error: Exception | None = None
         self.connect_delay = 0.0
+        self.unreachable: set[str] = set()  # VMs whose host knows better: connects fail until confirm_running
 
     def add_vm(self, vm_id: str, target: int, *, app_port: int = 8080, state: VmState = VmState.RUNNING,
                ports: tuple[int, ...] = ()) -> VmRecord:  # fmt: skip
@@ -71,9 +73,18 @@ class FakeBackend:
         rec.state = VmState.RUNNING
         return True
 
+    async def confirm_running(self, vm_id: str) -> bool:
+        self.confirm_calls += 1
+        if vm_id in self.unreachable:  # the host had suspended it; this wake brings it back
+            self.unreachable.discard(vm_id)
+            return True
+        return await self.ensure_running(vm_id)
+
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
         self.opened += 1
         await asyncio.sleep(self.connect_delay)
+        if vm_id in self.unreachable:
+            raise OSError(113, "No route to host")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:

@@ -68,7 +68,7 @@ def test_routes_keep_the_newer_of_a_wake_and_an_older_reload() -> None:
     routes.listeners.append(lambda rec: seen.append(rec.state))
     rec = VmRecord("vabc", "demo", VmState.SUSPENDED, Policy(), 8080, 1.0, 1.0, state_changed_at=10.0)
     routes._put("vabc", PlacedVm("h1", rec))
-    routes.set_state("vabc", VmState.RUNNING, 20.0)
+    routes.set_state("vabc", VmState.RUNNING, 20.0, 1)
     routes._put("vabc", PlacedVm("h1", replace(rec)))  # news from before the wake
     placed = routes.placed("vabc")
     assert placed is not None and placed.rec.state is VmState.RUNNING

@@ -377,8 +377,9 @@ async def test_control_host_is_spliced_to_the_unix_socket(upstream: Upstream) ->
             await runner.cleanup()
 
 
-async def test_retry_once_when_a_pooled_connection_was_closed_by_the_vm() -> None:
-    """A guest closing an idle keep-alive connection as it is reused is not a 502."""
+async def test_a_pooled_connection_the_guest_closed_is_not_reused() -> None:
+    """A guest that closes each connection after its answer: the edge sees the pooled one is
+    no longer established and opens a new one, so no request is lost or sent twice."""
     served: list[int] = []
 
     async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -386,15 +387,61 @@ async def test_retry_once_when_a_pooled_connection_was_closed_by_the_vm() -> Non
         served.append(1)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        await reader.readuntil(b"\r\n\r\n")  # the next request on this connection: close instead
         writer.close()
 
     async with edge_over_raw(one_answer_per_connection) as edge:
         c = await edge.connect()
         for _ in range(3):
             assert (await c.get("/", edge.host(), {"Authorization": f"Bearer {edge.token()}"})).body == b"ok"
-        assert len(served) == 3
+        assert len(served) == 3 and edge.backend.opened == 3
         c.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_request_the_guest_read_on_a_pooled_connection_is_not_sent_twice(method: str) -> None:
+    """The guest read the request on a reused connection and closed without answering: it may
+    have run it, so the edge answers 502 instead of sending it again, whatever the method."""
+    heads: list[bytes] = []
+
+    async def closes_after_reading_the_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    async with edge_over_raw(closes_after_reading_the_second) as edge:
+        c = await edge.connect()
+        auth = {"Authorization": f"Bearer {edge.token()}"}
+        assert (await c.get("/", edge.host(), auth)).body == b"ok"
+        await c.send(
+            f"{method} /again HTTP/1.1\r\nHost: {edge.host()}\r\nAuthorization: Bearer {edge.token()}\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        resp = await c.response()
+        assert resp.status == 502 and "without answering" in resp.json()["message"]
+        assert [h.split(b" ", 2)[:2] for h in heads] == [[b"GET", b"/"], [method.encode(), b"/again"]]
+        assert edge.backend.opened == 1
+        c.close()
+
+
+async def test_a_pooled_connection_of_an_earlier_generation_is_not_used(upstream: Upstream) -> None:
+    """After a suspend and restore the VM's generation moved on: connections opened before
+    reached the QEMU that is gone, so a request goes on a new one."""
+    backend = FakeBackend()
+    rec = backend.add_vm(VM, upstream.port)
+    edge = await start_edge(backend)
+    try:
+        c = await edge.connect()
+        auth = {"Authorization": f"Bearer {edge.token()}"}
+        assert (await c.get("/echo", edge.host(), auth)).status == 200
+        assert edge.ctx.pool.idle_count(VM) == 1 and backend.opened == 1
+        rec.generation += 2
+        assert (await c.get("/echo", edge.host(), auth)).status == 200
+        assert backend.opened == 2
+        c.close()
+    finally:
+        await edge.close()
 
 
 async def test_head_trickling_in_is_bounded(edge: Edge) -> None:

@@ -83,15 +83,16 @@ def test_a_request_body_ends_once() -> None:
     assert ex.body_state is BodyState.DONE and ex.body is None
 
 
-def test_only_an_idempotent_request_on_a_pooled_connection_is_retried() -> None:
+def test_only_an_idempotent_request_on_a_fresh_connection_is_sent_again_once() -> None:
     ex = _admitted()
-    assert not ex.retryable(), "a new connection closing is not the keep-alive race"
-    ex.reused = True
-    assert ex.retryable()
+    assert ex.retryable(), "a GET whose new connection ended unanswered may go once more"
+    ex.resent = True
+    assert not ex.retryable(), "at most once"
+    pooled = _admitted()
+    pooled.reused = True
+    assert not pooled.retryable(), "a pooled connection was checked before use: the guest may have run it"
     assert not _admitted(b"POST").retryable()
-    with_body = _admitted(b"PUT", has_body=True)
-    with_body.reused = True
-    assert not with_body.retryable()
+    assert not _admitted(b"PUT", has_body=True).retryable()
 
 
 def test_a_connection_only_moves_down_its_list() -> None:

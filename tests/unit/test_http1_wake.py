@@ -168,6 +168,26 @@ async def test_refused_connection_is_502() -> None:
         await edge.close()
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_connect_that_fails_asks_the_vms_owner_and_tries_once_more(upstream: Upstream, method: str) -> None:
+    """The edge took the VM for running but its host had just suspended it: the connect fails
+    before anything was sent, so the edge asks (which wakes it) and connects again."""
+    edge = await _edge(upstream.port, state=VmState.RUNNING)
+    edge.backend.unreachable.add(VM)
+    try:
+        c = await edge.connect()
+        await c.send(
+            f"{method} /echo HTTP/1.1\r\nHost: {edge.host()}\r\nAuthorization: Bearer {edge.token()}\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        resp = await c.response()
+        assert resp.status == 200
+        assert edge.backend.confirm_calls == 1 and edge.backend.opened == 2
+        c.close()
+    finally:
+        await edge.close()
+
+
 async def test_connect_timeout_is_504(upstream: Upstream) -> None:
     edge = await _edge(upstream.port, state=VmState.RUNNING, connect_timeout=0.1)
     edge.backend.connect_delay = 5

@@ -50,10 +50,10 @@ async def test_release_and_acquire_newest_first(listener: tuple[int, list]) -> N
     pool.release(a, _now())
     pool.release(b, _now())
     assert pool.idle_count(VM) == 2
-    assert pool.acquire(VM, 8080, _now()) is b
-    assert pool.acquire(VM, 8080, _now()) is a
-    assert pool.acquire(VM, 8080, _now()) is None
-    assert pool.acquire(VM, 9999, _now()) is None
+    assert pool.acquire(VM, 8080, _now(), 0) is b
+    assert pool.acquire(VM, 8080, _now(), 0) is a
+    assert pool.acquire(VM, 8080, _now(), 0) is None
+    assert pool.acquire(VM, 9999, _now(), 0) is None
     pool.close()
 
 
@@ -79,7 +79,7 @@ async def test_idle_connections_expire(listener: tuple[int, list]) -> None:
     pool = UpstreamPool(per_vm=4, idle_timeout=0.1)
     a, b = await _conns(pool, listener[0], 2)
     pool.release(a, _now() - 1)  # idle for a second already
-    assert pool.acquire(VM, 8080, _now()) is None
+    assert pool.acquire(VM, 8080, _now(), 0) is None
     assert a.closed
     pool.release(b, _now())
     await _until(lambda: b.closed)  # the sweep closes it

@@ -68,6 +68,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE TABLE templates (name TEXT NOT NULL, host_id TEXT NOT NULL, PRIMARY KEY (name, host_id))",
         ),
     ),
+    Migration(
+        3,
+        "VM generations (bumped at every suspend and restore)",
+        sqlite=("ALTER TABLE vms ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",),
+        postgres=("ALTER TABLE vms ADD COLUMN generation BIGINT NOT NULL DEFAULT 0",),
+    ),
 )
 
 

@@ -22,6 +22,7 @@ RECORD_FIELDS = (
     "ram_mode",
     "pid",
     "reason",
+    "generation",
 )  # what `record_values` gives, in order; a VM's id and host are not part of its record
 RECORD_COLUMNS = ", ".join(RECORD_FIELDS)
 VM_COLUMNS = f"id, host_id, {RECORD_COLUMNS}"
@@ -41,6 +42,7 @@ def record_values(rec: VmRecord) -> tuple[Any, ...]:
         rec.ram_mode.value,
         rec.pid,
         rec.reason,
+        rec.generation,
     )
 
 
@@ -58,6 +60,7 @@ def record_from(vm_id: str, values: Sequence[Any]) -> VmRecord:
         ram_mode=RamMode(values[7]),
         pid=values[8],
         reason=values[9],
+        generation=values[10],
     )
 
 

@@ -76,7 +76,8 @@ def migrate(db: sqlite3.Connection, upto: int | None = None) -> tuple[int, ...]:
         steps = pending(current, upto)
         for step in steps:
             for statement in step.sqlite:
-                db.execute(statement)
+                if not _adds_existing_column(db, statement):
+                    db.execute(statement)
             db.execute(
                 "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
                 (step.version, step.name, time.time()),
@@ -84,6 +85,15 @@ def migrate(db: sqlite3.Connection, upto: int | None = None) -> tuple[int, ...]:
     for step in steps:
         log.event("catalog.migrated", backend="sqlite", version=step.version, name=step.name)
     return tuple(step.version for step in steps)
+
+
+def _adds_existing_column(db: sqlite3.Connection, statement: str) -> bool:
+    """An `ALTER TABLE t ADD COLUMN c ...` whose column is there already: a registry file
+    being adopted has its newer columns (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+    words = statement.split()
+    if [w.upper() for w in words[:2]] != ["ALTER", "TABLE"] or [w.upper() for w in words[3:5]] != ["ADD", "COLUMN"]:
+        return False
+    return words[5] in {row[1] for row in db.execute(f"PRAGMA table_info({words[2]})")}
 
 
 async def open_sqlite(path: Path, upto: int | None = None) -> SqliteCatalog:
@@ -176,7 +186,7 @@ class SqliteCatalog:
         try:
             await self._change_vm(
                 rec.id,
-                f"INSERT INTO vms ({VM_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO vms ({VM_COLUMNS}) VALUES ({','.join('?' * (2 + len(RECORD_FIELDS)))})",
                 (rec.id, host_id, *record_values(rec)),
             )
         except sqlite3.IntegrityError:
