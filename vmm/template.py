@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -45,8 +46,9 @@ BASE_DISK = "disk.base"
 
 
 def template_ns(name: str) -> str:
-    """Namespace id used while a template boots (removed once it is snapshotted)."""
-    return f"tpl-{name}"
+    """Namespace id used while a template boots (removed once it is snapshotted). Unique per boot:
+    managers on other state directories may be making a template of the same name right now."""
+    return f"tpl-{name}-{secrets.token_hex(3)}"
 
 
 def load(settings: VmmSettings, name: str) -> Template:
@@ -128,8 +130,9 @@ async def create(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    ns_id = template_ns(name)
     spec = MachineSpec(
-        name=f"mvm-{template_ns(name)}",
+        name=f"mvm-{ns_id}",
         kernel=work / "vmlinuz",
         initrd=work / "initrd.img",
         cmdline=image.cmdline,
@@ -138,7 +141,6 @@ async def create(
         accel=accel,
         has_disk=disk is not None,
     )
-    ns_id = template_ns(name)
     started = time.monotonic()
     proc: QemuProcess | None = None
     try:

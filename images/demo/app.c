@@ -8,7 +8,8 @@
  * is chunked. State that must survive suspend/restore lives in guest memory: a
  * counter in a MAP_SHARED page that every forked child updates atomically.
  *
- * Endpoints: / and /state, /healthz, /headers, /download, /upload, /sse, /slow, /ws
+ * Endpoints: / and /state (GET and POST / count: each request the app runs adds one), /healthz,
+ * /headers, /download, /upload, /sse, /slow, /ws
  * (HEAD is accepted on /healthz and /headers only; other methods on a known path get 405).
  * Build: gcc -static -O2 -o app app.c
  */
@@ -783,7 +784,8 @@ static const struct {
     const char *path, *method;
     enum route route;
 } routes[] = {
-    {"/", "GET", R_STATE},           {"/state", "GET", R_STATE},     {"/healthz", "GET", R_HEALTH},
+    {"/", "GET", R_STATE},           {"/", "POST", R_STATE},         {"/state", "GET", R_STATE},
+    {"/healthz", "GET", R_HEALTH},
     {"/headers", "GET", R_HEADERS},  {"/download", "GET", R_DOWNLOAD}, {"/upload", "POST", R_UPLOAD},
     {"/sse", "GET", R_SSE},          {"/slow", "GET", R_SLOW},       {"/ws", "GET", R_WS},
 };
@@ -792,7 +794,8 @@ static const struct {
 static int handle(struct conn *c, struct request *r) {
     int found = -1;
     for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
-        if (strcmp(r->path, routes[i].path) == 0) found = (int)i;
+        if (strcmp(r->path, routes[i].path) == 0 && (found < 0 || strcmp(r->method, routes[i].method) == 0))
+            found = (int)i;
     int ok = found >= 0 && strcmp(r->method, routes[found].method) == 0;
     /* HEAD only where a GET has no side effect and no streamed body (readiness probes) */
     if (head_only && found >= 0 && (routes[found].route == R_HEALTH || routes[found].route == R_HEADERS)) ok = 1;

@@ -87,7 +87,8 @@ def settings(session_root: Path, template_dir: Path, request: pytest.FixtureRequ
             asyncio.run(netns.delete(vm_dir.name))
         leaked = set(netns.list_project_namespaces()) - namespaces_before
         for name in leaked:
-            asyncio.run(netns.delete(name.removeprefix("mvm-")))
+            if not _in_use(name):  # one with a live QEMU in it belongs to a test of another run, started meanwhile
+                asyncio.run(netns.delete(name.removeprefix("mvm-")))
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -102,6 +103,19 @@ async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
         for rec in list(mgr.list_vms()):
             await mgr.delete(rec.id)
         await mgr.close()
+
+
+def _in_use(namespace: str) -> bool:
+    """Whether a process runs in the named network namespace (this test's QEMUs are killed by then)."""
+    try:
+        inode = (netns.NETNS_DIR / namespace).stat().st_ino
+    except FileNotFoundError:
+        return False
+    for ns in Path("/proc").glob("[0-9]*/ns/net"):
+        with contextlib.suppress(OSError):
+            if ns.stat().st_ino == inode:
+                return True
+    return False
 
 
 def _kill_qemus(root: Path) -> None:

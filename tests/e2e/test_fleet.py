@@ -235,3 +235,38 @@ async def test_exec_logs_and_shell_through_fleet_edges(
                 assert b"shell-5" in seen
                 assert msg.type == aiohttp.WSMsgType.TEXT and orjson.loads(msg.data) == {"exit_code": 3}
         await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
+
+
+SUSPEND_THEN_REQUEST_CYCLES = 100
+
+
+async def _suspend_then_request(clients: list[EdgeClient], vm_id: str, token: str) -> None:
+    """Suspend, then at once one request (GET and POST in turn, over each edge in turn): every one
+    is answered 200 and runs exactly once in the guest (the demo counts both), never twice."""
+    auth = f"Authorization: Bearer {token}\r\n"
+    expected = await clients[0].counter(vm_id, token)
+    for cycle in range(SUSPEND_THEN_REQUEST_CYCLES):
+        await clients[cycle % len(clients)].api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
+        method = ("GET", "POST")[cycle % 2]
+        client = clients[(cycle // 2) % len(clients)]
+        status, _, body = await client.request(f"{vm_id}.{DOMAIN}", method, "/", auth)
+        expected += 1
+        assert (status, orjson.loads(body)["counter"] if status == 200 else body) == (200, expected), (cycle, method)
+
+
+async def test_a_request_right_after_a_suspend_runs_once_with_workers(settings: VmmSettings, tmp_path: Path) -> None:
+    async with _serve_workers(settings, tmp_path) as (_, client):
+        vm = await client.api("POST", "/v1/vms", {}, status=201)
+        token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
+        for _ in range(4):  # both workers pool a connection to the guest
+            await client.counter(vm["id"], token)
+        await _suspend_then_request([client], vm["id"], token)
+
+
+async def test_a_request_right_after_a_suspend_runs_once_in_a_fleet(pg_fleet: Fleet) -> None:
+    edge_a = pg_fleet.clients[0]
+    vm = await edge_a.api("POST", "/v1/vms", {"host": "h2"}, status=201)
+    token = (await edge_a.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
+    for client in pg_fleet.clients:  # both edges pool a connection: A in the VM's namespace, B through h2's data port
+        await client.counter(vm["id"], token)
+    await _suspend_then_request(pg_fleet.clients, vm["id"], token)
