@@ -26,7 +26,7 @@ from typing import Any
 from qemu.qmp.error import QMPError
 
 from . import accel as accel_mod
-from . import capacity, disks, faults, netns, snapshot_check, template
+from . import capacity, disks, faults, lifecycle, netns, snapshot_check, template
 from . import qmp as qmp_ops
 from .agent import Agent, AgentError, Exec, load_key
 from .applog import AppLog
@@ -815,18 +815,19 @@ class VmManager:
             if (vm_dir / OVERLAY).exists():
                 await self._connect_agent(vm)
         if run_state == "running":
-            self._record(vm, VmState.RUNNING)
+            self._record(vm, VmState.RUNNING, recovered=True)
         elif run_state in ("paused", "postmigrate"):
             why = None if was in _LIVE else f"manager restarted during {was.value}"
-            self._record(vm, VmState.PAUSED, reason=why)
+            self._record(vm, VmState.PAUSED, reason=why, recovered=True)
         elif rec.state in (VmState.SUSPENDED, VmState.FAILED):
             pass
         else:
             await self._stop_qemu(vm)
             if was in (VmState.RESTORING, VmState.SUSPENDING) and snapshot_kept:
-                self._record(vm, VmState.SUSPENDED, reason=f"manager restarted during {was.value}")
+                self._record(vm, VmState.SUSPENDED, reason=f"manager restarted during {was.value}", recovered=True)
             else:
-                self._record(vm, VmState.FAILED, reason=f"QEMU was gone when the manager restarted ({was.value})")
+                reason = f"QEMU was gone when the manager restarted ({was.value})"
+                self._record(vm, VmState.FAILED, reason=reason, recovered=True)
         log.event("vm.recovered", vm=rec.id, state=vm.rec.state.value, adopted=run_state is not None, was=was.value)
 
     # ---- helpers ------------------------------------------------------------------------
@@ -851,7 +852,9 @@ class VmManager:
             raise VmFailed(f"QMP {command} on VM {vm.rec.id} failed: {exc}") from exc
 
     def _set(self, vm: _Vm, state: VmState, reason: str | None = None) -> None:
-        """Make a transition: recorded first; if the registry cannot take it, it is undone in memory too."""
+        """Make a transition (checked against the lifecycle table): recorded first; if the registry
+        cannot take it, it is undone in memory too."""
+        lifecycle.check(vm.rec.state, state)
         before = (vm.rec.state, vm.rec.reason, vm.rec.state_changed_at)
         vm.rec.state, vm.rec.reason, vm.rec.state_changed_at = state, reason, time.time()
         try:
@@ -864,9 +867,11 @@ class VmManager:
             ) from exc
         self._notify(vm.rec)
 
-    def _record(self, vm: _Vm, state: VmState, reason: str | None = None) -> None:
+    def _record(self, vm: _Vm, state: VmState, reason: str | None = None, recovered: bool = False) -> None:
         """Record what already happened (QEMU is gone, a snapshot is complete): it stays true in memory
-        even if the registry write fails, and the flusher writes it once it can."""
+        even if the registry write fails, and the flusher writes it once it can. Checked against the
+        lifecycle table; `recovered`: what recovery found after a restart, whatever the record said."""
+        lifecycle.check(vm.rec.state, state, recovered)
         vm.rec.state, vm.rec.reason, vm.rec.state_changed_at = state, reason, time.time()
         try:
             self._store(vm)
