@@ -31,7 +31,8 @@ from pathlib import Path
 import uvloop
 
 from edge import app
-from edge.config import Config, ProxyConfig, load_config
+from edge.config import Config, load_config
+from edge.proxy_context import ProxySettings
 from edge.tls import make_dev_cert
 from vmm import netns, probe
 from vmm.image import Readiness
@@ -179,7 +180,7 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
             f"{PROXY_CORE} (1 nginx worker, or the edge's protocol in its own uvloop process); the upstream "
             f"on core {LOAD_CORE}, on core {PROXY_CORE} for the direct row. Every row sends the same Host and "
             f"Bearer token; the edge verifies it per request. Both proxies keep up to {keepalive} idle upstream "
-            f"connections (`--keepalive`; the edge's default per VM is {ProxyConfig().upstream_keepalive_per_vm}). "
+            f"connections (`--keepalive`; the edge's default per VM is {ProxySettings().upstream_keepalive_per_vm}). "
             f"{rounds} interleaved rounds: req/s, p50 and p99 are medians over rounds, the range shows the noise.",
             "",
             table(["path", "req/s", "req/s range", "p50 ms", "p99 ms", "errors", "vs nginx"], rows),
@@ -376,7 +377,7 @@ def main() -> None:
     parser.add_argument(
         "--keepalive",
         type=int,
-        default=ProxyConfig().upstream_keepalive_per_vm,
+        default=ProxySettings().upstream_keepalive_per_vm,
         help="idle upstream connections each proxy keeps in section 1 (default: the edge's own default)",
     )
     parser.add_argument("--wakes", type=int, default=20, help="suspend/wake cycles of section 3")

@@ -24,7 +24,6 @@ server.drain_timeout, then the manager's shutdown runs.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import resource
 import signal
 import socket
@@ -51,7 +50,7 @@ from .egress_proxy import EgressProxies
 from .hosts import HostRouter
 from .http1 import make_protocol_factory
 from .metrics import Metrics
-from .proxy_context import ProxyContext, ProxySettings
+from .proxy_context import ProxyContext
 from .tls import server_context
 from .tokens import TokenService
 from .upstream import UpstreamPool
@@ -199,28 +198,7 @@ def proxy_context(
         pool=UpstreamPool(cfg.proxy.upstream_keepalive_per_vm, cfg.proxy.upstream_keepalive_idle),
         control_socket=control_socket,
         control_auth=f"Bearer {cfg.server.admin_key}".encode(),
-        settings=proxy_settings(cfg),
-    )
-
-
-def proxy_settings(cfg: Config) -> ProxySettings:
-    """The data plane's limits from [proxy] (and the scheme from [server])."""
-    p = cfg.proxy
-    return ProxySettings(
-        connect_timeout=p.connect_timeout,
-        read_timeout=p.read_timeout,
-        wake_timeout=p.wake_timeout,
-        max_held_per_vm=p.max_held_per_vm,
-        retry_after=p.retry_after,
-        idle_timeout=p.idle_timeout,
-        max_head_size=p.max_head_size,
-        max_headers=p.max_headers,
-        body_timeout=p.body_timeout,
-        body_min_rate=p.body_min_rate,
-        body_rate_grace=p.body_rate_grace,
-        max_connections_per_ip=p.max_connections_per_ip,
-        forwarded_proto="https" if cfg.server.tls else "http",
-        trusted_proxies=tuple(ipaddress.ip_network(n, strict=False) for n in p.trusted_proxies),
+        settings=cfg.proxy,
     )
 
 

@@ -19,6 +19,7 @@ from vmm.errors import InvalidRequest
 from vmm.policy import Policy
 from vmm.settings import VmmSettings
 
+from .proxy_context import ProxySettings
 from .tokens import ALGORITHMS, MIN_SECRET_BYTES, SigningKey, TokenService
 
 if TYPE_CHECKING:
@@ -50,25 +51,6 @@ class ServerConfig:
     rlimit_nofile: int = 65536  # soft RLIMIT_NOFILE wanted at start (capped by the hard limit); 0: leave it
     drain_timeout: float = 10.0  # on SIGTERM: how long requests in flight may take to finish
     workers: int = 0  # edge worker processes (SO_REUSEPORT); 0: one per core; 1: serve in one process
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    connect_timeout: float = 5.0
-    read_timeout: float = 300.0
-    wake_timeout: float = 30.0
-    max_held_per_vm: int = 256
-    upstream_keepalive_per_vm: int = 32
-    upstream_keepalive_idle: float = 30.0
-    retry_after: int = 2
-    idle_timeout: float = 75.0
-    max_head_size: int = 64 * 1024
-    max_headers: int = 100
-    body_timeout: float = 300.0
-    body_min_rate: int = 0
-    body_rate_grace: float = 10.0
-    max_connections_per_ip: int = 256
-    trusted_proxies: tuple[str, ...] = ()  # clients whose X-Forwarded-For is kept (appended to), as IPs or CIDRs
 
 
 @dataclass(frozen=True)
@@ -126,7 +108,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig
-    proxy: ProxyConfig
+    proxy: ProxySettings
     tokens: TokensConfig
     vmm: VmmSettings
     reaper: ReaperConfig
@@ -164,16 +146,17 @@ def _seconds_or_zero(value: Any, key: str) -> float:
     return float(value)
 
 
-def _networks(value: Any, key: str) -> tuple[str, ...]:
-    """A list of IP addresses or CIDR networks, each checked now."""
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+def _networks(value: Any, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of IP addresses or CIDR networks (already parsed: a loaded config's are networks)."""
+    if not isinstance(value, list | tuple):
         raise _fail(key, "a list of IP addresses or networks such as \"10.0.0.0/8\"", value)
+    networks = []
     for item in value:
         try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except (TypeError, ValueError):
             raise _fail(key, "a list of IP addresses or networks such as \"10.0.0.0/8\"", item) from None
-    return tuple(value)
+    return tuple(networks)
 
 
 def _text(value: Any, key: str) -> str:
@@ -345,7 +328,10 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(str(e)) from None
     return Config(
         server=server,
-        proxy=_section(_table(data, "proxy"), "proxy", ProxyConfig(), _PROXY),
+        proxy=replace(
+            _section(_table(data, "proxy"), "proxy", ProxySettings(), _PROXY),
+            forwarded_proto="https" if server.tls else "http",
+        ),
         tokens=tokens,
         vmm=replace(vmm, default_policy=policy),
         reaper=_section(_table(data, "reaper"), "reaper", ReaperConfig(), _REAPER),

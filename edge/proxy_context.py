@@ -29,14 +29,16 @@ def count_down(counts: dict[K, int], key: K) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
-    """Limits of the data plane; times in seconds."""
+    """The data plane's knobs: what [proxy] holds (loaded by edge.config), times in seconds."""
 
     connect_timeout: float = 5.0
     read_timeout: float = 300.0  # from request sent to response head
     wake_timeout: float = 30.0
     max_held_per_vm: int = 256
+    upstream_keepalive_per_vm: int = 32  # idle guest connections kept per VM
+    upstream_keepalive_idle: float = 30.0  # seconds an idle guest connection is kept
     retry_after: int = 2
-    forwarded_proto: str = "https"
+    forwarded_proto: str = "https"  # not a [proxy] key: from server.tls
     idle_timeout: float = 75.0  # a client between requests, sending a head, or pausing a body
     max_head_size: int = 64 * 1024
     max_headers: int = 100
