@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import ssl
 import sys
 import termios
 import tty
@@ -27,6 +26,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from microvm_edge import AsyncClient
+from microvm_edge.errors import ApiError
 from vmm.errors import VmmError
 
 from .config import Config, ConfigError, load_config
@@ -376,54 +377,41 @@ def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     return asyncio.run(_call(_config(args), method, path, body))
 
 
-def _endpoint(cfg: Config, path: str) -> tuple[str, ssl.SSLContext | bool, dict[str, str]]:
-    """URL (loopback address), TLS context and headers (control host name, admin key) for a control API call."""
+def _client(cfg: Config) -> AsyncClient:
+    """The SDK's client for the configured server: its loopback address, control host name and admin key."""
     server = cfg.server
     host = "127.0.0.1" if server.listen_host in ("0.0.0.0", "::") else server.listen_host
-    scheme = "https" if server.tls else "http"
-    ssl_ctx: ssl.SSLContext | bool = False
-    if server.tls:
-        if not server.tls_cert.exists():
-            raise CliError(f"server.tls_cert {server.tls_cert} is missing: run `mvm dev-cert`")
-        ssl_ctx = ssl.create_default_context(cafile=str(server.tls_cert))
-    headers = {"Host": server.control_host, "Authorization": f"Bearer {server.admin_key}"}
-    return f"{scheme}://{host}:{server.listen_port}{path}", ssl_ctx, headers
+    if server.tls and not server.tls_cert.exists():
+        raise CliError(f"server.tls_cert {server.tls_cert} is missing: run `mvm dev-cert`")
+    return AsyncClient(
+        f"{'https' if server.tls else 'http'}://{host}:{server.listen_port}",
+        server.admin_key,
+        control_host=server.control_host,
+        cafile=str(server.tls_cert) if server.tls else None,
+    )
 
 
 @contextlib.asynccontextmanager
 async def _request(
     cfg: Config, method: str, path: str, body: Any, timeout: float | None = 300, data: Any = None
 ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """One control API request to the configured server (loopback address, control host name)."""
-    server = cfg.server
-    url, ssl_ctx, headers = _endpoint(cfg, path)
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), read_bufsize=1 << 21) as session,
-            session.request(
-                method,
-                url,
-                data=orjson.dumps(body) if body is not None else data,
-                headers=headers,
-                ssl=ssl_ctx,
-                server_hostname=server.control_host if server.tls else None,
-            ) as resp,
-        ):
-            if resp.status >= 400:
-                raw = await resp.read()
-                try:
-                    data = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    data = None
-                message = data.get("message") if isinstance(data, dict) else raw.decode(errors="replace").strip()
-                raise CliError(f"{method} {path}: HTTP {resp.status}: {message}")
-            yield resp
-    except aiohttp.ClientConnectorError as exc:
-        raise CliError(f"cannot reach the control API at {url}: is `mvm serve` running? ({exc.strerror})") from exc
-    except aiohttp.ClientError as exc:
-        raise CliError(f"control API call {method} {path} failed: {exc}") from exc
+    """One control API request through the SDK; its errors become one-line CLI messages."""
+    async with _client(cfg) as client:
+        try:
+            async with client.request(
+                method, path, orjson.dumps(body) if body is not None else data, timeout=timeout
+            ) as resp:
+                yield resp
+        except ApiError as exc:
+            raise _cli_error(client, f"{method} {path}", exc) from None
+        except aiohttp.ClientError as exc:
+            raise CliError(f"control API call {method} {path} failed: {exc}") from exc
+
+
+def _cli_error(client: AsyncClient, what: str, exc: ApiError) -> CliError:
+    if exc.status == 0:
+        return CliError(f"cannot reach the control API at {client.url}: is `mvm serve` running? ({exc.message})")
+    return CliError(f"{what}: HTTP {exc.status}: {exc.message}")
 
 
 async def _call(cfg: Config, method: str, path: str, body: Any, data: Any = None) -> Any:
@@ -515,16 +503,13 @@ async def _run_shell(cfg: Config, vm_id: str, user: str) -> int:
     fd = sys.stdin.fileno()
     interactive = sys.stdin.isatty()
     cols, rows = shutil.get_terminal_size() if interactive else (80, 24)
-    url, ssl_ctx, headers = _endpoint(cfg, f"/v1/vms/{vm_id}/shell?cols={cols}&rows={rows}&user={user}")
+    path = f"/v1/vms/{vm_id}/shell?cols={cols}&rows={rows}&user={user}"
+    client = _client(cfg)
     loop = asyncio.get_running_loop()
     saved = termios.tcgetattr(fd) if interactive else None
     code = 1
     try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.ws_connect(url, headers=headers, ssl=ssl_ctx,
-                               server_hostname=cfg.server.control_host if cfg.server.tls else None) as ws,
-        ):  # fmt: skip
+        async with client, client.websocket(path) as ws:
             outbox: asyncio.Queue[bytes | str] = asyncio.Queue()  # keystrokes and resizes, in order
             if interactive:
                 tty.setraw(fd)
@@ -559,10 +544,8 @@ async def _run_shell(cfg: Config, vm_id: str, user: str) -> int:
                         print(f"\r\nmvm: shell: {end['error']}", file=sys.stderr)
                     code = int(end.get("exit_code", 1))
             sender.cancel()
-    except aiohttp.WSServerHandshakeError as exc:
-        raise CliError(f"shell of VM {vm_id}: HTTP {exc.status}: {exc.message}") from None
-    except aiohttp.ClientError as exc:
-        raise CliError(f"cannot open a shell at {url}: {exc}") from exc
+    except ApiError as exc:
+        raise _cli_error(client, f"shell of VM {vm_id}", exc) from None
     finally:
         loop.remove_reader(fd)
         if saved is not None:

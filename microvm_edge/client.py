@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -160,7 +161,7 @@ class AsyncClient:
         """Run a command; yields its output as it comes, then one "exit" event."""
         body = {"argv": argv, "env": env or {}, "cwd": cwd, "user": user, "timeout": timeout,
                 "stdin_b64": base64.b64encode(stdin).decode()}  # fmt: skip
-        async with self._request("POST", f"/v1/vms/{vm_id}/exec", orjson.dumps(body), timeout=None) as resp:
+        async with self.request("POST", f"/v1/vms/{vm_id}/exec", orjson.dumps(body), timeout=None) as resp:
             async for line in resp.content:
                 event = orjson.loads(line)
                 if "stream" in event:
@@ -189,44 +190,64 @@ class AsyncClient:
     # ---- files
 
     async def read_file(self, vm_id: str, path: str) -> bytes:
-        async with self._request("GET", f"/v1/vms/{vm_id}/files", params={"path": path}) as resp:
+        async with self.request("GET", f"/v1/vms/{vm_id}/files", params={"path": path}) as resp:
             if resp.content_type == "application/json":
                 raise ApiError(409, "is_a_directory", f"{path} is a directory: use list_files")
             return await resp.read()
 
     async def write_file(self, vm_id: str, path: str, data: bytes) -> int:
         """Write atomically (the guest writes a temporary file and renames it); returns the size."""
-        async with self._request("PUT", f"/v1/vms/{vm_id}/files", data, params={"path": path}) as resp:
+        async with self.request("PUT", f"/v1/vms/{vm_id}/files", data, params={"path": path}) as resp:
             return int((await resp.json())["bytes"])
 
     async def list_files(self, vm_id: str, path: str) -> builtins.list[dict[str, Any]]:
         """A directory's entries: name, type, size, mode, mtime."""
-        async with self._request("GET", f"/v1/vms/{vm_id}/files", params={"path": path}) as resp:
+        async with self.request("GET", f"/v1/vms/{vm_id}/files", params={"path": path}) as resp:
             if resp.content_type != "application/json":
                 raise ApiError(409, "not_a_directory", f"{path} is a file: use read_file")
             entries: builtins.list[dict[str, Any]] = (await resp.json())["entries"]
             return entries
 
     async def delete_file(self, vm_id: str, path: str) -> None:
-        async with self._request("DELETE", f"/v1/vms/{vm_id}/files", params={"path": path}):
+        async with self.request("DELETE", f"/v1/vms/{vm_id}/files", params={"path": path}):
             pass
 
     # ---- transport
 
     async def _json(self, method: str, path: str, body: Any = None) -> Any:
         data = orjson.dumps(body) if body is not None else None
-        async with self._request(method, path, data) as resp:
+        async with self.request(method, path, data) as resp:
             raw = await resp.read()
         return orjson.loads(raw) if raw else None
 
-    def _request(
+    def request(
         self, method: str, path: str, data: Any = None, *, params: dict[str, str] | None = None,
         timeout: float | None = -1.0,
     ) -> _Call:  # fmt: skip
-        if self._session is None:
-            self._session = aiohttp.ClientSession(read_bufsize=1 << 21)
+        """Any control API call, as `async with client.request(...) as resp`: an error answer raises
+        its typed ApiError (status 0: the server could not be reached). `timeout` None: no limit."""
         total = self._timeout if timeout == -1.0 else timeout
         return _Call(self, method, path, data, params, aiohttp.ClientTimeout(total=total))
+
+    @contextlib.asynccontextmanager
+    async def websocket(self, path: str) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        """A WebSocket to the control API (the shell); a refused handshake raises its typed ApiError."""
+        try:
+            async with self.session().ws_connect(
+                self.url + path, headers=self._headers, ssl=self._ssl,
+                server_hostname=self.control_host if self._ssl else None,
+            ) as ws:  # fmt: skip
+                yield ws
+        except aiohttp.WSServerHandshakeError as exc:
+            raise error_for(exc.status, "handshake_refused", exc.message) from None
+        except aiohttp.ClientError as exc:
+            raise ApiError(0, "unreachable", f"cannot reach {urlsplit(self.url).netloc}: {exc}") from exc
+
+    def session(self) -> aiohttp.ClientSession:
+        """The one HTTP session every call of this client shares (made on first use)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(read_bufsize=1 << 21)
+        return self._session
 
 
 class _Call:
@@ -239,9 +260,8 @@ class _Call:
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
         c = self.client
-        assert c._session is not None
         try:
-            self.resp = await c._session.request(
+            self.resp = await c.session().request(
                 self.method, c.url + self.path, data=self.data, params=self.params, headers=c._headers,
                 ssl=c._ssl, server_hostname=c.control_host if c._ssl else None, timeout=self.timeout,
             )  # fmt: skip
