@@ -1,8 +1,9 @@
-"""The proxy-ceiling bench warns when a proxy does fewer requests with more connections."""
+"""The proxy-ceiling bench: its warning for a proxy slower with more connections, its wrk parsing."""
 
 from __future__ import annotations
 
 from bench.edge_bench import concurrency_warnings
+from bench.tools import WrkResult, parse_wrk
 
 
 def test_a_path_slower_at_64_connections_than_at_4_gets_a_warning() -> None:
@@ -14,3 +15,9 @@ def test_a_path_slower_at_64_connections_than_at_4_gets_a_warning() -> None:
 
 def test_no_warning_when_more_connections_do_at_least_as_much() -> None:
     assert concurrency_warnings({"edge, HTTP": 20_000.0}, {"edge, HTTP": 19_100.0}) == []
+
+
+def test_wrk_latency_in_seconds_is_parsed() -> None:
+    """wrk pads a one-letter unit ("1.53s "): a loaded machine's p99 must not end the run."""
+    out = "  Latency Distribution\n     50%    5.56ms\n     99%    1.53s \nRequests/sec:   8200.72\n"
+    assert parse_wrk(out) == WrkResult(8200.72, 5.56, 1530.0, 0)
