@@ -93,6 +93,20 @@ def _goal(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def concurrency_warnings(heavy: dict[str, float], light: dict[str, float]) -> list[str]:
+    """A WARNING line for each path that answers fewer req/s at -c64 (`heavy`) than at -c4 (`light`).
+
+    A saturated proxy should do at least as much with more connections; less means some cost
+    grows with concurrency (an upstream pool that closes and reopens connections did so once).
+    """
+    return [
+        f"WARNING: {name}: {heavy[name]:,.0f} req/s at -c{CONNECTIONS} is below {light[name]:,.0f} at "
+        f"-c{LIGHT_CONNECTIONS}: some per-connection or per-request cost grows with concurrency"
+        for name in heavy
+        if name in light and heavy[name] < light[name]
+    ]
+
+
 async def _expect_200(url: str, args: Sequence[str], prefix: Sequence[str] = ()) -> None:
     """Fail early and clearly (a 401 at 50k req/s would look like a fast proxy)."""
     status, _, _ = await curl(url, args, 10, prefix)
@@ -162,7 +176,8 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
         [name, f"{r.rps:,.0f}", _ms(r.p50_ms), _ms(r.p99_ms), r.errors, f"{r.p99_ms - light[DIRECT].p99_ms:+.2f}"]
         for name, r in light.items()
     ]
-    goals = []
+    edges = [f"edge, {listener}" for listener in ("HTTP", "TLS")]
+    goals = concurrency_warnings({name: rps(name) for name in edges}, {name: light[name].rps for name in edges})
     for listener in ("HTTP", "TLS"):
         ratio = rps(f"edge, {listener}") / rps(f"nginx reverse proxy, {listener}")
         added = p99(f"edge, {listener}") - p99(DIRECT)

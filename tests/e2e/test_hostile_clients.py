@@ -119,7 +119,9 @@ async def test_500_idle_clients_stay_within_the_pool_and_memory_comes_back(
         await _until(lambda: _guest_connections(vm_id) <= 32)
         baseline = edge.rss()
         writers = await _idle_clients(edge, vm_id, token, 500)
-        assert _guest_connections(vm_id) <= 32, "idle clients give their guest connection back to the pool"
+        # Idle clients give their guest connection back to the pool; those past its bound are
+        # closed once nobody took them again for a second (edge.upstream.SURPLUS_GRACE).
+        await _until(lambda: _guest_connections(vm_id) <= 32)
         peak = edge.rss()
         for writer in writers:
             writer.close()

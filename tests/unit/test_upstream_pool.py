@@ -58,12 +58,33 @@ async def test_release_and_acquire_newest_first(listener: tuple[int, list]) -> N
 
 
 async def test_bounded_per_vm(listener: tuple[int, list]) -> None:
-    pool = UpstreamPool(per_vm=2, idle_timeout=30)
+    pool = UpstreamPool(per_vm=2, idle_timeout=30, surplus_grace=0)
     conns = await _conns(pool, listener[0], 3)
     for c in conns:
         pool.release(c, _now())
     assert pool.idle_count(VM) == 2
     assert conns[2].closed
+    pool.close()
+    assert all(c.closed for c in conns)
+
+
+async def test_connections_past_the_bound_stay_for_the_grace_then_close_oldest_first(
+    listener: tuple[int, list],
+) -> None:
+    """Under load they are taken again at once: closed, each would be reopened for the next request."""
+    pool = UpstreamPool(per_vm=2, idle_timeout=30, surplus_grace=0.1)
+    conns = await _conns(pool, listener[0], 4)
+    for c in conns:
+        pool.release(c, _now())
+    assert pool.idle_count(VM) == 4 and not any(c.closed for c in conns)
+    taken = pool.acquire(VM, 8080, _now())
+    assert taken is conns[3]
+    await _until(lambda: pool.idle_count(VM) == 2)
+    assert conns[0].closed and not conns[1].closed and not conns[2].closed
+    pool.release(taken, _now())
+    await _until(lambda: pool.idle_count(VM) == 2)
+    assert conns[1].closed and not conns[2].closed and not taken.closed
+    assert pool.live_count(VM) == 2
     pool.close()
     assert all(c.closed for c in conns)
 

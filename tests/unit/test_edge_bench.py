@@ -1,0 +1,23 @@
+"""The proxy-ceiling bench: its warning for a proxy slower with more connections, its wrk parsing."""
+
+from __future__ import annotations
+
+from bench.edge_bench import concurrency_warnings
+from bench.tools import WrkResult, parse_wrk
+
+
+def test_a_path_slower_at_64_connections_than_at_4_gets_a_warning() -> None:
+    heavy = {"edge, HTTP": 11_300.0, "edge, TLS": 9_200.0}
+    light = {"edge, HTTP": 19_100.0, "edge, TLS": 9_000.0}
+    (line,) = concurrency_warnings(heavy, light)
+    assert line.startswith("WARNING: edge, HTTP: 11,300 req/s at -c64 is below 19,100 at -c4")
+
+
+def test_no_warning_when_more_connections_do_at_least_as_much() -> None:
+    assert concurrency_warnings({"edge, HTTP": 20_000.0}, {"edge, HTTP": 19_100.0}) == []
+
+
+def test_wrk_latency_in_seconds_is_parsed() -> None:
+    """wrk pads a one-letter unit ("1.53s "): a loaded machine's p99 must not end the run."""
+    out = "  Latency Distribution\n     50%    5.56ms\n     99%    1.53s \nRequests/sec:   8200.72\n"
+    assert parse_wrk(out) == WrkResult(8200.72, 5.56, 1530.0, 0)
