@@ -27,6 +27,7 @@ from aiohttp import web
 
 from vmm.agent import AgentError, Exec, ExecEvent
 from vmm.errors import Conflict, InvalidRequest, NotFound, OverCapacity, PermissionDenied, VmmError
+from vmm.jsonlog import log
 from vmm.manager import GUEST_TOOL
 
 from .backend import ManagedVms
@@ -167,9 +168,13 @@ class FilesApi:
         size = 0
         with self.manager.busy(vm_id):
             try:
-                async for chunk in request.content.iter_chunked(1 << 16):
-                    size += len(chunk)
-                    await agent.write(chunk)
+                try:
+                    async for chunk in request.content.iter_chunked(1 << 16):
+                        size += len(chunk)
+                        await agent.write(chunk)
+                except ConnectionError as exc:  # the client left (or the edge cut it off, e.g. its 408)
+                    log.event("files.upload_cut", vm=vm_id, path=path, bytes=size, error=str(exc))
+                    raise web.HTTPBadRequest(reason=f"the upload of {path} was cut short after {size} bytes") from None
                 await agent.write(b"")
                 await _finish(agent)
             finally:
