@@ -18,6 +18,7 @@ from aiohttp import web
 from vmm.errors import VmmError
 from vmm.jsonlog import log
 from vmm.model import VmRecord
+from vmm.template import check_name
 
 from . import files_api, shell_api
 from .backend import ManagedVms
@@ -160,8 +161,8 @@ async def create_vm(request: web.Request) -> web.Response:
     if unknown:
         raise web.HTTPUnprocessableEntity(reason=f"{unknown[0]}: unknown field (allowed: {', '.join(allowed)})")
     template, policy = body.get("template"), body.get("policy")
-    if template is not None and not isinstance(template, str):
-        raise web.HTTPUnprocessableEntity(reason="template must be a string")
+    if template is not None:
+        check_name(template)  # the same check as the edge of a fleet makes
     if policy is not None and not isinstance(policy, dict):
         raise web.HTTPUnprocessableEntity(reason="policy must be an object")
     rec = await request.app[MANAGER].create_vm(template, policy, body.get("run_payload"))

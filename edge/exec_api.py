@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from vmm.agent import AgentError, Exec, ExecEvent
+from vmm.agent import MAX_FRAME, AgentError, Exec, ExecEvent
 from vmm.errors import InvalidRequest
 
 from .backend import ManagedVms
@@ -30,6 +30,8 @@ from .backend import ManagedVms
 MAX_TIMEOUT = 3600.0
 DEFAULT_TIMEOUT = 300.0
 MAX_STDIN = 16 * 1024 * 1024
+MAX_ARGV_BYTES = MAX_FRAME - 64  # argv, env and cwd (NUL-terminated) fit one exec frame with its key and header
+MAX_ID = 2**32 - 2  # a uid or gid: 32 bits, and (uid_t)-1 means "no change" to the kernel
 CLIENT_CHECK_SECONDS = 0.5
 _FIELDS = ("argv", "env", "cwd", "user", "stdin", "stdin_b64", "timeout")
 
@@ -56,17 +58,21 @@ class ExecRequest:
         env = body.get("env", {})
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise InvalidRequest("env must be an object of strings, e.g. {\"LANG\": \"C.UTF-8\"}")
-        if any(not k or "=" in k for k in env):
-            raise InvalidRequest("env names must be non-empty and without '='")
+        if any(not k or "=" in k or "\0" in k + v for k, v in env.items()):
+            raise InvalidRequest("env names must be non-empty and without '=', names and values without NUL")
         cwd = body.get("cwd", "/")
-        if not isinstance(cwd, str) or not cwd.startswith("/"):
+        if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
             raise InvalidRequest("cwd must be an absolute path")
+        strings = [*argv, *(f"{k}={v}" for k, v in env.items()), cwd]
+        size = sum(len(s.encode()) + 1 for s in strings)
+        if size > MAX_ARGV_BYTES:
+            raise InvalidRequest(f"argv: argv, env and cwd take {size} bytes; at most {MAX_ARGV_BYTES} fit one exec")
         uid, gid = parse_user(body.get("user", "0"))
         stdin = _stdin(body)
         timeout = body.get("timeout", DEFAULT_TIMEOUT)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT:
             raise InvalidRequest(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT:.0f}]")
-        return cls(argv, [f"{k}={v}" for k, v in env.items()], cwd, uid, gid, stdin, float(timeout))
+        return cls(argv, strings[len(argv) : -1], cwd, uid, gid, stdin, float(timeout))
 
 
 def parse_user(value: Any) -> tuple[int, int]:
@@ -74,8 +80,10 @@ def parse_user(value: Any) -> tuple[int, int]:
         return 0, 0
     text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
     uid, _, gid = text.partition(":")
-    if not uid.isdigit() or (gid and not gid.isdigit()):
+    if not uid.isascii() or not uid.isdigit() or (gid and not (gid.isascii() and gid.isdigit())):
         raise InvalidRequest(f"user must be \"root\", \"<uid>\" or \"<uid>:<gid>\", got {value!r}")
+    if int(uid) > MAX_ID or int(gid or uid) > MAX_ID:
+        raise InvalidRequest(f"user: uid and gid must be in 0..{MAX_ID}, got {value!r}")
     return int(uid), int(gid or uid)
 
 

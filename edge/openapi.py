@@ -89,12 +89,14 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [
                     {"name": "vm_id", "in": "path", "required": True, "schema": {"type": "string"}},
                     {"name": "path", "in": "query", "required": True, "schema": {"type": "string", "pattern": "^/"}},
+                    {"name": "timeout", "in": "query", "schema": {"type": "number", "exclusiveMinimum": 0,
+                                                                  "maximum": 3600, "default": 300}},
                 ],
             }
             for op, summary, status in (
                 ("get", "A file's bytes (streamed), or a directory's entries as JSON", 200),
-                ("put", "Write the request body to the file atomically (temp file + rename)", 201),
-                ("delete", "Remove a file or an empty directory", 204),
+                ("put", "Write the request body to the file atomically (unnamed file, then rename)", 201),
+                ("delete", "Remove a file or an empty directory (never /)", 204),
             )
         },
         "/v1/vms/{vm_id}/shell": {

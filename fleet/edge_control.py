@@ -34,6 +34,7 @@ from vmm.catalog import HostRecord
 from vmm.errors import NotFound, NotRunning, OverCapacity, VmmError
 from vmm.jsonlog import log
 from vmm.model import VmRecord
+from vmm.template import check_name
 
 from .host_client import HostClient
 from .mover import Mover
@@ -93,8 +94,10 @@ async def create_vm(request: web.Request) -> web.Response:
     if wanted is not None and not isinstance(wanted, str):
         raise web.HTTPUnprocessableEntity(reason="host must be a host id (see GET /v1/hosts)")
     routes, hosts = request.app[ROUTES], request.app[HOSTS]
-    template = body.get("template") or request.app[CONFIG].vmm.default_template
-    having = await routes.catalog.template_hosts(str(template))
+    template = check_name(body.get("template") or request.app[CONFIG].vmm.default_template)
+    having = await routes.catalog.template_hosts(template)
+    if not having:
+        raise NotFound(f"template {template!r} does not exist on any host (create it with `mvm template create`)")
     tried: list[str] = []
     for host in candidates(routes.hosts(), having, routes.host_up, wanted):
         try:

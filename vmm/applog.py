@@ -1,16 +1,23 @@
 """A VM's app log: what its app wrote to stdout and stderr, in a bounded file per VM.
 
-QEMU appends the guest's console output to the file (O_APPEND). When it grows past its
-bound, its content moves to `<file>.1` (replacing the older one) and the file is
-truncated in place; QEMU's appends then continue at the new end. So a VM never holds more
-than twice the bound on disk, and readers see the older file followed by the current one.
+QEMU appends the guest's console output to `app.log` itself (a file chardev, O_APPEND), so
+the guest never waits for this process: a stopped or busy manager never blocks the app.
+The manager checks the file every `APP_LOG_CHECK_SECONDS` (vmm/manager.py). Once it is past
+`max_bytes`, the newest `max_bytes` of it become `app.log.1` (replacing the older one) and it
+is truncated in place; QEMU's appends continue at the new end. What this guarantees:
+- `app.log.1` never holds more than `max_bytes`: this process writes it, whole, with a rename;
+- `app.log` is back within `max_bytes` at the first check after it crossed it: between two
+  checks it holds at most `max_bytes` plus what the guest wrote in that interval (and it is
+  unbounded while no manager runs, e.g. after a stop with on_shutdown = "keep", until the next
+  manager's first check);
+- bytes the guest writes in the instant between the final read and the truncation are lost.
+Readers see the older file followed by the current one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -24,16 +31,20 @@ class AppLog:
         self.max_bytes = max_bytes
 
     def rotate_if_needed(self) -> bool:
-        """Keep the file under its bound; True if it rotated."""
+        """Keep the file under its bound; True if it rotated. Only the newest `max_bytes` are kept."""
         try:
-            if self.path.stat().st_size <= self.max_bytes:
-                return False
+            with open(self.path, "r+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size <= self.max_bytes:
+                    return False
+                f.seek(size - self.max_bytes)
+                kept = f.read()  # to the end as it is now, with what the guest appended since the fstat
+                os.ftruncate(f.fileno(), 0)
         except FileNotFoundError:
             return False
         tmp = self.older.with_name(self.older.name + ".tmp")
-        shutil.copyfile(self.path, tmp)
+        tmp.write_bytes(kept[-self.max_bytes :])
         os.replace(tmp, self.older)
-        os.truncate(self.path, 0)
         return True
 
     def tail(self, max_bytes: int) -> bytes:

@@ -215,12 +215,22 @@ def _build(
     return image
 
 
+_LABEL_BOUNDS = {
+    "port": (1, 65535),
+    "memory_mb": (capacity.MIN_MEMORY_MB, capacity.MAX_MEMORY_MB),
+    "vcpus": (1, capacity.MAX_VCPUS),
+    "disk_mb": (64, capacity.MAX_DISK_MB),
+}
+
+
 def _label_int(config: oci.ImageConfig, key: str) -> int | None:
+    """An `mvm.<key>` label's number, None when absent; any value out of its bounds (0 too) is refused."""
     value = config.labels.get(f"mvm.{key}")
     if value is None:
         return None
-    if not value.isdigit():
-        raise InvalidRequest(f"label mvm.{key}={value!r} must be a whole number")
+    low, high = _LABEL_BOUNDS[key]
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+        raise InvalidRequest(f"label mvm.{key}={value!r} must be a whole number in [{low}, {high}]")
     return int(value)
 
 
@@ -243,7 +253,8 @@ def _settings(config: oci.ImageConfig, options: BuildOptions) -> dict[str, Any]:
     sizes = {}
     for key, default in DEFAULTS.items():
         flag = getattr(options, key)
-        sizes[key] = flag if flag is not None else _label_int(config, key) or default
+        label = _label_int(config, key) if flag is None else None
+        sizes[key] = flag if flag is not None else label if label is not None else default
     capacity.check_limits(sizes["memory_mb"], sizes["vcpus"], sizes["disk_mb"], "image")
     if sizes["disk_mb"] < 64:
         raise InvalidRequest(f"image.disk_mb must be at least 64, got {sizes['disk_mb']}")

@@ -5,6 +5,11 @@ proxy can decide per request. A policy is `"none"` (the default: no egress at al
 list of patterns `host:port`, where host is an exact DNS name, a `*.example.com` wildcard
 (any name below example.com, not example.com itself) or an IP literal (IPv6 in brackets),
 and port is 1-65535 or `*`.
+
+One rule decides which IPs the proxy ever dials, at validation and at dial time alike
+(`refusal`): a public unicast address, after unwrapping an IPv4 address carried in IPv6
+(IPv4-mapped, IPv4-compatible, NAT64 64:ff9b::/96, 6to4), or loopback when the policy lists
+that very literal. A policy that lists any other IP is refused when it is set.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from typing import Any, Protocol
 
 from .errors import InvalidRequest
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 NONE = "none"
 MAX_RULES = 256
-_PRIVATE = tuple(
-    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
-)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: local-use, a translator of some network
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -86,17 +92,60 @@ def normalise_host(host: str) -> str | None:
     return name
 
 
+def unwrap(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one carries (mapped, compatible, NAT64 64:ff9b::/96, 6to4), else itself."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return address
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (int(address) >> 32 == 0 and int(address) > 1):  # NAT64, or compatible (not :: or ::1)
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def refusal(address: str) -> str | None:
+    """Why the egress proxy never dials the IP `address`, whatever a policy says; None when it may.
+
+    The one rule of validation and dial time: a public unicast address, judged after `unwrap`,
+    or loopback (which `may_dial` allows only as the very literal a policy lists).
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return f"{address} is not an IP address"
+    inner = unwrap(ip)
+    shown = address if inner == ip else f"{address} (carrying {inner})"
+    if inner.is_loopback:
+        return None
+    if ip in _LOCAL_NAT64:
+        return f"{shown} is a local-use NAT64 address (64:ff9b:1::/48)"
+    if inner.is_unspecified:
+        return f"{shown} is the unspecified address"
+    if inner.is_link_local:
+        return f"{shown} is a link-local address"
+    if inner.is_multicast:
+        return f"{shown} is a multicast address"
+    if not inner.is_global:
+        return f"{shown} is a private, shared, reserved, benchmarking or documentation address"
+    return None
+
+
 def may_dial(target: str, address: str) -> bool:
     """Whether the proxy may connect to `address`, which the allowed (normalised) `target` resolved to.
 
-    Only public addresses, unless the target is that very IP literal (a policy must list IPs
-    explicitly): the proxy runs in the host's root namespace, so a name resolving to
-    127.0.0.1 or a private address would otherwise reach the host's own services.
+    Only addresses `refusal` passes, and loopback only when the target is that very IP literal
+    (a policy must list it explicitly): the proxy runs in the host's root namespace, so a name
+    resolving to 127.0.0.1 would otherwise reach the host's own services.
     """
-    if address == target:
+    if refusal(address) is not None:
+        return False
+    ip = unwrap(ipaddress.ip_address(address.split("%", 1)[0]))
+    if not ip.is_loopback:
         return True
     try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_global
+        return unwrap(ipaddress.ip_address(target)) == ip
     except ValueError:
         return False
 
@@ -134,21 +183,18 @@ def _parse_rule(item: Any, key: str) -> Rule:
     host = normalise_host(host_text[2:] if wildcard else host_text)
     if host is None or (wildcard and ":" in host) or (wildcard and host.replace(".", "").isdigit()):
         raise InvalidRequest(f"{key}: {host_text!r} is not a DNS name, *.name wildcard or IP address")
-    if not wildcard and _is_private_literal(host):
+    why = refusal(host) if not wildcard and _is_ip(host) else None
+    if why is not None:
         raise InvalidRequest(
-            f"{key}: {host_text} is a private or link-local address; the egress proxy never dials those "
+            f"{key}: {item.strip()!r}: {why}; the egress proxy never dials it "
             "(list a public address, a name, or a loopback service of this host)"
         )
     return Rule(host, port, wildcard)
 
 
-def _is_private_literal(host: str) -> bool:
-    """Private ranges (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7) and link-local: never a target.
-
-    Loopback stays listable: an operator may hand a guest one service of its own host on purpose.
-    """
+def _is_ip(host: str) -> bool:
     try:
-        address = ipaddress.ip_address(host)
+        ipaddress.ip_address(host)
     except ValueError:
         return False
-    return address.is_link_local or any(address in net for net in _PRIVATE if net.version == address.version)
+    return True

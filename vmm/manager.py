@@ -69,6 +69,7 @@ from .template import guest_log_tail
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 QMP_CONNECT_TIMEOUT = 10.0
 ACTIVITY_FLUSH_SECONDS = 2.0
+APP_LOG_CHECK_SECONDS = 0.1  # how often each live VM's app log is checked against its bound (a stat each)
 SYNC_SKEW_MS = 5.0  # a guest clock further off than this after a sync is synced once more
 GUEST_TOOL = "/mvm/init"  # also the guest's file and hook tool (guest/init)
 OVERLAY = "disk.qcow2"  # the VM's own writes, over its template's read-only base disk
@@ -114,6 +115,7 @@ class VmManager:
         self._unsaved: set[str] = set()  # records whose last registry write failed; the flusher retries
         self._registry: Registry | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._log_rotator: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._building: set[str] = set()
         self._wakes_refused = False  # the process is stopping: nothing is resumed or restored any more
@@ -134,6 +136,7 @@ class VmManager:
             self._vms[rec.id] = vm
             await self._recover(vm, running.get(f"mvm-{rec.id}", []))
         self._flusher = asyncio.create_task(self._flush_activity_forever())
+        self._log_rotator = asyncio.create_task(self._rotate_app_logs_forever())
         log.event("vmm.started", accelerator=self.accel.name, vms=len(self._vms))
 
     def refuse_wakes(self) -> None:
@@ -143,10 +146,11 @@ class VmManager:
 
     async def close(self) -> None:
         """Stop managing: running VMs keep running (re-adopted later) or are suspended."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in (self._flusher, self._log_rotator):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for vm in list(self._vms.values()):
             if self.settings.on_shutdown == "suspend" and vm.rec.state in _LIVE:
                 with contextlib.suppress(VmmError):
@@ -984,6 +988,11 @@ class VmManager:
         while True:
             await asyncio.sleep(ACTIVITY_FLUSH_SECONDS)
             self._flush_activity()
+
+    async def _rotate_app_logs_forever(self) -> None:
+        """QEMU appends to app.log itself, so its bound holds only as promptly as it is checked (vmm/applog.py)."""
+        while True:
+            await asyncio.sleep(APP_LOG_CHECK_SECONDS)
             self._rotate_app_logs()
 
     def _rotate_app_logs(self) -> None:

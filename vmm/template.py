@@ -51,9 +51,15 @@ def template_ns(name: str) -> str:
     return f"tpl-{name}-{secrets.token_hex(3)}"
 
 
-def load(settings: VmmSettings, name: str) -> Template:
-    if not NAME_RE.fullmatch(name):  # also keeps the name from reaching outside templates_dir
+def check_name(name: object) -> str:
+    """The one check of a template name, in every mode (it also keeps a name inside templates_dir)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidRequest(f"template name {name!r} must match {NAME_RE.pattern}")
+    return name
+
+
+def load(settings: VmmSettings, name: str) -> Template:
+    check_name(name)
     meta = settings.templates_dir / name / "template.json"
     if not meta.exists():
         raise NotFound(f"template {name!r} does not exist (create it with `mvm template create {name}`)")

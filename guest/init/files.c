@@ -4,7 +4,8 @@
  * stdout, so any size streams; errors are a message on stderr and errno as the exit status.
  *
  *   file-get PATH     stdout: "F" then the file's bytes, or "D" then one JSON object per entry
- *   file-put PATH     stdin -> a temporary file beside PATH, fsync, rename: readers never see half
+ *   file-put PATH     stdin -> an unnamed file beside PATH, fsync, name, rename: readers never see half,
+ *                     and an upload cut short leaves no file behind
  *   file-delete PATH  a file, or an empty directory
  */
 #define _GNU_SOURCE
@@ -104,14 +105,56 @@ static void make_parents(char *path) {
     }
 }
 
+/*
+ * The body goes into an unnamed file (O_TMPFILE) in PATH's directory, so an upload that ends
+ * early (the process killed, the agent or the VM gone) leaves nothing behind. Once it is
+ * complete and fsynced it gets a temporary name and is renamed over PATH at once. A filesystem
+ * without O_TMPFILE gets a named temporary file from the start, removed on every error.
+ */
+/* An unnamed regular file in the directory of PATH (`dir` is a copy of PATH that this cuts). */
+static int open_unnamed(char *dir) {
+    char *slash = strrchr(dir, '/');
+    slash[slash == dir] = '\0';
+    return open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644);
+}
+
+/* Give the unnamed file `fd` a free name, `prefix` + pid + a try count, written into `name`. */
+static int name_it(int fd, const char *prefix, char *name, size_t size) {
+    char proc[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    for (int tries = 0; tries < 100; tries++) {
+        snprintf(name, size, "%s%d-%d", prefix, (int)getpid(), tries);
+        int ok = linkat(fd, "", AT_FDCWD, name, AT_EMPTY_PATH);
+        if (ok != 0 && errno != EEXIST)  /* AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH: go through /proc */
+            ok = linkat(AT_FDCWD, proc, AT_FDCWD, name, AT_SYMLINK_FOLLOW);
+        if (ok == 0)
+            return 0;
+        if (errno != EEXIST)
+            return -1;
+    }
+    return -1;
+}
+
+/*
+ * The body goes into an unnamed file (O_TMPFILE) beside PATH, so an upload that ends early
+ * (this process killed, the agent or the VM gone) leaves nothing behind. Once complete and
+ * fsynced it gets a temporary name and is renamed over PATH at once. A filesystem without
+ * O_TMPFILE gets a named temporary file from the start, removed on every error here.
+ */
 static int put(const char *path) {
-    char *copy = strdup(path), tmp[4096];
+    char *copy = strdup(path), prefix[4096], tmp[4200];
     make_parents(copy);
+    strcpy(copy, path);
+    int fd = open_unnamed(copy);
     free(copy);
-    snprintf(tmp, sizeof tmp, "%s.mvm-upload-XXXXXX", path);
-    int fd = mkstemp(tmp);
-    if (fd < 0)
-        return fail("cannot create a temporary file for", path);
+    int unnamed = fd >= 0;
+    snprintf(prefix, sizeof prefix, "%s.mvm-upload-", path);
+    if (!unnamed) {
+        snprintf(tmp, sizeof tmp, "%sXXXXXX", prefix);
+        fd = mkstemp(tmp);
+        if (fd < 0)
+            return fail("cannot create a temporary file for", path);
+    }
     fchmod(fd, 0644);
     static char buf[65536];
     for (;;) {
@@ -120,11 +163,20 @@ static int put(const char *path) {
             break;
         if (n < 0 || write_all(fd, buf, (size_t)n) != 0) {
             int err = fail("cannot write", path);
-            close(fd), unlink(tmp);
+            close(fd);
+            if (!unnamed)
+                unlink(tmp);
             return err;
         }
     }
-    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
+    if (fsync(fd) != 0 || (unnamed && name_it(fd, prefix, tmp, sizeof tmp) != 0)) {
+        int err = fail("cannot finish writing", path);
+        close(fd);
+        if (!unnamed)
+            unlink(tmp);
+        return err;
+    }
+    if (close(fd) != 0 || rename(tmp, path) != 0) {
         int err = fail("cannot finish writing", path);
         unlink(tmp);
         return err;

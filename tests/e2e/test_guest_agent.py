@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import sys
@@ -454,3 +455,55 @@ async def test_sigterm_to_init_stops_the_app_cleanly_and_a_silent_agent_never_ho
         log = await _logs_text(client, other)
         assert "stopping: SIGTERM to the app" in log and "app (pid" in log, log[-2000:]
         assert "app (pid" in vm["reason"], vm["reason"]
+
+
+async def _names(client: Client, vm_id: str, directory: str) -> list[str]:
+    url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/files"
+    async with client.session.get(url, params={"path": directory}, headers=client.admin) as resp:
+        assert resp.status == 200, await resp.text()
+        return sorted(e["name"] for e in (await resp.json())["entries"])
+
+
+async def test_files_time_out_on_a_silent_agent_and_a_cut_upload_leaves_no_file(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        vm_id = (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"]
+        url = client.base.format(host=f"api.{DOMAIN}") + f"/v1/vms/{vm_id}/files"
+
+        # an upload whose client goes away midway: never a named temporary file, before or after
+        sent, go_on = asyncio.Event(), asyncio.Event()
+
+        async def body() -> Any:
+            for _ in range(4):
+                yield b"u" * 2**20
+            sent.set()
+            await go_on.wait()
+
+        upload = asyncio.create_task(client.session.put(url, params={"path": "/data/cut.bin"}, data=body(),
+                                                        headers=client.admin))  # fmt: skip
+        await asyncio.wait_for(sent.wait(), 60)
+        assert await _names(client, vm_id, "/data") == []  # mid-upload: the bytes are in an unnamed file
+        upload.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upload
+        async with asyncio.timeout(30):
+            while client.edge.manager.busy_count(vm_id):  # the PUT handler has ended and killed file-put
+                await asyncio.sleep(0.1)
+        assert await _names(client, vm_id, "/data") == []
+
+        # the agent frozen (SIGSTOP) until /data/continue appears: the files API answers 504, then nothing is left
+        freeze = "kill -STOP $PPID; while [ ! -e /data/continue ]; do sleep 0.2; done; kill -CONT $PPID"
+        frozen = await _exec(client, vm_id, {"argv": ["sh", "-c", freeze], "timeout": 1})
+        assert frozen[-1].get("timed_out") is True
+        expected = f"VM {vm_id}: the guest agent did not answer within the timeout of 1 s"
+        async with client.session.get(url, params={"path": "/data", "timeout": "1"}, headers=client.admin) as resp:
+            assert (resp.status, await resp.json()) == (504, {"error": "gateway_timeout", "message": expected})
+        async with client.session.put(url, params={"path": "/data/frozen.bin", "timeout": "1"}, data=b"f" * 2**22,
+                                      headers=client.admin) as resp:  # fmt: skip
+            assert (resp.status, await resp.json()) == (504, {"error": "gateway_timeout", "message": expected})
+        assert await sandbox_run(vm_id, "open('/data/continue', 'w').write('go')") == 2
+        async with asyncio.timeout(60):
+            while _output(await _exec(client, vm_id, {"argv": ["echo", "back"], "timeout": 5}), "stdout") != b"back\n":
+                await asyncio.sleep(0.5)
+        assert await _names(client, vm_id, "/data") == ["continue"]

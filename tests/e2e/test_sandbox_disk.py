@@ -106,3 +106,55 @@ async def test_two_vms_of_one_template_have_their_own_disks(settings: VmmSetting
         assert not overlay.exists() and not (settings.vms_dir / first).exists()
         assert (await _get_file(client, second, second_token, "mine.txt"))[0] == 404
     assert sha256_file(base) == base_sum  # the template's base disk was never written
+
+
+async def test_a_20_mib_burst_to_stdout_keeps_both_app_log_files_within_the_bound(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    """The bound asserted (vmm/applog.py): app.log.1 <= app_log_max_bytes at every sample, during the
+    burst and after; app.log <= app_log_max_bytes once the burst is over and the next check has run.
+    The newest bytes are the ones kept: the log ends with the burst's last line."""
+    bound = 1 << 20
+    async with running_edge(edge_config(settings)) as client:
+        assert settings.app_log_max_bytes == bound
+        vm_id, token = await _launch(client, sandbox_template)
+        log = client.edge.manager.app_log(vm_id)
+        older_sizes: list[int] = []
+        current_peak = 0
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal current_peak
+            while not done.is_set():
+                for path in (log.older, log.path):
+                    try:
+                        size = path.stat().st_size
+                    except FileNotFoundError:
+                        continue
+                    if path == log.older:
+                        older_sizes.append(size)
+                    else:
+                        current_peak = max(current_peak, size)
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.create_task(sample())
+        code = (
+            "import sys\n"
+            "for i in range(320):\n"
+            "    print(f'chunk {i:03d} ' + 'x' * (2**16 - 11), file=sys.__stdout__)\n"
+            "print('burst over', file=sys.__stdout__, flush=True)\n"
+        )
+        try:
+            async with asyncio.timeout(300):
+                await _run(client, vm_id, token, code)
+                while b"burst over" not in log.tail(64):
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # at least one check after the last byte
+        finally:
+            done.set()
+            await sampler
+        print(f"app.log peaked at {current_peak} bytes between two checks (bound {bound})")
+        assert older_sizes and max(older_sizes) <= bound, f"app.log.1 reached {max(older_sizes)} bytes"
+        assert log.older.stat().st_size <= bound and log.path.stat().st_size <= bound
+        kept = log.tail(2 * bound)
+        assert b"x\nburst over\n" in kept and b"chunk 319 " in kept, kept[-200:]

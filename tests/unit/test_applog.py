@@ -27,10 +27,19 @@ def test_rotation_keeps_at_most_two_files_and_the_newest_bytes(tmp_path: Path) -
     assert not log.rotate_if_needed()
     _append(log.path, b"b" * 60)
     assert log.rotate_if_needed()
-    assert log.path.stat().st_size == 0 and log.older.read_bytes() == b"a" * 60 + b"b" * 60
+    assert log.path.stat().st_size == 0 and log.older.read_bytes() == b"a" * 40 + b"b" * 60
     _append(log.path, b"c" * 10)  # appends continue at the new end
-    assert log.tail(1000) == b"a" * 60 + b"b" * 60 + b"c" * 10
+    assert log.tail(1000) == b"a" * 40 + b"b" * 60 + b"c" * 10
     assert log.tail(15) == b"b" * 5 + b"c" * 10
+
+
+def test_after_a_burst_the_older_file_holds_only_the_newest_max_bytes(tmp_path: Path) -> None:
+    log = AppLog(tmp_path / "app.log", max_bytes=1000)
+    for i in range(20):  # 20 times the bound between two checks
+        _append(log.path, bytes([65 + i]) * 1000)
+    assert log.rotate_if_needed()
+    assert log.older.read_bytes() == b"T" * 1000 and log.path.stat().st_size == 0
+    assert not log.older.with_name("app.log.1.tmp").exists()
 
 
 async def test_follow_sees_new_bytes_and_survives_rotation(tmp_path: Path) -> None:

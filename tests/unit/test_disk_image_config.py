@@ -59,6 +59,23 @@ def test_bad_settings_name_what_is_wrong(config: oci.ImageConfig, options: Build
         _settings(config, options)
 
 
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("mvm.memory_mb=0", r"^label mvm.memory_mb='0' must be a whole number in \[64, 32768\]$"),
+        ("mvm.vcpus=0", r"^label mvm.vcpus='0' must be a whole number in \[1, 16\]$"),
+        ("mvm.port=0", r"^label mvm.port='0' must be a whole number in \[1, 65535\]$"),
+        ("mvm.disk_mb=0", r"^label mvm.disk_mb='0' must be a whole number in \[64, 32768\]$"),
+        ("mvm.vcpus=17", r"^label mvm.vcpus='17' must be a whole number in \[1, 16\]$"),
+        ("mvm.memory_mb=²", r"^label mvm.memory_mb='²' must be a whole number"),
+    ],
+)
+def test_a_label_of_zero_or_out_of_bounds_is_refused_not_defaulted(label: str, message: str) -> None:
+    key, _, value = label.partition("=")
+    with pytest.raises(InvalidRequest, match=message):
+        _settings(_config(labels={key: value}), BuildOptions())
+
+
 def _rootfs(tmp_path: Path) -> Path:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n")

@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from vmm.egress import EgressPolicy, may_dial
+from vmm.egress import EgressPolicy, may_dial, refusal
 from vmm.errors import InvalidRequest
 
 
@@ -13,15 +15,15 @@ def test_none_is_the_default_and_allows_nothing() -> None:
 
 def test_exact_wildcard_ip_and_any_port() -> None:
     policy = EgressPolicy.from_json(
-        ["API.Example.com:443", "*.pypi.org:*", "203.0.113.7:8080", "[2001:DB8::1]:443", "localhost.:80"]
+        ["API.Example.com:443", "*.pypi.org:*", "93.184.215.14:8080", "[2606:2800:21F::1]:443", "localhost.:80"]
     )
     assert policy.allows("api.example.com", 443) and policy.allows("API.EXAMPLE.COM.", 443)
     assert not policy.allows("api.example.com", 80) and not policy.allows("example.com", 443)
     assert not policy.allows("evil-api.example.com", 443)
     assert policy.allows("files.pypi.org", 1) and policy.allows("a.b.pypi.org", 65535)
     assert not policy.allows("pypi.org", 443) and not policy.allows("notpypi.org", 443)
-    assert policy.allows("203.0.113.7", 8080) and not policy.allows("203.0.113.7", 80)
-    assert policy.allows("[2001:db8:0::1]", 443) and policy.allows("2001:db8::1", 443)
+    assert policy.allows("93.184.215.14", 8080) and not policy.allows("93.184.215.14", 80)
+    assert policy.allows("[2606:2800:21f:0::1]", 443) and policy.allows("2606:2800:21f::1", 443)
     assert policy.allows("localhost", 80)
     assert not policy.allows("bad host", 80) and not policy.allows("", 80) and not policy.allows("ünï.org", 443)
 
@@ -69,7 +71,56 @@ def test_only_public_addresses_or_the_allowed_literal_are_dialled() -> None:
     assert may_dial("127.0.0.1", "127.0.0.1") and not may_dial("127.0.0.2", "127.0.0.1")
 
 
-@pytest.mark.parametrize("address", ["10.77.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "[fd00::1]"])
-def test_private_and_link_local_literals_are_refused(address: str) -> None:
-    with pytest.raises(InvalidRequest, match=r"policy.egress\[0\]: .* private or link-local"):
-        EgressPolicy.from_json([f"{address}:80"])
+REFUSED = [
+    ("10.77.0.1", "private, shared, reserved, benchmarking or documentation"),
+    ("172.16.5.4", "private, shared"),
+    ("192.168.1.1", "private, shared"),
+    ("100.64.0.1", "private, shared"),
+    ("[fd00::1]", "private, shared"),
+    ("169.254.169.254", "link-local"),
+    ("[fe80::1]", "link-local"),
+    ("[::ffff:10.0.0.1]", r"\(carrying 10.0.0.1\) is a private"),
+    ("[::ffff:169.254.169.254]", r"\(carrying 169.254.169.254\) is a link-local"),
+    ("[::10.0.0.1]", r"\(carrying 10.0.0.1\) is a private"),
+    ("[64:ff9b::a9fe:a9fe]", r"\(carrying 169.254.169.254\) is a link-local"),
+    ("[64:ff9b::10.1.2.3]", r"\(carrying 10.1.2.3\) is a private"),
+    ("[64:ff9b:1::808:808]", "local-use NAT64"),
+    ("[2002:a00:1::1]", r"\(carrying 10.0.0.1\) is a private"),
+    ("0.0.0.0", "unspecified"),
+    ("[::]", "unspecified"),
+    ("198.18.0.1", "benchmarking"),
+    ("198.19.255.255", "benchmarking"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "reserved"),
+    ("192.0.0.1", "reserved"),
+    ("203.0.113.7", "documentation"),
+    ("[2001:db8::1]", "documentation"),
+    ("[100::1]", "reserved"),
+    ("224.0.1.1", "multicast"),
+    ("[ff0e::1]", "multicast"),
+]
+
+
+@pytest.mark.parametrize(("address", "why"), REFUSED)
+def test_non_public_literals_are_refused_naming_the_field_and_the_pattern(address: str, why: str) -> None:
+    with pytest.raises(InvalidRequest, match=rf"^policy.egress\[1\]: '{re.escape(address)}:80': .*{why}"):
+        EgressPolicy.from_json(["example.com:443", f"{address}:80"])
+
+
+@pytest.mark.parametrize(("address", "why"), REFUSED)
+def test_the_dial_time_check_refuses_the_same_set(address: str, why: str) -> None:
+    literal = address.strip("[]")
+    assert refusal(literal) is not None
+    assert not may_dial("example.com", literal) and not may_dial(literal, literal)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "::ffff:8.8.8.8", "64:ff9b::8.8.8.8", "2606:2800:21f::1"])
+def test_public_addresses_pass_both_checks_also_when_wrapped(address: str) -> None:
+    assert refusal(address) is None and may_dial("example.com", address)
+    assert EgressPolicy.from_json([f"[{address}]:443" if ":" in address else f"{address}:443"]).rules
+
+
+def test_loopback_is_listable_and_dialled_only_as_the_listed_literal() -> None:
+    assert EgressPolicy.from_json(["127.0.0.1:8080", "[::1]:80", "[::ffff:127.0.0.1]:81"]).rules
+    assert may_dial("127.0.0.1", "127.0.0.1") and may_dial("::ffff:127.0.0.1", "127.0.0.1")
+    assert not may_dial("localhost", "127.0.0.1") and not may_dial("127.0.0.2", "127.0.0.1")

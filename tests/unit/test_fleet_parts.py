@@ -155,3 +155,39 @@ async def test_a_full_host_passes_the_new_vm_to_the_next() -> None:
         resp = await client.post("/v1/vms", json={"host": "h1"}, headers=auth)
         body = await resp.json()
         assert resp.status == 507 and "h1" in body["message"] and "cannot take" in body["message"]
+
+
+class _EmptyCatalog(_Catalog):
+    async def template_hosts(self, name: str) -> set[str]:
+        return set()
+
+
+class _NoTemplateAnywhere(_Routes):
+    catalog = _EmptyCatalog()
+
+
+@pytest.mark.parametrize(
+    ("template", "status", "message"),
+    [
+        ("../../x", 422, "template name '../../x' must match [a-z][a-z0-9]{0,30}"),
+        (7, 422, "template name 7 must match [a-z][a-z0-9]{0,30}"),
+        ("nope", 404, "template 'nope' does not exist on any host (create it with `mvm template create`)"),
+    ],
+)
+async def test_the_edge_validates_a_template_name_like_a_host_and_an_unknown_one_is_404(
+    template: object, status: int, message: str
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from edge.config import token_service
+    from edge.metrics import Metrics
+    from fleet.edge_control import build_edge_control_app
+
+    cfg = load_config(None)
+    hosts = _FullFirstHost()
+    app = build_edge_control_app(cfg, _NoTemplateAnywhere(), hosts, token_service(cfg), Metrics())  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
+        resp = await client.post("/v1/vms", json={"template": template}, headers=auth)
+        assert (resp.status, (await resp.json())["message"]) == (status, message)
+        assert hosts.asked == []
