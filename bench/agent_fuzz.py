@@ -61,10 +61,13 @@ class Stats:
 
 
 class _Writer:
-    """Where the agent's frames to the guest go: nowhere (the fuzzed guest never reads)."""
+    """Where the agent's frames to the guest go: only their channels are kept (the calls to answer)."""
+
+    def __init__(self) -> None:
+        self.channels: list[int] = []
 
     def write(self, data: bytes) -> None:
-        return None
+        self.channels.append(HEAD.unpack_from(data)[2])
 
     async def drain(self) -> None:
         return None
@@ -83,9 +86,10 @@ def _payload(rng: random.Random, kind: int) -> bytes:
     return rng.randbytes(size)
 
 
-def _frame(rng: random.Random, channels: int) -> bytes:
+def _frame(rng: random.Random, channels: list[int]) -> bytes:
+    """A frame to one of the calls, a channel beside them, or any channel at all."""
     kind = rng.choice(GUEST_KINDS) if rng.random() < 0.85 else rng.randrange(256)
-    channel = rng.randrange(channels + 2) if rng.random() < 0.9 else rng.getrandbits(32)
+    channel = rng.choice(channels) if rng.random() < 0.9 else rng.getrandbits(32)
     payload = _payload(rng, kind)
     raw = bytearray(HEAD.pack(len(payload) + 5, kind, channel) + payload)
     if rng.random() < 0.1:  # mutated: a byte flipped anywhere but the length (that would be a broken framing)
@@ -169,16 +173,18 @@ async def _consume(ex: Exec) -> list[ExecEvent]:
 async def session(rng: random.Random, name: str, stats: Stats) -> None:
     """One agent, its waiting calls, one fuzzed stream; raises FuzzFailure on a broken rule."""
     n_sync, n_exec = rng.randrange(4), rng.randrange(5)
-    frames = b"".join(_frame(rng, n_sync + n_exec) for _ in range(rng.randrange(1, 400)))
-    if rng.random() < 0.3:
-        frames += _broken_framing(rng)
     close_early = rng.random() < 0.1
-    reader = asyncio.StreamReader(limit=2 * MAX_FRAME)
-    agent = Agent(reader, cast(asyncio.StreamWriter, _Writer()), KEY)
+    reader, writer = asyncio.StreamReader(limit=2 * MAX_FRAME), _Writer()
+    agent = Agent(reader, cast(asyncio.StreamWriter, writer), KEY)
     syncs = [asyncio.create_task(agent.sync("vfuzz", HANG_BOUND * 6)) for _ in range(n_sync)]
-    await asyncio.sleep(0)  # each sync takes its channel (1, 2, ...) in order and waits for its answer
+    await asyncio.sleep(0)  # each sync takes its channel, in order, sends and waits for its answer
     execs = [await agent.exec(["true"], [], "/", 0, 0) for _ in range(n_exec)]
     consumers = [asyncio.create_task(_consume(ex)) for ex in execs]
+    calls = writer.channels
+    beside = [min(calls, default=7) - 1, max(calls, default=7) + 1, 0]
+    frames = b"".join(_frame(rng, calls + beside) for _ in range(rng.randrange(1, 400)))
+    if rng.random() < 0.3:
+        frames += _broken_framing(rng)
     parsed, end = _parse(frames)
     at = 0
     while at < len(frames):  # in pieces, so frames also arrive split
@@ -218,8 +224,8 @@ async def session(rng: random.Random, name: str, stats: Stats) -> None:
     by_channel: dict[int, list[tuple[int, bytes]]] = {}
     for kind, channel, payload in parsed:
         by_channel.setdefault(channel, []).append((kind, payload))
-    for i, got in enumerate(results):
-        stats.count(_check_sync(f"{name} sync {i + 1}", got, by_channel.get(i + 1, []), whole))
+    for channel, got in zip(calls, results, strict=False):  # the syncs' channels come first
+        stats.count(_check_sync(f"{name} sync {channel}", got, by_channel.get(channel, []), whole))
     for ex, got_events in zip(execs, events, strict=True):
         _check_exec(f"{name} exec {ex.channel}", got_events, by_channel.get(ex.channel, []), whole)
         stats.count(f"exec {got_events[-1].kind}")

@@ -155,7 +155,9 @@ class Agent:
         self.reader, self.writer, self.key = reader, writer, key
         self.execs: dict[int, Exec] = {}
         self._replies: dict[int, asyncio.Future[tuple[int, bytes]]] = {}  # sync channel -> (kind, payload)
-        self._channels = itertools.count(1)
+        # Numbered from a random start: frames an earlier connection's calls left in the guest (output of
+        # an exec that ran across a suspend or a manager restart) never land on a call of this one.
+        self._channels = itertools.count(1 + secrets.randbelow(1 << 31))
         self._closed: str | None = None
         self._task = asyncio.get_running_loop().create_task(self._read_frames())
 
