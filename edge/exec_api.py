@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +109,7 @@ def event_line(event: ExecEvent) -> dict[str, Any]:
         return {"stream": event.kind, "data": base64.b64encode(event.data).decode()}
     if event.kind == "exit":
         if event.code < 0:
-            return {"exit_code": 128 - event.code, "signal": signal.Signals(-event.code).name}
+            return {"exit_code": 128 - event.code, "signal": event.signal_name}
         return {"exit_code": event.code}
     return {"error": event.data.decode(errors="replace")}
 

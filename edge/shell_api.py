@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -100,7 +99,7 @@ async def _pump(ex: Exec, ws: web.WebSocketResponse) -> None:
         elif event.kind == "exit":
             end = {"exit_code": 128 - event.code if event.code < 0 else event.code}
             if event.code < 0:
-                end["signal"] = signal.Signals(-event.code).name  # type: ignore[assignment]
+                end["signal"] = event.signal_name  # type: ignore[assignment]
             await ws.send_str(orjson.dumps(end).decode())
         else:
             await ws.send_str(orjson.dumps({"error": event.data.decode(errors="replace")}).decode())

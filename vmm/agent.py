@@ -6,6 +6,11 @@ directory (root-only, never reachable through the edge). Frames both ways are
 dispatches frames to their channel; each exec's output queue is bounded, so a slow
 consumer stops the reader, QEMU's chardev, the guest agent and finally the process itself:
 memory stays bounded however much the process writes.
+
+Every byte from the guest is hostile (root in the guest can hold the port): a frame that
+makes no sense fails the one call its channel belongs to, a frame for no call is dropped,
+and a length that breaks the framing ends the channel with the reason. The reader never
+dies of what it reads, and `close` never raises.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import signal
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -26,10 +32,13 @@ from .errors import VmmError
 ENTROPY_BYTES = 64
 KEY_BYTES = 32  # the per-VM key every sync and exec carries (guest/init/agent.h)
 _HEAD = struct.Struct(">IBI")
+_SYNC_OK = struct.Struct(">QB")  # guest realtime ns after setting it, flags
+_EXIT = struct.Struct(">i")  # exit status, or -signal
 F_SYNC, F_SYNC_OK, F_EXEC, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_STDIN, F_KILL = 1, 2, 10, 11, 12, 13, 14, 15, 16
 F_PTY_EXEC, F_RESIZE = 17, 18
 _QUEUE_FRAMES = 64  # per exec: at most 64 frames of <= 64 KiB waiting for their reader
 MAX_FRAME = 1 << 20
+_EXIT_CODES = range(-64, 256)  # what a guest can report: an exit status, or -signal
 
 
 def load_key(path: Path) -> bytes:
@@ -69,7 +78,30 @@ class SyncResult:
 class ExecEvent:
     kind: str  # stdout | stderr | exit | error
     data: bytes = b""
-    code: int = 0  # exit: the status, or -signal
+    code: int = 0  # exit: the status (0-255), or -signal (-64..-1)
+
+    @property
+    def signal_name(self) -> str:
+        """The signal that ended the process ("SIGKILL"; "SIG40" for one Python has no name for)."""
+        try:
+            return signal.Signals(-self.code).name
+        except ValueError:
+            return f"SIG{-self.code}"
+
+
+def _exec_event(kind: int, payload: bytes) -> ExecEvent:
+    """What a frame on an exec's channel means; a frame that fits no event ends the exec with an error."""
+    if kind in (F_STDOUT, F_STDERR):
+        return ExecEvent("stdout" if kind == F_STDOUT else "stderr", payload)
+    if kind == F_ERROR:
+        return ExecEvent("error", payload)
+    if kind == F_EXIT and len(payload) == _EXIT.size and _EXIT.unpack(payload)[0] in _EXIT_CODES:
+        return ExecEvent("exit", code=_EXIT.unpack(payload)[0])
+    return ExecEvent("error", f"the guest agent sent {_malformed(kind, payload)}".encode())
+
+
+def _malformed(kind: int, payload: bytes) -> str:
+    return f"a malformed frame (type {kind}, {len(payload)} bytes)"
 
 
 class Exec:
@@ -91,9 +123,10 @@ class Exec:
         await self.agent.send(F_RESIZE, self.channel, struct.pack(">HH", rows, cols))
 
     async def kill(self, signal: int = 9) -> None:
+        """Best effort, never waiting: a guest that stops reading its port must not hold up who kills."""
         if not self.finished:
-            with contextlib.suppress(AgentError, OSError):
-                await self.agent.send(F_KILL, self.channel, bytes([signal]))
+            with contextlib.suppress(AgentError):
+                await self.agent.send(F_KILL, self.channel, bytes([signal]), drain=False)
 
     async def abandon(self) -> None:
         """Nobody reads this exec any more: kill it and drop its output, so other channels flow on."""
@@ -121,8 +154,10 @@ class Agent:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes) -> None:
         self.reader, self.writer, self.key = reader, writer, key
         self.execs: dict[int, Exec] = {}
-        self._replies: dict[int, asyncio.Future[bytes]] = {}
-        self._channels = itertools.count(1)
+        self._replies: dict[int, asyncio.Future[tuple[int, bytes]]] = {}  # sync channel -> (kind, payload)
+        # Numbered from a random start: frames an earlier connection's calls left in the guest (output of
+        # an exec that ran across a suspend or a manager restart) never land on a call of this one.
+        self._channels = itertools.count(1 + secrets.randbelow(1 << 31))
         self._closed: str | None = None
         self._task = asyncio.get_running_loop().create_task(self._read_frames())
 
@@ -136,29 +171,38 @@ class Agent:
             raise AgentError(f"cannot reach the guest agent at {sock}: {exc}") from exc
         return cls(reader, writer, key)
 
-    async def send(self, kind: int, channel: int, payload: bytes) -> None:
+    async def send(self, kind: int, channel: int, payload: bytes, drain: bool = True) -> None:
+        """One frame; with `drain`, wait while the channel's buffer is full (the guest reads slowly)."""
         if self._closed is not None:
             raise AgentError(f"the guest agent's channel is closed: {self._closed}")
-        self.writer.write(_HEAD.pack(len(payload) + 5, kind, channel) + payload)
-        await self.writer.drain()
+        try:
+            self.writer.write(_HEAD.pack(len(payload) + 5, kind, channel) + payload)
+            if drain:
+                await self.writer.drain()
+        except OSError as exc:
+            raise AgentError(f"the guest agent's channel failed: {exc}") from exc
 
     async def sync(self, hostname: str, timeout: float) -> SyncResult:
         """Set the guest's wall clock, feed its RNG fresh host entropy and reseed it, set its hostname."""
         channel = next(self._channels)
-        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        reply: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._replies[channel] = reply
         started = time.monotonic()
         name = hostname.encode()
         try:
-            payload = self.key + struct.pack(">QH", time.time_ns(), len(name)) + name + os.urandom(ENTROPY_BYTES)
-            await self.send(F_SYNC, channel, payload)
             async with asyncio.timeout(timeout):
-                answer = await reply
+                payload = self.key + struct.pack(">QH", time.time_ns(), len(name)) + name + os.urandom(ENTROPY_BYTES)
+                await self.send(F_SYNC, channel, payload)
+                kind, answer = await reply
         except TimeoutError:
             raise AgentError(f"the guest agent did not answer a sync within {timeout * 1000:.0f} ms") from None
         finally:
             self._replies.pop(channel, None)
-        guest_ns, flags = struct.unpack(">QB", answer[:9])
+        if kind == F_ERROR:
+            raise AgentError(f"the guest agent refused the sync: {answer.decode(errors='replace')}")
+        if kind != F_SYNC_OK or len(answer) != _SYNC_OK.size:
+            raise AgentError(f"the guest agent answered a sync with {_malformed(kind, answer)}")
+        guest_ns, flags = _SYNC_OK.unpack(answer)
         return SyncResult(
             skew_ms=(guest_ns - time.time_ns()) / 1e6,
             entropy_added=bool(flags & 1),
@@ -190,7 +234,8 @@ class Agent:
         return ex
 
     async def close(self, why: str) -> None:
-        """End the channel; every exec still running gets an error event saying `why`."""
+        """End the channel; every exec still running gets an error event saying `why`. Never raises:
+        the reader ends by itself on whatever the guest sent, so cancelling it is all that is left."""
         if self._closed is None:
             self._closed = why
         self._task.cancel()
@@ -210,6 +255,8 @@ class Agent:
                 reply.set_exception(AgentError(f"the guest agent's channel ended: {why}"))
 
     async def _read_frames(self) -> None:
+        """Until the channel ends: every frame to its call. Whatever ends it is caught here, and every
+        call still waiting gets an error saying why; nothing the guest sends kills this task."""
         try:
             while True:
                 length, kind, channel = _HEAD.unpack(await self.reader.readexactly(_HEAD.size))
@@ -217,25 +264,23 @@ class Agent:
                     raise AgentError(f"the guest agent sent a frame of {length} bytes")
                 payload = await self.reader.readexactly(length - 5)
                 await self._dispatch(kind, channel, payload)
-        except (asyncio.IncompleteReadError, OSError, AgentError) as exc:
-            self._closed = self._closed or f"the guest agent's channel ended ({exc})"
+        except Exception as exc:
+            self._closed = self._closed or f"the guest agent's channel ended ({str(exc) or type(exc).__name__})"
             self._fail_all(self._closed)
 
     async def _dispatch(self, kind: int, channel: int, payload: bytes) -> None:
-        if kind == F_SYNC_OK:
-            reply = self._replies.get(channel)
-            if reply is not None and not reply.done():
-                reply.set_result(payload)
+        """A sync's answer goes to sync() to judge; an exec's frame becomes its event, and after its last
+        one (exit or error) the channel is forgotten. Frames for no waiting call are dropped: an abandoned
+        exec's last output, or a guest's noise."""
+        reply = self._replies.get(channel)
+        if reply is not None:
+            if not reply.done():
+                reply.set_result((kind, payload))
             return
         ex = self.execs.get(channel)
         if ex is None:
-            reply = self._replies.get(channel)
-            if kind == F_ERROR and reply is not None and not reply.done():
-                reply.set_exception(AgentError(payload.decode(errors="replace")))
             return
-        if kind in (F_STDOUT, F_STDERR):
-            await ex.events.put(ExecEvent("stdout" if kind == F_STDOUT else "stderr", payload))
-        elif kind == F_EXIT:
-            await ex.events.put(ExecEvent("exit", code=struct.unpack(">i", payload[:4])[0]))
-        elif kind == F_ERROR:
-            await ex.events.put(ExecEvent("error", payload))
+        event = _exec_event(kind, payload)
+        await ex.events.put(event)
+        if event.kind in ("exit", "error"):
+            self.execs.pop(channel, None)

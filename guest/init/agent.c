@@ -2,8 +2,14 @@
  * The guest agent (see agent.h): restore hygiene (clock, entropy, hostname) and exec.
  *
  * One process, one poll loop, nothing blocking: the port and every pipe are non-blocking,
- * output waits in buffers. While the host is not connected (between a template's boot and
- * its snapshot) the port reports POLLHUP without end, so the loop then looks every 5 ms.
+ * output waits in buffers.
+ *
+ * While no host is connected (a template booting, a VM whose manager stopped) the port is
+ * readable at EOF and hung up at once, every time it is polled. The loop then leaves the port
+ * out and sleeps: the port is in O_ASYNC mode, and the kernel sends SIGIO (read through the
+ * signalfd) when the host connects or disconnects, so the loop wakes as the host comes back.
+ * A host that goes away ends its session: its execs are killed and forgotten and what was
+ * queued for it is dropped, so the next host (who numbers channels from 1 again) starts clean.
  */
 #define _GNU_SOURCE
 #include "agent.h"
@@ -29,6 +35,7 @@
 
 #define MAX_EXECS 64
 #define READ_CHUNK 65536
+#define HOST_GONE_CHECK_MS 1000 /* no host: look at the port again this often, should a SIGIO be missed */
 
 struct buffer {
     unsigned char *data;
@@ -42,6 +49,7 @@ struct exec {
     struct buffer stdin_pending;
     int stdin_eof;   /* close stdin once the pending bytes are written */
     int reaped, status;
+    int orphaned;    /* its host went away: killed, reaped without a word to anyone */
 };
 
 const char *const proxy_env[PROXY_ENV_COUNT] = {
@@ -55,6 +63,7 @@ static struct buffer in;   /* bytes read from the port, not yet a whole frame */
 static struct exec execs[MAX_EXECS];
 static unsigned char key[AGENT_KEY_BYTES];
 static int keyed;
+static int host_gone; /* the port said nobody is on the host's end: wait for SIGIO, not for the port */
 
 /* The VM's key: learnt from the first keyed frame, then required on every one. */
 static int authenticated(const unsigned char *p, size_t n) {
@@ -200,9 +209,22 @@ static void close_fd(int *fd) {
 
 static struct exec *find_exec(uint32_t ch) {
     for (int i = 0; i < MAX_EXECS; i++)
-        if (execs[i].pid > 0 && execs[i].ch == ch)
+        if (execs[i].pid > 0 && !execs[i].orphaned && execs[i].ch == ch)
             return &execs[i];
     return NULL;
+}
+
+/* The host went away: what it started has nobody to report to, and what it had not read yet nobody will. */
+static void end_session(void) {
+    kill_all_execs();
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (execs[i].pid) {
+            execs[i].orphaned = 1;
+            close_fd(&execs[i].out), close_fd(&execs[i].err), close_fd(&execs[i].in);
+            execs[i].stdin_pending.len = 0;
+        }
+    out.len = 0;
+    in.len = 0;
 }
 
 /* Append to an exec's env (with room for PROXY_ENV_COUNT more) each proxy setting init exported that it
@@ -382,7 +404,8 @@ static void finish(struct exec *x) {
     int32_t code = WIFEXITED(x->status) ? WEXITSTATUS(x->status) : -WTERMSIG(x->status);
     unsigned char payload[4];
     be32(payload, (uint32_t)code);
-    send_frame(F_EXIT, x->ch, payload, sizeof payload);
+    if (!x->orphaned)
+        send_frame(F_EXIT, x->ch, payload, sizeof payload);
     close_fd(&x->in);
     free(x->stdin_pending.data);
     memset(x, 0, sizeof *x);
@@ -460,17 +483,22 @@ static void write_port(void) {
 }
 
 void agent_main(void) {
+    /* SIGIO is blocked (and read from the signalfd) before the port may send it: unblocked, it kills */
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigaddset(&chld, SIGPIPE);
+    sigaddset(&chld, SIGIO);
+    sigprocmask(SIG_BLOCK, &chld, NULL);
+    int sfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
     for (int i = 0; port < 0; i++) {
         port = open_port();
         if (port < 0)
             usleep(i < 100 ? 10000 : 1000000); /* the virtio-serial driver may still be probing */
     }
-    sigset_t chld;
-    sigemptyset(&chld);
-    sigaddset(&chld, SIGCHLD);
-    sigaddset(&chld, SIGPIPE);
-    sigprocmask(SIG_BLOCK, &chld, NULL);
-    int sfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
+    /* SIGIO on every change of the host's side (connected, gone) and on data from it */
+    fcntl(port, F_SETOWN, getpid());
+    fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC);
     for (;;) {
         struct pollfd fds[2 + 3 * MAX_EXECS];
         struct exec *owner[2 + 3 * MAX_EXECS];
@@ -479,7 +507,9 @@ void agent_main(void) {
         int stdin_full = 0;
         for (int i = 0; i < MAX_EXECS; i++)
             stdin_full |= execs[i].pid && execs[i].stdin_pending.len > (1u << 20);
-        fds[nfds++] = (struct pollfd){.fd = port, .events = (stdin_full ? 0 : POLLIN) | (out.len ? POLLOUT : 0)};
+        /* a negative fd is skipped by poll: with no host the port would report hang-up without end */
+        fds[nfds++] = (struct pollfd){.fd = host_gone ? -1 : port,
+                                      .events = (stdin_full ? 0 : POLLIN) | (out.len ? POLLOUT : 0)};
         fds[nfds++] = (struct pollfd){.fd = sfd, .events = POLLIN};
         /* Output is read only while the port keeps up: a host that stops reading stops the process. */
         int backlog = out.len > 4 * READ_CHUNK;
@@ -494,17 +524,19 @@ void agent_main(void) {
             if (x->in >= 0 && x->stdin_pending.len)
                 owner[nfds] = x, fds[nfds++] = (struct pollfd){.fd = x->in, .events = POLLOUT};
         }
-        int ready = poll(fds, (nfds_t)nfds, -1);
+        int ready = poll(fds, (nfds_t)nfds, host_gone ? HOST_GONE_CHECK_MS : -1);
         if (ready < 0)
             continue;
-        if (fds[0].revents & POLLHUP && !(fds[0].revents & POLLIN)) {
-            usleep(5000); /* no host on the other end (yet): look again soon */
-        } else {
-            if (fds[0].revents & POLLIN)
-                read_port();
-            if (fds[0].revents & POLLOUT)
-                write_port();
-        }
+        if (ready == 0)
+            host_gone = 0; /* the fallback: look at the port once more */
+        /* No host: the port reads EOF (0 bytes) once what the host sent is read, or reports only POLLHUP. */
+        int gone = (fds[0].revents & POLLHUP && !(fds[0].revents & POLLIN)) ||
+                   (fds[0].revents & POLLIN && read_port() < 0);
+        if (gone && !host_gone)
+            end_session();
+        host_gone |= gone;
+        if (fds[0].revents & POLLOUT && !host_gone)
+            write_port();
         for (int k = 2; k < nfds; k++) {
             struct exec *x = owner[k];
             if (!fds[k].revents)
@@ -517,8 +549,9 @@ void agent_main(void) {
                 flush_stdin(x);
         }
         struct signalfd_siginfo si;
-        while (read(sfd, &si, sizeof si) == sizeof si) {
-        }
+        while (read(sfd, &si, sizeof si) == sizeof si)
+            if (si.ssi_signo == SIGIO)
+                host_gone = 0; /* the host's side changed: the port says how it is now */
         int status;
         pid_t pid;
         while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
@@ -529,6 +562,7 @@ void agent_main(void) {
         for (int i = 0; i < MAX_EXECS; i++)
             if (execs[i].pid)
                 finish(&execs[i]);
-        write_port();
+        if (!host_gone)
+            write_port();
     }
 }
