@@ -50,7 +50,10 @@ def due_action(rec: VmRecord, now: float, open_work: int) -> ReapAction | None:
         return ReapAction.DELETE
     if open_work > 0:
         return None
-    idle = now - rec.last_activity
+    # A VM that has just started running (created, resumed, restored) is not idle from before:
+    # whoever woke it may not have touched it yet, and must not find it suspended again.
+    since = max(rec.last_activity, rec.state_changed_at) if rec.state is VmState.RUNNING else rec.last_activity
+    idle = now - since
     live = rec.state in (VmState.RUNNING, VmState.PAUSED)
     if live and pol.idle_suspend_after is not None and idle >= pol.idle_suspend_after:
         return ReapAction.SUSPEND

@@ -37,3 +37,14 @@ def test_a_vm_suspended_past_its_ttl_is_terminated() -> None:
     assert due_action(rec, NOW, 0) is ReapAction.DELETE
     rec.state = VmState.RUNNING  # only time spent suspended counts
     assert due_action(rec, NOW, 0) is None
+
+
+def test_a_vm_just_woken_is_not_idle_from_before_it_slept() -> None:
+    """Its waker (a held request, an exec) may not have touched it yet: the reaper must not put it back."""
+    rec = _rec(VmState.RUNNING, 1000, idle_suspend_after=60.0)
+    rec.state_changed_at = NOW - 1  # restored a second ago
+    assert due_action(rec, NOW, 0) is None
+    rec.state_changed_at = NOW - 60
+    assert due_action(rec, NOW, 0) is ReapAction.SUSPEND
+    rec.state, rec.state_changed_at = VmState.PAUSED, NOW - 1  # paused because idle: its idle time goes on
+    assert due_action(rec, NOW, 0) is ReapAction.SUSPEND
