@@ -14,7 +14,9 @@ A request's path, top to bottom:
      the request is held, within the wake timeout and the per-VM hold bound.
   6. The rewritten head and the body stream to the guest over an upstream connection made
      inside the VM's network namespace (`edge.upstream` pools them per VM for all clients); the
-     answer streams back as bytes. Activity is recorded on the VM as bytes flow.
+     answer streams back as bytes. Activity is recorded on the VM as bytes flow, and the
+     request or tunnel counts as open work on it (the manager's `vmm.open_work.OpenWork`)
+     until it ends, so the reaper never suspends a VM under it.
 Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`vmm.reaper`), each
 VM's egress proxy (`edge.egress_proxy`) and `/metrics` on the control host. On SIGTERM `stop`
 drains: no new connections, no new wakes, requests in flight finish within
@@ -40,6 +42,7 @@ from vmm.errors import NotFound
 from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import GUEST_GOING_AWAY, VmRecord, VmState
+from vmm.open_work import OpenWork
 from vmm.reaper import Reaper
 
 from . import memory
@@ -100,7 +103,7 @@ async def start(cfg: Config) -> Edge:
         control = web.AppRunner(build_control_app(cfg, manager, tokens, metrics), access_log=None)
         await control.setup()
         await web.UnixSite(control, control_socket).start()
-        ctx = proxy_context(cfg, manager, tokens, metrics, control_socket)
+        ctx = proxy_context(cfg, manager, tokens, metrics, control_socket, manager.open_work)
         manager.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
         loop = asyncio.get_running_loop()
         server = await loop.create_server(make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024)
@@ -109,7 +112,7 @@ async def start(cfg: Config) -> Edge:
         await manager.close()
         await egress.close_all()
         raise
-    idle_reaper = Reaper(manager, ctx.open_streams, cfg.reaper.interval)
+    idle_reaper = Reaper(manager, cfg.reaper.interval)
     idle_reaper.start()
     edge = Edge(cfg, manager, ctx, server, control, idle_reaper, control_dir, egress)
     log.event(
@@ -187,9 +190,17 @@ def raise_nofile_limit(wanted: int) -> int:
 
 
 def proxy_context(
-    cfg: Config, backend: VmBackend, tokens: TokenService, metrics: Metrics, control_socket: str
+    cfg: Config,
+    backend: VmBackend,
+    tokens: TokenService,
+    metrics: Metrics,
+    control_socket: str,
+    open_work: OpenWork | None = None,
 ) -> ProxyContext:
-    """What every client connection of this process shares (`mvm serve` and fleet edge workers alike)."""
+    """What every client connection of this process shares (`mvm serve` and fleet edge workers alike).
+
+    `open_work`: where open streams are counted, the VM manager's own when it runs in this process.
+    """
     return ProxyContext(
         backend=backend,
         router=HostRouter(cfg.server.domain, cfg.server.control_host),
@@ -199,6 +210,7 @@ def proxy_context(
         control_socket=control_socket,
         control_auth=f"Bearer {cfg.server.admin_key}".encode(),
         settings=cfg.proxy,
+        open_streams=OpenWork() if open_work is None else open_work,
     )
 
 

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol
+
+from vmm.open_work import OpenWork, count_down
 
 from .backend import VmBackend
 from .hosts import HostRouter
@@ -14,17 +16,6 @@ from .memory import BurstTrimmer
 from .metrics import Metrics
 from .tokens import TokenService
 from .upstream import UpstreamPool
-
-K = TypeVar("K")
-
-
-def count_down(counts: dict[K, int], key: K) -> None:
-    """One fewer of `key`; a key at zero leaves the dict, so its size stays the live keys."""
-    left = counts[key] - 1
-    if left:
-        counts[key] = left
-    else:
-        del counts[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +65,12 @@ class ClientConnection(Protocol):
 class ProxyContext:
     """Shared by every client connection of one edge process.
 
-    `open_streams[vm]` counts requests and tunnels in progress (the idle reaper keeps such
-    VMs awake); `held[vm]` counts requests waiting for that VM to wake. Once `wakes_refused`
-    is set (the edge is stopping) a request for a VM that is not running gets 503 instead
-    of waking it: the manager may be suspending VMs at that very moment.
+    `open_streams[vm]` counts requests and tunnels in progress: open work that keeps the VM
+    awake. In `mvm serve` it is the VM manager's own count (the reaper reads it there); an
+    edge worker keeps its own and reports it to each VM's host. `held[vm]` counts requests
+    waiting for that VM to wake. Once `wakes_refused` is set (the edge is stopping) a request
+    for a VM that is not running gets 503 instead of waking it: the manager may be
+    suspending VMs at that very moment.
     """
 
     backend: VmBackend
@@ -88,7 +81,7 @@ class ProxyContext:
     control_socket: str
     settings: ProxySettings = field(default_factory=ProxySettings)
     control_auth: bytes = b""  # "Bearer <admin key>": scoped agent requests reach the control API with it
-    open_streams: dict[str, int] = field(default_factory=dict)
+    open_streams: OpenWork = field(default_factory=OpenWork)
     held: dict[str, int] = field(default_factory=dict)
     per_ip: dict[bytes, int] = field(default_factory=dict)  # open client connections by client address
     clients: set[ClientConnection] = field(default_factory=set)
@@ -163,8 +156,8 @@ class ProxyContext:
         return len(left)
 
     def stream_opened(self, vm_id: str) -> None:
-        self.open_streams[vm_id] = self.open_streams.get(vm_id, 0) + 1
+        self.open_streams.opened(vm_id)
 
     def stream_closed(self, vm_id: str) -> None:
-        count_down(self.open_streams, vm_id)
+        self.open_streams.closed(vm_id)
 

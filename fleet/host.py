@@ -29,6 +29,7 @@ from vmm.catalog import Catalog, open_catalog
 from vmm.errors import InvalidRequest
 from vmm.jsonlog import log
 from vmm.manager import VmManager
+from vmm.open_work import MAX_LEASE
 from vmm.reaper import Reaper
 
 from .data_port import DataPort
@@ -103,7 +104,7 @@ async def start(cfg: Config) -> Host:
     await data.start(data_host, data_port)
     advertised_host = advertised.rpartition(":")[0]
     await sync.start(HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}"))
-    reaper = Reaper(manager, {}, cfg.reaper.interval)
+    reaper = Reaper(manager, cfg.reaper.interval)
     reaper.start()
     log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend)
     return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress)
@@ -153,15 +154,29 @@ async def wake(request: web.Request) -> web.Response:
 
 
 async def activity(request: web.Request) -> web.Response:
-    """An edge's batch of last-activity times {"vms": {id: unix time}} (open streams included)."""
+    """An edge's batch: last-activity times {"vms": {id: unix time}}, and its open streams per VM
+    {"open": {id: n}, "edge": <its id>, "lease": seconds}, which replace what that edge reported
+    before and count as open work on this host (the reaper's figure) until the lease runs out."""
     body: Any = await request.json()
-    vms = body.get("vms") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        raise InvalidRequest('the body must be {"vms": {...}, "open": {...}, "edge": "<id>", "lease": <seconds>}')
+    vms, open_streams, edge, lease = body.get("vms"), body.get("open", {}), body.get("edge"), body.get("lease")
     if not isinstance(vms, dict) or not all(isinstance(t, int | float) for t in vms.values()):
-        raise InvalidRequest('the body must be {"vms": {"<vm id>": <unix time>, ...}}')
-    manager = request.app[MANAGER]
+        raise InvalidRequest('vms must be {"<vm id>": <unix time>, ...}')
+    if not isinstance(open_streams, dict) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in open_streams.values()
+    ):
+        raise InvalidRequest('open must be {"<vm id>": <open streams, a whole number >= 0>, ...}')
+    if open_streams and (not isinstance(edge, str) or not edge):
+        raise InvalidRequest("edge must name the edge that reports open streams")
+    if open_streams and (isinstance(lease, bool) or not isinstance(lease, int | float) or not 0 < lease <= MAX_LEASE):
+        raise InvalidRequest(f"lease must be a number of seconds in (0, {MAX_LEASE:g}]")
+    manager = request.app[HOST_MANAGER]
     now = time.time()
     for vm_id, at in vms.items():
         manager.touch(str(vm_id), min(float(at), now))
+    if isinstance(edge, str) and edge:
+        manager.open_work.report(edge, open_streams, float(lease or 0))
     return web.Response(status=204)
 
 

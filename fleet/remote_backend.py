@@ -3,7 +3,8 @@
 It is what `edge.http1` sees as its VmBackend, so the data plane is the same code as in
 `mvm serve`. On the VM's own machine the upstream socket is made inside its namespace
 (no hop); from another machine it goes through the host's data port. Activity goes to
-each VM's host once per second as one batch, open streams included, so the host's idle
+each VM's host once per second as one batch, with this edge's open streams per VM: the host
+counts them as open work (under a lease, so a crashed edge's counts expire), and its idle
 reaper sees what the edges see.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import socket
 import time
 from collections.abc import Mapping
@@ -26,6 +29,7 @@ from .host_sync import HostAddress
 from .routes import RouteTable
 
 ACTIVITY_EVERY = 1.0  # seconds between activity batches to each host
+OPEN_LEASE = 5 * ACTIVITY_EVERY  # a host believes an edge's open streams this long without a new batch
 
 
 class RemoteBackend:
@@ -37,7 +41,9 @@ class RemoteBackend:
         self.secret = secret
         self.direct = direct  # reach guests on this machine through their namespace (False: always tunnel)
         self.open_streams: Mapping[str, int] = {}
+        self.edge_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"  # reports' author, per process
         self._activity: dict[str, float] = {}
+        self._reported_open: set[str] = set()  # hosts whose last batch had open streams: they hear when those end
         self._flusher: asyncio.Task[None] | None = None
 
     def start(self, open_streams: Mapping[str, int]) -> None:
@@ -93,22 +99,32 @@ class RemoteBackend:
         self._activity[vm_id] = time.time() if at is None else at
 
     async def flush_activity(self) -> None:
-        """One batch per host: what this edge saw since the last one, and every VM with a stream open."""
+        """One batch per host: what this edge saw since the last one, and its open streams there.
+
+        A host that had open streams from this edge gets a batch when they are gone too, so it
+        does not wait for the lease to end them.
+        """
         now = time.time()
-        for vm_id in self.open_streams:
+        open_by_host: dict[str, dict[str, int]] = {}
+        for vm_id, n in self.open_streams.items():
             self._activity[vm_id] = now
+            placed = self.routes.placed(vm_id)
+            if placed is not None:
+                open_by_host.setdefault(placed.host_id, {})[vm_id] = n
         pending, self._activity = self._activity, {}
-        by_host: dict[str, dict[str, float]] = {}
+        by_host: dict[str, dict[str, float]] = {host_id: {} for host_id in self._reported_open | set(open_by_host)}
         for vm_id, at in pending.items():
             placed = self.routes.placed(vm_id)
             if placed is not None:
                 by_host.setdefault(placed.host_id, {})[vm_id] = at
+        self._reported_open = set(open_by_host)
         for host_id, batch in by_host.items():
             host = self.routes.host(host_id)
             if host is None or not self.routes.host_up(host_id):
                 continue
+            body = {"vms": batch, "open": open_by_host.get(host_id, {}), "edge": self.edge_id, "lease": OPEN_LEASE}
             try:
-                await self.hosts.call(host_id, host.address, "POST", "/v1/host/activity", {"vms": batch})
+                await self.hosts.call(host_id, host.address, "POST", "/v1/host/activity", body)
             except Exception as exc:  # a lost batch only makes an idle suspend come sooner
                 log.event("edge.activity_failed", level="warning", host=host_id, error=str(exc))
 

@@ -46,6 +46,7 @@ from .hooks import HookOutcome, Hooks, call_http, check_payload
 from .image import Image, list_images, remove_image
 from .jsonlog import log
 from .model import RamMode, Template, VmRecord, VmState
+from .open_work import OpenWork
 from .policy import Policy
 from .qemu import (
     AGENT_SOCKET,
@@ -97,7 +98,6 @@ class _Vm:
         self.wake: asyncio.Task[None] | None = None
         self.expect_exit = False
         self.agent: Agent | None = None  # disk images only
-        self.busy = 0  # execs running: the idle reaper leaves the VM alone
         self.moving = False  # its files are being copied to another host: no wake until that ends
 
 
@@ -109,6 +109,7 @@ class VmManager:
         self.egress = egress  # serves each running VM's egress proxy (the edge's); None: guests have none
         self.accel = accel_mod.choose(settings.accelerator)
         self.listeners: list[Callable[[VmRecord], None]] = []
+        self.open_work = OpenWork()  # what keeps each VM awake: counted here, or reported by edge workers
         self._vms: dict[str, _Vm] = {}
         self._terminated: dict[str, VmRecord] = {}  # kept for `mvm vm get` until vmm.terminated_ttl
         self._dirty: set[str] = set()
@@ -267,18 +268,17 @@ class VmManager:
 
     @contextlib.contextmanager
     def busy(self, vm_id: str) -> Iterator[None]:
-        """Work on the VM (an exec) is under way: it counts as activity throughout."""
-        vm = self._vm(vm_id)
-        vm.busy += 1
+        """Work on the VM (an exec, a shell, a file transfer) is under way: it counts as activity throughout."""
+        self._vm(vm_id)
         try:
-            yield
+            with self.open_work.hold(vm_id):
+                yield
         finally:
-            vm.busy -= 1
             self.touch(vm_id)
 
     def busy_count(self, vm_id: str) -> int:
-        vm = self._vms.get(vm_id)
-        return vm.busy if vm is not None else 0
+        """Open work on the VM: held in this process, or reported by the edges (the idle reaper's figure)."""
+        return self.open_work.get(vm_id, 0)
 
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
         return await netns.connect_guest(vm_id, port, timeout)

@@ -1,15 +1,17 @@
 """The idle reaper: pauses, suspends and terminates VMs by their policy.
 
 Activity is the last request or streamed byte (kept by the manager via `touch`); a VM
-with an open request or WebSocket counts as active whatever its timestamps say.
+with open work (a request, WebSocket, exec, shell or file transfer, counted by the manager's
+`vmm.open_work.OpenWork` in every mode) counts as active whatever its timestamps say.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from .errors import VmmError
@@ -21,29 +23,42 @@ class ReapedVms(Protocol):
     """What the reaper needs of the VM plane (vmm.manager.VmManager)."""
 
     def list_vms(self) -> list[VmRecord]: ...
-    def busy_count(self, vm_id: str) -> int: ...
+    def busy_count(self, vm_id: str) -> int:
+        """Open work on the VM, wherever it runs (vmm.open_work.OpenWork)."""
+
     def touch(self, vm_id: str) -> None: ...
     async def pause(self, vm_id: str) -> VmRecord: ...
     async def suspend(self, vm_id: str) -> VmRecord: ...
     async def delete(self, vm_id: str, reason: str = ...) -> None: ...
 
 
-def due_action(rec: VmRecord, now: float, open_streams: int) -> str | None:
-    """What the policy asks for now: 'delete', 'suspend', 'pause' or nothing."""
+class ReapAction(enum.Enum):
+    """What the policy asks of a VM; the value names its log event (`reaper.<value>`)."""
+
+    PAUSE = "pause"
+    SUSPEND = "suspend"
+    DELETE = "delete"
+
+
+def due_action(rec: VmRecord, now: float, open_work: int) -> ReapAction | None:
+    """What the policy asks for now, if anything; open work only holds off the idle steps."""
     pol = rec.policy
     if pol.max_lifetime is not None and now - rec.created_at >= pol.max_lifetime:
-        return "delete"
+        return ReapAction.DELETE
     suspended_for = now - rec.state_changed_at
     if rec.state is VmState.SUSPENDED and pol.suspended_ttl is not None and suspended_for >= pol.suspended_ttl:
-        return "delete"
-    if open_streams > 0:
+        return ReapAction.DELETE
+    if open_work > 0:
         return None
-    idle = now - rec.last_activity
+    # A VM that has just started running (created, resumed, restored) is not idle from before:
+    # whoever woke it may not have touched it yet, and must not find it suspended again.
+    since = max(rec.last_activity, rec.state_changed_at) if rec.state is VmState.RUNNING else rec.last_activity
+    idle = now - since
     live = rec.state in (VmState.RUNNING, VmState.PAUSED)
     if live and pol.idle_suspend_after is not None and idle >= pol.idle_suspend_after:
-        return "suspend"
+        return ReapAction.SUSPEND
     if rec.state is VmState.RUNNING and pol.idle_pause_after is not None and idle >= pol.idle_pause_after:
-        return "pause"
+        return ReapAction.PAUSE
     return None
 
 
@@ -54,9 +69,8 @@ class Reaper:
     VM is left half-suspended; and no error, expected or not, ends the sweeps.
     """
 
-    def __init__(self, vms: ReapedVms, open_streams: Mapping[str, int], interval: float) -> None:
+    def __init__(self, vms: ReapedVms, interval: float) -> None:
         self.vms = vms
-        self.open_streams = open_streams
         self.interval = interval
         self._loop_task: asyncio.Task[None] | None = None
         self._pending: asyncio.Task[object] | None = None
@@ -78,10 +92,10 @@ class Reaper:
             await asyncio.sleep(self.interval)
             await self.reap_once()
 
-    def _action(self, name: str, rec: VmRecord, now: float) -> Coroutine[Any, Any, object]:
-        if name == "pause":
+    def _action(self, action: ReapAction, rec: VmRecord, now: float) -> Coroutine[Any, Any, object]:
+        if action is ReapAction.PAUSE:
             return self.vms.pause(rec.id)
-        if name == "suspend":
+        if action is ReapAction.SUSPEND:
             return self.vms.suspend(rec.id)
         lifetime = rec.policy.max_lifetime
         if lifetime is not None and now - rec.created_at >= lifetime:
@@ -91,18 +105,19 @@ class Reaper:
     async def reap_once(self) -> None:
         now = time.time()
         for rec in list(self.vms.list_vms()):
-            streams = self.open_streams.get(rec.id, 0) + self.vms.busy_count(rec.id)
-            if streams:
+            open_work = self.vms.busy_count(rec.id)
+            if open_work:
                 self.vms.touch(rec.id)
-            action = due_action(rec, now, streams)
+            action = due_action(rec, now, open_work)
             if action is None:
                 continue
             self._pending = asyncio.create_task(self._action(action, rec, now))
             try:
                 await asyncio.shield(self._pending)
-                log.event(f"reaper.{action}", vm=rec.id, idle=round(now - rec.last_activity, 1), state=rec.state.value)
+                idle = round(now - rec.last_activity, 1)
+                log.event(f"reaper.{action.value}", vm=rec.id, idle=idle, state=rec.state.value)
             except VmmError as exc:
-                log.event("reaper.error", level="warning", vm=rec.id, action=action, error=str(exc))
+                log.event("reaper.error", level="warning", vm=rec.id, action=action.value, error=str(exc))
             except Exception as exc:
-                log.event("reaper.error", level="error", vm=rec.id, action=action, error=repr(exc))
+                log.event("reaper.error", level="error", vm=rec.id, action=action.value, error=repr(exc))
             self._pending = None
