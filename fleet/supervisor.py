@@ -112,17 +112,23 @@ class Supervisor:
         self.stopping = True
 
     def run(self, host: Child | None, workers: list[Child]) -> int:
-        """The set from its start to the end of its last child; returns its exit status."""
-        status = self._start([host], []) if host is not None else None
-        if status is None:
-            status = self._start(workers, [host] if host is not None else [])
-        if status is None:
-            status = self._watch(host, workers)
-        self._stop(workers, self.drain_wait)
-        if host is not None:
-            self._stop([host], None)
-            if status == 0:
-                status = _exit_status(host.status)
+        """The set from its start to the end of its last child; returns its exit status.
+
+        Whatever happens (a child that cannot even be spawned too), every child started is
+        stopped before this returns: edges first, then the host.
+        """
+        try:
+            status = self._start([host], []) if host is not None else None
+            if status is None:
+                status = self._start(workers, [host] if host is not None else [])
+            if status is None:
+                status = self._watch(host, workers)
+        finally:
+            self._stop(workers, self.drain_wait)
+            if host is not None:
+                self._stop([host], None)
+        if status == 0 and host is not None:
+            status = _exit_status(host.status)
         return status
 
     def _start(self, children: list[Child], running: list[Child]) -> int | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fleet.supervisor import Backoff, Child, ChildProcess, Supervisor
+from fleet.supervisor import Backoff, Child, ChildProcess, Proc, Supervisor
 from vmm import jsonlog, statelock
 from vmm.errors import Conflict, VmmError
 
@@ -224,3 +224,18 @@ def test_a_real_child_says_it_is_ready_on_its_pipe() -> None:
     while silent.poll() is None:
         time.sleep(0.02)
     assert not silent.ready(), "a child that ends without a word was never ready"
+
+
+def test_a_worker_that_cannot_be_spawned_leaves_nothing_running() -> None:
+    fleet = Fleet()
+    spawn = fleet.supervisor.spawn
+
+    def spawn_or_fail(child: Child) -> Proc:
+        if child.name == "edge-1":
+            raise OSError("out of file descriptors")
+        return spawn(child)
+
+    fleet.supervisor.spawn = spawn_or_fail
+    with pytest.raises(OSError, match="out of file descriptors"):
+        fleet.run()
+    assert [proc.status for proc in fleet.procs.values()] == [0, 0], "the host and edge-0 were stopped"
