@@ -176,10 +176,14 @@ class Supervisor:
 
     def _stop(self, children: list[Child], wait: float | None) -> None:
         """SIGTERM each live child and wait for them all; after `wait` seconds (None: no bound) SIGKILL."""
+        live = [child for child in children if child.proc is not None and not _ended(child)]
+        if live:
+            log.event("fleet.stopping", children=[child.name for child in live], wait=wait)
         for child in children:
             child.restart_at = None
-            if child.proc is not None and not _ended(child):
-                child.proc.send_signal(signal.SIGTERM)
+        for child in live:
+            assert child.proc is not None
+            child.proc.send_signal(signal.SIGTERM)
         deadline = None if wait is None else self.clock.monotonic() + wait
         killed = False
         while not all(child.proc is None or _ended(child) for child in children):
