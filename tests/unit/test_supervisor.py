@@ -9,7 +9,6 @@ import io
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -215,14 +214,10 @@ def test_the_state_lock_names_its_holder_and_is_adopted_only_as_that_file(tmp_pa
 def test_a_real_child_says_it_is_ready_on_its_pipe() -> None:
     says = "import os, sys; os.write(int(sys.argv[2]), b'ready'); sys.exit(3)"
     child = ChildProcess([sys.executable, "-c", says])
-    for _ in range(500):  # bounded: 10 s
-        if child.poll() is not None:
-            break
-        time.sleep(0.02)
+    child.popen.wait(timeout=30)
     assert child.poll() == 3 and child.ready(), "what it said before it ended counts"
     silent = ChildProcess([sys.executable, "-c", "pass"])
-    while silent.poll() is None:
-        time.sleep(0.02)
+    silent.popen.wait(timeout=30)
     assert not silent.ready(), "a child that ends without a word was never ready"
 
 
