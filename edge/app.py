@@ -77,8 +77,11 @@ class Edge:
         return int(self.server.sockets[0].getsockname()[1])
 
 
-async def start(cfg: Config) -> Edge:
-    """Start the VM manager, the control API, the listener and the reaper."""
+async def start(cfg: Config, lock_fd: int | None = None) -> Edge:
+    """Start the VM manager, the control API, the listener and the reaper.
+
+    `lock_fd`: the state directory's lock, when `mvm serve` took it before anything started.
+    """
     jsonlog.configure(cfg.log.level)
     raise_nofile_limit(cfg.server.rlimit_nofile)
     log.event("edge.malloc", arenas_capped=memory.limit_arenas())
@@ -86,7 +89,7 @@ async def start(cfg: Config) -> Edge:
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg)
     listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port)
-    manager = VmManager(cfg.vmm)
+    manager = VmManager(cfg.vmm, lock_fd=lock_fd)
     metrics = Metrics(manager.counts_by_state)
     egress = EgressProxies(metrics)
     manager.egress = egress
@@ -150,13 +153,13 @@ async def stop(edge: Edge) -> None:
     log.event("edge.stopped")
 
 
-def serve(cfg: Config) -> None:
-    """Run until SIGINT or SIGTERM (`mvm serve`)."""
-    uvloop.run(_serve_until_signalled(cfg))
+def serve(cfg: Config, lock_fd: int | None = None) -> None:
+    """Run until SIGINT or SIGTERM (`mvm serve --workers 1`)."""
+    uvloop.run(_serve_until_signalled(cfg, lock_fd))
 
 
-async def _serve_until_signalled(cfg: Config) -> None:
-    edge = await start(cfg)
+async def _serve_until_signalled(cfg: Config, lock_fd: int | None) -> None:
+    edge = await start(cfg, lock_fd)
     scheme = "https" if cfg.server.tls else "http"
     print(f"microvm-edge listening on {scheme}://{cfg.server.listen_host}:{edge.port} "
           f"(control API: Host {cfg.server.control_host}); Ctrl-C stops", flush=True)  # fmt: skip

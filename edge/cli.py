@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 
     host = sub.add_parser("host", "run a VM host of a fleet (or, with an action, ask the edge about hosts)")
     host_actions = _Subparsers(host.add_subparsers(required=False, metavar="action"), common)
+    host.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)  # from `mvm serve`: its lock
+    host.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # written to once serving
     host.set_defaults(func=_host)
     host_actions.add_parser("ls", "list the fleet's hosts (up, capacity, VMs)").set_defaults(
         func=lambda a: _print(_api(a, "GET", "/v1/hosts"))
@@ -83,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     edge.add_argument("--workers", type=_worker_count, default=None,
                       help="processes: a number or auto, one per core (default server.workers)")  # fmt: skip
     edge.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one worker, in this process
+    edge.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # written to once serving
     edge.set_defaults(func=_edge)
 
     cert = sub.add_parser("dev-cert", "make a self-signed wildcard certificate for the dev domain")
@@ -204,35 +207,47 @@ def _config(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> None:
     cfg = _config(args)
     workers = _workers(args, cfg)
+    from vmm import statelock
+
+    # Before anything starts: a second `mvm serve` on this state directory stops here, with no port opened.
+    lock_fd = statelock.take(cfg.vmm.state_dir)
     if workers == 1:
         from .app import serve
 
-        serve(cfg)
+        serve(cfg, lock_fd)
         return
-    from fleet.edge_node import host_answers, run_processes, worker_command
+    from fleet.edge_node import worker_command
+    from fleet.supervisor import DRAIN_MARGIN, Child, supervise
+    from vmm import jsonlog
 
+    jsonlog.configure(cfg.log.level)
     config = getattr(args, "config", None)
-    edges = [[*worker_command(config, "edge"), "--worker"] for _ in range(workers)]
-    ready = host_answers(cfg.cluster.host_listen)  # the edges open the port once the host can serve
-    sys.exit(run_processes([worker_command(config, "host"), *edges], ready, cfg.vmm.boot_timeout + 60))
+    host = Child("host", [*worker_command(config, "host"), "--lock-fd", str(lock_fd)], pass_fds=(lock_fd,))
+    edges = [Child(f"edge-{i}", [*worker_command(config, "edge"), "--worker"]) for i in range(workers)]
+    ready_wait = cfg.vmm.boot_timeout + 60  # the host may make the default template first
+    sys.exit(supervise(host, edges, ready_wait, cfg.server.drain_timeout + DRAIN_MARGIN))
 
 
 def _host(args: argparse.Namespace) -> None:
     from fleet.host import serve
 
-    serve(_config(args))
+    serve(_config(args), args.lock_fd, args.ready_fd)
 
 
 def _edge(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from fleet.edge_node import run_processes, serve_worker, worker_command
+    from fleet.edge_node import serve_worker, worker_command
+    from fleet.supervisor import DRAIN_MARGIN, Child, supervise
+    from vmm import jsonlog
 
     workers = _workers(args, cfg)
     if args.worker or workers == 1:
-        serve_worker(cfg)
+        serve_worker(cfg, args.ready_fd)
         return
+    jsonlog.configure(cfg.log.level)
     config = getattr(args, "config", None)
-    sys.exit(run_processes([[*worker_command(config, "edge"), "--worker"] for _ in range(workers)]))
+    edges = [Child(f"edge-{i}", [*worker_command(config, "edge"), "--worker"]) for i in range(workers)]
+    sys.exit(supervise(None, edges, cfg.vmm.boot_timeout + 60, cfg.server.drain_timeout + DRAIN_MARGIN))
 
 
 def _worker_count(text: str) -> int:

@@ -108,12 +108,21 @@ class DataPort:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
+    async def stop(self, drain: float = 0.0) -> int:
+        """Take no new tunnel; those open get `drain` seconds to end on their own, then are cut.
+
+        Returns how many were cut. (A tunnel is a byte relay: an idle keep-alive connection of
+        an edge's pool looks like a request in flight, so it holds the drain until it closes.)
+        """
         if self._server is not None:
             self._server.close()
+        if self._tasks and drain > 0:
+            await asyncio.wait(list(self._tasks), timeout=drain)
+        cut = len(self._tasks)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        return cut
 
     def vm_changed(self, rec: VmRecord) -> None:
         """A manager listener: when a VM's QEMU goes away, its tunnels end at once (before the

@@ -9,17 +9,12 @@ restarted or killed without losing anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import signal
 import ssl
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +37,7 @@ from .edge_control import build_edge_control_app
 from .host_client import HostClient
 from .remote_backend import RemoteBackend
 from .routes import RouteTable
-
-SUPERVISE_EVERY = 0.2  # seconds between looks at the worker processes
+from .supervisor import announce_ready
 
 
 @dataclass
@@ -66,34 +60,41 @@ class EdgeNode:
 
 
 async def start(cfg: Config) -> EdgeNode:
+    """Open the catalog, the control API and the listener; a step that fails stops the ones before it."""
     jsonlog.configure(cfg.log.level)
     raise_nofile_limit(cfg.server.rlimit_nofile)
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg)
-    listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port, reuse_port=True)
-    try:
+    async with contextlib.AsyncExitStack() as started:
+        listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port, reuse_port=True)
+        started.callback(listener.close)
         catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
-    except BaseException:
-        listener.close()
-        raise
-    read_now = catalog.get_vm_now if isinstance(catalog, SqliteCatalog) else None
-    routes = RouteTable(catalog, cfg.cluster.down_after, cfg.cluster.heartbeat_interval, read_now)
-    await routes.start()
-    hosts = HostClient(cfg.cluster.secret)
-    backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=cfg.cluster.direct)
-    metrics = Metrics(lambda: _counts(routes))
-    control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
-    control_socket = str(Path(control_dir.name) / "control.sock")
-    control = web.AppRunner(build_edge_control_app(cfg, routes, hosts, tokens, metrics), access_log=None)
-    await control.setup()
-    await web.UnixSite(control, control_socket).start()
-    ctx = proxy_context(cfg, backend, tokens, metrics, control_socket)
-    routes.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
-    server = await asyncio.get_running_loop().create_server(
-        make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024
-    )
-    backend.start(ctx.open_streams)
-    node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir)
+        started.push_async_callback(catalog.close)
+        read_now = catalog.get_vm_now if isinstance(catalog, SqliteCatalog) else None
+        routes = RouteTable(catalog, cfg.cluster.down_after, cfg.cluster.heartbeat_interval, read_now)
+        await routes.start()
+        started.push_async_callback(routes.stop)
+        hosts = HostClient(cfg.cluster.secret)
+        started.push_async_callback(hosts.close)
+        backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=cfg.cluster.direct)
+        metrics = Metrics(lambda: _counts(routes))
+        control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
+        started.callback(control_dir.cleanup)
+        control_socket = str(Path(control_dir.name) / "control.sock")
+        control = web.AppRunner(build_edge_control_app(cfg, routes, hosts, tokens, metrics), access_log=None)
+        await control.setup()
+        started.push_async_callback(control.cleanup)
+        await web.UnixSite(control, control_socket).start()
+        ctx = proxy_context(cfg, backend, tokens, metrics, control_socket)
+        started.callback(ctx.pool.close)
+        started.callback(ctx.trimmer.close)
+        routes.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
+        server = await asyncio.get_running_loop().create_server(
+            make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024
+        )
+        backend.start(ctx.open_streams)
+        node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir)
+        started.pop_all()  # all started: `stop` takes them down from now on
     log.event("edge.worker_started", listen=f"{cfg.server.listen_host}:{node.port}", pid=os.getpid(),
               catalog=catalog.backend)  # fmt: skip
     return node
@@ -119,75 +120,20 @@ def _counts(routes: RouteTable) -> dict[str, int]:
     return {state.value: counts.get(state.value, 0) for state in VmState if state is not VmState.TERMINATED}
 
 
-def serve_worker(cfg: Config) -> None:
-    """One worker in this process, until SIGINT or SIGTERM."""
-    uvloop.run(_worker_until_signalled(cfg))
+def serve_worker(cfg: Config, ready_fd: int | None = None) -> None:
+    """One worker in this process, until SIGINT or SIGTERM; `ready_fd`: the supervisor's pipe."""
+    uvloop.run(_worker_until_signalled(cfg, ready_fd))
 
 
-async def _worker_until_signalled(cfg: Config) -> None:
+async def _worker_until_signalled(cfg: Config, ready_fd: int | None) -> None:
     node = await start(cfg)
+    announce_ready(ready_fd)
     await until_signalled()
     await stop(node)
 
 
 def worker_count(cfg: Config) -> int:
     return cfg.server.workers or os.cpu_count() or 1
-
-
-def run_processes(
-    commands: list[list[str]], first_ready: Callable[[], bool] | None = None, wait: float = 0.0
-) -> int:
-    """Start every command as a child, forward SIGINT/SIGTERM to all, and end when they have.
-
-    With `first_ready`, the others start only once it says the first child is ready (`mvm
-    serve`: edges open the port when the host can take requests), for at most `wait` seconds.
-    If one child ends on its own, the others are stopped too (a supervisor such as systemd
-    then restarts the whole set): a fleet role never runs half-started.
-    """
-    children: list[subprocess.Popen[bytes]] = []
-    stopping = False
-
-    def stop_all(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
-    children.append(subprocess.Popen(commands[0]))
-    deadline = time.monotonic() + wait
-    while first_ready is not None and not stopping and not first_ready():
-        if children[0].poll() is not None or time.monotonic() > deadline:
-            log.event("fleet.first_not_ready", level="error", command=" ".join(commands[0]), waited=wait)
-            stop_all(signal.SIGTERM, None)
-            break
-        time.sleep(SUPERVISE_EVERY)
-    if not stopping:
-        children += [subprocess.Popen(command) for command in commands[1:]]
-    status = 0
-    while any(child.poll() is None for child in children):
-        time.sleep(SUPERVISE_EVERY)
-        ended = [child for child in children if child.returncode is not None]
-        if ended and not stopping:
-            log.event("fleet.child_exited", level="error", pid=ended[0].pid, status=ended[0].returncode)
-            status = ended[0].returncode or 1
-            stop_all(signal.SIGTERM, None)
-    return status if len(children) == len(commands) else (children[0].returncode or 1)
-
-
-def host_answers(address: str) -> Callable[[], bool]:
-    """Whether the host API at `address` (host:port) answers /healthz: it has recovered its VMs."""
-
-    def check() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{address}/healthz", timeout=1) as answer:
-                return bool(answer.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    return check
 
 
 def worker_command(config: Path | None, role: str) -> list[str]:

@@ -11,6 +11,8 @@ catalog, and serves:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +37,7 @@ from vmm.reaper import Reaper
 from .data_port import DataPort
 from .host_sync import HostAddress, HostSync, capacity
 from .move_api import HOST_MANAGER, add_host_routes
+from .supervisor import announce_ready
 
 SYNC = web.AppKey("sync", HostSync)
 
@@ -68,53 +71,69 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def start(cfg: Config) -> Host:
-    """Recover this host's VMs, publish them, then serve the host API and the data port."""
+async def start(cfg: Config, lock_fd: int | None = None) -> Host:
+    """Recover this host's VMs, publish them, then serve the host API and the data port.
+
+    `lock_fd`: the state directory's lock, taken by `mvm serve` before it started this process.
+    A step that fails stops the ones before it (the manager too: its lock is released).
+    """
     jsonlog.configure(cfg.log.level)
     host_id = host_id_of(cfg)
-    manager = VmManager(cfg.vmm)
+    manager = VmManager(cfg.vmm, lock_fd=lock_fd)
     metrics = Metrics(manager.counts_by_state)
     egress = EgressProxies(metrics)
     manager.egress = egress
-    catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
-    try:
+    async with contextlib.AsyncExitStack() as started:
+        started.push_async_callback(egress.close_all)
+        catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
+        started.push_async_callback(catalog.close)
         await manager.start()
-    except BaseException:
-        await catalog.close()
-        raise
-    await ensure_default_template(manager)
-    sync = HostSync(catalog, manager, host_id, cfg.cluster.heartbeat_interval)
-    api_cfg = replace(cfg, server=replace(cfg.server, admin_key=cfg.cluster.secret))
-    app = build_control_app(api_cfg, manager, token_service(cfg), metrics)
-    app.router.add_post("/v1/vms/{vm_id}/wake", wake)
-    app.router.add_post("/v1/host/activity", activity)
-    app.router.add_get("/v1/host", health)
-    app[HOST_MANAGER], app[SYNC] = manager, sync  # before the app is frozen and serving
-    add_host_routes(app)
-    app.middlewares.append(catalog_first)
-    api = web.AppRunner(app, access_log=None)
-    await api.setup()
-    listen_host, listen_port = _split(cfg.cluster.host_listen)
-    await web.TCPSite(api, listen_host, listen_port).start()
-    api_port = int(api.addresses[0][1])
-    advertised = cfg.cluster.advertise or f"{listen_host}:{api_port}"
-    data = DataPort(cfg.cluster.secret, lambda vm_id, port: _reachable(manager, vm_id, port))
-    manager.listeners.append(data.vm_changed)
-    data_host, data_port = _split(cfg.cluster.data_listen)
-    await data.start(data_host, data_port)
-    advertised_host = advertised.rpartition(":")[0]
-    await sync.start(HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}"))
-    reaper = Reaper(manager, cfg.reaper.interval)
-    reaper.start()
+        started.push_async_callback(manager.close)
+        await ensure_default_template(manager)
+        sync = HostSync(catalog, manager, host_id, cfg.cluster.heartbeat_interval)
+        api_cfg = replace(cfg, server=replace(cfg.server, admin_key=cfg.cluster.secret))
+        app = build_control_app(api_cfg, manager, token_service(cfg), metrics)
+        app.router.add_post("/v1/vms/{vm_id}/wake", wake)
+        app.router.add_post("/v1/host/activity", activity)
+        app.router.add_get("/v1/host", health)
+        app[HOST_MANAGER], app[SYNC] = manager, sync  # before the app is frozen and serving
+        add_host_routes(app)
+        app.middlewares.append(catalog_first)
+        # On SIGTERM requests in flight get server.drain_timeout to finish before they are cancelled.
+        api = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.server.drain_timeout)
+        await api.setup()
+        started.push_async_callback(api.cleanup)
+        listen_host, listen_port = _split(cfg.cluster.host_listen)
+        await web.TCPSite(api, listen_host, listen_port).start()
+        api_port = int(api.addresses[0][1])
+        advertised = cfg.cluster.advertise or f"{listen_host}:{api_port}"
+        data = DataPort(cfg.cluster.secret, lambda vm_id, port: _reachable(manager, vm_id, port))
+        manager.listeners.append(data.vm_changed)
+        data_host, data_port = _split(cfg.cluster.data_listen)
+        await data.start(data_host, data_port)
+        started.push_async_callback(data.stop)
+        advertised_host = advertised.rpartition(":")[0]
+        await sync.start(HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}"))
+        started.push_async_callback(sync.stop)
+        reaper = Reaper(manager, cfg.reaper.interval)
+        reaper.start()
+        started.pop_all()  # all started: `stop` takes them down from now on
     log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend)
     return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress)
 
 
 async def stop(host: Host) -> None:
-    """Stop taking requests, then stop the reaper and the manager (VMs keep running or suspend per config)."""
-    host.manager.refuse_wakes()  # requests still in flight get 503 rather than a VM being woken now
-    await host.data.stop()
-    await host.api.cleanup()
+    """Drain, then stop the reaper and the manager (VMs keep running or suspend per config).
+
+    Draining: no VM is woken any more (503), no new tunnel or host API connection is taken,
+    and the tunnels and host API requests in flight get server.drain_timeout to finish, so
+    on_shutdown = "suspend" never suspends a VM under a request that is still being answered.
+    """
+    host.manager.refuse_wakes()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    cut, _ = await asyncio.gather(host.data.stop(host.cfg.server.drain_timeout), host.api.cleanup())
+    log.event("host.drained", host=host.host_id, seconds=round(loop.time() - began, 3), tunnels_cut=cut)
     await host.reaper.stop()
     await host.manager.close()
     await host.sync.stop()
@@ -189,13 +208,14 @@ async def health(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
-def serve(cfg: Config) -> None:
-    """Run until SIGINT or SIGTERM (`mvm host`)."""
-    uvloop.run(_serve_until_signalled(cfg))
+def serve(cfg: Config, lock_fd: int | None = None, ready_fd: int | None = None) -> None:
+    """Run until SIGINT or SIGTERM (`mvm host`); `lock_fd` and `ready_fd` come from `mvm serve`'s supervisor."""
+    uvloop.run(_serve_until_signalled(cfg, lock_fd, ready_fd))
 
 
-async def _serve_until_signalled(cfg: Config) -> None:
-    host = await start(cfg)
+async def _serve_until_signalled(cfg: Config, lock_fd: int | None, ready_fd: int | None) -> None:
+    host = await start(cfg, lock_fd)
     print(f"microvm-edge host {host.host_id}: host API on {cfg.cluster.host_listen}", flush=True)
+    announce_ready(ready_fd)
     await until_signalled()
     await stop(host)

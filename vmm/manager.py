@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import secrets
 import shutil
@@ -26,7 +25,7 @@ from typing import Any
 from qemu.qmp.error import QMPError
 
 from . import accel as accel_mod
-from . import capacity, disks, faults, lifecycle, netns, snapshot_check, template
+from . import capacity, disks, faults, lifecycle, netns, snapshot_check, statelock, template
 from . import qmp as qmp_ops
 from .agent import Agent, AgentError, Exec, load_key
 from .applog import AppLog
@@ -104,8 +103,9 @@ class _Vm:
 class VmManager:
     """Creates, pauses, suspends, restores and deletes VMs; the edge's VmBackend."""
 
-    def __init__(self, settings: VmmSettings, egress: EgressServer | None = None) -> None:
+    def __init__(self, settings: VmmSettings, egress: EgressServer | None = None, lock_fd: int | None = None) -> None:
         self.settings = settings
+        self._given_lock = lock_fd  # the state directory's lock, taken by `mvm serve` before it started us
         self.egress = egress  # serves each running VM's egress proxy (the edge's); None: guests have none
         self.accel = accel_mod.choose(settings.accelerator)
         self.listeners: list[Callable[[VmRecord], None]] = []
@@ -171,20 +171,8 @@ class VmManager:
 
     def _lock_state_dir(self) -> None:
         """One manager per state directory: a second one would take the first one's VMs for dead."""
-        path = self.settings.state_dir / "manager.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise Conflict(
-                f"state directory {self.settings.state_dir} is in use by pid {holder} (is `mvm serve` already "
-                "running?); one manager per state directory"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        state_dir, given = self.settings.state_dir, self._given_lock
+        self._lock_fd = statelock.take(state_dir) if given is None else statelock.adopt(state_dir, given)
 
     # ---- queries (the edge's hot path: in memory only) ------------------------------
 
