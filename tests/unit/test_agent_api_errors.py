@@ -23,7 +23,7 @@ class _SilentAgent:
     def __init__(self, stuck: bool) -> None:
         self.stuck, self.execs, self.sent = stuck, {}, []  # type: ignore[var-annotated]
 
-    async def send(self, kind: int, channel: int, payload: bytes) -> None:
+    async def send(self, kind: int, channel: int, payload: bytes, drain: bool = True) -> None:
         self.sent.append(kind)
         if self.stuck and kind == 15:  # F_STDIN: the guest's side of the channel is full
             await asyncio.Event().wait()

@@ -77,7 +77,7 @@ async def test_connections_past_the_bound_stay_for_the_grace_then_close_oldest_f
     for c in conns:
         pool.release(c, _now())
     assert pool.idle_count(VM) == 4 and not any(c.closed for c in conns)
-    taken = pool.acquire(VM, 8080, _now())
+    taken = pool.acquire(VM, 8080, _now(), 0)
     assert taken is conns[3]
     await _until(lambda: pool.idle_count(VM) == 2)
     assert conns[0].closed and not conns[1].closed and not conns[2].closed
