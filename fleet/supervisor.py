@@ -102,6 +102,8 @@ Spawn = Callable[[Child], Proc]
 
 
 class Supervisor:
+    """The policy above over any processes (`spawn`) and time (`clock`): tests drive it with fakes."""
+
     def __init__(self, spawn: Spawn, clock: Clock, ready_wait: float, drain_wait: float, every: float = EVERY) -> None:
         self.spawn, self.clock = spawn, clock
         self.ready_wait, self.drain_wait, self.every = ready_wait, drain_wait, every
