@@ -588,8 +588,9 @@ class VmManager:
         if vm.qmp is None or vm.proc is None or not vm.proc.alive:
             return False
         try:
-            return await qmp_ops.status(vm.qmp) == "running"
-        except (QMPError, OSError):
+            async with asyncio.timeout(QMP_CONNECT_TIMEOUT):
+                return await qmp_ops.status(vm.qmp) == "running"
+        except (QMPError, OSError, TimeoutError):
             return False
 
     async def _restore_failed(self, vm: _Vm, own_file: bool, exc: BaseException) -> NoReturn:

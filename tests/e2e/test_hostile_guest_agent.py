@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +21,7 @@ import pytest
 from tests.e2e.guest import sandbox_run
 from vmm import faults, jsonlog
 from vmm.agent import AgentError
+from vmm.errors import VmFailed
 from vmm.manager import VmManager
 from vmm.model import VmState
 from vmm.qemu import qemus_by_name
@@ -162,3 +165,36 @@ async def test_a_failure_after_cont_leaves_the_vm_running_on_its_memory(
             await manager.delete(rec.id)
         await manager.close()
     assert qemus_of(vm.id) == []
+
+
+async def test_a_qemu_that_dies_after_cont_fails_the_vm_and_never_leaves_it_suspended(
+    settings: VmmSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its QEMU killed at restore.synced: the snapshot was spent on a guest that ran, so the VM is failed
+    with the reason (and no QEMU is left), not suspended over a snapshot that no longer loads."""
+    manager = VmManager(settings)
+    await manager.start()
+    point = faults.point
+
+    def kill_qemu_at(name: str) -> None:
+        if name == "restore.synced":
+            pid = manager.get(vm.id).pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            raise faults.FaultInjected("its QEMU was killed at restore.synced")
+        point(name)
+
+    try:
+        vm = await manager.create_vm("demo")
+        await manager.suspend(vm.id)  # the first suspend gives the VM its own RAM file
+        monkeypatch.setattr(faults, "point", kill_qemu_at)
+        with pytest.raises(VmFailed, match="failed after its guest ran"):
+            await manager.ensure_running(vm.id)
+        rec = manager.get(vm.id)
+        assert rec.state is VmState.FAILED and "its QEMU was killed" in (rec.reason or ""), rec.reason
+        assert not (manager.vm_dir(vm.id) / "state").exists() and qemus_of(vm.id) == []
+    finally:
+        monkeypatch.undo()
+        for rec in list(manager.list_vms()):
+            await manager.delete(rec.id)
+        await manager.close()
