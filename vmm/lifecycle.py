@@ -17,7 +17,9 @@ _GONE = (_S.TERMINATING, _S.FAILED)  # delete and an unexpected QEMU exit can co
 
 MOVES: dict[VmState, frozenset[VmState]] = {
     _S.PENDING: frozenset((_S.RUNNING, *_GONE)),  # launched (or its launch failed)
-    _S.RUNNING: frozenset((_S.PAUSED, _S.SUSPENDING, *_GONE)),
+    # RUNNING is written ahead of a restore's `cont`: a restore that fails before the guest ran is
+    # suspended again.
+    _S.RUNNING: frozenset((_S.PAUSED, _S.SUSPENDING, _S.SUSPENDED, *_GONE)),
     _S.PAUSED: frozenset((_S.RUNNING, _S.SUSPENDING, *_GONE)),
     # A complete snapshot; or undone (back to what it was), or QEMU died under it.
     _S.SUSPENDING: frozenset((_S.SUSPENDED, _S.RUNNING, _S.PAUSED, *_GONE)),

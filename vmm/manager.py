@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from qemu.qmp.error import QMPError
 
@@ -96,6 +96,7 @@ class _Vm:
         self.lock = asyncio.Lock()
         self.wake: asyncio.Task[None] | None = None
         self.expect_exit = False
+        self.guest_ran = False  # its QEMU was sent `cont`: the guest writes to the RAM its snapshot was loaded over
         self.agent: Agent | None = None  # disk images only
         self.moving = False  # its files are being copied to another host: no wake until that ends
 
@@ -557,6 +558,7 @@ class VmManager:
         ram = RamBacking(vm_dir / RAM, share=True)
         vm.rec.generation += 1
         self._set(vm, VmState.RESTORING)
+        interrupted: BaseException | None = None
         try:
             snapshot_check.verify(vm_dir / STATE)
             if own_file and self.settings.verify_ram:
@@ -572,23 +574,57 @@ class VmManager:
             await self._open_egress(vm)
             await self._start_qemu(vm, tpl, ram, vm_dir / STATE, ignore_shared=own_file, purpose="restore")
         except BaseException as exc:
-            await self._stop_qemu(vm)
-            await self._close_egress(vm.rec.id)
-            with contextlib.suppress(VmmError):
-                await netns.cut_guest(vm.rec.id)
-            if not own_file:
-                ram.path.unlink(missing_ok=True)
-            self._record(vm, VmState.SUSPENDED, reason=f"restore failed: {exc}")
-            log.event("vm.restore_failed", level="error", vm=vm.rec.id, error=str(exc))
-            if isinstance(exc, Exception):
-                raise RestoreFailed(f"restore of VM {vm.rec.id} failed; it stays suspended: {exc}") from exc
-            raise
+            if not vm.guest_ran or not await self._guest_runs(vm):
+                await self._restore_failed(vm, own_file, exc)
+            # The guest runs on RAM it has written to: the VM stays running, nothing of it is lost.
+            log.event("vm.restore_step_failed", level="warning", vm=vm.rec.id, error=str(exc) or repr(exc),
+                      kept="running")  # fmt: skip
+            interrupted = None if isinstance(exc, Exception) else exc
         # The snapshot no longer matches the RAM file the guest now writes to.
         _remove_snapshot(vm_dir)
         vm.rec.ram_mode = RamMode.OWN_FILE
         self._record(vm, VmState.RUNNING)
+        if interrupted is not None:
+            raise interrupted
         await self._run_hook(vm, "resume")
         log.event("vm.restored", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1))
+
+    async def _guest_runs(self, vm: _Vm) -> bool:
+        """After a restore step failed past `cont`: does the guest run on in a live QEMU?"""
+        if vm.qmp is None or vm.proc is None or not vm.proc.alive:
+            return False
+        try:
+            async with asyncio.timeout(QMP_CONNECT_TIMEOUT):
+                return await qmp_ops.status(vm.qmp) == "running"
+        except (QMPError, OSError, TimeoutError):
+            return False
+
+    async def _restore_failed(self, vm: _Vm, own_file: bool, exc: BaseException) -> NoReturn:
+        """End what the restore started. The VM stays suspended if its snapshot still holds: the guest
+        never ran, or ran on a fresh copy of the RAM in a full stream. A guest that ran on the VM's own
+        RAM file has moved past the device state saved with it: the VM is failed, never left suspended
+        over a snapshot that cannot load again."""
+        vm_dir = self.vm_dir(vm.rec.id)
+        spent = vm.guest_ran and own_file
+        await self._stop_qemu(vm)
+        await self._close_egress(vm.rec.id)
+        with contextlib.suppress(VmmError):
+            await netns.cut_guest(vm.rec.id)
+        if spent:
+            _remove_snapshot(vm_dir)
+            reason = f"restore failed after its guest ran, so its snapshot no longer matches its RAM: {exc}"
+            self._record(vm, VmState.FAILED, reason=reason)
+            log.event("vm.failed", level="error", vm=vm.rec.id, reason=reason)
+            if isinstance(exc, Exception):
+                raise VmFailed(f"restore of VM {vm.rec.id} failed after its guest ran; it is failed: {exc}") from exc
+            raise exc
+        if not own_file:
+            (vm_dir / RAM).unlink(missing_ok=True)
+        self._record(vm, VmState.SUSPENDED, reason=f"restore failed: {exc}")
+        log.event("vm.restore_failed", level="error", vm=vm.rec.id, error=str(exc))
+        if isinstance(exc, Exception):
+            raise RestoreFailed(f"restore of VM {vm.rec.id} failed; it stays suspended: {exc}") from exc
+        raise exc
 
     async def _start_qemu(
         self, vm: _Vm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str
@@ -597,16 +633,18 @@ class VmManager:
         await self._spawn_and_load(vm, tpl, ram, snapshot, ignore_shared, purpose)
         self._set(vm, VmState.RUNNING, reason=None)
         faults.point(f"{purpose}.recorded")
+        vm.guest_ran = True  # from here its snapshot may no longer match: the guest writes as soon as it runs
         await self._qmp(vm, "cont")
         if tpl.base_disk is not None:
             await self._connect_agent(vm)
             await self._sync_guest(vm)
+        faults.point(f"{purpose}.synced")
 
     async def _connect_agent(self, vm: _Vm) -> None:
         try:
             vm_dir = self.vm_dir(vm.rec.id)
             vm.agent = await Agent.connect(vm_dir / AGENT_SOCKET, load_key(vm_dir / AGENT_KEY))
-        except AgentError as exc:
+        except (AgentError, OSError) as exc:  # the guest runs on without it: exec says so
             log.event("vm.agent_unavailable", level="warning", vm=vm.rec.id, error=str(exc))
 
     async def _sync_guest(self, vm: _Vm) -> None:
@@ -653,10 +691,10 @@ class VmManager:
         """/etc/mvm/hooks/<event>.d through the agent, killed at the hook's timeout."""
         if vm.agent is None:
             return HookOutcome(False, "no guest agent to run /etc/mvm/hooks")
-        ex = await vm.agent.exec([GUEST_TOOL, "hooks", event], [], "/", 0, 0)
-        output, code = bytearray(), None
+        output, code, ex = bytearray(), None, None
         try:
-            async with asyncio.timeout(hooks.timeout(event)):
+            async with asyncio.timeout(hooks.timeout(event)):  # the start too: a guest may stop reading its port
+                ex = await vm.agent.exec([GUEST_TOOL, "hooks", event], [], "/", 0, 0)
                 async for item in ex:
                     if item.kind == "exit":
                         code = item.code
@@ -668,7 +706,7 @@ class VmManager:
             text = output.decode(errors="replace").strip()
             return HookOutcome(False, f"/etc/mvm/hooks/{event}.d ran past {hooks.timeout(event):g} s: {text}")
         finally:
-            if not ex.finished:
+            if ex is not None and not ex.finished:
                 await ex.abandon()
         text = output.decode(errors="replace").strip()
         return HookOutcome(code == 0, f"/etc/mvm/hooks/{event}.d exited {code}: {text}")
@@ -690,7 +728,7 @@ class VmManager:
         sock.unlink(missing_ok=True)
         disk = DiskBacking(vm_dir / OVERLAY, "qcow2") if spec.has_disk else None
         argv = build_argv(self.settings.qemu_binary, spec, ram, disk, vm_dir, incoming=True)
-        vm.expect_exit = False
+        vm.expect_exit = vm.guest_ran = False
         proc = QemuProcess.spawn(argv, vm_id, vm_dir / QEMU_LOG, on_exit=lambda p, st: self._on_exit(vm, p, st))
         vm.proc = proc
         try:

@@ -9,7 +9,7 @@
  * out and sleeps: the port is in O_ASYNC mode, and the kernel sends SIGIO (read through the
  * signalfd) when the host connects or disconnects, so the loop wakes as the host comes back.
  * A host that goes away ends its session: its execs are killed and forgotten and what was
- * queued for it is dropped, so the next host (who numbers channels from 1 again) starts clean.
+ * queued for it is dropped, so the next host's session starts clean.
  */
 #define _GNU_SOURCE
 #include "agent.h"
