@@ -36,7 +36,7 @@ from vmm.jsonlog import log
 from vmm.model import VmRecord
 from vmm.template import check_name
 
-from .host_client import HostClient
+from .host_client import FORWARD_TIMEOUT, HostClient
 from .mover import Mover
 from .placement import candidates
 from .routes import RouteTable
@@ -181,7 +181,9 @@ async def _forward_to(request: web.Request, host: HostRecord) -> web.StreamRespo
     url = hosts.url(host.address, request.path_qs)
     data = request.content if request.can_read_body else None
     try:
-        async with hosts.session.request(request.method, url, headers=headers, data=data) as upstream:
+        async with hosts.session.request(
+            request.method, url, headers=headers, data=data, timeout=FORWARD_TIMEOUT
+        ) as upstream:
             kept = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
             if upstream.content_length is not None:  # a sized answer stays sized; a stream stays a stream
                 kept["Content-Length"] = str(upstream.content_length)

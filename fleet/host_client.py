@@ -17,6 +17,9 @@ from vmm.errors import NotRunning, VmmError
 from .host_sync import HostAddress
 
 TIMEOUT = aiohttp.ClientTimeout(total=120, connect=5)
+# A request forwarded to a host lasts as long as the host's answer: an exec, a file transfer or a
+# log that follows runs on past any fixed total, and the host's own limits (exec timeout) end it.
+FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5)
 
 
 class HostError(VmmError):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, cast
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -228,3 +230,53 @@ async def test_an_edge_reports_its_open_streams_to_each_vms_host_and_when_they_e
     hosts.batches.clear()
     await backend.flush_activity()
     assert hosts.batches == [], "nothing to say: no batch"
+
+
+class _OneVmRoutes:
+    """VM on host h1, whose API is `address`."""
+
+    def __init__(self, address: str) -> None:
+        self.h1 = HostRecord("h1", address, Capacity(1, 1, 1), time.time(), True)
+        self.vm = PlacedVm("h1", VmRecord(VM, "demo", VmState.RUNNING, Policy(), 8080, 1.0, 1.0))
+
+    def placed(self, vm_id: str) -> PlacedVm | None:
+        return self.vm if vm_id == VM else None
+
+    def reachable_host(self, placed: PlacedVm) -> HostRecord:
+        return self.h1
+
+
+async def test_a_forwarded_exec_lasts_as_long_as_the_hosts_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exec through an edge worker is not cut by the host client's total timeout (the host would
+    then kill the command and its open work would end with it)."""
+    from edge.metrics import Metrics
+    from edge.tokens import TokenService
+    from fleet import host_client
+    from fleet.edge_control import build_edge_control_app
+    from fleet.host_client import HostClient
+
+    monkeypatch.setattr(host_client, "TIMEOUT", aiohttp.ClientTimeout(total=0.2, connect=5))
+
+    async def quiet_exec(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await asyncio.sleep(0.6)  # a command that prints nothing for a while
+        await response.write(b'{"exit_code": 0}\n')
+        await response.write_eof()
+        return response
+
+    host_app = web.Application()
+    host_app.router.add_post("/v1/vms/{vm_id}/exec", quiet_exec)
+    async with TestServer(host_app) as host:
+        cfg = load_config(None)
+        hosts = HostClient("s" * 40)
+        routes = _OneVmRoutes(f"http://127.0.0.1:{host.port} 127.0.0.1:1")
+        app = build_edge_control_app(cfg, routes, hosts, cast(TokenService, None), Metrics())  # type: ignore[arg-type]
+        try:
+            async with TestClient(TestServer(app)) as edge:
+                auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
+                async with asyncio.timeout(5):  # cut, the stream would never end
+                    resp = await edge.post(f"/v1/vms/{VM}/exec", json={"argv": ["sleep", "1"]}, headers=auth)
+                    assert resp.status == 200 and await resp.read() == b'{"exit_code": 0}\n'
+        finally:
+            await hosts.close()
