@@ -208,12 +208,12 @@ def _serve(args: argparse.Namespace) -> None:
 
         serve(cfg)
         return
-    from fleet.edge_node import host_answers, run_processes, worker_command
+    from fleet.edge_node import host_answers, run_set, worker_command
 
     config = getattr(args, "config", None)
     edges = [[*worker_command(config, "edge"), "--worker"] for _ in range(workers)]
     ready = host_answers(cfg.cluster.host_listen)  # the edges open the port once the host can serve
-    sys.exit(run_processes([worker_command(config, "host"), *edges], ready, cfg.vmm.boot_timeout + 60))
+    sys.exit(run_set(cfg, [worker_command(config, "host"), *edges], workers, ready, cfg.vmm.boot_timeout + 60))
 
 
 def _host(args: argparse.Namespace) -> None:
@@ -224,14 +224,14 @@ def _host(args: argparse.Namespace) -> None:
 
 def _edge(args: argparse.Namespace) -> None:
     cfg = _config(args)
-    from fleet.edge_node import run_processes, serve_worker, worker_command
+    from fleet.edge_node import run_set, serve_worker, worker_command
 
     workers = _workers(args, cfg)
     if args.worker or workers == 1:
         serve_worker(cfg)
         return
     config = getattr(args, "config", None)
-    sys.exit(run_processes([[*worker_command(config, "edge"), "--worker"] for _ in range(workers)]))
+    sys.exit(run_set(cfg, [[*worker_command(config, "edge"), "--worker"] for _ in range(workers)], workers))
 
 
 def _worker_count(text: str) -> int:

@@ -42,8 +42,10 @@ from .edge_control import build_edge_control_app
 from .host_client import HostClient
 from .remote_backend import RemoteBackend
 from .routes import RouteTable
+from .run_dir import RunDir, join_table, worker_nofile
 
 SUPERVISE_EVERY = 0.2  # seconds between looks at the worker processes
+METRICS_FLUSH_EVERY = 1.0  # seconds: how late a worker's per-request counts may reach the set's /metrics
 
 
 @dataclass
@@ -88,6 +90,9 @@ async def start(cfg: Config) -> EdgeNode:
     await control.setup()
     await web.UnixSite(control, control_socket).start()
     ctx = proxy_context(cfg, backend, tokens, metrics, control_socket)
+    ctx.shared_ips = join_table(os.getpid())  # in a set: the per-IP limit counts every worker's connections
+    if metrics.shared is not None:
+        metrics.flush_every(METRICS_FLUSH_EVERY)
     routes.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
     server = await asyncio.get_running_loop().create_server(
         make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024
@@ -105,12 +110,16 @@ async def stop(node: EdgeNode) -> None:
     cut = await node.ctx.drain(node.cfg.server.drain_timeout)
     node.ctx.pool.close()
     node.ctx.trimmer.close()
+    if node.ctx.shared_ips is not None:
+        node.ctx.shared_ips.release()
+        node.ctx.shared_ips.close()
     await node.backend.stop()
     await node.control.cleanup()
     await node.routes.stop()
     await node.hosts.close()
     await node.catalog.close()
     node.control_dir.cleanup()
+    node.ctx.metrics.stop_flushing()
     log.event("edge.worker_stopped", pid=os.getpid(), cut=cut)
 
 
@@ -134,17 +143,31 @@ def worker_count(cfg: Config) -> int:
     return cfg.server.workers or os.cpu_count() or 1
 
 
+def run_set(cfg: Config, commands: list[list[str]], workers: int,
+            first_ready: Callable[[], bool] | None = None, wait: float = 0.0) -> int:  # fmt: skip
+    """`run_processes` with the set's run directory (`fleet.run_dir`): made before the first
+    child starts, handed to every child, removed once they have all ended."""
+    run = RunDir.create(workers, worker_nofile(cfg.server.rlimit_nofile))
+    try:
+        return run_processes(commands, first_ready, wait, env=run.env(), on_exit=run.forget)
+    finally:
+        run.remove()
+
+
 def run_processes(
-    commands: list[list[str]], first_ready: Callable[[], bool] | None = None, wait: float = 0.0
-) -> int:
+    commands: list[list[str]], first_ready: Callable[[], bool] | None = None, wait: float = 0.0,
+    env: dict[str, str] | None = None, on_exit: Callable[[int], None] = lambda pid: None,
+) -> int:  # fmt: skip
     """Start every command as a child, forward SIGINT/SIGTERM to all, and end when they have.
 
     With `first_ready`, the others start only once it says the first child is ready (`mvm
     serve`: edges open the port when the host can take requests), for at most `wait` seconds.
     If one child ends on its own, the others are stopped too (a supervisor such as systemd
-    then restarts the whole set): a fleet role never runs half-started.
+    then restarts the whole set): a fleet role never runs half-started. `on_exit(pid)` runs
+    once for each child that has ended.
     """
     children: list[subprocess.Popen[bytes]] = []
+    reaped: set[int] = set()
     stopping = False
 
     def stop_all(signum: int, _frame: object) -> None:
@@ -156,7 +179,7 @@ def run_processes(
 
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
-    children.append(subprocess.Popen(commands[0]))
+    children.append(subprocess.Popen(commands[0], env=env))
     deadline = time.monotonic() + wait
     while first_ready is not None and not stopping and not first_ready():
         if children[0].poll() is not None or time.monotonic() > deadline:
@@ -165,11 +188,15 @@ def run_processes(
             break
         time.sleep(SUPERVISE_EVERY)
     if not stopping:
-        children += [subprocess.Popen(command) for command in commands[1:]]
+        children += [subprocess.Popen(command, env=env) for command in commands[1:]]
     status = 0
     while any(child.poll() is None for child in children):
         time.sleep(SUPERVISE_EVERY)
         ended = [child for child in children if child.returncode is not None]
+        for child in ended:
+            if child.pid not in reaped:
+                reaped.add(child.pid)
+                on_exit(child.pid)
         if ended and not stopping:
             log.event("fleet.child_exited", level="error", pid=ended[0].pid, status=ended[0].returncode)
             status = ended[0].returncode or 1
