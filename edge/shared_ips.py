@@ -173,11 +173,13 @@ class SharedIpTable:
         return True
 
     def forget(self, pid: int) -> bool:
-        """Zero the region of `pid`, a worker that has ended (the supervisor reaped it)."""
+        """Zero the region of `pid`, a worker that has ended (the supervisor reaped it); a
+        region that a live process already holds again under a reused pid is left alone."""
         self._lock()
         try:
             for region in range(self.regions):
-                if self.owner(region)[0] == pid:
+                owner, started = self.owner(region)
+                if owner == pid and start_time(pid) != started:
                     self._clear(region)
                     return True
             return False
