@@ -263,3 +263,17 @@ async def test_a_worker_batches_its_hot_counts_until_a_flush_or_a_scrape() -> No
     assert metrics.registry.get_sample_value("mvm_proxied_bytes_total", {"direction": "down"}) == 20
     metrics.request(404)
     assert metrics.registry.get_sample_value("mvm_requests_total", {"status": "404"}) == 2, "direct again"
+
+
+def test_a_new_set_removes_the_directory_of_a_killed_supervisor(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"mvm-set-{gone.stdout.strip()}-abc"
+    (orphan / "metrics").mkdir(parents=True)
+    alive = tmp_path / f"mvm-set-{os.getpid()}-def"
+    alive.mkdir()
+    run = RunDir.create(workers=1, max_connections=10, base=tmp_path)
+    try:
+        assert not orphan.exists() and alive.exists() and run.path.is_dir()
+    finally:
+        run.remove()
+    assert not run.path.exists()
