@@ -49,11 +49,14 @@ def _align(n: int) -> int:
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
+MAX_SLOTS = 1 << 22  # 64 MiB of address space per region (sparse): 2M connections per worker
+
+
 def slots_for(max_connections: int) -> int:
     """Slots per region: a power of two at least twice the connections one worker can hold,
-    so a region never fills and probes stay short."""
+    so a region never fills and probes stay short (up to MAX_SLOTS)."""
     slots = 1024
-    while slots < 2 * max_connections:
+    while slots < 2 * max_connections and slots < MAX_SLOTS:
         slots *= 2
     return slots
 
