@@ -225,7 +225,7 @@ def _serve(args: argparse.Namespace) -> None:
     host = Child("host", [*worker_command(config, "host"), "--lock-fd", str(lock_fd)], pass_fds=(lock_fd,))
     edges = [Child(f"edge-{i}", [*worker_command(config, "edge"), "--worker"]) for i in range(workers)]
     ready_wait = cfg.vmm.boot_timeout + 60  # the host may make the default template first
-    sys.exit(supervise(host, edges, ready_wait, cfg.server.drain_timeout + DRAIN_MARGIN))
+    sys.exit(supervise(host, edges, ready_wait, cfg.server.drain_timeout + DRAIN_MARGIN, cfg.server.rlimit_nofile))
 
 
 def _host(args: argparse.Namespace) -> None:
@@ -247,7 +247,8 @@ def _edge(args: argparse.Namespace) -> None:
     jsonlog.configure(cfg.log.level)
     config = getattr(args, "config", None)
     edges = [Child(f"edge-{i}", [*worker_command(config, "edge"), "--worker"]) for i in range(workers)]
-    sys.exit(supervise(None, edges, cfg.vmm.boot_timeout + 60, cfg.server.drain_timeout + DRAIN_MARGIN))
+    drain_wait = cfg.server.drain_timeout + DRAIN_MARGIN
+    sys.exit(supervise(None, edges, cfg.vmm.boot_timeout + 60, drain_wait, cfg.server.rlimit_nofile))
 
 
 def _worker_count(text: str) -> int:

@@ -1,16 +1,41 @@
-"""Prometheus metrics of the edge, on a registry of its own (tests make many instances)."""
+"""Prometheus metrics of the edge, on a registry of its own (tests make many instances).
+
+In a set of processes (`mvm serve` with workers, `mvm edge --workers N`) each process
+counts what it sees: the workers their requests and connections, the host its guests'
+egress. Their supervisor then sets PROMETHEUS_MULTIPROC_DIR (`fleet.run_dir`), so that
+prometheus_client writes every value to a per-process file there, and `/metrics`, answered
+by whichever worker the scrape lands on, sums the files of the whole machine. Live gauges
+(held requests, open connections) count only processes still running. A process on its
+own keeps plain in-memory values.
+
+A value in a file costs a lock, a pid check and a write per update, so a worker of a set
+batches the per-request and per-connection counts (`flush_every`): they reach its file at
+most a second late, and at once when it answers a scrape itself or stops.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from vmm.model import VmState
 
 WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+
+
+def shared_dir() -> str | None:
+    """Where this process's values go when it is one of a set: prometheus_client chose file
+    backed values at import because PROMETHEUS_MULTIPROC_DIR was set."""
+    if getattr(prometheus_values.ValueClass, "_multiprocess", False):
+        return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    return None
 
 
 class Metrics:
@@ -25,7 +50,10 @@ class Metrics:
         self._wake_seconds = Histogram(
             "mvm_wake_seconds", "Time from request to VM ready.", buckets=WAKE_BUCKETS, registry=self.registry
         )
-        self._held = Gauge("mvm_held_requests", "Requests waiting for a VM to wake.", registry=self.registry)
+        self._held = Gauge(
+            "mvm_held_requests", "Requests waiting for a VM to wake.", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         traffic = Counter(
             "mvm_proxied_bytes", "Bytes relayed, up (to VMs) and down.", ["direction"], registry=self.registry
         )
@@ -37,7 +65,9 @@ class Metrics:
             registry=self.registry,
         )
         self._egress_allowed, self._egress_denied = egress.labels(decision="allowed"), egress.labels(decision="denied")
-        self._clients = Gauge("mvm_client_connections", "Open client connections.", registry=self.registry)
+        self._clients = Gauge(
+            "mvm_client_connections", "Open client connections.", registry=self.registry, multiprocess_mode="livesum"
+        )
         self._refused = Counter(
             "mvm_connections_refused", "Client connections refused on arrival, by reason.", ["reason"],
             registry=self.registry,
@@ -45,10 +75,63 @@ class Metrics:
         self._slow = Counter(
             "mvm_slow_clients", "Requests cut because their body came too slowly (408).", registry=self.registry
         )
-        if vm_states is not None:
-            self.registry.register(_VmStates(vm_states))
+        # VM states are read from the answering process's view (the manager, or a worker's
+        # catalog routes) at scrape time, never summed across processes.
+        self._vm_states = _VmStates(vm_states) if vm_states is not None else None
+        self._exposed = self.registry
+        self.shared = shared_dir()
+        if self.shared is not None:
+            self._exposed = CollectorRegistry()
+            MultiProcessCollector(self._exposed, self.shared)
+        if self._vm_states is not None:
+            self._exposed.register(self._vm_states)
+        self._batched = False  # request, proxied and client_connections wait for `flush`
+        self._flusher: asyncio.TimerHandle | None = None
+        self._pending_status: dict[int, int] = {}
+        self._pending_up = self._pending_down = self._pending_clients = 0
+
+    def flush_every(self, seconds: float) -> None:
+        """Batch the hot counts from now on and write them every `seconds` (on the running loop)."""
+        self._batched = True
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            self.flush()
+            self._flusher = loop.call_later(seconds, tick)
+
+        self._flusher = loop.call_later(seconds, tick)
+
+    def stop_flushing(self) -> None:
+        """Write what is batched and count directly again (the process is stopping)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self.flush()
+        self._batched = False
+
+    def flush(self) -> None:
+        """Hand the batched counts to their metrics."""
+        pending, self._pending_status = self._pending_status, {}
+        for status, n in pending.items():
+            self._status(status).inc(n)
+        if self._pending_up:
+            self._up.inc(self._pending_up)
+        if self._pending_down:
+            self._down.inc(self._pending_down)
+        if self._pending_clients:
+            self._clients.inc(self._pending_clients)
+        self._pending_up = self._pending_down = self._pending_clients = 0
+
+    def _status(self, status: int) -> Counter:
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self._requests.labels(status=str(status))
+        return child
 
     def request(self, status: int) -> None:
+        if self._batched:
+            self._pending_status[status] = self._pending_status.get(status, 0) + 1
+            return
         child = self._by_status.get(status)
         if child is None:
             child = self._by_status[status] = self._requests.labels(status=str(status))
@@ -62,6 +145,9 @@ class Metrics:
         self._held.inc(delta)
 
     def client_connections(self, delta: int) -> None:
+        if self._batched:
+            self._pending_clients += delta
+            return
         self._clients.inc(delta)
 
     def connection_refused(self, reason: str) -> None:
@@ -71,6 +157,10 @@ class Metrics:
         self._slow.inc()
 
     def proxied(self, upstream_bytes: int, downstream_bytes: int) -> None:
+        if self._batched:
+            self._pending_up += upstream_bytes
+            self._pending_down += downstream_bytes
+            return
         if upstream_bytes:
             self._up.inc(upstream_bytes)
         if downstream_bytes:
@@ -80,8 +170,10 @@ class Metrics:
         (self._egress_allowed if allowed else self._egress_denied).inc()
 
     def render(self) -> tuple[bytes, str]:
-        """The text exposition and its content type, for GET /metrics."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text exposition and its content type, for GET /metrics: this process's figures,
+        or in a set the sum over all of its processes."""
+        self.flush()
+        return generate_latest(self._exposed), CONTENT_TYPE_LATEST
 
 
 class _VmStates(Collector):

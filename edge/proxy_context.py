@@ -14,6 +14,7 @@ from .backend import VmBackend
 from .hosts import HostRouter
 from .memory import BurstTrimmer
 from .metrics import Metrics
+from .shared_ips import SharedIpTable
 from .tokens import TokenService
 from .upstream import UpstreamPool
 
@@ -84,6 +85,7 @@ class ProxyContext:
     open_streams: OpenWork = field(default_factory=OpenWork)
     held: dict[str, int] = field(default_factory=dict)
     per_ip: dict[bytes, int] = field(default_factory=dict)  # open client connections by client address
+    shared_ips: SharedIpTable | None = None  # the same counts of every worker of the set, for the limit
     clients: set[ClientConnection] = field(default_factory=set)
     wakes_refused: bool = False
     trimmer: BurstTrimmer = field(default_factory=BurstTrimmer)  # memory back to the OS after a burst
@@ -115,10 +117,14 @@ class ProxyContext:
             self.metrics.wake(seconds, not failed)
 
     def client_opened(self, client: bytes) -> bool:
-        """Count a new client connection; False (not counted) when its address has too many."""
+        """Count a new client connection; False (not counted) when its address has too many,
+        here or, with `shared_ips`, on all the workers of this machine together."""
         limit = self.settings.max_connections_per_ip
         n = self.per_ip.get(client, 0)
-        if limit and n >= limit and not self.settings.trusts(client):
+        if self.shared_ips is not None:
+            if not self.shared_ips.opened(client, n, limit, self.settings.trusts):
+                return False
+        elif limit and n >= limit and not self.settings.trusts(client):
             return False
         self.per_ip[client] = n + 1
         self.metrics.client_connections(1)
@@ -126,6 +132,8 @@ class ProxyContext:
 
     def client_closed(self, client: bytes) -> None:
         count_down(self.per_ip, client)
+        if self.shared_ips is not None:
+            self.shared_ips.closed(client, self.per_ip.get(client, 0))
         self.metrics.client_connections(-1)
 
     def connection_made(self, client: ClientConnection) -> None:

@@ -37,7 +37,10 @@ from .edge_control import build_edge_control_app
 from .host_client import HostClient
 from .remote_backend import RemoteBackend
 from .routes import RouteTable
+from .run_dir import join_table
 from .supervisor import announce_ready
+
+METRICS_FLUSH_EVERY = 1.0  # seconds: how late a worker's per-request counts may reach the set's /metrics
 
 
 @dataclass
@@ -86,6 +89,9 @@ async def start(cfg: Config) -> EdgeNode:
         started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()
         ctx = proxy_context(cfg, backend, tokens, metrics, control_socket)
+        ctx.shared_ips = join_table(os.getpid())  # in a set: the per-IP limit counts every worker's connections
+        if metrics.shared is not None:
+            metrics.flush_every(METRICS_FLUSH_EVERY)
         started.callback(ctx.pool.close)
         started.callback(ctx.trimmer.close)
         routes.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
@@ -106,12 +112,16 @@ async def stop(node: EdgeNode) -> None:
     cut = await node.ctx.drain(node.cfg.server.drain_timeout)
     node.ctx.pool.close()
     node.ctx.trimmer.close()
+    if node.ctx.shared_ips is not None:
+        node.ctx.shared_ips.release()
+        node.ctx.shared_ips.close()
     await node.backend.stop()
     await node.control.cleanup()
     await node.routes.stop()
     await node.hosts.close()
     await node.catalog.close()
     node.control_dir.cleanup()
+    node.ctx.metrics.stop_flushing()
     log.event("edge.worker_stopped", pid=os.getpid(), cut=cut)
 
 

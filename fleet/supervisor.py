@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 from vmm.jsonlog import log
 
+from .run_dir import RunDir, worker_nofile
+
 EVERY = 0.2  # seconds between looks at the children
 DRAIN_MARGIN = 5.0  # seconds past server.drain_timeout before a stopping edge worker is killed
 PR_SET_PDEATHSIG = 1
@@ -104,10 +106,15 @@ Spawn = Callable[[Child], Proc]
 class Supervisor:
     """The policy above over any processes (`spawn`) and time (`clock`): tests drive it with fakes."""
 
-    def __init__(self, spawn: Spawn, clock: Clock, ready_wait: float, drain_wait: float, every: float = EVERY) -> None:
+    def __init__(
+        self, spawn: Spawn, clock: Clock, ready_wait: float, drain_wait: float, every: float = EVERY,
+        on_exit: Callable[[int], None] = lambda pid: None,
+    ) -> None:  # fmt: skip
         self.spawn, self.clock = spawn, clock
         self.ready_wait, self.drain_wait, self.every = ready_wait, drain_wait, every
+        self.on_exit = on_exit  # told each ended child's pid once (the set's shared files forget it)
         self.stopping = False
+        self._reported: set[int] = set()
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: Any = None) -> None:
         """SIGTERM or SIGINT: stop the set in order (called from the signal handler)."""
@@ -129,6 +136,9 @@ class Supervisor:
             self._stop(workers, self.drain_wait)
             if host is not None:
                 self._stop([host], None)
+            for child in [*workers, *([host] if host is not None else [])]:
+                if _ended(child):
+                    self._report(child)
         if status == 0 and host is not None:
             status = _exit_status(host.status)
         return status
@@ -163,6 +173,7 @@ class Supervisor:
                 return _exit_status(host.status) or 1
             for worker in workers:
                 if worker.restart_at is None and _ended(worker):
+                    self._report(worker)
                     delay = worker.backoff.after_run(now - worker.started_at)
                     worker.restart_at = now + delay
                     log.event("fleet.worker_exited", level="error", worker=worker.name, pid=_pid(worker),
@@ -197,6 +208,12 @@ class Supervisor:
                     child.proc.send_signal(signal.SIGKILL)
                 killed = True
             self.clock.sleep(self.every)
+
+    def _report(self, child: Child) -> None:
+        pid = _pid(child)
+        if pid is not None and pid not in self._reported:
+            self._reported.add(pid)
+            self.on_exit(pid)
 
     def _spawn(self, child: Child) -> None:
         child.proc = self.spawn(child)
@@ -247,11 +264,12 @@ def _exit_status(status: int | None) -> int:
 class ChildProcess:
     """A child started with `--ready-fd N`: the write end of a pipe on which it says it is ready."""
 
-    def __init__(self, command: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    def __init__(self, command: list[str], pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> None:
         read_end, write_end = os.pipe()
         try:
             self.popen = subprocess.Popen(
                 [*command, "--ready-fd", str(write_end)], pass_fds=(write_end, *pass_fds), stdin=subprocess.DEVNULL,
+                env=env,
                 process_group=0, preexec_fn=functools.partial(_end_with_parent, os.getpid()),
             )  # fmt: skip
         except BaseException:
@@ -298,13 +316,22 @@ def _end_with_parent(supervisor: int) -> None:
         os._exit(1)
 
 
-def supervise(host: Child | None, workers: list[Child], ready_wait: float, drain_wait: float) -> int:
-    """Run the set as real processes until SIGTERM or SIGINT (or its host dies); the exit status."""
-    supervisor = Supervisor(lambda child: ChildProcess(child.command, child.pass_fds), SystemClock(),
-                            ready_wait, drain_wait)  # fmt: skip
+def supervise(host: Child | None, workers: list[Child], ready_wait: float, drain_wait: float, nofile: int) -> int:
+    """Run the set as real processes until SIGTERM or SIGINT (or its host dies); the exit status.
+
+    The set's run directory (fleet.run_dir: the per-IP table and the metrics files its processes
+    share) is made before the first child starts and removed once the last one has ended.
+    """
+    run = RunDir.create(len(workers), worker_nofile(nofile))
+    env = run.env()
+    supervisor = Supervisor(lambda child: ChildProcess(child.command, child.pass_fds, env), SystemClock(),
+                            ready_wait, drain_wait, on_exit=run.forget)  # fmt: skip
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
-    return supervisor.run(host, workers)
+    try:
+        return supervisor.run(host, workers)
+    finally:
+        run.remove()
 
 
 def announce_ready(fd: int | None) -> None:
