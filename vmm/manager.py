@@ -30,6 +30,7 @@ from . import capacity, disks, faults, netns, snapshot_check, template
 from . import qmp as qmp_ops
 from .agent import Agent, AgentError, Exec, load_key
 from .applog import AppLog
+from .console import ConsoleReader
 from .egress import EgressServer
 from .errors import (
     Conflict,
@@ -49,6 +50,7 @@ from .model import RamMode, Template, VmRecord, VmState
 from .policy import Policy
 from .qemu import (
     AGENT_SOCKET,
+    APP_CONSOLE,
     APP_LOG,
     QEMU_LOG,
     QMP_SOCKET,
@@ -97,6 +99,7 @@ class _Vm:
         self.wake: asyncio.Task[None] | None = None
         self.expect_exit = False
         self.agent: Agent | None = None  # disk images only
+        self.console: ConsoleReader | None = None  # disk images only: the app's stdout and stderr
         self.busy = 0  # execs running: the idle reaper leaves the VM alone
         self.moving = False  # its files are being copied to another host: no wake until that ends
 
@@ -159,6 +162,8 @@ class VmManager:
                 await vm.qmp.disconnect_quietly()
             if vm.agent is not None:
                 await vm.agent.close("the manager stopped")
+            if vm.console is not None:
+                await vm.console.close(drain=False)
             if vm.proc is not None:
                 vm.proc.close()
         self._flush_activity()
@@ -591,12 +596,17 @@ class VmManager:
     ) -> None:
         """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use."""
         await self._spawn_and_load(vm, tpl, ram, snapshot, ignore_shared, purpose)
+        if tpl.base_disk is not None:
+            await self._open_console(vm)  # before `cont`: nothing the app prints is missed
         self._set(vm, VmState.RUNNING, reason=None)
         faults.point(f"{purpose}.recorded")
         await self._qmp(vm, "cont")
         if tpl.base_disk is not None:
             await self._connect_agent(vm)
             await self._sync_guest(vm)
+
+    async def _open_console(self, vm: _Vm) -> None:
+        vm.console = await ConsoleReader.open(vm.rec.id, self.vm_dir(vm.rec.id) / APP_CONSOLE, self.app_log(vm.rec.id))
 
     async def _connect_agent(self, vm: _Vm) -> None:
         try:
@@ -685,7 +695,7 @@ class VmManager:
         sock = vm_dir / QMP_SOCKET
         sock.unlink(missing_ok=True)
         disk = DiskBacking(vm_dir / OVERLAY, "qcow2") if spec.has_disk else None
-        argv = build_argv(self.settings.qemu_binary, spec, ram, disk, vm_dir, incoming=True)
+        argv = build_argv(self.settings.qemu_binary, spec, ram, disk, vm_dir, incoming=True, console_socket=True)
         vm.expect_exit = False
         proc = QemuProcess.spawn(argv, vm_id, vm_dir / QEMU_LOG, on_exit=lambda p, st: self._on_exit(vm, p, st))
         vm.proc = proc
@@ -719,6 +729,9 @@ class VmManager:
             await vm.proc.kill()
             self._forget_process(vm.proc.pid)
             vm.proc = None
+        if vm.console is not None:
+            await vm.console.close(drain=True)  # QEMU has ended: its last bytes (an app's dying words) are kept
+            vm.console = None
         vm.rec.pid = None
 
     async def _discard(self, vm: _Vm, why: str) -> None:
@@ -796,6 +809,7 @@ class VmManager:
             _remove_snapshot(vm_dir)  # the guest ran on (or may): a snapshot left over no longer matches
             await self._open_egress(vm)
             if (vm_dir / OVERLAY).exists():
+                await self._open_console(vm)
                 await self._connect_agent(vm)
         if run_state == "running":
             self._record(vm, VmState.RUNNING)
