@@ -322,9 +322,10 @@ class VmManager:
                 self.vm_dir(vm_id).mkdir(parents=True)
                 if tpl.base_disk is not None:
                     await disks.create_overlay(tpl.base_disk, self.vm_dir(vm_id) / OVERLAY)
-                    # The app started while the template booted: its first lines belong to every VM's log.
-                    with contextlib.suppress(FileNotFoundError):
-                        shutil.copyfile(Path(tpl.path) / APP_LOG, self.vm_dir(vm_id) / APP_LOG)
+                    # The app started while the template booted: its first lines (the newest that fit) belong to
+                    # every VM's log.
+                    most = self.settings.app_log_max_bytes
+                    self.app_log(vm_id).append(AppLog(Path(tpl.path) / APP_LOG, most).tail(most))
                 await netns.create(vm_id)
                 await self._open_egress(vm)
                 ram = RamBacking(Path(tpl.path) / RAM, share=False)
@@ -978,14 +979,15 @@ class VmManager:
             self._flush_activity()
 
     async def _rotate_app_logs_forever(self) -> None:
-        """QEMU appends to app.log itself, so its bound holds only as promptly as it is checked (vmm/applog.py)."""
+        """Logs QEMU appends to itself (an initramfs guest's serial.log, the app.log of a QEMU started
+        before console sockets) hold their bound only as promptly as they are checked (vmm/applog.py)."""
         while True:
             await asyncio.sleep(APP_LOG_CHECK_SECONDS)
             self._rotate_app_logs()
 
     def _rotate_app_logs(self) -> None:
         for vm in list(self._vms.values()):
-            if vm.rec.state in _LIVE:
+            if vm.rec.state in _LIVE and vm.console is None:  # a console reader keeps its log bounded itself
                 try:
                     self.app_log(vm.rec.id).rotate_if_needed()
                 except (OSError, VmmError) as exc:
