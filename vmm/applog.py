@@ -1,16 +1,17 @@
 """A VM's app log: what its app wrote to stdout and stderr, in a bounded file per VM.
 
-QEMU appends the guest's console output to `app.log` itself (a file chardev, O_APPEND), so
-the guest never waits for this process: a stopped or busy manager never blocks the app.
-The manager checks the file every `APP_LOG_CHECK_SECONDS` (vmm/manager.py). Once it is past
-`max_bytes`, the newest `max_bytes` of it become `app.log.1` (replacing the older one) and it
-is truncated in place; QEMU's appends continue at the new end. What this guarantees:
-- `app.log.1` never holds more than `max_bytes`: this process writes it, whole, with a rename;
-- `app.log` is back within `max_bytes` at the first check after it crossed it: between two
-  checks it holds at most `max_bytes` plus what the guest wrote in that interval (and it is
-  unbounded while no manager runs, e.g. after a stop with on_shutdown = "keep", until the next
-  manager's first check);
-- bytes the guest writes in the instant between the final read and the truncation are lost.
+For disk images the manager writes `app.log` itself from the VM's console socket
+(vmm/console.py, `append`): when the next bytes would take it past `max_bytes` it becomes
+`app.log.1` (replacing the older one) and a new `app.log` starts. So, exactly:
+- neither file ever holds more than `max_bytes`, whatever the guest writes and however fast;
+- the two files hold the newest output, up to 2 * `max_bytes`, in order;
+- output the guest writes while no manager reads its console (stopped, or too far behind) is
+  dropped by QEMU, never buffered and never waited for.
+The console of an initramfs guest (serial.log) and the console of a QEMU started before this
+scheme are files that QEMU appends to itself: the manager checks those every
+`APP_LOG_CHECK_SECONDS` (vmm/manager.py) and `rotate_if_needed` moves the newest `max_bytes`
+to the older file, so that one never holds more than `max_bytes`, and the current one is back
+within `max_bytes` at the first check after it crossed it.
 Readers see the older file followed by the current one.
 """
 
@@ -29,6 +30,22 @@ class AppLog:
         self.path = path
         self.older = path.with_name(path.name + ".1")
         self.max_bytes = max_bytes
+
+    def append(self, data: bytes) -> None:
+        """Add console output; the file becomes the older one first whenever `data` would not fit."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        while data:
+            if size >= self.max_bytes:
+                if not self.rotate_if_needed():  # exactly full (more: only its newest max_bytes are kept)
+                    os.replace(self.path, self.older)
+                size = 0
+            part, data = data[: self.max_bytes - size], data[self.max_bytes - size :]
+            with open(self.path, "ab") as f:
+                f.write(part)
+            size += len(part)
 
     def rotate_if_needed(self) -> bool:
         """Keep the file under its bound; True if it rotated. Only the newest `max_bytes` are kept."""

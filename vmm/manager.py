@@ -29,6 +29,7 @@ from . import capacity, disks, faults, lifecycle, netns, snapshot_check, statelo
 from . import qmp as qmp_ops
 from .agent import Agent, AgentError, Exec, load_key
 from .applog import AppLog
+from .console import ConsoleReader
 from .egress import EgressServer
 from .errors import (
     Conflict,
@@ -49,6 +50,7 @@ from .open_work import OpenWork
 from .policy import Policy
 from .qemu import (
     AGENT_SOCKET,
+    APP_CONSOLE,
     APP_LOG,
     QEMU_LOG,
     QMP_SOCKET,
@@ -98,6 +100,7 @@ class _Vm:
         self.expect_exit = False
         self.guest_ran = False  # its QEMU was sent `cont`: the guest writes to the RAM its snapshot was loaded over
         self.agent: Agent | None = None  # disk images only
+        self.console: ConsoleReader | None = None  # disk images only: the app's stdout and stderr
         self.moving = False  # its files are being copied to another host: no wake until that ends
 
 
@@ -161,6 +164,8 @@ class VmManager:
                 await vm.qmp.disconnect_quietly()
             if vm.agent is not None:
                 await vm.agent.close("the manager stopped")
+            if vm.console is not None:
+                await vm.console.close(drain=False)
             if vm.proc is not None:
                 vm.proc.close()
         self._flush_activity()
@@ -306,9 +311,10 @@ class VmManager:
                 self.vm_dir(vm_id).mkdir(parents=True)
                 if tpl.base_disk is not None:
                     await disks.create_overlay(tpl.base_disk, self.vm_dir(vm_id) / OVERLAY)
-                    # The app started while the template booted: its first lines belong to every VM's log.
-                    with contextlib.suppress(FileNotFoundError):
-                        shutil.copyfile(Path(tpl.path) / APP_LOG, self.vm_dir(vm_id) / APP_LOG)
+                    # The app started while the template booted: its first lines (the newest that fit) belong to
+                    # every VM's log.
+                    most = self.settings.app_log_max_bytes
+                    self.app_log(vm_id).append(AppLog(Path(tpl.path) / APP_LOG, most).tail(most))
                 await netns.create(vm_id)
                 await self._open_egress(vm)
                 ram = RamBacking(Path(tpl.path) / RAM, share=False)
@@ -631,6 +637,8 @@ class VmManager:
     ) -> None:
         """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use."""
         await self._spawn_and_load(vm, tpl, ram, snapshot, ignore_shared, purpose)
+        if tpl.base_disk is not None:
+            await self._open_console(vm)  # before `cont`: nothing the app prints is missed
         self._set(vm, VmState.RUNNING, reason=None)
         faults.point(f"{purpose}.recorded")
         vm.guest_ran = True  # from here its snapshot may no longer match: the guest writes as soon as it runs
@@ -639,6 +647,9 @@ class VmManager:
             await self._connect_agent(vm)
             await self._sync_guest(vm)
         faults.point(f"{purpose}.synced")
+
+    async def _open_console(self, vm: _Vm) -> None:
+        vm.console = await ConsoleReader.open(vm.rec.id, self.vm_dir(vm.rec.id) / APP_CONSOLE, self.app_log(vm.rec.id))
 
     async def _connect_agent(self, vm: _Vm) -> None:
         try:
@@ -727,7 +738,7 @@ class VmManager:
         sock = vm_dir / QMP_SOCKET
         sock.unlink(missing_ok=True)
         disk = DiskBacking(vm_dir / OVERLAY, "qcow2") if spec.has_disk else None
-        argv = build_argv(self.settings.qemu_binary, spec, ram, disk, vm_dir, incoming=True)
+        argv = build_argv(self.settings.qemu_binary, spec, ram, disk, vm_dir, incoming=True, console_socket=True)
         vm.expect_exit = vm.guest_ran = False
         proc = QemuProcess.spawn(argv, vm_id, vm_dir / QEMU_LOG, on_exit=lambda p, st: self._on_exit(vm, p, st))
         vm.proc = proc
@@ -761,6 +772,9 @@ class VmManager:
             await vm.proc.kill()
             self._forget_process(vm.proc.pid)
             vm.proc = None
+        if vm.console is not None:
+            await vm.console.close(drain=True)  # QEMU has ended: its last bytes (an app's dying words) are kept
+            vm.console = None
         vm.rec.pid = None
 
     async def _discard(self, vm: _Vm, why: str) -> None:
@@ -843,6 +857,7 @@ class VmManager:
                 await netns.uncut_guest(rec.id)
             await self._open_egress(vm)
             if (vm_dir / OVERLAY).exists():
+                await self._open_console(vm)
                 await self._connect_agent(vm)
         if run_state == "running":
             self._record(vm, VmState.RUNNING, recovered=True)
@@ -1016,14 +1031,15 @@ class VmManager:
             self._flush_activity()
 
     async def _rotate_app_logs_forever(self) -> None:
-        """QEMU appends to app.log itself, so its bound holds only as promptly as it is checked (vmm/applog.py)."""
+        """Logs QEMU appends to itself (an initramfs guest's serial.log, the app.log of a QEMU started
+        before console sockets) hold their bound only as promptly as they are checked (vmm/applog.py)."""
         while True:
             await asyncio.sleep(APP_LOG_CHECK_SECONDS)
             self._rotate_app_logs()
 
     def _rotate_app_logs(self) -> None:
         for vm in list(self._vms.values()):
-            if vm.rec.state in _LIVE:
+            if vm.rec.state in _LIVE and vm.console is None:  # a console reader keeps its log bounded itself
                 try:
                     self.app_log(vm.rec.id).rotate_if_needed()
                 except (OSError, VmmError) as exc:

@@ -23,6 +23,7 @@ from .errors import VmmError
 QMP_SOCKET = "qmp.sock"
 SERIAL_LOG = "serial.log"  # the guest kernel's console (ttyS0)
 APP_LOG = "app.log"  # the app's stdout and stderr, through the guest init's virtio console
+APP_CONSOLE = "app.sock"  # that console's chardev: the manager reads it into app.log (vmm/console.py)
 QEMU_LOG = "qemu.log"  # QEMU's own stderr
 AGENT_SOCKET = "agent.sock"  # the guest agent's channel (disk images)
 
@@ -63,10 +64,13 @@ def build_argv(
     disk: DiskBacking | None,
     run_dir: Path,
     incoming: bool,
+    console_socket: bool = False,
 ) -> list[str]:
     """The QEMU command line, run inside the VM's network namespace via `ip netns exec`.
 
     `run_dir` holds the QMP socket, the console log (serial.log) and the app's log (app.log).
+    With `console_socket` the app's console is a socket the manager reads (app.sock, see
+    vmm/console.py); else QEMU appends it to app.log itself (a template's boot).
     The device set must be the same at a boot and at every restore of its snapshot.
     """
     if spec.has_disk != (disk is not None):
@@ -98,7 +102,8 @@ def build_argv(
             "-drive", f"file={disk.path},format={disk.format},if=none,id=disk0,discard=unmap,detect-zeroes=unmap",
             "-device", "virtio-blk-device,drive=disk0",
             "-device", "virtio-serial-device",
-            "-chardev", f"file,id=applog,path={run_dir / APP_LOG},append=on",
+            "-chardev", (f"socket,id=applog,path={run_dir / APP_CONSOLE},server=on,wait=off" if console_socket
+                         else f"file,id=applog,path={run_dir / APP_LOG},append=on"),
             "-device", "virtconsole,chardev=applog",
             # The guest agent's channel (guest/init/agent.c): only the host reaches this socket.
             "-chardev", f"socket,id=agent,path={run_dir / AGENT_SOCKET},server=on,wait=off",
