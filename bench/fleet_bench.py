@@ -106,7 +106,7 @@ async def edge_scaling(root: Path, cert: Path, key: Path, rounds: int, seconds: 
 async def _role(args: list[str], config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     with log.open("ab") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edge.cli", *args, "--config", str(config), cwd=REPO,
+            sys.executable, "-m", "mvm.cli", *args, "--config", str(config), cwd=REPO,
             stdout=asyncio.subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
     try:

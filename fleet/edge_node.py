@@ -147,5 +147,5 @@ def worker_count(cfg: Config) -> int:
 
 
 def worker_command(config: Path | None, role: str) -> list[str]:
-    command = [sys.executable, "-m", "edge.cli", role]
+    command = [sys.executable, "-m", "mvm.cli", role]
     return command + (["--config", str(config)] if config is not None else [])

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/ruff check .
-.venv/bin/mypy edge vmm fleet microvm_edge bench
+.venv/bin/mypy edge vmm fleet mvm microvm_edge bench
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -47,7 +47,7 @@ class Role:
     async def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "edge.cli", *self.args, "--config", str(self.config), cwd=REPO,
+                sys.executable, "-m", "mvm.cli", *self.args, "--config", str(self.config), cwd=REPO,
                 stdout=asyncio.subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
 

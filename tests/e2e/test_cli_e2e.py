@@ -14,7 +14,7 @@ from vmm.settings import VmmSettings
 
 async def mvm(config: Path, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edge.cli", *args, "--config", str(config),
+        sys.executable, "-m", "mvm.cli", *args, "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

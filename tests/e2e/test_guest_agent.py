@@ -227,7 +227,7 @@ async def test_cli_exec_and_cp(settings: VmmSettings, sandbox_template: str, tmp
 
         async def mvm(*args: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "edge.cli", "--config", str(config), *args,  # exec's argv takes the rest
+                sys.executable, "-m", "mvm.cli", "--config", str(config), *args,  # exec's argv takes the rest
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
@@ -372,7 +372,7 @@ async def test_shell_over_a_websocket_with_resize_ctrl_c_and_exit_status(
         config.write_text(f'[server]\nlisten_port = {client.edge.port}\ntls_cert = "{cfg.server.tls_cert}"\n'
                           f'tls_key = "{cfg.server.tls_key}"\n')  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edge.cli", "--config", str(config), "shell", vm_id,
+            sys.executable, "-m", "mvm.cli", "--config", str(config), "shell", vm_id,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(b"echo via-$((2*21))\nexit 4\n"), 60)

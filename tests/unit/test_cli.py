@@ -1,6 +1,6 @@
 import pytest
 
-from edge.cli import _parser
+from mvm.cli import _parser
 
 
 @pytest.mark.parametrize(

@@ -26,12 +26,11 @@ from typing import Any
 import aiohttp
 import orjson
 
+from edge.config import Config, ConfigError, load_config
+from edge.tls import TlsError, make_dev_cert
 from microvm_edge import AsyncClient
 from microvm_edge.errors import ApiError
 from vmm.errors import VmmError
-
-from .config import Config, ConfigError, load_config
-from .tls import TlsError, make_dev_cert
 
 DEFAULT_CONFIG = Path("configs/dev.toml")
 
@@ -212,7 +211,7 @@ def _serve(args: argparse.Namespace) -> None:
     # Before anything starts: a second `mvm serve` on this state directory stops here, with no port opened.
     lock_fd = statelock.take(cfg.vmm.state_dir)
     if workers == 1:
-        from .app import serve
+        from edge.app import serve
 
         serve(cfg, lock_fd)
         return
