@@ -60,7 +60,7 @@ class Stats:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
-class _Writer:
+class FrameSink:
     """Where the agent's frames to the guest go: only their channels are kept (the calls to answer)."""
 
     def __init__(self) -> None:
@@ -174,7 +174,7 @@ async def session(rng: random.Random, name: str, stats: Stats) -> None:
     """One agent, its waiting calls, one fuzzed stream; raises FuzzFailure on a broken rule."""
     n_sync, n_exec = rng.randrange(4), rng.randrange(5)
     close_early = rng.random() < 0.1
-    reader, writer = asyncio.StreamReader(limit=2 * MAX_FRAME), _Writer()
+    reader, writer = asyncio.StreamReader(limit=2 * MAX_FRAME), FrameSink()
     agent = Agent(reader, cast(asyncio.StreamWriter, writer), KEY)
     syncs = [asyncio.create_task(agent.sync("vfuzz", HANG_BOUND * 6)) for _ in range(n_sync)]
     await asyncio.sleep(0)  # each sync takes its channel, in order, sends and waits for its answer

@@ -351,18 +351,19 @@ def _vm_create(args: argparse.Namespace) -> None:
     if args.template:
         body["template"] = args.template
     if args.policy:
-        try:
-            body["policy"] = orjson.loads(args.policy)
-        except orjson.JSONDecodeError as exc:
-            raise CliError(f"--policy is not valid JSON: {exc}") from exc
+        body["policy"] = _json_option("--policy", args.policy)
     if args.host:
         body["host"] = args.host
     if args.run_payload:
-        try:
-            body["run_payload"] = orjson.loads(args.run_payload)
-        except orjson.JSONDecodeError as exc:
-            raise CliError(f"--run-payload is not valid JSON: {exc}") from exc
+        body["run_payload"] = _json_option("--run-payload", args.run_payload)
     _print(_api(args, "POST", "/v1/vms", body))
+
+
+def _json_option(flag: str, text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise CliError(f"{flag} is not valid JSON: {exc}") from exc
 
 
 def _vm_ls(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -58,7 +59,7 @@ async def pg_fleet(settings: VmmSettings, pg_cluster: PgCluster, tmp_path: Path)
         hosts[name] = Role(name, ["host"], config, tmp_path / f"{name}.log")
     edges, clients = [], []
     for name, direct in (("edge-a", True), ("edge-b", False)):  # B goes through the hosts' data ports, as
-        port = free_port()                                      # an edge on another machine would
+        port = free_port()  # an edge on another machine would
         config = tmp_path / f"{name}.toml"
         config.write_text(toml({
             "server": {"listen_port": port, "tls": False},
@@ -96,9 +97,7 @@ async def _until_state(client: EdgeClient, vm_id: str, state: str, timeout: floa
 async def _one_restore_for_fifty(fleet_clients: list[EdgeClient], host: Role, vm_id: str, token: str) -> None:
     """50 concurrent requests, spread over the edges, to a suspended VM: one restore, every one answered."""
     restores = host.events("vm.restored", vm_id)
-    answers = await asyncio.gather(
-        *(fleet_clients[i % len(fleet_clients)].vm_get(vm_id, token) for i in range(50))
-    )
+    answers = await asyncio.gather(*(fleet_clients[i % len(fleet_clients)].vm_get(vm_id, token) for i in range(50)))
     assert [status for status, _, _ in answers] == [200] * 50
     assert host.events("vm.restored", vm_id) == restores + 1, "two edges waking one VM caused one restore"
 
@@ -164,8 +163,11 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
 
 
 @asynccontextmanager
-async def _serve_workers(settings: VmmSettings, tmp_path: Path) -> AsyncIterator[tuple[Role, EdgeClient]]:
-    """`mvm serve --workers 2` on the embedded SQLite catalog, until its host is up; stopped at the end."""
+async def serve_workers(
+    settings: VmmSettings, tmp_path: Path, **sections: Any
+) -> AsyncIterator[tuple[Role, EdgeClient]]:
+    """`mvm serve --workers 2` on the embedded SQLite catalog, until its host is up; stopped at the end,
+    and its run directory gone with it. `sections` are more TOML tables, e.g. proxy={...}."""
     port = free_port()
     config = tmp_path / "serve.toml"
     config.write_text(toml({
@@ -173,6 +175,7 @@ async def _serve_workers(settings: VmmSettings, tmp_path: Path) -> AsyncIterator
         "vmm": {"state_dir": str(settings.state_dir)},
         "cluster": {"host_listen": f"127.0.0.1:{free_port()}", "data_listen": f"127.0.0.1:{free_port()}", **FAST},
         "reaper": {"interval": 0.2},
+        **sections,
     }))  # fmt: skip
     serve = Role("serve", ["serve"], config, tmp_path / "serve.log")
     client = EdgeClient(port)
@@ -183,10 +186,11 @@ async def _serve_workers(settings: VmmSettings, tmp_path: Path) -> AsyncIterator
         yield serve, client
     finally:
         await serve.stop()
+    assert not list(Path("/dev/shm").glob(f"mvm-set-{serve.proc.pid if serve.proc else 0}-*")), "run dir removed"
 
 
 async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path: Path) -> None:
-    async with _serve_workers(settings, tmp_path) as (serve, client):
+    async with serve_workers(settings, tmp_path) as (serve, client):
         vm = await client.api("POST", "/v1/vms", {"policy": {"idle_suspend_after": 2}}, status=201)
         token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
         assert await client.counter(vm["id"], token) == 1
@@ -212,7 +216,7 @@ async def test_exec_logs_and_shell_through_fleet_edges(
     settings: VmmSettings, sandbox_template: str, tmp_path: Path
 ) -> None:
     """The agent's endpoints are the host's: an edge worker forwards them, streams and WebSocket included."""
-    async with _serve_workers(settings, tmp_path) as (_, client):
+    async with serve_workers(settings, tmp_path) as (_, client):
         vm = await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201)
         body = orjson.dumps({"argv": ["sh", "-c", "echo from-$((6*7)); hostname"]})
         status, _, out = await client.request(
@@ -255,7 +259,7 @@ async def _suspend_then_request(clients: list[EdgeClient], vm_id: str, token: st
 
 
 async def test_a_request_right_after_a_suspend_runs_once_with_workers(settings: VmmSettings, tmp_path: Path) -> None:
-    async with _serve_workers(settings, tmp_path) as (_, client):
+    async with serve_workers(settings, tmp_path) as (_, client):
         vm = await client.api("POST", "/v1/vms", {}, status=201)
         token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
         for _ in range(4):  # both workers pool a connection to the guest

@@ -19,7 +19,7 @@ import orjson
 
 from tests.e2e.edge_harness import CONTROL, DOMAIN, edge_config, running_edge
 from tests.e2e.fleet_harness import ADMIN
-from tests.e2e.test_fleet import _serve_workers
+from tests.e2e.test_fleet import serve_workers
 from vmm.model import VmRecord, VmState
 from vmm.settings import VmmSettings
 
@@ -146,7 +146,7 @@ async def test_open_work_keeps_the_vm_awake_in_one_process(
 async def test_open_work_keeps_the_vm_awake_with_edge_workers(
     settings: VmmSettings, sandbox_template: str, tmp_path: Path
 ) -> None:
-    async with _serve_workers(settings, tmp_path) as (serve, client), _session() as session:
+    async with serve_workers(settings, tmp_path) as (serve, client), _session() as session:
 
         async def suspends(vm_id: str) -> int:
             return serve.events("vm.suspended", vm_id)

@@ -10,43 +10,17 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.fleet_harness import DOMAIN, EdgeClient, Role, free_port, toml
+from tests.e2e.fleet_harness import DOMAIN, EdgeClient
 from tests.e2e.test_egress import FETCH, host_service  # noqa: F401 (a fixture)
-from tests.e2e.test_fleet import FAST, HOST, _until_hosts_up
+from tests.e2e.test_fleet import serve_workers
 from vmm.settings import VmmSettings
 
 LIMIT = 6
-
-
-@asynccontextmanager
-async def serve_two_workers(settings: VmmSettings, tmp: Path, **proxy: Any) -> AsyncIterator[tuple[Role, EdgeClient]]:
-    port = free_port()
-    config = tmp / "serve.toml"
-    config.write_text(toml({
-        "server": {"listen_port": port, "tls": False, "workers": 2},
-        "proxy": proxy,
-        "vmm": {"state_dir": str(settings.state_dir)},
-        "cluster": {"host_listen": f"127.0.0.1:{free_port()}", "data_listen": f"127.0.0.1:{free_port()}", **FAST},
-        "log": {"level": "warning"},
-    }))  # fmt: skip
-    serve = Role("serve", ["serve"], config, tmp / "serve.log")
-    client = EdgeClient(port)
-    await serve.start()
-    try:
-        await client.until_up()
-        await _until_hosts_up(client, {HOST})
-        yield serve, client
-    finally:
-        await serve.stop()
-    assert not list(Path("/dev/shm").glob(f"mvm-set-{serve.proc.pid if serve.proc else 0}-*")), "run dir removed"
 
 
 def _holders(port: int) -> dict[int, int]:
@@ -122,7 +96,10 @@ async def _metrics(client: EdgeClient) -> str:
 
 
 async def test_the_per_ip_limit_holds_across_workers(settings: VmmSettings, tmp_path: Path) -> None:
-    async with serve_two_workers(settings, tmp_path, max_connections_per_ip=LIMIT) as (_, client):
+    async with serve_workers(settings, tmp_path, proxy={"max_connections_per_ip": LIMIT}, log={"level": "warning"}) as (
+        _,
+        client,
+    ):
         held: list[Held] = []
         try:
             for _ in range(LIMIT):  # the first LIMIT are admitted, each counted before the next
@@ -160,7 +137,7 @@ async def test_egress_of_a_guest_shows_in_metrics_through_the_edge(
     tmp_path: Path,
     host_service: int,  # noqa: F811
 ) -> None:
-    async with serve_two_workers(settings, tmp_path) as (_, client):
+    async with serve_workers(settings, tmp_path, log={"level": "warning"}) as (_, client):
         policy = {"egress": [f"127.0.0.1:{host_service}"]}
         vm = await client.api("POST", "/v1/vms", {"template": sandbox_template, "policy": policy}, status=201)
         token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]

@@ -13,28 +13,19 @@ from typing import cast
 
 import pytest
 
-from bench.agent_fuzz import fuzz
+from bench.agent_fuzz import FrameSink, fuzz
 from vmm.agent import F_ERROR, F_EXIT, F_STDOUT, F_SYNC_OK, MAX_FRAME, Agent, AgentError, ExecEvent, SyncResult
 
 HEAD = struct.Struct(">IBI")
 
 
-class Guest:
-    """The guest's end of an Agent: what the host sent (the channels of its calls) and what to answer."""
+class Guest(FrameSink):
+    """The guest's end of an Agent: what the host sent (the channels of its calls, in order) and what to answer."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.reader = asyncio.StreamReader()
-        self.channels: list[int] = []  # of every frame the host sent, in order
         self.agent = Agent(self.reader, cast(asyncio.StreamWriter, self), bytes(32))
-
-    def write(self, data: bytes) -> None:
-        self.channels.append(HEAD.unpack_from(data)[2])
-
-    async def drain(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
     def send(self, *frames: bytes) -> None:
         self.reader.feed_data(b"".join(frames))
