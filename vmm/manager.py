@@ -373,6 +373,10 @@ class VmManager:
         await asyncio.shield(vm.wake)
         return True
 
+    async def guest_traffic_age(self, vm_id: str) -> float | None:
+        """Seconds since bytes last moved between the guest and whoever reached it (vmm.netns)."""
+        return await netns.guest_traffic_age(vm_id)
+
     async def confirm_running(self, vm_id: str) -> bool:
         """An edge could not reach the guest of a VM it took for running. This manager's view
         is the VM's own (no catalog in between), so this is ensure_running."""

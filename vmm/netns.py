@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -103,6 +104,37 @@ async def uncut_guest(vm_id: str) -> None:
     except VmmError as exc:
         if "No such process" not in str(exc):  # the route was not there: nothing to undo
             raise
+
+
+_LAST_SEEN = re.compile(rb"\blast(?:snd|rcv):(\d+)")
+
+
+async def guest_traffic_age(vm_id: str) -> float | None:
+    """Seconds since bytes last moved on any connection to the guest's own ports, as its namespace
+    sees them (every edge's, wherever it runs, and every data-port tunnel); None: there is none.
+
+    The guest's own outbound connections (through the egress proxy) are not counted: activity is
+    what is asked of the VM. An edge reports its requests to a remote host only in batches, so
+    this is what tells the host that a request reached the guest a moment ago.
+    """
+    name = ns_name(vm_id)
+    if not (NETNS_DIR / name).exists():
+        return None
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter", f"--net={NETNS_DIR / name}", "ss", "-tinH", "state", "established",
+        "dst", GUEST_IP, "and", "sport", "!=", f":{EGRESS_PORT}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise VmmError(f"ss in the namespace of VM {vm_id} failed: {err.decode().strip()}")
+    return traffic_age(out)
+
+
+def traffic_age(ss_info: bytes) -> float | None:
+    """The youngest lastsnd/lastrcv (milliseconds) of `ss -ti` output, in seconds; None: no socket."""
+    ages = [int(ms) for ms in _LAST_SEEN.findall(ss_info)]
+    return min(ages) / 1000 if ages else None
 
 
 def exists(vm_id: str) -> bool:

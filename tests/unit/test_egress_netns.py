@@ -86,3 +86,12 @@ async def test_a_guest_side_client_tunnels_out_to_the_root_namespace(namespace: 
         await proxies.close_all()
         target.close()
         await target.wait_closed()
+
+
+def test_traffic_age_is_the_youngest_last_send_or_receive() -> None:
+    out = (
+        b"0 0 10.77.0.1:4000 10.77.0.2:8080\n\t cubic lastsnd:4200 lastrcv:3900 lastack:3900\n"
+        b"0 0 10.77.0.1:4001 10.77.0.2:8080\n\t cubic lastsnd:120 lastrcv:15000 lastack:120\n"
+    )
+    assert netns.traffic_age(out) == 0.12
+    assert netns.traffic_age(b"") is None

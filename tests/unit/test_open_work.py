@@ -76,6 +76,7 @@ class _Vms:
         self.open_work = work
         self.rec = VmRecord(VM, "demo", VmState.RUNNING, Policy(idle_suspend_after=2.0), 8080, time.time(), 0.0)
         self.suspended = 0
+        self.traffic_age: float | None = None  # what the guest's namespace says (None: no connection)
 
     def list_vms(self) -> list[VmRecord]:
         return [self.rec]
@@ -83,8 +84,11 @@ class _Vms:
     def busy_count(self, vm_id: str) -> int:
         return self.open_work.get(vm_id, 0)
 
-    def touch(self, vm_id: str) -> None:
-        self.rec.last_activity = time.time()
+    def touch(self, vm_id: str, at: float | None = None) -> None:
+        self.rec.last_activity = max(self.rec.last_activity, time.time() if at is None else at)
+
+    async def guest_traffic_age(self, vm_id: str) -> float | None:
+        return self.traffic_age
 
     async def pause(self, vm_id: str) -> VmRecord:
         raise AssertionError("no pause policy here")
@@ -280,3 +284,16 @@ async def test_a_forwarded_exec_lasts_as_long_as_the_hosts_answer(monkeypatch: p
                     assert resp.status == 200 and await resp.read() == b'{"exit_code": 0}\n'
         finally:
             await hosts.close()
+
+
+async def test_bytes_the_guest_saw_a_moment_ago_hold_off_an_idle_suspend() -> None:
+    """A request through an edge in another process reaches the guest before the edge's next batch
+    reaches the host: the guest's namespace has seen it, and the reaper asks it before suspending."""
+    vms = _Vms(OpenWork(Clock()))
+    reaper = Reaper(vms, interval=60.0)
+    vms.traffic_age = 0.5
+    await reaper.reap_once()
+    assert vms.suspended == 0 and vms.rec.last_activity > time.time() - 1.0
+    vms.rec.last_activity, vms.traffic_age = 0.0, 5.0  # only old connections (an idle pool) are left
+    await reaper.reap_once()
+    assert vms.suspended == 1
