@@ -26,6 +26,7 @@ server.drain_timeout, then the manager's shutdown runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import signal
 import socket
@@ -37,7 +38,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from vmm import jsonlog
+from vmm import faults, jsonlog
 from vmm.errors import NotFound
 from vmm.jsonlog import log
 from vmm.manager import VmManager
@@ -88,33 +89,34 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Edge:
     # Everything that can fail on bad input is checked before the manager touches any VM.
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg)
-    listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port)
-    manager = VmManager(cfg.vmm, lock_fd=lock_fd)
-    metrics = Metrics(manager.counts_by_state)
-    egress = EgressProxies(metrics)
-    manager.egress = egress
-    try:
+    async with contextlib.AsyncExitStack() as started:  # a step that fails stops the ones before it
+        listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port)
+        started.callback(listener.close)
+        faults.point("serve.listening")
+        manager = VmManager(cfg.vmm, lock_fd=lock_fd)
+        metrics = Metrics(manager.counts_by_state)
+        egress = EgressProxies(metrics)
+        manager.egress = egress
+        started.push_async_callback(egress.close_all)
         await manager.start()
-    except BaseException:
-        listener.close()
-        await egress.close_all()
-        raise
-    try:
+        started.push_async_callback(manager.close)
+        faults.point("serve.manager")
         await ensure_default_template(manager)
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
+        started.callback(control_dir.cleanup)
         control_socket = str(Path(control_dir.name) / "control.sock")
         control = web.AppRunner(build_control_app(cfg, manager, tokens, metrics), access_log=None)
         await control.setup()
+        started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()
+        faults.point("serve.control")
         ctx = proxy_context(cfg, manager, tokens, metrics, control_socket, manager.open_work)
         manager.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
         loop = asyncio.get_running_loop()
         server = await loop.create_server(make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024)
-    except BaseException:
-        listener.close()
-        await manager.close()
-        await egress.close_all()
-        raise
+        started.callback(server.close)
+        faults.point("serve.serving")
+        started.pop_all()  # all started: `stop` takes them down from now on
     idle_reaper = Reaper(manager, cfg.reaper.interval)
     idle_reaper.start()
     edge = Edge(cfg, manager, ctx, server, control, idle_reaper, control_dir, egress)
