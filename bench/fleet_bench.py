@@ -32,8 +32,8 @@ import orjson
 import uvloop
 
 from edge.tls import make_dev_cert
+from fleet.catalog import open_catalog
 from tests.pg import PgCluster, create_database
-from vmm.catalog import open_catalog
 from vmm.model import VmRecord, VmState
 from vmm.policy import Policy
 

@@ -30,7 +30,7 @@ from edge.control import (
 )
 from edge.metrics import Metrics
 from edge.tokens import TokenService
-from vmm.catalog import HostRecord
+from fleet.catalog import HostRecord
 from vmm.errors import NotFound, NotRunning, OverCapacity, VmmError
 from vmm.jsonlog import log
 from vmm.model import VmRecord

@@ -27,9 +27,9 @@ from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext
 from edge.tls import server_context
+from fleet.catalog import Catalog, open_catalog
+from fleet.catalog.sqlite import SqliteCatalog
 from vmm import jsonlog
-from vmm.catalog import Catalog, open_catalog
-from vmm.catalog.sqlite import SqliteCatalog
 from vmm.jsonlog import log
 from vmm.model import VmState
 

@@ -26,8 +26,8 @@ from edge.config import Config, token_service
 from edge.control import MANAGER, Handler, build_control_app, json_response
 from edge.egress_proxy import EgressProxies
 from edge.metrics import Metrics
+from fleet.catalog import Catalog, open_catalog
 from vmm import jsonlog
-from vmm.catalog import Catalog, open_catalog
 from vmm.errors import InvalidRequest
 from vmm.jsonlog import log
 from vmm.manager import VmManager

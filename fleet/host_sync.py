@@ -14,8 +14,8 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from fleet.catalog import Capacity, Catalog
 from vmm.capacity import mem_available_mb
-from vmm.catalog import Capacity, Catalog
 from vmm.errors import Conflict, NotFound, VmmError
 from vmm.jsonlog import log
 from vmm.manager import VmManager

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmm.catalog import HostRecord
+from fleet.catalog import HostRecord
 from vmm.errors import Conflict, InvalidRequest, NotFound, NotRunning, VmmError
 from vmm.jsonlog import log
 from vmm.model import VmState

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from vmm.catalog import HostRecord
+from fleet.catalog import HostRecord
 
 
 def candidates(

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from vmm.catalog import Catalog, HostRecord, PlacedVm, Unsubscribe
+from fleet.catalog import Catalog, HostRecord, PlacedVm, Unsubscribe
 from vmm.errors import NotRunning, VmmError
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import faults
-from .catalog.rows import RECORD_COLUMNS, RECORD_FIELDS, record_from, record_values
 from .model import VmRecord
+from .record_rows import RECORD_COLUMNS, RECORD_FIELDS, record_from, record_values
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS processes (
     started_at REAL NOT NULL
 );
 """
-_COLUMNS = f"id, {RECORD_COLUMNS}"  # the catalog's encoding (vmm.catalog.rows), so one file can become the other
+_COLUMNS = f"id, {RECORD_COLUMNS}"  # the catalog's encoding (vmm.record_rows), so one file can become the other
 
 
 @dataclass(frozen=True)

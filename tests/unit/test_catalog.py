@@ -12,10 +12,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from fleet.catalog import Capacity, Catalog, PlacedVm, open_catalog
+from fleet.catalog import sqlite as catalog_sqlite
+from fleet.catalog.postgres import open_postgres
 from tests.pg import PgCluster, create_database, drop_database
-from vmm.catalog import Capacity, Catalog, PlacedVm, open_catalog
-from vmm.catalog import sqlite as catalog_sqlite
-from vmm.catalog.postgres import open_postgres
 from vmm.errors import CatalogError, Conflict, NotFound
 from vmm.model import RamMode, VmRecord, VmState
 from vmm.policy import Policy

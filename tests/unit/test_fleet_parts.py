@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 
 from edge.config import ConfigError, load_config
+from fleet.catalog import Capacity, HostRecord, PlacedVm
 from fleet.data_port import DataPort, request_line, sign
 from fleet.host_client import HostError
 from fleet.host_sync import HostAddress
 from fleet.move_api import decode_record, encode_record
 from fleet.placement import candidates
 from fleet.routes import RouteTable
-from vmm.catalog import Capacity, HostRecord, PlacedVm
 from vmm.errors import InvalidRequest, NotFound, VmmError
 from vmm.model import RamMode, VmRecord, VmState
 from vmm.policy import Policy

@@ -15,10 +15,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from edge.config import load_config
 from edge.control import CONFIG, errors_and_auth
+from fleet.catalog import Capacity, HostRecord, PlacedVm
 from fleet.host import activity
 from fleet.move_api import HOST_MANAGER
 from fleet.remote_backend import OPEN_LEASE, RemoteBackend
-from vmm.catalog import Capacity, HostRecord, PlacedVm
 from vmm.errors import NotFound
 from vmm.manager import VmManager
 from vmm.model import VmRecord, VmState

@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..model import VmRecord, VmState
+from vmm.model import VmRecord, VmState
 
 ChangeCallback = Callable[[str], None]  # gets the id of a VM whose route or state changed
 GapCallback = Callable[[], None]  # the feed was interrupted: changes may have been missed, reload

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from ..jsonlog import log
+from vmm.jsonlog import log
+
 from .api import ChangeCallback, GapCallback, Unsubscribe
 
 

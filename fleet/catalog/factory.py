@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import CatalogError
+from vmm.errors import CatalogError
+
 from .api import Catalog
 from .postgres import open_postgres, redact
 from .sqlite import open_sqlite

@@ -17,13 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import CatalogError, Conflict, NotFound
-from ..jsonlog import log
-from ..model import VmRecord, VmState
+from vmm.errors import CatalogError, Conflict, NotFound
+from vmm.jsonlog import log
+from vmm.model import VmRecord, VmState
+from vmm.record_rows import RECORD_FIELDS, record_values
+
 from .api import Capacity, ChangeCallback, GapCallback, HostRecord, PlacedVm, Unsubscribe
 from .feed import Subscribers
 from .migrations import SCHEMA_VERSION_SQLITE, pending
-from .rows import RECORD_FIELDS, VM_COLUMNS, placed_vm, record_values
+from .rows import VM_COLUMNS, placed_vm
 
 T = TypeVar("T")
 BUSY_TIMEOUT = 5.0  # seconds a writer waits for another process's write lock

@@ -1,4 +1,5 @@
-"""VM rows as both backends store them: the same columns and encoding as vmm/registry.py."""
+"""A VM record as table columns: the registry (vmm/registry.py) and the fleet's catalog store it alike,
+so an embedded registry file can become a catalog."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from typing import Any
 
 import orjson
 
-from ..model import RamMode, VmRecord, VmState
-from ..policy import Policy
-from .api import PlacedVm
+from .model import RamMode, VmRecord, VmState
+from .policy import Policy
 
 RECORD_FIELDS = (
     "template",
@@ -25,7 +25,6 @@ RECORD_FIELDS = (
     "generation",
 )  # what `record_values` gives, in order; a VM's id and host are not part of its record
 RECORD_COLUMNS = ", ".join(RECORD_FIELDS)
-VM_COLUMNS = f"id, host_id, {RECORD_COLUMNS}"
 _RENAMED_STATES = {"starting": VmState.PENDING.value}  # names of earlier registry versions
 
 
@@ -62,8 +61,3 @@ def record_from(vm_id: str, values: Sequence[Any]) -> VmRecord:
         reason=values[9],
         generation=values[10],
     )
-
-
-def placed_vm(row: Sequence[Any]) -> PlacedVm:
-    """A row selected as VM_COLUMNS."""
-    return PlacedVm(host_id=row[1], rec=record_from(row[0], row[2:]))

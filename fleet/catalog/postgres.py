@@ -20,13 +20,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from ..errors import CatalogError, Conflict, NotFound
-from ..jsonlog import log
-from ..model import VmRecord, VmState
+from vmm.errors import CatalogError, Conflict, NotFound
+from vmm.jsonlog import log
+from vmm.model import VmRecord, VmState
+from vmm.record_rows import RECORD_FIELDS, record_values
+
 from .api import Capacity, ChangeCallback, GapCallback, HostRecord, PlacedVm, Unsubscribe
 from .feed import Subscribers
 from .migrations import SCHEMA_VERSION_POSTGRES, pending
-from .rows import RECORD_FIELDS, VM_COLUMNS, placed_vm, record_values
+from .rows import VM_COLUMNS, placed_vm
 
 CHANNEL = "mvm_vm_changed"
 CONNECT_TIMEOUT = 5.0  # seconds; an unreachable server is reported instead of hanging the start
