@@ -319,7 +319,7 @@ class VmManager:
                 await self._open_egress(vm)
                 ram = RamBacking(Path(tpl.path) / RAM, share=False)
                 await self._start_qemu(vm, tpl, ram, Path(tpl.path) / STATE, ignore_shared=True, purpose="launch")
-                await self._run_hook(vm, "run", payload)
+                await self._run_hook(vm, tpl, "run", payload)
             except BaseException as exc:
                 await self._discard(vm, f"its launch failed: {exc}")
                 if isinstance(exc, Exception):
@@ -400,7 +400,7 @@ class VmManager:
         vm = self._vm(vm_id)
         async with vm.lock:
             if vm.rec.state is VmState.RUNNING:
-                await self._run_hook(vm, "terminate")
+                await self._run_hook(vm, template.load(self.settings, vm.rec.template), "terminate")
             await self._discard(vm, reason)
         log.event("vm.deleted", vm=vm_id, reason=reason)
 
@@ -476,9 +476,10 @@ class VmManager:
         path = self.vm_dir(vm.rec.id) / STATE
         # Own-file RAM is already on disk; copy-on-write RAM must go into the stream.
         ignore_shared = vm.rec.ram_mode is RamMode.OWN_FILE
-        self._check_room_to_suspend(vm)
+        tpl = template.load(self.settings, vm.rec.template)  # once for the whole transition
+        self._check_room_to_suspend(vm, tpl)
         if was is VmState.RUNNING:
-            await self._run_hook(vm, "suspend")
+            await self._run_hook(vm, tpl, "suspend")
         self._set(vm, VmState.SUSPENDING)
         try:
             await netns.cut_guest(vm.rec.id)
@@ -497,7 +498,7 @@ class VmManager:
             await self._stop_qemu(vm, f"VM {vm.rec.id} was suspended")
             await self._close_egress(vm.rec.id)
             if not ignore_shared:
-                size = await self._move_ram_to_own_file(vm, size)
+                size = await self._move_ram_to_own_file(vm, tpl, size)
         finally:
             vm.rec.generation += 1
             self._record(vm, VmState.SUSPENDED)
@@ -524,7 +525,7 @@ class VmManager:
                 await self._stop_qemu(vm)
                 self._record(vm, VmState.FAILED, reason=f"could not resume after a failed suspend: {exc}")
 
-    async def _move_ram_to_own_file(self, vm: _Vm, stream_size: int) -> int:
+    async def _move_ram_to_own_file(self, vm: _Vm, tpl: Template, stream_size: int) -> int:
         """Turn a clone's full-RAM stream into the VM's own RAM file plus device state.
 
         Done once, at the first suspend, so that no wake ever pays for loading RAM: the stream
@@ -543,7 +544,6 @@ class VmManager:
                       why="not enough free disk space; the VM restores from its full stream")  # fmt: skip
             return stream_size
         try:
-            tpl = template.load(self.settings, vm.rec.template)
             await self._spawn_and_load(vm, tpl, ram, vm_dir / STATE, ignore_shared=False, purpose="ram-move")
             assert vm.qmp is not None and vm.proc is not None
             size = await qmp_ops.save(vm.qmp, vm_dir / STATE_DEV, True, self.settings.restore_timeout, vm.proc.exited)
@@ -596,7 +596,7 @@ class VmManager:
         self._record(vm, VmState.RUNNING)
         if interrupted is not None:
             raise interrupted
-        await self._run_hook(vm, "resume")
+        await self._run_hook(vm, tpl, "resume")
         log.event("vm.restored", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1))
 
     async def _guest_runs(self, vm: _Vm) -> bool:
@@ -682,10 +682,10 @@ class VmManager:
         log.event("vm.synced", level="debug", vm=vm.rec.id, ms=round(result.took_ms, 1),
                   skew_ms=round(result.skew_ms, 1), reseeded=result.crng_reseeded)  # fmt: skip
 
-    async def _run_hook(self, vm: _Vm, event: str, payload: bytes = b"{}") -> None:
+    async def _run_hook(self, vm: _Vm, tpl: Template, event: str, payload: bytes = b"{}") -> None:
         """The image's hook for `event`, if it has one. Failures and timeouts are logged, never raised."""
         try:
-            hooks = template.load(self.settings, vm.rec.template).hooks
+            hooks = tpl.hooks
             if hooks is None or not hooks.has(event):
                 return
             started = time.monotonic()
@@ -979,7 +979,7 @@ class VmManager:
             with contextlib.suppress(sqlite3.Error, OSError):
                 self._registry.remove_process(pid)
 
-    def _check_room_to_suspend(self, vm: _Vm) -> None:
+    def _check_room_to_suspend(self, vm: _Vm, tpl: Template) -> None:
         """Refuse a suspend the disk cannot hold, while the VM still runs.
 
         A first suspend writes every page the guest uses twice (the stream, then the VM's own
@@ -989,7 +989,6 @@ class VmManager:
         vm_dir = self.vm_dir(vm.rec.id)
         needs = SUSPEND_ROOM
         if vm.rec.ram_mode is RamMode.TEMPLATE_COW:
-            tpl = template.load(self.settings, vm.rec.template)
             ram = Path(tpl.path) / RAM
             used = disks.allocated_bytes(ram) + _private_dirty(vm.proc.pid if vm.proc else None, ram)
             needs += 2 * min(used, tpl.memory_mb << 20)
