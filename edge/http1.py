@@ -100,7 +100,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def __init__(self, ctx: ProxyContext, forwarded_proto: bytes) -> None:
         self._ctx = ctx
-        self._s = ctx.settings
+        self._settings = ctx.settings
         self._proto = forwarded_proto
         self._loop = asyncio.get_running_loop()
         self._parser = HttpRequestParser(self)
@@ -119,8 +119,8 @@ class EdgeProtocol(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         # The upstream of the request being answered; between requests a client holds none, so
         # idle keep-alive clients cost no guest connections past the pool's bound.
-        self._up: UpstreamConn | None = None
-        self._rbuf: bytearray | None = None  # a response head being collected (HEAD, Set-Cookie)
+        self._upstream: UpstreamConn | None = None
+        self._response_head: bytearray | None = None  # a response head being collected (HEAD, Set-Cookie)
         self._stash: bytearray | None = None  # client bytes after an Upgrade request
         self._state = _OPEN
         self._draining = False  # the edge is stopping: close once the requests received are answered
@@ -160,13 +160,13 @@ class EdgeProtocol(asyncio.Protocol):
             self._too_many_connections()
             return
         self._counted_ip = True
-        self._idle_deadline = now + self._s.idle_timeout
+        self._idle_deadline = now + self._settings.idle_timeout
         self._arm(self._idle_deadline)
 
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state is _TUNNEL:
-            up = self._up
+            up = self._upstream
             if up is not None:
                 up.transport.write(data)
                 self._up_bytes += len(data)
@@ -176,7 +176,7 @@ class EdgeProtocol(asyncio.Protocol):
             stash = self._stash
             assert stash is not None
             stash += data
-            if len(stash) > self._s.max_head_size:
+            if len(stash) > self._settings.max_head_size:
                 self._pause(_QUEUED)
             return
         if state is not _OPEN:
@@ -199,10 +199,10 @@ class EdgeProtocol(asyncio.Protocol):
             if self._in_head:
                 if in_head and msgs == self._msgs:  # all of this read is head (one header may sit in llhttp)
                     self._head_raw += len(data)
-                if max(self._head_raw, self._head_bytes) > self._s.max_head_size:
+                if max(self._head_raw, self._head_bytes) > self._settings.max_head_size:
                     self._malformed(431, "the request head is too large")
-                elif self._headers > self._s.max_headers:
-                    self._malformed(431, f"the request head has more than {self._s.max_headers} header fields")
+                elif self._headers > self._settings.max_headers:
+                    self._malformed(431, f"the request head has more than {self._settings.max_headers} header fields")
 
     def eof_received(self) -> bool:
         # Like nginx, a client's FIN is taken as leaving (browsers never half-close): held
@@ -222,13 +222,13 @@ class EdgeProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._up is not None:
-            self._up.pause_reading()
+        if self._upstream is not None:
+            self._upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._up is not None:
-            self._up.resume_reading()
+        if self._upstream is not None:
+            self._upstream.resume_reading()
 
     def drain(self) -> None:
         """The edge is stopping: close now when between requests, else once they are answered."""
@@ -265,14 +265,14 @@ class EdgeProtocol(asyncio.Protocol):
         req = self._req
         ex = Exchange(p.get_method(), p.should_keep_alive(), req.has_body, req.chunked, p.should_upgrade())
         self._parsing = ex
-        if self._head_bytes > self._s.max_head_size:
+        if self._head_bytes > self._settings.max_head_size:
             self._unparseable()
             ex.keep_alive = False
             ex.refuse(Refusal(431, "the request head is too large"))
-        elif self._headers > self._s.max_headers:
+        elif self._headers > self._settings.max_headers:
             self._unparseable()
             ex.keep_alive = False
-            ex.refuse(Refusal(431, f"the request head has more than {self._s.max_headers} header fields"))
+            ex.refuse(Refusal(431, f"the request head has more than {self._settings.max_headers} header fields"))
         else:
             try:
                 verdict = self._admitter.admit(ex.method, self._url, p.get_http_version(), req, ex.upgrade)
@@ -302,12 +302,12 @@ class EdgeProtocol(asyncio.Protocol):
             parts: tuple[bytes, ...] = (b"%x\r\n" % len(body), body, b"\r\n")
             if ex.body is not None:
                 ex.body += parts
-            elif self._up is not None:
-                self._up.transport.writelines(parts)
+            elif self._upstream is not None:
+                self._upstream.transport.writelines(parts)
         elif ex.body is not None:
             ex.body.append(body)
-        elif self._up is not None:
-            self._up.transport.write(body)
+        elif self._upstream is not None:
+            self._upstream.transport.write(body)
         if ex.body is not None:
             ex.buffered += len(body)
             if ex.buffered > _HOLD_BUFFER:
@@ -323,9 +323,9 @@ class EdgeProtocol(asyncio.Protocol):
             if ex.chunked:
                 if ex.body is not None:
                     ex.body.append(_LAST_CHUNK)
-                elif self._up is not None:
-                    self._up.transport.write(_LAST_CHUNK)
-            if ex is self._ex and self._up is not None:
+                elif self._upstream is not None:
+                    self._upstream.transport.write(_LAST_CHUNK)
+            if ex is self._ex and self._upstream is not None:
                 self._await_head()
         if ex.state is _ANSWERED:
             self._next(ex)
@@ -371,7 +371,7 @@ class EdgeProtocol(asyncio.Protocol):
         if ex.has_body and ex.body_state is not _BODY_DONE:
             ex.body_at = ex.body_start = now
             ex.body_paused = self._paused_for(now)
-            self._arm(ex.body_overdue(self._s, now, ex.body_paused)[1])
+            self._arm(ex.body_overdue(self._settings, now, ex.body_paused)[1])
         if ex.vm_was_running:
             key = vm_id or CONTROL_KEY
             conn = ctx.pool.acquire(key, ex.port, now, ex.generation)
@@ -412,7 +412,7 @@ class EdgeProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            self._upstream_error(ex, 504, f"no connection to {ex.where()} within {self._s.connect_timeout:g}s")
+            self._upstream_error(ex, 504, f"no connection to {ex.where()} within {self._settings.connect_timeout:g}s")
             return
         except VmmError as exc:
             self._upstream_error(ex, exc.http_status, str(exc))
@@ -435,7 +435,7 @@ class EdgeProtocol(asyncio.Protocol):
     def _attach(self, ex: Exchange, conn: UpstreamConn, reused: bool) -> None:
         """Send the request head (and any body read so far) on `conn`; relay from now on."""
         ex.move(_FORWARDED)
-        self._up = conn
+        self._upstream = conn
         conn.owner = self
         conn.tracker.reset()
         ex.reused = reused
@@ -443,7 +443,7 @@ class EdgeProtocol(asyncio.Protocol):
             conn.pause_reading()
         if conn.write_paused:
             self._pause(_UPSTREAM)
-        self._rbuf = bytearray() if ex.is_head or ex.cookie is not None else None
+        self._response_head = bytearray() if ex.is_head or ex.cookie is not None else None
         self._head_deadline = _INF
         body = ex.body
         ex.body = None
@@ -458,7 +458,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._unpause(_WAITING)
 
     def _await_head(self) -> None:
-        self._head_deadline = self._loop.time() + self._s.read_timeout
+        self._head_deadline = self._loop.time() + self._settings.read_timeout
         self._arm(self._head_deadline)
 
     def _answer(
@@ -512,7 +512,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _upstream_error(self, ex: Exchange, status: int, message: str) -> None:
         log.event("proxy.error", level="warning", vm=ex.vm_id, port=ex.port, status=status, error=message)
-        self._fail(ex, status, message, self._s.retry_after if status == 503 else None)
+        self._fail(ex, status, message, self._settings.retry_after if status == 503 else None)
 
     def _response_finished(self, ex: Exchange) -> None:
         ex.move(_ANSWERED)
@@ -539,7 +539,7 @@ class EdgeProtocol(asyncio.Protocol):
         now = self._loop.time()
         if now >= self._flush_at:
             self._flush_bytes(now)
-        self._idle_deadline = now + self._s.idle_timeout
+        self._idle_deadline = now + self._settings.idle_timeout
         self._arm(self._idle_deadline)
 
     def _advance(self) -> None:
@@ -557,15 +557,15 @@ class EdgeProtocol(asyncio.Protocol):
         if self._state is _TUNNEL:
             self.transport.write(data)
             self._flowing(self._loop.time())
-        elif self._rbuf is not None:
+        elif self._response_head is not None:
             self._collect_head(data)
         else:
             self._relay(data)
 
     def upstream_lost(self, conn: UpstreamConn) -> None:
-        if conn is not self._up:
+        if conn is not self._upstream:
             return
-        self._up = None
+        self._upstream = None
         self._unpause(_UPSTREAM)
         ex = self._ex
         if ex is None:
@@ -576,7 +576,7 @@ class EdgeProtocol(asyncio.Protocol):
             if ex.retryable():
                 ex.resent = True
                 ex.body = []
-                self._rbuf = None
+                self._response_head = None
                 self._start_task(ex)
             else:
                 self._upstream_error(ex, 502, f"{ex.where()} closed the connection without answering")
@@ -593,7 +593,7 @@ class EdgeProtocol(asyncio.Protocol):
     def _relay(self, data: bytes) -> None:
         """Forward response bytes as they are; the tracker finds where the response ends."""
         ex = self._ex
-        conn = self._up
+        conn = self._upstream
         assert ex is not None and conn is not None
         tr = conn.tracker
         try:
@@ -612,15 +612,15 @@ class EdgeProtocol(asyncio.Protocol):
     def _collect_head(self, data: bytes) -> None:
         """Hold response bytes until the final head is whole, to add Set-Cookie or end a HEAD."""
         ex = self._ex
-        conn = self._up
-        buf = self._rbuf
+        conn = self._upstream
+        buf = self._response_head
         assert ex is not None and conn is not None and buf is not None
         buf += data
         tr = conn.tracker
         while True:
             head = take_head(buf)
             if head is None:
-                if len(buf) > self._s.max_head_size:
+                if len(buf) > self._settings.max_head_size:
                     self._bad_response(ex, "the response head is too large")
                 return
             try:
@@ -631,7 +631,7 @@ class EdgeProtocol(asyncio.Protocol):
             if tr.final:
                 break
             self._send(ex, tr, head)  # an interim 1xx, e.g. 100 Continue: pass it on now
-        self._rbuf = None
+        self._response_head = None
         rest = bytes(buf)
         if ex.cookie is not None:
             eol = head.index(b"\r\n") + 2
@@ -662,10 +662,10 @@ class EdgeProtocol(asyncio.Protocol):
             self._bad_response(ex, "101 Switching Protocols to a request that asked for no upgrade")
             return
         self._move(_TUNNEL)
-        self._rbuf = None
+        self._response_head = None
         stash = self._stash
         self._stash = None
-        up = self._up
+        up = self._upstream
         if stash and up is not None:
             up.transport.write(stash)
             self._up_bytes += len(stash)
@@ -673,7 +673,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _response_done(self, ex: Exchange, conn: UpstreamConn) -> None:
         tr = conn.tracker
-        self._up = None
+        self._upstream = None
         self._unpause(_UPSTREAM)
         # After HEAD the tracker's parser still expects the body its head announced: not reused.
         conn.finish(self._loop.time(), reusable=ex.body_state is _BODY_DONE and not ex.is_head)
@@ -687,12 +687,12 @@ class EdgeProtocol(asyncio.Protocol):
         self._fail(ex, 502, f"{ex.where()} sent an invalid HTTP response")
 
     def _drop_upstream(self) -> None:
-        conn = self._up
+        conn = self._upstream
         if conn is not None:
-            self._up = None
+            self._upstream = None
             conn.close()
             self._unpause(_UPSTREAM)
-        self._rbuf = None
+        self._response_head = None
 
     # -- flow control, timers, closing ---------------------------------------------------
 
@@ -774,17 +774,17 @@ class EdgeProtocol(asyncio.Protocol):
         next_at = _INF
         if self._parsing is ex:  # the client is still sending the body
             if self._paused:  # held or pushed back by us: not the client's fault
-                next_at = now + min(self._s.idle_timeout, _PAUSED_RECHECK)
+                next_at = now + min(self._settings.idle_timeout, _PAUSED_RECHECK)
             else:
-                overdue, next_at = ex.body_overdue(self._s, now, self._paused_for(now))
+                overdue, next_at = ex.body_overdue(self._settings, now, self._paused_for(now))
                 if overdue is not None:
                     log.event("proxy.client_timeout", level="info", vm=ex.vm_id, client=self._client, why=overdue)
                     self._ctx.metrics.slow_client()
                     self._fail(ex, 408, overdue)
                     return
-        if self._up is not None and not ex.status and self._state is not _TUNNEL and self._head_deadline < _INF:
+        if self._upstream is not None and not ex.status and self._state is not _TUNNEL and self._head_deadline < _INF:
             if now >= self._head_deadline:
-                self._upstream_error(ex, 504, f"{ex.where()} did not answer within {self._s.read_timeout:g}s")
+                self._upstream_error(ex, 504, f"{ex.where()} did not answer within {self._settings.read_timeout:g}s")
                 return
             next_at = min(next_at, self._head_deadline)
         if next_at < _INF:
@@ -792,7 +792,7 @@ class EdgeProtocol(asyncio.Protocol):
 
     def _too_many_connections(self) -> None:
         """Over proxy.max_connections_per_ip: answer 429 without reading a request, then close."""
-        s = self._s
+        s = self._settings
         limit = s.max_connections_per_ip
         message = f"too many connections from this address (at most {limit})"
         self.transport.write(error_response(429, message, retry_after=s.retry_after))
@@ -813,7 +813,7 @@ class EdgeProtocol(asyncio.Protocol):
             if self._paused:
                 self._paused = 0
                 t.resume_reading()
-            when = now + self._s.linger_timeout
+            when = now + self._settings.linger_timeout
         else:
             t.close()
             when = now + _CLOSE_GRACE

@@ -57,7 +57,7 @@ class Metrics:
         traffic = Counter(
             "mvm_proxied_bytes", "Bytes relayed, up (to VMs) and down.", ["direction"], registry=self.registry
         )
-        self._up, self._down = traffic.labels(direction="up"), traffic.labels(direction="down")
+        self._bytes_up, self._bytes_down = traffic.labels(direction="up"), traffic.labels(direction="down")
         egress = Counter(
             "mvm_egress_attempts",
             "Guests' outbound connections via the egress proxy, by decision.",
@@ -115,9 +115,9 @@ class Metrics:
         for status, n in pending.items():
             self._status(status).inc(n)
         if self._pending_up:
-            self._up.inc(self._pending_up)
+            self._bytes_up.inc(self._pending_up)
         if self._pending_down:
-            self._down.inc(self._pending_down)
+            self._bytes_down.inc(self._pending_down)
         if self._pending_clients:
             self._clients.inc(self._pending_clients)
         self._pending_up = self._pending_down = self._pending_clients = 0
@@ -162,9 +162,9 @@ class Metrics:
             self._pending_down += downstream_bytes
             return
         if upstream_bytes:
-            self._up.inc(upstream_bytes)
+            self._bytes_up.inc(upstream_bytes)
         if downstream_bytes:
-            self._down.inc(downstream_bytes)
+            self._bytes_down.inc(downstream_bytes)
 
     def egress(self, allowed: bool) -> None:
         (self._egress_allowed if allowed else self._egress_denied).inc()
