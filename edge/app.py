@@ -93,10 +93,9 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Edge:
         listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port)
         started.callback(listener.close)
         faults.point("serve.listening")
-        manager = VmManager(cfg.vmm, lock_fd=lock_fd)
-        metrics = Metrics(manager.counts_by_state)
-        egress = EgressProxies(metrics)
-        manager.egress = egress
+        metrics = Metrics(lambda: manager.counts_by_state())
+        egress = EgressProxies(metrics)  # each VM's egress proxy: a per-VM network service the manager opens
+        manager = VmManager(cfg.vmm, egress=egress, lock_fd=lock_fd)
         started.push_async_callback(egress.close_all)
         await manager.start()
         started.push_async_callback(manager.close)

@@ -79,10 +79,9 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Host:
     """
     jsonlog.configure(cfg.log.level)
     host_id = host_id_of(cfg)
-    manager = VmManager(cfg.vmm, lock_fd=lock_fd)
-    metrics = Metrics(manager.counts_by_state)
-    egress = EgressProxies(metrics)
-    manager.egress = egress
+    metrics = Metrics(lambda: manager.counts_by_state())
+    egress = EgressProxies(metrics)  # each VM's egress proxy: a per-VM network service the manager opens
+    manager = VmManager(cfg.vmm, egress=egress, lock_fd=lock_fd)
     async with contextlib.AsyncExitStack() as started:
         started.push_async_callback(egress.close_all)
         catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
