@@ -92,8 +92,10 @@ async def cut_guest(vm_id: str) -> None:
     name = ns_name(vm_id)
     if not (NETNS_DIR / name).exists():
         return
-    await _ip("-n", name, "route", "replace", "unreachable", f"{GUEST_IP}/32")
-    await _run("nsenter", f"--net={NETNS_DIR / name}", "ss", "-K", "-t", "-n", "dst", GUEST_IP)
+    await asyncio.gather(  # two processes side by side: a suspend waits for both
+        _ip("-n", name, "route", "replace", "unreachable", f"{GUEST_IP}/32"),
+        _run("ss", "-N", name, "-K", "-t", "-n", "dst", GUEST_IP),
+    )
 
 
 async def uncut_guest(vm_id: str) -> None:
@@ -121,7 +123,7 @@ async def guest_traffic_age(vm_id: str) -> float | None:
     if not (NETNS_DIR / name).exists():
         return None
     proc = await asyncio.create_subprocess_exec(
-        "nsenter", f"--net={NETNS_DIR / name}", "ss", "-tinH", "state", "established",
+        "ss", "-N", name, "-tinH", "state", "established",
         "dst", GUEST_IP, "and", "sport", "!=", f":{EGRESS_PORT}",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
