@@ -482,11 +482,13 @@ class VmManager:
             await self._run_hook(vm, tpl, "suspend")
         self._set(vm, VmState.SUSPENDING)
         try:
-            await netns.cut_guest(vm.rec.id)
-            if was is VmState.RUNNING:
-                await self._qmp(vm, "stop")
-            assert vm.qmp is not None and vm.proc is not None
-            size = await qmp_ops.save(vm.qmp, path, ignore_shared, self.settings.restore_timeout, vm.proc.exited)
+            # The guest's connections are cut while its state is saved; both end before anything else.
+            _, saved = await asyncio.gather(
+                self._cut_connections(vm), self._stop_and_save(vm, was, path, ignore_shared), return_exceptions=True
+            )
+            if isinstance(saved, BaseException):
+                raise saved
+            size = saved
             faults.point("suspend.saved")
         except BaseException as exc:
             await self._undo_suspend(vm, was)
@@ -503,6 +505,21 @@ class VmManager:
             vm.rec.generation += 1
             self._record(vm, VmState.SUSPENDED)
         log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
+
+    async def _cut_connections(self, vm: _Vm) -> None:
+        """netns.cut_guest; if it fails the suspend goes on (a pooled connection to the gone guest then
+        fails a request with 502 instead of being refused before use), and says so."""
+        try:
+            await netns.cut_guest(vm.rec.id)
+        except VmmError as exc:
+            log.event("vm.cut_failed", level="error", vm=vm.rec.id, error=str(exc))
+
+    async def _stop_and_save(self, vm: _Vm, was: VmState, path: Path, ignore_shared: bool) -> int:
+        """The vCPUs stopped (if they ran), the device state (and RAM, unless shared) saved to `path`."""
+        if was is VmState.RUNNING:
+            await self._qmp(vm, "stop")
+        assert vm.qmp is not None and vm.proc is not None
+        return await qmp_ops.save(vm.qmp, path, ignore_shared, self.settings.restore_timeout, vm.proc.exited)
 
     async def _undo_suspend(self, vm: _Vm, was: VmState) -> None:
         """A suspend that did not complete: back to what the VM was, or failed if that is impossible."""

@@ -92,10 +92,9 @@ async def cut_guest(vm_id: str) -> None:
     name = ns_name(vm_id)
     if not (NETNS_DIR / name).exists():
         return
-    await asyncio.gather(  # two processes side by side: a suspend waits for both
-        _ip("-n", name, "route", "replace", "unreachable", f"{GUEST_IP}/32"),
-        _run("ss", "-N", name, "-K", "-t", "-n", "dst", GUEST_IP),
-    )
+    # The route first: no connection can be made after the sockets were listed for destruction.
+    await _ip("-n", name, "route", "replace", "unreachable", f"{GUEST_IP}/32")
+    await _run("ss", "-N", name, "-K", "-t", "-n", "dst", GUEST_IP)
 
 
 async def uncut_guest(vm_id: str) -> None:
