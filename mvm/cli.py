@@ -426,7 +426,8 @@ async def _request(
 
 def _cli_error(client: AsyncClient, what: str, exc: ApiError) -> CliError:
     if exc.status == 0:
-        return CliError(f"cannot reach the control API at {client.url}: is `mvm serve` running? ({exc.message})")
+        why = getattr(exc.__cause__, "strerror", None) or exc.message  # the socket's own words, when it has them
+        return CliError(f"cannot reach the control API at {client.url}: is `mvm serve` running? ({why})")
     return CliError(f"{what}: HTTP {exc.status}: {exc.message}")
 
 
