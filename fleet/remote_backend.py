@@ -82,7 +82,7 @@ class RemoteBackend:
         host = self.routes.reachable_host(placed)
         before = placed.rec.generation
         woke = await self.hosts.call(host.id, host.address, "POST", f"/v1/vms/{vm_id}/wake")
-        generation = int(woke["generation"])
+        generation = int(woke.get("generation", before))  # a host from before generations sends none
         self.routes.set_state(vm_id, VmState(woke["state"]), float(woke["state_changed_at"]), generation)
         return generation != before
 
