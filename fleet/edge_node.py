@@ -29,7 +29,7 @@ from edge.proxy_context import ProxyContext
 from edge.tls import server_context
 from fleet.catalog import Catalog, open_catalog
 from fleet.catalog.sqlite import SqliteCatalog
-from vmm import jsonlog
+from vmm import faults, jsonlog
 from vmm.jsonlog import log
 from vmm.model import VmState
 
@@ -71,12 +71,14 @@ async def start(cfg: Config) -> EdgeNode:
     async with contextlib.AsyncExitStack() as started:
         listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port, reuse_port=True)
         started.callback(listener.close)
+        faults.point("edge.listening")
         catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
         started.push_async_callback(catalog.close)
         read_now = catalog.get_vm_now if isinstance(catalog, SqliteCatalog) else None
         routes = RouteTable(catalog, cfg.cluster.down_after, cfg.cluster.heartbeat_interval, read_now)
         await routes.start()
         started.push_async_callback(routes.stop)
+        faults.point("edge.routes")
         hosts = HostClient(cfg.cluster.secret)
         started.push_async_callback(hosts.close)
         backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=cfg.cluster.direct)
@@ -88,6 +90,7 @@ async def start(cfg: Config) -> EdgeNode:
         await control.setup()
         started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()
+        faults.point("edge.control")
         ctx = proxy_context(cfg, backend, tokens, metrics, control_socket)
         ctx.shared_ips = join_table(os.getpid())  # in a set: the per-IP limit counts every worker's connections
         if metrics.shared is not None:
@@ -98,7 +101,10 @@ async def start(cfg: Config) -> EdgeNode:
         server = await asyncio.get_running_loop().create_server(
             make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024
         )
+        started.callback(server.close)
         backend.start(ctx.open_streams)
+        started.push_async_callback(backend.stop)
+        faults.point("edge.serving")
         node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir)
         started.pop_all()  # all started: `stop` takes them down from now on
     log.event("edge.worker_started", listen=f"{cfg.server.listen_host}:{node.port}", pid=os.getpid(),

@@ -27,7 +27,7 @@ from edge.control import MANAGER, Handler, build_control_app, json_response
 from edge.egress_proxy import EgressProxies
 from edge.metrics import Metrics
 from fleet.catalog import Catalog, open_catalog
-from vmm import jsonlog
+from vmm import faults, jsonlog
 from vmm.errors import InvalidRequest
 from vmm.jsonlog import log
 from vmm.manager import VmManager
@@ -86,8 +86,10 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Host:
         started.push_async_callback(egress.close_all)
         catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
         started.push_async_callback(catalog.close)
+        faults.point("host.catalog")
         await manager.start()
         started.push_async_callback(manager.close)
+        faults.point("host.manager")
         await ensure_default_template(manager)
         sync = HostSync(catalog, manager, host_id, cfg.cluster.heartbeat_interval)
         api_cfg = replace(cfg, server=replace(cfg.server, admin_key=cfg.cluster.secret))
@@ -104,6 +106,7 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Host:
         started.push_async_callback(api.cleanup)
         listen_host, listen_port = _split(cfg.cluster.host_listen)
         await web.TCPSite(api, listen_host, listen_port).start()
+        faults.point("host.api")
         api_port = int(api.addresses[0][1])
         advertised = cfg.cluster.advertise or f"{listen_host}:{api_port}"
         data = DataPort(cfg.cluster.secret, lambda vm_id, port: _reachable(manager, vm_id, port))
@@ -111,11 +114,14 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Host:
         data_host, data_port = _split(cfg.cluster.data_listen)
         await data.start(data_host, data_port)
         started.push_async_callback(data.stop)
+        faults.point("host.data_port")
         advertised_host = advertised.rpartition(":")[0]
         await sync.start(HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}"))
         started.push_async_callback(sync.stop)
         reaper = Reaper(manager, cfg.reaper.interval)
         reaper.start()
+        started.push_async_callback(reaper.stop)
+        faults.point("host.serving")
         started.pop_all()  # all started: `stop` takes them down from now on
     log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend)
     return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress)

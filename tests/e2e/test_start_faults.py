@@ -1,8 +1,9 @@
-"""A start of `mvm serve` (one process) that fails at any step leaves nothing of it behind.
+"""A start that fails at any step leaves nothing of it behind: `mvm serve` in one process, `mvm host`
+and an edge worker.
 
-Each named step (edge/app.py `start`) is made to fail in turn: afterwards the port is free, no
-QEMU or namespace of the run is left, the control socket's directory is gone and the state
-directory's lock is free again (a second start works).
+Each named step (`start` in edge/app.py, fleet/host.py, fleet/edge_node.py) is made to fail in turn:
+afterwards its ports are free, no QEMU or namespace of the run is left, the control socket's
+directory is gone and the state directory's lock is free again (the next start works).
 """
 
 from __future__ import annotations
@@ -14,18 +15,38 @@ from pathlib import Path
 
 import pytest
 
-from edge.app import start, stop
-from edge.config import load_config
+from edge import app
+from edge.config import Config, load_config
+from fleet import edge_node, host
 from tests.e2e.fleet_harness import free_port
 from tests.e2e.guest import qemu_pids_under
 from vmm import faults, netns
 from vmm.settings import VmmSettings
 
-STEPS = ("serve.listening", "serve.manager", "serve.control", "serve.serving")
+SERVE_STEPS = ("serve.listening", "serve.manager", "serve.control", "serve.serving")
+HOST_STEPS = ("host.catalog", "host.manager", "host.api", "host.data_port", "host.serving")
+EDGE_STEPS = ("edge.listening", "edge.routes", "edge.control", "edge.serving")
 
 
 def _control_dirs() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("mvm-control-*")}
+    return {p.name for p in Path(tempfile.gettempdir()).glob("mvm-*control-*")}
+
+
+def _config(settings: VmmSettings) -> Config:
+    base = load_config(None)
+    return replace(
+        base,
+        vmm=settings,
+        server=replace(base.server, listen_port=free_port(), tls=False),
+        cluster=replace(base.cluster, host_listen=f"127.0.0.1:{free_port()}", data_listen=f"127.0.0.1:{free_port()}"),
+    )
+
+
+def _ports(cfg: Config) -> list[int]:
+    return [
+        cfg.server.listen_port,
+        *(int(a.rpartition(":")[2]) for a in (cfg.cluster.host_listen, cfg.cluster.data_listen)),
+    ]
 
 
 def _port_free(port: int) -> bool:
@@ -37,10 +58,16 @@ def _port_free(port: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("step", STEPS)
-async def test_a_start_that_fails_at_a_step_leaves_nothing(settings: VmmSettings, step: str) -> None:
-    base = load_config(None)
-    cfg = replace(base, vmm=settings, server=replace(base.server, listen_port=free_port(), tls=False))
+@pytest.mark.parametrize(
+    ("role", "step"),
+    [("serve", step) for step in SERVE_STEPS]
+    + [("host", step) for step in HOST_STEPS]
+    + [("edge", step) for step in EDGE_STEPS],
+)
+async def test_a_start_that_fails_at_a_step_leaves_nothing(settings: VmmSettings, role: str, step: str) -> None:
+    cfg = _config(settings)
+    start, stop = {"serve": (app.start, app.stop), "host": (host.start, host.stop),
+                   "edge": (edge_node.start, edge_node.stop)}[role]  # fmt: skip
     namespaces, control_dirs = set(netns.list_project_namespaces()), _control_dirs()
     faults.arm(step, "raise")
     try:
@@ -48,9 +75,9 @@ async def test_a_start_that_fails_at_a_step_leaves_nothing(settings: VmmSettings
             await start(cfg)
     finally:
         faults.disarm_all()
-    assert _port_free(cfg.server.listen_port), "the listener is closed"
+    assert all(_port_free(port) for port in _ports(cfg)), "every listener is closed"
     assert not qemu_pids_under(settings.state_dir)
     assert set(netns.list_project_namespaces()) <= namespaces
     assert _control_dirs() <= control_dirs, "the control socket's directory is removed"
-    edge = await start(cfg)  # the state directory's lock was let go
-    await stop(edge)
+    started = await start(cfg)  # the state directory's lock was let go
+    await stop(started)
