@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -119,6 +120,13 @@ def _in_use(namespace: str) -> bool:
 
 
 def _kill_qemus(root: Path) -> None:
-    for pid in qemu_pids_under(root):
+    """SIGKILL every QEMU of `root`, and wait (bounded) until they are gone: until then their
+    namespaces still count as in use."""
+    pids = qemu_pids_under(root)
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if not any(Path(f"/proc/{pid}/ns/net").exists() for pid in pids):
+            return
+        time.sleep(0.05)

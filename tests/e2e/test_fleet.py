@@ -267,6 +267,7 @@ async def test_a_request_right_after_a_suspend_runs_once_with_workers(settings: 
         for _ in range(4):  # both workers pool a connection to the guest
             await client.counter(vm["id"], token)
         await _suspend_then_request([client], vm["id"], token)
+        await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
 
 
 async def test_a_request_right_after_a_suspend_runs_once_in_a_fleet(pg_fleet: Fleet) -> None:
@@ -276,3 +277,4 @@ async def test_a_request_right_after_a_suspend_runs_once_in_a_fleet(pg_fleet: Fl
     for client in pg_fleet.clients:  # both edges pool a connection: A in the VM's namespace, B through h2's data port
         await client.counter(vm["id"], token)
     await _suspend_then_request(pg_fleet.clients, vm["id"], token)
+    await edge_a.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
