@@ -52,8 +52,8 @@ async def pg_fleet(settings: VmmSettings, pg_cluster: PgCluster, tmp_path: Path)
         config.write_text(toml({
             "vmm": {"state_dir": str(_state_dir(settings, name))},
             "catalog": {"url": url},
-            "cluster": {"host_id": name, "host_listen": f"127.0.0.1:{free_port()}",
-                        "data_listen": f"127.0.0.1:{free_port()}", **FAST},
+            "cluster": {"host_id": name, "host_listen": "127.0.0.1:0",
+                        "data_listen": "127.0.0.1:0", **FAST},
             "reaper": {"interval": 0.2},
         }))  # fmt: skip
         hosts[name] = Role(name, ["host"], config, tmp_path / f"{name}.log")
@@ -175,7 +175,7 @@ async def serve_workers(
     config.write_text(toml({
         "server": {"listen_port": port, "tls": False, "workers": 2},
         "vmm": {"state_dir": str(settings.state_dir)},
-        "cluster": {"host_listen": f"127.0.0.1:{free_port()}", "data_listen": f"127.0.0.1:{free_port()}", **FAST},
+        "cluster": {"host_listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0", **FAST},
         "reaper": {"interval": 0.2},
         **sections,
     }))  # fmt: skip

@@ -76,7 +76,7 @@ def _config(settings: VmmSettings, tmp: Path, name: str, port: int, **vmm: Any) 
     config.write_text(toml({
         "server": {"listen_port": port, "tls": False, "workers": 2, "drain_timeout": 10.0},
         "vmm": {"state_dir": str(settings.state_dir), **vmm},
-        "cluster": {"host_listen": f"127.0.0.1:{free_port()}", "data_listen": f"127.0.0.1:{free_port()}", **FAST},
+        "cluster": {"host_listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0", **FAST},
         "reaper": {"interval": 0.2},
     }))  # fmt: skip
     return config
