@@ -31,9 +31,9 @@ from pathlib import Path
 import uvloop
 
 from edge import app
-from edge.config import Config, load_config
 from edge.proxy_context import ProxySettings
 from edge.tls import make_dev_cert
+from mvm.config import Config, load_config
 from vmm import netns, probe
 from vmm.image import Readiness
 

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import uvloop
 
-from edge.config import load_config, token_service
 from edge.hosts import HostRouter
 from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext, ProxySettings
+from edge.settings import token_service
 from edge.tls import server_context
 from edge.upstream import UpstreamPool
+from mvm.config import load_config
 from vmm import jsonlog
 from vmm.model import VmRecord, VmState
 from vmm.policy import Policy
@@ -87,7 +88,7 @@ class LocalEdge:
 async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int, ports: tuple[int, int]) -> None:
     cfg = load_config(None)  # the dev token key: the parent never needs it, the child issues the token
     jsonlog.configure("warning")
-    tokens = token_service(cfg)
+    tokens = token_service(cfg.tokens)
     ctx = ProxyContext(
         backend=LoopbackBackend(upstream_port),
         router=HostRouter(cfg.server.domain, cfg.server.control_host),

@@ -39,7 +39,7 @@ import uvloop
 from aiohttp import web
 
 from vmm import faults, jsonlog
-from vmm.errors import NotFound
+from vmm.errors import ConfigError, NotFound
 from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import GUEST_GOING_AWAY, VmRecord, VmState
@@ -48,13 +48,13 @@ from vmm.reaper import Reaper
 
 from . import memory
 from .backend import VmBackend
-from .config import Config, ConfigError, token_service
 from .control import build_control_app
 from .egress_proxy import EgressProxies
 from .hosts import HostRouter
 from .http1 import make_protocol_factory
 from .metrics import Metrics
 from .proxy_context import ProxyContext
+from .settings import EdgeConfig, token_service
 from .tls import server_context
 from .tokens import TokenService
 from .upstream import UpstreamPool
@@ -64,7 +64,7 @@ from .upstream import UpstreamPool
 class Edge:
     """A running edge: what `stop` has to take down, and what tests look at."""
 
-    cfg: Config
+    cfg: EdgeConfig
     manager: VmManager
     ctx: ProxyContext
     server: asyncio.Server
@@ -78,7 +78,7 @@ class Edge:
         return int(self.server.sockets[0].getsockname()[1])
 
 
-async def start(cfg: Config, lock_fd: int | None = None) -> Edge:
+async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
     """Start the VM manager, the control API, the listener and the reaper.
 
     `lock_fd`: the state directory's lock, when `mvm serve` took it before anything started.
@@ -88,7 +88,7 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Edge:
     log.event("edge.malloc", arenas_capped=memory.limit_arenas())
     # Everything that can fail on bad input is checked before the manager touches any VM.
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
-    tokens = token_service(cfg)
+    tokens = token_service(cfg.tokens)
     async with contextlib.AsyncExitStack() as started:  # a step that fails stops the ones before it
         listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port)
         started.callback(listener.close)
@@ -104,7 +104,7 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Edge:
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
         started.callback(control_dir.cleanup)
         control_socket = str(Path(control_dir.name) / "control.sock")
-        control = web.AppRunner(build_control_app(cfg, manager, tokens, metrics), access_log=None)
+        control = web.AppRunner(build_control_app(cfg.server, manager, tokens, metrics), access_log=None)
         await control.setup()
         started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()
@@ -154,12 +154,12 @@ async def stop(edge: Edge) -> None:
     log.event("edge.stopped")
 
 
-def serve(cfg: Config, lock_fd: int | None = None) -> None:
+def serve(cfg: EdgeConfig, lock_fd: int | None = None) -> None:
     """Run until SIGINT or SIGTERM (`mvm serve --workers 1`)."""
     uvloop.run(_serve_until_signalled(cfg, lock_fd))
 
 
-async def _serve_until_signalled(cfg: Config, lock_fd: int | None) -> None:
+async def _serve_until_signalled(cfg: EdgeConfig, lock_fd: int | None) -> None:
     edge = await start(cfg, lock_fd)
     scheme = "https" if cfg.server.tls else "http"
     print(f"microvm-edge listening on {scheme}://{cfg.server.listen_host}:{edge.port} "
@@ -194,7 +194,7 @@ def raise_nofile_limit(wanted: int) -> int:
 
 
 def proxy_context(
-    cfg: Config,
+    cfg: EdgeConfig,
     backend: VmBackend,
     tokens: TokenService,
     metrics: Metrics,
@@ -240,7 +240,6 @@ async def ensure_default_template(manager: VmManager) -> None:
         await manager.create_template(name, image, lambda line: log.event("template.progress", msg=line))
     except NotFound as exc:
         log.event("template.missing", level="warning", template=name, error=str(exc))
-
 
 
 def end_upstreams(pool: UpstreamPool, rec: VmRecord) -> None:

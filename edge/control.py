@@ -22,11 +22,11 @@ from vmm.template import check_name
 
 from . import files_api, shell_api
 from .backend import ManagedVms
-from .config import Config
 from .errors_http import error_code
 from .exec_api import ExecRequest, stream_exec
 from .metrics import Metrics
 from .openapi import OPENAPI
+from .settings import ServerConfig
 from .tokens import TokenService
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -35,7 +35,7 @@ _PUBLIC = ("/healthz", "/metrics", "/openapi.json")
 MANAGER = web.AppKey("manager", ManagedVms)
 TOKENS = web.AppKey("tokens", TokenService)
 METRICS = web.AppKey("metrics", Metrics)
-CONFIG = web.AppKey("config", Config)
+SERVER = web.AppKey("server", ServerConfig)  # [server]: the admin key, and what VM URLs are made of
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -51,7 +51,7 @@ def error_response(status: int, message: str) -> web.Response:
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Admin bearer key on everything but the public paths; every failure becomes JSON."""
     if request.path not in _PUBLIC:
-        expected = f"Bearer {request.app[CONFIG].server.admin_key}".encode()
+        expected = f"Bearer {request.app[SERVER].admin_key}".encode()
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             return error_response(401, "missing or wrong admin key (Authorization: Bearer <server.admin_key>)")
@@ -80,13 +80,13 @@ async def read_body(request: web.Request) -> dict[str, Any]:
 
 def vm_json(request: web.Request, rec: VmRecord) -> dict[str, Any]:
     data = rec.to_dict()
-    data["url"] = vm_url(request.app[CONFIG], rec.id)
+    data["url"] = vm_url(request.app[SERVER], rec.id)
     return data
 
 
-def vm_url(cfg: Config, vm_id: str) -> str:
-    scheme = "https" if cfg.server.tls else "http"
-    return f"{scheme}://{vm_id}.{cfg.server.domain}:{cfg.server.listen_port}/"
+def vm_url(server: ServerConfig, vm_id: str) -> str:
+    scheme = "https" if server.tls else "http"
+    return f"{scheme}://{vm_id}.{server.domain}:{server.listen_port}/"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -208,7 +208,7 @@ async def token_answer(request: web.Request, vm_id: str) -> web.Response:
     if unknown:
         raise web.HTTPUnprocessableEntity(reason=f"{unknown[0]}: unknown field (allowed: ttl, scopes, ports)")
     token, exp = request.app[TOKENS].issue(vm_id, ttl, body.get("scopes"), body.get("ports"))
-    url = vm_url(request.app[CONFIG], vm_id)
+    url = vm_url(request.app[SERVER], vm_id)
     scopes = sorted(body.get("scopes") or ["http"])
     return json_response(
         {"vm": vm_id, "token": token, "expires_at": exp, "expires_in": round(exp - time.time()), "url": url,
@@ -216,9 +216,11 @@ async def token_answer(request: web.Request, vm_id: str) -> web.Response:
     )  # fmt: skip
 
 
-def build_control_app(cfg: Config, manager: ManagedVms, tokens: TokenService, metrics_: Metrics) -> web.Application:
+def build_control_app(
+    server: ServerConfig, manager: ManagedVms, tokens: TokenService, metrics_: Metrics
+) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=24 * 1024**2)  # exec stdin: 16 MiB, base64
-    app[CONFIG], app[MANAGER], app[TOKENS], app[METRICS] = cfg, manager, tokens, metrics_
+    app[SERVER], app[MANAGER], app[TOKENS], app[METRICS] = server, manager, tokens, metrics_
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

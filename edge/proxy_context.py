@@ -21,7 +21,7 @@ from .upstream import UpstreamPool
 
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
-    """The data plane's knobs: what [proxy] holds (loaded by edge.config), times in seconds."""
+    """The data plane's knobs: what [proxy] holds (loaded by mvm.config), times in seconds."""
 
     connect_timeout: float = 5.0
     read_timeout: float = 300.0  # from request sent to response head

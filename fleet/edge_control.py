@@ -14,10 +14,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from edge.config import Config
 from edge.control import (
-    CONFIG,
     METRICS,
+    SERVER,
     TOKENS,
     errors_and_auth,
     healthz,
@@ -40,16 +39,18 @@ from .host_client import FORWARD_TIMEOUT, HostClient
 from .mover import Mover
 from .placement import candidates
 from .routes import RouteTable
+from .settings import FleetConfig
 
 ROUTES = web.AppKey("routes", RouteTable)
 HOSTS = web.AppKey("hosts", HostClient)
+DEFAULT_TEMPLATE = web.AppKey("default_template", str)  # vmm.default_template
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host",
                          "content-length", "authorization"))  # fmt: skip
 
 
 def placed_json(request: web.Request, host_id: str, rec: VmRecord) -> dict[str, Any]:
     data = rec.to_dict()
-    data["url"] = vm_url(request.app[CONFIG], rec.id)
+    data["url"] = vm_url(request.app[SERVER], rec.id)
     data["host"] = host_id
     return data
 
@@ -94,7 +95,7 @@ async def create_vm(request: web.Request) -> web.Response:
     if wanted is not None and not isinstance(wanted, str):
         raise web.HTTPUnprocessableEntity(reason="host must be a host id (see GET /v1/hosts)")
     routes, hosts = request.app[ROUTES], request.app[HOSTS]
-    template = check_name(body.get("template") or request.app[CONFIG].vmm.default_template)
+    template = check_name(body.get("template") or request.app[DEFAULT_TEMPLATE])
     having = await routes.catalog.template_hosts(template)
     if not having:
         raise NotFound(f"template {template!r} does not exist on any host (create it with `mvm template create`)")
@@ -225,10 +226,11 @@ async def _forward_websocket(request: web.Request, hosts: HostClient, url: str) 
 
 
 def build_edge_control_app(
-    cfg: Config, routes: RouteTable, hosts: HostClient, tokens: TokenService, metrics_: Metrics
+    cfg: FleetConfig, routes: RouteTable, hosts: HostClient, tokens: TokenService, metrics_: Metrics
 ) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=24 * 1024**2)
-    app[CONFIG], app[TOKENS], app[METRICS], app[ROUTES], app[HOSTS] = cfg, tokens, metrics_, routes, hosts
+    app[SERVER], app[DEFAULT_TEMPLATE] = cfg.server, cfg.vmm.default_template
+    app[TOKENS], app[METRICS], app[ROUTES], app[HOSTS] = tokens, metrics_, routes, hosts
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)

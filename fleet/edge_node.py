@@ -22,10 +22,10 @@ import uvloop
 from aiohttp import web
 
 from edge.app import bind_listener, end_upstreams, proxy_context, raise_nofile_limit, until_signalled
-from edge.config import Config, token_service
 from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext
+from edge.settings import token_service
 from edge.tls import server_context
 from fleet.catalog import Catalog, open_catalog
 from fleet.catalog.sqlite import SqliteCatalog
@@ -38,6 +38,7 @@ from .host_client import HostClient
 from .remote_backend import RemoteBackend
 from .routes import RouteTable
 from .run_dir import join_table
+from .settings import FleetConfig
 from .supervisor import announce_ready
 
 METRICS_FLUSH_EVERY = 1.0  # seconds: how late a worker's per-request counts may reach the set's /metrics
@@ -47,7 +48,7 @@ METRICS_FLUSH_EVERY = 1.0  # seconds: how late a worker's per-request counts may
 class EdgeNode:
     """A running edge worker: what `stop` takes down, and what tests look at."""
 
-    cfg: Config
+    cfg: FleetConfig
     catalog: Catalog
     routes: RouteTable
     backend: RemoteBackend
@@ -62,12 +63,12 @@ class EdgeNode:
         return int(self.server.sockets[0].getsockname()[1])
 
 
-async def start(cfg: Config) -> EdgeNode:
+async def start(cfg: FleetConfig) -> EdgeNode:
     """Open the catalog, the control API and the listener; a step that fails stops the ones before it."""
     jsonlog.configure(cfg.log.level)
     raise_nofile_limit(cfg.server.rlimit_nofile)
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
-    tokens = token_service(cfg)
+    tokens = token_service(cfg.tokens)
     async with contextlib.AsyncExitStack() as started:
         listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port, reuse_port=True)
         started.callback(listener.close)
@@ -136,19 +137,19 @@ def _counts(routes: RouteTable) -> dict[str, int]:
     return {state.value: counts.get(state.value, 0) for state in VmState if state is not VmState.TERMINATED}
 
 
-def serve_worker(cfg: Config, ready_fd: int | None = None) -> None:
+def serve_worker(cfg: FleetConfig, ready_fd: int | None = None) -> None:
     """One worker in this process, until SIGINT or SIGTERM; `ready_fd`: the supervisor's pipe."""
     uvloop.run(_worker_until_signalled(cfg, ready_fd))
 
 
-async def _worker_until_signalled(cfg: Config, ready_fd: int | None) -> None:
+async def _worker_until_signalled(cfg: FleetConfig, ready_fd: int | None) -> None:
     node = await start(cfg)
     announce_ready(ready_fd)
     await until_signalled()
     await stop(node)
 
 
-def worker_count(cfg: Config) -> int:
+def worker_count(cfg: FleetConfig) -> int:
     return cfg.server.workers or os.cpu_count() or 1
 
 

@@ -22,10 +22,10 @@ import uvloop
 from aiohttp import web
 
 from edge.app import ensure_default_template, until_signalled
-from edge.config import Config, token_service
 from edge.control import MANAGER, Handler, build_control_app, json_response
 from edge.egress_proxy import EgressProxies
 from edge.metrics import Metrics
+from edge.settings import token_service
 from fleet.catalog import Catalog, open_catalog
 from vmm import faults, jsonlog
 from vmm.errors import InvalidRequest
@@ -37,6 +37,7 @@ from vmm.reaper import Reaper
 from .data_port import DataPort
 from .host_sync import HostAddress, HostSync, capacity
 from .move_api import HOST_MANAGER, add_host_routes
+from .settings import FleetConfig
 from .supervisor import announce_ready
 
 SYNC = web.AppKey("sync", HostSync)
@@ -46,7 +47,7 @@ SYNC = web.AppKey("sync", HostSync)
 class Host:
     """A running host: what `stop` takes down, and what tests look at."""
 
-    cfg: Config
+    cfg: FleetConfig
     host_id: str
     manager: VmManager
     catalog: Catalog
@@ -62,7 +63,7 @@ class Host:
         return int(server[1])
 
 
-def host_id_of(cfg: Config) -> str:
+def host_id_of(cfg: FleetConfig) -> str:
     return cfg.cluster.host_id or socket.gethostname().split(".")[0].lower()
 
 
@@ -71,7 +72,7 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def start(cfg: Config, lock_fd: int | None = None) -> Host:
+async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
     """Recover this host's VMs, publish them, then serve the host API and the data port.
 
     `lock_fd`: the state directory's lock, taken by `mvm serve` before it started this process.
@@ -92,8 +93,8 @@ async def start(cfg: Config, lock_fd: int | None = None) -> Host:
         faults.point("host.manager")
         await ensure_default_template(manager)
         sync = HostSync(catalog, manager, host_id, cfg.cluster.heartbeat_interval)
-        api_cfg = replace(cfg, server=replace(cfg.server, admin_key=cfg.cluster.secret))
-        app = build_control_app(api_cfg, manager, token_service(cfg), metrics)
+        api_server = replace(cfg.server, admin_key=cfg.cluster.secret)  # edges call it with the cluster's key
+        app = build_control_app(api_server, manager, token_service(cfg.tokens), metrics)
         app.router.add_post("/v1/vms/{vm_id}/wake", wake)
         app.router.add_post("/v1/host/activity", activity)
         app.router.add_get("/v1/host", health)
@@ -213,12 +214,12 @@ async def health(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
-def serve(cfg: Config, lock_fd: int | None = None, ready_fd: int | None = None) -> None:
+def serve(cfg: FleetConfig, lock_fd: int | None = None, ready_fd: int | None = None) -> None:
     """Run until SIGINT or SIGTERM (`mvm host`); `lock_fd` and `ready_fd` come from `mvm serve`'s supervisor."""
     uvloop.run(_serve_until_signalled(cfg, lock_fd, ready_fd))
 
 
-async def _serve_until_signalled(cfg: Config, lock_fd: int | None, ready_fd: int | None) -> None:
+async def _serve_until_signalled(cfg: FleetConfig, lock_fd: int | None, ready_fd: int | None) -> None:
     host = await start(cfg, lock_fd)
     print(f"microvm-edge host {host.host_id}: host API on {cfg.cluster.host_listen}", flush=True)
     announce_ready(ready_fd)

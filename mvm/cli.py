@@ -26,11 +26,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from edge.config import Config, ConfigError, load_config
 from edge.tls import TlsError, make_dev_cert
 from microvm_edge import AsyncClient
 from microvm_edge.errors import ApiError
-from vmm.errors import VmmError
+from mvm.config import Config, load_config
+from vmm.errors import ConfigError, VmmError
 
 DEFAULT_CONFIG = Path("configs/dev.toml")
 

@@ -65,3 +65,7 @@ class CatalogError(VmmError):
     """The shared catalog cannot be used (bad `catalog.url`, server unreachable); names the config key."""
 
     http_status = 503
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message starts with the offending key (`server.listen_port: ...`)."""

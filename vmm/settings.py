@@ -1,4 +1,4 @@
-"""Settings of the VM plane; edge.config fills them from the [vmm] TOML section."""
+"""Settings of the VM plane; mvm.config fills them from the [vmm] TOML section."""
 
 from __future__ import annotations
 

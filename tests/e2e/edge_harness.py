@@ -18,8 +18,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from edge import app
-from edge.config import Config, load_config
 from edge.tls import make_dev_cert
+from mvm.config import Config, load_config
 from vmm.settings import VmmSettings
 
 DOMAIN = "mvm.localhost"

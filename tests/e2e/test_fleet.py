@@ -17,8 +17,8 @@ import aiohttp
 import orjson
 import pytest
 
-from edge.config import load_config
 from fleet.host import host_id_of
+from mvm.config import load_config
 from tests.e2e.fleet_harness import ADMIN, DOMAIN, EdgeClient, Role, free_port, toml
 from tests.pg import PgCluster, create_database, drop_database
 from vmm.settings import VmmSettings

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from edge import app
-from edge.config import Config, load_config
 from fleet import edge_node, host
+from mvm.config import Config, load_config
 from tests.e2e.fleet_harness import free_port
 from tests.e2e.guest import qemu_pids_under
 from vmm import faults, netns

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.config import load_config, token_service
 from edge.control import build_control_app
 from edge.metrics import Metrics
+from edge.settings import token_service
+from mvm.config import load_config
 from vmm.agent import Exec
 
 
@@ -46,7 +47,7 @@ class _Manager:
 @contextlib.asynccontextmanager
 async def _control(manager: _Manager) -> AsyncIterator[tuple[TestClient, dict[str, str]]]:
     cfg = load_config(None)
-    app = build_control_app(cfg, manager, token_service(cfg), Metrics())  # type: ignore[arg-type]
+    app = build_control_app(cfg.server, manager, token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
     async with TestClient(TestServer(app)) as client:
         yield client, {"Authorization": f"Bearer {cfg.server.admin_key}"}
 

@@ -6,8 +6,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from edge import config as config_module
-from edge.config import Config, ConfigError, load_config, token_service
+from edge.settings import token_service
+from mvm import config as config_module
+from mvm.config import Config, load_config
+from vmm.errors import ConfigError
 from vmm.policy import Policy
 from vmm.settings import VmmSettings
 
@@ -39,7 +41,7 @@ def test_dev_toml_is_the_defaults() -> None:
 
 
 def test_default_tokens_work() -> None:
-    tokens = token_service(load_config(None))
+    tokens = token_service(load_config(None).tokens)
     token, exp = tokens.issue(VM)
     assert tokens.verify(token, VM) == exp
 
@@ -209,7 +211,7 @@ alg = "HS256"
 secret_file = "{tmp_path / "old.secret"}"
 """,
     )
-    tokens = token_service(cfg)
+    tokens = token_service(cfg.tokens)
     token, exp = tokens.issue(VM)
     assert tokens.verify(token, VM) == exp
 
@@ -229,7 +231,7 @@ def test_token_service_errors(tmp_path: Path, key_lines: str, files: dict[str, b
     text = '[tokens]\nactive_kid = "k"\n[[tokens.keys]]\nkid = "k"\n' + key_lines.format(d=tmp_path)
     cfg = load(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        token_service(cfg)
+        token_service(cfg.tokens)
     assert str(info.value).startswith(message)
 
 

@@ -10,9 +10,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from edge.config import load_config, token_service
 from edge.control import build_control_app
 from edge.metrics import Metrics
+from edge.settings import token_service
+from mvm.config import load_config
 
 
 class BrokenManager:
@@ -26,7 +27,7 @@ class BrokenManager:
 @pytest.fixture
 async def control() -> AsyncIterator[tuple[int, str]]:
     cfg = load_config(None)
-    app = build_control_app(cfg, BrokenManager(), token_service(cfg), Metrics())  # type: ignore[arg-type]
+    app = build_control_app(cfg.server, BrokenManager(), token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import ConfigError, load_config
 from fleet.catalog import Capacity, HostRecord, PlacedVm
 from fleet.data_port import DataPort, request_line, sign
 from fleet.host_client import HostError
@@ -12,7 +11,8 @@ from fleet.host_sync import HostAddress
 from fleet.move_api import decode_record, encode_record
 from fleet.placement import candidates
 from fleet.routes import RouteTable
-from vmm.errors import InvalidRequest, NotFound, VmmError
+from mvm.config import load_config
+from vmm.errors import ConfigError, InvalidRequest, NotFound, VmmError
 from vmm.model import RamMode, VmRecord, VmState
 from vmm.policy import Policy
 
@@ -140,13 +140,13 @@ class _FullFirstHost:
 async def test_a_full_host_passes_the_new_vm_to_the_next() -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from edge.config import token_service
     from edge.metrics import Metrics
+    from edge.settings import token_service
     from fleet.edge_control import build_edge_control_app
 
     cfg = load_config(None)
     hosts = _FullFirstHost()
-    app = build_edge_control_app(cfg, _Routes(), hosts, token_service(cfg), Metrics())  # type: ignore[arg-type]
+    app = build_edge_control_app(cfg, _Routes(), hosts, token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
     async with TestClient(TestServer(app)) as client:
         auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
         resp = await client.post("/v1/vms", json={}, headers=auth)
@@ -179,13 +179,13 @@ async def test_the_edge_validates_a_template_name_like_a_host_and_an_unknown_one
 ) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
-    from edge.config import token_service
     from edge.metrics import Metrics
+    from edge.settings import token_service
     from fleet.edge_control import build_edge_control_app
 
     cfg = load_config(None)
     hosts = _FullFirstHost()
-    app = build_edge_control_app(cfg, _NoTemplateAnywhere(), hosts, token_service(cfg), Metrics())  # type: ignore[arg-type]
+    app = build_edge_control_app(cfg, _NoTemplateAnywhere(), hosts, token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
     async with TestClient(TestServer(app)) as client:
         auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
         resp = await client.post("/v1/vms", json={"template": template}, headers=auth)

@@ -84,8 +84,8 @@ async def test_app_stop_drains_before_the_manager_shuts_down(upstream: Upstream)
     """edge.app.stop: listener closed, requests in flight finished, wakes refused until the
     manager's own shutdown is over."""
     from edge import app
-    from edge.config import load_config
     from edge.egress_proxy import EgressProxies
+    from mvm.config import load_config
 
     backend = FakeBackend()
     backend.add_vm(VM, upstream.port)

@@ -13,12 +13,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.config import load_config
-from edge.control import CONFIG, errors_and_auth
+from edge.control import SERVER, errors_and_auth
 from fleet.catalog import Capacity, HostRecord, PlacedVm
 from fleet.host import activity
 from fleet.move_api import HOST_MANAGER
 from fleet.remote_backend import OPEN_LEASE, RemoteBackend
+from mvm.config import load_config
 from vmm.errors import NotFound
 from vmm.manager import VmManager
 from vmm.model import VmRecord, VmState
@@ -135,7 +135,7 @@ async def host_api() -> AsyncIterator[tuple[TestClient[Any, Any], _HostManager, 
     clock = Clock()
     manager = _HostManager(clock)
     app = web.Application(middlewares=[errors_and_auth])
-    app[CONFIG], app[HOST_MANAGER] = cfg, cast(VmManager, manager)
+    app[SERVER], app[HOST_MANAGER] = cfg.server, cast(VmManager, manager)
     app.router.add_post("/v1/host/activity", activity)
     async with TestClient(TestServer(app), headers={"Authorization": f"Bearer {cfg.server.admin_key}"}) as client:
         yield client, manager, clock

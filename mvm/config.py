@@ -1,8 +1,9 @@
-"""The one TOML file `mvm serve` reads, validated whole at start-up.
+"""The one TOML file every `mvm` role reads, validated whole at start-up.
 
 Every error names its key (`server.listen_port: ...`) and unknown keys are errors, so a
 typo fails loudly instead of silently keeping a default. Every default works on one
-machine; configs/dev.toml spells out the same values.
+machine; configs/dev.toml spells out the same values. Each section fills the settings
+dataclass of the layer it configures (vmm, edge, fleet); `Config` holds them all.
 """
 
 from __future__ import annotations
@@ -15,110 +16,47 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from vmm.errors import InvalidRequest
+from edge.proxy_context import ProxySettings
+from edge.settings import (
+    DEV_ADMIN_KEY,
+    DEV_SECRET,
+    KeyConfig,
+    LogConfig,
+    ReaperConfig,
+    ServerConfig,
+    TokensConfig,
+    read_config_file,
+)
+from edge.tokens import ALGORITHMS, MIN_SECRET_BYTES
+from fleet.settings import DEV_CLUSTER_SECRET, MIN_CLUSTER_SECRET, CatalogConfig, ClusterConfig
+from vmm.errors import ConfigError, InvalidRequest
 from vmm.policy import Policy
 from vmm.settings import VmmSettings
-
-from .proxy_context import ProxySettings
-from .tokens import ALGORITHMS, MIN_SECRET_BYTES, SigningKey, TokenService
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-DEV_ADMIN_KEY = "dev-admin-key-change-me"
-DEV_SECRET = "dev-secret-change-me-0123456789abcdef"
-DEV_CLUSTER_SECRET = "dev-cluster-secret-change-me-0123456789"
-MIN_CLUSTER_SECRET = 32
 DEFAULT_POLICY = Policy(ports=(8081,))
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_ADMIN_KEY = 16
 
 
-class ConfigError(Exception):
-    """The configuration is unusable; the message starts with the offending key."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8443
-    domain: str = "mvm.localhost"
-    control_host: str = ""  # "" -> "api.<domain>"
-    tls: bool = True
-    tls_cert: Path = Path("var/tls/dev.crt")
-    tls_key: Path = Path("var/tls/dev.key")
-    admin_key: str = field(default=DEV_ADMIN_KEY, repr=False)
-    rlimit_nofile: int = 65536  # soft RLIMIT_NOFILE wanted at start (capped by the hard limit); 0: leave it
-    drain_timeout: float = 10.0  # on SIGTERM: how long requests in flight may take to finish
-    workers: int = 0  # edge worker processes (SO_REUSEPORT); 0: one per core; 1: serve in one process
-
-
-@dataclass(frozen=True)
-class KeyConfig:
-    """One [[tokens.keys]] entry; files are read by token_service(), not at load time."""
-
-    kid: str
-    alg: str
-    secret: str | None = field(default=None, repr=False)
-    secret_file: Path | None = None
-    private_key_file: Path | None = None
-    public_key_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class TokensConfig:
-    default_ttl: float = 300.0
-    max_ttl: float = 3600.0
-    active_kid: str = "dev-hs256"
-    cache_size: int = 10_000
-    issuer: str = "microvm-edge"
-    leeway: float = 0.0
-    keys: tuple[KeyConfig, ...] = (KeyConfig(kid="dev-hs256", alg="HS256", secret=DEV_SECRET),)
-
-
-@dataclass(frozen=True)
-class CatalogConfig:
-    url: str = field(default="", repr=False)  # "": the embedded SQLite catalog in vmm.state_dir
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """How VM hosts and edge workers find and trust each other (`mvm host`, `mvm edge`)."""
-
-    secret: str = field(default=DEV_CLUSTER_SECRET, repr=False)  # bearer key of host APIs and data ports
-    host_id: str = ""  # "": this machine's hostname
-    host_listen: str = "127.0.0.1:9100"  # the host API of `mvm host`
-    data_listen: str = "127.0.0.1:9101"  # the data port: edges on other machines tunnel to guests through it
-    advertise: str = ""  # the address edges use for this host; "": its host_listen's address
-    heartbeat_interval: float = 1.0
-    down_after: float = 5.0  # seconds without a heartbeat before a host's VMs show as unavailable
-    direct: bool = True  # an edge reaches guests on its own machine in their namespace (False: via data ports)
-
-
-@dataclass(frozen=True)
-class ReaperConfig:
-    interval: float = 1.0
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    level: str = "info"
-
-
 @dataclass(frozen=True)
 class Config:
+    """The whole file; it is an `edge.settings.EdgeConfig` and a `fleet.settings.FleetConfig`."""
+
     server: ServerConfig
     proxy: ProxySettings
     tokens: TokensConfig
     vmm: VmmSettings
     reaper: ReaperConfig
     log: LogConfig
-    catalog: CatalogConfig = CatalogConfig()
-    cluster: ClusterConfig = ClusterConfig()
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
-Rule = Callable[[Any, str], Any]  # (value, key) -> the value to keep; raises ConfigError
 T = TypeVar("T", bound="DataclassInstance")
+Rule = Callable[[Any, str], Any]  # (value, key) -> the value to keep; raises ConfigError
 
 
 def _fail(key: str, rule: str, value: Any) -> ConfigError:
@@ -149,13 +87,13 @@ def _seconds_or_zero(value: Any, key: str) -> float:
 def _networks(value: Any, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """A list of IP addresses or CIDR networks (already parsed: a loaded config's are networks)."""
     if not isinstance(value, list | tuple):
-        raise _fail(key, "a list of IP addresses or networks such as \"10.0.0.0/8\"", value)
+        raise _fail(key, 'a list of IP addresses or networks such as "10.0.0.0/8"', value)
     networks = []
     for item in value:
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except (TypeError, ValueError):
-            raise _fail(key, "a list of IP addresses or networks such as \"10.0.0.0/8\"", item) from None
+            raise _fail(key, 'a list of IP addresses or networks such as "10.0.0.0/8"', item) from None
     return tuple(networks)
 
 
@@ -176,7 +114,7 @@ _HOST_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 def _host_id(value: Any, key: str) -> str:
     if value != "" and (not isinstance(value, str) or not _HOST_ID.fullmatch(value)):
-        raise _fail(key, "a host name of lower-case letters, digits and dashes (or \"\" for the hostname)", value)
+        raise _fail(key, 'a host name of lower-case letters, digits and dashes (or "" for the hostname)', value)
     return str(value)
 
 
@@ -341,24 +279,6 @@ def load_config(path: Path | None) -> Config:
     )
 
 
-def token_service(cfg: Config) -> TokenService:
-    """The TokenService for cfg.tokens, reading secret and PEM files now."""
-    t = cfg.tokens
-    keys = [_signing_key(key, f"tokens.keys[{i}]") for i, key in enumerate(t.keys)]
-    try:
-        return TokenService(
-            keys,
-            t.active_kid,
-            default_ttl=t.default_ttl,
-            max_ttl=t.max_ttl,
-            cache_size=t.cache_size,
-            issuer=t.issuer,
-            leeway=t.leeway,
-        )
-    except ValueError as e:
-        raise ConfigError(f"tokens.keys: {e}") from None
-
-
 def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
     table = data.get(name, {})
     if not isinstance(table, dict):
@@ -392,7 +312,7 @@ def _server(table: dict[str, Any]) -> ServerConfig:
             raise ConfigError("server.admin_key_file: give admin_key or admin_key_file, not both")
         path = _path(key_file, "server.admin_key_file")
         try:
-            table["admin_key"] = _read(path, "server.admin_key_file").decode().strip()
+            table["admin_key"] = read_config_file(path, "server.admin_key_file").decode().strip()
         except UnicodeDecodeError:
             raise ConfigError(f"server.admin_key_file: {path} is not UTF-8 text") from None
     server = _section(table, "server", ServerConfig(), _SERVER)
@@ -483,25 +403,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _signing_key(key: KeyConfig, where: str) -> SigningKey:
-    secret: bytes | None = key.secret.encode() if key.secret is not None else None
-    if key.secret_file is not None:
-        secret = _read(key.secret_file, f"{where}.secret_file").strip()
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ConfigError(f"{where}.secret_file: the secret must be at least {MIN_SECRET_BYTES} bytes")
-    return SigningKey(
-        kid=key.kid,
-        alg=key.alg,
-        secret=secret,
-        private_key=_read(key.private_key_file, f"{where}.private_key_file") if key.private_key_file else None,
-        public_key=_read(key.public_key_file, f"{where}.public_key_file") if key.public_key_file else None,
-    )
-
-
-def _read(path: Path, key: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
