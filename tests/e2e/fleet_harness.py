@@ -119,3 +119,15 @@ class EdgeClient:
                         return
                 await asyncio.sleep(0.1)
 
+
+class ServedRole(EdgeClient):
+    """A running `mvm` role (its Role: process and JSON log) and a client of the port it serves."""
+
+    def __init__(self, role: Role, port: int) -> None:
+        super().__init__(port)
+        self.role = role
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process:
+        assert self.role.proc is not None
+        return self.role.proc

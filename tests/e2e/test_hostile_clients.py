@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from tests.e2e.fleet_harness import DOMAIN, EdgeClient, Role, free_port, toml
+from tests.e2e.fleet_harness import DOMAIN, Role, ServedRole, free_port, toml
 from tests.e2e.guest import guest_state
 from tests.e2e.test_crash_safety import qemus_of
 from vmm import netns
@@ -28,17 +28,8 @@ from vmm.model import VmState
 from vmm.settings import VmmSettings
 
 
-class Served(EdgeClient):
+class Served(ServedRole):
     """A running `mvm serve` in one process: the fleet harness's client, plus its process and memory."""
-
-    def __init__(self, role: Role, port: int) -> None:
-        super().__init__(port)
-        self.role = role
-
-    @property
-    def proc(self) -> asyncio.subprocess.Process:
-        assert self.role.proc is not None
-        return self.role.proc
 
     async def vm_with_token(self, **policy: Any) -> tuple[str, str]:
         vm = await self.api("POST", "/v1/vms", {"policy": policy}, status=201)

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from tests.e2e.fleet_harness import DOMAIN, EdgeClient, Role, free_port, toml
+from tests.e2e.fleet_harness import DOMAIN, Role, ServedRole, free_port, toml
 from tests.e2e.guest import guest_state, pid_alive
 from tests.e2e.test_crash_safety import qemus_of
 from tests.e2e.test_fleet import FAST, HOST, _until_hosts_up
@@ -26,17 +26,8 @@ from vmm.model import VmState
 from vmm.settings import VmmSettings
 
 
-class Serve(EdgeClient):
+class Serve(ServedRole):
     """A running `mvm serve` (supervisor pid, its children by role, its JSON log) and a client of its port."""
-
-    def __init__(self, role: Role, port: int) -> None:
-        super().__init__(port)
-        self.role = role
-
-    @property
-    def proc(self) -> asyncio.subprocess.Process:
-        assert self.role.proc is not None
-        return self.role.proc
 
     def children(self, role: str) -> list[int]:
         """Live (not zombie) child processes of the supervisor running `mvm <role>`."""
