@@ -33,6 +33,7 @@ class ServerConfig:
     rlimit_nofile: int = 65536  # soft RLIMIT_NOFILE wanted at start (capped by the hard limit); 0: leave it
     drain_timeout: float = 10.0  # on SIGTERM: how long requests in flight may take to finish
     workers: int = 0  # edge worker processes (SO_REUSEPORT); 0: one per core; 1: serve in one process
+    worker_user: str = "mvm-edge"  # edge workers started as root become this user; "": they stay as started
 
 
 @dataclass(frozen=True)

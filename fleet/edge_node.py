@@ -35,9 +35,10 @@ from vmm.model import VmState
 
 from .edge_control import build_edge_control_app
 from .host_client import HostClient
+from .privilege import Identity, drop_to, worker_identity
 from .remote_backend import RemoteBackend
 from .routes import RouteTable
-from .run_dir import join_table
+from .run_dir import broker_path, join_table
 from .settings import FleetConfig
 from .supervisor import announce_ready
 
@@ -63,8 +64,12 @@ class EdgeNode:
         return int(self.server.sockets[0].getsockname()[1])
 
 
-async def start(cfg: FleetConfig) -> EdgeNode:
-    """Open the catalog, the control API and the listener; a step that fails stops the ones before it."""
+async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
+    """Open the catalog, the control API and the listener; a step that fails stops the ones before it.
+
+    `become`: the worker process gives up root for this identity once its port, keys and catalog
+    are open (a worker's own process only: never a process that runs other things, e.g. a test's).
+    """
     jsonlog.configure(cfg.log.level)
     raise_nofile_limit(cfg.server.rlimit_nofile)
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
@@ -76,13 +81,20 @@ async def start(cfg: FleetConfig) -> EdgeNode:
         catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
         started.push_async_callback(catalog.close)
         read_now = catalog.get_vm_now if isinstance(catalog, SqliteCatalog) else None
+        if isinstance(catalog, SqliteCatalog):
+            catalog.open_reader()
+        if become is not None:
+            drop_to(become)
+        broker = broker_path()
+        broker = broker if broker is not None and broker.exists() else None
+        direct = cfg.cluster.direct and (broker is not None or os.geteuid() == 0)  # a namespace takes root
         routes = RouteTable(catalog, cfg.cluster.down_after, cfg.cluster.heartbeat_interval, read_now)
         await routes.start()
         started.push_async_callback(routes.stop)
         faults.point("edge.routes")
         hosts = HostClient(cfg.cluster.secret)
         started.push_async_callback(hosts.close)
-        backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=cfg.cluster.direct)
+        backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=direct, broker=broker)
         metrics = Metrics(lambda: _counts(routes))
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
         started.callback(control_dir.cleanup)
@@ -109,7 +121,8 @@ async def start(cfg: FleetConfig) -> EdgeNode:
         node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir)
         started.pop_all()  # all started: `stop` takes them down from now on
     log.event("edge.worker_started", listen=f"{cfg.server.listen_host}:{node.port}", pid=os.getpid(),
-              catalog=catalog.backend)  # fmt: skip
+              catalog=catalog.backend, uid=os.getuid(),
+              upstreams="broker" if broker else "namespace" if direct else "tunnel")  # fmt: skip
     return node
 
 
@@ -143,7 +156,7 @@ def serve_worker(cfg: FleetConfig, ready_fd: int | None = None) -> None:
 
 
 async def _worker_until_signalled(cfg: FleetConfig, ready_fd: int | None) -> None:
-    node = await start(cfg)
+    node = await start(cfg, worker_identity(cfg.server.worker_user))
     announce_ready(ready_fd)
     await until_signalled()
     await stop(node)

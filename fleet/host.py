@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -37,8 +39,11 @@ from vmm.reaper import Reaper
 from .data_port import DataPort
 from .host_sync import HostAddress, HostSync, capacity
 from .move_api import HOST_MANAGER, add_host_routes
+from .privilege import worker_identity
+from .run_dir import broker_path
 from .settings import FleetConfig
 from .supervisor import announce_ready
+from .upstream_broker import NotHere, UpstreamBroker
 
 SYNC = web.AppKey("sync", HostSync)
 
@@ -56,6 +61,7 @@ class Host:
     data: DataPort
     reaper: Reaper
     egress: EgressProxies
+    broker: UpstreamBroker | None  # in `mvm serve` only
 
     @property
     def api_port(self) -> int:
@@ -116,6 +122,9 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
         await data.start(data_host, data_port)
         started.push_async_callback(data.stop)
         faults.point("host.data_port")
+        broker = await _start_broker(cfg, manager)
+        if broker is not None:
+            started.push_async_callback(broker.stop)
         advertised_host = advertised.rpartition(":")[0]
         await sync.start(HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}"))
         started.push_async_callback(sync.stop)
@@ -125,7 +134,7 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
         faults.point("host.serving")
         started.pop_all()  # all started: `stop` takes them down from now on
     log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend)
-    return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress)
+    return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress, broker)
 
 
 async def stop(host: Host) -> None:
@@ -138,6 +147,8 @@ async def stop(host: Host) -> None:
     host.manager.refuse_wakes()
     loop = asyncio.get_running_loop()
     began = loop.time()
+    if host.broker is not None:
+        await host.broker.stop()
     cut, _ = await asyncio.gather(host.data.stop(host.cfg.server.drain_timeout), host.api.cleanup())
     log.event("host.drained", host=host.host_id, seconds=round(loop.time() - began, 3), tunnels_cut=cut)
     await host.reaper.stop()
@@ -146,6 +157,25 @@ async def stop(host: Host) -> None:
     await host.egress.close_all()
     await host.catalog.close()
     log.event("host.stopped", host=host.host_id)
+
+
+async def _start_broker(cfg: FleetConfig, manager: VmManager) -> UpstreamBroker | None:
+    """In `mvm serve`: the broker through which this set's workers, no longer root, reach guests."""
+    path = broker_path()
+    if path is None:
+        return None
+    identity = worker_identity(cfg.server.worker_user)
+
+    async def connect(vm_id: str, port: int, timeout: float) -> socket.socket:
+        if manager.lookup(vm_id) is None:
+            raise NotHere(vm_id)
+        if not _reachable(manager, vm_id, port):
+            raise PermissionError(errno.EACCES, f"port {port} is not on VM {vm_id}'s allow-list")
+        return await manager.open_upstream(vm_id, port, timeout)
+
+    broker = UpstreamBroker(path, connect, identity.uid if identity is not None else os.getuid())
+    await broker.start()
+    return broker
 
 
 def _reachable(manager: VmManager, vm_id: str, port: int) -> bool:

@@ -17,12 +17,14 @@ import secrets
 import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from vmm import netns
 from vmm.errors import NotFound
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
 
+from . import upstream_broker
 from .data_port import open_tunnel
 from .host_client import HostClient
 from .host_sync import HostAddress
@@ -35,11 +37,14 @@ OPEN_LEASE = 5 * ACTIVITY_EVERY  # a host believes an edge's open streams this l
 class RemoteBackend:
     """VmBackend over the catalog and the hosts' APIs."""
 
-    def __init__(self, routes: RouteTable, hosts: HostClient, secret: str, direct: bool = True) -> None:
+    def __init__(
+        self, routes: RouteTable, hosts: HostClient, secret: str, direct: bool = True, broker: Path | None = None
+    ) -> None:
         self.routes = routes
         self.hosts = hosts
         self.secret = secret
-        self.direct = direct  # reach guests on this machine through their namespace (False: always tunnel)
+        self.direct = direct  # reach guests on this machine without a tunnel (False: always tunnel)
+        self.broker = broker  # in `mvm serve`: the host's upstream broker, which enters namespaces for us
         self.open_streams: Mapping[str, int] = {}
         self.edge_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"  # reports' author, per process
         self._activity: dict[str, float] = {}
@@ -87,7 +92,10 @@ class RemoteBackend:
         return generation != before
 
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
-        if self.direct and netns.exists(vm_id):
+        if self.direct and self.broker is not None:
+            with contextlib.suppress(upstream_broker.NotHere):  # not this machine's VM: tunnel to its host
+                return await upstream_broker.ask(self.broker, vm_id, port, timeout)
+        elif self.direct and netns.exists(vm_id):
             return await netns.connect_guest(vm_id, port, timeout)
         placed = self.routes.placed(vm_id)
         host = self.routes.host(placed.host_id) if placed is not None else None

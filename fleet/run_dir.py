@@ -5,7 +5,10 @@ The supervisor makes it fresh before it starts any child and removes it when the
     (`edge.shared_ips`), so `proxy.max_connections_per_ip` holds for the machine;
   - `metrics/`: prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR): every
     process of the set, the host included, writes its own values there, and `/metrics` on
-    any worker answers the sum (`edge.metrics`).
+    any worker answers the sum (`edge.metrics`);
+  - `upstreams.sock`: in `mvm serve`, the host's upstream broker (`fleet.upstream_broker`),
+    through which workers that gave up root reach guests.
+Workers that drop to `server.worker_user` own what they write here; the rest stays root's.
 Children find it in their environment. It is made on tmpfs (/dev/shm) when there is one:
 the files are mmap'd and written on every connection and request, and a state disk that
 fills up must not SIGBUS a worker. A set whose supervisor was killed leaves its directory;
@@ -26,9 +29,12 @@ from prometheus_client import multiprocess
 from edge.shared_ips import SharedIpTable, slots_for, start_time
 from vmm.jsonlog import log
 
+from .privilege import Identity
+
 ENV = "MVM_RUN_DIR"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch, read when it is imported
 _PREFIX = "mvm-set-"
+BROKER = "upstreams.sock"
 
 
 def _base() -> Path:
@@ -51,14 +57,24 @@ class RunDir:
     table: SharedIpTable
 
     @classmethod
-    def create(cls, workers: int, max_connections: int, base: Path | None = None) -> RunDir:
-        """A fresh directory with a connection table of one region per worker."""
+    def create(
+        cls, workers: int, max_connections: int, base: Path | None = None, worker: Identity | None = None
+    ) -> RunDir:
+        """A fresh directory with a connection table of one region per worker.
+
+        `worker`: the unprivileged identity the workers drop to; the files they write become theirs.
+        """
         base = base or _base()
         _remove_orphans(base)
         path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base))
         try:
             (path / "metrics").mkdir()
             table = SharedIpTable.create(path / "connections", workers, slots_for(max_connections))
+            if worker is not None:
+                os.chown(path, -1, worker.gid)
+                os.chmod(path, 0o750)
+                for mine in (path / "metrics", path / "connections"):
+                    os.chown(mine, worker.uid, worker.gid)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -93,6 +109,12 @@ def _remove_orphans(base: Path) -> None:
             continue
         if owned and pid.isdigit() and start_time(int(pid)) is None:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def broker_path() -> Path | None:
+    """Where this set's host hands out upstream connections (fleet.upstream_broker); None outside a set."""
+    run = os.environ.get(ENV)
+    return Path(run) / BROKER if run else None
 
 
 def join_table(pid: int) -> SharedIpTable | None:

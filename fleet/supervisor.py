@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from vmm.jsonlog import log
 
+from .privilege import Identity
 from .run_dir import RunDir, worker_nofile
 
 EVERY = 0.2  # seconds between looks at the children
@@ -316,13 +317,20 @@ def _end_with_parent(supervisor: int) -> None:
         os._exit(1)
 
 
-def supervise(host: Child | None, workers: list[Child], ready_wait: float, drain_wait: float, nofile: int) -> int:
+def supervise(
+    host: Child | None,
+    workers: list[Child],
+    ready_wait: float,
+    drain_wait: float,
+    nofile: int,
+    worker: Identity | None = None,
+) -> int:
     """Run the set as real processes until SIGTERM or SIGINT (or its host dies); the exit status.
 
     The set's run directory (fleet.run_dir: the per-IP table and the metrics files its processes
     share) is made before the first child starts and removed once the last one has ended.
     """
-    run = RunDir.create(len(workers), worker_nofile(nofile))
+    run = RunDir.create(len(workers), worker_nofile(nofile), worker=worker)
     env = run.env()
     supervisor = Supervisor(lambda child: ChildProcess(child.command, child.pass_fds, env), SystemClock(),
                             ready_wait, drain_wait, on_exit=run.forget)  # fmt: skip

@@ -216,6 +216,7 @@ def _serve(args: argparse.Namespace) -> None:
         serve(cfg, lock_fd)
         return
     from fleet.edge_node import worker_command
+    from fleet.privilege import worker_identity
     from fleet.supervisor import DRAIN_MARGIN, Child, supervise
     from vmm import jsonlog
 
@@ -224,7 +225,9 @@ def _serve(args: argparse.Namespace) -> None:
     host = Child("host", [*worker_command(config, "host"), "--lock-fd", str(lock_fd)], pass_fds=(lock_fd,))
     edges = [Child(f"edge-{i}", [*worker_command(config, "edge"), "--worker"]) for i in range(workers)]
     ready_wait = cfg.vmm.boot_timeout + 60  # the host may make the default template first
-    sys.exit(supervise(host, edges, ready_wait, cfg.server.drain_timeout + DRAIN_MARGIN, cfg.server.rlimit_nofile))
+    drain_wait = cfg.server.drain_timeout + DRAIN_MARGIN
+    identity = worker_identity(cfg.server.worker_user)
+    sys.exit(supervise(host, edges, ready_wait, drain_wait, cfg.server.rlimit_nofile, identity))
 
 
 def _host(args: argparse.Namespace) -> None:
@@ -236,6 +239,7 @@ def _host(args: argparse.Namespace) -> None:
 def _edge(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from fleet.edge_node import serve_worker, worker_command
+    from fleet.privilege import worker_identity
     from fleet.supervisor import DRAIN_MARGIN, Child, supervise
     from vmm import jsonlog
 
@@ -247,7 +251,8 @@ def _edge(args: argparse.Namespace) -> None:
     config = getattr(args, "config", None)
     edges = [Child(f"edge-{i}", [*worker_command(config, "edge"), "--worker"]) for i in range(workers)]
     drain_wait = cfg.server.drain_timeout + DRAIN_MARGIN
-    sys.exit(supervise(None, edges, cfg.vmm.boot_timeout + 60, drain_wait, cfg.server.rlimit_nofile))
+    identity = worker_identity(cfg.server.worker_user)
+    sys.exit(supervise(None, edges, cfg.vmm.boot_timeout + 60, drain_wait, cfg.server.rlimit_nofile, identity))
 
 
 def _worker_count(text: str) -> int:

@@ -173,6 +173,7 @@ _SERVER: dict[str, Rule] = {
     "rlimit_nofile": _integer(0, 1 << 30),
     "drain_timeout": _seconds_or_zero,
     "workers": _integer(0, 1024),
+    "worker_user": _text_or_empty,
 }
 _PROXY: dict[str, Rule] = {
     "connect_timeout": _seconds,

@@ -27,13 +27,24 @@ if [ ${#missing[@]} -gt 0 ] || ! compgen -G "/var/lib/apt/lists/*_Packages*" >/d
     apt-get update -qq
     [ ${#missing[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# Edge workers parse untrusted HTTP: once their port and keys are open they drop to this user.
+if ! id -u mvm-edge >/dev/null 2>&1; then
+    echo "==> user: adding the system user mvm-edge (server.worker_user)"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin mvm-edge
+fi
 # The benchmarks start their own nginx; the package's default site must not hold port 80.
 if systemctl is-active --quiet nginx 2>/dev/null; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
 
+# Debian's own python3: its standard library is readable by the unprivileged edge workers, which
+# import from it after they drop root (an interpreter under a private home directory is not).
+if [ -f .venv/pyvenv.cfg ] && ! grep -qx "home = /usr/bin" .venv/pyvenv.cfg; then
+    echo "==> venv: remaking it on /usr/bin/python3"
+    rm -rf .venv
+fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "==> venv: installing Python dependencies"
-    python3 -m venv .venv
+    /usr/bin/python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[dev]'
     touch "$stamp"

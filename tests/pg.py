@@ -57,6 +57,7 @@ class PgCluster:
         self.bin_dir = find_bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="mvm-pg-"))
         os.chown(self.root, self.user.pw_uid, self.user.pw_gid)
+        os.chmod(self.root, 0o711)  # the socket is in it: edge workers reach it after they dropped root
         self.data = self.root / "data"
 
     def _as_postgres(self, *argv: str) -> None:

@@ -194,16 +194,21 @@ class SqliteCatalog:
         except sqlite3.IntegrityError:
             raise Conflict(f"VM {rec.id} already exists") from None
 
+    def open_reader(self) -> sqlite3.Connection:
+        """The read-only connection of get_vm_now; a worker opens it before it gives up root."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, check_same_thread=False)
+            self._reader.execute("SELECT 1 FROM vms LIMIT 1").fetchall()  # opens the WAL files too
+        return self._reader
+
     def get_vm_now(self, vm_id: str) -> PlacedVm | None:
         """One VM, read on the calling thread from a read-only connection of its own.
 
         For an edge worker whose routing table has not polled a VM created a moment ago (by
         another process): one indexed read of a local file, done only on such a miss.
         """
-        if self._reader is None:
-            self._reader = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, check_same_thread=False)
         try:
-            row = self._reader.execute(f"SELECT {VM_COLUMNS} FROM vms WHERE id = ?", (vm_id,)).fetchone()
+            row = self.open_reader().execute(f"SELECT {VM_COLUMNS} FROM vms WHERE id = ?", (vm_id,)).fetchone()
         except sqlite3.Error as exc:
             raise CatalogError(f"catalog: the embedded catalog {self._path}: {exc}") from exc
         return None if row is None else placed_vm(row)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -115,6 +116,33 @@ async def test_a_killed_edge_worker_is_restarted_and_traffic_goes_on(settings: V
         await served.api("DELETE", f"/v1/vms/{vm_id}", status=204)
         await served.role.stop()
         assert served.proc.returncode == 0
+
+
+async def test_edge_workers_give_up_root_and_reach_guests_through_the_host(
+    settings: VmmSettings, tmp_path: Path
+) -> None:
+    worker_user = pwd.getpwnam("mvm-edge")
+    async with serve(settings, tmp_path) as served:
+        vm_id, token = await served.vm_with_token()
+        for expected in range(1, 5):  # new upstream connections on both workers, each made by the host
+            assert await served.counter(vm_id, token) == expected
+        for pid in served.children("edge"):
+            status = _status(pid)
+            assert status["Uid"].split() == [str(worker_user.pw_uid)] * 4
+            assert status["Gid"].split() == [str(worker_user.pw_gid)] * 4
+            assert status["Groups"] == "" and status["NoNewPrivs"] == "1"
+            assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+        (host,) = served.children("host")
+        assert _status(host)["Uid"].split()[0] == "0", "the host keeps root: namespaces, QEMU, cgroups"
+        started = served.events("edge.worker_started")
+        assert started and {e["upstreams"] for e in started} == {"broker"}
+        assert {e["uid"] for e in started} == {worker_user.pw_uid}
+        await served.api("DELETE", f"/v1/vms/{vm_id}", status=204)
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
 async def test_a_killed_host_stops_the_whole_set(settings: VmmSettings, tmp_path: Path) -> None:
