@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 
@@ -35,10 +36,13 @@ OPEN_LEASE = 5 * ACTIVITY_EVERY  # a host believes an edge's open streams this l
 class RemoteBackend:
     """VmBackend over the catalog and the hosts' APIs."""
 
-    def __init__(self, routes: RouteTable, hosts: HostClient, secret: str, direct: bool = True) -> None:
+    def __init__(
+        self, routes: RouteTable, hosts: HostClient, secret: str, direct: bool = True, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.routes = routes
         self.hosts = hosts
         self.secret = secret
+        self.tls = tls  # the edge's cluster TLS context for data-port tunnels (None: plaintext, loopback only)
         self.direct = direct  # reach guests on this machine through their namespace (False: always tunnel)
         self.open_streams: Mapping[str, int] = {}
         self.edge_id = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"  # reports' author, per process
@@ -93,7 +97,7 @@ class RemoteBackend:
         host = self.routes.host(placed.host_id) if placed is not None else None
         if host is None:
             raise NotFound(f"VM {vm_id!r} has no host")
-        return await open_tunnel(HostAddress.parse(host.address).data, self.secret, vm_id, port, timeout)
+        return await open_tunnel(HostAddress.parse(host.address).data, self.secret, vm_id, port, timeout, self.tls)
 
     def touch(self, vm_id: str, at: float | None = None) -> None:
         self._activity[vm_id] = time.time() if at is None else at
