@@ -77,7 +77,7 @@ class ClusterTls:
         current, self._cas = self._load()
         self.context = SwappableContext(current)
         self._checked: dict[bytes, bool] = {}
-        self.listeners: list[Callable[[], None]] = []  # called after a reload, e.g. to re-check open tunnels
+        self.listeners: list[Callable[[], object]] = []  # called after a reload, e.g. to re-check open tunnels
         self._watcher: asyncio.Task[None] | None = None
 
     def _stamp(self) -> tuple[tuple[int, int, int], ...]:

@@ -45,7 +45,18 @@ def request_line(secret: str, vm_id: str, port: int) -> bytes:
     return f"{MAGIC} {vm_id} {port} {at} {sign(secret, vm_id, port, at)}\r\n".encode()
 
 
-_RELAYS: set[asyncio.Task[None]] = set()  # the TLS tunnels' relays, held until they end
+_RELAYS: dict[asyncio.Task[None], asyncio.StreamWriter] = {}  # the TLS tunnels' relays and their host ends
+
+
+def recheck_relays(trusts: Callable[[ssl.SSLObject | None], bool]) -> int:
+    """After an edge reloads its cluster files: tunnels to hosts it no longer trusts end now; how many."""
+    cut = 0
+    for writer in list(_RELAYS.values()):
+        if not trusts(writer.get_extra_info("ssl_object")):
+            log.event("edge.tunnel_host_untrusted", level="warning", host=str(writer.get_extra_info("peername")))
+            writer.transport.abort()
+            cut += 1
+    return cut
 
 
 async def open_tunnel(
@@ -100,8 +111,8 @@ async def _open_tls_tunnel(
     ours, relayed = socket.socketpair()
     ours.setblocking(False)
     task = asyncio.create_task(_relay(reader, writer, relayed))
-    _RELAYS.add(task)
-    task.add_done_callback(_RELAYS.discard)
+    _RELAYS[task] = writer
+    task.add_done_callback(lambda done: _RELAYS.pop(done, None))
     return ours
 
 

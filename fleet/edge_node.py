@@ -34,6 +34,7 @@ from vmm.jsonlog import log
 from vmm.model import VmState
 
 from .cluster_tls import ClusterTls, cluster_tls
+from .data_port import recheck_relays
 from .edge_control import build_edge_control_app
 from .host_client import HostClient
 from .remote_backend import RemoteBackend
@@ -89,6 +90,8 @@ async def start(cfg: FleetConfig) -> EdgeNode:
         context = tls.context if tls is not None else None
         hosts = HostClient(cfg.cluster.secret, context)
         started.push_async_callback(hosts.close)
+        if tls is not None:  # a reload: hosts no longer trusted get no new request, and their tunnels end
+            tls.listeners += [hosts.renew, lambda: recheck_relays(tls.trusts)]
         backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=cfg.cluster.direct, tls=context)
         metrics = Metrics(lambda: _counts(routes))
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")

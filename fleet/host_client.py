@@ -44,6 +44,7 @@ class HostClient:
         self._auth = {"Authorization": f"Bearer {secret}"}
         self.tls = tls
         self._session: aiohttp.ClientSession | None = None
+        self._retired: list[aiohttp.ClientSession] = []
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -52,9 +53,16 @@ class HostClient:
             self._session = aiohttp.ClientSession(timeout=TIMEOUT, headers=self._auth, connector=connector)
         return self._session
 
-    async def close(self) -> None:
+    def renew(self) -> None:
+        """After a reload of the cluster files: new requests go out on new connections, checked against
+        them. Requests in flight finish on the old pool, whose idle connections expire with its keep-alive."""
         if self._session is not None:
-            await self._session.close()
+            self._retired.append(self._session)
+            self._session = None
+
+    async def close(self) -> None:
+        for session in [*self._retired, *([self._session] if self._session is not None else [])]:
+            await session.close()
 
     def url(self, address: str, path: str) -> str:
         """The URL of `path` on a host, refused when it would cross the wire in plaintext."""

@@ -197,7 +197,7 @@ async def test_a_reload_that_does_not_load_keeps_the_running_files(
 async def test_a_tls_tunnel_reaches_the_guest_and_an_untrusted_edge_does_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ca, stranger = _ca(tmp_path, "c"), _ca(tmp_path, "stranger")
+    ca, nxt, stranger = _ca(tmp_path, "c"), _ca(tmp_path, "next"), _ca(tmp_path, "stranger")
     guest = await asyncio.start_server(_upper, "127.0.0.1", 0)
     guest_port = guest.sockets[0].getsockname()[1]
 
@@ -207,10 +207,10 @@ async def test_a_tls_tunnel_reaches_the_guest_and_an_untrusted_edge_does_not(
         return sock
 
     monkeypatch.setattr(data_port.netns, "connect_guest", connect_guest)
-    host = ClusterTls(_files(tmp_path, "host", [ca], ca, "host"), "host")
+    host = ClusterTls(_files(tmp_path, "host", [ca, nxt], ca, "host"), "host")
     port = DataPort(SECRET, lambda vm_id, p: True, tls=host)
     await port.start("127.0.0.1", 0)
-    edge = ClusterTls(_files(tmp_path, "edge", [ca], ca, "edge"), "edge")
+    edge = ClusterTls(_files(tmp_path, "edge", [ca, nxt], nxt, "edge"), "edge")
     try:
         sock = await open_tunnel(f"127.0.0.1:{port.port}", SECRET, "vabc", 8080, 5, edge.context)
         reader, writer = await asyncio.open_connection(sock=sock)
@@ -221,6 +221,12 @@ async def test_a_tls_tunnel_reaches_the_guest_and_an_untrusted_edge_does_not(
             await open_tunnel(f"127.0.0.1:{port.port}", SECRET, "vabc", 8080, 5, foreign.context)
         with pytest.raises(VmFailed, match="not on loopback: plaintext refused"):
             await open_tunnel("10.0.0.5:9101", SECRET, "vabc", 8080, 5)
+        # The edge stops trusting the host's CA: its open tunnel there ends, and no new one is made.
+        _replace_file(edge.files["cluster.ca_file"], (nxt / "ca.crt").read_bytes())
+        assert edge.reload() and data_port.recheck_relays(edge.trusts) == 1
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        with pytest.raises(VmFailed, match="certificate verify failed"):
+            await open_tunnel(f"127.0.0.1:{port.port}", SECRET, "vabc", 8080, 5, edge.context)
         writer.close()
     finally:
         await port.stop()
@@ -232,6 +238,15 @@ async def _upper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     while line := await reader.readline():
         writer.write(line.upper())
     writer.close()
+
+
+async def test_a_renewed_host_client_sends_on_new_connections() -> None:
+    client = HostClient(SECRET, ssl.create_default_context())
+    first = client.session
+    client.renew()
+    assert client.session is not first and not first.closed, "requests in flight on the old pool finish there"
+    await client.close()
+    assert first.closed and client.session.closed
 
 
 @pytest.mark.parametrize(
