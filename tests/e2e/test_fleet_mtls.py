@@ -1,5 +1,5 @@
 """Mutual TLS in a fleet with a real guest: one `mvm host` and two `mvm edge`s (through the data port, as
-from another machine), their certificates from two CAs during a rotation.
+from another machine), their certificates from two CAs during a rotation; and `mvm serve` on TLS.
 
 The host trusts an old and a new CA; edge "old" has a certificate of the old CA, edge "new" one of
 the new. Both are served; a client with no certificate or with one of a third CA is refused by the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ import pytest
 
 from fleet import cluster_ca
 from fleet.data_port import request_line
+from tests.e2e.conftest import REPO
 from tests.e2e.fleet_harness import EdgeClient, Role, free_port, toml
+from tests.e2e.test_fleet import serve_workers
 from vmm.settings import VmmSettings
 
 FAST = {"heartbeat_interval": 0.3, "down_after": 2.0}
@@ -159,3 +162,22 @@ async def test_mutual_tls_refuses_strangers_and_rotates_without_a_stop(tls_fleet
     assert (await _answer(api_port, new_member, api_request)).startswith(b"HTTP/1.1 200")
     assert await new.counter(vm["id"], token) == 4, "the VM ran on, untouched by the refused edge"
     await new.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
+
+
+async def test_one_machine_serves_over_mutual_tls(settings: VmmSettings, tmp_path: Path) -> None:
+    """`mvm serve --workers 2` with the files of `mvm cluster init`: its host and workers use their own roles'."""
+    init = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mvm.cli", "cluster", "init", "--dir", str(tmp_path / "cluster"), cwd=REPO,
+    )  # fmt: skip
+    assert await init.wait() == 0
+    files = {key: str(tmp_path / "cluster" / name) for key, name in (
+        ("ca_file", "ca.crt"), ("host_cert", "host.crt"), ("host_key", "host.key"),
+        ("edge_cert", "edge.crt"), ("edge_key", "edge.key"),
+    )}  # fmt: skip
+    cluster = {"tls": True, "host_listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0", **FAST, **files}
+    async with serve_workers(settings, tmp_path, cluster=cluster) as (serve, client):
+        assert _events(serve, "host.started")[-1]["tls"] is True
+        vm = await client.api("POST", "/v1/vms", {}, status=201)
+        token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
+        assert await client.counter(vm["id"], token) == 1
+        await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
