@@ -117,10 +117,10 @@ async def _open_tls_tunnel(
 
 
 async def _relay(remote: asyncio.StreamReader, remote_writer: asyncio.StreamWriter, sock: socket.socket) -> None:
-    """Copy between the TLS tunnel and the local socket pair until the proxy closes its end.
+    """Copy between the TLS tunnel and the local socket pair until either end closes.
 
-    TLS has no half-close: the proxy's end closing ends the tunnel; the host's end closing is
-    passed on as EOF, and the relay lasts until the proxy closes in turn.
+    TLS has no half-close, so either end closing (or failing) ends both: the proxy reads the
+    end of its upstream, the host sees its tunnel go.
     """
     try:
         local, local_writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
@@ -128,14 +128,20 @@ async def _relay(remote: asyncio.StreamReader, remote_writer: asyncio.StreamWrit
         sock.close()
         remote_writer.transport.abort()
         return
-    down = asyncio.create_task(_pump(remote, local_writer))
+
+    async def down() -> None:
+        with contextlib.suppress(OSError):
+            await _pump(remote, local_writer)
+        local_writer.close()  # the proxy reads the end; our read of its side ends too
+
+    from_host = asyncio.create_task(down())
     try:
         with contextlib.suppress(OSError):
             await _pump(local, remote_writer)
     finally:
-        down.cancel()
-        with contextlib.suppress(asyncio.CancelledError, OSError):
-            await down
+        from_host.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await from_host
         remote_writer.transport.abort()
         local_writer.close()
 
