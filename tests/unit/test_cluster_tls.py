@@ -20,6 +20,7 @@ from fleet.cluster_tls import ClusterTls
 from fleet.data_port import DataPort, open_tunnel
 from fleet.host_client import HostClient
 from fleet.settings import ClusterConfig
+from mvm.cli import main
 from mvm.config import load_config
 from vmm.errors import ConfigError, NotRunning, VmFailed
 
@@ -286,3 +287,23 @@ def test_tls_lets_a_host_listen_beyond_loopback(tmp_path: Path) -> None:
     cluster = load_config(cfg).cluster
     assert cluster.tls and cluster.ca_file.is_absolute() and cluster.host_cert.name == "host.crt"
     assert not load_config(None).cluster.tls, "one machine: plaintext on loopback unless configured"
+
+
+def test_the_cluster_commands_write_the_files_the_defaults_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the default config's var/cluster resolves here
+    main(["cluster", "init"])
+    cluster = replace(load_config(None).cluster, tls=True)
+    assert ClusterTls(cluster, "host").files["cluster.host_cert"].is_file()
+    assert ClusterTls(cluster, "edge").files["cluster.edge_cert"].is_file()
+    main(["cluster", "cert", "--role", "host", "--name", "h1", "--address", "10.0.0.5", "--out", "h1"])
+    assert "h1/h1.crt" in capsys.readouterr().out
+    for argv, error in (
+        (["cluster", "init"], "ca.key exists"),
+        (["cluster", "cert", "--role", "edge", "--name", "e1", "--dir", "nowhere"], "no usable cluster CA"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert err.startswith("mvm: error: ") and error in err and err.count("\n") == 1
