@@ -192,8 +192,11 @@ class DataPort:
         self._tunnels: dict[str, set[asyncio.StreamWriter]] = {}  # by VM: the edge's end of each tunnel
 
     async def start(self, host: str, port: int) -> None:
-        tls = self.tls.context if self.tls is not None else None
-        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE, ssl=tls)
+        if self.tls is None:
+            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE)
+        else:  # a peer that does not finish its handshake holds a connection as long as one that sends no line
+            self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE, ssl=self.tls.context,
+                                                      ssl_handshake_timeout=self.connect_timeout)  # fmt: skip
         if self.tls is not None:
             self.tls.listeners.append(self.recheck_peers)
 

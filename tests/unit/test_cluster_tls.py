@@ -307,3 +307,16 @@ def test_the_cluster_commands_write_the_files_the_defaults_name(
             main(argv)
         err = capsys.readouterr().err
         assert err.startswith("mvm: error: ") and error in err and err.count("\n") == 1
+
+
+async def test_a_peer_that_never_finishes_its_handshake_is_let_go(tmp_path: Path) -> None:
+    ca = _ca(tmp_path, "c")
+    port = DataPort(SECRET, lambda vm_id, p: True, connect_timeout=0.2,
+                    tls=ClusterTls(_files(tmp_path, "host", [ca], ca, "host"), "host"))  # fmt: skip
+    await port.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port.port)  # TCP only, no ClientHello
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    finally:
+        await port.stop()
