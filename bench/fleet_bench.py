@@ -5,7 +5,8 @@
    upstream, wrk -c64 with a token on every request, HTTP and TLS. The edge/nginx ratio per
    worker count, and each one's scaling factor from 1 to 2 workers.
 2. Cost of each hop: a real guest through an edge that reaches it in its namespace (same
-   host) and through one that goes edge -> host data port -> guest (as from another machine).
+   host) and through one that goes edge -> host data port -> guest (as from another machine),
+   plaintext and with mutual TLS (a second host and edge with `cluster.tls`).
 3. Catalog under churn: VM creates and wakes per second through a host and an edge on a
    throwaway PostgreSQL, and raw catalog writes per second on PostgreSQL and SQLite.
 
@@ -32,6 +33,7 @@ import orjson
 import uvloop
 
 from edge.tls import make_dev_cert
+from fleet import cluster_ca
 from fleet.catalog import open_catalog
 from tests.pg import PgCluster, create_database
 from vmm.model import VmRecord, VmState
@@ -145,13 +147,24 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _fleet(root: Path, catalog_url: str, edges: dict[str, bool]) -> AsyncIterator[dict[str, int]]:
-    """One `mvm host` and an edge per entry of `edges` (name -> reaches guests directly); yields edge ports."""
+async def _fleet(
+    root: Path, catalog_url: str, edges: dict[str, bool], tls: bool = False
+) -> AsyncIterator[dict[str, int]]:
+    """One `mvm host` and an edge per entry of `edges` (name -> reaches guests directly); yields edge ports.
+
+    `tls`: the host API and data port speak mutual TLS, with certificates of a CA made here."""
     state = root / "host"
     state.mkdir(parents=True)
     (state / "images").symlink_to(REPO / "var" / "images")
     host_port, data_port, *edge_ports = _free_ports(2 + len(edges))
-    fast = {"heartbeat_interval": 0.3, "down_after": 3.0}
+    fast: dict[str, Any] = {"heartbeat_interval": 0.3, "down_after": 3.0}
+    if tls:
+        cluster_ca.init_ca(root / "cluster")
+        for role in ("host", "edge"):
+            cluster_ca.issue(root / "cluster", role, role, root / "cluster", cluster_ca.LOOPBACK)
+        fast |= {"tls": True, "ca_file": str(root / "cluster" / "ca.crt")}
+        fast |= {f"{role}_{kind}": str(root / "cluster" / f"{role}.{ext}")
+                 for role in ("host", "edge") for kind, ext in (("cert", "crt"), ("key", "key"))}  # fmt: skip
     (root / "host.toml").write_text(_toml({
         "vmm": {"state_dir": str(state)}, "catalog": {"url": catalog_url}, "log": {"level": "warning"},
         "cluster": {"host_id": "bench", "host_listen": f"127.0.0.1:{host_port}",
@@ -185,25 +198,36 @@ async def _fleet(root: Path, catalog_url: str, edges: dict[str, bool]) -> AsyncI
 
 async def hop_cost(root: Path, seconds: int) -> str:
     """Section 2: p50/p99 of GET /healthz on one guest, in its namespace vs through the data port."""
-    async with _fleet(root, "", {"direct": True, "tunnel": False}) as ports:
-        vm = await _api(ports["direct"], "POST", "/v1/vms", {"policy": {"idle_suspend_after": 3600}})
-        token = (await _api(ports["direct"], "POST", f"/v1/vms/{vm['id']}/tokens", {}))["token"]
-        headers = {"Host": f"{vm['id']}.{DOMAIN}", "Authorization": f"Bearer {token}"}
-        results: dict[str, list[WrkResult]] = {"direct": [], "tunnel": []}
+    async with (
+        _fleet(root / "plain", "", {"direct": True, "tunnel": False}) as ports,
+        _fleet(root / "tls", "", {"tunnel-tls": False}, tls=True) as tls_ports,
+    ):
+        headers: dict[str, dict[str, str]] = {}
+        for names, edge_ports in ((("direct", "tunnel"), ports), (("tunnel-tls",), tls_ports)):
+            first = edge_ports[names[0]]
+            vm = await _api(first, "POST", "/v1/vms", {"policy": {"idle_suspend_after": 3600}})
+            token = (await _api(first, "POST", f"/v1/vms/{vm['id']}/tokens", {}))["token"]
+            for name in names:
+                headers[name] = {"Host": f"{vm['id']}.{DOMAIN}", "Authorization": f"Bearer {token}"}
+        all_ports = ports | tls_ports
+        results: dict[str, list[WrkResult]] = {"direct": [], "tunnel": [], "tunnel-tls": []}
         for name in results:
-            await wrk(f"http://127.0.0.1:{ports[name]}/healthz", headers, HOP_CONNECTIONS, 1)
+            await wrk(f"http://127.0.0.1:{all_ports[name]}/healthz", headers[name], HOP_CONNECTIONS, 1)
         for _ in range(3):
             for name in results:
-                url = f"http://127.0.0.1:{ports[name]}/healthz"
-                results[name].append(await wrk(url, headers, HOP_CONNECTIONS, seconds))
+                url = f"http://127.0.0.1:{all_ports[name]}/healthz"
+                results[name].append(await wrk(url, headers[name], HOP_CONNECTIONS, seconds))
     rows = []
     for name, label in (("direct", "edge -> guest (same host, in its namespace)"),
-                        ("tunnel", "edge -> host data port -> guest")):  # fmt: skip
+                        ("tunnel", "edge -> host data port -> guest"),
+                        ("tunnel-tls", "edge -> host data port (mutual TLS) -> guest")):  # fmt: skip
         runs = results[name]
         rows.append([label, f"{median([r.rps for r in runs]):,.0f}", f"{median([r.p50_ms for r in runs]):.2f}",
                      f"{median([r.p99_ms for r in runs]):.2f}", sum(r.errors for r in runs)])  # fmt: skip
     added50 = median([r.p50_ms for r in results["tunnel"]]) - median([r.p50_ms for r in results["direct"]])
     added99 = median([r.p99_ms for r in results["tunnel"]]) - median([r.p99_ms for r in results["direct"]])
+    tls50 = median([r.p50_ms for r in results["tunnel-tls"]]) - median([r.p50_ms for r in results["tunnel"]])
+    tls99 = median([r.p99_ms for r in results["tunnel-tls"]]) - median([r.p99_ms for r in results["tunnel"]])
     return "\n".join([
         "## 2. Cost of each hop (a real guest, TCG; GET /healthz)",
         "",
@@ -213,6 +237,7 @@ async def hop_cost(root: Path, seconds: int) -> str:
         table(["path", "req/s", "p50 ms", "p99 ms", "errors"], rows),
         "",
         f"- the data-port hop adds {added50:+.2f} ms at p50 and {added99:+.2f} ms at p99",
+        f"- mutual TLS on it (with the edge's local relay) adds {tls50:+.2f} ms at p50 and {tls99:+.2f} ms at p99",
     ])  # fmt: skip
 
 

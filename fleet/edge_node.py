@@ -33,6 +33,8 @@ from vmm import faults, jsonlog
 from vmm.jsonlog import log
 from vmm.model import VmState
 
+from .cluster_tls import ClusterTls, cluster_tls
+from .data_port import recheck_relays
 from .edge_control import build_edge_control_app
 from .host_client import HostClient
 from .privilege import Identity, drop_to, worker_identity
@@ -58,6 +60,7 @@ class EdgeNode:
     server: asyncio.Server
     control: web.AppRunner
     control_dir: tempfile.TemporaryDirectory[str]
+    tls: ClusterTls | None = None
 
     @property
     def port(self) -> int:
@@ -74,6 +77,7 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
     raise_nofile_limit(cfg.server.rlimit_nofile)
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg.tokens)
+    tls = cluster_tls(cfg.cluster, "edge")  # its files are checked before anything starts
     async with contextlib.AsyncExitStack() as started:
         listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port, reuse_port=True)
         started.callback(listener.close)
@@ -92,9 +96,15 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
         await routes.start()
         started.push_async_callback(routes.stop)
         faults.point("edge.routes")
-        hosts = HostClient(cfg.cluster.secret)
+        if tls is not None:
+            tls.watch()
+            started.push_async_callback(tls.stop)
+        context = tls.context if tls is not None else None
+        hosts = HostClient(cfg.cluster.secret, context)
         started.push_async_callback(hosts.close)
-        backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=direct, broker=broker)
+        if tls is not None:  # a reload: hosts no longer trusted get no new request, and their tunnels end
+            tls.listeners += [hosts.renew, lambda: recheck_relays(tls.trusts)]
+        backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=direct, tls=context, broker=broker)
         metrics = Metrics(lambda: _counts(routes))
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
         started.callback(control_dir.cleanup)
@@ -118,7 +128,7 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
         backend.start(ctx.open_streams)
         started.push_async_callback(backend.stop)
         faults.point("edge.serving")
-        node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir)
+        node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir, tls)
         started.pop_all()  # all started: `stop` takes them down from now on
     log.event("edge.worker_started", listen=f"{cfg.server.listen_host}:{node.port}", pid=os.getpid(),
               catalog=catalog.backend, uid=os.getuid(),
@@ -136,6 +146,8 @@ async def stop(node: EdgeNode) -> None:
         node.ctx.shared_ips.release()
         node.ctx.shared_ips.close()
     await node.backend.stop()
+    if node.tls is not None:
+        await node.tls.stop()
     await node.control.cleanup()
     await node.routes.stop()
     await node.hosts.close()

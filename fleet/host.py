@@ -7,6 +7,7 @@ catalog, and serves:
     exec, files, ...) plus `wake`, activity batches from edges and health with capacity,
     all behind the cluster secret;
   - the data port, through which edges on other machines reach its guests.
+With `cluster.tls` both speak mutual TLS: only edges with a certificate from a trusted CA get in.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any
 
 import uvloop
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from edge.app import ensure_default_template, until_signalled
-from edge.control import MANAGER, Handler, build_control_app, json_response
+from edge.control import MANAGER, Handler, build_control_app, error_response, json_response
 from edge.egress_proxy import EgressProxies
 from edge.metrics import Metrics
 from edge.settings import token_service
@@ -36,6 +38,7 @@ from vmm.manager import VmManager
 from vmm.open_work import MAX_LEASE
 from vmm.reaper import Reaper
 
+from .cluster_tls import ClusterTls, cluster_tls
 from .data_port import DataPort
 from .host_sync import HostAddress, HostSync, capacity
 from .move_api import HOST_MANAGER, add_host_routes
@@ -61,6 +64,7 @@ class Host:
     data: DataPort
     reaper: Reaper
     egress: EgressProxies
+    tls: ClusterTls | None
     broker: UpstreamBroker | None  # in `mvm serve` only
 
     @property
@@ -89,6 +93,7 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
     metrics = Metrics(lambda: manager.counts_by_state())
     egress = EgressProxies(metrics)  # each VM's egress proxy: a per-VM network service the manager opens
     manager = VmManager(cfg.vmm, egress=egress, lock_fd=lock_fd)
+    tls = cluster_tls(cfg.cluster, "host")  # its files are checked before anything starts
     async with contextlib.AsyncExitStack() as started:
         started.push_async_callback(egress.close_all)
         catalog = await open_catalog(cfg.catalog.url, cfg.vmm.state_dir / "catalog.sqlite3")
@@ -107,16 +112,18 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
         app[HOST_MANAGER], app[SYNC] = manager, sync  # before the app is frozen and serving
         add_host_routes(app)
         app.middlewares.append(catalog_first)
+        if tls is not None:
+            app.middlewares.insert(0, peer_still_trusted(tls))
         # On SIGTERM requests in flight get server.drain_timeout to finish before they are cancelled.
         api = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.server.drain_timeout)
         await api.setup()
         started.push_async_callback(api.cleanup)
         listen_host, listen_port = _split(cfg.cluster.host_listen)
-        await web.TCPSite(api, listen_host, listen_port).start()
+        await web.TCPSite(api, listen_host, listen_port, ssl_context=tls.context if tls else None).start()
         faults.point("host.api")
         api_port = int(api.addresses[0][1])
         advertised = cfg.cluster.advertise or f"{listen_host}:{api_port}"
-        data = DataPort(cfg.cluster.secret, lambda vm_id, port: _reachable(manager, vm_id, port))
+        data = DataPort(cfg.cluster.secret, lambda vm_id, port: _reachable(manager, vm_id, port), tls=tls)
         manager.listeners.append(data.vm_changed)
         data_host, data_port = _split(cfg.cluster.data_listen)
         await data.start(data_host, data_port)
@@ -126,15 +133,20 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
         if broker is not None:
             started.push_async_callback(broker.stop)
         advertised_host = advertised.rpartition(":")[0]
-        await sync.start(HostAddress(f"http://{advertised}", f"{advertised_host}:{data.port}"))
+        scheme = "https" if tls is not None else "http"
+        await sync.start(HostAddress(f"{scheme}://{advertised}", f"{advertised_host}:{data.port}"))
         started.push_async_callback(sync.stop)
+        if tls is not None:
+            tls.watch()
+            started.push_async_callback(tls.stop)
         reaper = Reaper(manager, cfg.reaper.interval)
         reaper.start()
         started.push_async_callback(reaper.stop)
         faults.point("host.serving")
         started.pop_all()  # all started: `stop` takes them down from now on
-    log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend)
-    return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress, broker)
+    log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend,
+              tls=tls is not None)  # fmt: skip
+    return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress, tls, broker)
 
 
 async def stop(host: Host) -> None:
@@ -152,6 +164,8 @@ async def stop(host: Host) -> None:
     cut, _ = await asyncio.gather(host.data.stop(host.cfg.server.drain_timeout), host.api.cleanup())
     log.event("host.drained", host=host.host_id, seconds=round(loop.time() - began, 3), tunnels_cut=cut)
     await host.reaper.stop()
+    if host.tls is not None:
+        await host.tls.stop()
     await host.manager.close()
     await host.sync.stop()
     await host.egress.close_all()
@@ -181,6 +195,22 @@ async def _start_broker(cfg: FleetConfig, manager: VmManager) -> UpstreamBroker 
 def _reachable(manager: VmManager, vm_id: str, port: int) -> bool:
     rec = manager.lookup(vm_id)
     return rec is not None and rec.allows_port(port)
+
+
+def peer_still_trusted(tls: ClusterTls) -> Middleware:
+    """Refuse requests on a keep-alive connection whose edge certificate a reload stopped trusting."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        if not tls.trusts(transport.get_extra_info("ssl_object") if transport is not None else None):
+            log.event("host.peer_untrusted", level="warning", peer=str(request.remote), path=request.path)
+            response = error_response(403, "the edge's certificate is no longer trusted by this host")
+            response.force_close()
+            return response
+        return await handler(request)
+
+    return check
 
 
 @web.middleware

@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,11 +39,18 @@ class RemoteBackend:
     """VmBackend over the catalog and the hosts' APIs."""
 
     def __init__(
-        self, routes: RouteTable, hosts: HostClient, secret: str, direct: bool = True, broker: Path | None = None
+        self,
+        routes: RouteTable,
+        hosts: HostClient,
+        secret: str,
+        direct: bool = True,
+        tls: ssl.SSLContext | None = None,
+        broker: Path | None = None,
     ) -> None:
         self.routes = routes
         self.hosts = hosts
         self.secret = secret
+        self.tls = tls  # the edge's cluster TLS context for data-port tunnels (None: plaintext, loopback only)
         self.direct = direct  # reach guests on this machine without a tunnel (False: always tunnel)
         self.broker = broker  # in `mvm serve`: the host's upstream broker, which enters namespaces for us
         self.open_streams: Mapping[str, int] = {}
@@ -101,7 +109,7 @@ class RemoteBackend:
         host = self.routes.host(placed.host_id) if placed is not None else None
         if host is None:
             raise NotFound(f"VM {vm_id!r} has no host")
-        return await open_tunnel(HostAddress.parse(host.address).data, self.secret, vm_id, port, timeout)
+        return await open_tunnel(HostAddress.parse(host.address).data, self.secret, vm_id, port, timeout, self.tls)
 
     def touch(self, vm_id: str, at: float | None = None) -> None:
         self._activity[vm_id] = time.time() if at is None else at

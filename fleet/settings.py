@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from edge.settings import EdgeConfig
@@ -28,6 +29,12 @@ class ClusterConfig:
     heartbeat_interval: float = 1.0
     down_after: float = 5.0  # seconds without a heartbeat before a host's VMs show as unavailable
     direct: bool = True  # an edge reaches guests on its own machine in their namespace (False: via data ports)
+    tls: bool = False  # mutual TLS on the host API and data port; False (plaintext) is refused beyond loopback
+    ca_file: Path = Path("var/cluster/ca.crt")  # the CAs a host or edge trusts (old and new during a rotation)
+    host_cert: Path = Path("var/cluster/host.crt")  # `mvm host`: its certificate (serverAuth) and key
+    host_key: Path = Path("var/cluster/host.key")
+    edge_cert: Path = Path("var/cluster/edge.crt")  # `mvm edge`: its certificate (clientAuth) and key
+    edge_key: Path = Path("var/cluster/edge.key")
 
 
 class FleetConfig(EdgeConfig, Protocol):

@@ -1,7 +1,7 @@
 """`mvm`: serve the edge, build images, and drive the control API.
 
 Commands that change VMs talk to a running `mvm serve` over its control API (it owns
-the QEMU processes); `image build` and `dev-cert` work locally. Errors print one line,
+the QEMU processes); `image build`, `dev-cert` and `cluster` work locally. Errors print one line,
 never a traceback.
 """
 
@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import termios
 import tty
@@ -89,6 +90,20 @@ def _parser() -> argparse.ArgumentParser:
 
     cert = sub.add_parser("dev-cert", "make a self-signed wildcard certificate for the dev domain")
     cert.set_defaults(func=_dev_cert)
+
+    cluster = sub.group("cluster", "the fleet's certificates (mutual TLS between hosts and edges)", "action")
+    init = cluster.add_parser("init", "make a cluster CA, and a host and an edge certificate for this machine")
+    init.add_argument("--dir", type=Path, default=None, help="where (default: the folder of cluster.ca_file)")
+    init.set_defaults(func=_cluster_init)
+    issue = cluster.add_parser("cert", "issue a host's or an edge's certificate from the cluster CA")
+    issue.add_argument("--role", choices=("host", "edge"), required=True)
+    issue.add_argument("--name", required=True, help="the host's id or the edge's name (the certificate's CN)")
+    issue.add_argument("--address", action="append", default=[],
+                       help="a host: an address edges reach it by (IP or DNS name; repeat; default loopback)")
+    issue.add_argument("--dir", type=Path, default=None, help="the CA's folder (default: that of cluster.ca_file)")
+    issue.add_argument("--out", type=Path, default=None, help="where to write <name>.crt/.key (default --dir)")
+    issue.add_argument("--days", type=int, default=365, help="validity (default 365, never past the CA's)")
+    issue.set_defaults(func=_cluster_cert)
 
     image = sub.group("image", "guest images", "action")
     build = image.add_parser("build", "build a guest image from a Dockerfile, or the demo from its image.toml")
@@ -276,6 +291,27 @@ def _dev_cert(args: argparse.Namespace) -> None:
         cert.rename(cfg.server.tls_cert)
         key.rename(cfg.server.tls_key)
     print(f"wrote {cfg.server.tls_cert} and {cfg.server.tls_key} for *.{cfg.server.domain}")
+
+
+def _cluster_init(args: argparse.Namespace) -> None:
+    from fleet import cluster_ca
+
+    folder = args.dir or _config(args).cluster.ca_file.parent
+    ca, _ = cluster_ca.init_ca(folder)
+    name = socket.gethostname().split(".")[0].lower()
+    host, _ = cluster_ca.issue(folder, "host", name, folder, cluster_ca.LOOPBACK, stem="host")
+    edge, _ = cluster_ca.issue(folder, "edge", f"edge-{name}", folder, stem="edge")
+    print(f"wrote {ca} (keep ca.key off the hosts and edges), {host} and {edge} with their keys;"
+          " set cluster.tls = true, and see `mvm cluster cert` for other machines")  # fmt: skip
+
+
+def _cluster_cert(args: argparse.Namespace) -> None:
+    from fleet import cluster_ca
+
+    folder = args.dir or _config(args).cluster.ca_file.parent
+    addresses = args.address or (list(cluster_ca.LOOPBACK) if args.role == "host" else [])
+    cert, key = cluster_ca.issue(folder, args.role, args.name, args.out or folder, addresses, args.days)
+    print(f"wrote {cert} and {key}: cluster.{args.role}_cert and cluster.{args.role}_key of {args.name}")
 
 
 def _image_options(cmd: argparse.ArgumentParser) -> None:

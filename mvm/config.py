@@ -235,6 +235,12 @@ _CLUSTER: dict[str, Rule] = {
     "heartbeat_interval": _seconds,
     "down_after": _seconds,
     "direct": _flag,
+    "tls": _flag,
+    "ca_file": _path,
+    "host_cert": _path,
+    "host_key": _path,
+    "edge_cert": _path,
+    "edge_key": _path,
 }
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
@@ -379,7 +385,13 @@ def _cluster(table: dict[str, Any]) -> ClusterConfig:
     if len(cluster.secret) < MIN_CLUSTER_SECRET:
         raise ConfigError(f"cluster.secret: must be at least {MIN_CLUSTER_SECRET} characters")
     listens = (cluster.host_listen, cluster.data_listen, cluster.advertise or cluster.host_listen)
-    if cluster.secret == DEV_CLUSTER_SECRET and not all(_is_loopback(a.rpartition(":")[0]) for a in listens):
+    loopback = all(_is_loopback(a.rpartition(":")[0].strip("[]")) for a in listens)
+    if not cluster.tls and not loopback:
+        raise ConfigError(
+            "cluster.tls: plaintext fleet traffic is allowed on loopback only (host_listen, data_listen, advertise);"
+            " set cluster.tls = true with certificates from `mvm cluster init`"
+        )
+    if cluster.secret == DEV_CLUSTER_SECRET and not loopback:
         raise ConfigError("cluster.secret: replace the development default before a host listens beyond loopback")
     return cluster
 

@@ -93,7 +93,7 @@ def test_cluster_settings_are_checked(tmp_path: Path) -> None:
     cfg.write_text('[cluster]\nsecret = "short"\n')
     with pytest.raises(ConfigError, match=r"cluster\.secret: must be at least 32"):
         load_config(cfg)
-    cfg.write_text('[cluster]\nhost_listen = "0.0.0.0:9100"\n')
+    cfg.write_text('[cluster]\ntls = true\nhost_listen = "0.0.0.0:9100"\n')
     with pytest.raises(ConfigError, match=r"cluster\.secret: replace the development default"):
         load_config(cfg)
     cfg.write_text('[cluster]\nhost_listen = "nowhere"\n')
