@@ -64,14 +64,14 @@ async def test_twenty_concurrent_wakes_cause_one_restore(manager: VmManager, mon
     await guest_state(vm.id)
     await manager.suspend(vm.id)
     restores = 0
-    real_restore = manager._restore
+    real_restore = manager.snapshots.restore
 
     async def counting_restore(v: object) -> None:
         nonlocal restores
         restores += 1
         await real_restore(v)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(manager, "_restore", counting_restore)
+    monkeypatch.setattr(manager.snapshots, "restore", counting_restore)
     woke = await asyncio.gather(*(manager.ensure_running(vm.id) for _ in range(20)))
     assert restores == 1
     assert all(woke) and vm.state is VmState.RUNNING

@@ -1,0 +1,148 @@
+"""The moves of one VM other than its snapshots: launch, pause, wake, delete, and a QEMU lost.
+
+Every method is called with the VM's lock held, and every state change goes through the
+lifecycle (vmm.lifecycle.Lifecycle), so each one is checked against its one table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from . import disks, template
+from .applog import AppLog
+from .errors import Conflict, NotRunning, VmFailed, VmmError
+from .hook_runner import run_hook
+from .jsonlog import log
+from .lifecycle import Lifecycle
+from .live import LiveVm
+from .model import Template, VmState
+from .qemu import APP_LOG, RamBacking
+from .records import RecordStore
+from .runtime import Runtime
+from .settings import VmmSettings
+from .snapshots import Snapshots
+from .undo import Undo
+from .vm_files import OVERLAY, RAM, STATE, app_log
+
+
+class Transitions:
+    """Launch, pause, wake and delete over a Runtime; suspend and restore are its `snapshots`."""
+
+    def __init__(self, settings: VmmSettings, runtime: Runtime, lifecycle: Lifecycle, records: RecordStore) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.lifecycle = lifecycle
+        self.records = records
+        self.snapshots = Snapshots(settings, runtime, lifecycle, records, self.qemu_lost)
+
+    async def launch(self, vm: LiveVm, tpl: Template, payload: bytes) -> None:
+        """A pending VM's files, namespace, egress proxy and QEMU, its guest running from the template's
+        snapshot; its `run` hook gets `payload`. A failure releases what was acquired and terminates it."""
+        vm_id = vm.rec.id
+        vm_dir = self.settings.vms_dir / vm_id
+        undo = Undo(vm_id)
+        try:
+            vm_dir.mkdir(parents=True)
+            undo.push("remove its files", lambda: _remove_tree(vm_dir))
+            if tpl.base_disk is not None:
+                await disks.create_overlay(tpl.base_disk, vm_dir / OVERLAY)
+                # The app started while the template booted: its first lines (the newest that fit) belong to
+                # every VM's log.
+                most = self.settings.app_log_max_bytes
+                app_log(self.settings, vm_id).append(AppLog(Path(tpl.path) / APP_LOG, most).tail(most))
+            await self.runtime.create_network(vm_id)
+            undo.push("delete the namespace", lambda: self.runtime.delete_network(vm_id))
+            await self.runtime.open_egress(vm)
+            undo.push("stop the egress proxy", lambda: self.runtime.close_egress(vm_id))
+            undo.push("stop QEMU", lambda: self.runtime.stop(vm, f"VM {vm_id} is terminated: its launch failed"))
+            ram = RamBacking(Path(tpl.path) / RAM, share=False)
+            await self.snapshots.start_from(vm, tpl, ram, Path(tpl.path) / STATE, ignore_shared=True, purpose="launch")
+            await run_hook(vm, tpl, "run", payload)
+        except BaseException as exc:
+            why = f"its launch failed: {exc}"
+            self.lifecycle.record_outcome(vm.rec, VmState.TERMINATING)
+            await undo.run()
+            self._bury(vm, why)
+            if isinstance(exc, Exception):
+                raise VmFailed(f"could not launch a VM from template {tpl.name!r}: {exc}") from exc
+            raise
+
+    async def pause(self, vm: LiveVm) -> None:
+        """Stop the vCPUs of a running VM; memory stays in the QEMU process."""
+        self.lifecycle.refuse_unless(vm.rec, VmState.RUNNING)
+        await self.runtime.command(vm, "stop")
+        try:
+            self.lifecycle.move_if_stored(vm.rec, VmState.PAUSED)
+        except VmmError:
+            await self.runtime.command(vm, "cont")  # undone: the VM runs on, as the registry says
+            raise
+
+    async def wake(self, vm: LiveVm) -> None:
+        """Run a paused or suspended VM again (its single-flight task: vmm.manager.ensure_running)."""
+        state = vm.rec.state
+        if state is VmState.RUNNING:
+            return
+        if state is VmState.PAUSED:
+            self.lifecycle.move_if_stored(vm.rec, VmState.RUNNING)
+            await self.runtime.command(vm, "cont")
+            await self.runtime.sync_guest(vm)  # its clock stood still while it was paused
+            log.event("vm.resumed", vm=vm.rec.id)
+        elif state is VmState.SUSPENDED and vm.moving:
+            raise NotRunning(f"VM {vm.rec.id} is moving to another host; try again in a moment")
+        elif state is VmState.SUSPENDED:
+            await self.snapshots.restore(vm)
+        elif state is VmState.FAILED:
+            raise VmFailed(f"VM {vm.rec.id} has failed: {vm.rec.reason}")
+        else:
+            raise Conflict(f"VM {vm.rec.id} is {state.value}")
+
+    async def delete(self, vm: LiveVm, reason: str) -> None:
+        """The `terminate` hook of a running VM, then discard."""
+        if vm.rec.state is VmState.RUNNING:
+            await run_hook(vm, template.load(self.settings, vm.rec.template), "terminate")
+        await self.discard(vm, reason)
+
+    async def discard(self, vm: LiveVm, why: str) -> None:
+        """End every process of the VM and remove its namespace and files; keep its record as terminated.
+
+        Each step is tried even if an earlier one failed.
+        """
+        vm_id = vm.rec.id
+        self.lifecycle.record_outcome(vm.rec, VmState.TERMINATING)
+        strays = self.runtime.running_qemus
+        steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
+            ("cut the guest's connections", lambda: self.runtime.cut(vm_id)),
+            ("stop QEMU", lambda: self.runtime.stop(vm, f"VM {vm_id} is terminated: {why}")),
+            ("end every other QEMU", lambda: self.runtime.kill_strays(vm_id, None, strays().get(f"mvm-{vm_id}", []))),
+            ("stop the egress proxy", lambda: self.runtime.close_egress(vm_id)),
+            ("delete the namespace", lambda: self.runtime.delete_network(vm_id)),
+        )
+        for what, step in steps:
+            try:
+                await step()
+            except (VmmError, OSError) as exc:
+                log.event("vm.delete_step_failed", level="warning", vm=vm_id, step=what, error=str(exc))
+        shutil.rmtree(self.settings.vms_dir / vm_id, ignore_errors=True)
+        self._bury(vm, why)
+
+    def _bury(self, vm: LiveVm, why: str) -> None:
+        """The VM is gone from this manager; its record stays, terminated, with `why`."""
+        self.records.forget(vm.rec.id)
+        self.lifecycle.record_outcome(vm.rec, VmState.TERMINATED, reason=why)
+        self.records.bury(vm.rec)
+
+    async def qemu_lost(self, vm: LiveVm, reason: str) -> None:
+        """The VM's QEMU ended without being asked to: it is failed and says why (lock held)."""
+        await self.runtime.stop(vm)
+        await self.runtime.close_egress(vm.rec.id)
+        with contextlib.suppress(VmmError):  # the guest is gone; a namespace that cannot be cut holds nothing of it
+            await self.runtime.cut(vm.rec.id)
+        self.lifecycle.record_outcome(vm.rec, VmState.FAILED, reason=reason)
+        log.event("vm.failed", level="error", vm=vm.rec.id, reason=reason)
+
+
+async def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
