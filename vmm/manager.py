@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import socket
 import sqlite3
 import time
@@ -25,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from . import accel as accel_mod
-from . import capacity, disks, netns, statelock, template
+from . import netns, statelock, template
 from .agent import AgentError, Exec
 from .applog import AppLog
 from .egress import EgressServer
-from .errors import Conflict, InvalidRequest, NotFound, NotRunning, RegistryError, VmmError
+from .errors import Conflict, NotFound, NotRunning, RegistryError, VmmError
 from .hooks import check_payload
 from .image import Image, list_images, remove_image
 from .jsonlog import log
@@ -37,22 +36,15 @@ from .lifecycle import Lifecycle
 from .live import LiveVm
 from .model import Template, VmRecord, VmState
 from .open_work import OpenWork
-from .policy import Policy
 from .records import RecordStore
 from .recovery import recover
 from .runtime import QemuRuntime, Runtime
 from .settings import VmmSettings
-from .transitions import Transitions
+from .transitions import Transitions, new_vm
 from .vm_files import OVERLAY, app_log
 
-_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 APP_LOG_CHECK_SECONDS = 0.1  # how often each live VM's app log is checked against its bound (a stat each)
 _LIVE = (VmState.RUNNING, VmState.PAUSED)
-
-
-def new_vm_id() -> str:
-    """12 characters, starting with a letter and without dashes (hostname-safe, unambiguous)."""
-    return "v" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
 
 
 class VmManager:
@@ -124,14 +116,7 @@ class VmManager:
             if self.settings.on_shutdown == "suspend" and vm.rec.state in _LIVE:
                 with contextlib.suppress(VmmError):
                     await self.suspend(vm.rec.id)
-            if vm.qmp is not None:
-                await vm.qmp.disconnect_quietly()
-            if vm.agent is not None:
-                await vm.agent.close("the manager stopped")
-            if vm.console is not None:
-                await vm.console.close(drain=False)
-            if vm.proc is not None:
-                vm.proc.close()
+            await self.runtime.let_go(vm)
         self.records.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -248,19 +233,8 @@ class VmManager:
         The image's `run` hook, if it has one, gets `run_payload` (JSON, at most 16 KiB) once.
         """
         payload = check_payload(run_payload) if run_payload is not None else b"{}"
-        tpl = template.load(self.settings, template_name or self.settings.default_template)
-        cap = self.settings.max_lifetime_cap
-        pol = Policy.from_dict(policy or {}, base=self.settings.default_policy, max_lifetime_cap=cap)
-        capacity.check_memory_for_vm(tpl.memory_mb, self.settings.memory_reserve_mb)
-        if tpl.memory_mb > pol.memory_mb or tpl.vcpus > pol.vcpus or tpl.disk_mb > pol.disk_mb:
-            raise InvalidRequest(
-                f"template {tpl.name!r} needs {tpl.memory_mb} MiB, {tpl.vcpus} vCPU(s) and a {tpl.disk_mb} MiB disk, "
-                f"above the policy's limits policy.memory_mb={pol.memory_mb} / policy.vcpus={pol.vcpus} / "
-                f"policy.disk_mb={pol.disk_mb} (a snapshot fixes a VM's size: use a smaller template)"
-            )
-        now = time.time()
-        vm_id = new_vm_id()
-        rec = VmRecord(vm_id, tpl.name, VmState.PENDING, pol, tpl.app_port, now, now, state_changed_at=now)
+        tpl, rec = new_vm(self.settings, template_name, policy)
+        vm_id, now = rec.id, rec.created_at
         vm = LiveVm(rec)
         try:
             self.records.write(rec)
@@ -346,10 +320,7 @@ class VmManager:
         """A suspended VM's files may now be copied to another host; wakes are refused until end_export."""
         vm = self.records.get(vm_id)
         async with vm.lock:
-            self.lifecycle.refuse_unless(vm.rec, VmState.SUSPENDED)
-            if vm.moving:
-                raise Conflict(f"VM {vm_id} is being moved already")
-            vm.moving = True
+            self.transitions.begin_export(vm)
         return vm.rec, template.load(self.settings, vm.rec.template), self.vm_dir(vm_id)
 
     async def end_export(self, vm_id: str, moved_to: str | None) -> None:
@@ -363,23 +334,7 @@ class VmManager:
 
     async def adopt_moved(self, rec: VmRecord, files: Path, template_created_at: float) -> VmRecord:
         """Take over a suspended VM whose files another host exported into `files` (moved into place here)."""
-        if rec.id in self.records.live:
-            raise Conflict(f"VM {rec.id} exists on this host already")
-        tpl = template.load(self.settings, rec.template)
-        if abs(tpl.created_at - template_created_at) > 1e-3:
-            raise Conflict(
-                f"template {rec.template!r} on this host is another snapshot than the VM's (made at "
-                f"{tpl.created_at:.0f}, not {template_created_at:.0f}): copy the template's files to move its VMs"
-            )
-        if rec.state is not VmState.SUSPENDED:
-            raise InvalidRequest(f"only a suspended VM can move, VM {rec.id} is {rec.state.value}")
-        if tpl.base_disk is not None:
-            await disks.rebase_overlay(files / OVERLAY, tpl.base_disk)
-        files.rename(self.vm_dir(rec.id))
-        rec.pid, rec.reason = None, None
-        self.records.write(rec)
-        self.records.add(LiveVm(rec))
-        self.records.notify(rec)
+        await self.transitions.adopt_moved(rec, files, template_created_at)
         log.event("vm.imported", vm=rec.id, template=rec.template)
         return rec
 

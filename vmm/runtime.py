@@ -64,6 +64,7 @@ class Runtime(Protocol):
     async def command(self, vm: LiveVm, command: str) -> None: ...
     async def save(self, vm: LiveVm, path: Path, ignore_shared: bool) -> int: ...
     async def stop(self, vm: LiveVm, why: str = "the VM's QEMU stopped") -> None: ...
+    async def let_go(self, vm: LiveVm) -> None: ...
     def alive(self, vm: LiveVm) -> bool: ...
     def exit_reason(self, vm: LiveVm, during: str = "") -> str: ...
     async def guest_runs(self, vm: LiveVm) -> bool: ...
@@ -168,6 +169,17 @@ class QemuRuntime:
             await vm.console.close(drain=True)  # QEMU has ended: its last bytes (an app's dying words) are kept
             vm.console = None
         vm.rec.pid = None
+
+    async def let_go(self, vm: LiveVm) -> None:
+        """The manager stops: its connections to the VM's QEMU close, the QEMU runs on (re-adopted later)."""
+        if vm.qmp is not None:
+            await vm.qmp.disconnect_quietly()
+        if vm.agent is not None:
+            await vm.agent.close("the manager stopped")
+        if vm.console is not None:
+            await vm.console.close(drain=False)
+        if vm.proc is not None:
+            vm.proc.close()
 
     def alive(self, vm: LiveVm) -> bool:
         return vm.proc is not None and vm.proc.alive

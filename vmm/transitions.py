@@ -7,18 +7,22 @@ lifecycle (vmm.lifecycle.Lifecycle), so each one is checked against its one tabl
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from . import disks, template
+from . import capacity, disks, template
 from .applog import AppLog
-from .errors import Conflict, NotRunning, VmFailed, VmmError
+from .errors import Conflict, InvalidRequest, NotRunning, VmFailed, VmmError
 from .hook_runner import run_hook
 from .jsonlog import log
 from .lifecycle import Lifecycle
 from .live import LiveVm
-from .model import Template, VmState
+from .model import Template, VmRecord, VmState
+from .policy import Policy
 from .qemu import APP_LOG, RamBacking
 from .records import RecordStore
 from .runtime import Runtime
@@ -26,6 +30,30 @@ from .settings import VmmSettings
 from .snapshots import Snapshots
 from .undo import Undo
 from .vm_files import OVERLAY, RAM, STATE, app_log
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+
+
+def new_vm(
+    settings: VmmSettings, template_name: str | None, policy: dict[str, Any] | None
+) -> tuple[Template, VmRecord]:
+    """The template and the pending record of a VM to launch, if the template fits its policy and this host."""
+    tpl = template.load(settings, template_name or settings.default_template)
+    pol = Policy.from_dict(policy or {}, base=settings.default_policy, max_lifetime_cap=settings.max_lifetime_cap)
+    capacity.check_memory_for_vm(tpl.memory_mb, settings.memory_reserve_mb)
+    if tpl.memory_mb > pol.memory_mb or tpl.vcpus > pol.vcpus or tpl.disk_mb > pol.disk_mb:
+        raise InvalidRequest(
+            f"template {tpl.name!r} needs {tpl.memory_mb} MiB, {tpl.vcpus} vCPU(s) and a {tpl.disk_mb} MiB disk, "
+            f"above the policy's limits policy.memory_mb={pol.memory_mb} / policy.vcpus={pol.vcpus} / "
+            f"policy.disk_mb={pol.disk_mb} (a snapshot fixes a VM's size: use a smaller template)"
+        )
+    now = time.time()
+    return tpl, VmRecord(new_vm_id(), tpl.name, VmState.PENDING, pol, tpl.app_port, now, now, state_changed_at=now)
+
+
+def new_vm_id() -> str:
+    """12 characters, starting with a letter and without dashes (hostname-safe, unambiguous)."""
+    return "v" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(11))
 
 
 class Transitions:
@@ -127,6 +155,33 @@ class Transitions:
                 log.event("vm.delete_step_failed", level="warning", vm=vm_id, step=what, error=str(exc))
         shutil.rmtree(self.settings.vms_dir / vm_id, ignore_errors=True)
         self._bury(vm, why)
+
+    def begin_export(self, vm: LiveVm) -> None:
+        """A suspended VM is being copied to another host: no wake until it ends (vm.moving)."""
+        self.lifecycle.refuse_unless(vm.rec, VmState.SUSPENDED)
+        if vm.moving:
+            raise Conflict(f"VM {vm.rec.id} is being moved already")
+        vm.moving = True
+
+    async def adopt_moved(self, rec: VmRecord, files: Path, template_created_at: float) -> None:
+        """A suspended VM another host exported into `files`, moved into place here and recorded."""
+        if rec.id in self.records.live:
+            raise Conflict(f"VM {rec.id} exists on this host already")
+        tpl = template.load(self.settings, rec.template)
+        if abs(tpl.created_at - template_created_at) > 1e-3:
+            raise Conflict(
+                f"template {rec.template!r} on this host is another snapshot than the VM's (made at "
+                f"{tpl.created_at:.0f}, not {template_created_at:.0f}): copy the template's files to move its VMs"
+            )
+        if rec.state is not VmState.SUSPENDED:
+            raise InvalidRequest(f"only a suspended VM can move, VM {rec.id} is {rec.state.value}")
+        if tpl.base_disk is not None:
+            await disks.rebase_overlay(files / OVERLAY, tpl.base_disk)
+        files.rename(self.settings.vms_dir / rec.id)
+        rec.pid, rec.reason = None, None
+        self.records.write(rec)
+        self.records.add(LiveVm(rec))
+        self.records.notify(rec)
 
     def _bury(self, vm: LiveVm, why: str) -> None:
         """The VM is gone from this manager; its record stays, terminated, with `why`."""

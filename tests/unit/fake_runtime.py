@@ -72,6 +72,9 @@ class FakeRuntime:
         self.guests.pop(vm.rec.id, None)
         vm.rec.pid = None
 
+    async def let_go(self, vm: LiveVm) -> None:
+        pass
+
     def alive(self, vm: LiveVm) -> bool:
         return vm.rec.id in self.guests
 
