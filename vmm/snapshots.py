@@ -203,6 +203,7 @@ class Snapshots:
         ram = RamBacking(vm_dir / RAM, share=True)
         vm.rec.generation += 1
         self.lifecycle.move_if_stored(vm.rec, VmState.RESTORING)
+        vm.guest_ran = False  # of an earlier QEMU: nothing has run on this snapshot yet
         undo = Undo(vm_id)
         interrupted: BaseException | None = None
         try:

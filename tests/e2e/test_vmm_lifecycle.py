@@ -109,6 +109,26 @@ async def test_corrupt_snapshot_fails_restore_and_loses_nothing(manager: VmManag
     assert (after["boot_id"], after["counter"]) == (before["boot_id"], before["counter"] + 1)
 
 
+async def test_a_damaged_snapshot_of_a_later_suspend_is_refused_too(manager: VmManager) -> None:
+    """The second suspend saves device state only, after a QEMU that ran: its restore is refused
+    the same way (it used to take that earlier QEMU's run for this one's and fail the VM)."""
+    vm = await manager.create_vm("demo")
+    before = await guest_state(vm.id)
+    await manager.suspend(vm.id)
+    await manager.ensure_running(vm.id)
+    await manager.suspend(vm.id)
+    state_file = manager.vm_dir(vm.id) / "state"
+    good = state_file.read_bytes()
+    state_file.write_bytes(b"\xde\xad\xbe\xef" + good[4:])
+    with pytest.raises(RestoreFailed, match="stays suspended"):
+        await manager.ensure_running(vm.id)
+    assert vm.state is VmState.SUSPENDED and state_file.exists()
+    state_file.write_bytes(good)
+    await manager.ensure_running(vm.id)
+    after = await guest_state(vm.id)
+    assert (after["boot_id"], after["counter"]) == (before["boot_id"], before["counter"] + 1)
+
+
 async def test_restarted_manager_lists_readopts_and_wakes(settings: VmmSettings) -> None:
     first = VmManager(settings)
     await first.start()

@@ -229,3 +229,13 @@ async def test_recovery_finds_a_vm_whose_qemu_runs_on_and_one_whose_qemu_is_gone
         assert second.get(gone).reason == "QEMU was gone when the manager restarted (running)"
     finally:
         await second.close()
+
+
+async def test_a_damaged_snapshot_is_refused_and_kept_after_any_number_of_suspends(plane: Plane) -> None:
+    m = plane.manager
+    vm_id = await _launched(plane, m.suspend, m.resume, m.suspend)  # the second suspend: device state only
+    state = m.settings.vms_dir / vm_id / "state"
+    state.write_bytes(b"damaged")
+    with pytest.raises(RestoreFailed, match="does not match its checksum"):
+        await m.resume(vm_id)
+    assert plane.state(vm_id) is S.SUSPENDED and state.read_bytes() == b"damaged"
