@@ -36,7 +36,7 @@ from vmm.model import VmState
 from .edge_control import build_edge_control_app
 from .host_client import HostClient
 from .remote_backend import RemoteBackend
-from .routes import RouteTable
+from .routes import FleetState, RouteTable
 from .run_dir import join_table
 from .supervisor import announce_ready
 
@@ -133,7 +133,8 @@ async def stop(node: EdgeNode) -> None:
 
 def _counts(routes: RouteTable) -> dict[str, int]:
     counts = Counter(rec.state.value for _, rec in routes.records())
-    return {state.value: counts.get(state.value, 0) for state in VmState if state is not VmState.TERMINATED}
+    shown = [*(s for s in VmState if s is not VmState.TERMINATED), *FleetState]
+    return {state.value: counts.get(state.value, 0) for state in shown}
 
 
 def serve_worker(cfg: Config, ready_fd: int | None = None) -> None:

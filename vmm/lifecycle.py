@@ -33,7 +33,6 @@ MOVES: dict[VmState, frozenset[VmState]] = {
     _S.FAILED: frozenset((_S.TERMINATING,)),
     _S.TERMINATING: frozenset((_S.TERMINATED,)),
     _S.TERMINATED: frozenset(),
-    _S.UNAVAILABLE: frozenset(),  # shown by edges only, never a manager's state
 }
 
 # What recovery may find a VM to be, from any state but terminated.
