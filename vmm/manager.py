@@ -50,7 +50,8 @@ _LIVE = (VmState.RUNNING, VmState.PAUSED)
 class VmManager:
     """Creates, pauses, suspends, restores and deletes VMs; the edge's VmBackend.
 
-    `runtime` replaces the QEMU runtime (vmm.runtime.QemuRuntime): unit tests hand in a fake.
+    `egress` serves each running VM's egress proxy (None: guests have none); `runtime` replaces the
+    QEMU runtime (vmm.runtime.QemuRuntime) and its egress: unit tests hand in a fake.
     """
 
     def __init__(
@@ -59,7 +60,6 @@ class VmManager:
     ) -> None:  # fmt: skip
         self._settings = settings
         self._given_lock = lock_fd  # the state directory's lock, taken by `mvm serve` before it started us
-        self.egress = egress  # serves each running VM's egress proxy (the edge's); None: guests have none
         self.accel = accel_mod.choose(settings.accelerator)
         self.open_work = OpenWork()  # what keeps each VM awake: counted here, or reported by edge workers
         self.records = RecordStore(settings)
