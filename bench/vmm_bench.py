@@ -142,7 +142,7 @@ async def _bench_agent(manager: VmManager, vm_id: str, ready: Readiness, cycles:
         await _first_answer(vm_id, ready)
         unsynced.append(time.perf_counter() - t0)
         manager.settings = settings
-    agent = manager._vms[vm_id].agent
+    agent = manager.records.get(vm_id).agent
     assert agent is not None
     sync = [(await agent.sync(vm_id, 5.0)).took_ms / 1000 for _ in range(cycles)]
     exec_true = []

@@ -28,7 +28,7 @@ from aiohttp import web
 from vmm.agent import AgentError, Exec, ExecEvent
 from vmm.errors import Conflict, InvalidRequest, NotFound, OverCapacity, PermissionDenied, VmmError
 from vmm.jsonlog import log
-from vmm.manager import GUEST_TOOL
+from vmm.vm_files import GUEST_TOOL
 
 from .backend import ManagedVms
 from .exec_api import DEFAULT_TIMEOUT, MAX_TIMEOUT

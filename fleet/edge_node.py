@@ -39,7 +39,7 @@ from .edge_control import build_edge_control_app
 from .host_client import HostClient
 from .privilege import Identity, drop_to, worker_identity
 from .remote_backend import RemoteBackend
-from .routes import RouteTable
+from .routes import FleetState, RouteTable
 from .run_dir import broker_path, join_table
 from .settings import FleetConfig
 from .supervisor import announce_ready
@@ -159,7 +159,8 @@ async def stop(node: EdgeNode) -> None:
 
 def _counts(routes: RouteTable) -> dict[str, int]:
     counts = Counter(rec.state.value for _, rec in routes.records())
-    return {state.value: counts.get(state.value, 0) for state in VmState if state is not VmState.TERMINATED}
+    shown = [*(s for s in VmState if s is not VmState.TERMINATED), *FleetState]
+    return {state.value: counts.get(state.value, 0) for state in shown}
 
 
 def serve_worker(cfg: FleetConfig, ready_fd: int | None = None) -> None:

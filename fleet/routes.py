@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import cast
 
 from fleet.catalog import Catalog, HostRecord, PlacedVm, Unsubscribe
 from vmm.errors import NotRunning, VmmError
@@ -21,6 +23,12 @@ from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
 
 POLL = 0.1  # seconds between reloads when the catalog has no cross-process feed (SQLite)
+
+
+class FleetState(enum.StrEnum):
+    """States only an edge of a fleet shows, never a VM manager's (vmm.model.VmState)."""
+
+    UNAVAILABLE = "unavailable"  # the VM's host misses heartbeats: its real state is unknown; never stored
 
 
 class RouteTable:
@@ -125,8 +133,10 @@ class RouteTable:
         return None if placed is None else self._shown(placed)
 
     def _shown(self, placed: PlacedVm) -> VmRecord:
+        """The record as this edge shows it. The `unavailable` copy is read for its state's value (JSON,
+        metrics) and is never running, so a request for it goes to the host's wake, which answers 503."""
         if not self.host_up(placed.host_id):
-            return replace(placed.rec, state=VmState.UNAVAILABLE)
+            return replace(placed.rec, state=cast(VmState, FleetState.UNAVAILABLE))
         return placed.rec
 
     def records(self) -> list[tuple[str, VmRecord]]:

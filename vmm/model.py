@@ -28,7 +28,6 @@ class VmState(enum.StrEnum):
     TERMINATING = "terminating"
     TERMINATED = "terminated"
     FAILED = "failed"
-    UNAVAILABLE = "unavailable"  # shown by edges while the VM's host misses heartbeats; never stored
 
 
 # States in which the VM's QEMU is going or gone: a connection to its guest would only hang.

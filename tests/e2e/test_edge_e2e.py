@@ -55,14 +55,14 @@ async def test_fifty_concurrent_requests_to_suspended_vm_one_restore(
         await client.get_json(vm_id, token)
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
         restores = 0
-        real_restore = manager._restore
+        real_restore = manager.snapshots.restore
 
         async def counting_restore(vm: Any) -> None:
             nonlocal restores
             restores += 1
             await real_restore(vm)
 
-        monkeypatch.setattr(manager, "_restore", counting_restore)
+        monkeypatch.setattr(manager.snapshots, "restore", counting_restore)
         answers = await asyncio.gather(*(client.get_json(vm_id, token) for _ in range(50)))
         assert restores == 1
         assert sorted(a["counter"] for a in answers) == list(range(2, 52)), "each answered exactly once"
@@ -240,7 +240,8 @@ async def test_edge_restart_keeps_suspended_vm_which_then_wakes(settings: VmmSet
         token = await client.token(vm_id)
         before = await client.get_json(vm_id, token)
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
-        client.edge.manager._vms.clear()  # keep the VM for the next edge: the harness deletes what it still knows
+        # keep the VM for the next edge: the harness deletes what it still knows
+        client.edge.manager.records.live.clear()
     async with running_edge(cfg) as client:
         assert client.edge.manager.get(vm_id).state is VmState.SUSPENDED
         after = await client.get_json(vm_id, token)

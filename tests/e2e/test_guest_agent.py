@@ -73,7 +73,7 @@ async def test_clones_get_fresh_entropy_the_host_clock_and_their_own_hostname(
             assert before - 0.05 <= guest[3] <= time.time() + 0.05  # within 50 ms of the host's clock
             assert guest[2] == first.id
         # the agent only takes syncs and execs that carry this VM's key
-        agent = mgr._vms[first.id].agent
+        agent = mgr.records.get(first.id).agent
         assert agent is not None
         real, agent.key = agent.key, b"\x00" * 32
         refused = [event async for event in await agent.exec(["true"], [], "/", 0, 0)]

@@ -99,7 +99,7 @@ async def test_a_hostile_guest_on_the_agents_port_breaks_nothing_on_the_host(
         async with asyncio.timeout(60):
             while not await sandbox_run(vm.id, f"__import__('os').path.exists({HELD!r})"):
                 await asyncio.sleep(0.2)
-        agent = first._vms[vm.id].agent
+        agent = first.records.get(vm.id).agent
         assert agent is not None
         with pytest.raises(AgentError, match=r"answered a sync with a malformed frame \(type 2, 3 bytes\)"):
             await agent.sync(vm.id, 5.0)

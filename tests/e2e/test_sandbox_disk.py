@@ -56,7 +56,8 @@ async def test_session_memory_disk_and_process_survive_suspend_and_edge_restart(
         assert before["hostname"] == vm_id  # the agent names each VM after its id
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
         assert client.edge.manager.get(vm_id).pid is None
-        client.edge.manager._vms.clear()  # keep the VM for the next edge: the harness deletes what it still knows
+        # keep the VM for the next edge: the harness deletes what it still knows
+        client.edge.manager.records.live.clear()
     async with running_edge(cfg) as client:
         assert client.edge.manager.get(vm_id).state is VmState.SUSPENDED
         woke = await _run(client, vm_id, token, "x + 1")  # this one request wakes the VM

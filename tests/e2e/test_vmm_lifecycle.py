@@ -64,14 +64,14 @@ async def test_twenty_concurrent_wakes_cause_one_restore(manager: VmManager, mon
     await guest_state(vm.id)
     await manager.suspend(vm.id)
     restores = 0
-    real_restore = manager._restore
+    real_restore = manager.snapshots.restore
 
     async def counting_restore(v: object) -> None:
         nonlocal restores
         restores += 1
         await real_restore(v)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(manager, "_restore", counting_restore)
+    monkeypatch.setattr(manager.snapshots, "restore", counting_restore)
     woke = await asyncio.gather(*(manager.ensure_running(vm.id) for _ in range(20)))
     assert restores == 1
     assert all(woke) and vm.state is VmState.RUNNING
@@ -103,6 +103,26 @@ async def test_corrupt_snapshot_fails_restore_and_loses_nothing(manager: VmManag
     assert vm.state is VmState.SUSPENDED and vm.reason and "restore failed" in vm.reason
     assert vm.pid is None
     assert (await guest_state(other.id))["counter"] == 1, "other VMs are untouched"
+    state_file.write_bytes(good)
+    await manager.ensure_running(vm.id)
+    after = await guest_state(vm.id)
+    assert (after["boot_id"], after["counter"]) == (before["boot_id"], before["counter"] + 1)
+
+
+async def test_a_damaged_snapshot_of_a_later_suspend_is_refused_too(manager: VmManager) -> None:
+    """The second suspend saves device state only, after a QEMU that ran: its restore is refused
+    the same way (it used to take that earlier QEMU's run for this one's and fail the VM)."""
+    vm = await manager.create_vm("demo")
+    before = await guest_state(vm.id)
+    await manager.suspend(vm.id)
+    await manager.ensure_running(vm.id)
+    await manager.suspend(vm.id)
+    state_file = manager.vm_dir(vm.id) / "state"
+    good = state_file.read_bytes()
+    state_file.write_bytes(b"\xde\xad\xbe\xef" + good[4:])
+    with pytest.raises(RestoreFailed, match="stays suspended"):
+        await manager.ensure_running(vm.id)
+    assert vm.state is VmState.SUSPENDED and state_file.exists()
     state_file.write_bytes(good)
     await manager.ensure_running(vm.id)
     after = await guest_state(vm.id)

@@ -10,7 +10,7 @@ from fleet.host_client import HostError
 from fleet.host_sync import HostAddress
 from fleet.move_api import decode_record, encode_record
 from fleet.placement import candidates
-from fleet.routes import RouteTable
+from fleet.routes import FleetState, RouteTable
 from mvm.config import load_config
 from vmm.errors import ConfigError, InvalidRequest, NotFound, VmmError
 from vmm.model import RamMode, VmRecord, VmState
@@ -85,7 +85,7 @@ def test_a_vm_whose_host_misses_heartbeats_is_unavailable() -> None:
     routes._put("vabc", PlacedVm("h1", rec))
     routes._hosts = {"h1": replace(host("h1", 1), heartbeat_at=time.time() - 60)}
     shown = routes.record("vabc")
-    assert shown is not None and shown.state is VmState.UNAVAILABLE and rec.state is VmState.RUNNING
+    assert shown is not None and shown.state is FleetState.UNAVAILABLE and rec.state is VmState.RUNNING
 
 
 def test_cluster_settings_are_checked(tmp_path: Path) -> None:

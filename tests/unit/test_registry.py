@@ -47,12 +47,13 @@ def test_records_of_earlier_versions_load_with_todays_state_names(tmp_path: Path
 
 async def test_a_stopping_manager_wakes_nothing(tmp_path: Path) -> None:
     from vmm.errors import NotRunning
-    from vmm.manager import VmManager, _Vm
+    from vmm.live import LiveVm
+    from vmm.manager import VmManager
     from vmm.settings import VmmSettings
 
     manager = VmManager(VmmSettings(state_dir=tmp_path))
     rec = VmRecord("vabcdefghijk", "demo", VmState.SUSPENDED, Policy(), 8080, 1.0, 2.0)
-    manager._vms[rec.id] = _Vm(rec)
+    manager.records.add(LiveVm(rec))
     manager.refuse_wakes()
     for explicit in (False, True):
         with pytest.raises(NotRunning, match="not woken while its host stops"):
