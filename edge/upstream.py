@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 from httptools import HttpResponseParser
@@ -113,6 +114,8 @@ class UpstreamConn(asyncio.Protocol):
         "pool",
         "probe",
         "reading",
+        "send",
+        "send_parts",
         "stale",
         "tracker",
         "transport",
@@ -120,6 +123,8 @@ class UpstreamConn(asyncio.Protocol):
     )
 
     transport: asyncio.Transport  # set by connection_made, before anyone gets the connection
+    send: Callable[[bytes], object]  # the transport's write and writelines, once connected
+    send_parts: Callable[[Iterable[bytes]], object]
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, int], generation: int = 0) -> None:
         self.pool = pool
@@ -139,6 +144,8 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.send = self.transport.write
+        self.send_parts = self.transport.writelines
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
             self.probe = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
