@@ -98,8 +98,11 @@ class Upstream(Protocol):
     owner: Owner | None
     tracker: ResponseTracker
     write_paused: bool
-    send: Callable[[bytes], object]
-    send_parts: Callable[[Iterable[bytes]], object]
+
+    @property
+    def send(self) -> Callable[[bytes], object]: ...
+    @property
+    def send_parts(self) -> Callable[[Iterable[bytes]], object]: ...
 
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
@@ -110,7 +113,9 @@ class Upstream(Protocol):
 class ConnectionIo(ClientConnection, Protocol):
     """The actions the core asks of its adapter (edge.http1.EdgeProtocol)."""
 
-    send_client: Callable[[bytes], object]
+    @property
+    def send_client(self) -> Callable[[bytes], object]:
+        """Write to the client (the transport's own write, read once when connected)."""
 
     def pause_client(self) -> None: ...
     def resume_client(self) -> None: ...
