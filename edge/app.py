@@ -10,8 +10,9 @@ A request's path, top to bottom:
      on a unix socket; it authenticates with the admin key.
   4. VM host: the VM must exist (`VmManager.lookup`, in memory), the token (Bearer header,
      `?token=` or the `mvm_token` cookie) must verify for that VM (`edge.tokens`, cached).
-  5. A paused or suspended VM is woken (`VmManager.ensure_running`, single-flight) while
-     the request is held, within the wake timeout and the per-VM hold bound.
+  5. A paused or suspended VM is woken (one `VmManager.ensure_running` per VM at a time:
+     `ProxyContext.wake`) while the request is held, within the wake timeout and the per-VM
+     hold bound (`edge.reach`).
   6. The rewritten head and the body stream to the guest over an upstream connection made
      inside the VM's network namespace (`edge.upstream` pools them per VM for all clients); the
      answer streams back as bytes. Activity is recorded on the VM as bytes flow, and the

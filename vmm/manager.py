@@ -89,14 +89,13 @@ def new_vm_id() -> str:
 
 
 class _Vm:
-    """Runtime companions of one VM record: its QEMU, QMP connection, lock and wake task."""
+    """Runtime companions of one VM record: its QEMU, QMP connection and lock."""
 
     def __init__(self, rec: VmRecord) -> None:
         self.rec = rec
         self.proc: QemuProcess | None = None
         self.qmp: qmp_ops.Qmp | None = None
         self.lock = asyncio.Lock()
-        self.wake: asyncio.Task[None] | None = None
         self.expect_exit = False
         self.guest_ran = False  # its QEMU was sent `cont`: the guest writes to the RAM its snapshot was loaded over
         self.agent: Agent | None = None  # disk images only
@@ -354,7 +353,13 @@ class VmManager:
         return self._vm(vm_id).rec
 
     async def ensure_running(self, vm_id: str, explicit: bool = False) -> bool:
-        """Single-flight wake: every concurrent caller awaits the same task. True if it had to wake.
+        """Wake the VM if it is not running; True if it had to wake.
+
+        Callers at the same time are serialised by the VM's lock, and `_wake` looks at the
+        state again under it, so the first one wakes the VM and the others find it running.
+        Shielded: a caller that gives up never stops a restore halfway. Sharing one wake among
+        the many requests held for a VM is the data plane's single-flight
+        (`edge.proxy_context.ProxyContext.wake`), the only one.
 
         A request wakes a VM only if its policy has auto_resume; `explicit` (a resume call) always does.
         """
@@ -368,9 +373,7 @@ class VmManager:
                 f"VM {vm_id} is {vm.rec.state.value} and its policy has auto_resume=false: "
                 f"resume it explicitly (POST /v1/vms/{vm_id}/resume or `mvm vm resume {vm_id}`)"
             )
-        if vm.wake is None or vm.wake.done():
-            vm.wake = asyncio.create_task(self._wake(vm))
-        await asyncio.shield(vm.wake)
+        await asyncio.shield(self._wake(vm))
         return True
 
     async def guest_traffic_age(self, vm_id: str) -> float | None:
