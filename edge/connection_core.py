@@ -34,7 +34,7 @@ from .flow import QUEUED, UPSTREAM, WAITING, ReadPauses
 from .proxy_context import ClientConnection, ProxyContext
 from .relay import DONE, GOING_ON, UPGRADED, ResponseRelay
 from .reqhead import RequestHead
-from .upstream import Owner, ResponseTracker
+from .upstream import CONTROL_KEY, Owner, ResponseTracker
 
 _LAST_CHUNK = b"0\r\n\r\n"
 # Body bytes kept for a request waiting for its upstream. Reading goes on until then so a
@@ -130,9 +130,9 @@ class ConnectionIo(ClientConnection, Protocol):
         """Call `timer_fired` at `at` (instead of any timer set before)."""
 
     def cancel_timer(self) -> None: ...
-    def take_pooled(self, ex: Exchange, now: float) -> Upstream | None:
-        """An idle pooled connection to where `ex` goes, opened in its VM's generation and still
-        established, or None."""
+    def take_pooled(self, key: str, port: int, now: float, generation: int) -> Upstream | None:
+        """An idle pooled connection to `port` of VM `key` (CONTROL_KEY: the control API),
+        opened in the VM's `generation` and still established, or None."""
 
     def reach(self, ex: Exchange) -> None:
         """Start reaching `ex`'s upstream (wake its VM if needed, connect); the outcome comes
@@ -515,12 +515,11 @@ class ConnectionCore:
         if ex.refusal is not None:
             self._refused(ex, ex.refusal)
             return
-        ctx = self._ctx
         now = self._clock()
         vm_id = ex.vm_id
         if vm_id is not None:
-            ctx.backend.touch(vm_id)
-            ctx.stream_opened(vm_id)
+            self._ctx.backend.touch(vm_id)
+            self._ctx.open_streams.opened(vm_id)
             self._stream_vm = vm_id
             self._touch_at = now + TOUCH_EVERY
         if ex.has_body and ex.body_state is not _BODY_DONE:
@@ -528,7 +527,7 @@ class ConnectionCore:
             ex.body_paused = self._pauses.paused_for(now)
             self._arm(ex.body_overdue(self._settings, now, ex.body_paused)[1])
         if ex.vm_was_running:
-            upstream = self._io.take_pooled(ex, now)
+            upstream = self._io.take_pooled(vm_id or CONTROL_KEY, ex.port, now, ex.generation)
             if upstream is not None:
                 self._attach(ex, upstream, reused=True)
                 return
@@ -627,8 +626,10 @@ class ConnectionCore:
     def _next(self, ex: Exchange) -> None:
         """The exchange is over: go on with the next request, or close."""
         ex.move(_FINISHED)
-        if self._stream_vm is not None:
-            self._release_stream()
+        vm_id = self._stream_vm
+        if vm_id is not None:
+            self._stream_vm = None
+            self._ctx.open_streams.closed(vm_id)
         self.answering = None
         if not ex.keep_alive or (self._draining and not self._queue):
             # After a parse error the client may still be sending: read that off first.
@@ -798,7 +799,7 @@ class ConnectionCore:
         vm_id = self._stream_vm
         if vm_id is not None:
             self._stream_vm = None
-            self._ctx.stream_closed(vm_id)
+            self._ctx.open_streams.closed(vm_id)
 
     def move(self, new: ConnectionState) -> None:
         if new not in CONNECTION_MOVES[self.state]:

@@ -166,9 +166,3 @@ class ProxyContext:
             client.abort()
         return len(left)
 
-    def stream_opened(self, vm_id: str) -> None:
-        self.open_streams.opened(vm_id)
-
-    def stream_closed(self, vm_id: str) -> None:
-        self.open_streams.closed(vm_id)
-

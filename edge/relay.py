@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from httptools.parser.errors import HttpParserError
+from httptools.parser.errors import HttpParserError, HttpParserUpgrade
 
 from .exchange import Exchange, ExchangeState
 from .upstream import ResponseTracker, take_head
@@ -62,14 +62,15 @@ class ResponseRelay:
         tracker = self.tracker
         assert tracker is not None
         try:
-            upgraded = tracker.feed(data)
+            tracker.parser.feed_data(data)  # ResponseTracker.feed, one call less on the hot path
+        except HttpParserUpgrade:
+            self._send(data)
+            self.rest = b""
+            return UPGRADED
         except HttpParserError as exc:
             self.problem = str(exc)
             return INVALID
         self._send(data)
-        if upgraded:
-            self.rest = b""
-            return UPGRADED
         return DONE if tracker.done else GOING_ON
 
     def _send(self, data: bytes) -> None:

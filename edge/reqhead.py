@@ -106,6 +106,14 @@ class RequestHead:
             te = self.transfer_encoding
             self.transfer_encoding = value if te is None else te + b", " + value
 
+    def signature(self) -> tuple[object, ...]:
+        """Everything the forwarded head is made of: two heads with equal signatures are
+        admitted and rendered alike."""
+        return (
+            self.host, self.hosts, self.authorization, self.cookie, self.forwarded_for, self.content_length,
+            self.transfer_encoding, self.upgrade, self.referer, self._connection, tuple(self._plain),
+        )  # fmt: skip
+
     @property
     def chunked(self) -> bool:
         """The body is chunked (the parser has checked chunked is the final coding)."""

@@ -114,7 +114,7 @@ class Play:
     def cancel_timer(self) -> None:
         self.actions.append(("cancel_timer",))
 
-    def take_pooled(self, ex: Exchange, now: float) -> Upstream | None:
+    def take_pooled(self, key: str, port: int, now: float, generation: int) -> Upstream | None:
         upstream = self.pooled.pop() if self.pooled else None
         self.actions.append(("take_pooled", upstream is not None))
         if upstream is not None:

@@ -6,8 +6,10 @@ with the actions the core asks for after each; no socket, no sleep.
 
 from __future__ import annotations
 
+from edge.admission import Refusal
 from tests.unit.playbook import Answer, Play, forwarded, ok
 from tests.unit.proxy_harness import DOMAIN, VM
+from vmm.model import VmState
 
 
 def test_a_request_goes_on_a_pooled_connection_which_goes_back_after_the_answer() -> None:
@@ -168,3 +170,20 @@ def test_drain_while_a_head_arrives_answers_it_with_close() -> None:
     p.client(request[20:])
     answer = ok()
     assert p.upstream_says(answer) == [("send", answer), ("pooled",), ("close",), ("timer", 30.0)]
+
+
+def test_the_same_head_again_is_admitted_again_while_its_token_lives_and_its_vm_exists() -> None:
+    p = Play()
+    request = p.request()
+    for _ in range(2):
+        p.pool()
+        assert p.client(request) == [("take_pooled", True), ("upstream", forwarded())]
+        p.upstream_says(ok())
+    p.backend.vms[VM].state = VmState.SUSPENDED
+    assert p.client(request) == [("reach", VM)], "its VM's state is looked at each time"
+    p.refused(Refusal(503, "asleep"))
+    p.now += 400  # past the token's 300 s
+    assert p.client(request) == [("send", Answer(401, has=b'"reason":"expired"'))]
+    del p.backend.vms[VM]
+    p.now -= 400
+    assert p.client(request) == [("send", Answer(404))]
