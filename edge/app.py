@@ -2,7 +2,8 @@
 
 A request's path, top to bottom:
   1. The listener (`loop.create_server`, TLS from `edge.tls`) hands each client
-     connection to an `edge.http1.EdgeProtocol`, which parses request heads with llhttp.
+     connection to an `edge.http1.EdgeProtocol`, the asyncio adapter of a sans-IO
+     `edge.connection_core.ConnectionCore`, which parses request heads with llhttp.
      Each request becomes an `edge.exchange.Exchange`; its states name the steps below.
   2. `edge.hosts.HostRouter` maps the Host header: the control host, `<vm-id>.<domain>`
      (the VM's app port) or `<port>-<vm-id>.<domain>` (a port on the VM's allow-list).
