@@ -157,16 +157,17 @@ class ConnectionCore:
         self._forwarded_proto = forwarded_proto
         self._io = io
         self._clock = clock
-        self._parser = HttpRequestParser(self)
+        # The head being parsed: llhttp hands each header field straight to it (a call less
+        # per field); it is emptied for each request, not made anew.
+        self._request_head = RequestHead()
+        self.on_header = self._request_head.add
+        self._parser = HttpRequestParser(self)  # takes the callbacks below (and on_header) now
         self.client = b"unknown"
         self._can_half_close = False
-        self._request_head = RequestHead()
         self._target = b""
         self._in_head = False
         self._heads_begun = 0
-        self._head_bytes = 0  # target and header fields delivered so far
         self._head_read = 0  # bytes of reads that fell wholly inside the head
-        self._header_fields = 0  # header fields of the head being parsed
         self._counted_client = False  # included in ctx.per_ip
         self._admitter: Admitter
         self.answering: Exchange | None = None  # the request being answered
@@ -252,9 +253,10 @@ class ConnectionCore:
             if self._in_head:
                 if in_head and heads_begun == self._heads_begun:  # all of this read is head
                     self._head_read += len(data)  # (one header may sit in llhttp)
-                if max(self._head_read, self._head_bytes) > self._settings.max_head_size:
+                head = self._request_head
+                if max(self._head_read, len(self._target) + head.size) > self._settings.max_head_size:
                     self._malformed(431, "the request head is too large")
-                elif self._header_fields > self._settings.max_headers:
+                elif head.fields > self._settings.max_headers:
                     self._malformed(431, f"the request head has more than {self._settings.max_headers} header fields")
 
     def client_lost(self) -> None:
@@ -287,20 +289,14 @@ class ConnectionCore:
     # -- request parser callbacks (llhttp calls them inside client_data) --------------------
 
     def on_message_begin(self) -> None:
-        self._request_head = RequestHead()
+        self._request_head.reset()
         self._target = b""
         self._in_head = True
         self._heads_begun += 1
-        self._head_bytes = self._head_read = self._header_fields = 0
+        self._head_read = 0
 
     def on_url(self, url: bytes) -> None:
         self._target += url
-        self._head_bytes += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._request_head.add(name, value)
-        self._head_bytes += len(name) + len(value) + 4
-        self._header_fields += 1
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -313,11 +309,11 @@ class ConnectionCore:
         )
         self._parsing = ex
         settings = self._settings
-        if self._head_bytes > settings.max_head_size:
+        if len(self._target) + head.size > settings.max_head_size:
             self._unparseable()
             ex.keep_alive = False
             ex.refuse(Refusal(431, "the request head is too large"))
-        elif self._header_fields > settings.max_headers:
+        elif head.fields > settings.max_headers:
             self._unparseable()
             ex.keep_alive = False
             ex.refuse(Refusal(431, f"the request head has more than {settings.max_headers} header fields"))
