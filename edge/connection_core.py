@@ -557,8 +557,9 @@ class ConnectionCore:
             self._unpause(WAITING)
 
     def _await_response(self) -> None:
-        self._response_deadline = self._clock() + self._settings.read_timeout
-        self._arm(self._response_deadline)
+        deadline = self._response_deadline = self._clock() + self._settings.read_timeout
+        if deadline < self._timer_at:  # mostly not: the idle timer fires earlier and re-checks
+            self._arm(deadline)
 
     def _answer(
         self,

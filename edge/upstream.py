@@ -279,7 +279,8 @@ class UpstreamPool:
             conn.close()
             return
         conn.idle_since = now
-        conn.resume_reading()  # an idle connection must notice the peer closing it
+        if not conn.reading:
+            conn.resume_reading()  # an idle connection must notice the peer closing it
         self._idle.setdefault(vm_id, {}).setdefault(port, []).append(conn)
         self._counts[vm_id] = count + 1
         if self._sweeper is None:
