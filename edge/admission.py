@@ -23,6 +23,7 @@ from .tokens import (
 )
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_RUNNING = VmState.RUNNING
 AGENT_PREFIX = b"/.mvm/"
 _AGENT_METHODS = {b"exec": (b"POST",), b"files": (b"GET", b"PUT", b"DELETE"), b"shell": (b"GET",)}
 
@@ -36,6 +37,19 @@ class Refusal:
     reason: str | None = None
     bearer: bool = False  # 401: add WWW-Authenticate: Bearer
     retry_after: int | None = None  # seconds, for a Retry-After header
+
+
+@dataclass(frozen=True, slots=True)
+class _Repeat:
+    """A VM request admitted on this connection, kept to admit the same head again at once:
+    everything its verdict came from is in `key` but the token's life and the VM's state,
+    which are looked at again each time."""
+
+    key: tuple[object, ...]
+    grant: Grant
+    vm_id: str
+    port: int
+    head: bytes
 
 
 @dataclass(slots=True)
@@ -72,8 +86,23 @@ class Admitter:
         self._trusted = trusted  # the client is a trusted proxy: its X-Forwarded-For is kept
         self._host: bytes | None = None
         self._route: Route | None = None
+        self._repeat: _Repeat | None = None
 
     def admit(
+        self, method: bytes, target: bytes, http_version: str, req: RequestHead, upgrade: bool
+    ) -> Admission | Refusal:
+        """What to do with a request: forward it (and where, with which head) or refuse it.
+
+        A keep-alive client mostly sends the same head again (the same target, Host and
+        token): its verdict is reused once the token is still valid and the VM still exists."""
+        repeat = self._repeat
+        if repeat is not None and repeat.key == (method, target, http_version, upgrade, req.signature()):
+            rec = self._backend.lookup(repeat.vm_id)
+            if rec is not None and self._tokens.still_valid(repeat.grant):
+                return Admission(repeat.head, repeat.vm_id, repeat.port, rec.state is _RUNNING, None, rec.generation)
+        return self._admit(method, target, http_version, req, upgrade)
+
+    def _admit(
         self, method: bytes, target: bytes, http_version: str, req: RequestHead, upgrade: bool
     ) -> Admission | Refusal:
         version = _VERSIONS.get(http_version)
@@ -135,6 +164,7 @@ class Admitter:
                 return Refusal(403, f"port {port} of VM {vm_id} is not open")
         if not grant.allows_port(port):
             return Refusal(403, f"this token does not open port {port}")
+        key = (method, target, http_version, upgrade, req.signature())
         if query is not None:
             target = strip_token_from_target(target)
         cookie = req.cookie
@@ -149,9 +179,11 @@ class Admitter:
             upgrade=upgrade,
             client=self._client,
             proto=self._proto,
-                trust_forwarded=self._trusted,
+            trust_forwarded=self._trusted,
         )
-        return Admission(head, vm_id, port, rec.state is VmState.RUNNING, set_cookie, rec.generation)
+        if source == "header" and route.port is None:  # the same head again is admitted the same way
+            self._repeat = _Repeat(key, grant, vm_id, port, head)
+        return Admission(head, vm_id, port, rec.state is _RUNNING, set_cookie, rec.generation)
 
     def _agent_api(
         self, method: bytes, target: bytes, version: bytes, req: RequestHead, vm_id: str, grant: Grant, upgrade: bool

@@ -2,7 +2,8 @@
 
 A request's path, top to bottom:
   1. The listener (`loop.create_server`, TLS from `edge.tls`) hands each client
-     connection to an `edge.http1.EdgeProtocol`, which parses request heads with llhttp.
+     connection to an `edge.http1.EdgeProtocol`, the asyncio adapter of a sans-IO
+     `edge.connection_core.ConnectionCore`, which parses request heads with llhttp.
      Each request becomes an `edge.exchange.Exchange`; its states name the steps below.
   2. `edge.hosts.HostRouter` maps the Host header: the control host, `<vm-id>.<domain>`
      (the VM's app port) or `<port>-<vm-id>.<domain>` (a port on the VM's allow-list).
@@ -10,8 +11,9 @@ A request's path, top to bottom:
      on a unix socket; it authenticates with the admin key.
   4. VM host: the VM must exist (`VmManager.lookup`, in memory), the token (Bearer header,
      `?token=` or the `mvm_token` cookie) must verify for that VM (`edge.tokens`, cached).
-  5. A paused or suspended VM is woken (`VmManager.ensure_running`, single-flight) while
-     the request is held, within the wake timeout and the per-VM hold bound.
+  5. A paused or suspended VM is woken (one `VmManager.ensure_running` per VM at a time:
+     `ProxyContext.wake`) while the request is held, within the wake timeout and the per-VM
+     hold bound (`edge.reach`).
   6. The rewritten head and the body stream to the guest over an upstream connection made
      inside the VM's network namespace (`edge.upstream` pools them per VM for all clients); the
      answer streams back as bytes. Activity is recorded on the VM as bytes flow, and the

@@ -20,7 +20,10 @@ class VmBackend(Protocol):
         """The VM's current record, or None when no such VM exists (cheap, in memory)."""
 
     async def ensure_running(self, vm_id: str) -> bool:
-        """Resume or restore the VM if needed (single-flight); True when it had to wake.
+        """Resume or restore the VM if needed; True when it had to wake. Callers at the same
+        time get one wake (the manager's lock), but each call may cost the owner a look (or, in
+        an edge worker, a request to the VM's host): the data plane asks once per VM at a
+        time (`edge.proxy_context.ProxyContext.wake`).
 
         Raises vmm.errors.VmmError subclasses (NotFound, RestoreFailed, VmFailed, Conflict).
         """

@@ -1,4 +1,5 @@
-"""One request and its answer on a client connection, as two small state machines.
+"""One request and its answer on a client connection, as two small state machines: state
+only, no I/O (waking a VM and connecting are edge.reach's, deciding is edge.connection_core's).
 
 The answer side (`ExchangeState`) goes, for a request that reaches a VM (or the control API):
 
@@ -9,7 +10,7 @@ WAITING_FOR_VM -> CONNECTING when its VM sleeps. One the edge answers itself goe
 REFUSED -> ANSWERED -> FINISHED. Any state before STREAMING can end in ANSWERED with the
 edge's own error; a request sent on a pooled connection that closed before answering goes
 FORWARDED -> CONNECTING once. After a 101 the exchange stays STREAMING: the connection has
-become a tunnel (`edge.http1.ConnectionState.TUNNEL`).
+become a tunnel (`edge.connection_core.ConnectionState.TUNNEL`).
 
 The request side (`BodyState`) runs beside it, since a body may still arrive while the answer
 streams: ARRIVING -> DONE, or ARRIVING -> DISCARDING -> DONE once the body is no longer wanted.
@@ -21,17 +22,10 @@ it and closes the client). The states are IntEnums so that the table lookups has
 
 from __future__ import annotations
 
-import asyncio
 import enum
 
-from vmm.errors import VmmError
-from vmm.jsonlog import log
-from vmm.model import VmState
-
 from .admission import Admission, Refusal
-from .backend import VmBackend
-from .proxy_context import ProxyContext, ProxySettings, count_down
-from .upstream import UpstreamConn, connect_unix, connect_vm
+from .proxy_context import ProxySettings
 
 
 class IllegalMove(RuntimeError):
@@ -81,8 +75,6 @@ _STARTED = frozenset((_E.STREAMING, _E.ANSWERED, _E.FINISHED))
 _RECEIVED = _E.RECEIVED
 _REFUSED = _E.REFUSED
 _ADMITTED = _E.ADMITTED
-_WAITING_FOR_VM = _E.WAITING_FOR_VM
-_CONNECTING = _E.CONNECTING
 _ARRIVING = BodyState.ARRIVING
 _DISCARDING = BodyState.DISCARDING
 _DONE = BodyState.DONE
@@ -197,51 +189,6 @@ class Exchange:
 
     def where(self) -> str:
         return "the control API" if self.vm_id is None else f"port {self.port} of VM {self.vm_id}"
-
-    def vm_running(self, backend: VmBackend) -> bool:
-        """Asked again when connecting: a queued or retried request may find its VM asleep by now."""
-        if self.vm_id is None:
-            return True
-        rec = backend.lookup(self.vm_id)
-        return rec is not None and rec.state is VmState.RUNNING
-
-    async def wait_for_vm(self, ctx: ProxyContext, recheck: bool = False) -> Refusal | None:
-        """Hold until the VM has woken, within the per-VM bound; else why the edge answers instead.
-
-        `recheck`: the VM looked running but could not be reached, so its owner is asked
-        whatever this edge believes (its view may be a moment old)."""
-        s = ctx.settings
-        vm_id = self.vm_id
-        assert vm_id is not None
-        self.move(_WAITING_FOR_VM)
-        if ctx.wakes_refused:
-            return Refusal(503, f"the edge is shutting down: VM {vm_id} is not woken now", retry_after=s.retry_after)
-        held = ctx.held.get(vm_id, 0)
-        if held >= s.max_held_per_vm:
-            return Refusal(503, f"too many requests are waiting for VM {vm_id} to wake", retry_after=s.retry_after)
-        ctx.held[vm_id] = held + 1
-        ctx.metrics.held(1)
-        try:
-            await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id, recheck)), s.wake_timeout)
-        except TimeoutError:
-            log.event("proxy.wake_timeout", level="warning", vm=vm_id)
-            return Refusal(503, f"VM {vm_id} did not wake within {s.wake_timeout:g}s", retry_after=s.retry_after)
-        except VmmError as exc:
-            log.event("proxy.wake_failed", level="warning", vm=vm_id, error=str(exc))
-            retry = s.retry_after if exc.http_status == 503 else None
-            return Refusal(exc.http_status, str(exc), retry_after=retry)
-        finally:
-            count_down(ctx.held, vm_id)
-            ctx.metrics.held(-1)
-        self.move(_CONNECTING)
-        return None
-
-    async def connect(self, ctx: ProxyContext) -> UpstreamConn:
-        """A new connection to where the request goes: the VM's port, or the control API."""
-        timeout = ctx.settings.connect_timeout
-        if self.vm_id is None:
-            return await connect_unix(ctx.pool, ctx.control_socket, timeout)
-        return await connect_vm(ctx.pool, ctx.backend, self.vm_id, self.port, timeout)
 
     def body_overdue(self, s: ProxySettings, now: float, paused_for: float) -> tuple[str | None, float]:
         """Why the body being read is overdue (None: it is not), and when to check it next.

@@ -93,9 +93,12 @@ class ProxyContext:
     _wakes: dict[str, asyncio.Task[bool]] = field(default_factory=dict, init=False, repr=False)
 
     def wake(self, vm_id: str, recheck: bool = False) -> asyncio.Task[bool]:
-        """One wake per VM at a time, shared by every request held for it. `recheck` asks the
-        VM's owner even if this edge takes the VM for running (a connect to it failed); a wake
-        already under way answers that too."""
+        """One wake per VM at a time, shared by every request held for it: the one wake
+        single-flight (the VM manager only serialises its callers). Here because it is what
+        every backend needs: one call to the VM's owner per wake, in-process or over the
+        network to its host, the wake counted once in the metrics, and a wake that outlives
+        the requests that gave up on it. `recheck` asks the VM's owner even if this edge takes
+        the VM for running (a connect to it failed); a wake already under way answers that too."""
         task = self._wakes.get(vm_id)
         if task is None:
             loop = asyncio.get_running_loop()
@@ -162,10 +165,4 @@ class ProxyContext:
         for client in left:
             client.abort()
         return len(left)
-
-    def stream_opened(self, vm_id: str) -> None:
-        self.open_streams.opened(vm_id)
-
-    def stream_closed(self, vm_id: str) -> None:
-        self.open_streams.closed(vm_id)
 

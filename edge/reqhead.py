@@ -48,7 +48,8 @@ _KEEP = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
 
 
 class RequestHead:
-    """One client request's headers, collected by `add` while the parser runs."""
+    """One client request's headers, collected by `add` while the parser runs (llhttp calls it
+    for each header field), with their count and size for the connection's limits."""
 
     __slots__ = (
         "_connection",
@@ -56,15 +57,23 @@ class RequestHead:
         "authorization",
         "content_length",
         "cookie",
+        "fields",
         "forwarded_for",
         "host",
         "hosts",
         "referer",
+        "size",
         "transfer_encoding",
         "upgrade",
     )
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty, for the next request of the connection (one object serves them all)."""
+        self.size = 0  # bytes of the header fields so far, counted as they would be sent
+        self.fields = 0
         self._plain: list[bytes] = []
         self._connection: bytes | None = None
         self.host: bytes | None = None
@@ -78,6 +87,8 @@ class RequestHead:
         self.referer: bytes | None = None
 
     def add(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value) + 4
+        self.fields += 1
         kind = _KINDS.get(name.lower(), _PLAIN)
         if kind == _PLAIN:
             self._plain += (name, b": ", value, b"\r\n")
@@ -105,6 +116,14 @@ class RequestHead:
         elif kind == _TRANSFER_ENCODING:
             te = self.transfer_encoding
             self.transfer_encoding = value if te is None else te + b", " + value
+
+    def signature(self) -> tuple[object, ...]:
+        """Everything the forwarded head is made of: two heads with equal signatures are
+        admitted and rendered alike."""
+        return (
+            self.host, self.hosts, self.authorization, self.cookie, self.forwarded_for, self.content_length,
+            self.transfer_encoding, self.upgrade, self.referer, self._connection, tuple(self._plain),
+        )  # fmt: skip
 
     @property
     def chunked(self) -> bool:

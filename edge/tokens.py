@@ -162,6 +162,11 @@ class TokenService:
         token = jwt.encode(claims, self._active.signer, algorithm=self._active.alg, headers={"kid": self._active_kid})
         return token, float(exp)
 
+    def still_valid(self, grant: Grant) -> bool:
+        """A grant this service gave is still within its token's life (for a caller that keeps it,
+        as the cache here does)."""
+        return self._clock() < grant.exp
+
     def verify(self, token: str, vm_id: str) -> float:
         """The token's exp if it is valid now for `vm_id`; otherwise raises TokenError."""
         return self.grant(token, vm_id).exp

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 from httptools import HttpResponseParser
@@ -112,8 +112,10 @@ class UpstreamConn(asyncio.Protocol):
         "key",
         "owner",
         "pool",
+        "probe",
         "reading",
-        "sock",
+        "send",
+        "send_parts",
         "stale",
         "tracker",
         "transport",
@@ -121,12 +123,17 @@ class UpstreamConn(asyncio.Protocol):
     )
 
     transport: asyncio.Transport  # set by connection_made, before anyone gets the connection
+    send: Callable[[bytes], object]  # the transport's write and writelines, once connected
+    send_parts: Callable[[Iterable[bytes]], object]
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, int], generation: int = 0) -> None:
         self.pool = pool
         self.key = key
         self.generation = generation  # the VM's generation it was opened in; never reused in another
-        self.sock: socket.socket | None = None  # TCP only: asked whether it is still established
+        # TCP only: a socket object on the transport's descriptor, made once, to ask the kernel
+        # whether it is still established (the transport's own builds a new object per call,
+        # which costs a getsockname as well); detached, never closed, when the connection ends.
+        self.probe: socket.socket | None = None
         self.owner: Owner | None = None
         self.tracker = ResponseTracker()
         self.closed = False
@@ -137,9 +144,11 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.send = self.transport.write
+        self.send_parts = self.transport.writelines
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
-            self.sock = sock
+            self.probe = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
         self.pool.track(self)
 
     def data_received(self, data: bytes) -> None:
@@ -154,6 +163,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._let_go_of_probe()
         self.pool.discard(self)
         owner = self.owner
         if owner is not None:
@@ -185,15 +195,16 @@ class UpstreamConn(asyncio.Protocol):
         it carries a request: one whose guest went away (destroyed when its VM was suspended,
         or closed by the guest) may not have been reported to this process yet, and a request
         written on it could not be told apart from one the guest received."""
-        if self.closed:
+        if self.closed or self.transport.is_closing():
             return False
-        if self.sock is None:
+        probe = self.probe
+        if probe is None:
             return True
         try:
-            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+            info = probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
         except OSError:
             return False
-        return struct.unpack_from("B", info)[0] == _TCP_ESTABLISHED
+        return info[0] == _TCP_ESTABLISHED
 
     def finish(self, now: float, reusable: bool) -> None:
         """Its exchange is over: back to the shared pool at once when the response ended
@@ -209,8 +220,17 @@ class UpstreamConn(asyncio.Protocol):
         self.owner = None
         if not self.closed:
             self.closed = True
+            self._let_go_of_probe()
             self.transport.close()
         self.pool.discard(self)
+
+    def _let_go_of_probe(self) -> None:
+        """The descriptor is the transport's: detached, so that freeing the probe never closes
+        it (by then its number may belong to another connection)."""
+        probe = self.probe
+        if probe is not None:
+            self.probe = None
+            probe.detach()
 
 
 class UpstreamPool:
@@ -259,7 +279,8 @@ class UpstreamPool:
             conn.close()
             return
         conn.idle_since = now
-        conn.resume_reading()  # an idle connection must notice the peer closing it
+        if not conn.reading:
+            conn.resume_reading()  # an idle connection must notice the peer closing it
         self._idle.setdefault(vm_id, {}).setdefault(port, []).append(conn)
         self._counts[vm_id] = count + 1
         if self._sweeper is None:

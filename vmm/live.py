@@ -12,14 +12,13 @@ from .qemu import QemuProcess
 
 
 class LiveVm:
-    """Runtime companions of one VM record: its QEMU, QMP connection, lock and wake task."""
+    """Runtime companions of one VM record: its QEMU, QMP connection and lock."""
 
     def __init__(self, rec: VmRecord) -> None:
         self.rec = rec
         self.proc: QemuProcess | None = None
         self.qmp: qmp_ops.Qmp | None = None
         self.lock = asyncio.Lock()  # serialises the VM's transitions
-        self.wake: asyncio.Task[None] | None = None
         self.expect_exit = False
         self.guest_ran = False  # its QEMU was sent `cont`: the guest writes to the RAM its snapshot was loaded over
         self.agent: Agent | None = None  # disk images only

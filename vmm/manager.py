@@ -266,7 +266,13 @@ class VmManager:
         return self.records.get(vm_id).rec
 
     async def ensure_running(self, vm_id: str, explicit: bool = False) -> bool:
-        """Single-flight wake: every concurrent caller awaits the same task. True if it had to wake.
+        """Wake the VM if it is not running; True if it had to wake.
+
+        Callers at the same time are serialised by the VM's lock, and the wake looks at the
+        state again under it, so the first one wakes the VM and the others find it running.
+        Shielded: a caller that gives up never stops a restore halfway. Sharing one wake among
+        the many requests held for a VM is the data plane's single-flight
+        (`edge.proxy_context.ProxyContext.wake`), the only one.
 
         A request wakes a VM only if its policy has auto_resume; `explicit` (a resume call) always does.
         """
@@ -280,9 +286,7 @@ class VmManager:
                 f"VM {vm_id} is {vm.rec.state.value} and its policy has auto_resume=false: "
                 f"resume it explicitly (POST /v1/vms/{vm_id}/resume or `mvm vm resume {vm_id}`)"
             )
-        if vm.wake is None or vm.wake.done():
-            vm.wake = asyncio.create_task(self._wake(vm))
-        await asyncio.shield(vm.wake)
+        await asyncio.shield(self._wake(vm))
         return True
 
     async def _wake(self, vm: LiveVm) -> None:

@@ -109,7 +109,7 @@ class Transitions:
             raise
 
     async def wake(self, vm: LiveVm) -> None:
-        """Run a paused or suspended VM again (its single-flight task: vmm.manager.ensure_running)."""
+        """Run a paused or suspended VM again (under its lock: vmm.manager.ensure_running)."""
         state = vm.rec.state
         if state is VmState.RUNNING:
             return

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from edge.admission import Admission, Refusal
+from edge.connection_core import CONNECTION_MOVES, ConnectionState
 from edge.exchange import BodyState, Exchange, ExchangeState, IllegalMove
-from edge.http1 import _CONNECTION_MOVES, ConnectionState, EdgeProtocol
+from edge.http1 import EdgeProtocol
 from tests.unit.proxy_harness import VM, Edge, FakeBackend, Upstream, start_edge
 
 S = ExchangeState
@@ -96,22 +97,22 @@ def test_only_an_idempotent_request_on_a_fresh_connection_is_sent_again_once() -
 
 
 def test_a_connection_only_moves_down_its_list() -> None:
-    assert set(_CONNECTION_MOVES) == set(ConnectionState)
-    for old, moves in _CONNECTION_MOVES.items():
+    assert set(CONNECTION_MOVES) == set(ConnectionState)
+    for old, moves in CONNECTION_MOVES.items():
         assert all(new > old for new in moves), old
-    assert [old for old, moves in _CONNECTION_MOVES.items() if ConnectionState.TUNNEL in moves] == [
+    assert [old for old, moves in CONNECTION_MOVES.items() if ConnectionState.TUNNEL in moves] == [
         ConnectionState.UPGRADING
     ]
-    assert not _CONNECTION_MOVES[ConnectionState.CLOSED]
+    assert not CONNECTION_MOVES[ConnectionState.CLOSED]
 
 
 async def test_an_illegal_connection_move_is_refused(edge: Edge) -> None:
     proto = EdgeProtocol(edge.ctx, b"https")
     with pytest.raises(IllegalMove, match="OPEN -> TUNNEL"):
-        proto._move(ConnectionState.TUNNEL)
-    proto._move(ConnectionState.CLOSING)
+        proto.core.move(ConnectionState.TUNNEL)
+    proto.core.move(ConnectionState.CLOSING)
     with pytest.raises(IllegalMove, match="CLOSING -> OPEN"):
-        proto._move(ConnectionState.OPEN)
+        proto.core.move(ConnectionState.OPEN)
 
 
 async def test_a_keep_alive_connection_is_open_between_requests_and_a_tunnel_after_101(edge: Edge) -> None:
@@ -120,19 +121,19 @@ async def test_a_keep_alive_connection_is_open_between_requests_and_a_tunnel_aft
     assert (await c.get("/echo", edge.host(), {"Authorization": f"Bearer {edge.token()}"})).status == 200
     (proto,) = edge.ctx.clients
     assert isinstance(proto, EdgeProtocol)
-    assert proto._state is ConnectionState.OPEN and proto._ex is None
+    assert proto.core.state is ConnectionState.OPEN and proto.core.answering is None
     await c.send(
         f"GET /ws HTTP/1.1\r\nHost: {edge.host()}\r\n{auth}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
         "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
     )
     status, _ = await c.head()
     assert status == 101
-    assert proto._state is ConnectionState.TUNNEL
-    assert proto._ex is not None and proto._ex.state is S.STREAMING
+    assert proto.core.state is ConnectionState.TUNNEL
+    assert proto.core.answering is not None and proto.core.answering.state is S.STREAMING
     c.close()
     for _ in range(500):
-        if proto._state is ConnectionState.CLOSED:
+        if proto.core.state is ConnectionState.CLOSED:
             break
         await asyncio.sleep(0.01)
-    assert proto._state is ConnectionState.CLOSED
+    assert proto.core.state is ConnectionState.CLOSED
     assert edge.ctx.open_streams == {}
