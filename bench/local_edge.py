@@ -23,7 +23,7 @@ from pathlib import Path
 
 import uvloop
 
-from edge.hosts import HostRouter
+from edge.hostnames import HostnameRouter
 from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext, ProxySettings
@@ -91,7 +91,7 @@ async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int, port
     tokens = token_service(cfg.tokens)
     ctx = ProxyContext(
         backend=LoopbackBackend(upstream_port),
-        router=HostRouter(cfg.server.domain, cfg.server.control_host),
+        router=HostnameRouter(cfg.server.domain, cfg.server.control_host),
         tokens=tokens,
         metrics=Metrics(),
         pool=UpstreamPool(keepalive, cfg.proxy.upstream_keepalive_idle),

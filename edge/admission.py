@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from vmm.model import VmState
 
 from .backend import VmBackend
-from .hosts import HostRouter, Route
+from .hostnames import HostnameRouter, Route
 from .reqhead import RequestHead
 from .tokens import (
     Grant,
@@ -70,7 +70,7 @@ class Admitter:
     def __init__(
         self,
         backend: VmBackend,
-        router: HostRouter,
+        router: HostnameRouter,
         tokens: TokenService,
         client: bytes,
         proto: bytes,

@@ -5,7 +5,7 @@ A request's path, top to bottom:
      connection to an `edge.http1.EdgeProtocol`, the asyncio adapter of a sans-IO
      `edge.connection_core.ConnectionCore`, which parses request heads with llhttp.
      Each request becomes an `edge.exchange.Exchange`; its states name the steps below.
-  2. `edge.hosts.HostRouter` maps the Host header: the control host, `<vm-id>.<domain>`
+  2. `edge.hostnames.HostnameRouter` maps the Host header: the control host, `<vm-id>.<domain>`
      (the VM's app port) or `<port>-<vm-id>.<domain>` (a port on the VM's allow-list).
   3. Control host: the connection is spliced to the aiohttp control API (`edge.control`)
      on a unix socket; it authenticates with the admin key.
@@ -52,7 +52,7 @@ from . import memory
 from .backend import VmBackend
 from .control import build_control_app
 from .egress_proxy import EgressProxies
-from .hosts import HostRouter
+from .hostnames import HostnameRouter
 from .http1 import make_protocol_factory
 from .metrics import Metrics
 from .proxy_context import ProxyContext
@@ -209,7 +209,7 @@ def proxy_context(
     """
     return ProxyContext(
         backend=backend,
-        router=HostRouter(cfg.server.domain, cfg.server.control_host),
+        router=HostnameRouter(cfg.server.domain, cfg.server.control_host),
         tokens=tokens,
         metrics=metrics,
         pool=UpstreamPool(cfg.proxy.upstream_keepalive_per_vm, cfg.proxy.upstream_keepalive_idle),

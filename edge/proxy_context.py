@@ -11,7 +11,7 @@ from typing import Protocol
 from vmm.open_work import OpenWork, count_down
 
 from .backend import VmBackend
-from .hosts import HostRouter
+from .hostnames import HostnameRouter
 from .memory import BurstTrimmer
 from .metrics import Metrics
 from .shared_ips import SharedIpTable
@@ -75,7 +75,7 @@ class ProxyContext:
     """
 
     backend: VmBackend
-    router: HostRouter
+    router: HostnameRouter
     tokens: TokenService
     metrics: Metrics
     pool: UpstreamPool

@@ -16,7 +16,7 @@ from typing import Any
 from edge.admission import Refusal
 from edge.connection_core import ConnectionCore, Upstream
 from edge.exchange import Exchange
-from edge.hosts import HostRouter
+from edge.hostnames import HostnameRouter
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext, ProxySettings
 from edge.tokens import SigningKey, TokenService
@@ -75,7 +75,7 @@ class Play:
         self.tokens = TokenService([SigningKey("k1", "HS256", secret=SECRET)], "k1", clock=lambda: self.now)
         self.ctx = ProxyContext(
             backend=self.backend,
-            router=HostRouter(DOMAIN, CONTROL),
+            router=HostnameRouter(DOMAIN, CONTROL),
             tokens=self.tokens,
             metrics=Metrics(),
             pool=UpstreamPool(per_vm=8, idle_timeout=30.0),

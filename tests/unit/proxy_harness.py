@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from edge.hosts import HostRouter
+from edge.hostnames import HostnameRouter
 from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext, ProxySettings
@@ -262,7 +262,7 @@ async def start_edge(
     tokens = TokenService([SigningKey("k1", "HS256", secret=SECRET)], "k1", clock=lambda: clock[0])
     ctx = ProxyContext(
         backend=backend,
-        router=HostRouter(DOMAIN, CONTROL),
+        router=HostnameRouter(DOMAIN, CONTROL),
         tokens=tokens,
         metrics=Metrics(),
         pool=UpstreamPool(per_vm=8, idle_timeout=30.0),

@@ -8,7 +8,7 @@ from typing import Any
 
 from edge.admission import Admission, Refusal
 from edge.exchange import Exchange, ExchangeState
-from edge.hosts import HostRouter
+from edge.hostnames import HostnameRouter
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext, ProxySettings
 from edge.reach import reach
@@ -47,7 +47,7 @@ class Events:
 def _context(backend: FakeBackend, **settings: Any) -> ProxyContext:
     return ProxyContext(
         backend=backend,
-        router=HostRouter(DOMAIN, CONTROL),
+        router=HostnameRouter(DOMAIN, CONTROL),
         tokens=TokenService([SigningKey("k1", "HS256", secret=SECRET)], "k1"),
         metrics=Metrics(),
         pool=UpstreamPool(per_vm=8, idle_timeout=30.0),

@@ -1,11 +1,11 @@
 import pytest
 
-from edge.hosts import HostRouter, Route
+from edge.hostnames import HostnameRouter, Route
 
 
 @pytest.fixture
-def router() -> HostRouter:
-    return HostRouter("mvm.localhost", "api.mvm.localhost")
+def router() -> HostnameRouter:
+    return HostnameRouter("mvm.localhost", "api.mvm.localhost")
 
 
 @pytest.mark.parametrize(
@@ -24,7 +24,7 @@ def router() -> HostRouter:
         ("api.mvm.localhost.", Route(control=True)),
     ],
 )
-def test_routes(router: HostRouter, host: str, expected: Route) -> None:
+def test_routes(router: HostnameRouter, host: str, expected: Route) -> None:
     assert router.route(host) == expected
     assert router.route(host) == expected  # and again, from the cache
 
@@ -56,18 +56,18 @@ def test_routes(router: HostRouter, host: str, expected: Route) -> None:
         "\u212aabc123.mvm.localhost",  # Kelvin sign lowercases to "k"
     ],
 )
-def test_rejects(router: HostRouter, host: str) -> None:
+def test_rejects(router: HostnameRouter, host: str) -> None:
     assert router.route(host) is None
 
 
 def test_control_host_normalised() -> None:
-    router = HostRouter("Example.COM.", "Control.Example.com")
+    router = HostnameRouter("Example.COM.", "Control.Example.com")
     assert router.route("control.example.com") == Route(control=True)
     assert router.route("abcdef.example.com") == Route(control=False, vm_id="abcdef")
 
 
 def test_cache_is_bounded() -> None:
-    router = HostRouter("mvm.localhost", "api.mvm.localhost", cache_size=8)
+    router = HostnameRouter("mvm.localhost", "api.mvm.localhost", cache_size=8)
     for i in range(100):
         assert router.route(f"vm{i:06d}.mvm.localhost") == Route(control=False, vm_id=f"vm{i:06d}")
         router.route(f"junk{i}.example")
@@ -75,7 +75,7 @@ def test_cache_is_bounded() -> None:
     assert router.route("vm000000.mvm.localhost") == Route(control=False, vm_id="vm000000")
 
 
-def test_huge_hosts_are_not_cached(router: HostRouter) -> None:
+def test_huge_hosts_are_not_cached(router: HostnameRouter) -> None:
     host = "a" * 5000 + ".mvm.localhost"
     assert router.route(host) is None
     assert host not in router._cache

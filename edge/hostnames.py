@@ -12,7 +12,7 @@ from dataclasses import dataclass
 VM_ID_RE = r"[a-z][a-z0-9]{5,31}"
 
 _LABEL = re.compile(rf"(?:([1-9][0-9]{{0,4}})-)?({VM_ID_RE})")
-_MAX_HOST = 300  # longer than any valid name with a port; longer hosts are not cached
+_MAX_HOSTNAME = 300  # longer than any valid name with a port; longer ones are not cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +27,11 @@ class Route:
 _CONTROL = Route(control=True)
 
 
-class HostRouter:
-    """Parses host names once and caches the answer: hosts repeat on every request."""
+class HostnameRouter:
+    """Parses Host header names once and caches the answer: they repeat on every request.
+
+    "Hostname" here is always the name a client asked for; "host" in fleet/ is a VM machine.
+    """
 
     def __init__(self, domain: str, control_host: str, cache_size: int = 4096) -> None:
         self._suffix = "." + _normalise(domain)
@@ -36,26 +39,26 @@ class HostRouter:
         self._cache: dict[str, Route | None] = {}
         self._cache_size = cache_size
 
-    def route(self, host: str) -> Route | None:
-        """The route for `host`, or None when it names nothing this edge serves."""
+    def route(self, hostname: str) -> Route | None:
+        """The route for `hostname`, or None when it names nothing this edge serves."""
         try:
-            return self._cache[host]
+            return self._cache[hostname]
         except KeyError:
             pass
-        result = self._parse(host)
-        if len(host) <= _MAX_HOST:
+        result = self._parse(hostname)
+        if len(hostname) <= _MAX_HOSTNAME:
             if len(self._cache) >= self._cache_size:
                 # Evict the oldest entry: bounded memory even under random Host headers.
                 del self._cache[next(iter(self._cache))]
-            self._cache[host] = result
+            self._cache[hostname] = result
         return result
 
-    def _parse(self, host: str) -> Route | None:
-        if not host.isascii() or host.startswith("["):
+    def _parse(self, hostname: str) -> Route | None:
+        if not hostname.isascii() or hostname.startswith("["):
             return None  # IDN tricks (e.g. the Kelvin sign lowercases to "k") and IP literals
-        name, colon, port = host.rpartition(":")
+        name, colon, port = hostname.rpartition(":")
         if not colon:
-            name = host
+            name = hostname
         elif port and not port.isdigit():
             return None
         name = _normalise(name)
