@@ -107,14 +107,27 @@ async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
 
 
 def _other_test_runs() -> bool:
-    """Whether another pytest runs on this machine: namespaces it made during this test are not ours."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        if cmdline.parent.name == str(os.getpid()):
-            continue
-        with contextlib.suppress(OSError):
-            if b"pytest" in cmdline.read_bytes():
-                return True
-    return False
+    """Whether another pytest runs on this machine: namespaces it made during this test are not ours.
+
+    This run's own ancestors (a `timeout ... pytest` wrapper) and descendants do not count.
+    """
+    parents: dict[int, int] = {}
+    pytests: list[int] = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if b"pytest" in (proc / "cmdline").read_bytes():
+                pytests.append(int(proc.name))
+
+    def line(pid: int) -> set[int]:
+        seen = set()
+        while pid > 1 and pid not in seen:
+            seen.add(pid)
+            pid = parents.get(pid, 0)
+        return seen
+
+    mine = line(os.getpid())
+    return any(pid not in mine and os.getpid() not in line(pid) for pid in pytests)
 
 
 def _in_use(namespace: str) -> bool:
