@@ -158,7 +158,8 @@ async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> st
             raise OSError("the data port's answer line is too long")
 
 
-async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+async def wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until `sock` has something to read, for reads the loop has no coroutine for (a peek, SCM_RIGHTS)."""
     ready: asyncio.Future[None] = loop.create_future()
 
     def readable() -> None:
@@ -170,6 +171,10 @@ async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
         await ready
     finally:
         loop.remove_reader(sock.fileno())
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    await wait_readable(loop, sock)
     data = sock.recv(MAX_LINE, socket.MSG_PEEK)
     if not data:
         raise OSError("the data port closed the connection")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from vmm.jsonlog import log
 
+from .data_port import wait_readable
+
 ANSWER_MAX = 512
 REQUEST_MAX = 128
 MAX_TIMEOUT = 60.0  # seconds: a worker cannot make the host hold a connect longer than this
@@ -120,7 +122,7 @@ async def ask(path: Path, vm_id: str, port: int, timeout: float) -> socket.socke
         async with asyncio.timeout(timeout + 1.0):
             await loop.sock_connect(conn, str(path))
             await loop.sock_sendall(conn, f"{vm_id} {port} {round(timeout * 1000)}\n".encode())
-            await _readable(loop, conn)
+            await wait_readable(loop, conn)
         answer, fds, _, _ = socket.recv_fds(conn, ANSWER_MAX, 1)
     if answer == b"+" and len(fds) == 1:
         upstream = socket.socket(fileno=fds[0])
@@ -152,20 +154,6 @@ async def _read_line(conn: socket.socket) -> bytes:
             raise ValueError("a request line longer than allowed, or none")
         data += chunk
     return data
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(conn.fileno(), wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(conn.fileno())
 
 
 def _send(conn: socket.socket, answer: bytes, fd: int | None = None) -> None:
