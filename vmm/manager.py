@@ -44,6 +44,7 @@ from .errors import (
 )
 from .hooks import HookOutcome, Hooks, call_http, check_payload
 from .image import Image, list_images, remove_image
+from .jail import Jailer
 from .jsonlog import log
 from .model import RamMode, Template, VmRecord, VmState
 from .open_work import OpenWork
@@ -52,13 +53,11 @@ from .qemu import (
     AGENT_SOCKET,
     APP_CONSOLE,
     APP_LOG,
-    QEMU_LOG,
     QMP_SOCKET,
     SERIAL_LOG,
     DiskBacking,
     QemuProcess,
     RamBacking,
-    build_argv,
     describe_exit,
     kill_pid,
     qemus_by_name,
@@ -112,6 +111,7 @@ class VmManager:
         self._given_lock = lock_fd  # the state directory's lock, taken by `mvm serve` before it started us
         self.egress = egress  # serves each running VM's egress proxy (the edge's); None: guests have none
         self.accel = accel_mod.choose(settings.accelerator)
+        self.jail = Jailer(settings)  # every QEMU confined and limited (vmm/jail.py, vmm/cgroups.py)
         self.listeners: list[Callable[[VmRecord], None]] = []
         self.open_work = OpenWork()  # what keeps each VM awake: counted here, or reported by edge workers
         self._vms: dict[str, _Vm] = {}
@@ -131,6 +131,7 @@ class VmManager:
         """Open the registry and take back every VM an earlier manager left behind."""
         self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
+        self.jail.start()
         self._registry = Registry(self.settings.registry_path)
         running = qemus_by_name()
         for rec in self._registry.load_all():
@@ -169,6 +170,7 @@ class VmManager:
             if vm.proc is not None:
                 vm.proc.close()
         self._flush_activity()
+        self.jail.close()
         if self._registry is not None:
             self._registry.close()
         if self._lock_fd is not None:
@@ -759,9 +761,8 @@ class VmManager:
         sock = vm_dir / QMP_SOCKET
         sock.unlink(missing_ok=True)
         disk = DiskBacking(vm_dir / OVERLAY, "qcow2") if spec.has_disk else None
-        argv = build_argv(self.settings.qemu_binary, spec, ram, disk, vm_dir, incoming=True, console_socket=True)
         vm.expect_exit = vm.guest_ran = False
-        proc = QemuProcess.spawn(argv, vm_id, vm_dir / QEMU_LOG, on_exit=lambda p, st: self._on_exit(vm, p, st))
+        proc = await self.jail.spawn_vm(vm.rec, tpl, spec, ram, disk, vm_dir, lambda p, st: self._on_exit(vm, p, st))
         vm.proc = proc
         try:
             if self._registry is not None:
@@ -811,6 +812,7 @@ class VmManager:
             ("end every other QEMU", lambda: self._kill_strays(vm_id, None, qemus_by_name().get(f"mvm-{vm_id}", []))),
             ("stop the egress proxy", lambda: self._close_egress(vm_id)),
             ("delete the namespace", lambda: netns.delete(vm_id)),
+            ("release its uid and cgroup", lambda: self.jail.release(vm_id, self.vm_dir(vm_id))),
         )
         for what, step in steps:
             try:
@@ -839,6 +841,7 @@ class VmManager:
                 await netns.cut_guest(vm.rec.id)
             vm_dir = self.vm_dir(vm.rec.id)
             reason = f"{describe_exit(status)}{self._qemu_log_tail(vm.rec.id)}{guest_log_tail(vm_dir, 3)}"
+            reason = self.jail.oom_reason(vm.rec.id) or reason
             self._record(vm, VmState.FAILED, reason=reason)
         log.event("vm.failed", level="error", vm=vm.rec.id, reason=reason)
 

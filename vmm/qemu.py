@@ -12,12 +12,14 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import netns
 from .accel import Accelerator
+from .confine import Confinement
 from .errors import VmmError
 
 QMP_SOCKET = "qmp.sock"
@@ -26,6 +28,8 @@ APP_LOG = "app.log"  # the app's stdout and stderr, through the guest init's vir
 APP_CONSOLE = "app.sock"  # that console's chardev: the manager reads it into app.log (vmm/console.py)
 QEMU_LOG = "qemu.log"  # QEMU's own stderr
 AGENT_SOCKET = "agent.sock"  # the guest agent's channel (disk images)
+# QEMU's own seccomp filter, every deny option on (a jailed QEMU has dropped its privileges already).
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 @dataclass(frozen=True)
 class MachineSpec:
@@ -65,12 +69,16 @@ def build_argv(
     run_dir: Path,
     incoming: bool,
     console_socket: bool = False,
+    tap_fd: int | None = None,
+    sandbox: bool = False,
 ) -> list[str]:
     """The QEMU command line, run inside the VM's network namespace via `ip netns exec`.
 
     `run_dir` holds the QMP socket, the console log (serial.log) and the app's log (app.log).
     With `console_socket` the app's console is a socket the manager reads (app.sock, see
     vmm/console.py); else QEMU appends it to app.log itself (a template's boot).
+    `tap_fd`: the VM's tap, opened by the manager (a jailed QEMU cannot open /dev/net/tun);
+    `sandbox`: QEMU's seccomp filter with every deny option.
     The device set must be the same at a boot and at every restore of its snapshot.
     """
     if spec.has_disk != (disk is not None):
@@ -93,7 +101,8 @@ def build_argv(
         # append=on: a restore must not truncate the log of the boot it continues.
         "-chardev", f"file,id=ser0,path={run_dir / SERIAL_LOG},append=on",
         "-serial", "chardev:ser0",
-        "-netdev", f"tap,id=n0,ifname={netns.TAP},script=no,downscript=no",
+        "-netdev", (f"tap,id=n0,fd={tap_fd}" if tap_fd is not None
+                    else f"tap,id=n0,ifname={netns.TAP},script=no,downscript=no"),
         "-device", f"virtio-net-device,netdev=n0,mac={netns.GUEST_MAC}",
         "-qmp", f"unix:{run_dir / QMP_SOCKET},server=on,wait=off",
     ]  # fmt: skip
@@ -111,14 +120,22 @@ def build_argv(
         ]  # fmt: skip
     if incoming:
         argv += ["-incoming", "defer"]
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
     return argv
 
 
 class QemuProcess:
     """A running QEMU, spawned here or re-adopted after a manager restart."""
 
-    def __init__(self, pid: int, on_exit: Callable[[QemuProcess, int | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        on_exit: Callable[[QemuProcess, int | None], None] | None = None,
+        popen: subprocess.Popen[bytes] | None = None,
+    ) -> None:
         self.pid = pid
+        self._popen = popen  # a confined spawn: its exit status is collected through it
         self.start_ticks = start_ticks(pid)
         self.exit_status: int | None = None
         self.exited = asyncio.Event()
@@ -133,8 +150,15 @@ class QemuProcess:
         vm_id: str,
         log_path: Path,
         on_exit: Callable[[QemuProcess, int | None], None] | None = None,
+        confinement: Confinement | None = None,
     ) -> QemuProcess:
-        """Start QEMU in the VM's namespace, in a new session, stderr to the VM's log."""
+        """Start QEMU in the VM's namespace, in a new session, stderr to the VM's log.
+
+        With a `confinement` (vmm/jail.py) the child enters the namespace, its cgroups and its
+        jail itself before the exec; without one, `ip netns exec` runs QEMU as this process's user.
+        """
+        if confinement is not None:
+            return cls._spawn_confined(argv, log_path, on_exit, confinement)
         ip = shutil.which("ip") or "/usr/sbin/ip"
         full = [ip, "netns", "exec", netns.ns_name(vm_id), *argv]
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -155,6 +179,32 @@ class QemuProcess:
         return cls(pid, on_exit)
 
     @classmethod
+    def _spawn_confined(
+        cls,
+        argv: list[str],
+        log_path: Path,
+        on_exit: Callable[[QemuProcess, int | None], None] | None,
+        confinement: Confinement,
+    ) -> QemuProcess:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+                start_new_session=True,
+                pass_fds=confinement.pass_fds,
+                preexec_fn=confinement.preexec,
+                env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise VmmError(f"could not start QEMU in its jail: {_last_line(log_path) or exc}") from exc
+        finally:
+            os.close(fd)
+        return cls(popen.pid, on_exit, popen)
+
+    @classmethod
     def adopt(
         cls, pid: int, vm_name: str, on_exit: Callable[[QemuProcess, int | None], None] | None = None
     ) -> QemuProcess | None:
@@ -171,9 +221,12 @@ class QemuProcess:
 
     def _reap(self) -> None:
         status: int | None = None
-        with contextlib.suppress(ChildProcessError):
-            _, raw = os.waitpid(self.pid, os.WNOHANG)
-            status = os.waitstatus_to_exitcode(raw)
+        if self._popen is not None:
+            status = self._popen.wait()  # it has ended (its pidfd is readable): no wait
+        else:
+            with contextlib.suppress(ChildProcessError):
+                _, raw = os.waitpid(self.pid, os.WNOHANG)
+                status = os.waitstatus_to_exitcode(raw)
         self.exit_status = status
         self.close()
         self.exited.set()
@@ -240,6 +293,14 @@ async def kill_pid(pid: int, timeout: float = 5.0) -> None:
         await proc.kill(timeout)
     finally:
         proc.close()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def describe_exit(status: int | None) -> str:
