@@ -31,7 +31,7 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 SYS_PIVOT_ROOT = 155  # x86_64
 CAP_LAST = 63  # dropping past the kernel's last capability fails harmlessly (EINVAL)
-PROC_OPTIONS = b"hidepid=invisible,subset=pid"  # its own /proc/self only: the template RAM's fd is reached there
+PROC_OPTIONS = b"hidepid=invisible,subset=pid"  # its own processes only (QEMU reads /proc/self/exe, maps)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -66,6 +66,7 @@ class Confinement:
     cgroup_procs: tuple[bytes, ...] = ()
     jail: Jail | None = None
     pass_fds: tuple[int, ...] = field(default_factory=tuple)
+    env: tuple[tuple[str, str], ...] = ()  # added to QEMU's environment
 
     def preexec(self) -> None:
         """In the child; a failure is written to its stderr (the VM's qemu.log) and ends it."""

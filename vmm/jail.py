@@ -8,8 +8,9 @@ read-only template files it maps. No other VM's files, no registry, config, TLS 
 keys. The tap is opened here and handed over as a descriptor; /dev/kvm is there only under KVM.
 
 QEMU 7.2 opens a private (copy-on-write) RAM file read-write, which would let one clone write
-into the template RAM every other clone maps. Clones therefore map a sealed memfd copy of the
-template RAM instead (F_SEAL_WRITE: writes fail, private mappings still work), one per template.
+into the template RAM every other clone maps. The template's files stay root's, read-only and
+mounted read-only; a launched clone's QEMU gets vmm/native/private_ram.c preloaded, which opens
+that one file read-only (what QEMU 8.1 does by itself), built once per boot with the host's cc.
 
 The uid a VM has is recorded as its directory's owner and in a host-wide lease file
 (`lease_dir/<uid>`, naming the directory), so a restarted manager, or one of another state
@@ -18,13 +19,13 @@ directory, never hands it to another VM; a moved-in VM gets one of this host's u
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import fcntl
 import grp
+import hashlib
 import os
 import pwd
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,7 +41,8 @@ from .settings import JailSettings, VmmSettings
 
 DEVICES = ("null", "zero", "random", "urandom")
 LEASE_GRACE = 60.0  # a lease younger than this is never taken for stale (its directory may not be chowned yet)
-_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+SHIM_SOURCE = Path(__file__).parent / "native" / "private_ram.c"
+SHIM_IN_JAIL = "/mvm/private-ram.so"
 
 
 class UidLeases:
@@ -109,57 +111,26 @@ class UidLeases:
             return True
 
 
-class TemplateRam:
-    """One sealed memfd copy of each template's RAM, shared by every clone's private mapping."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, tuple[tuple[int, int, int], int]] = {}
-
-    async def fd(self, path: Path) -> int:
-        key = path.resolve()
-        st = key.stat()
-        ident = (st.st_dev, st.st_ino, st.st_mtime_ns)
-        cached = self._fds.get(key)
-        if cached is not None and cached[0] == ident:
-            return cached[1]
-        for stale in [p for p in self._fds if p == key or not p.exists()]:
-            os.close(self._fds.pop(stale)[1])
-        fd = await asyncio.to_thread(_sealed_copy, key)
-        self._fds[key] = (ident, fd)
-        return fd
-
-    def close(self) -> None:
-        for _, fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _sealed_copy(path: Path) -> int:
-    """A memfd holding `path`'s bytes (its holes stay holes), sealed against every write."""
-    fd = os.memfd_create(f"template-ram:{path.parent.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        with open(path, "rb") as src:
-            size = os.fstat(src.fileno()).st_size
-            os.ftruncate(fd, size)
-            offset = 0
-            while offset < size:
-                try:
-                    start = os.lseek(src.fileno(), offset, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole is left
-                    break
-                end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
-                os.lseek(fd, start, os.SEEK_SET)
-                while start < end:
-                    sent = os.sendfile(fd, src.fileno(), start, end - start)
-                    if sent == 0:
-                        raise VmmError(f"{path} shrank while it was copied")
-                    start += sent
-                offset = end
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def build_shim(directory: Path) -> Path:
+    """vmm/native/private_ram.c as a shared object in `directory` (built once per source version)."""
+    source = SHIM_SOURCE.read_bytes()
+    target = directory / f"private-ram-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise VmmError("jail.enabled needs a C compiler (cc) to build its QEMU 7.2 shim: apt-get install gcc libc6-dev")
+    done = subprocess.run(
+        [cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(SHIM_SOURCE), "-ldl"], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise VmmError(f"building {SHIM_SOURCE.name} failed: {done.stderr.strip().splitlines()[-1:]}")
+    os.chmod(tmp, 0o644)
+    tmp.rename(target)
+    return target
 
 
 def check_setup(settings: VmmSettings, state_dir_check: bool = True) -> Cgroups | None:
@@ -201,7 +172,7 @@ class Jailer:
         self.settings = settings
         self.jail = settings.jail
         self.leases = UidLeases(settings.jail)
-        self.template_ram = TemplateRam()
+        self.shim: Path | None = None
         self.cgroups: Cgroups | None = None
         self._uids: dict[str, int] = {}  # group -> the uid its last QEMU got here
 
@@ -211,13 +182,11 @@ class Jailer:
         if self.jail.enabled:
             self.jail.root_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
             self.jail.lease_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.shim = build_shim(self.jail.root_dir.parent)
         if self.cgroups is not None:
             self.cgroups.setup(self.jail.host_cpu_weight, os.getpid() if join_host else None)
         log.event("jail.ready", jailed=self.jail.enabled, cgroups=self.cgroups.version if self.cgroups else None,
                   uids=f"{self.jail.uid_start}+{self.jail.uid_count}")  # fmt: skip
-
-    def close(self) -> None:
-        self.template_ram.close()
 
     def limits(self, vcpus: int, memory_mb: int, cpu_share: float = 1.0) -> Limits:
         j = self.jail
@@ -248,21 +217,20 @@ class Jailer:
         try:
             qemu_files = _qemu_files(run_dir, spec, ram, disk, console_socket)
             jail: Jail | None = None
+            env: dict[str, str] = {}
             if self.jail.enabled:
                 assert tap_fd is not None
                 pass_fds.append(tap_fd)
-                if not ram.share:
-                    memfd = await self.template_ram.fd(ram.path)
-                    pass_fds.append(memfd)
-                    ram = RamBacking(Path(f"/proc/self/fd/{memfd}"), share=False)
+                if not ram.share:  # the template's RAM, mapped copy-on-write: opened read-only
+                    env = {"LD_PRELOAD": SHIM_IN_JAIL, "MVM_PRIVATE_RAM": str(ram.path)}
                 uid = self._uids[group] = self.leases.claim(run_dir.absolute())
                 _own(run_dir, uid, qemu_files)
-                jail = self._jail_for(uid, run_dir, read_only, spec.accel.name == "kvm")
+                jail = self._jail_for(uid, run_dir, read_only, spec.accel.name == "kvm", bool(env))
             argv = build_argv(binary, spec, ram, disk, run_dir, incoming, console_socket, tap_fd, self.jail.enabled)
             procs = self.cgroups.prepare(group, limits) if self.cgroups is not None else []
             confinement = Confinement(
                 str(netns.NETNS_DIR / netns.ns_name(ns_id)).encode(),
-                tuple(str(p).encode() for p in procs), jail, tuple(pass_fds),
+                tuple(str(p).encode() for p in procs), jail, tuple(pass_fds), tuple(env.items()),
             )  # fmt: skip
             proc = QemuProcess.spawn(argv, ns_id, run_dir / QEMU_LOG, on_exit, confinement)
         finally:
@@ -272,8 +240,11 @@ class Jailer:
                   memory_mb=limits.memory_mb, cpu_quota_us=limits.cpu_quota_us)  # fmt: skip
         return proc
 
-    def _jail_for(self, uid: int, run_dir: Path, read_only: Iterable[Path], kvm: bool) -> Jail:
+    def _jail_for(self, uid: int, run_dir: Path, read_only: Iterable[Path], kvm: bool, shim: bool) -> Jail:
         binds = [Bind(b"/usr", b"/usr", MS_RDONLY | MS_NODEV)]
+        if shim:
+            assert self.shim is not None
+            binds.append(Bind(str(self.shim).encode(), SHIM_IN_JAIL.encode(), MS_RDONLY | MS_NODEV, is_file=True))
         symlinks = []
         for top in ("bin", "lib", "lib64", "sbin"):
             if os.path.islink(f"/{top}"):
@@ -283,8 +254,9 @@ class Jailer:
         for device in (*DEVICES, *(("kvm",) if kvm else ())):
             binds.append(Bind(f"/dev/{device}".encode(), f"/dev/{device}".encode(), MS_NOEXEC, is_file=True))
         binds.append(Bind(_real(run_dir), _abs(run_dir), MS_NODEV | MS_NOEXEC))
-        for path in read_only:
-            binds.append(Bind(_real(path), _abs(path), MS_RDONLY | MS_NODEV | MS_NOEXEC))
+        for path in read_only:  # at the path QEMU is given and at the real one (a qcow2 names its backing file so)
+            for target in dict.fromkeys((_abs(path), _real(path))):
+                binds.append(Bind(_real(path), target, MS_RDONLY | MS_NODEV | MS_NOEXEC))
         binds.sort(key=lambda b: b.target.count(b"/"))
         return Jail(uid, uid, str(self.jail.root_dir.absolute()).encode(), tuple(binds), tuple(symlinks),
                     os.getcwd().encode())  # fmt: skip

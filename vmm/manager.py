@@ -170,7 +170,6 @@ class VmManager:
             if vm.proc is not None:
                 vm.proc.close()
         self._flush_activity()
-        self.jail.close()
         if self._registry is not None:
             self._registry.close()
         if self._lock_fd is not None:

@@ -196,7 +196,7 @@ class QemuProcess:
                 start_new_session=True,
                 pass_fds=confinement.pass_fds,
                 preexec_fn=confinement.preexec,
-                env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+                env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **dict(confinement.env)},
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise VmmError(f"could not start QEMU in its jail: {_last_line(log_path) or exc}") from exc

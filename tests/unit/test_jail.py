@@ -1,7 +1,9 @@
-"""The jail's parts that need no QEMU: uid leases, the sealed template RAM copy, file ownership,
+"""The jail's parts that need no QEMU: uid leases, the QEMU 7.2 shim, file ownership,
 and the start-up checks that refuse a bad host set-up with one line."""
 
 import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 from vmm import jail
 from vmm.accel import Accelerator
 from vmm.errors import VmmError
-from vmm.jail import UidLeases, _own, _qemu_files, _sealed_copy, check_setup
+from vmm.jail import UidLeases, _own, _qemu_files, check_setup
 from vmm.qemu import MachineSpec, RamBacking
 from vmm.settings import JailSettings, VmmSettings
 
@@ -73,23 +75,22 @@ def test_a_stale_lease_is_taken_over_only_after_its_grace(tmp_path: Path) -> Non
     assert leases.claim(fresh) == uid
 
 
-def test_template_ram_copy_is_sparse_equal_and_sealed(tmp_path: Path) -> None:
-    ram = tmp_path / "ram"
-    with open(ram, "wb") as f:
-        f.truncate(8 << 20)
-        f.seek(3 << 20)
-        f.write(b"guest" * 1000)
-    fd = _sealed_copy(ram)
-    try:
-        assert os.fstat(fd).st_size == 8 << 20
-        assert os.pread(fd, 5000, 3 << 20) == b"guest" * 1000
-        assert os.pread(fd, 16, 0) == bytes(16)
-        with pytest.raises(PermissionError):
-            os.pwrite(fd, b"x", 0)  # F_SEAL_WRITE: no clone can write into what every clone maps
-        with pytest.raises(PermissionError):
-            os.ftruncate(fd, 1)
-    finally:
-        os.close(fd)
+def test_the_shim_opens_only_the_named_ram_file_read_only(tmp_path: Path) -> None:
+    shim = jail.build_shim(tmp_path / "lib")
+    assert jail.build_shim(tmp_path / "lib") == shim  # built once per source version
+    ram, other = tmp_path / "ram", tmp_path / "other"
+    ram.write_bytes(b"template")
+    other.write_bytes(b"other")
+    probe = (
+        "import fcntl, os, sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    fd = os.open(path, os.O_RDWR)\n"
+        "    print(os.path.basename(path), fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)\n"
+    )
+    env = {**os.environ, "LD_PRELOAD": str(shim), "MVM_PRIVATE_RAM": str(ram)}
+    done = subprocess.run([sys.executable, "-c", probe, str(ram), str(other)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ram", str(os.O_RDONLY), "other", str(os.O_RDWR)]
 
 
 def test_qemu_owns_only_what_it_opens(tmp_path: Path) -> None:
