@@ -56,6 +56,7 @@ class Jail:
     binds: tuple[Bind, ...]
     symlinks: tuple[tuple[bytes, bytes], ...]  # (name in the jail's root, target)
     cwd: bytes  # QEMU's argv uses paths relative to the manager's working directory: it exists in the jail too
+    groups: tuple[int, ...] = ()  # supplementary groups: only the kvm group, under KVM (/dev/kvm is root:kvm 0660)
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,9 @@ def _build_root(jail: Jail) -> None:
 
 
 def _drop_privileges(jail: Jail) -> None:
-    """No supplementary groups, its own gid and uid (which clears every capability), no way back."""
-    os.setgroups([])
+    """No supplementary groups (but kvm's under KVM), its own gid and uid (which clears every capability),
+    no way back."""
+    os.setgroups(list(jail.groups))
     os.setresgid(jail.gid, jail.gid, jail.gid)
     for cap in range(CAP_LAST + 1):
         _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)

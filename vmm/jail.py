@@ -165,6 +165,17 @@ def check_setup(settings: VmmSettings, state_dir_check: bool = True) -> Cgroups 
     return found
 
 
+def join_host_group(settings: JailSettings) -> None:
+    """This process (and the children it starts from now on) into the host's CPU group, if limits are on.
+
+    A host that cannot is refused by its own manager's start with the reason; nothing to say twice here.
+    """
+    found = cgroups.detect(settings.cgroup_name) if settings.limits else None
+    if found is not None:
+        with contextlib.suppress(VmmError):
+            found.setup(settings.host_cpu_weight, os.getpid())
+
+
 class Jailer:
     """Spawns every QEMU of a manager (or a template boot) confined and limited, and frees what it leased."""
 
@@ -258,8 +269,9 @@ class Jailer:
             for target in dict.fromkeys((_abs(path), _real(path))):
                 binds.append(Bind(_real(path), target, MS_RDONLY | MS_NODEV | MS_NOEXEC))
         binds.sort(key=lambda b: b.target.count(b"/"))
+        groups = (grp.getgrnam("kvm").gr_gid,) if kvm else ()
         return Jail(uid, uid, str(self.jail.root_dir.absolute()).encode(), tuple(binds), tuple(symlinks),
-                    os.getcwd().encode())  # fmt: skip
+                    os.getcwd().encode(), groups)  # fmt: skip
 
     def oom_reason(self, group: str) -> str | None:
         """"out of memory: cgroup limit N MiB" if the kernel ended the group's QEMU for its memory limit."""
