@@ -10,7 +10,8 @@ keys. The tap is opened here and handed over as a descriptor; /dev/kvm is there 
 QEMU 7.2 opens a private (copy-on-write) RAM file read-write, which would let one clone write
 into the template RAM every other clone maps. The template's files stay root's, read-only and
 mounted read-only; a launched clone's QEMU gets vmm/native/private_ram.c preloaded, which opens
-that one file read-only (what QEMU 8.1 does by itself), built once per boot with the host's cc.
+that one file read-only (what QEMU 8.1 does by itself). It and the spawn helper
+(vmm/native/jail_exec.c) are built once per boot with the host's cc.
 
 The uid a VM has is recorded as its directory's owner and in a host-wide lease file
 (`lease_dir/<uid>`, naming the directory), so a restarted manager, or one of another state
@@ -41,7 +42,7 @@ from .settings import JailSettings, VmmSettings
 
 DEVICES = ("null", "zero", "random", "urandom")
 LEASE_GRACE = 60.0  # a lease younger than this is never taken for stale (its directory may not be chowned yet)
-SHIM_SOURCE = Path(__file__).parent / "native" / "private_ram.c"
+NATIVE = Path(__file__).parent / "native"
 SHIM_IN_JAIL = "/mvm/private-ram.so"
 
 
@@ -111,24 +112,26 @@ class UidLeases:
             return True
 
 
-def build_shim(directory: Path) -> Path:
-    """vmm/native/private_ram.c as a shared object in `directory` (built once per source version)."""
-    source = SHIM_SOURCE.read_bytes()
-    target = directory / f"private-ram-{hashlib.sha256(source).hexdigest()[:16]}.so"
+def build_native(source: str, directory: Path, shared: bool) -> Path:
+    """vmm/native/`source` built with the host's cc into `directory` (once per source version)."""
+    text = (NATIVE / source).read_bytes()
+    suffix = ".so" if shared else ""
+    target = directory / f"{Path(source).stem}-{hashlib.sha256(text).hexdigest()[:16]}{suffix}"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    tmp = directory / f".{target.name}.{os.getpid()}.tmp"
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise VmmError("jail.enabled needs a C compiler (cc) to build its QEMU 7.2 shim: apt-get install gcc libc6-dev")
+        raise VmmError("jail.enabled needs a C compiler (cc) to build its helpers: apt-get install gcc libc6-dev")
+    flags = ["-shared", "-fPIC"] if shared else []
     done = subprocess.run(
-        [cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(SHIM_SOURCE), "-ldl"], capture_output=True, text=True
+        [cc, *flags, "-O2", "-Wall", "-o", str(tmp), str(NATIVE / source), "-ldl"], capture_output=True, text=True
     )
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise VmmError(f"building {SHIM_SOURCE.name} failed: {done.stderr.strip().splitlines()[-1:]}")
-    os.chmod(tmp, 0o644)
+        raise VmmError(f"building vmm/native/{source} failed: {' '.join(done.stderr.split())[-300:]}")
+    os.chmod(tmp, 0o755)
     tmp.rename(target)
     return target
 
@@ -184,6 +187,7 @@ class Jailer:
         self.jail = settings.jail
         self.leases = UidLeases(settings.jail)
         self.shim: Path | None = None
+        self.helper: Path | None = None
         self.cgroups: Cgroups | None = None
         self._uids: dict[str, int] = {}  # group -> the uid its last QEMU got here
 
@@ -193,7 +197,10 @@ class Jailer:
         if self.jail.enabled:
             self.jail.root_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
             self.jail.lease_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.shim = build_shim(self.jail.root_dir.parent)
+        if self.jail.enabled or self.jail.limits:
+            self.helper = build_native("jail_exec.c", self.jail.root_dir.parent, shared=False)
+        if self.jail.enabled:
+            self.shim = build_native("private_ram.c", self.jail.root_dir.parent, shared=True)
         if self.cgroups is not None:
             self.cgroups.setup(self.jail.host_cpu_weight, os.getpid() if join_host else None)
         log.event("jail.ready", jailed=self.jail.enabled, cgroups=self.cgroups.version if self.cgroups else None,
@@ -223,7 +230,7 @@ class Jailer:
         if not self.jail.enabled and self.cgroups is None:
             argv = build_argv(binary, spec, ram, disk, run_dir, incoming, console_socket)
             return QemuProcess.spawn(argv, ns_id, run_dir / QEMU_LOG, on_exit)
-        pass_fds: list[int] = []
+        keep_fds: list[int] = []
         tap_fd = await netns.open_tap(ns_id) if self.jail.enabled else None
         try:
             qemu_files = _qemu_files(run_dir, spec, ram, disk, console_socket)
@@ -231,7 +238,7 @@ class Jailer:
             env: dict[str, str] = {}
             if self.jail.enabled:
                 assert tap_fd is not None
-                pass_fds.append(tap_fd)
+                keep_fds.append(tap_fd)
                 if not ram.share:  # the template's RAM, mapped copy-on-write: opened read-only
                     env = {"LD_PRELOAD": SHIM_IN_JAIL, "MVM_PRIVATE_RAM": str(ram.path)}
                 uid = self._uids[group] = self.leases.claim(run_dir.absolute())
@@ -240,10 +247,11 @@ class Jailer:
             argv = build_argv(binary, spec, ram, disk, run_dir, incoming, console_socket, tap_fd, self.jail.enabled)
             procs = self.cgroups.prepare(group, limits) if self.cgroups is not None else []
             confinement = Confinement(
-                str(netns.NETNS_DIR / netns.ns_name(ns_id)).encode(),
-                tuple(str(p).encode() for p in procs), jail, tuple(pass_fds), tuple(env.items()),
+                str(netns.NETNS_DIR / netns.ns_name(ns_id)), tuple(map(str, procs)), jail, tuple(keep_fds),
+                tuple(env.items()),
             )  # fmt: skip
-            proc = QemuProcess.spawn(argv, ns_id, run_dir / QEMU_LOG, on_exit, confinement)
+            assert self.helper is not None
+            proc = QemuProcess.spawn(argv, ns_id, run_dir / QEMU_LOG, on_exit, (confinement, self.helper))
         finally:
             if tap_fd is not None:
                 os.close(tap_fd)
@@ -252,26 +260,25 @@ class Jailer:
         return proc
 
     def _jail_for(self, uid: int, run_dir: Path, read_only: Iterable[Path], kvm: bool, shim: bool) -> Jail:
-        binds = [Bind(b"/usr", b"/usr", MS_RDONLY | MS_NODEV)]
+        binds = [Bind("/usr", "/usr", MS_RDONLY | MS_NODEV)]
         if shim:
             assert self.shim is not None
-            binds.append(Bind(str(self.shim).encode(), SHIM_IN_JAIL.encode(), MS_RDONLY | MS_NODEV, is_file=True))
+            binds.append(Bind(str(self.shim), SHIM_IN_JAIL, MS_RDONLY | MS_NODEV, is_file=True))
         symlinks = []
         for top in ("bin", "lib", "lib64", "sbin"):
             if os.path.islink(f"/{top}"):
-                symlinks.append((top.encode(), os.readlink(f"/{top}").encode()))
+                symlinks.append((top, os.readlink(f"/{top}")))
             elif os.path.isdir(f"/{top}"):
-                binds.append(Bind(f"/{top}".encode(), f"/{top}".encode(), MS_RDONLY | MS_NODEV))
+                binds.append(Bind(f"/{top}", f"/{top}", MS_RDONLY | MS_NODEV))
         for device in (*DEVICES, *(("kvm",) if kvm else ())):
-            binds.append(Bind(f"/dev/{device}".encode(), f"/dev/{device}".encode(), MS_NOEXEC, is_file=True))
+            binds.append(Bind(f"/dev/{device}", f"/dev/{device}", MS_NOEXEC, is_file=True))
         binds.append(Bind(_real(run_dir), _abs(run_dir), MS_NODEV | MS_NOEXEC))
         for path in read_only:  # at the path QEMU is given and at the real one (a qcow2 names its backing file so)
             for target in dict.fromkeys((_abs(path), _real(path))):
                 binds.append(Bind(_real(path), target, MS_RDONLY | MS_NODEV | MS_NOEXEC))
-        binds.sort(key=lambda b: b.target.count(b"/"))
+        binds.sort(key=lambda b: b.target.count("/"))
         groups = (grp.getgrnam("kvm").gr_gid,) if kvm else ()
-        return Jail(uid, uid, str(self.jail.root_dir.absolute()).encode(), tuple(binds), tuple(symlinks),
-                    os.getcwd().encode(), groups)  # fmt: skip
+        return Jail(uid, uid, str(self.jail.root_dir.absolute()), tuple(binds), tuple(symlinks), os.getcwd(), groups)
 
     def oom_reason(self, group: str) -> str | None:
         """"out of memory: cgroup limit N MiB" if the kernel ended the group's QEMU for its memory limit."""
@@ -323,9 +330,9 @@ def _own(run_dir: Path, uid: int, qemu_files: set[str]) -> None:
             os.chmod(entry, 0o600)
 
 
-def _abs(path: Path) -> bytes:
-    return os.path.abspath(path).encode()
+def _abs(path: Path) -> str:
+    return os.path.abspath(path)
 
 
-def _real(path: Path) -> bytes:
-    return os.path.realpath(path).encode()
+def _real(path: Path) -> str:
+    return os.path.realpath(path)

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,14 +127,8 @@ def build_argv(
 class QemuProcess:
     """A running QEMU, spawned here or re-adopted after a manager restart."""
 
-    def __init__(
-        self,
-        pid: int,
-        on_exit: Callable[[QemuProcess, int | None], None] | None = None,
-        popen: subprocess.Popen[bytes] | None = None,
-    ) -> None:
+    def __init__(self, pid: int, on_exit: Callable[[QemuProcess, int | None], None] | None = None) -> None:
         self.pid = pid
-        self._popen = popen  # a confined spawn: its exit status is collected through it
         self.start_ticks = start_ticks(pid)
         self.exit_status: int | None = None
         self.exited = asyncio.Event()
@@ -150,15 +143,15 @@ class QemuProcess:
         vm_id: str,
         log_path: Path,
         on_exit: Callable[[QemuProcess, int | None], None] | None = None,
-        confinement: Confinement | None = None,
+        confinement: tuple[Confinement, Path] | None = None,
     ) -> QemuProcess:
         """Start QEMU in the VM's namespace, in a new session, stderr to the VM's log.
 
-        With a `confinement` (vmm/jail.py) the child enters the namespace, its cgroups and its
-        jail itself before the exec; without one, `ip netns exec` runs QEMU as this process's user.
+        With a `confinement` and its helper (vmm/jail.py) the helper enters the namespace, the
+        cgroups and the jail before it execs QEMU; without, `ip netns exec` runs QEMU as this user.
         """
         if confinement is not None:
-            return cls._spawn_confined(argv, log_path, on_exit, confinement)
+            return cls._spawn_confined(argv, log_path, on_exit, *confinement)
         ip = shutil.which("ip") or "/usr/sbin/ip"
         full = [ip, "netns", "exec", netns.ns_name(vm_id), *argv]
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -185,24 +178,30 @@ class QemuProcess:
         log_path: Path,
         on_exit: Callable[[QemuProcess, int | None], None] | None,
         confinement: Confinement,
+        helper: Path,
     ) -> QemuProcess:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=fd,
-                stderr=fd,
-                start_new_session=True,
-                pass_fds=confinement.pass_fds,
-                preexec_fn=confinement.preexec,
-                env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **dict(confinement.env)},
+            for kept in confinement.keep_fds:
+                os.set_inheritable(kept, True)  # the helper closes every other descriptor before QEMU starts
+            pid = os.posix_spawn(
+                str(helper),
+                confinement.argv(helper, argv),
+                {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+                setsid=True,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, fd, 1),
+                    (os.POSIX_SPAWN_DUP2, fd, 2),
+                ],
             )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise VmmError(f"could not start QEMU in its jail: {_last_line(log_path) or exc}") from exc
+        except OSError as exc:
+            raise VmmError(f"could not start QEMU in its jail: {exc}") from exc
         finally:
             os.close(fd)
-        return cls(popen.pid, on_exit, popen)
+            for kept in confinement.keep_fds:
+                os.set_inheritable(kept, False)
+        return cls(pid, on_exit)
 
     @classmethod
     def adopt(
@@ -221,12 +220,9 @@ class QemuProcess:
 
     def _reap(self) -> None:
         status: int | None = None
-        if self._popen is not None:
-            status = self._popen.wait()  # it has ended (its pidfd is readable): no wait
-        else:
-            with contextlib.suppress(ChildProcessError):
-                _, raw = os.waitpid(self.pid, os.WNOHANG)
-                status = os.waitstatus_to_exitcode(raw)
+        with contextlib.suppress(ChildProcessError):
+            _, raw = os.waitpid(self.pid, os.WNOHANG)
+            status = os.waitstatus_to_exitcode(raw)
         self.exit_status = status
         self.close()
         self.exited.set()
@@ -293,14 +289,6 @@ async def kill_pid(pid: int, timeout: float = 5.0) -> None:
         await proc.kill(timeout)
     finally:
         proc.close()
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
 
 
 def describe_exit(status: int | None) -> str:
