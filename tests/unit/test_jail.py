@@ -12,6 +12,7 @@ import pytest
 
 from vmm import jail
 from vmm.accel import Accelerator
+from vmm.confine import Bind, Confinement, Jail
 from vmm.errors import VmmError
 from vmm.jail import UidLeases, _own, _qemu_files, check_setup
 from vmm.qemu import MachineSpec, RamBacking
@@ -142,3 +143,23 @@ def test_start_refuses_a_host_without_cgroup_controllers(tmp_path: Path, monkeyp
     settings = VmmSettings(state_dir=tmp_path, jail=replace(JailSettings(), enabled=False))
     with pytest.raises(VmmError, match=r"^jail\.limits: no cgroup controllers: neither a cgroup v2 hierarchy"):
         check_setup(settings)
+
+
+def test_the_helper_argv_carries_every_step_and_ends_in_qemu_s() -> None:
+    jail_ = Jail(400_001, 400_001, "/run/j", (Bind("/usr", "/usr", 5), Bind("/dev/null", "/dev/null", 8, True)),
+                 (("lib", "usr/lib"),), "/work", (108,))  # fmt: skip
+    confinement = Confinement("/var/run/netns/mvm-v1", ("/cg/cpu/procs",), jail_, (20,), (("A", "b"),))
+    assert confinement.argv(Path("/h"), ["qemu", "-S"]) == [
+        "/h", "--netns", "/var/run/netns/mvm-v1", "--cgroup", "/cg/cpu/procs", "--keep-fd", "20", "--env", "A=b",
+        "--jail", "400001", "400001", "/run/j", "/work", "--group", "108",
+        "--bind", "/usr", "/usr", "5", "0", "--bind", "/dev/null", "/dev/null", "8", "1",
+        "--symlink", "lib", "usr/lib", "--", "qemu", "-S",
+    ]  # fmt: skip
+    assert Confinement("/ns").argv(Path("/h"), ["qemu"]) == ["/h", "--netns", "/ns", "--", "qemu"]
+
+
+def test_the_helper_builds_and_refuses_a_bad_argument(tmp_path: Path) -> None:
+    helper = jail.build_native("jail_exec.c", tmp_path / "lib", shared=False)
+    done = subprocess.run([str(helper), "--bogus", "--", "true"], capture_output=True, text=True)
+    assert done.returncode == 127
+    assert done.stderr.startswith("microvm-edge jail: bad argument --bogus")
