@@ -2,7 +2,8 @@
 
 QEMU's own view (/proc/<pid>/status) for a running VM, a restored VM and a template boot; what
 its credentials reach from inside its mount namespace; the VM's cgroup and its limits; and a
-guest that allocates past its memory, ended by its limit while another VM keeps answering.
+guest that allocates past its memory, ended by its limit while another VM keeps answering; two
+guests spinning and fork-bombing while a third answers through the edge.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import IMAGES, REPO
+from tests.e2e.edge_harness import edge_config, running_edge
 from tests.e2e.guest import guest_state, qemu_pids_under, sandbox_run
 from vmm import cgroups, probe
 from vmm.accel import choose
@@ -202,3 +204,33 @@ async def test_a_guest_past_its_memory_is_ended_by_its_limit(manager: VmManager,
     assert (await guest_state(quiet.id))["counter"] == 2, "the other VM answers on"
     await manager.delete(hog.id)
     assert not manager.vm_dir(hog.id).exists()
+
+
+async def test_spinning_and_fork_bombing_guests_leave_another_vm_answering_through_the_edge(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    async with running_edge(edge_config(settings)) as client:
+        quiet = await client.create_vm()
+        token = await client.token(quiet)
+        assert (await client.get_json(quiet, token))["counter"] == 1
+        busy = [
+            (await client.api("POST", "/v1/vms", {"template": sandbox_template}, status=201))["id"] for _ in range(2)
+        ]
+        groups = cgroups.detect(CGROUP_NAME)
+        assert groups is not None
+        for vm_id in busy:
+            assert groups.read_limits(vm_id).cpu_quota_us == 100_000  # one vCPU each: one CPU at most
+        # Every vCPU of one guest spins; the other guest forks without end. Neither request ever answers.
+        loads = [
+            asyncio.create_task(sandbox_run(busy[0], "while True: pass", timeout=600)),
+            asyncio.create_task(sandbox_run(busy[1], "import os\nwhile True:\n    os.fork()", timeout=600)),
+        ]
+        try:
+            await asyncio.sleep(0)  # both requests are on their way before the quiet VM is asked
+            for n in range(20):
+                assert (await client.get_json(quiet, token))["counter"] == n + 2
+            assert not loads[0].done(), "the spinning guest stopped"  # the fork bomb may end in its guest's OOM
+        finally:
+            for task in loads:
+                task.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)
