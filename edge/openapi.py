@@ -129,6 +129,7 @@ OPENAPI: dict[str, Any] = {
                     "memory_mb": {"type": "integer", "minimum": 64, "maximum": 32768},
                     "vcpus": {"type": "integer", "minimum": 1, "maximum": 16},
                     "disk_mb": {"type": "integer", "minimum": 0, "maximum": 32768},
+                    "cpu_share": {"type": "number", "minimum": 0.01, "maximum": 1},
                     "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
                 },
             },

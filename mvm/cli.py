@@ -234,8 +234,10 @@ def _serve(args: argparse.Namespace) -> None:
     from fleet.privilege import worker_identity
     from fleet.supervisor import DRAIN_MARGIN, Child, supervise
     from vmm import jsonlog
+    from vmm.jail import join_host_group
 
     jsonlog.configure(cfg.log.level)
+    join_host_group(cfg.vmm.jail)  # the edge workers and the host inherit its reserved CPU weight
     config = getattr(args, "config", None)
     host = Child("host", [*worker_command(config, "host"), "--lock-fd", str(lock_fd)], pass_fds=(lock_fd,))
     edges = [Child(f"edge-{i}", [*worker_command(config, "edge"), "--worker"]) for i in range(workers)]

@@ -31,7 +31,7 @@ from edge.tokens import ALGORITHMS, MIN_SECRET_BYTES
 from fleet.settings import DEV_CLUSTER_SECRET, MIN_CLUSTER_SECRET, CatalogConfig, ClusterConfig
 from vmm.errors import ConfigError, InvalidRequest
 from vmm.policy import Policy
-from vmm.settings import VmmSettings
+from vmm.settings import JailSettings, VmmSettings
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -225,6 +225,19 @@ _VMM: dict[str, Rule] = {
     "verify_ram": _flag,
     "memory_reserve_mb": _integer(0, 1 << 30),
 }
+_JAIL: dict[str, Rule] = {
+    "enabled": _flag,
+    "uid_start": _integer(1000, (1 << 31) - 1_000_000),
+    "uid_count": _integer(1, 1_000_000),
+    "lease_dir": _path,
+    "root_dir": _path,
+    "limits": _flag,
+    "cgroup_name": lambda value, key: _host_id(_text(value, key), key),
+    "memory_overhead_mb": _integer(16, 1 << 20),
+    "pids_max": _integer(16, 1 << 22),
+    "io_weight": _integer(1, 10_000),
+    "host_cpu_weight": _integer(1, 10_000),
+}
 _CATALOG: dict[str, Rule] = {"url": _text_or_empty}
 _CLUSTER: dict[str, Rule] = {
     "secret": _text,
@@ -244,7 +257,7 @@ _CLUSTER: dict[str, Rule] = {
 }
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
-_SECTIONS = ("server", "proxy", "tokens", "vmm", "policy", "reaper", "log", "catalog", "cluster")
+_SECTIONS = ("server", "proxy", "tokens", "vmm", "jail", "policy", "reaper", "log", "catalog", "cluster")
 
 
 def load_config(path: Path | None) -> Config:
@@ -278,7 +291,7 @@ def load_config(path: Path | None) -> Config:
             forwarded_proto="https" if server.tls else "http",
         ),
         tokens=tokens,
-        vmm=replace(vmm, default_policy=policy),
+        vmm=replace(vmm, default_policy=policy, jail=_section(_table(data, "jail"), "jail", JailSettings(), _JAIL)),
         reaper=_section(_table(data, "reaper"), "reaper", ReaperConfig(), _REAPER),
         log=_section(_table(data, "log"), "log", LogConfig(), _LOG),
         catalog=_section(_table(data, "catalog"), "catalog", CatalogConfig(), _CATALOG),

@@ -70,4 +70,7 @@ fi
 if [ ! -f var/tls/dev.crt ]; then
     .venv/bin/mvm dev-cert --config configs/dev.toml
 fi
+# The state directory holds the registry, TLS key and every VM's files: nobody else may read it
+# (a host with jail.enabled refuses to start otherwise).
+chmod 700 var
 echo "==> installed"

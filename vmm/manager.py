@@ -90,6 +90,7 @@ class VmManager:
         """Open the registry and take back every VM an earlier manager left behind."""
         self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
+        self.runtime.prepare_confinement()
         running = self.runtime.running_qemus()
         for rec in self.records.open():
             vm = LiveVm(rec)

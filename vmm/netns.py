@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import os
 import re
 import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -31,6 +33,10 @@ NETNS_DIR = Path("/var/run/netns")
 CLONE_NEWNET = 0x40000000
 # The egress proxy of each VM listens on HOST_IP:EGRESS_PORT inside the VM's namespace.
 EGRESS_PORT = 3128
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _setns_lock = threading.Lock()
@@ -167,6 +173,34 @@ def _socket_in_netns(vm_id: str) -> socket.socket:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def _open_tap_in_netns(vm_id: str) -> int:
+    """/dev/net/tun attached to the namespace's tap (a tun fd belongs to the namespace it was opened in)."""
+    path = NETNS_DIR / ns_name(vm_id)
+    with _setns_lock, open(path) as target, open(f"/proc/self/task/{threading.get_native_id()}/ns/net") as home:
+        _setns(target.fileno())
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        finally:
+            _setns(home.fileno())
+    try:
+        # IFF_VNET_HDR as QEMU sets it when it opens the tap itself: a snapshot's virtio-net state depends on it.
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", TAP.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def open_tap(vm_id: str) -> int:
+    """The VM's tap as a file descriptor, for a QEMU that cannot open it itself (vmm/jail.py)."""
+    if not exists(vm_id):
+        raise VmmError(f"network namespace of VM {vm_id} is missing")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, _open_tap_in_netns, vm_id)
+    except OSError as exc:
+        raise VmmError(f"could not open the tap of {ns_name(vm_id)}: {exc}") from exc
 
 
 async def _new_socket(vm_id: str) -> socket.socket:

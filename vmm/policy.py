@@ -35,6 +35,7 @@ class Policy:
     vcpus: int = MAX_VCPUS
     disk_mb: int = MAX_DISK_MB
     ports: tuple[int, ...] = field(default_factory=tuple)
+    cpu_share: float = 1.0  # the part of its vCPUs a VM may use of the host's CPUs (its cgroup's quota)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -74,6 +75,10 @@ class Policy:
             raise InvalidRequest(f"{where}.auto_resume must be true or false, got {merged['auto_resume']!r}")
         merged["memory_mb"] = _int_in(merged["memory_mb"], f"{where}.memory_mb", MIN_MEMORY_MB, MAX_MEMORY_MB)
         merged["vcpus"] = _int_in(merged["vcpus"], f"{where}.vcpus", 1, MAX_VCPUS)
+        share = merged["cpu_share"]
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.01 <= share <= 1:
+            raise InvalidRequest(f"{where}.cpu_share must be a number in [0.01, 1], got {share!r}")
+        merged["cpu_share"] = float(share)
         merged["disk_mb"] = _int_in(merged["disk_mb"], f"{where}.disk_mb", 0, MAX_DISK_MB)
         ports = merged["ports"]
         if not isinstance(ports, list | tuple):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import netns
 from .accel import Accelerator
+from .confine import Confinement
 from .errors import VmmError
 
 QMP_SOCKET = "qmp.sock"
@@ -26,6 +27,8 @@ APP_LOG = "app.log"  # the app's stdout and stderr, through the guest init's vir
 APP_CONSOLE = "app.sock"  # that console's chardev: the manager reads it into app.log (vmm/console.py)
 QEMU_LOG = "qemu.log"  # QEMU's own stderr
 AGENT_SOCKET = "agent.sock"  # the guest agent's channel (disk images)
+# QEMU's own seccomp filter, every deny option on (a jailed QEMU has dropped its privileges already).
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 @dataclass(frozen=True)
 class MachineSpec:
@@ -65,12 +68,16 @@ def build_argv(
     run_dir: Path,
     incoming: bool,
     console_socket: bool = False,
+    tap_fd: int | None = None,
+    sandbox: bool = False,
 ) -> list[str]:
     """The QEMU command line, run inside the VM's network namespace via `ip netns exec`.
 
     `run_dir` holds the QMP socket, the console log (serial.log) and the app's log (app.log).
     With `console_socket` the app's console is a socket the manager reads (app.sock, see
     vmm/console.py); else QEMU appends it to app.log itself (a template's boot).
+    `tap_fd`: the VM's tap, opened by the manager (a jailed QEMU cannot open /dev/net/tun);
+    `sandbox`: QEMU's seccomp filter with every deny option.
     The device set must be the same at a boot and at every restore of its snapshot.
     """
     if spec.has_disk != (disk is not None):
@@ -93,7 +100,8 @@ def build_argv(
         # append=on: a restore must not truncate the log of the boot it continues.
         "-chardev", f"file,id=ser0,path={run_dir / SERIAL_LOG},append=on",
         "-serial", "chardev:ser0",
-        "-netdev", f"tap,id=n0,ifname={netns.TAP},script=no,downscript=no",
+        "-netdev", (f"tap,id=n0,fd={tap_fd}" if tap_fd is not None
+                    else f"tap,id=n0,ifname={netns.TAP},script=no,downscript=no"),
         "-device", f"virtio-net-device,netdev=n0,mac={netns.GUEST_MAC}",
         "-qmp", f"unix:{run_dir / QMP_SOCKET},server=on,wait=off",
     ]  # fmt: skip
@@ -111,6 +119,8 @@ def build_argv(
         ]  # fmt: skip
     if incoming:
         argv += ["-incoming", "defer"]
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
     return argv
 
 
@@ -133,8 +143,15 @@ class QemuProcess:
         vm_id: str,
         log_path: Path,
         on_exit: Callable[[QemuProcess, int | None], None] | None = None,
+        confinement: tuple[Confinement, Path] | None = None,
     ) -> QemuProcess:
-        """Start QEMU in the VM's namespace, in a new session, stderr to the VM's log."""
+        """Start QEMU in the VM's namespace, in a new session, stderr to the VM's log.
+
+        With a `confinement` and its helper (vmm/jail.py) the helper enters the namespace, the
+        cgroups and the jail before it execs QEMU; without, `ip netns exec` runs QEMU as this user.
+        """
+        if confinement is not None:
+            return cls._spawn_confined(argv, log_path, on_exit, *confinement)
         ip = shutil.which("ip") or "/usr/sbin/ip"
         full = [ip, "netns", "exec", netns.ns_name(vm_id), *argv]
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -152,6 +169,38 @@ class QemuProcess:
             )
         finally:
             os.close(fd)
+        return cls(pid, on_exit)
+
+    @classmethod
+    def _spawn_confined(
+        cls,
+        argv: list[str],
+        log_path: Path,
+        on_exit: Callable[[QemuProcess, int | None], None] | None,
+        confinement: Confinement,
+        helper: Path,
+    ) -> QemuProcess:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for kept in confinement.keep_fds:
+                os.set_inheritable(kept, True)  # the helper closes every other descriptor before QEMU starts
+            pid = os.posix_spawn(
+                str(helper),
+                confinement.argv(helper, argv),
+                {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+                setsid=True,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, fd, 1),
+                    (os.POSIX_SPAWN_DUP2, fd, 2),
+                ],
+            )
+        except OSError as exc:
+            raise VmmError(f"could not start QEMU in its jail: {exc}") from exc
+        finally:
+            os.close(fd)
+            for kept in confinement.keep_fds:
+                os.set_inheritable(kept, False)
         return cls(pid, on_exit)
 
     @classmethod

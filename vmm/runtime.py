@@ -23,6 +23,7 @@ from .applog import AppLog
 from .console import ConsoleReader
 from .egress import EgressServer
 from .errors import RegistryError, VmFailed, VmmError
+from .jail import Jailer
 from .jsonlog import log
 from .live import LiveVm
 from .model import Template
@@ -34,7 +35,6 @@ from .qemu import (
     DiskBacking,
     QemuProcess,
     RamBacking,
-    build_argv,
     describe_exit,
     kill_pid,
     qemus_by_name,
@@ -82,6 +82,8 @@ class Runtime(Protocol):
     async def uncut(self, vm_id: str) -> None: ...
     async def open_egress(self, vm: LiveVm) -> None: ...
     async def close_egress(self, vm_id: str) -> None: ...
+    def prepare_confinement(self) -> None: ...
+    async def release_confinement(self, vm_id: str) -> None: ...
 
 
 class QemuRuntime:
@@ -94,6 +96,7 @@ class QemuRuntime:
         self.accel = accel
         self.records = records
         self.egress = egress  # serves each running VM's egress proxy (the edge's); None: guests have none
+        self.jail = Jailer(settings)  # every QEMU confined and limited (vmm/jail.py, vmm/cgroups.py)
 
     def _vm_dir(self, vm_id: str) -> Path:
         return self.settings.vms_dir / vm_id
@@ -117,9 +120,8 @@ class QemuRuntime:
         sock = vm_dir / QMP_SOCKET
         sock.unlink(missing_ok=True)
         disk = DiskBacking(vm_dir / OVERLAY, "qcow2") if spec.has_disk else None
-        argv = build_argv(self.settings.qemu_binary, spec, ram, disk, vm_dir, incoming=True, console_socket=True)
         vm.expect_exit = vm.guest_ran = False
-        proc = QemuProcess.spawn(argv, vm_id, vm_dir / QEMU_LOG, on_exit=self._watch(vm, on_lost))
+        proc = await self.jail.spawn_vm(vm.rec, tpl, spec, ram, disk, vm_dir, self._watch(vm, on_lost))
         vm.proc = proc
         try:
             self.records.add_process(ProcessIntent(proc.pid, vm_id, proc.start_ticks, purpose))
@@ -215,12 +217,23 @@ class QemuRuntime:
                 if vm.proc is not proc or vm.expect_exit:
                     return
                 guest_tail = template.guest_log_tail(self._vm_dir(vm.rec.id), 3)
-                await on_lost(vm, f"{describe_exit(status)}{self.qemu_log_tail(vm.rec.id)}{guest_tail}")
+                reason = f"{describe_exit(status)}{self.qemu_log_tail(vm.rec.id)}{guest_tail}"
+                await on_lost(vm, self.jail.oom_reason(vm.rec.id) or reason)
 
         def on_exit(proc: QemuProcess, status: int | None) -> None:
             asyncio.get_running_loop().create_task(settle(proc, status))
 
         return on_exit
+
+    # ---- confinement ---------------------------------------------------------------------
+
+    def prepare_confinement(self) -> None:
+        """Check the host's set-up for jails and limits, and make the cgroup tree (at start)."""
+        self.jail.start()
+
+    async def release_confinement(self, vm_id: str) -> None:
+        """The VM is gone: its uid goes back to the pool and its cgroup away."""
+        await self.jail.release(vm_id, self._vm_dir(vm_id))
 
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int:
         """Bytes the VM's QEMU has written to its private (copy-on-write) mapping of `mapped`."""

@@ -9,6 +9,29 @@ from .policy import Policy
 
 
 @dataclass(frozen=True)
+class JailSettings:
+    """How every QEMU is confined (vmm/jail.py) and held to its share of the host (vmm/cgroups.py).
+
+    The [jail] TOML table. Each VM's QEMU runs as a uid/gid of its own from
+    [uid_start, uid_start + uid_count), leased in `lease_dir` (host-wide, so managers of
+    other state directories never hand out the same uid), in a mount namespace whose root
+    is a tmpfs over `root_dir` holding only that VM's files.
+    """
+
+    enabled: bool = True
+    uid_start: int = 400_000  # above the usual /etc/subuid ranges (100000-165535 per user)
+    uid_count: int = 10_000
+    lease_dir: Path = Path("/run/microvm-edge/uids")
+    root_dir: Path = Path("/run/microvm-edge/jail")  # an empty mount point; each QEMU's root is a tmpfs over it
+    limits: bool = True  # per-VM cgroups: CPU quota, memory, pids, I/O weight
+    cgroup_name: str = "microvm-edge"  # the tree under each controller: <name>/host and <name>/vms/<vm>
+    memory_overhead_mb: int = 160  # QEMU's own memory above guest RAM (TCG's code buffer included), measured
+    pids_max: int = 128  # tasks per QEMU (its vCPU, I/O and RCU threads)
+    io_weight: int = 100  # each VM's I/O weight (1-10000, v2 io.weight; v1 blkio.weight where the host has it)
+    host_cpu_weight: int = 1000  # the host and edge processes' CPU weight (v2 cpu.weight; a VM has 100)
+
+
+@dataclass(frozen=True)
 class VmmSettings:
     """Paths and knobs of the VM manager. Every default works on one machine."""
 
@@ -28,6 +51,7 @@ class VmmSettings:
     memory_reserve_mb: int = 512  # memory a host keeps for itself: no new VM while less than its size is left
     verify_ram: bool = False  # checksum a VM's RAM file at suspend and verify it at restore (costs a full read)
     default_policy: Policy = field(default_factory=Policy)
+    jail: JailSettings = field(default_factory=JailSettings)
 
     @property
     def images_dir(self) -> Path:

@@ -9,7 +9,6 @@ writes to its own qcow2 overlay backed by it).
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from . import capacity, disks, netns, probe
+from . import capacity, disks, jail, netns, probe
 from . import qmp as qmp_ops
 from .accel import Accelerator
 from .errors import Conflict, InvalidRequest, NotFound, VmmError
@@ -29,14 +28,12 @@ from .model import Template
 from .qemu import (
     AGENT_SOCKET,
     APP_LOG,
-    QEMU_LOG,
     QMP_SOCKET,
     SERIAL_LOG,
     DiskBacking,
     MachineSpec,
     QemuProcess,
     RamBacking,
-    build_argv,
 )
 from .settings import VmmSettings
 
@@ -149,11 +146,14 @@ async def create(
     )
     started = time.monotonic()
     proc: QemuProcess | None = None
+    jailer = jail.Jailer(settings)
     try:
+        jailer.start(state_dir_check=False, join_host=False)
         await netns.create(ns_id)
-        argv = build_argv(settings.qemu_binary, spec, RamBacking(work / "ram", share=True), disk, work, incoming=False)
         progress(f"booting image {image_name!r} under {accel.name}")
-        proc = QemuProcess.spawn(argv, ns_id, work / QEMU_LOG)
+        limits = jailer.limits(image.vcpus, image.memory_mb)
+        ram = RamBacking(work / "ram", share=True)
+        proc = await jailer.spawn(ns_id, ns_id, spec, ram, disk, work, (), limits, incoming=False, console_socket=False)
         running = proc
         client = await qmp_ops.connect(work / QMP_SOCKET, spec.name, 10.0, lambda: running.alive)
         try:
@@ -179,10 +179,10 @@ async def create(
         if proc is not None:
             await proc.kill()  # a no-op when the except above did it
         await netns.delete(ns_id)
+        await jailer.release(ns_id, work)
     for socket_file in (QMP_SOCKET, AGENT_SOCKET):
         (work / socket_file).unlink(missing_ok=True)
-    if disk is not None:
-        os.chmod(disk.path, 0o444)  # the base of every VM's overlay: never written again
+    jail.seal_template(work)  # root's and read-only: the base of every VM's overlay is never written again
     meta = {
         "name": name,
         "image": image_name,

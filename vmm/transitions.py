@@ -75,6 +75,7 @@ class Transitions:
         try:
             vm_dir.mkdir(parents=True)
             undo.push("remove its files", lambda: _remove_tree(vm_dir))
+            undo.push("release its uid and cgroup", lambda: self.runtime.release_confinement(vm_id))
             if tpl.base_disk is not None:
                 await disks.create_overlay(tpl.base_disk, vm_dir / OVERLAY)
                 # The app started while the template booted: its first lines (the newest that fit) belong to
@@ -147,6 +148,7 @@ class Transitions:
             ("end every other QEMU", lambda: self.runtime.kill_strays(vm_id, None, strays().get(f"mvm-{vm_id}", []))),
             ("stop the egress proxy", lambda: self.runtime.close_egress(vm_id)),
             ("delete the namespace", lambda: self.runtime.delete_network(vm_id)),
+            ("release its uid and cgroup", lambda: self.runtime.release_confinement(vm_id)),
         )
         for what, step in steps:
             try:

@@ -146,7 +146,7 @@ async def small_disk(settings: VmmSettings) -> AsyncIterator[VmmSettings]:
     """The VM directories on a 512 MiB tmpfs the test can fill; unmounted whatever happens."""
     mount = settings.state_dir / "small"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", str(mount)], check=True)
     try:
         for name in ("images", "templates"):
             (mount / name).symlink_to((settings.state_dir / name).resolve())

@@ -37,7 +37,7 @@ class Fleet:
 def _state_dir(settings: VmmSettings, name: str) -> Path:
     """A host's own state dir, sharing the session's images and templates (read-only)."""
     state = settings.state_dir / name
-    state.mkdir()
+    state.mkdir(mode=0o700)  # the jail refuses a state dir others can read
     for shared in ("images", "templates"):
         (state / shared).symlink_to((settings.state_dir / shared).resolve())
     return state

@@ -133,6 +133,12 @@ class FakeRuntime:
     async def close_egress(self, vm_id: str) -> None:
         self.egress.discard(vm_id)
 
+    def prepare_confinement(self) -> None:
+        self._step("prepare_confinement")
+
+    async def release_confinement(self, vm_id: str) -> None:
+        self._step("release_confinement")
+
     async def kill(self, vm: LiveVm) -> None:
         """The VM's QEMU ends unasked (as a pidfd would report it): settled under the VM's lock."""
         self.guests.pop(vm.rec.id, None)

@@ -11,7 +11,7 @@ from mvm import config as config_module
 from mvm.config import Config, load_config
 from vmm.errors import ConfigError
 from vmm.policy import Policy
-from vmm.settings import VmmSettings
+from vmm.settings import JailSettings, VmmSettings
 
 DEV_TOML = Path(__file__).resolve().parents[2] / "configs" / "dev.toml"
 VM = "vmaaaaaa"
@@ -47,8 +47,22 @@ def test_default_tokens_work() -> None:
 
 
 def test_every_vmm_setting_is_configurable() -> None:
-    names = {f.name for f in fields(VmmSettings)} - {"default_policy"}
+    names = {f.name for f in fields(VmmSettings)} - {"default_policy", "jail"}
     assert names == set(config_module._VMM)
+
+
+def test_every_jail_setting_is_configurable() -> None:
+    assert {f.name for f in fields(JailSettings)} == set(config_module._JAIL)
+
+
+def test_jail_table(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[jail]\nuid_start = 500000\nuid_count = 64\nlimits = false\n')
+    assert (cfg.vmm.jail.uid_start, cfg.vmm.jail.uid_count, cfg.vmm.jail.limits) == (500000, 64, False)
+    assert cfg.vmm.jail.enabled  # on by default
+    with pytest.raises(ConfigError, match=r"^jail\.uid_start: must be"):
+        load(tmp_path, "[jail]\nuid_start = 0\n")
+    with pytest.raises(ConfigError, match=r"^jail\.cgroup_name"):
+        load(tmp_path, '[jail]\ncgroup_name = "a/../b"\n')
 
 
 def test_relative_paths_resolve_against_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

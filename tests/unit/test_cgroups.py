@@ -1,0 +1,126 @@
+"""Per-VM cgroups against fake cgroupfs trees (tmp dirs): the v2 layout (Debian 12's default, absent
+on this machine) and v1's, file by file as the kernel names them."""
+
+from pathlib import Path
+
+import pytest
+
+from vmm import cgroups
+from vmm.cgroups import CgroupsV1, CgroupsV2, Limits, limits_for
+
+
+def _mounts(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "mounts"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def _fake_v2(tmp_path: Path) -> Path:
+    root = tmp_path / "unified"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    return root
+
+
+def test_limits_follow_the_vm_size() -> None:
+    limits = limits_for(vcpus=2, memory_mb=512, cpu_share=0.5, overhead_mb=160, pids_max=128, io_weight=100)
+    assert limits == Limits(cpu_quota_us=100_000, memory_bytes=672 << 20, pids_max=128, io_weight=100)
+    assert limits.memory_mb == 672
+    assert limits_for(1, 256, 1.0, 160, 128, 100).cpu_quota_us == 100_000
+
+
+def test_detect_prefers_v2_with_controllers(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    found = cgroups.detect("mvm", _mounts(tmp_path, [f"cgroup2 {root} cgroup2 rw,nosuid 0 0"]))
+    assert isinstance(found, CgroupsV2) and found.root == root
+
+
+def test_detect_falls_back_to_v1_when_the_unified_hierarchy_is_empty(tmp_path: Path) -> None:
+    unified = tmp_path / "unified"
+    unified.mkdir()
+    (unified / "cgroup.controllers").write_text("hugetlb\n")
+    lines = [f"cgroup2 {unified} cgroup2 rw 0 0"] + [
+        f"cgroup {tmp_path / c} cgroup rw,relatime,{c} 0 0" for c in ("cpu", "memory", "pids", "blkio")
+    ]
+    found = cgroups.detect("mvm", _mounts(tmp_path, lines))
+    assert isinstance(found, CgroupsV1)
+    assert found.mounts == {c: tmp_path / c for c in ("cpu", "memory", "pids", "blkio")}
+
+
+def test_detect_finds_nothing_without_controllers(tmp_path: Path) -> None:
+    assert cgroups.detect("mvm", _mounts(tmp_path, ["tmpfs /sys/fs/cgroup tmpfs rw 0 0"])) is None
+
+
+def test_v2_tree_limits_and_oom(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    groups = CgroupsV2("mvm", root)
+    groups.setup(host_cpu_weight=1000, host_pid=4242)
+    assert (root / "cgroup.subtree_control").read_text() == "+cpu +memory +pids +io"
+    assert (root / "mvm" / "vms" / "cgroup.subtree_control").read_text() == "+cpu +memory +pids +io"
+    assert (root / "mvm" / "host" / "cpu.weight").read_text() == "1000"
+    assert (root / "mvm" / "host" / "cgroup.procs").read_text() == "4242"
+
+    vm = root / "mvm" / "vms" / "v1"
+    vm.mkdir(parents=True)
+    for name in ("memory.swap.max", "io.weight"):
+        (vm / name).write_text("max\n")
+    (vm / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n")
+    procs = groups.prepare("v1", Limits(150_000, 672 << 20, 128, 100))
+    assert procs == [vm / "cgroup.procs"]
+    assert (vm / "cpu.max").read_text() == "150000 100000"
+    assert (vm / "memory.max").read_text() == str(672 << 20)
+    assert (vm / "memory.swap.max").read_text() == "0"
+    assert (vm / "memory.oom.group").read_text() == "1"
+    assert (vm / "pids.max").read_text() == "128"
+    assert (vm / "io.weight").read_text() == "default 100"
+    assert groups.read_limits("v1") == Limits(150_000, 672 << 20, 128, 100)
+    assert not groups.oom_killed("v1")
+    (vm / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 1\n")
+    assert groups.oom_killed("v1")
+    assert groups.memory_limit_mb("v1") == 672
+
+
+def test_v1_tree_limits_and_oom(tmp_path: Path) -> None:
+    mounts = {c: tmp_path / c for c in ("cpu", "memory", "pids")}
+    for point in mounts.values():
+        point.mkdir()
+    groups = CgroupsV1("mvm", mounts)
+    groups.setup(host_cpu_weight=1000, host_pid=77)
+    assert (mounts["cpu"] / "mvm" / "host" / "cpu.shares").read_text() == "10240"
+    assert (mounts["cpu"] / "mvm" / "host" / "cgroup.procs").read_text() == "77"
+    assert not (mounts["memory"] / "mvm" / "host").exists()  # the host's memory stays where it was
+
+    memory = mounts["memory"] / "mvm" / "vms" / "v1"
+    memory.mkdir(parents=True)
+    (memory / "memory.memsw.limit_in_bytes").write_text("9223372036854771712\n")
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    procs = groups.prepare("v1", Limits(200_000, 512 << 20, 64, 100))
+    assert procs == [mounts[c] / "mvm" / "vms" / "v1" / "cgroup.procs" for c in ("cpu", "memory", "pids")]
+    cpu = mounts["cpu"] / "mvm" / "vms" / "v1"
+    assert (cpu / "cpu.cfs_quota_us").read_text() == "200000"
+    assert (cpu / "cpu.cfs_period_us").read_text() == "100000"
+    assert (memory / "memory.limit_in_bytes").read_text() == str(512 << 20)
+    assert (memory / "memory.memsw.limit_in_bytes").read_text() == str(512 << 20)
+    assert (memory / "memory.swappiness").read_text() == "0"
+    assert groups.read_limits("v1") == Limits(200_000, 512 << 20, 64, 0)
+    assert not groups.oom_killed("v1")  # the two kills happened before this QEMU's group was prepared
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    assert groups.oom_killed("v1")
+
+
+def test_remove_leaves_a_busy_group_and_forgets_a_gone_one(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path)
+    groups = CgroupsV2("mvm", root)
+    groups.setup(1000, None)
+    (root / "mvm" / "vms" / "v1").mkdir()
+    (root / "mvm" / "vms" / "v1" / "memory.events").write_text("oom_kill 0\n")
+    groups.prepare("v1", Limits(100_000, 1 << 30, 128, 100))
+    groups.remove("v1")  # a directory with files is "busy" here, as one with a task is on a real cgroupfs
+    assert (root / "mvm" / "vms" / "v1").exists()
+    groups.remove("never-made")
+
+
+def test_setup_failure_is_one_line(tmp_path: Path) -> None:
+    groups = CgroupsV2("mvm", tmp_path / "missing")
+    with pytest.raises(Exception, match=r"^cgroup v2: cannot set up 'mvm': "):
+        groups.setup(1000, None)

@@ -1,0 +1,165 @@
+"""The jail's parts that need no QEMU: uid leases, the QEMU 7.2 shim, file ownership,
+and the start-up checks that refuse a bad host set-up with one line."""
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vmm import jail
+from vmm.accel import Accelerator
+from vmm.confine import Bind, Confinement, Jail
+from vmm.errors import VmmError
+from vmm.jail import UidLeases, _own, _qemu_files, check_setup
+from vmm.qemu import MachineSpec, RamBacking
+from vmm.settings import JailSettings, VmmSettings
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+
+
+def _leases(tmp_path: Path, count: int = 3) -> UidLeases:
+    return UidLeases(JailSettings(uid_start=500_000, uid_count=count, lease_dir=tmp_path / "leases"))
+
+
+def test_each_directory_gets_its_own_uid_and_keeps_it(tmp_path: Path) -> None:
+    leases = _leases(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    uid_a, uid_b = leases.claim(a), leases.claim(b)
+    assert (uid_a, uid_b) == (500_000, 500_001)
+    assert leases.claim(a) == uid_a  # asked again (a restore, a restart): the same uid
+    assert leases.holder(uid_a) == str(a)
+
+
+@needs_root
+def test_a_restarted_manager_readopts_the_uid_its_directory_has(tmp_path: Path) -> None:
+    leases = _leases(tmp_path)
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    os.chown(vm, 500_002, 500_002)
+    assert leases.claim(vm) == 500_002
+    other = tmp_path / "moved-in"
+    other.mkdir()
+    os.chown(other, 500_002, 500_002)  # files from another host with a uid this host gave away: a new one
+    assert leases.claim(other) == 500_000
+
+
+def test_release_frees_the_uid_and_an_exhausted_range_says_which_key(tmp_path: Path) -> None:
+    leases = _leases(tmp_path, count=1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    uid = leases.claim(a)
+    with pytest.raises(VmmError, match=r"^no free uid left in jail\.uid_start=500000 .*raise jail\.uid_count$"):
+        leases.claim(b)
+    leases.release(a, uid)
+    assert leases.claim(b) == uid
+
+
+def test_a_stale_lease_is_taken_over_only_after_its_grace(tmp_path: Path) -> None:
+    leases = _leases(tmp_path, count=1)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    uid = leases.claim(gone)
+    gone.rmdir()  # its VM was removed without a release (a crash)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with pytest.raises(VmmError):
+        leases.claim(fresh)  # a young lease may belong to a directory not yet chowned
+    old = time.time() - jail.LEASE_GRACE - 1
+    os.utime(tmp_path / "leases" / str(uid), (old, old))
+    assert leases.claim(fresh) == uid
+
+
+def test_the_shim_opens_only_the_named_ram_file_read_only(tmp_path: Path) -> None:
+    shim = jail.build_native("private_ram.c", tmp_path / "lib", shared=True)
+    assert jail.build_native("private_ram.c", tmp_path / "lib", shared=True) == shim  # once per source version
+    ram, other = tmp_path / "ram", tmp_path / "other"
+    ram.write_bytes(b"template")
+    other.write_bytes(b"other")
+    probe = (
+        "import fcntl, os, sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    fd = os.open(path, os.O_RDWR)\n"
+        "    print(os.path.basename(path), fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)\n"
+    )
+    env = {**os.environ, "LD_PRELOAD": str(shim), "MVM_PRIVATE_RAM": str(ram)}
+    done = subprocess.run([sys.executable, "-c", probe, str(ram), str(other)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ram", str(os.O_RDONLY), "other", str(os.O_RDWR)]
+
+
+def test_qemu_owns_only_what_it_opens(tmp_path: Path) -> None:
+    spec = MachineSpec("m", tmp_path / "tpl" / "vmlinuz", tmp_path / "tpl" / "initrd.img", "", 256, 1,
+                       Accelerator("tcg", (), ()))  # fmt: skip
+    names = _qemu_files(tmp_path, spec, RamBacking(tmp_path / "ram", share=True), None, console_socket=True)
+    assert names == {"serial.log", "ram"}
+    boot = MachineSpec("m", tmp_path / "vmlinuz", tmp_path / "initrd.img", "", 256, 1, Accelerator("tcg", (), ()))
+    names = _qemu_files(tmp_path, boot, RamBacking(tmp_path / "ram", share=True), None, console_socket=False)
+    assert names == {"serial.log", "app.log", "ram", "vmlinuz", "initrd.img"}
+
+
+@needs_root
+def test_own_gives_the_directory_to_the_vm_uid_and_keeps_secrets_root_s(tmp_path: Path) -> None:
+    vm = tmp_path / "vm"
+    vm.mkdir(mode=0o755)
+    for name in ("disk.qcow2", "agent.key", "state", "app.log"):
+        (vm / name).write_text("x")
+        os.chmod(vm / name, 0o644)
+    _own(vm, 500_123, {"disk.qcow2", "serial.log"})
+    st = vm.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (500_123, 500_123, 0o700)
+    assert ((vm / "disk.qcow2").stat().st_uid, (vm / "disk.qcow2").stat().st_mode & 0o777) == (500_123, 0o600)
+    for name in ("agent.key", "state", "app.log"):
+        assert ((vm / name).stat().st_uid, (vm / name).stat().st_mode & 0o777) == (0, 0o600)
+
+
+@needs_root
+def test_start_refuses_a_uid_range_over_existing_users(tmp_path: Path) -> None:
+    settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(uid_start=65_000, uid_count=1000, limits=False))
+    os.chmod(tmp_path, 0o700)
+    with pytest.raises(VmmError, match=r"^jail\.uid_start=65000 / jail\.uid_count=1000: the range overlaps the "
+                       r"existing (user|group) '\w+' \(\d+\); choose a range no user or group has$"):  # fmt: skip
+        check_setup(settings)
+
+
+@needs_root
+def test_start_refuses_a_state_dir_others_can_read(tmp_path: Path) -> None:
+    settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(limits=False))
+    os.chmod(tmp_path, 0o755)
+    with pytest.raises(VmmError, match=r"^vmm\.state_dir .* is readable by others \(mode 0755\): chmod 700 it$"):
+        check_setup(settings)
+    os.chmod(tmp_path, 0o700)
+    assert check_setup(settings) is None
+
+
+def test_start_refuses_a_host_without_cgroup_controllers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jail.cgroups, "detect", lambda name: None)
+    settings = VmmSettings(state_dir=tmp_path, jail=replace(JailSettings(), enabled=False))
+    with pytest.raises(VmmError, match=r"^jail\.limits: no cgroup controllers: neither a cgroup v2 hierarchy"):
+        check_setup(settings)
+
+
+def test_the_helper_argv_carries_every_step_and_ends_in_qemu_s() -> None:
+    jail_ = Jail(400_001, 400_001, "/run/j", (Bind("/usr", "/usr", 5), Bind("/dev/null", "/dev/null", 8, True)),
+                 (("lib", "usr/lib"),), "/work", (108,))  # fmt: skip
+    confinement = Confinement("/var/run/netns/mvm-v1", ("/cg/cpu/procs",), jail_, (20,), (("A", "b"),))
+    assert confinement.argv(Path("/h"), ["qemu", "-S"]) == [
+        "/h", "--netns", "/var/run/netns/mvm-v1", "--cgroup", "/cg/cpu/procs", "--keep-fd", "20", "--env", "A=b",
+        "--jail", "400001", "400001", "/run/j", "/work", "--group", "108",
+        "--bind", "/usr", "/usr", "5", "0", "--bind", "/dev/null", "/dev/null", "8", "1",
+        "--symlink", "lib", "usr/lib", "--", "qemu", "-S",
+    ]  # fmt: skip
+    assert Confinement("/ns").argv(Path("/h"), ["qemu"]) == ["/h", "--netns", "/ns", "--", "qemu"]
+
+
+def test_the_helper_builds_and_refuses_a_bad_argument(tmp_path: Path) -> None:
+    helper = jail.build_native("jail_exec.c", tmp_path / "lib", shared=False)
+    done = subprocess.run([str(helper), "--bogus", "--", "true"], capture_output=True, text=True)
+    assert done.returncode == 127
+    assert done.stderr.startswith("microvm-edge jail: bad argument --bogus")
