@@ -34,8 +34,9 @@ from edge import app
 from edge.proxy_context import ProxySettings
 from edge.tls import make_dev_cert
 from mvm.config import Config, load_config
-from vmm import netns, probe
+from vmm import probe
 from vmm.image import Readiness
+from vmm.network import netns
 
 from . import local_edge, nginx
 from .stats import median, p95, table

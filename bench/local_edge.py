@@ -59,7 +59,7 @@ class LoopbackBackend:
         return False
 
     async def open_upstream(self, vm_id: str, port: int, timeout: float) -> socket.socket:
-        """Like vmm.netns.connect_guest (non-blocking, TCP_NODELAY), minus the namespace."""
+        """Like vmm.network.netns.connect_guest (non-blocking, TCP_NODELAY), minus the namespace."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -21,10 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vmm import disks, netns, probe
+from vmm import disks, probe
 from vmm.image import Readiness, load_image
 from vmm.manager import VmManager
 from vmm.model import VmState
+from vmm.network import netns
 from vmm.settings import VmmSettings
 
 from .stats import median, p95, p99, table

@@ -20,7 +20,7 @@ A request's path, top to bottom:
      request or tunnel counts as open work on it (the manager's `vmm.open_work.OpenWork`)
      until it ends, so the reaper never suspends a VM under it.
 Beside the requests: the VM manager (`vmm.manager`), the idle reaper (`vmm.reaper`), each
-VM's egress proxy (`edge.egress_proxy`) and `/metrics` on the control host. On SIGTERM `stop`
+VM's egress proxy (`vmm.network.egress_proxy`) and `/metrics` on the control host. On SIGTERM `stop`
 drains: no new connections, no new wakes, requests in flight finish within
 server.drain_timeout, then the manager's shutdown runs.
 """
@@ -45,13 +45,13 @@ from vmm.errors import ConfigError, NotFound
 from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import GUEST_GOING_AWAY, VmRecord, VmState
+from vmm.network.egress_proxy import EgressProxies
 from vmm.open_work import OpenWork
 from vmm.reaper import Reaper
 
 from . import memory
 from .backend import VmBackend
 from .control import build_control_app
-from .egress_proxy import EgressProxies
 from .hostnames import HostnameRouter
 from .http1 import make_protocol_factory
 from .metrics import Metrics
@@ -96,7 +96,7 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
         started.callback(listener.close)
         faults.point("serve.listening")
         metrics = Metrics(lambda: manager.counts_by_state())
-        egress = EgressProxies(metrics)  # each VM's egress proxy: a per-VM network service the manager opens
+        egress = EgressProxies(metrics.egress)  # each VM's egress proxy: a per-VM network service the manager opens
         manager = VmManager(cfg.vmm, egress=egress, lock_fd=lock_fd)
         started.push_async_callback(egress.close_all)
         await manager.start()

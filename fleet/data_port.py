@@ -23,10 +23,10 @@ import ssl
 import time
 from collections.abc import Callable
 
-from vmm import netns
 from vmm.errors import NotFound, VmFailed, VmmError
 from vmm.jsonlog import log
 from vmm.model import GUEST_GOING_AWAY, VmRecord
+from vmm.network import netns
 
 from .cluster_tls import ClusterTls, is_loopback
 

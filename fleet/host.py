@@ -27,7 +27,6 @@ from aiohttp.typedefs import Middleware
 
 from edge.app import ensure_default_template, until_signalled
 from edge.control import MANAGER, Handler, build_control_app, error_response, json_response
-from edge.egress_proxy import EgressProxies
 from edge.metrics import Metrics
 from edge.settings import token_service
 from fleet.catalog import Catalog, open_catalog
@@ -35,6 +34,7 @@ from vmm import faults, jsonlog
 from vmm.errors import InvalidRequest
 from vmm.jsonlog import log
 from vmm.manager import VmManager
+from vmm.network.egress_proxy import EgressProxies
 from vmm.open_work import MAX_LEASE
 from vmm.reaper import Reaper
 
@@ -91,7 +91,7 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
     jsonlog.configure(cfg.log.level)
     host_id = host_id_of(cfg)
     metrics = Metrics(lambda: manager.counts_by_state())
-    egress = EgressProxies(metrics)  # each VM's egress proxy: a per-VM network service the manager opens
+    egress = EgressProxies(metrics.egress)  # each VM's egress proxy: a per-VM network service the manager opens
     manager = VmManager(cfg.vmm, egress=egress, lock_fd=lock_fd)
     tls = cluster_tls(cfg.cluster, "host")  # its files are checked before anything starts
     async with contextlib.AsyncExitStack() as started:

@@ -20,10 +20,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from vmm import netns
 from vmm.errors import NotFound
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
+from vmm.network import netns
 
 from . import upstream_broker
 from .data_port import open_tunnel

@@ -31,12 +31,13 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from . import cgroups, netns
+from . import cgroups
 from .cgroups import Cgroups, Limits
 from .confine import MS_NODEV, MS_NOEXEC, MS_RDONLY, Bind, Confinement, Jail
 from .errors import VmmError
 from .jsonlog import log
 from .model import Template, VmRecord
+from .network import netns
 from .qemu import APP_LOG, QEMU_LOG, SERIAL_LOG, DiskBacking, MachineSpec, QemuProcess, RamBacking, build_argv
 from .settings import JailSettings, VmmSettings
 

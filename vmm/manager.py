@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from . import accel as accel_mod
-from . import netns, statelock, template
+from . import statelock, template
 from .agent import AgentError, Exec
 from .applog import AppLog
-from .egress import EgressServer
 from .errors import Conflict, NotFound, NotRunning, RegistryError, VmmError
 from .hooks import check_payload
 from .image import Image, list_images, remove_image
@@ -35,6 +34,8 @@ from .jsonlog import log
 from .lifecycle import Lifecycle
 from .live import LiveVm
 from .model import Template, VmRecord, VmState
+from .network import netns
+from .network.egress import EgressServer
 from .open_work import OpenWork
 from .records import RecordStore
 from .recovery import recover
@@ -221,7 +222,7 @@ class VmManager:
         return await netns.connect_guest(vm_id, port, timeout)
 
     async def guest_traffic_age(self, vm_id: str) -> float | None:
-        """Seconds since bytes last moved between the guest and whoever reached it (vmm.netns)."""
+        """Seconds since bytes last moved between the guest and whoever reached it (vmm.network.netns)."""
         return await netns.guest_traffic_age(vm_id)
 
     # ---- lifecycle (each transition under the VM's lock) ------------------------------

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .capacity import MAX_DISK_MB, MAX_MEMORY_MB, MAX_VCPUS, MIN_MEMORY_MB
-from .egress import EgressPolicy
 from .errors import InvalidRequest
+from .network.egress import EgressPolicy
 
 HOUR = 3600.0
 DAY = 24 * HOUR

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from . import netns
 from .errors import VmmError
 from .image import Readiness
+from .network import netns
 
 
 async def http_request(

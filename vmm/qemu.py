@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import netns
 from .accel import Accelerator
 from .confine import Confinement
 from .errors import VmmError
+from .network import netns
 
 QMP_SOCKET = "qmp.sock"
 SERIAL_LOG = "serial.log"  # the guest kernel's console (ttyS0)

@@ -15,18 +15,19 @@ from typing import Protocol
 
 from qemu.qmp.error import QMPError
 
-from . import faults, netns, snapshot_check, template
+from . import faults, snapshot_check, template
 from . import qmp as qmp_ops
 from .accel import Accelerator
 from .agent import Agent, AgentError, load_key
 from .applog import AppLog
 from .console import ConsoleReader
-from .egress import EgressServer
 from .errors import RegistryError, VmFailed, VmmError
 from .jail import Jailer
 from .jsonlog import log
 from .live import LiveVm
 from .model import Template
+from .network import netns
+from .network.egress import EgressServer
 from .qemu import (
     AGENT_SOCKET,
     APP_CONSOLE,
@@ -87,7 +88,7 @@ class Runtime(Protocol):
 
 
 class QemuRuntime:
-    """Runtime over real QEMU processes (vmm.qemu), QMP, the guest agent and vmm.netns."""
+    """Runtime over real QEMU processes (vmm.qemu), QMP, the guest agent and vmm.network.netns."""
 
     def __init__(
         self, settings: VmmSettings, accel: Accelerator, records: RecordStore, egress: EgressServer | None
@@ -325,7 +326,7 @@ class QemuRuntime:
         await netns.delete(vm_id)
 
     async def cut(self, vm_id: str) -> None:
-        """Every connection to the guest cut, new ones unroutable (vmm.netns.cut_guest)."""
+        """Every connection to the guest cut, new ones unroutable (vmm.network.netns.cut_guest)."""
         await netns.cut_guest(vm_id)
 
     async def uncut(self, vm_id: str) -> None:

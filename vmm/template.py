@@ -18,13 +18,14 @@ from pathlib import Path
 
 import orjson
 
-from . import capacity, disks, jail, netns, probe
+from . import capacity, disks, jail, probe
 from . import qmp as qmp_ops
 from .accel import Accelerator
 from .errors import Conflict, InvalidRequest, NotFound, VmmError
 from .hooks import Hooks, call_http
 from .image import load_image
 from .model import Template
+from .network import netns
 from .qemu import (
     AGENT_SOCKET,
     APP_LOG,

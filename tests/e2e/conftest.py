@@ -22,9 +22,9 @@ import pytest
 import uvloop
 
 from tests.e2e.guest import qemu_pids_under
-from vmm import netns
 from vmm.accel import choose
 from vmm.manager import VmManager
+from vmm.network import netns
 from vmm.settings import VmmSettings
 from vmm.template import create as create_template
 

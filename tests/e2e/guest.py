@@ -10,7 +10,8 @@ from typing import Any
 
 import orjson
 
-from vmm import netns, probe
+from vmm import probe
+from vmm.network import netns
 
 
 async def guest_request(vm_id: str, path: str = "/", port: int = 8080, timeout: float = 20.0) -> tuple[int, bytes]:

@@ -22,9 +22,9 @@ import orjson
 from tests.e2e.fleet_harness import DOMAIN, Role, ServedRole, free_port, toml
 from tests.e2e.guest import guest_state
 from tests.e2e.test_crash_safety import qemus_of
-from vmm import netns
 from vmm.manager import VmManager
 from vmm.model import VmState
+from vmm.network import netns
 from vmm.settings import VmmSettings
 
 

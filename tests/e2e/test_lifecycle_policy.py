@@ -7,7 +7,7 @@ import time
 
 from tests.e2e.edge_harness import Client, bearer, edge_config, running_edge
 from tests.e2e.test_crash_safety import qemus_of
-from vmm import netns
+from vmm.network import netns
 from vmm.settings import VmmSettings
 
 

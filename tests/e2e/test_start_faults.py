@@ -20,7 +20,8 @@ from fleet import edge_node, host
 from mvm.config import Config, load_config
 from tests.e2e.fleet_harness import free_port
 from tests.e2e.guest import qemu_pids_under
-from vmm import faults, netns
+from vmm import faults
+from vmm.network import netns
 from vmm.settings import VmmSettings
 
 SERVE_STEPS = ("serve.listening", "serve.manager", "serve.control", "serve.serving")

@@ -10,10 +10,10 @@ import subprocess
 import pytest
 
 from tests.e2e.guest import guest_state, pid_alive
-from vmm import netns
 from vmm.errors import Conflict, RestoreFailed, VmmError
 from vmm.manager import VmManager
 from vmm.model import RamMode, VmState
+from vmm.network import netns
 from vmm.settings import VmmSettings
 
 

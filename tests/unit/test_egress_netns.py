@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from edge.egress_proxy import EgressProxies
 from edge.metrics import Metrics
-from vmm import netns
-from vmm.egress import EgressPolicy
 from vmm.errors import VmmError
+from vmm.network import netns
+from vmm.network.egress import EgressPolicy
+from vmm.network.egress_proxy import EgressProxies
 
 SIOCGSKNS = 0x894C  # an fd of the network namespace a socket belongs to
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="needs root and iproute2")
@@ -69,7 +69,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def test_a_guest_side_client_tunnels_out_to_the_root_namespace(namespace: str) -> None:
     target = await asyncio.start_server(_echo, "127.0.0.1", 0)
     target_port = target.sockets[0].getsockname()[1]
-    proxies = EgressProxies(Metrics(), host="127.0.0.1")
+    proxies = EgressProxies(Metrics().egress, host="127.0.0.1")
     try:
         await proxies.open("vx", EgressPolicy.from_json([f"127.0.0.1:{target_port}"]))
         guest = await asyncio.get_running_loop().run_in_executor(None, netns._socket_in_netns, "vx")

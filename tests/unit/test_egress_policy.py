@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from vmm.egress import EgressPolicy, may_dial, refusal
 from vmm.errors import InvalidRequest
+from vmm.network.egress import EgressPolicy, may_dial, refusal
 
 
 def test_none_is_the_default_and_allows_nothing() -> None:

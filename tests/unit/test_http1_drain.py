@@ -84,8 +84,8 @@ async def test_app_stop_drains_before_the_manager_shuts_down(upstream: Upstream)
     """edge.app.stop: listener closed, requests in flight finished, wakes refused until the
     manager's own shutdown is over."""
     from edge import app
-    from edge.egress_proxy import EgressProxies
     from mvm.config import load_config
+    from vmm.network.egress_proxy import EgressProxies
 
     backend = FakeBackend()
     backend.add_vm(VM, upstream.port)
@@ -108,7 +108,7 @@ async def test_app_stop_drains_before_the_manager_shuts_down(upstream: Upstream)
     await control.setup()
     manager, reaper = cast(VmManager, Manager()), cast(app.Reaper, Reaper())
     control_dir = tempfile.TemporaryDirectory()
-    egress = EgressProxies(harness.ctx.metrics)
+    egress = EgressProxies(harness.ctx.metrics.egress)
     edge = app.Edge(load_config(None), manager, harness.ctx, harness.server, control, reaper, control_dir, egress)
     try:
         c = await harness.connect()

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -151,7 +151,7 @@ def may_dial(target: str, address: str) -> bool:
 
 
 class EgressServer(Protocol):
-    """Who serves VMs' egress proxies (edge.egress_proxy.EgressProxies): the manager opens one when a
+    """Who serves VMs' egress proxies (vmm.network.egress_proxy.EgressProxies): the manager opens one when a
     VM's namespace is ready to run a guest and closes it before the namespace goes."""
 
     async def open(self, vm_id: str, policy: EgressPolicy) -> None: ...

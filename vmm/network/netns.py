@@ -5,7 +5,7 @@ MACs), so clones of one snapshot need no reconfiguration. Nothing is ever added 
 root namespace: the edge reaches a guest by creating its socket inside the VM's
 namespace (setns in a worker thread), so guests cannot reach each other, the host's
 root namespace or anything outside — there is no route, bridge or forwarding. The one way
-out is the VM's egress proxy (edge.egress_proxy), listening on HOST_IP:EGRESS_PORT inside
+out is the VM's egress proxy (vmm.network.egress_proxy), listening on HOST_IP:EGRESS_PORT inside
 the namespace (listen_in) and dialling out, as the VM's egress policy allows, from the edge.
 """
 
@@ -21,7 +21,7 @@ import struct
 import threading
 from pathlib import Path
 
-from .errors import VmmError
+from ..errors import VmmError
 
 HOST_IP = "10.77.0.1"
 GUEST_IP = "10.77.0.2"

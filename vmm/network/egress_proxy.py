@@ -1,7 +1,7 @@
 """Egress proxies, one per VM: a guest's only way out, as its egress policy allows.
 
 Guests have no route out of their namespace. Init points HTTP(S)_PROXY at 10.77.0.1:3128,
-where this server listens on a socket made inside the VM's namespace (vmm.netns.listen_in),
+where this server listens on a socket made inside the VM's namespace (vmm.network.netns.listen_in),
 so only that guest reaches it and the server knows which VM asks without any credential.
 It dials out from the edge's own (root) namespace, resolving names on the event loop, and
 refuses names that resolve to non-public addresses so a guest cannot reach the host's
@@ -15,15 +15,17 @@ import asyncio
 import contextlib
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from vmm import netns
-from vmm.egress import EgressPolicy, may_dial, normalise_host, split_authority
-from vmm.jsonlog import log
+from ..jsonlog import log
+from . import netns
+from .egress import EgressPolicy, may_dial, normalise_host, split_authority
 
-from .metrics import Metrics
+CountAttempt = Callable[[bool], None]  # called once per connection a guest asks for: allowed or not
+
 
 READ_CHUNK = 65536
 LINGER = 1.0  # seconds, and reads of up to READ_CHUNK, spent discarding the guest's bytes after an error
@@ -80,14 +82,14 @@ class EgressProxy:
     """
 
     def __init__(
-        self, vm_id: str, policy: EgressPolicy, sock: socket.socket, metrics: Metrics,
+        self, vm_id: str, policy: EgressPolicy, sock: socket.socket, count: CountAttempt,
         limits: EgressLimits | None = None,
     ) -> None:  # fmt: skip
         self.vm_id = vm_id
         self.policy = policy
         self.limits = limits or EgressLimits()
         self._sock = sock
-        self._metrics = metrics
+        self._count = count
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy = 0  # connections past the cap check
@@ -260,11 +262,11 @@ class EgressProxy:
             await asyncio.gather(up, down, return_exceptions=True)
 
     def _allowed(self, req: _Request, **fields: Any) -> None:
-        self._metrics.egress(True)
+        self._count(True)
         log.event("egress.allowed", vm=self.vm_id, host=req.host, port=req.port, method=req.method, **fields)
 
     def _deny(self, host: str | None, port: int | None, reason: str, method: str | None = None) -> None:
-        self._metrics.egress(False)
+        self._count(False)
         log.event("egress.denied", vm=self.vm_id, host=host, port=port, method=method, reason=reason)
 
 
@@ -272,10 +274,10 @@ class EgressProxies:
     """Every VM's egress proxy, by VM id: what the VM manager calls as VMs start and go away."""
 
     def __init__(
-        self, metrics: Metrics, limits: EgressLimits | None = None, host: str = netns.HOST_IP,
+        self, count: CountAttempt, limits: EgressLimits | None = None, host: str = netns.HOST_IP,
         port: int = netns.EGRESS_PORT,
     ) -> None:  # fmt: skip
-        self._metrics = metrics
+        self._count = count  # e.g. the edge's metrics: each attempt, allowed or not
         self._limits = limits
         self._host, self._port = host, port
         self._proxies: dict[str, EgressProxy] = {}
@@ -284,7 +286,7 @@ class EgressProxies:
         """(Re)start the VM's proxy in its namespace: after netns.create, before the guest runs."""
         await self.close(vm_id)
         sock = await netns.listen_in(vm_id, self._host, self._port)
-        proxy = EgressProxy(vm_id, policy, sock, self._metrics, self._limits)
+        proxy = EgressProxy(vm_id, policy, sock, self._count, self._limits)
         try:
             await proxy.start()
         except BaseException:
