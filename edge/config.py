@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from vmm.build_trust import BuildSettings, check_build_args
 from vmm.errors import InvalidRequest
 from vmm.policy import Policy
 from vmm.settings import VmmSettings
@@ -115,6 +116,7 @@ class Config:
     log: LogConfig
     catalog: CatalogConfig = CatalogConfig()
     cluster: ClusterConfig = ClusterConfig()
+    build: BuildSettings = field(default_factory=BuildSettings)
 
 
 Rule = Callable[[Any, str], Any]  # (value, key) -> the value to keep; raises ConfigError
@@ -297,9 +299,25 @@ _CLUSTER: dict[str, Rule] = {
     "down_after": _seconds,
     "direct": _flag,
 }
+def _paths(value: Any, key: str) -> tuple[Path, ...]:
+    if not isinstance(value, list | tuple):
+        raise _fail(key, "a list of paths", value)
+    return tuple(_path(item, key) for item in value)
+
+
+def _build_args(value: Any, key: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _fail(key, "a table of NAME = \"value\"", value)
+    try:
+        return check_build_args(value, key)
+    except InvalidRequest as e:
+        raise ConfigError(str(e)) from None
+
+
+_BUILD: dict[str, Rule] = {"host_trust": _flag, "ca_files": _paths, "args": _build_args}
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
-_SECTIONS = ("server", "proxy", "tokens", "vmm", "policy", "reaper", "log", "catalog", "cluster")
+_SECTIONS = ("server", "proxy", "tokens", "vmm", "policy", "reaper", "log", "catalog", "cluster", "build")
 
 
 def load_config(path: Path | None) -> Config:
@@ -338,6 +356,7 @@ def load_config(path: Path | None) -> Config:
         log=_section(_table(data, "log"), "log", LogConfig(), _LOG),
         catalog=_section(_table(data, "catalog"), "catalog", CatalogConfig(), _CATALOG),
         cluster=_cluster(_table(data, "cluster")),
+        build=_section(_table(data, "build"), "build", BuildSettings(), _BUILD),
     )
 
 
