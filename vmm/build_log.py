@@ -18,7 +18,7 @@ from .buildtools import Progress
 
 _STEP = re.compile(r"^(\[\d+/\d+\] )?STEP (\d+)/(\d+): (.*)$")
 _URL_HOST = re.compile(r"https?://(?:[^/\s@'\"]+@)?([A-Za-z0-9.-]+)")
-_POOL_HOST = re.compile(r"host='([A-Za-z0-9.-]+)'")
+_POOL_HOST = re.compile(r"host='([A-Za-z0-9.-]+)'|resolve host: ([A-Za-z0-9.-]+)")
 _NO_DISTRIBUTION = re.compile(r"No matching distribution found for (\S+)")
 _NPM_404 = re.compile(r"404 Not Found - GET (\S+)")
 _EXIT_STATUS = re.compile(r"^Error: building at STEP .*: exit status (\d+)$", re.M)
@@ -141,17 +141,19 @@ class BuildLog:
         if kind == "proxy":
             return f"could not reach {host} {via}: the proxy cannot be reached ({phrase}); check HTTPS_PROXY"
         what = "its name does not resolve" if kind == "dns" else "no connection"
-        return f"could not reach {host} {via}: {what} ({phrase}); does this host reach it? (curl -I https://{host}/)"
+        hint = f"does this host reach it? (curl -I https://{host}/)" if "." in host else "does this host reach it?"
+        return f"could not reach {host} {via}: {what} ({phrase}); {hint}"
 
     def _host(self, step: Step, lines: list[str]) -> str:
         """The registry host the step talked to: from its output's URLs, else from the tool it runs."""
         proxy_hosts = {m.group(1) for v in (self.trust.proxies.values() if self.trust else ()) for m in
                        _URL_HOST.finditer(v)}  # fmt: skip
-        for line in lines:
+        for line in [*lines, step.text]:
             for pattern in (_POOL_HOST, _URL_HOST):
                 for match in pattern.finditer(line):
-                    if match.group(1) not in proxy_hosts and "." in match.group(1):
-                        return match.group(1)
+                    host = next(group for group in match.groups() if group)
+                    if host not in proxy_hosts and "." in host:
+                        return host
         index = self.trust.pip_index.get("index-url", "") if self.trust else ""
         registry = self.trust.npm_registry if self.trust else ""
         if "pip" in step.text:

@@ -155,7 +155,7 @@ def pip_index(environ: Mapping[str, str]) -> dict[str, str]:
         if settings[key]:
             continue
         for name in files:
-            value = _ini_value(name, key) if name else ""
+            value = _ini_value(_expand(name, environ), key) if name else ""
             if value:
                 settings[key] = value
     kept = {key: " ".join(url for url in value.split() if _is_http(url)) for key, value in settings.items()}
@@ -168,14 +168,20 @@ def npm_registry(environ: Mapping[str, str]) -> str:
     for name in NPMRC_FILES:
         if value:
             break
-        value = _npmrc_value(name, "registry")
+        value = _npmrc_value(_expand(name, environ), "registry")
     return value if _is_http(value) else ""
+
+
+def _expand(name: str, environ: Mapping[str, str]) -> str:
+    """`~/x` under the HOME of `environ` (the host's, or a test's)."""
+    home = environ.get("HOME") or os.path.expanduser("~")
+    return home + name[1:] if name.startswith("~/") else name
 
 
 def _ini_value(name: str, key: str) -> str:
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read(os.path.expanduser(name), encoding="utf-8")
+        parser.read(name, encoding="utf-8")
     except (configparser.Error, UnicodeDecodeError):
         return ""
     for section in ("global", "install"):
@@ -186,7 +192,7 @@ def _ini_value(name: str, key: str) -> str:
 
 def _npmrc_value(name: str, key: str) -> str:
     try:
-        lines = Path(os.path.expanduser(name)).read_text(encoding="utf-8").splitlines()
+        lines = Path(name).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return ""
     for line in lines:
