@@ -173,10 +173,19 @@ def store() -> oci.Store:
 
 @pytest.fixture
 def scratch_tag(store: oci.Store) -> Iterator[str]:
-    """A tag for a test build, removed (with the layers only it has) afterwards."""
+    """A tag for a test build, removed afterwards with the layers only it has, and the cached steps
+    a failed build left behind."""
     tag = f"localhost/mvm/e2e-{uuid.uuid4().hex[:10]}"
+    before = _dangling(store)
     yield tag
     oci.remove_image(store, tag)
+    for image in _dangling(store) - before:
+        oci.remove_image_id(store, image)
+
+
+def _dangling(store: oci.Store) -> set[str]:
+    argv = store.buildah("images", "-a", "-q", "--no-trunc", "--filter", "dangling=true")
+    return {image.removeprefix("sha256:") for image in run(argv, "buildah images").split()}
 
 
 def _context(tmp_path: Path, dockerfile: str, files: dict[str, str] | None = None) -> Path:
