@@ -142,7 +142,8 @@ def build_dockerfile(
             run_file = scratch / "Dockerfile"
             run_file.write_text(text)
         argv = store.buildah(
-            *mounts.before, "build", "--isolation", "chroot", "--network", "host", "--layers",
+            # --force-rm: a failed step's working container goes too (its cached steps stay as cache)
+            *mounts.before, "build", "--isolation", "chroot", "--network", "host", "--layers", "--force-rm",
             f"--http-proxy={str(trust is not None).lower()}", *(["--no-cache"] if no_cache else []), *mounts.after,
             *(f"--build-arg={k}={v}" for k, v in (build_args or {}).items()),
             "-f", str(run_file), "-t", tag, str(context.resolve()),
