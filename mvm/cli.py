@@ -21,6 +21,7 @@ import termios
 import tty
 import urllib.parse
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("spec", type=Path, nargs="?", default=None, help="image.toml (default images/demo/image.toml)")
     build.add_argument("--dockerfile", type=Path, default=None, help="build this Dockerfile with buildah instead")
     build.add_argument("--context", type=Path, default=None, help="build context (default: the Dockerfile's folder)")
+    build.add_argument("--no-cache", action="store_true", help="run every step again (default: reuse cached layers)")
+    build.add_argument("--no-host-trust", action="store_true",
+                       help="RUN steps get neither the host's CA bundle nor its proxies and indexes")  # fmt: skip
+    build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="a Dockerfile ARG's value (repeatable; adds to build.args)")  # fmt: skip
     _image_options(build)
     build.set_defaults(func=_image_build)
     imp = image.add_parser("import", "make a guest image from an OCI archive or a docker-archive tarball")
@@ -339,8 +345,17 @@ def _image_build(args: argparse.Namespace) -> None:
             raise CliError("give either an image.toml or --dockerfile, not both")
         from vmm.disk_image import build_from_dockerfile
 
+        build_args = dict(cfg.build.args)
+        for item in args.build_arg:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CliError(f"--build-arg {item!r}: must be KEY=VALUE")
+            build_args[key] = value
+        trust = cfg.build.host_trust and not args.no_host_trust
+        options = replace(_build_options(args), no_cache=args.no_cache, build_args=build_args, host_trust=trust,
+                          ca_files=cfg.build.ca_files)  # fmt: skip
         image = build_from_dockerfile(
-            args.dockerfile, args.context, _build_options(args), cfg.vmm.images_dir, cfg.vmm.state_dir, print
+            args.dockerfile, args.context, options, cfg.vmm.images_dir, cfg.vmm.state_dir, print
         )
     else:
         from vmm.image_spec import build_spec_image

@@ -29,6 +29,7 @@ from edge.settings import (
 )
 from edge.tokens import ALGORITHMS, MIN_SECRET_BYTES
 from fleet.settings import DEV_CLUSTER_SECRET, MIN_CLUSTER_SECRET, CatalogConfig, ClusterConfig
+from vmm.build_trust import BuildSettings, check_build_args
 from vmm.errors import ConfigError, InvalidRequest
 from vmm.policy import Policy
 from vmm.settings import JailSettings, VmmSettings
@@ -53,6 +54,7 @@ class Config:
     log: LogConfig
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    build: BuildSettings = field(default_factory=BuildSettings)
 
 
 T = TypeVar("T", bound="DataclassInstance")
@@ -255,9 +257,27 @@ _CLUSTER: dict[str, Rule] = {
     "edge_cert": _path,
     "edge_key": _path,
 }
+
+
+def _paths(value: Any, key: str) -> tuple[Path, ...]:
+    if not isinstance(value, list | tuple):
+        raise _fail(key, "a list of paths", value)
+    return tuple(_path(item, key) for item in value)
+
+
+def _build_args(value: Any, key: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _fail(key, "a table of NAME = \"value\"", value)
+    try:
+        return check_build_args(value, key)
+    except InvalidRequest as e:
+        raise ConfigError(str(e)) from None
+
+
+_BUILD: dict[str, Rule] = {"host_trust": _flag, "ca_files": _paths, "args": _build_args}
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
-_SECTIONS = ("server", "proxy", "tokens", "vmm", "jail", "policy", "reaper", "log", "catalog", "cluster")
+_SECTIONS = ("server", "proxy", "tokens", "vmm", "jail", "policy", "reaper", "log", "catalog", "cluster", "build")
 
 
 def load_config(path: Path | None) -> Config:
@@ -296,6 +316,7 @@ def load_config(path: Path | None) -> Config:
         log=_section(_table(data, "log"), "log", LogConfig(), _LOG),
         catalog=_section(_table(data, "catalog"), "catalog", CatalogConfig(), _CATALOG),
         cluster=_cluster(_table(data, "cluster")),
+        build=_section(_table(data, "build"), "build", BuildSettings(), _BUILD),
     )
 
 

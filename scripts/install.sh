@@ -58,14 +58,20 @@ if [ "$(cat var/images/demo/.inputs 2>/dev/null)" != "$inputs" ]; then
 fi
 
 # The Debian base image for `FROM localhost/mvm/debian:bookworm` (mmdebstrap; a no-op once made),
-# then the python-sandbox example, rebuilt when its inputs change.
+# then the Dockerfile examples, each rebuilt when its inputs change (buildah's layer cache in
+# var/containers makes a rebuild after an app change skip the apt, pip and npm steps):
+# python-sandbox (stdlib only), flask-app (Flask + gunicorn from PyPI, a model loaded at import),
+# node-app (Express from npm, `npm ci` from its lock file).
 .venv/bin/mvm image base
-inputs=$(cat images/python-sandbox/* guest/init/* guest/stage1/* vmm/disk_image.py vmm/oci.py | sha256sum | cut -c1-16)
-if [ "$(cat var/images/python-sandbox/.inputs 2>/dev/null)" != "$inputs" ]; then
-    echo "==> image: building images/python-sandbox/Dockerfile"
-    .venv/bin/mvm image build --dockerfile images/python-sandbox/Dockerfile --name python-sandbox
-    echo "$inputs" > var/images/python-sandbox/.inputs
-fi
+for app in python-sandbox flask-app node-app; do
+    inputs=$(cat "images/$app"/* guest/init/* guest/stage1/* vmm/disk_image.py vmm/oci.py vmm/build_trust.py \
+        | sha256sum | cut -c1-16)
+    if [ "$(cat "var/images/$app/.inputs" 2>/dev/null)" != "$inputs" ]; then
+        echo "==> image: building images/$app/Dockerfile"
+        .venv/bin/mvm image build --dockerfile "images/$app/Dockerfile" --name "$app"
+        echo "$inputs" > "var/images/$app/.inputs"
+    fi
+done
 
 if [ ! -f var/tls/dev.crt ]; then
     .venv/bin/mvm dev-cert --config configs/dev.toml

@@ -8,21 +8,26 @@ own last words, so the CLI never shows a traceback.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import hashlib
 import os
+import selectors
 import shutil
+import signal
 import struct
 import subprocess
-import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import InvalidRequest, VmmError
 
 INSTALL_HINT = "run scripts/install.sh"
 Progress = Callable[[str], None]
+TERM_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a build tool past its timeout
 
 _SBIN = ("/usr/sbin", "/sbin")  # depmod, modprobe and mkfs.ext4 live here and are often not on a user's PATH
 
@@ -67,50 +72,112 @@ def tool(name: str) -> str:
 
 
 def run(argv: list[str], what: str, *, cwd: Path | None = None, timeout: float = 300.0, epoch: int = 0) -> str:
-    """Run a tool to completion; its stdout, or a VmmError with `what` and the tail of its output."""
+    """Run a tool to completion; its stdout, or a VmmError with `what` and the tail of its output.
+
+    The tool runs in a process group of its own: past `timeout` the whole group gets SIGTERM,
+    then SIGKILL after TERM_GRACE, so nothing it started outlives the build.
+    """
     env = dict(os.environ, LC_ALL="C", SOURCE_DATE_EPOCH=str(epoch))
     try:
-        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise VmmError(f"{what} timed out after {timeout:.0f} s") from None
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace", process_group=0)  # fmt: skip
     except OSError as exc:
         raise VmmError(f"{what}: cannot run {argv[0]}: {exc}") from None
+    with proc:  # closes its pipes, whatever happens
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+            raise VmmError(f"{what} timed out after {timeout:.0f} s") from None
+        except BaseException:
+            stop_group(proc)
+            raise
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+        detail = (stderr or stdout).strip()[-2000:]
         raise VmmError(f"{what} failed (exit {proc.returncode}): {detail}")
-    return proc.stdout
+    return stdout
 
 
-def run_lines(argv: list[str], what: str, on_line: Callable[[str], None], *, timeout: float = 3600.0) -> None:
+def run_lines(
+    argv: list[str],
+    what: str,
+    on_line: Callable[[str], None],
+    *,
+    timeout: float = 3600.0,
+    env: dict[str, str] | None = None,
+) -> None:
     """Run a tool, handing each output line (stdout and stderr) to `on_line` as it comes.
 
-    A failure is a VmmError with `what` and the tool's last lines; a tool past `timeout` is killed.
+    A failure is a VmmError with `what` and the tool's last lines. The tool runs in a process
+    group of its own; past `timeout` the group gets SIGTERM, then SIGKILL after TERM_GRACE.
     """
-    env = dict(os.environ, LC_ALL="C")
+    env = dict(os.environ if env is None else env, LC_ALL="C")
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                text=True, errors="replace", env=env)  # fmt: skip
+                                env=env, process_group=0)  # fmt: skip
     except OSError as exc:
         raise VmmError(f"{what}: cannot run {argv[0]}: {exc}") from None
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
     last: collections.deque[str] = collections.deque(maxlen=25)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            last.append(line)
-            on_line(line)
-        returncode = proc.wait()
-    finally:
-        timer.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    deadline = time.monotonic() + timeout
+    with proc:  # closes its pipe, whatever happens
+        try:
+            assert proc.stdout is not None
+            for line in _lines(proc.stdout.fileno(), deadline):
+                last.append(line)
+                on_line(line)
+            returncode = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+            raise VmmError(f"{what} timed out after {timeout:.0f} s") from None
+        except BaseException:
+            stop_group(proc)
+            raise
     if returncode != 0:
-        if returncode == -9 and not timer.is_alive():
-            raise VmmError(f"{what} timed out after {timeout:.0f} s")
         raise VmmError(f"{what} failed (exit {returncode}): {' | '.join(line for line in last if line.strip())}")
+
+
+def _lines(fd: int, deadline: float) -> Iterator[str]:
+    """Lines read from `fd` until EOF or `deadline` (whichever comes first), undecodable bytes replaced."""
+    buffer = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(left):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                yield raw.decode(errors="replace")
+    if buffer:
+        yield buffer.decode(errors="replace")
+
+
+def stop_group(proc: subprocess.Popen[Any], grace: float | None = None) -> None:
+    """SIGTERM the process group of `proc` (its own: process_group=0), then SIGKILL what is left.
+
+    The leader is reaped only after the SIGKILL: until then its pid, the group's id, cannot be
+    reused, so the signals never reach another process's group.
+    """
+    grace = TERM_GRACE if grace is None else grace
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not _exited(proc.pid):
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` (our child) has exited, without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def sha256_file(path: Path) -> str:

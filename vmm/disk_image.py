@@ -21,11 +21,11 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import capacity, hooks, initramfs, kernel, oci
+from . import build_trust, capacity, hooks, initramfs, kernel, oci
 from .buildtools import (
     Progress,
     Steps,
@@ -79,6 +79,10 @@ class BuildOptions:
     vcpus: int | None = None
     disk_mb: int | None = None
     hooks: str | None = None  # comma list of events with HTTP hooks (default: LABEL mvm.hooks)
+    no_cache: bool = False  # Dockerfile builds: run every step again instead of reusing cached layers
+    host_trust: bool = True  # Dockerfile builds: RUN steps get the host's CAs, proxies, indexes (build_trust)
+    ca_files: tuple[Path, ...] = ()  # more CA files for RUN steps to trust
+    build_args: dict[str, str] = field(default_factory=dict)  # --build-arg KEY=VALUE
 
 
 @dataclass(frozen=True)
@@ -121,16 +125,21 @@ def build_from_dockerfile(
         raise InvalidRequest(f"build context is not a directory: {context}")
     name = check_name(options.name or _name_from(dockerfile.resolve().parent.name))
     store = oci.Store(state_dir / "containers")
-    tag = f"localhost/mvm/build-{name}-{uuid.uuid4().hex[:8]}"
+    trust = build_trust.from_host(os.environ, options.ca_files) if options.host_trust else None
+    build_args = build_trust.check_build_args(options.build_args, "build.args")
+    # The built image stays in buildah's store under this tag: its layers are the next build's cache.
+    tag = f"localhost/mvm/build/{name}"
 
     def rootfs(dest: Path, step: Steps) -> oci.ImageConfig:
-        step(f"building {dockerfile} with buildah")
-        try:
-            oci.build_dockerfile(store, dockerfile, context, tag, progress)
-            step("exporting the image's filesystem")
-            return oci.export_image(store, tag, dest, progress)
-        finally:
-            oci.remove_image(store, tag)
+        step(f"building {dockerfile} with buildah{' (no cache)' if options.no_cache else ''}")
+        previous = oci.image_id(store, tag)
+        oci.build_dockerfile(store, dockerfile, context, tag, progress, trust=trust, no_cache=options.no_cache,
+                             build_args=build_args)  # fmt: skip
+        step("exporting the image's filesystem")
+        config = oci.export_image(store, tag, dest, progress)
+        if previous is not None and previous != oci.image_id(store, tag):
+            oci.remove_image_id(store, previous)
+        return config
 
     return _build(name, f"dockerfile:{dockerfile.resolve()}", rootfs, options, images_dir, state_dir, progress)
 

@@ -8,20 +8,29 @@ from the layout's blobs.
 
 buildah keeps its images in the project's own store (`<state_dir>/containers`), never the
 host's global one, with the overlay driver and `--isolation chroot`: no OCI runtime
-(runc/crun) is needed and RUN steps share the host's network, so `apt-get` and `pip` work
-wherever the host reaches a package registry.
+(runc/crun) is needed and RUN steps share the host's network; with the host's CA bundle,
+proxies and package indexes (vmm/build_trust.py), `apt-get`, `pip` and `npm` work wherever
+they work on the host. Layers are cached in the store, so a rebuild reruns only the steps
+after the first one whose input changed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import shutil
 import tarfile
 import tempfile
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import build_trust
+from .build_log import BuildLog
 from .buildtools import Progress, run, run_lines, tool
 from .errors import InvalidRequest, VmmError
 
@@ -96,23 +105,75 @@ def ensure_base_image(store: Store, progress: Progress, *, force: bool = False) 
     return BASE_IMAGE
 
 
-def build_dockerfile(store: Store, dockerfile: Path, context: Path, tag: str, progress: Progress) -> None:
-    """buildah build: rootful, host network, chroot isolation; a failing step's output in the error."""
+def build_dockerfile(
+    store: Store,
+    dockerfile: Path,
+    context: Path,
+    tag: str,
+    progress: Progress,
+    *,
+    trust: build_trust.HostTrust | None = None,
+    no_cache: bool = False,
+    build_args: Mapping[str, str] | None = None,
+) -> None:
+    """buildah build: rootful, host network, chroot isolation, layers cached in the store.
+
+    With `trust`, RUN steps get the host's CA bundle, proxies and package indexes (none of it
+    reaches the image: vmm/build_trust.py); without it they get neither, nor the host's proxies.
+    A failing step is one line naming it and its cause (vmm/build_log.py).
+    """
     if not dockerfile.is_file():
         raise InvalidRequest(f"Dockerfile not found: {dockerfile}")
     if not context.is_dir():
         raise InvalidRequest(f"build context is not a directory: {context}")
     store.root.mkdir(parents=True, exist_ok=True)
-    argv = store.buildah("build", "--isolation", "chroot", "--network", "host", "--layers=false",
-                         "-f", str(dockerfile.resolve()), "-t", tag, str(context.resolve()))  # fmt: skip
+    scratch = store.root / f".build-{uuid.uuid4().hex[:12]}"
+    variables = trust.variables() if trust is not None else {}
+    text, added = build_trust.with_trust_args(dockerfile.read_text(errors="replace"), variables)
+    env = {k: v for k, v in os.environ.items() if k.upper() not in build_trust.PROXY_VARIABLES}
+    with contextlib.ExitStack() as stack:
+        mounts = build_trust.Mounts([], [])
+        if trust is not None:
+            mounts = stack.enter_context(build_trust.staged(trust, scratch))
+            env.update(trust.proxies)
+            progress(f"      {trust.describe()}")
+        run_file = dockerfile.resolve()
+        if added:
+            run_file = scratch / "Dockerfile"
+            run_file.write_text(text)
+        argv = store.buildah(
+            # --force-rm: a failed step's working container goes too (its cached steps stay as cache)
+            *mounts.before, "build", "--isolation", "chroot", "--network", "host", "--layers", "--force-rm",
+            f"--http-proxy={str(trust is not None).lower()}", *(["--no-cache"] if no_cache else []), *mounts.after,
+            *(f"--build-arg={k}={v}" for k, v in (build_args or {}).items()),
+            "-f", str(run_file), "-t", tag, str(context.resolve()),
+        )  # fmt: skip
+        log = BuildLog(progress, trust, 1 if added else 0)
+        try:
+            run_lines(argv, f"buildah build {dockerfile}", log, timeout=3600, env=env)
+        except VmmError as exc:
+            raise VmmError(_explain_build_failure(store, dockerfile, log, str(exc))) from None
+        log.finish()
+        progress(f"      {log.summary()}")
+
+
+def image_id(store: Store, ref: str) -> str | None:
+    """The id of image `ref` in the store, None if there is none."""
     try:
-        run_lines(argv, f"buildah build {dockerfile}", lambda line: progress(f"      {line}"), timeout=3600)
-    except VmmError as exc:
-        raise VmmError(_explain_build_failure(store, dockerfile, str(exc))) from None
+        return run(store.buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", ref),
+                   f"buildah inspect {ref}", timeout=60).strip() or None  # fmt: skip
+    except VmmError:
+        return None
 
 
-def _explain_build_failure(store: Store, dockerfile: Path, error: str) -> str:
-    """Name the missing base image when that is the cause, else the failing step."""
+def remove_image_id(store: Store, image: str) -> None:
+    """Drop an image no tag names any more, with the layers only it used; one still in use stays."""
+    with contextlib.suppress(VmmError):
+        run(store.buildah("rmi", image), f"buildah rmi {image}", timeout=120)
+
+
+def _explain_build_failure(store: Store, dockerfile: Path, log: BuildLog, error: str) -> str:
+    """Name the missing base image when that is the cause, else the failing step and its cause."""
     for line in dockerfile.read_text(errors="replace").splitlines():
         words = line.split()
         if len(words) >= 2 and words[0].upper() == "FROM":
@@ -120,7 +181,7 @@ def _explain_build_failure(store: Store, dockerfile: Path, error: str) -> str:
             if base != "scratch" and not image_exists(store, base):
                 hint = " (make it with `mvm image base`)" if base == BASE_IMAGE else ""
                 return f"image build: base image {base} is not in the local store and could not be pulled{hint}"
-    return f"image build: {error}"
+    return log.explain(error)
 
 
 def export_image(store: Store, ref: str, dest_rootfs: Path, progress: Progress) -> ImageConfig:
@@ -171,6 +232,8 @@ def _archive_transport(archive: Path) -> str:
 
 def _unpack(layout: Path, dest_rootfs: Path, progress: Progress) -> ImageConfig:
     config = _read_config(layout)
+    progress("      checking blob digests")
+    check_blobs(layout)
     progress("      applying layers with umoci")
     try:
         run([tool("umoci"), "raw", "unpack", "--image", f"{layout}:{_LAYOUT_TAG}", str(dest_rootfs)],
@@ -181,10 +244,44 @@ def _unpack(layout: Path, dest_rootfs: Path, progress: Progress) -> ImageConfig:
     return config
 
 
-def _blob(layout: Path, digest: Any) -> Any:
+def check_blobs(layout: Path) -> None:
+    """Every blob the one image of `layout` uses (manifest, config, layers) has its digest and size.
+
+    umoci trusts the layout it is given, and a damaged layer would become a damaged disk.
+    """
+    index = json.loads((layout / "index.json").read_bytes())
+    manifest_descriptor = index["manifests"][0]
+    manifest = _blob(layout, manifest_descriptor.get("digest"))
+    for descriptor in (manifest_descriptor, manifest["config"], *manifest.get("layers", [])):
+        _check_blob(layout, descriptor)
+
+
+def _check_blob(layout: Path, descriptor: Any) -> None:
+    digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
+    path = _blob_path(layout, digest)
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                sha.update(block)
+                size += len(block)
+    except OSError as exc:
+        raise InvalidRequest(f"image blob {digest} is missing: {exc.strerror}") from None
+    if f"sha256:{sha.hexdigest()}" != digest:
+        raise InvalidRequest(f"image blob {digest} does not match its digest (sha256:{sha.hexdigest()}): it is damaged")
+    if isinstance(descriptor.get("size"), int) and descriptor["size"] != size:
+        raise InvalidRequest(f"image blob {digest} has {size} bytes, its descriptor says {descriptor['size']}")
+
+
+def _blob_path(layout: Path, digest: Any) -> Path:
     if not isinstance(digest, str) or not digest.startswith("sha256:") or "/" in digest:
         raise VmmError(f"OCI layout {layout}: bad digest {digest!r}")
-    path = layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+    return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+
+def _blob(layout: Path, digest: Any) -> Any:
+    path = _blob_path(layout, digest)
     try:
         return json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:

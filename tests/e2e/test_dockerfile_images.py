@@ -18,6 +18,7 @@ import pytest
 
 from tests.e2e.guest import guest_request
 from vmm import disks, jsonlog, oci
+from vmm.buildtools import run
 from vmm.disk_image import BuildOptions, build_from_archive, build_from_dockerfile
 from vmm.errors import Conflict, InvalidRequest, OverCapacity, VmmError
 from vmm.image import list_images
@@ -81,7 +82,18 @@ def build_settings(settings: VmmSettings, tmp_path: Path) -> Iterator[VmmSetting
     (state / "templates").mkdir()
     (state / "containers").symlink_to(STATE / "containers")
     (state / "cache").symlink_to(STATE / "cache")
+    store = oci.Store(STATE / "containers")
+    before = _cache_tags(store)
     yield settings
+    for tag, _ in _cache_tags(store) - before:  # the layer caches this test's builds left in the shared store
+        oci.remove_image(store, tag)
+
+
+def _cache_tags(store: oci.Store) -> set[tuple[str, str]]:
+    """(tag, image id) of every image build's layer cache (localhost/mvm/build/<name>) in the store."""
+    lines = run(store.buildah("images", "--format", "{{.Name}} {{.ID}}"), "buildah images").splitlines()
+    pairs = {tuple(line.split()[:2]) for line in lines if line.startswith("localhost/mvm/build/")}
+    return {(tag, image) for tag, image in pairs}
 
 
 async def test_dockerfile_to_image_to_template_to_vm(build_settings: VmmSettings, tmp_path: Path) -> None:
