@@ -51,6 +51,7 @@ class GroupUsage:
     cpu_ns: int
     memory_bytes: int
     memory_peak_bytes: int
+    memory_limit_bytes: int  # -1: none
 
 
 def limits_for(vcpus: int, memory_mb: int, cpu_share: float, overhead_mb: int, pids_max: int, io_weight: int) -> Limits:
@@ -211,7 +212,8 @@ class CgroupsV1(Cgroups):
         memory = self._dir("memory", "vms", group)
         current = int(_read(memory / "memory.usage_in_bytes"))
         cpu_ns = int(_read(self._dir("cpuacct", "vms", group) / "cpuacct.usage")) if "cpuacct" in self.mounts else 0
-        return GroupUsage(cpu_ns, current, max(current, int(_read(memory / "memory.max_usage_in_bytes"))))
+        peak = max(current, int(_read(memory / "memory.max_usage_in_bytes")))
+        return GroupUsage(cpu_ns, current, peak, int(_read(memory / "memory.limit_in_bytes")))
 
 
 class CgroupsV2(Cgroups):
@@ -268,7 +270,8 @@ class CgroupsV2(Cgroups):
         current = int(_read(directory / "memory.current"))
         peak_file = directory / "memory.peak"  # Linux 5.19 and later; before, the current figure is all there is
         peak = int(_read(peak_file)) if peak_file.exists() else current
-        return GroupUsage(_field(directory / "cpu.stat", "usage_usec") * 1000, current, max(current, peak))
+        cpu_ns = _field(directory / "cpu.stat", "usage_usec") * 1000
+        return GroupUsage(cpu_ns, current, max(current, peak), _max(_read(directory / "memory.max")))
 
 
 def detect(name: str, mounts_file: Path = Path("/proc/self/mounts")) -> Cgroups | None:

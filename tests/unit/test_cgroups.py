@@ -132,8 +132,9 @@ def test_v2_usage_from_cpu_stat_and_memory(tmp_path: Path) -> None:
     (vm / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
     (vm / "memory.current").write_text("104857600\n")
     (vm / "memory.peak").write_text("209715200\n")
+    (vm / "memory.max").write_text("max\n")
     groups = CgroupsV2("mvm", tmp_path)
-    assert groups.usage("v1") == GroupUsage(cpu_ns=2_500_000_000, memory_bytes=100 << 20, memory_peak_bytes=200 << 20)
+    assert groups.usage("v1") == GroupUsage(2_500_000_000, 100 << 20, 200 << 20, memory_limit_bytes=-1)
     (vm / "memory.peak").unlink()  # before Linux 5.19: no peak, the current figure stands for it
     assert groups.usage("v1").memory_peak_bytes == 100 << 20
     with pytest.raises(OSError):
@@ -148,9 +149,10 @@ def test_v1_usage_from_cpuacct_and_memory(tmp_path: Path) -> None:
     memory = mounts["memory"] / "mvm" / "vms" / "v1"
     (memory / "memory.usage_in_bytes").write_text(f"{64 << 20}\n")
     (memory / "memory.max_usage_in_bytes").write_text(f"{96 << 20}\n")
-    assert CgroupsV1("mvm", mounts).usage("v1") == GroupUsage(1_500_000_000, 64 << 20, 96 << 20)
+    (memory / "memory.limit_in_bytes").write_text(f"{672 << 20}\n")
+    assert CgroupsV1("mvm", mounts).usage("v1") == GroupUsage(1_500_000_000, 64 << 20, 96 << 20, 672 << 20)
     without_cpuacct = {c: p for c, p in mounts.items() if c != "cpuacct"}
-    assert CgroupsV1("mvm", without_cpuacct).usage("v1") == GroupUsage(0, 64 << 20, 96 << 20)
+    assert CgroupsV1("mvm", without_cpuacct).usage("v1") == GroupUsage(0, 64 << 20, 96 << 20, 672 << 20)
     with pytest.raises(OSError):
         CgroupsV1("mvm", mounts).usage("gone")
 
