@@ -6,8 +6,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
+from edge.control import build_control_app
+from edge.metrics import Metrics
+from edge.settings import DEV_ADMIN_KEY, ServerConfig, TokensConfig, token_service
+from microvm_edge import AsyncClient
+from microvm_edge import NotFound as SdkNotFound
 from tests.unit.fake_runtime import FakeRuntime, write_template
 from vmm import netns
 from vmm.cgroups import GroupUsage
@@ -110,3 +117,23 @@ async def test_the_manager_reads_a_running_vm_from_its_group_and_a_suspended_one
     assert (usage.state, usage.cpu_seconds, usage.memory_bytes, usage.net_rx_bytes) == ("suspended", 0.0, 0, 1000)
     with pytest.raises(NotFound):
         vms.usage("no-such-vm")
+
+
+async def test_the_control_api_and_the_sdk_answer_a_vms_metrics_and_404_for_an_unknown_one(
+    manager: tuple[VmManager, FakeRuntime],
+) -> None:
+    vms, fake = manager
+    vm_id = (await vms.create_vm("demo")).id
+    fake.groups[vm_id] = GroupUsage(1_000_000_000, 40 << 20, 50 << 20, 672 << 20)
+    app = build_control_app(ServerConfig(tls=False), vms, token_service(TokensConfig()), Metrics())
+    async with TestServer(app, host="127.0.0.1") as server:
+        async with AsyncClient(str(server.make_url("")), DEV_ADMIN_KEY) as sdk:
+            got = await sdk.metrics(vm_id)
+            assert (got.vm, got.state, got.cpu_seconds, got.memory_bytes) == (vm_id, "running", 1.0, 40 << 20)
+            assert got.memory_limit_bytes == 672 << 20 and got.raw["memory_peak_bytes"] == 50 << 20
+            with pytest.raises(SdkNotFound):
+                await sdk.metrics("no-such-vm")
+        auth = {"Authorization": f"Bearer {DEV_ADMIN_KEY}"}
+        async with aiohttp.ClientSession(headers=auth) as http, http.get(server.make_url("/v1/vms/nope/metrics")) as r:
+            assert r.status == 404 and r.content_type == "application/json"
+            assert await r.json() == {"error": "not_found", "message": "VM 'nope' does not exist"}
