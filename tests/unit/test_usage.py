@@ -15,6 +15,7 @@ from edge.metrics import Metrics
 from edge.settings import DEV_ADMIN_KEY, ServerConfig, TokensConfig, token_service
 from microvm_edge import AsyncClient
 from microvm_edge import NotFound as SdkNotFound
+from mvm import top
 from tests.unit.fake_runtime import FakeRuntime, write_template
 from vmm import netns
 from vmm.cgroups import GroupUsage
@@ -137,3 +138,25 @@ async def test_the_control_api_and_the_sdk_answer_a_vms_metrics_and_404_for_an_u
         async with aiohttp.ClientSession(headers=auth) as http, http.get(server.make_url("/v1/vms/nope/metrics")) as r:
             assert r.status == 404 and r.content_type == "application/json"
             assert await r.json() == {"error": "not_found", "message": "VM 'nope' does not exist"}
+
+
+async def test_top_shows_running_vms_busiest_first_and_leaves_suspended_ones_out(
+    manager: tuple[VmManager, FakeRuntime],
+) -> None:
+    vms, fake = manager
+    idle, busy, asleep = [(await vms.create_vm("demo")).id for _ in range(3)]
+    await vms.suspend(asleep)
+    fake.groups[idle] = GroupUsage(0, 30 << 20, 31 << 20, 672 << 20)
+    fake.groups[busy] = GroupUsage(0, 300 << 20, 310 << 20, 672 << 20)
+    fake.taps[busy] = (1536, 3 << 30)
+    app = build_control_app(ServerConfig(tls=False), vms, token_service(TokensConfig()), Metrics())
+    async with TestServer(app, host="127.0.0.1") as server, AsyncClient(str(server.make_url("")), DEV_ADMIN_KEY) as sdk:
+        await top.sample(sdk)  # the first read of each VM: 0 %
+        fake.groups[busy] = GroupUsage(10**12, 300 << 20, 310 << 20, 672 << 20)  # far more CPU since
+        lines = top.table(await top.sample(sdk)).splitlines()
+    assert lines[0].split() == ["ID", "STATE", "CPU%", "MEM", "PEAK", "DISK", "NET", "RX", "NET", "TX"]
+    assert lines[1].split()[:2] == [busy, "running"] and float(lines[1].split()[2]) > 0
+    assert lines[1].split()[3:] == ["300.0MiB", "310.0MiB", "0B", "1.5KiB", "3.0GiB"]
+    assert lines[2].split()[:3] == [idle, "running", "0.0"]
+    assert len(lines) == 3 and asleep not in "".join(lines)
+    assert top.table([]).splitlines()[1] == "(no running VMs)"
