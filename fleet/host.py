@@ -90,7 +90,9 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
     """
     jsonlog.configure(cfg.log.level)
     host_id = host_id_of(cfg)
-    metrics = Metrics(lambda: manager.counts_by_state())
+    metrics = Metrics(
+        lambda: manager.counts_by_state(), (lambda: manager.usage_all()) if cfg.server.per_vm_metrics else None
+    )
     egress = EgressProxies(metrics)  # each VM's egress proxy: a per-VM network service the manager opens
     manager = VmManager(cfg.vmm, egress=egress, lock_fd=lock_fd)
     tls = cluster_tls(cfg.cluster, "host")  # its files are checked before anything starts
