@@ -13,16 +13,20 @@ from aiohttp.test_utils import TestServer
 from edge.control import build_control_app
 from edge.metrics import Metrics
 from edge.settings import DEV_ADMIN_KEY, ServerConfig, TokensConfig, token_service
+from fleet.catalog import HostRecord
+from fleet.edge_control import HostsUsage, build_edge_control_app
 from microvm_edge import AsyncClient
 from microvm_edge import NotFound as SdkNotFound
 from mvm import top
+from mvm.config import load_config
 from tests.unit.fake_runtime import FakeRuntime, write_template
+from tests.unit.test_fleet_parts import host
 from vmm import netns
 from vmm.cgroups import GroupUsage
-from vmm.errors import NotFound
+from vmm.errors import NotFound, NotRunning
 from vmm.manager import VmManager
 from vmm.settings import VmmSettings
-from vmm.usage import UsageMeter, disk_bytes
+from vmm.usage import UsageMeter, VmUsage, disk_bytes
 
 
 class Clock:
@@ -160,3 +164,34 @@ async def test_top_shows_running_vms_busiest_first_and_leaves_suspended_ones_out
     assert lines[2].split()[:3] == [idle, "running", "0.0"]
     assert len(lines) == 3 and asleep not in "".join(lines)
     assert top.table([]).splitlines()[1] == "(no running VMs)"
+
+
+class _TwoHosts:
+    def hosts(self) -> list[HostRecord]:
+        return [host("h1", 9000), host("h2", 1000)]
+
+    def host_up(self, host_id: str) -> bool:
+        return True
+
+
+class _HostApis:
+    """h1 holds one VM; h2 does not answer."""
+
+    async def call(self, host_id: str, address: str, method: str, path: str, body: object = None) -> object:
+        assert (method, path) == ("GET", "/v1/host/usage")
+        if host_id == "h2":
+            raise NotRunning("host h2 did not answer")
+        return {"vms": [VmUsage("vmh1", "running", 0.0, 1.5, 10.0, 64, 65, 96, 4096, 7, 8).to_dict()]}
+
+
+async def test_a_fleet_edges_metrics_carry_each_up_hosts_per_vm_series() -> None:
+    """The hosts hold the VMs: with per_vm_metrics the edge asks them at scrape time; a host down costs its series."""
+    cfg = load_config(None)
+    usage = HostsUsage()
+    tokens, metrics = token_service(cfg.tokens), Metrics(None, usage)
+    app = build_edge_control_app(cfg, _TwoHosts(), _HostApis(), tokens, metrics, usage)  # type: ignore[arg-type]
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as http:
+        resp = await http.get(server.make_url("/metrics"))
+        text = await resp.text()
+    assert resp.status == 200
+    assert 'mvm_vm_cpu_seconds{vm="vmh1"} 1.5' in text and 'mvm_vm_net_tx_bytes{vm="vmh1"} 8.0' in text
