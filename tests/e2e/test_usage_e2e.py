@@ -7,8 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from tests.e2e.edge_harness import CONTROL, edge_config, running_edge
+from tests.e2e.fleet_harness import DOMAIN
 from tests.e2e.guest import sandbox_run
 from tests.e2e.test_cli_e2e import mvm
+from tests.e2e.test_fleet import serve_workers
 from vmm import cgroups
 from vmm.settings import VmmSettings
 
@@ -59,3 +61,18 @@ async def test_a_running_vms_usage_through_the_api_prometheus_and_top(
         asleep = await client.api("GET", f"/v1/vms/{vm_id}/metrics", status=200)
         assert asleep["state"] == "suspended" and asleep["cpu_seconds"] == asleep["cpu_percent"] == 0, asleep
         assert asleep["memory_bytes"] == asleep["memory_peak_bytes"] == 0 and asleep["disk_bytes"] > 0, asleep
+
+
+async def test_per_vm_series_and_metrics_through_edge_workers(settings: VmmSettings, tmp_path: Path) -> None:
+    """`mvm serve --workers 2`: a worker answers, asking the host for the VMs' usage."""
+    server, log = {"per_vm_metrics": True}, {"level": "warning"}
+    async with serve_workers(settings, tmp_path, server=server, log=log) as (_, client):
+        vm_id = (await client.api("POST", "/v1/vms", {}, status=201))["id"]
+        usage = await client.api("GET", f"/v1/vms/{vm_id}/metrics", status=200)
+        assert usage["vm"] == vm_id and usage["cpu_seconds"] > 0 and usage["memory_bytes"] > 0, usage
+        for _ in range(4):  # any worker may answer the scrape
+            status, _, body = await client.request(f"api.{DOMAIN}", "GET", "/metrics")
+            assert status == 200 and f'mvm_vm_memory_bytes{{vm="{vm_id}"}}' in body.decode()
+        missing = await client.api("GET", "/v1/vms/no-such-vm/metrics", status=404)
+        assert missing["error"] == "not_found", missing
+        await client.api("DELETE", f"/v1/vms/{vm_id}", status=204)
