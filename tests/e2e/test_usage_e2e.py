@@ -3,6 +3,9 @@ the per-VM Prometheus series, `mvm vm top --once`, and a suspended VM's zeros.""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +57,8 @@ async def test_a_running_vms_usage_through_the_api_prometheus_and_top(
         rows = [line.split() for line in out.splitlines()]
         assert rows[0][:3] == ["ID", "STATE", "CPU%"] and [vm_id, "running"] in [row[:2] for row in rows[1:]], out
 
+        await top_refreshes_until_ctrl_c(config, vm_id)
+
         missing = await client.api("GET", "/v1/vms/no-such-vm/metrics", status=404)
         assert missing == {"error": "not_found", "message": "VM 'no-such-vm' does not exist"}
 
@@ -61,6 +66,30 @@ async def test_a_running_vms_usage_through_the_api_prometheus_and_top(
         asleep = await client.api("GET", f"/v1/vms/{vm_id}/metrics", status=200)
         assert asleep["state"] == "suspended" and asleep["cpu_seconds"] == asleep["cpu_percent"] == 0, asleep
         assert asleep["memory_bytes"] == asleep["memory_peak_bytes"] == 0 and asleep["disk_bytes"] > 0, asleep
+
+
+async def top_refreshes_until_ctrl_c(config: Path, vm_id: str) -> None:
+    """`mvm vm top --interval 0.2` prints the table again and again; Ctrl-C (SIGINT) ends it quietly."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mvm.cli", "vm", "top", "--interval", "0.2", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        tables = 0
+        async with asyncio.timeout(60):
+            while tables < 3:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "mvm vm top stopped by itself"
+                tables += line.startswith("ID ")
+                assert not line.split() or line.startswith("ID ") or line.split()[0] == vm_id, line
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0 and "Traceback" not in err.decode(), err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_per_vm_series_and_metrics_through_edge_workers(settings: VmmSettings, tmp_path: Path) -> None:
