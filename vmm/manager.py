@@ -350,6 +350,7 @@ class VmManager:
             vm.moving = False
             if moved_to is not None:
                 await self.transitions.discard(vm, f"moved to host {moved_to}")
+                self.meter.forget(vm_id)
         log.event("vm.exported", vm=vm_id, moved_to=moved_to)
 
     async def adopt_moved(self, rec: VmRecord, files: Path, template_created_at: float) -> VmRecord:
