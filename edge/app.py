@@ -95,7 +95,9 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
         listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port)
         started.callback(listener.close)
         faults.point("serve.listening")
-        metrics = Metrics(lambda: manager.counts_by_state())
+        metrics = Metrics(
+            lambda: manager.counts_by_state(), (lambda: manager.usage_all()) if cfg.server.per_vm_metrics else None
+        )
         egress = EgressProxies(metrics.egress)  # each VM's egress proxy: a per-VM network service the manager opens
         manager = VmManager(cfg.vmm, egress=egress, lock_fd=lock_fd)
         started.push_async_callback(egress.close_all)

@@ -11,6 +11,7 @@ from vmm.agent import Exec
 from vmm.applog import AppLog
 from vmm.image import Image
 from vmm.model import Template, VmRecord
+from vmm.usage import VmUsage
 
 
 class VmBackend(Protocol):
@@ -52,6 +53,7 @@ class ManagedVms(VmBackend, Protocol):
     async def resume(self, vm_id: str) -> VmRecord: ...
     async def delete(self, vm_id: str, reason: str = ...) -> None: ...
     def app_log(self, vm_id: str) -> AppLog: ...
+    def usage(self, vm_id: str) -> VmUsage: ...
     async def exec(
         self, vm_id: str, argv: list[str], env: list[str], cwd: str, uid: int, gid: int,
         pty: tuple[int, int] | None = None,

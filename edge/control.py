@@ -149,6 +149,11 @@ async def vm_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def vm_metrics(request: web.Request) -> web.Response:
+    """GET /v1/vms/{id}/metrics: what the VM uses now (vmm.usage)."""
+    return json_response(request.app[MANAGER].usage(request.match_info["vm_id"]).to_dict())
+
+
 async def vm_exec(request: web.Request) -> web.StreamResponse:
     req = ExecRequest.parse(await read_body(request))
     return await stream_exec(request, request.app[MANAGER], request.match_info["vm_id"], req)
@@ -230,6 +235,7 @@ def build_control_app(
     app.router.add_get("/v1/images", list_images)
     app.router.add_delete("/v1/images/{name}", delete_image)
     app.router.add_get("/v1/vms/{vm_id}/logs", vm_logs)
+    app.router.add_get("/v1/vms/{vm_id}/metrics", vm_metrics)
     app.router.add_post("/v1/vms/{vm_id}/exec", vm_exec)
     files_api.add_routes(app, manager)
     shell_api.add_routes(app, manager)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as prometheus_values
@@ -26,6 +26,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from vmm.model import VmState
+from vmm.usage import VmUsage
 
 WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 
@@ -41,7 +42,11 @@ def shared_dir() -> str | None:
 class Metrics:
     """Counters the proxy bumps per request; label children are cached off the hot path."""
 
-    def __init__(self, vm_states: Callable[[], Mapping[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        vm_states: Callable[[], Mapping[str, int]] | None = None,
+        vm_usage: Callable[[], Iterable[VmUsage]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter("mvm_requests", "HTTP responses by status.", ["status"], registry=self.registry)
         self._by_status: dict[int, Counter] = {}
@@ -85,6 +90,8 @@ class Metrics:
             MultiProcessCollector(self._exposed, self.shared)
         if self._vm_states is not None:
             self._exposed.register(self._vm_states)
+        if vm_usage is not None:  # [server] per_vm_metrics: series per VM, read from the manager at scrape time
+            self._exposed.register(_VmUsage(vm_usage))
         self._batched = False  # request, proxied and client_connections wait for `flush`
         self._flusher: asyncio.TimerHandle | None = None
         self._pending_status: dict[int, int] = {}
@@ -189,3 +196,30 @@ class _VmStates(Collector):
         for state, count in counts.items():
             family.add_metric([state], count)
         yield family
+
+
+_PER_VM = (
+    ("mvm_vm_cpu_seconds", "CPU time of the VM's QEMU (its cgroup; from 0 again after a restore).", "cpu_seconds"),
+    ("mvm_vm_cpu_percent", "CPU % since the VM's previous read (100: one whole CPU).", "cpu_percent"),
+    ("mvm_vm_memory_bytes", "Memory of the VM's QEMU now (its cgroup).", "memory_bytes"),
+    ("mvm_vm_memory_peak_bytes", "Most memory of the VM's QEMU so far (its cgroup).", "memory_peak_bytes"),
+    ("mvm_vm_disk_bytes", "Allocated bytes of the VM's overlay and RAM file.", "disk_bytes"),
+    ("mvm_vm_net_rx_bytes", "Bytes the guest sent (its tap's rx counter).", "net_rx_bytes"),
+    ("mvm_vm_net_tx_bytes", "Bytes sent to the guest (its tap's tx counter).", "net_tx_bytes"),
+)
+
+
+class _VmUsage(Collector):
+    """mvm_vm_*{vm}: each VM's usage (vmm.usage), read at scrape time; one series per VM and figure,
+    so off by default ([server] per_vm_metrics)."""
+
+    def __init__(self, vm_usage: Callable[[], Iterable[VmUsage]]) -> None:
+        self._vm_usage = vm_usage
+
+    def collect(self) -> Iterator[Metric]:
+        families = [(GaugeMetricFamily(name, text, labels=["vm"]), field) for name, text, field in _PER_VM]
+        for usage in self._vm_usage():
+            for family, field in families:
+                family.add_metric([usage.vm], getattr(usage, field))
+        for family, _ in families:
+            yield family

@@ -67,6 +67,9 @@ OPENAPI: dict[str, Any] = {
         "/v1/vms/{vm_id}/pause": {"post": _op("Pause in memory", 200, "Vm", vm=True)},
         "/v1/vms/{vm_id}/suspend": {"post": _op("Snapshot to disk; QEMU exits", 200, "Vm", vm=True)},
         "/v1/vms/{vm_id}/resume": {"post": _op("Resume or restore", 200, "Vm", vm=True)},
+        "/v1/vms/{vm_id}/metrics": {
+            "get": _op("What the VM uses now: CPU, memory, disk, network", 200, "VmMetrics", vm=True),
+        },
         "/v1/vms/{vm_id}/logs": {
             "get": {
                 **_op("The app's stdout and stderr (text); follow=1 streams new output", 200, vm=True),
@@ -168,6 +171,26 @@ OPENAPI: dict[str, Any] = {
                     "last_activity": {"type": "number"},
                     "reason": {"type": ["string", "null"]},
                     "url": {"type": "string"},
+                },
+            },
+            "VmMetrics": {
+                "type": "object",
+                "description": (
+                    "CPU and memory read 0 while the VM has no QEMU (suspended); cpu_percent is over "
+                    "the time since the VM's previous read (0 on the first), 100 is one whole CPU"
+                ),
+                "properties": {
+                    "vm": {"type": "string"},
+                    "state": {"enum": [s.value for s in VmState]},
+                    "at": {"type": "number", "description": "Unix time of the read"},
+                    "cpu_seconds": {"type": "number"},
+                    "cpu_percent": {"type": "number"},
+                    "memory_bytes": {"type": "integer"},
+                    "memory_peak_bytes": {"type": "integer"},
+                    "memory_limit_bytes": {"type": "integer", "description": "-1: no limit"},
+                    "disk_bytes": {"type": "integer", "description": "allocated bytes of its overlay and RAM file"},
+                    "net_rx_bytes": {"type": "integer", "description": "tap counters, host side: sent by the guest"},
+                    "net_tx_bytes": {"type": "integer", "description": "tap counters, host side: sent to the guest"},
                 },
             },
             "TemplateCreate": {

@@ -34,6 +34,7 @@ class ServerConfig:
     drain_timeout: float = 10.0  # on SIGTERM: how long requests in flight may take to finish
     workers: int = 0  # edge worker processes (SO_REUSEPORT); 0: one per core; 1: serve in one process
     worker_user: str = "mvm-edge"  # edge workers started as root become this user; "": they stay as started
+    per_vm_metrics: bool = False  # /metrics: mvm_vm_*{vm} series per VM (one set per VM: off for cardinality)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from vmm.errors import NotFound, NotRunning, OverCapacity, VmmError
 from vmm.jsonlog import log
 from vmm.model import VmRecord
 from vmm.template import check_name
+from vmm.usage import VmUsage
 
 from .host_client import FORWARD_TIMEOUT, HostClient
 from .mover import Mover
@@ -145,6 +146,39 @@ async def forward(request: web.Request) -> web.StreamResponse:
     return await _forward_to(request, routes.reachable_host(placed))
 
 
+class HostsUsage:
+    """Every up host's per-VM usage, fetched for a scrape of /metrics ([server] per_vm_metrics): the
+    hosts hold the VMs, and the scrape's collector (edge.metrics) reads `rows` synchronously."""
+
+    def __init__(self) -> None:
+        self.rows: list[VmUsage] = []
+
+    def __call__(self) -> list[VmUsage]:
+        return self.rows
+
+    async def refresh(self, routes: RouteTable, hosts: HostClient) -> None:
+        rows: list[VmUsage] = []
+        for host in sorted(routes.hosts(), key=lambda h: h.id):
+            if not routes.host_up(host.id):
+                continue
+            try:
+                answer = await hosts.call(host.id, host.address, "GET", "/v1/host/usage")
+            except VmmError as exc:  # one host's series are missing from this scrape, not the whole answer
+                log.event("edge.usage_unavailable", level="warning", host=host.id, error=str(exc))
+                continue
+            rows += [VmUsage(**vm) for vm in answer["vms"]]
+        self.rows = rows
+
+
+HOSTS_USAGE = web.AppKey("hosts_usage", HostsUsage)
+
+
+async def metrics_with_vms(request: web.Request) -> web.Response:
+    """/metrics with the hosts' per-VM series."""
+    await request.app[HOSTS_USAGE].refresh(request.app[ROUTES], request.app[HOSTS])
+    return await metrics(request)
+
+
 async def list_per_host(request: web.Request) -> web.Response:
     """GET /v1/templates or /v1/images: every up host's, each item with its host (they are per host)."""
     routes, hosts = request.app[ROUTES], request.app[HOSTS]
@@ -226,13 +260,21 @@ async def _forward_websocket(request: web.Request, hosts: HostClient, url: str) 
 
 
 def build_edge_control_app(
-    cfg: FleetConfig, routes: RouteTable, hosts: HostClient, tokens: TokenService, metrics_: Metrics
+    cfg: FleetConfig,
+    routes: RouteTable,
+    hosts: HostClient,
+    tokens: TokenService,
+    metrics_: Metrics,
+    hosts_usage: HostsUsage | None = None,
 ) -> web.Application:
+    """`hosts_usage`: the per-VM series' source `metrics_` was made with ([server] per_vm_metrics), else None."""
     app = web.Application(middlewares=[errors_and_auth], client_max_size=24 * 1024**2)
     app[SERVER], app[DEFAULT_TEMPLATE] = cfg.server, cfg.vmm.default_template
     app[TOKENS], app[METRICS], app[ROUTES], app[HOSTS] = tokens, metrics_, routes, hosts
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    if hosts_usage is not None:
+        app[HOSTS_USAGE] = hosts_usage
+    app.router.add_get("/metrics", metrics if hosts_usage is None else metrics_with_vms)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/v1/templates", list_per_host)

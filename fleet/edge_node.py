@@ -35,7 +35,7 @@ from vmm.model import VmState
 
 from .cluster_tls import ClusterTls, cluster_tls
 from .data_port import recheck_relays
-from .edge_control import build_edge_control_app
+from .edge_control import HostsUsage, build_edge_control_app
 from .host_client import HostClient
 from .privilege import Identity, drop_to, worker_identity
 from .remote_backend import RemoteBackend
@@ -105,11 +105,14 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
         if tls is not None:  # a reload: hosts no longer trusted get no new request, and their tunnels end
             tls.listeners += [hosts.renew, lambda: recheck_relays(tls.trusts)]
         backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=direct, tls=context, broker=broker)
-        metrics = Metrics(lambda: _counts(routes))
+        hosts_usage = HostsUsage() if cfg.server.per_vm_metrics else None
+        metrics = Metrics(lambda: _counts(routes), hosts_usage)
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
         started.callback(control_dir.cleanup)
         control_socket = str(Path(control_dir.name) / "control.sock")
-        control = web.AppRunner(build_edge_control_app(cfg, routes, hosts, tokens, metrics), access_log=None)
+        control = web.AppRunner(
+            build_edge_control_app(cfg, routes, hosts, tokens, metrics, hosts_usage), access_log=None
+        )
         await control.setup()
         started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()

@@ -90,7 +90,9 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
     """
     jsonlog.configure(cfg.log.level)
     host_id = host_id_of(cfg)
-    metrics = Metrics(lambda: manager.counts_by_state())
+    metrics = Metrics(
+        lambda: manager.counts_by_state(), (lambda: manager.usage_all()) if cfg.server.per_vm_metrics else None
+    )
     egress = EgressProxies(metrics.egress)  # each VM's egress proxy: a per-VM network service the manager opens
     manager = VmManager(cfg.vmm, egress=egress, lock_fd=lock_fd)
     tls = cluster_tls(cfg.cluster, "host")  # its files are checked before anything starts
@@ -109,6 +111,7 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
         app.router.add_post("/v1/vms/{vm_id}/wake", wake)
         app.router.add_post("/v1/host/activity", activity)
         app.router.add_get("/v1/host", health)
+        app.router.add_get("/v1/host/usage", vm_usage)
         app[HOST_MANAGER], app[SYNC] = manager, sync  # before the app is frozen and serving
         add_host_routes(app)
         app.middlewares.append(catalog_first)
@@ -263,6 +266,11 @@ async def activity(request: web.Request) -> web.Response:
     if isinstance(edge, str) and edge:
         manager.open_work.report(edge, open_streams, float(lease or 0))
     return web.Response(status=204)
+
+
+async def vm_usage(request: web.Request) -> web.Response:
+    """GET /v1/host/usage: every VM's usage on this host (an edge's per-VM Prometheus series)."""
+    return json_response({"vms": [usage.to_dict() for usage in request.app[HOST_MANAGER].usage_all()]})
 
 
 async def health(request: web.Request) -> web.Response:

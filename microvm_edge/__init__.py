@@ -1,6 +1,6 @@
 """microvm-edge's Python SDK: `from microvm_edge import Client` (blocking) or `AsyncClient` (asyncio)."""
 
-from .client import AsyncClient, Client, ExecEvent, ExecResult, Token, Vm
+from .client import AsyncClient, Client, ExecEvent, ExecResult, Token, Vm, VmMetrics
 from .errors import (
     ApiError,
     Conflict,
@@ -16,4 +16,5 @@ from .errors import (
 __all__ = [
     "ApiError", "AsyncClient", "Client", "Conflict", "ExecEvent", "ExecFailed", "ExecResult",
     "InsufficientCapacity", "InvalidRequest", "NotFound", "Token", "Unauthorized", "Unavailable", "Vm", "VmFailed",
+    "VmMetrics",
 ]  # fmt: skip

@@ -44,6 +44,32 @@ class Vm:
 
 
 @dataclass(frozen=True)
+class VmMetrics:
+    """What a VM uses now (GET /v1/vms/{id}/metrics); CPU and memory are 0 while it is suspended."""
+
+    vm: str
+    state: str
+    at: float
+    cpu_seconds: float
+    cpu_percent: float  # since the VM's previous read (by anyone); 100 is one whole CPU
+    memory_bytes: int
+    memory_peak_bytes: int
+    memory_limit_bytes: int  # -1: none
+    disk_bytes: int  # allocated bytes of its overlay and RAM file
+    net_rx_bytes: int  # its tap's counters, host side: rx is what the guest sent
+    net_tx_bytes: int
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VmMetrics:
+        d = data
+        return cls(
+            d["vm"], d["state"], d["at"], d["cpu_seconds"], d["cpu_percent"], d["memory_bytes"],
+            d["memory_peak_bytes"], d["memory_limit_bytes"], d["disk_bytes"], d["net_rx_bytes"], d["net_tx_bytes"], d,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Token:
     token: str
     expires_at: float
@@ -144,6 +170,9 @@ class AsyncClient:
 
     async def delete(self, vm_id: str) -> None:
         await self._json("DELETE", f"/v1/vms/{vm_id}")
+
+    async def metrics(self, vm_id: str) -> VmMetrics:
+        return VmMetrics.from_json(await self._json("GET", f"/v1/vms/{vm_id}/metrics"))
 
     # ---- exec
 
@@ -330,6 +359,9 @@ class Client:
 
     def delete(self, vm_id: str) -> None:
         self._call(self._async.delete, vm_id)
+
+    def metrics(self, vm_id: str) -> VmMetrics:
+        return self._call(self._async.metrics, vm_id)
 
     def exec(self, vm_id: str, argv: builtins.list[str], **options: Any) -> Iterator[ExecEvent]:
         """A blocking iterator over the command's events, as they come."""

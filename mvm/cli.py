@@ -31,6 +31,7 @@ import orjson
 from edge.tls import TlsError, make_dev_cert
 from microvm_edge import AsyncClient
 from microvm_edge.errors import ApiError
+from mvm import top
 from mvm.config import Config, load_config
 from vmm.errors import ConfigError, VmmError
 
@@ -153,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--host", default=None, help="place it on this host of the fleet (default: the edge picks)")
     create.set_defaults(func=_vm_create)
     vm.add_parser("ls", "list VMs").set_defaults(func=_vm_ls)
+    vm_top = vm.add_parser("top", "a live table of what running VMs use (CPU, memory, disk, network) until Ctrl-C")
+    vm_top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    vm_top.add_argument("--once", action="store_true", help="print one table and stop")
+    vm_top.set_defaults(func=_vm_top)
     for action, method, suffix, what in (
         ("get", "GET", "", "show one VM"),
         ("pause", "POST", "/pause", "pause a VM in memory"),
@@ -430,6 +435,30 @@ def _vm_ls(args: argparse.Namespace) -> None:
     for vm in vms:
         reason = f"  ({vm['reason']})" if vm.get("reason") else ""
         print(f"{vm['id']:<14}{vm['state']:<11}{vm['template']:<10}{vm['url']}{reason}")
+
+
+def _vm_top(args: argparse.Namespace) -> None:
+    if not args.interval > 0:
+        raise CliError(f"--interval {args.interval}: must be a number of seconds above 0")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_top(_config(args), args.interval, args.once))
+
+
+async def _top(cfg: Config, interval: float, once: bool) -> None:
+    """Print the table, then (unless `once`) print it again every `interval` seconds over the last one."""
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not once else ""
+    async with _client(cfg) as client:
+        while True:
+            try:
+                rows = await top.sample(client)
+            except ApiError as exc:
+                raise _cli_error(client, "GET /v1/vms/{id}/metrics", exc) from None
+            except aiohttp.ClientError as exc:
+                raise CliError(f"control API call for VM metrics failed: {exc}") from exc
+            print(f"{clear}{top.table(rows)}", flush=True)
+            if once:
+                return
+            await asyncio.sleep(interval)
 
 
 def _token(args: argparse.Namespace) -> None:

@@ -176,6 +176,7 @@ _SERVER: dict[str, Rule] = {
     "drain_timeout": _seconds_or_zero,
     "workers": _integer(0, 1024),
     "worker_user": _text_or_empty,
+    "per_vm_metrics": _flag,
 }
 _PROXY: dict[str, Rule] = {
     "connect_timeout": _seconds,

@@ -27,6 +27,7 @@ VM_CPU_WEIGHT = 100  # v2 cpu.weight of a VM (the kernel's default); the host gr
 V1_SHARES_PER_WEIGHT = 1024 / 100  # v1 cpu.shares 1024 is v2 cpu.weight 100
 _V1_NEEDED = ("cpu", "memory", "pids")  # blkio is used where the host has it
 _V2_NEEDED = ("cpu", "memory", "pids")
+_V1_OPTIONAL = ("blkio", "cpuacct")  # I/O weight, and the group's CPU time (often mounted with cpu)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,16 @@ class Limits:
     @property
     def memory_mb(self) -> int:
         return self.memory_bytes >> 20
+
+
+@dataclass(frozen=True)
+class GroupUsage:
+    """What a group's tasks used, as the kernel counts it: CPU time so far, memory now and at most."""
+
+    cpu_ns: int
+    memory_bytes: int
+    memory_peak_bytes: int
+    memory_limit_bytes: int  # -1: none
 
 
 def limits_for(vcpus: int, memory_mb: int, cpu_share: float, overhead_mb: int, pids_max: int, io_weight: int) -> Limits:
@@ -78,6 +89,10 @@ class Cgroups:
 
     def read_limits(self, group: str) -> Limits:
         """The limits as the kernel holds them (tests and `mvm` diagnostics)."""
+        raise NotImplementedError
+
+    def usage(self, group: str) -> GroupUsage:
+        """The group's usage counters; OSError when the group is not there."""
         raise NotImplementedError
 
     # ---- shared behaviour ---------------------------------------------------------------
@@ -132,7 +147,7 @@ class Cgroups:
 
 
 class CgroupsV1(Cgroups):
-    """One hierarchy per controller: cpu, memory, pids (and blkio where mounted)."""
+    """One hierarchy per controller: cpu, memory, pids (and blkio, cpuacct where mounted)."""
 
     version = 1
 
@@ -144,18 +159,18 @@ class CgroupsV1(Cgroups):
         return self.mounts[controller].joinpath(self.name, *parts)
 
     def vm_dirs(self, group: str) -> list[Path]:
-        return [self._dir(c, "vms", group) for c in self._controllers()]
+        return list(dict.fromkeys(self._dir(c, "vms", group) for c in self._controllers()))  # co-mounted: once
 
     def host_dirs(self) -> list[Path]:
         # Only the CPU hierarchy: the host's memory and tasks stay where its service manager put them.
         return [self._dir("cpu", "host")]
 
     def _controllers(self) -> list[str]:
-        return [c for c in ("cpu", "memory", "pids", "blkio") if c in self.mounts]
+        return [c for c in ("cpu", "memory", "pids", *_V1_OPTIONAL) if c in self.mounts]
 
     def _prepare_tree(self, host_cpu_weight: int) -> None:
         for controller in self._controllers():
-            self._dir(controller, "vms").mkdir(parents=True, exist_ok=True)
+            self._dir(controller, "vms").mkdir(parents=True, exist_ok=True)  # co-mounted: exists already
         self._dir("cpu", "host").mkdir(parents=True, exist_ok=True)
         _write(self._dir("cpu", "host", "cpu.shares"), str(round(host_cpu_weight * V1_SHARES_PER_WEIGHT)))
 
@@ -192,6 +207,13 @@ class CgroupsV1(Cgroups):
             quota * CPU_PERIOD_US // period, int(_read(memory / "memory.limit_in_bytes")),
             _max(_read(pids / "pids.max")), weight,
         )  # fmt: skip
+
+    def usage(self, group: str) -> GroupUsage:
+        memory = self._dir("memory", "vms", group)
+        current = int(_read(memory / "memory.usage_in_bytes"))
+        cpu_ns = int(_read(self._dir("cpuacct", "vms", group) / "cpuacct.usage")) if "cpuacct" in self.mounts else 0
+        peak = max(current, int(_read(memory / "memory.max_usage_in_bytes")))
+        return GroupUsage(cpu_ns, current, peak, int(_read(memory / "memory.limit_in_bytes")))
 
 
 class CgroupsV2(Cgroups):
@@ -243,6 +265,14 @@ class CgroupsV2(Cgroups):
         cpu = CPU_PERIOD_US * 1000 if quota == "max" else int(quota) * CPU_PERIOD_US // int(period)
         return Limits(cpu, _max(_read(directory / "memory.max")), _max(_read(directory / "pids.max")), weight)
 
+    def usage(self, group: str) -> GroupUsage:
+        directory = self.vm_dirs(group)[0]
+        current = int(_read(directory / "memory.current"))
+        peak_file = directory / "memory.peak"  # Linux 5.19 and later; before, the current figure is all there is
+        peak = int(_read(peak_file)) if peak_file.exists() else current
+        cpu_ns = _field(directory / "cpu.stat", "usage_usec") * 1000
+        return GroupUsage(cpu_ns, current, max(current, peak), _max(_read(directory / "memory.max")))
+
 
 def detect(name: str, mounts_file: Path = Path("/proc/self/mounts")) -> Cgroups | None:
     """The host's layout: v2 if the unified hierarchy has the controllers, else v1's; None: neither."""
@@ -256,7 +286,7 @@ def detect(name: str, mounts_file: Path = Path("/proc/self/mounts")) -> Cgroups 
         if fstype == "cgroup2":
             v2.append(point)
         elif fstype == "cgroup":
-            for controller in ("cpu", "memory", "pids", "blkio"):
+            for controller in (*_V1_NEEDED, *_V1_OPTIONAL):
                 if controller in options:
                     v1.setdefault(controller, point)
     for root in v2:

@@ -42,6 +42,7 @@ from .recovery import recover
 from .runtime import QemuRuntime, Runtime
 from .settings import VmmSettings
 from .transitions import Transitions, new_vm
+from .usage import UsageMeter, VmUsage
 from .vm_files import OVERLAY, app_log
 
 APP_LOG_CHECK_SECONDS = 0.1  # how often each live VM's app log is checked against its bound (a stat each)
@@ -69,6 +70,7 @@ class VmManager:
         self.runtime: Runtime = runtime or QemuRuntime(settings, self.accel, self.records, egress)
         self.transitions = Transitions(settings, self.runtime, self.lifecycle, self.records)
         self.snapshots = self.transitions.snapshots
+        self.meter = UsageMeter()  # each VM's last CPU sample, for its CPU %
         self._log_rotator: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._building: set[str] = set()
@@ -151,6 +153,18 @@ class VmManager:
     def counts_by_state(self) -> dict[str, int]:
         counts = Counter(vm.rec.state.value for vm in self.records.live.values())
         return {state.value: counts.get(state.value, 0) for state in VmState if state != VmState.TERMINATED}
+
+    def usage(self, vm_id: str) -> VmUsage:
+        """What the VM uses now (vmm.usage); a VM without a QEMU reads 0 for CPU and memory."""
+        rec = self.get(vm_id)
+        has_qemu = rec.state in (VmState.RUNNING, VmState.PAUSED)
+        group = self.runtime.group_usage(vm_id) if has_qemu else None
+        tap = self.runtime.tap_bytes(vm_id) if rec.state != VmState.TERMINATED else None
+        return self.meter.read(vm_id, rec.state.value, group, self.vm_dir(vm_id), tap)
+
+    def usage_all(self) -> list[VmUsage]:
+        """Every VM's usage (per-VM Prometheus series, read at scrape time)."""
+        return [self.usage(vm_id) for vm_id in list(self.records.live)]
 
     def touch(self, vm_id: str, at: float | None = None) -> None:
         """Activity now, or at `at` (an edge's batch); never moves the time backwards."""
@@ -318,6 +332,7 @@ class VmManager:
         vm = self.records.get(vm_id)
         async with vm.lock:
             await self.transitions.delete(vm, reason)
+        self.meter.forget(vm_id)
         log.event("vm.deleted", vm=vm_id, reason=reason)
 
     # ---- moving between hosts --------------------------------------------------------
@@ -336,6 +351,7 @@ class VmManager:
             vm.moving = False
             if moved_to is not None:
                 await self.transitions.discard(vm, f"moved to host {moved_to}")
+                self.meter.forget(vm_id)
         log.event("vm.exported", vm=vm_id, moved_to=moved_to)
 
     async def adopt_moved(self, rec: VmRecord, files: Path, template_created_at: float) -> VmRecord:

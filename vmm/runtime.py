@@ -20,6 +20,7 @@ from . import qmp as qmp_ops
 from .accel import Accelerator
 from .agent import Agent, AgentError, load_key
 from .applog import AppLog
+from .cgroups import GroupUsage
 from .console import ConsoleReader
 from .errors import RegistryError, VmFailed, VmmError
 from .jail import Jailer
@@ -73,6 +74,8 @@ class Runtime(Protocol):
     async def connect_agent(self, vm: LiveVm) -> None: ...
     async def sync_guest(self, vm: LiveVm) -> None: ...
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int: ...
+    def group_usage(self, vm_id: str) -> GroupUsage | None: ...
+    def tap_bytes(self, vm_id: str) -> tuple[int, int] | None: ...
     def running_qemus(self) -> dict[str, list[int]]: ...
     async def kill_strays(self, vm_id: str, keep: int | None, found: list[int]) -> None: ...
     async def adopt(self, vm: LiveVm, pid: int, on_lost: OnLost) -> str | None: ...
@@ -252,6 +255,19 @@ class QemuRuntime:
             elif inside and first == "Private_Dirty:":
                 total += int(line.split()[1]) * 1024
         return total
+
+    def group_usage(self, vm_id: str) -> GroupUsage | None:
+        """The counters of the VM's cgroup; None without limits or when it has no group."""
+        groups = self.jail.cgroups
+        if groups is None:
+            return None
+        try:
+            return groups.usage(vm_id)
+        except (OSError, ValueError):
+            return None
+
+    def tap_bytes(self, vm_id: str) -> tuple[int, int] | None:
+        return netns.tap_bytes(vm_id)
 
     def running_qemus(self) -> dict[str, list[int]]:
         return qemus_by_name()

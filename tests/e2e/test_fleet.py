@@ -169,11 +169,11 @@ async def serve_workers(
     settings: VmmSettings, tmp_path: Path, **sections: Any
 ) -> AsyncIterator[tuple[Role, EdgeClient]]:
     """`mvm serve --workers 2` on the embedded SQLite catalog, until its host is up; stopped at the end,
-    and its run directory gone with it. `sections` are more TOML tables, e.g. proxy={...}."""
+    and its run directory gone with it. `sections` are more TOML tables, e.g. proxy={...} (server={...} adds keys)."""
     port = free_port()
     config = tmp_path / "serve.toml"
     config.write_text(toml({
-        "server": {"listen_port": port, "tls": False, "workers": 2},
+        "server": {"listen_port": port, "tls": False, "workers": 2, **sections.pop("server", {})},
         "vmm": {"state_dir": str(settings.state_dir)},
         "cluster": {"host_listen": "127.0.0.1:0", "data_listen": "127.0.0.1:0", **FAST},
         "reaper": {"interval": 0.2},

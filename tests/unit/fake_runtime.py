@@ -14,6 +14,7 @@ import orjson
 
 from vmm import snapshot_check
 from vmm.applog import AppLog
+from vmm.cgroups import GroupUsage
 from vmm.errors import VmFailed, VmmError
 from vmm.live import LiveVm
 from vmm.model import Template
@@ -35,6 +36,8 @@ class FakeRuntime:
         self.fail: set[str] = set()  # steps that raise: "load.launch", "load.restore", "load.ram-move", "save", ...
         self.dies_on_failed_save = False  # a failing save takes the QEMU with it (SIGBUS on a full disk)
         self._on_lost: dict[str, OnLost] = {}
+        self.groups: dict[str, GroupUsage] = {}  # VM id -> its cgroup's counters
+        self.taps: dict[str, tuple[int, int]] = {}  # VM id -> its tap's (rx, tx) bytes
 
     def _step(self, name: str) -> None:
         if name in self.fail:
@@ -95,6 +98,12 @@ class FakeRuntime:
 
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int:
         return 0
+
+    def group_usage(self, vm_id: str) -> GroupUsage | None:
+        return self.groups.get(vm_id)
+
+    def tap_bytes(self, vm_id: str) -> tuple[int, int] | None:
+        return self.taps.get(vm_id)
 
     def running_qemus(self) -> dict[str, list[int]]:
         return {f"mvm-{vm_id}": [fake_pid(vm_id)] for vm_id in self.adoptable}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from vmm import cgroups
-from vmm.cgroups import CgroupsV1, CgroupsV2, Limits, limits_for
+from vmm.cgroups import CgroupsV1, CgroupsV2, GroupUsage, Limits, limits_for
 
 
 def _mounts(tmp_path: Path, lines: list[str]) -> Path:
@@ -124,3 +124,53 @@ def test_setup_failure_is_one_line(tmp_path: Path) -> None:
     groups = CgroupsV2("mvm", tmp_path / "missing")
     with pytest.raises(Exception, match=r"^cgroup v2: cannot set up 'mvm': "):
         groups.setup(1000, None)
+
+
+def test_v2_usage_from_cpu_stat_and_memory(tmp_path: Path) -> None:
+    vm = tmp_path / "mvm" / "vms" / "v1"
+    vm.mkdir(parents=True)
+    (vm / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n")
+    (vm / "memory.current").write_text("104857600\n")
+    (vm / "memory.peak").write_text("209715200\n")
+    (vm / "memory.max").write_text("max\n")
+    groups = CgroupsV2("mvm", tmp_path)
+    assert groups.usage("v1") == GroupUsage(2_500_000_000, 100 << 20, 200 << 20, memory_limit_bytes=-1)
+    (vm / "memory.peak").unlink()  # before Linux 5.19: no peak, the current figure stands for it
+    assert groups.usage("v1").memory_peak_bytes == 100 << 20
+    with pytest.raises(OSError):
+        groups.usage("gone")
+
+
+def test_v1_usage_from_cpuacct_and_memory(tmp_path: Path) -> None:
+    mounts = {c: tmp_path / c for c in ("cpu", "cpuacct", "memory", "pids")}
+    for controller in ("cpuacct", "memory"):
+        (mounts[controller] / "mvm" / "vms" / "v1").mkdir(parents=True)
+    (mounts["cpuacct"] / "mvm" / "vms" / "v1" / "cpuacct.usage").write_text("1500000000\n")
+    memory = mounts["memory"] / "mvm" / "vms" / "v1"
+    (memory / "memory.usage_in_bytes").write_text(f"{64 << 20}\n")
+    (memory / "memory.max_usage_in_bytes").write_text(f"{96 << 20}\n")
+    (memory / "memory.limit_in_bytes").write_text(f"{672 << 20}\n")
+    assert CgroupsV1("mvm", mounts).usage("v1") == GroupUsage(1_500_000_000, 64 << 20, 96 << 20, 672 << 20)
+    without_cpuacct = {c: p for c, p in mounts.items() if c != "cpuacct"}
+    assert CgroupsV1("mvm", without_cpuacct).usage("v1") == GroupUsage(0, 64 << 20, 96 << 20, 672 << 20)
+    with pytest.raises(OSError):
+        CgroupsV1("mvm", mounts).usage("gone")
+
+
+def test_v1_cpuacct_joins_the_groups_once_when_mounted_with_cpu(tmp_path: Path) -> None:
+    """cpuacct on its own hierarchy (this machine) gets a group of its own; mounted with cpu, none twice."""
+    apart = {c: tmp_path / "apart" / c for c in ("cpu", "cpuacct", "memory", "pids")}
+    order = ("cpu", "memory", "pids", "cpuacct")
+    assert CgroupsV1("mvm", apart).vm_dirs("v1") == [apart[c] / "mvm" / "vms" / "v1" for c in order]
+    shared = tmp_path / "cpu,cpuacct"
+    together = {"cpu": shared, "cpuacct": shared, "memory": tmp_path / "memory", "pids": tmp_path / "pids"}
+    assert CgroupsV1("mvm", together).vm_dirs("v1") == [
+        shared / "mvm" / "vms" / "v1",
+        tmp_path / "memory" / "mvm" / "vms" / "v1",
+        tmp_path / "pids" / "mvm" / "vms" / "v1",
+    ]
+    lines = [f"cgroup {shared} cgroup rw,relatime,cpu,cpuacct 0 0"] + [
+        f"cgroup {tmp_path / c} cgroup rw,relatime,{c} 0 0" for c in ("memory", "pids")
+    ]
+    found = cgroups.detect("mvm", _mounts(tmp_path, lines))
+    assert isinstance(found, CgroupsV1) and found.mounts["cpuacct"] == shared

@@ -33,6 +33,7 @@ def test_defaults() -> None:
     assert cfg.vmm.state_dir == Path.cwd() / "var" and cfg.vmm.accelerator == "auto"
     assert cfg.vmm.default_policy == Policy(idle_suspend_after=300, max_lifetime=28800, ports=(8081,))
     assert cfg.reaper.interval == 1.0 and cfg.log.level == "info"
+    assert cfg.server.per_vm_metrics is False  # one series per VM and figure: asked for, never by default
     assert "dev-admin-key" not in repr(cfg) and "dev-secret" not in repr(cfg)
 
 
@@ -279,6 +280,7 @@ def test_dev_toml_lists_every_server_and_proxy_knob() -> None:
     ("text", "message"),
     [
         ("[proxy]\nidle_timeout = 0", "proxy.idle_timeout: must be a positive number"),
+        ('[server]\nper_vm_metrics = "yes"', "server.per_vm_metrics: must be"),
         ("[proxy]\nmax_head_size = 10", "proxy.max_head_size: must be an integer"),
         ("[proxy]\nmax_headers = 0", "proxy.max_headers: must be an integer"),
         ("[proxy]\nbody_timeout = -1", "proxy.body_timeout: must be a number of seconds >= 0"),

@@ -54,3 +54,21 @@ def test_instances_do_not_share_a_registry() -> None:
     a.request(200)
     assert ("mvm_requests_total", (("status", "200"),)) not in samples(b)
     assert ("mvm_vms", (("state", "running"),)) not in samples(b)  # no vm_states callback
+
+
+def test_per_vm_series_only_when_switched_on_read_at_scrape_time() -> None:
+    from vmm.usage import VmUsage
+
+    now: list[VmUsage] = [VmUsage("vma", "running", 0.0, 2.5, 50.0, 100, 200, 300, 4096, 10, 20)]
+    assert not any(name.startswith("mvm_vm_") for name, _ in samples(Metrics(lambda: {})))
+    m = Metrics(lambda: {}, lambda: now)
+    s = samples(m)
+    assert s[("mvm_vm_cpu_seconds", (("vm", "vma"),))] == 2.5
+    assert s[("mvm_vm_cpu_percent", (("vm", "vma"),))] == 50.0
+    assert s[("mvm_vm_memory_bytes", (("vm", "vma"),))] == 100
+    assert s[("mvm_vm_memory_peak_bytes", (("vm", "vma"),))] == 200
+    assert s[("mvm_vm_disk_bytes", (("vm", "vma"),))] == 4096
+    assert s[("mvm_vm_net_rx_bytes", (("vm", "vma"),))] == 10
+    assert s[("mvm_vm_net_tx_bytes", (("vm", "vma"),))] == 20
+    now.clear()  # the VM is gone: so are its series
+    assert not any(name.startswith("mvm_vm_") for name, _ in samples(m))
