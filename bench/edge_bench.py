@@ -230,7 +230,7 @@ def _edge_config(state: Path, cert: Path, key: Path) -> Config:
 async def real_guest(root: Path, cert: Path, key: Path, wakes: int) -> None:
     """Sections 2 and 3 on one edge and one VM; prints each section when it is done."""
     state = root / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # a jailed host refuses a state directory others can read
     (state / "images").symlink_to(REPO / "var" / "images")
     started = time.perf_counter()
     edge = await app.start(_edge_config(state, cert, key))  # makes the default template (a boot)

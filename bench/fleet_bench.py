@@ -154,7 +154,7 @@ async def _fleet(
 
     `tls`: the host API and data port speak mutual TLS, with certificates of a CA made here."""
     state = root / "host"
-    state.mkdir(parents=True)
+    state.mkdir(parents=True, mode=0o700)  # a jailed host refuses a state directory others can read
     (state / "images").symlink_to(REPO / "var" / "images")
     host_port, data_port, *edge_ports = _free_ports(2 + len(edges))
     fast: dict[str, Any] = {"heartbeat_interval": 0.3, "down_after": 3.0}

@@ -1,10 +1,11 @@
 """Noisy neighbours: a quiet VM's answer times while two other VMs spin every vCPU they have.
 
-One run, two managers (cgroup limits on, and off; both jailed), each with a quiet demo VM and
-two python-sandbox VMs. For each: the quiet VM's p50/p99 over a bounded number of requests while
-the other two idle, then while both run a busy loop on every vCPU (started through the guest
-agent, ended by deleting the VMs). The requests go straight to the guest's app from inside its
-namespace (probe.http_request), so the figure is the guest's share of the machine, not the edge's.
+One run, three managers (cgroup limits on; on with the noisy VMs' policy.cpu_share at 0.5; off; all
+jailed), each with a quiet demo VM and two python-sandbox VMs. For each: the quiet VM's p50/p99 over
+a bounded number of requests while the other two idle, then while both run a busy loop on every vCPU
+(started through the guest agent, ended by deleting the VMs). The requests go straight to the
+guest's app from inside its namespace (probe.http_request), so the figure is the guest's share of
+the machine, not the edge's.
 Goal (issue: isolation): with limits on, p99 noisy <= 1.5 x p99 idle.
 Usage: .venv/bin/python -m bench.noisy_bench [--requests 200]
 """
@@ -27,7 +28,8 @@ from vmm.settings import VmmSettings
 from .stats import median, p95, p99, table
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = {"limits on": True, "limits off": False}
+# mode: (cgroup limits, the noisy VMs' policy.cpu_share)
+MODES = {"limits on": (True, 1.0), "limits on, noisy cpu_share 0.5": (True, 0.5), "limits off": (False, 1.0)}
 SPIN = "import os\nfor _ in range((os.cpu_count() or 1) - 1):\n    os.fork()\nwhile True:\n    pass\n"
 SPIN_FOR = 600.0  # seconds: the busy loops end with their VMs long before; a bound if the bench dies
 
@@ -43,9 +45,9 @@ async def _answer_times(vm_id: str, requests: int) -> list[float]:
     return times
 
 
-async def _mode(manager: VmManager, requests: int) -> dict[str, list[float]]:
+async def _mode(manager: VmManager, requests: int, cpu_share: float) -> dict[str, list[float]]:
     quiet = await manager.create_vm("demo")
-    noisy = [await manager.create_vm("sandbox") for _ in range(2)]
+    noisy = [await manager.create_vm("sandbox", {"cpu_share": cpu_share}) for _ in range(2)]
     await probe.wait_ready(quiet.id, load_image(manager.settings.images_dir, "demo").ready, 60.0, lambda: True)
     idle = await _answer_times(quiet.id, requests)
     for vm in noisy:  # started and left running: they end when their VMs are deleted below
@@ -62,7 +64,7 @@ async def run(requests: int) -> str:
     results: dict[str, dict[str, list[float]]] = {}
     try:
         base = VmmSettings(state_dir=root)
-        for i, (mode, limits) in enumerate(MODES.items()):
+        for i, (mode, (limits, cpu_share)) in enumerate(MODES.items()):
             state = root / str(i)
             state.mkdir(mode=0o700)
             (state / "images").symlink_to(REPO / "var" / "images")
@@ -71,7 +73,7 @@ async def run(requests: int) -> str:
             try:
                 await manager.create_template("demo", "demo", lambda _: None)
                 await manager.create_template("sandbox", "python-sandbox", lambda _: None)
-                results[mode] = await _mode(manager, requests)
+                results[mode] = await _mode(manager, requests, cpu_share)
             finally:
                 await manager.close()
     finally:
