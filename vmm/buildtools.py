@@ -78,20 +78,10 @@ def run(argv: list[str], what: str, *, cwd: Path | None = None, timeout: float =
     then SIGKILL after TERM_GRACE, so nothing it started outlives the build.
     """
     env = dict(os.environ, LC_ALL="C", SOURCE_DATE_EPOCH=str(epoch))
-    try:
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, errors="replace", process_group=0)  # fmt: skip
-    except OSError as exc:
-        raise VmmError(f"{what}: cannot run {argv[0]}: {exc}") from None
-    with proc:  # closes its pipes, whatever happens
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop_group(proc)
-            raise VmmError(f"{what} timed out after {timeout:.0f} s") from None
-        except BaseException:
-            stop_group(proc)
-            raise
+    proc = _start(argv, what, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                  errors="replace")  # fmt: skip
+    with _group_ended_on_failure(proc, what, timeout):
+        stdout, stderr = proc.communicate(timeout=timeout)
     if proc.returncode != 0:
         detail = (stderr or stdout).strip()[-2000:]
         raise VmmError(f"{what} failed (exit {proc.returncode}): {detail}")
@@ -112,28 +102,40 @@ def run_lines(
     group of its own; past `timeout` the group gets SIGTERM, then SIGKILL after TERM_GRACE.
     """
     env = dict(os.environ if env is None else env, LC_ALL="C")
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, process_group=0)  # fmt: skip
-    except OSError as exc:
-        raise VmmError(f"{what}: cannot run {argv[0]}: {exc}") from None
+    proc = _start(argv, what, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     last: collections.deque[str] = collections.deque(maxlen=25)
     deadline = time.monotonic() + timeout
-    with proc:  # closes its pipe, whatever happens
+    with _group_ended_on_failure(proc, what, timeout):
+        assert proc.stdout is not None
+        for line in _lines(proc.stdout.fileno(), deadline):
+            last.append(line)
+            on_line(line)
+        returncode = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    if returncode != 0:
+        raise VmmError(f"{what} failed (exit {returncode}): {' | '.join(line for line in last if line.strip())}")
+
+
+def _start(argv: list[str], what: str, **popen: Any) -> subprocess.Popen[Any]:
+    """The tool in a process group of its own (so it can be ended whole), or a VmmError naming `what`."""
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, process_group=0, **popen)
+    except OSError as exc:
+        raise VmmError(f"{what}: cannot run {argv[0]}: {exc}") from None
+
+
+@contextmanager
+def _group_ended_on_failure(proc: subprocess.Popen[Any], what: str, timeout: float) -> Iterator[None]:
+    """Closes the tool's pipes whatever happens; past `timeout`, or on any other failure while it is
+    awaited, its whole group is ended (SIGTERM, then SIGKILL) before the error goes on."""
+    with proc:
         try:
-            assert proc.stdout is not None
-            for line in _lines(proc.stdout.fileno(), deadline):
-                last.append(line)
-                on_line(line)
-            returncode = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            yield
         except subprocess.TimeoutExpired:
             stop_group(proc)
             raise VmmError(f"{what} timed out after {timeout:.0f} s") from None
         except BaseException:
             stop_group(proc)
             raise
-    if returncode != 0:
-        raise VmmError(f"{what} failed (exit {returncode}): {' | '.join(line for line in last if line.strip())}")
 
 
 def _lines(fd: int, deadline: float) -> Iterator[str]:
