@@ -15,6 +15,7 @@ import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,9 +94,9 @@ def settings(session_root: Path, template_dir: Path, request: pytest.FixtureRequ
         shutil.rmtree(state, ignore_errors=True)
 
 
-@pytest.fixture
-async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
-    """A started manager whose VMs are all deleted at the end of the test."""
+@asynccontextmanager
+async def started_manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
+    """A started manager whose VMs are all deleted when the block ends."""
     mgr = VmManager(settings)
     await mgr.start()
     try:
@@ -104,6 +105,13 @@ async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
         for rec in list(mgr.list_vms()):
             await mgr.delete(rec.id)
         await mgr.close()
+
+
+@pytest.fixture
+async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
+    """A started manager whose VMs are all deleted at the end of the test."""
+    async with started_manager(settings) as mgr:
+        yield mgr
 
 
 def _other_test_runs() -> bool:

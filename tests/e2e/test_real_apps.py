@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from tests.e2e.conftest import started_manager
 from tests.e2e.guest import guest_request
 from vmm import build_trust, oci
 from vmm.accel import choose
@@ -108,14 +109,8 @@ async def apps_manager(settings: VmmSettings, apps_state: Path) -> AsyncIterator
     for name in ("images", "templates"):
         (settings.state_dir / name).unlink()
         (settings.state_dir / name).symlink_to(apps_state / name)
-    mgr = VmManager(settings)
-    await mgr.start()
-    try:
+    async with started_manager(settings) as mgr:
         yield mgr
-    finally:
-        for rec in list(mgr.list_vms()):
-            await mgr.delete(rec.id)
-        await mgr.close()
 
 
 def _step_seconds(lines: list[str]) -> dict[str, str]:
