@@ -40,7 +40,7 @@ from vmm.network import netns
 
 from . import local_edge, nginx
 from .stats import median, p95, table
-from .tools import WrkResult, curl, wrk
+from .tools import WrkResult, curl, state_dir, wrk
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAIN = "mvm.localhost"
@@ -229,9 +229,7 @@ def _edge_config(state: Path, cert: Path, key: Path) -> Config:
 
 async def real_guest(root: Path, cert: Path, key: Path, wakes: int) -> None:
     """Sections 2 and 3 on one edge and one VM; prints each section when it is done."""
-    state = root / "state"
-    state.mkdir(mode=0o700)  # a jailed host refuses a state directory others can read
-    (state / "images").symlink_to(REPO / "var" / "images")
+    state = state_dir(root / "state")
     started = time.perf_counter()
     edge = await app.start(_edge_config(state, cert, key))  # makes the default template (a boot)
     vm_id = None

@@ -42,7 +42,7 @@ from vmm.policy import Policy
 from . import local_edge, nginx
 from .edge_bench import BODY, CONNECTIONS, DOMAIN, REPO, _expect_200, _free_ports, _header_args
 from .stats import median, table
-from .tools import WrkResult, stop, wrk
+from .tools import WrkResult, state_dir, stop, wrk
 
 ADMIN = "dev-admin-key-change-me"
 HOP_CONNECTIONS = 4  # below saturation: the hop's own delay, not queueing
@@ -153,9 +153,7 @@ async def _fleet(
     """One `mvm host` and an edge per entry of `edges` (name -> reaches guests directly); yields edge ports.
 
     `tls`: the host API and data port speak mutual TLS, with certificates of a CA made here."""
-    state = root / "host"
-    state.mkdir(parents=True, mode=0o700)  # a jailed host refuses a state directory others can read
-    (state / "images").symlink_to(REPO / "var" / "images")
+    state = state_dir(root / "host")
     host_port, data_port, *edge_ports = _free_ports(2 + len(edges))
     fast: dict[str, Any] = {"heartbeat_interval": 0.3, "down_after": 3.0}
     if tls:

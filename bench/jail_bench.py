@@ -23,9 +23,9 @@ from vmm.manager import VmManager
 from vmm.settings import VmmSettings
 
 from .stats import median, p95, table
+from .tools import state_dir
 from .vmm_bench import _pss_mib
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = {"jailed + limits": (True, True), "jailed, no limits": (True, False), "neither": (False, False)}
 
 
@@ -49,9 +49,7 @@ async def run(cycles: int) -> str:
     try:
         base = VmmSettings(state_dir=root)
         for i, (mode, (enabled, limits)) in enumerate(MODES.items()):
-            state = root / str(i)
-            state.mkdir(mode=0o700)
-            (state / "images").symlink_to(REPO / "var" / "images")
+            state = state_dir(root / str(i))
             jail = replace(base.jail, enabled=enabled, limits=limits)
             managers[mode] = VmManager(replace(base, state_dir=state, jail=jail))
             await managers[mode].start()

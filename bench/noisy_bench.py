@@ -26,8 +26,8 @@ from vmm.manager import VmManager
 from vmm.settings import VmmSettings
 
 from .stats import median, p95, p99, table
+from .tools import state_dir
 
-REPO = Path(__file__).resolve().parents[1]
 # mode: (cgroup limits, the noisy VMs' policy.cpu_share)
 MODES = {"limits on": (True, 1.0), "limits on, noisy cpu_share 0.5": (True, 0.5), "limits off": (False, 1.0)}
 SPIN = "import os\nfor _ in range((os.cpu_count() or 1) - 1):\n    os.fork()\nwhile True:\n    pass\n"
@@ -65,9 +65,7 @@ async def run(requests: int) -> str:
     try:
         base = VmmSettings(state_dir=root)
         for i, (mode, (limits, cpu_share)) in enumerate(MODES.items()):
-            state = root / str(i)
-            state.mkdir(mode=0o700)
-            (state / "images").symlink_to(REPO / "var" / "images")
+            state = state_dir(root / str(i))
             manager = VmManager(replace(base, state_dir=state, jail=replace(base.jail, limits=limits)))
             await manager.start()
             try:

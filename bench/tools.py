@@ -12,6 +12,7 @@ import re
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
 _PERCENTILE = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", re.M)  # wrk pads "1.53s "
@@ -87,3 +88,10 @@ async def curl(url: str, args: Sequence[str], max_time: float, prefix: Sequence[
         raise RuntimeError(f"curl exited with {code}: {out.strip()}")
     status, size, speed = out.rsplit("\n", 1)[-1].split()
     return int(status), int(size), float(speed)
+
+
+def state_dir(path: Path) -> Path:
+    """A bench's state directory: private (a jailed host refuses one others can read), with set-up's images."""
+    path.mkdir(parents=True, mode=0o700)
+    (path / "images").symlink_to(Path(__file__).resolve().parents[1] / "var" / "images")
+    return path
