@@ -44,12 +44,7 @@ def make_dev_cert(domain: str, out_dir: Path, extra_hosts: Sequence[str] = ()) -
     names or IP addresses.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName(domain), x509.DNSName(f"*.{domain}")]
-    for host in extra_hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
+    names = [x509.DNSName(domain), x509.DNSName(f"*.{domain}"), *(alt_name(host) for host in extra_hosts)]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"microvm-edge dev {domain}")])
     now = datetime.datetime.now(datetime.UTC)
     public = key.public_key()
@@ -84,12 +79,23 @@ def make_dev_cert(domain: str, out_dir: Path, extra_hosts: Sequence[str] = ()) -
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / "dev.crt", out_dir / "dev.key"
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)  # also when the file existed with a wider mode
-        f.write(key_pem)
+    write_private_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+def alt_name(host: str) -> x509.GeneralName:
+    """A subject alternative name for `host`: an IP address entry when it is one, else a DNS name."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """The key as PKCS#8 PEM, mode 0600 (also when the file existed with a wider mode)."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(pem)

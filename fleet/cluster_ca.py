@@ -10,8 +10,6 @@ trust file with one signature.
 from __future__ import annotations
 
 import datetime
-import ipaddress
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge.tls import alt_name, write_private_key
 from vmm.errors import ConfigError
 
 ROLES = ("host", "edge")
@@ -50,7 +49,7 @@ def init_ca(out_dir: Path, name: str = "microvm-edge cluster CA", days: int = 36
         .sign(key, hashes.SHA256())
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_key(key_path, key)
+    write_private_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
@@ -68,12 +67,7 @@ def issue(
         raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {role!r}")
     ca_cert, ca_key = load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName(name)]
-    for address in addresses if role == "host" else ():
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(address)))
-        except ValueError:
-            names.append(x509.DNSName(address))
+    names = [x509.DNSName(name), *(alt_name(address) for address in (addresses if role == "host" else ()))]
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role), x509.NameAttribute(NameOID.COMMON_NAME, name),
     ])  # fmt: skip
@@ -102,7 +96,7 @@ def issue(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{stem or name}.crt", out_dir / f"{stem or name}.key"
-    _write_key(key_path, key)
+    write_private_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
 
@@ -124,11 +118,3 @@ def _key_usage(ca: bool) -> x509.KeyUsage:
         digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
         key_agreement=False, key_cert_sign=ca, crl_sign=ca, encipher_only=False, decipher_only=False,
     )  # fmt: skip
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)  # also when the file existed with a wider mode
-        f.write(pem)
