@@ -1,9 +1,10 @@
 """Noisy neighbours: a quiet VM's answer times while two other VMs spin every vCPU they have.
 
-One run, three managers (cgroup limits on; on with the noisy VMs' policy.cpu_share at 0.5; off; all
-jailed), each with a quiet demo VM and two python-sandbox VMs. For each: the quiet VM's p50/p99 over
-a bounded number of requests while the other two idle, then while both run a busy loop on every vCPU
-(started through the guest agent, ended by deleting the VMs). The requests go straight to the
+One run, three managers (cgroup limits on, busy VMs at jail.busy_cpu_weight as by default; limits on
+without the busy weight; limits off; all jailed), each with a quiet demo VM and two python-sandbox
+VMs. For each: the quiet VM's p50/p99 over a bounded number of requests while the other two idle,
+then while both run a busy loop on every vCPU (started through the guest agent, ended by deleting
+the VMs), once they have spun long enough to count as busy. The requests go straight to the
 guest's app from inside its namespace (probe.http_request), so the figure is the guest's share of
 the machine, not the edge's.
 Goal (issue: isolation): with limits on, p99 noisy <= 1.5 x p99 idle.
@@ -21,15 +22,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from vmm import probe
+from vmm.cpu_fairness import INTERVAL
 from vmm.image import load_image
 from vmm.manager import VmManager
-from vmm.settings import VmmSettings
+from vmm.settings import JailSettings, VmmSettings
 
 from .stats import median, p95, p99, table
 from .tools import state_dir
 
-# mode: (cgroup limits, the noisy VMs' policy.cpu_share)
-MODES = {"limits on": (True, 1.0), "limits on, noisy cpu_share 0.5": (True, 0.5), "limits off": (False, 1.0)}
+# mode: (cgroup limits, jail.busy_cpu_weight: 0 leaves a busy VM at the normal weight)
+MODES = {"limits on": (True, JailSettings().busy_cpu_weight), "limits on, no busy weight": (True, 0),
+         "limits off": (False, 0)}  # fmt: skip
 SPIN = "import os\nfor _ in range((os.cpu_count() or 1) - 1):\n    os.fork()\nwhile True:\n    pass\n"
 SPIN_FOR = 600.0  # seconds: the busy loops end with their VMs long before; a bound if the bench dies
 
@@ -45,14 +48,14 @@ async def _answer_times(vm_id: str, requests: int) -> list[float]:
     return times
 
 
-async def _mode(manager: VmManager, requests: int, cpu_share: float) -> dict[str, list[float]]:
+async def _mode(manager: VmManager, requests: int) -> dict[str, list[float]]:
     quiet = await manager.create_vm("demo")
-    noisy = [await manager.create_vm("sandbox", {"cpu_share": cpu_share}) for _ in range(2)]
+    noisy = [await manager.create_vm("sandbox") for _ in range(2)]
     await probe.wait_ready(quiet.id, load_image(manager.settings.images_dir, "demo").ready, 60.0, lambda: True)
     idle = await _answer_times(quiet.id, requests)
     for vm in noisy:  # started and left running: they end when their VMs are deleted below
         await manager.exec(vm.id, ["timeout", str(int(SPIN_FOR)), "python3", "-c", SPIN], [], "/", 0, 0)
-    await asyncio.sleep(2.0)  # the loops are running on every vCPU
+    await asyncio.sleep(manager.settings.jail.busy_after + 3 * INTERVAL)  # spinning, and seen to be busy
     busy = await _answer_times(quiet.id, requests)
     for vm in (quiet, *noisy):
         await manager.delete(vm.id)
@@ -64,14 +67,14 @@ async def run(requests: int) -> str:
     results: dict[str, dict[str, list[float]]] = {}
     try:
         base = VmmSettings(state_dir=root)
-        for i, (mode, (limits, cpu_share)) in enumerate(MODES.items()):
-            state = state_dir(root / str(i))
-            manager = VmManager(replace(base, state_dir=state, jail=replace(base.jail, limits=limits)))
+        for i, (mode, (limits, busy_weight)) in enumerate(MODES.items()):
+            jail = replace(base.jail, limits=limits, busy_cpu_weight=busy_weight)
+            manager = VmManager(replace(base, state_dir=state_dir(root / str(i)), jail=jail))
             await manager.start()
             try:
                 await manager.create_template("demo", "demo", lambda _: None)
                 await manager.create_template("sandbox", "python-sandbox", lambda _: None)
-                results[mode] = await _mode(manager, requests, cpu_share)
+                results[mode] = await _mode(manager, requests)
             finally:
                 await manager.close()
     finally:

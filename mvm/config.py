@@ -86,6 +86,12 @@ def _seconds_or_zero(value: Any, key: str) -> float:
     return float(value)
 
 
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise _fail(key, "a number in (0, 1]", value)
+    return float(value)
+
+
 def _networks(value: Any, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """A list of IP addresses or CIDR networks (already parsed: a loaded config's are networks)."""
     if not isinstance(value, list | tuple):
@@ -240,6 +246,9 @@ _JAIL: dict[str, Rule] = {
     "pids_max": _integer(16, 1 << 22),
     "io_weight": _integer(1, 10_000),
     "host_cpu_weight": _integer(1, 10_000),
+    "busy_cpu_weight": _integer(0, 10_000),
+    "busy_share": _fraction,
+    "busy_after": _seconds,
 }
 _CATALOG: dict[str, Rule] = {"url": _text_or_empty}
 _CLUSTER: dict[str, Rule] = {

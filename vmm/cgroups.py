@@ -78,6 +78,10 @@ class Cgroups:
     def host_dirs(self) -> list[Path]:
         raise NotImplementedError
 
+    def _cpu_vms_dir(self) -> Path:
+        """The directory holding a group per VM in the hierarchy that has the cpu controller."""
+        raise NotImplementedError
+
     def _prepare_tree(self, host_cpu_weight: int) -> None:
         raise NotImplementedError
 
@@ -94,6 +98,25 @@ class Cgroups:
     def usage(self, group: str) -> GroupUsage:
         """The group's usage counters; OSError when the group is not there."""
         raise NotImplementedError
+
+    def set_cpu_weight(self, group: str, weight: int) -> None:
+        """The group's CPU weight (v2 cpu.weight, 1-10000; a VM starts at VM_CPU_WEIGHT)."""
+        raise NotImplementedError
+
+    def cpu_weight(self, group: str) -> int:
+        """The group's CPU weight as set (v1 cpu.shares read back as a v2 weight, rounded)."""
+        raise NotImplementedError
+
+    def threads(self, group: str) -> list[int]:
+        """The thread ids in the group's CPU hierarchy; OSError when the group is not there."""
+        raise NotImplementedError
+
+    def groups(self) -> list[str]:
+        """Every VM group on the host (those of other managers of the same tree too: they share its cores)."""
+        try:
+            return sorted(p.name for p in self._cpu_vms_dir().iterdir() if p.is_dir())
+        except OSError:
+            return []
 
     # ---- shared behaviour ---------------------------------------------------------------
 
@@ -161,6 +184,9 @@ class CgroupsV1(Cgroups):
     def vm_dirs(self, group: str) -> list[Path]:
         return list(dict.fromkeys(self._dir(c, "vms", group) for c in self._controllers()))  # co-mounted: once
 
+    def _cpu_vms_dir(self) -> Path:
+        return self._dir("cpu", "vms")
+
     def host_dirs(self) -> list[Path]:
         # Only the CPU hierarchy: the host's memory and tasks stay where its service manager put them.
         return [self._dir("cpu", "host")]
@@ -215,6 +241,15 @@ class CgroupsV1(Cgroups):
         peak = max(current, int(_read(memory / "memory.max_usage_in_bytes")))
         return GroupUsage(cpu_ns, current, peak, int(_read(memory / "memory.limit_in_bytes")))
 
+    def set_cpu_weight(self, group: str, weight: int) -> None:
+        _write(self._dir("cpu", "vms", group) / "cpu.shares", str(max(2, round(weight * V1_SHARES_PER_WEIGHT))))
+
+    def cpu_weight(self, group: str) -> int:
+        return round(int(_read(self._dir("cpu", "vms", group) / "cpu.shares")) / V1_SHARES_PER_WEIGHT)
+
+    def threads(self, group: str) -> list[int]:
+        return [int(t) for t in _read(self._dir("cpu", "vms", group) / "tasks").split()]
+
 
 class CgroupsV2(Cgroups):
     """The unified hierarchy: <root>/<name>/host and <root>/<name>/vms/<group>."""
@@ -230,6 +265,9 @@ class CgroupsV2(Cgroups):
 
     def host_dirs(self) -> list[Path]:
         return [self.root / self.name / "host"]
+
+    def _cpu_vms_dir(self) -> Path:
+        return self.root / self.name / "vms"
 
     def _prepare_tree(self, host_cpu_weight: int) -> None:
         available = set(_read(self.root / "cgroup.controllers").split())
@@ -272,6 +310,15 @@ class CgroupsV2(Cgroups):
         peak = int(_read(peak_file)) if peak_file.exists() else current
         cpu_ns = _field(directory / "cpu.stat", "usage_usec") * 1000
         return GroupUsage(cpu_ns, current, max(current, peak), _max(_read(directory / "memory.max")))
+
+    def set_cpu_weight(self, group: str, weight: int) -> None:
+        _write(self.vm_dirs(group)[0] / "cpu.weight", str(weight))
+
+    def cpu_weight(self, group: str) -> int:
+        return int(_read(self.vm_dirs(group)[0] / "cpu.weight"))
+
+    def threads(self, group: str) -> list[int]:
+        return [int(t) for t in _read(self.vm_dirs(group)[0] / "cgroup.threads").split()]
 
 
 def detect(name: str, mounts_file: Path = Path("/proc/self/mounts")) -> Cgroups | None:

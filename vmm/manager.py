@@ -71,7 +71,7 @@ class VmManager:
         self.transitions = Transitions(settings, self.runtime, self.lifecycle, self.records)
         self.snapshots = self.transitions.snapshots
         self.meter = UsageMeter()  # each VM's last CPU sample, for its CPU %
-        self._log_rotator: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []  # app-log rotation, CPU weights of busy VMs
         self._lock_fd: int | None = None
         self._building: set[str] = set()
         self._wakes_refused = False  # the process is stopping: nothing is resumed or restored any more
@@ -101,7 +101,10 @@ class VmManager:
             found = running.get(f"mvm-{rec.id}", [])
             await recover(vm, found, self.settings, self.runtime, self.lifecycle, self.transitions.qemu_lost)
         self.records.start_flusher()
-        self._log_rotator = asyncio.create_task(self._rotate_app_logs_forever())
+        self._background = [
+            asyncio.create_task(self._rotate_app_logs_forever()),
+            asyncio.create_task(self.runtime.balance_cpu_forever()),
+        ]
         log.event("vmm.started", accelerator=self.accel.name, vms=len(self.records.live))
 
     def refuse_wakes(self) -> None:
@@ -112,10 +115,10 @@ class VmManager:
     async def close(self) -> None:
         """Stop managing: running VMs keep running (re-adopted later) or are suspended."""
         await self.records.stop_flusher()
-        if self._log_rotator is not None:
-            self._log_rotator.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._log_rotator
+                await task
         for vm in list(self.records.live.values()):
             if self.settings.on_shutdown == "suspend" and vm.rec.state in _LIVE:
                 with contextlib.suppress(VmmError):

@@ -22,6 +22,7 @@ from .agent import Agent, AgentError, load_key
 from .applog import AppLog
 from .cgroups import GroupUsage
 from .console import ConsoleReader
+from .cpu_fairness import CpuFairness
 from .errors import RegistryError, VmFailed, VmmError
 from .jail import Jailer
 from .jsonlog import log
@@ -88,6 +89,7 @@ class Runtime(Protocol):
     async def close_egress(self, vm_id: str) -> None: ...
     def prepare_confinement(self) -> None: ...
     async def release_confinement(self, vm_id: str) -> None: ...
+    async def balance_cpu_forever(self) -> None: ...
 
 
 class QemuRuntime:
@@ -238,6 +240,11 @@ class QemuRuntime:
     async def release_confinement(self, vm_id: str) -> None:
         """The VM is gone: its uid goes back to the pool and its cgroup away."""
         await self.jail.release(vm_id, self._vm_dir(vm_id))
+
+    async def balance_cpu_forever(self) -> None:
+        """Busy VMs run at a lower CPU weight than quiet ones (vmm/cpu_fairness.py); nothing without limits."""
+        if self.jail.cgroups is not None and self.settings.jail.busy_cpu_weight > 0:
+            await CpuFairness(self.jail.cgroups, self.settings.jail).run_forever()
 
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int:
         """Bytes the VM's QEMU has written to its private (copy-on-write) mapping of `mapped`."""

@@ -3,7 +3,8 @@
 QEMU's own view (/proc/<pid>/status) for a running VM, a restored VM and a template boot; what
 its credentials reach from inside its mount namespace; the VM's cgroup and its limits; and a
 guest that allocates past its memory, ended by its limit while another VM keeps answering; two
-guests spinning and fork-bombing while a third answers through the edge.
+guests spinning and fork-bombing while a third answers through the edge, the spinner then at the busy
+CPU weight.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from vmm import cgroups, probe
 from vmm.accel import choose
 from vmm.manager import VmManager
 from vmm.model import VmState
-from vmm.settings import VmmSettings
+from vmm.settings import JailSettings, VmmSettings
 from vmm.template import create as create_template
 
 CGROUP_NAME = "microvm-edge"
@@ -230,6 +232,13 @@ async def test_spinning_and_fork_bombing_guests_leave_another_vm_answering_throu
             for n in range(20):
                 assert (await client.get_json(quiet, token))["counter"] == n + 2
             assert not loads[0].done(), "the spinning guest stopped"  # the fork bomb may end in its guest's OOM
+            # Spinning past jail.busy_after, the spinner runs at the busy CPU weight; the quiet VM, idle now,
+            # at the normal one (while it answered back to back on a crowded host it may have been busy too).
+            wanted = {busy[0]: JailSettings().busy_cpu_weight, quiet: cgroups.VM_CPU_WEIGHT}
+            deadline = time.monotonic() + 60
+            while {vm: groups.cpu_weight(vm) for vm in wanted} != wanted and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert {vm: groups.cpu_weight(vm) for vm in wanted} == wanted
         finally:
             for task in loads:
                 task.cancel()

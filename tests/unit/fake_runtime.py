@@ -148,6 +148,9 @@ class FakeRuntime:
     async def release_confinement(self, vm_id: str) -> None:
         self._step("release_confinement")
 
+    async def balance_cpu_forever(self) -> None:
+        """Nothing to balance: fake VMs use no CPU."""
+
     async def kill(self, vm: LiveVm) -> None:
         """The VM's QEMU ends unasked (as a pidfd would report it): settled under the VM's lock."""
         self.guests.pop(vm.rec.id, None)
