@@ -16,6 +16,7 @@ from aiohttp import web
 from edge.control import build_control_app
 from edge.metrics import Metrics
 from edge.settings import token_service
+from microvm_edge import AsyncClient
 from mvm.config import load_config
 from vmm.events import Event, EventRing, EventsSettings, event_type
 from vmm.lifecycle import Lifecycle
@@ -170,3 +171,21 @@ async def test_the_stream_serves_the_backlog_then_new_events_and_resumes_after_l
             assert resp.status == 422 and "unknown event type 'rebooted'" in (await resp.json())["message"]
         async with http.get(f"{url}/v1/events", headers={"Authorization": "Bearer wrong"}) as resp:
             assert resp.status == 401
+
+
+async def test_the_sdk_reads_the_backlog_and_follows_new_events(control: tuple[str, dict[str, str], EventRing]) -> None:
+    url, auth, ring = control
+    ring.add([_ev(1, "created"), _ev(2, "running"), _ev(3, "suspended", vm="vbbbbbbbbbbb")])
+    async with AsyncClient(url, auth["Authorization"].removeprefix("Bearer ")) as client:
+        assert [e.seq async for e in client.events(follow=False, after=1)] == [2, 3]
+        assert [e.type async for e in client.events(vm="vbbbbbbbbbbb", follow=False)] == ["suspended"]
+        seen = []
+        stream = client.events(types=["suspended", "terminated"])
+        async for ev in stream:
+            seen.append((ev.seq, ev.type, ev.vm))
+            if len(seen) == 1:
+                ring.add([_ev(4, "running"), _ev(5, "terminated")])
+            if len(seen) == 2:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+        assert seen == [(3, "suspended", "vbbbbbbbbbbb"), (5, "terminated", "vaaaaaaaaaaa")]
