@@ -119,7 +119,7 @@ class VmManager:
         for vm in list(self.records.live.values()):
             if self.settings.on_shutdown == "suspend" and vm.rec.state in _LIVE:
                 with contextlib.suppress(VmmError):
-                    await self.suspend(vm.rec.id)
+                    await self.suspend(vm.rec.id, "its host stopped (vmm.on_shutdown = suspend)")
             await self.runtime.let_go(vm)
         self.records.close()
         if self._lock_fd is not None:
@@ -315,14 +315,14 @@ class VmManager:
         is the VM's own (no catalog in between), so this is ensure_running."""
         return await self.ensure_running(vm_id)
 
-    async def suspend(self, vm_id: str) -> VmRecord:
-        """Snapshot to disk and end the QEMU process; its memory is freed."""
+    async def suspend(self, vm_id: str, reason: str | None = None) -> VmRecord:
+        """Snapshot to disk and end the QEMU process; its memory is freed. `reason`: why (the reaper's)."""
         vm = self.records.get(vm_id)
         async with vm.lock:
             if vm.rec.state is VmState.SUSPENDED:
                 return vm.rec
             self.lifecycle.refuse_unless(vm.rec, *_LIVE)
-            await self.snapshots.suspend(vm)
+            await self.snapshots.suspend(vm, reason)
         return vm.rec
 
     async def delete(self, vm_id: str, reason: str = "deleted") -> None:
