@@ -189,3 +189,19 @@ async def test_the_sdk_reads_the_backlog_and_follows_new_events(control: tuple[s
                 break
         await stream.aclose()  # type: ignore[attr-defined]
         assert seen == [(3, "suspended", "vbbbbbbbbbbb"), (5, "terminated", "vaaaaaaaaaaa")]
+
+
+async def test_an_open_stream_ends_when_the_server_stops() -> None:
+    cfg = load_config(None)
+    app = build_control_app(cfg.server, _NoVms(), token_service(cfg.tokens), Metrics(), EventRing(10, 60), 15.0)  # type: ignore[arg-type]
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/events"
+    auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
+    async with aiohttp.ClientSession(headers=auth) as http, http.get(url) as resp:
+        assert resp.status == 200
+        began = time.monotonic()
+        await asyncio.wait_for(runner.cleanup(), 5)
+        assert time.monotonic() - began < 2  # not the 15 s keepalive, nor aiohttp's shutdown timeout
+        assert await asyncio.wait_for(resp.content.read(), 5) == b""
