@@ -18,6 +18,7 @@ from edge.metrics import Metrics
 from edge.settings import token_service
 from microvm_edge import AsyncClient
 from mvm.config import load_config
+from vmm import faults
 from vmm.events import Event, EventRing, EventsSettings, event_type
 from vmm.lifecycle import Lifecycle
 from vmm.model import VmRecord, VmState
@@ -116,6 +117,19 @@ def test_the_registry_keeps_a_bounded_count_of_events(tmp_path: Path) -> None:
     again.open()
     assert [e.seq for e in again.events.after(0)] == [3, 4, 5]
     again.close()
+
+
+def test_an_event_the_registry_cannot_take_is_still_served_and_numbered(tmp_path: Path) -> None:
+    store = RecordStore(VmmSettings(state_dir=tmp_path))
+    store.open()
+    faults.arm("registry.add_event", "raise")
+    try:
+        assert store.emit("running", _rec()).seq == 1
+    finally:
+        faults.disarm_all()
+    assert [e.seq for e in store.events.after(0)] == [1]
+    assert store.emit("paused", _rec()).seq == 2
+    store.close()
 
 
 class _NoVms:
