@@ -147,11 +147,17 @@ class EventRing:
     def after(
         self, seq: int, vms: Collection[str] | None = None, types: Collection[str] | None = None
     ) -> list[Event]:
-        """The retained events after `seq` that match the filters, oldest first."""
+        """The retained events after `seq` that match the filters, oldest first (read from the newest
+        back, so a stream that is up to date pays for the new events only, not for the whole ring)."""
         self._trim()
-        if seq >= self.last_seq:
-            return []
-        return [ev for ev in self._events if ev.seq > seq and matches(ev, vms, types)]
+        found = []
+        for ev in reversed(self._events):
+            if ev.seq <= seq:
+                break
+            if matches(ev, vms, types):
+                found.append(ev)
+        found.reverse()
+        return found
 
     async def wait(self, seq: int, timeout: float) -> bool:
         """True once an event after `seq` is here; False after `timeout` seconds without one."""
