@@ -19,6 +19,7 @@ from edge.settings import token_service
 from microvm_edge import AsyncClient
 from mvm.config import load_config
 from vmm import faults
+from vmm.errors import ConfigError
 from vmm.events import Event, EventRing, EventsSettings, event_type
 from vmm.lifecycle import Lifecycle
 from vmm.model import VmRecord, VmState
@@ -219,3 +220,26 @@ async def test_an_open_stream_ends_when_the_server_stops() -> None:
         await asyncio.wait_for(runner.cleanup(), 5)
         assert time.monotonic() - began < 2  # not the 15 s keepalive, nor aiohttp's shutdown timeout
         assert await asyncio.wait_for(resp.content.read(), 5) == b""
+
+
+def test_the_events_table_is_validated_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    hook = '{url = "https://h.example/x", secret = "0123456789abcdef", types = ["failed"]}'
+    path.write_text(f"[events]\nretain_count = 50\nwebhooks = [{hook}]\n")
+    events = load_config(path).vmm.events
+    assert events.retain_count == 50 and events.webhooks[0].types == frozenset({"failed"})
+    assert "0123456789abcdef" not in repr(events)
+    for text, key in (
+        ("[events]\nretain_count = 0\n", "events.retain_count"),
+        ("[events]\nkeepalive = -1\n", "events.keepalive"),
+        ("[events]\nwebhook = []\n", "events.webhook"),
+        ('[events]\nwebhooks = [{url = "ftp://x", secret = "0123456789abcdef"}]\n', r"events.webhooks\[0\].url"),
+        ('[events]\nwebhooks = [{url = "http://x", secret = "short"}]\n', r"events.webhooks\[0\].secret"),
+        ('[events]\nwebhooks = [{url = "http://x", secret = "0123456789abcdef", types = ["x"]}]\n',
+         r"events.webhooks\[0\].types"),
+        ('[events]\nwebhooks = [{url = "http://x", secret = "0123456789abcdef", when = 1}]\n',
+         r"events.webhooks\[0\].when"),
+    ):  # fmt: skip
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"^{key}"):
+            load_config(path)
