@@ -60,6 +60,7 @@ from .settings import EdgeConfig, token_service
 from .tls import server_context
 from .tokens import TokenService
 from .upstream import UpstreamPool
+from .webhooks import Webhooks
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Edge:
     reaper: Reaper
     control_dir: tempfile.TemporaryDirectory[str]
     egress: EgressProxies
+    webhooks: Webhooks | None = None
 
     @property
     def port(self) -> int:
@@ -108,7 +110,13 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
         started.callback(control_dir.cleanup)
         control_socket = str(Path(control_dir.name) / "control.sock")
-        control = web.AppRunner(build_control_app(cfg.server, manager, tokens, metrics), access_log=None)
+        events = manager.records.events
+        webhooks = Webhooks(cfg.vmm.events, metrics)  # off the wake path: recording an event only queues it
+        events.listeners.append(webhooks.offer)
+        webhooks.start()
+        started.push_async_callback(webhooks.stop)
+        control_app = build_control_app(cfg.server, manager, tokens, metrics, events, cfg.vmm.events.keepalive)
+        control = web.AppRunner(control_app, access_log=None)
         await control.setup()
         started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()
@@ -122,7 +130,7 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
         started.pop_all()  # all started: `stop` takes them down from now on
     idle_reaper = Reaper(manager, cfg.reaper.interval)
     idle_reaper.start()
-    edge = Edge(cfg, manager, ctx, server, control, idle_reaper, control_dir, egress)
+    edge = Edge(cfg, manager, ctx, server, control, idle_reaper, control_dir, egress, webhooks)
     log.event(
         "edge.started",
         listen=f"{cfg.server.listen_host}:{edge.port}",
@@ -153,6 +161,8 @@ async def stop(edge: Edge) -> None:
     edge.ctx.trimmer.close()
     await edge.control.cleanup()
     await edge.manager.close()
+    if edge.webhooks is not None:
+        await edge.webhooks.stop()
     await edge.egress.close_all()
     edge.control_dir.cleanup()
     log.event("edge.stopped")

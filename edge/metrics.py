@@ -70,6 +70,12 @@ class Metrics:
             registry=self.registry,
         )
         self._egress_allowed, self._egress_denied = egress.labels(decision="allowed"), egress.labels(decision="denied")
+        hooks = Counter(
+            "mvm_webhook_events", "Lifecycle events sent to webhooks, by result: delivered, retried (an attempt that"
+            " failed and is tried again), failed (given up after its attempts), dropped (its queue was full).",
+            ["result"], registry=self.registry,
+        )  # fmt: skip
+        self._webhook = {r: hooks.labels(result=r) for r in ("delivered", "retried", "failed", "dropped")}
         self._clients = Gauge(
             "mvm_client_connections", "Open client connections.", registry=self.registry, multiprocess_mode="livesum"
         )
@@ -175,6 +181,10 @@ class Metrics:
 
     def egress(self, allowed: bool) -> None:
         (self._egress_allowed if allowed else self._egress_denied).inc()
+
+    def webhook(self, result: str) -> None:
+        """One event's delivery to one webhook: delivered, retried, failed or dropped."""
+        self._webhook[result].inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type, for GET /metrics: this process's figures,

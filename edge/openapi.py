@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmm.events import EVENT_TYPES
 from vmm.model import VmState
 
 
@@ -40,6 +41,10 @@ def _public(summary: str) -> dict[str, Any]:
     return {"summary": summary, "security": [], "responses": {"200": {"description": "success"}}}
 
 
+_EVENTS_SUMMARY = (
+    "Lifecycle events as Server-Sent Events (id: seq, event: type, data: Event JSON; a `: keepalive` comment"
+    ' every [events] keepalive seconds); follow=0: the retained ones as JSON {"events": [Event]}'
+)
 _SECONDS = {"type": ["number", "null"], "exclusiveMinimum": 0}
 
 OPENAPI: dict[str, Any] = {
@@ -107,6 +112,21 @@ OPENAPI: dict[str, Any] = {
                        '{"resize": [cols, rows]}, then {"exit_code"}); without Upgrade: a terminal page', 101, vm=True)
         },
         "/v1/vms/{vm_id}/tokens": {"post": _op("Issue a VM-scoped token", 201, "Token", "TokenCreate", True)},
+        "/v1/events": {
+            "get": {
+                **_op(_EVENTS_SUMMARY, 200),
+                "parameters": [
+                    {"name": "vm", "in": "query", "schema": {"type": "string"},
+                     "description": "only these VMs' events (repeat or comma-separated)"},
+                    {"name": "type", "in": "query", "schema": {"type": "string"},
+                     "description": "only these types (repeat or comma-separated): " + ", ".join(EVENT_TYPES)},
+                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                     "description": "only events after this seq (as the Last-Event-ID header)"},
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "follow", "in": "query", "schema": {"enum": ["0", "1", "false", "true"]}},
+                ],
+            }
+        },
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
@@ -117,6 +137,19 @@ OPENAPI: dict[str, Any] = {
             }
         },
         "schemas": {
+            "Event": {
+                "type": "object",
+                "required": ["seq", "type", "vm", "state", "reason", "time", "template"],
+                "properties": {
+                    "seq": {"type": "integer", "description": "one more than the previous event's, installation-wide"},
+                    "type": {"enum": list(EVENT_TYPES)},
+                    "vm": {"type": "string"},
+                    "state": {"type": ["string", "null"], "description": "the VM's state after the change"},
+                    "reason": {"type": ["string", "null"]},
+                    "time": {"type": "string", "format": "date-time"},
+                    "template": {"type": ["string", "null"]},
+                },
+            },
             "Error": {
                 "type": "object",
                 "required": ["error", "message"],

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from edge import events_api
 from edge.control import (
     METRICS,
     SERVER,
@@ -31,6 +32,7 @@ from edge.metrics import Metrics
 from edge.tokens import TokenService
 from fleet.catalog import HostRecord
 from vmm.errors import NotFound, NotRunning, OverCapacity, VmmError
+from vmm.events import EventRing
 from vmm.jsonlog import log
 from vmm.model import VmRecord
 from vmm.template import check_name
@@ -266,8 +268,10 @@ def build_edge_control_app(
     tokens: TokenService,
     metrics_: Metrics,
     hosts_usage: HostsUsage | None = None,
+    events: EventRing | None = None,
 ) -> web.Application:
-    """`hosts_usage`: the per-VM series' source `metrics_` was made with ([server] per_vm_metrics), else None."""
+    """`hosts_usage`: the per-VM series' source `metrics_` was made with ([server] per_vm_metrics), else None;
+    `events`: the fleet's event feed GET /v1/events serves (fleet.event_feed.CatalogEvents)."""
     app = web.Application(middlewares=[errors_and_auth], client_max_size=24 * 1024**2)
     app[SERVER], app[DEFAULT_TEMPLATE] = cfg.server, cfg.vmm.default_template
     app[TOKENS], app[METRICS], app[ROUTES], app[HOSTS] = tokens, metrics_, routes, hosts
@@ -276,6 +280,8 @@ def build_edge_control_app(
         app[HOSTS_USAGE] = hosts_usage
     app.router.add_get("/metrics", metrics if hosts_usage is None else metrics_with_vms)
     app.router.add_get("/openapi.json", openapi)
+    if events is not None:
+        events_api.add_routes(app, events, cfg.vmm.events.keepalive)
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/v1/templates", list_per_host)
     app.router.add_post("/v1/templates", to_named_host)

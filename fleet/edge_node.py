@@ -36,6 +36,7 @@ from vmm.model import VmState
 from .cluster_tls import ClusterTls, cluster_tls
 from .data_port import recheck_relays
 from .edge_control import HostsUsage, build_edge_control_app
+from .event_feed import CatalogEvents
 from .host_client import HostClient
 from .privilege import Identity, drop_to, worker_identity
 from .remote_backend import RemoteBackend
@@ -61,6 +62,7 @@ class EdgeNode:
     control: web.AppRunner
     control_dir: tempfile.TemporaryDirectory[str]
     tls: ClusterTls | None = None
+    events: CatalogEvents | None = None
 
     @property
     def port(self) -> int:
@@ -110,8 +112,11 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
         started.callback(control_dir.cleanup)
         control_socket = str(Path(control_dir.name) / "control.sock")
+        events = CatalogEvents(catalog, cfg.vmm.events)  # the fleet's event feed, as every edge serves it
+        await events.start()
+        started.push_async_callback(events.stop)
         control = web.AppRunner(
-            build_edge_control_app(cfg, routes, hosts, tokens, metrics, hosts_usage), access_log=None
+            build_edge_control_app(cfg, routes, hosts, tokens, metrics, hosts_usage, events.ring), access_log=None
         )
         await control.setup()
         started.push_async_callback(control.cleanup)
@@ -131,7 +136,7 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
         backend.start(ctx.open_streams)
         started.push_async_callback(backend.stop)
         faults.point("edge.serving")
-        node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir, tls)
+        node = EdgeNode(cfg, catalog, routes, backend, hosts, ctx, server, control, control_dir, tls, events)
         started.pop_all()  # all started: `stop` takes them down from now on
     log.event("edge.worker_started", listen=f"{cfg.server.listen_host}:{node.port}", pid=os.getpid(),
               catalog=catalog.backend, uid=os.getuid(),
@@ -152,6 +157,8 @@ async def stop(node: EdgeNode) -> None:
     if node.tls is not None:
         await node.tls.stop()
     await node.control.cleanup()
+    if node.events is not None:
+        await node.events.stop()
     await node.routes.stop()
     await node.hosts.close()
     await node.catalog.close()

@@ -29,6 +29,7 @@ from edge.app import ensure_default_template, until_signalled
 from edge.control import MANAGER, Handler, build_control_app, error_response, json_response
 from edge.metrics import Metrics
 from edge.settings import token_service
+from edge.webhooks import Webhooks
 from fleet.catalog import Catalog, open_catalog
 from vmm import faults, jsonlog
 from vmm.errors import InvalidRequest
@@ -66,6 +67,7 @@ class Host:
     egress: EgressProxies
     tls: ClusterTls | None
     broker: UpstreamBroker | None  # in `mvm serve` only
+    webhooks: Webhooks | None = None
 
     @property
     def api_port(self) -> int:
@@ -106,8 +108,14 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
         faults.point("host.manager")
         await ensure_default_template(manager)
         sync = HostSync(catalog, manager, host_id, cfg.cluster.heartbeat_interval)
+        webhooks = Webhooks(cfg.vmm.events, metrics)  # each event of this host's VMs, numbered by the catalog
+        sync.events.listeners.append(webhooks.offer)
+        webhooks.start()
+        started.push_async_callback(webhooks.stop)
         api_server = replace(cfg.server, admin_key=cfg.cluster.secret)  # edges call it with the cluster's key
-        app = build_control_app(api_server, manager, token_service(cfg.tokens), metrics)
+        app = build_control_app(
+            api_server, manager, token_service(cfg.tokens), metrics, manager.records.events, cfg.vmm.events.keepalive
+        )
         app.router.add_post("/v1/vms/{vm_id}/wake", wake)
         app.router.add_post("/v1/host/activity", activity)
         app.router.add_get("/v1/host", health)
@@ -149,7 +157,7 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
         started.pop_all()  # all started: `stop` takes them down from now on
     log.event("host.started", host=host_id, api=advertised, data_port=data.port, catalog=catalog.backend,
               tls=tls is not None)  # fmt: skip
-    return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress, tls, broker)
+    return Host(cfg, host_id, manager, catalog, sync, api, data, reaper, egress, tls, broker, webhooks)
 
 
 async def stop(host: Host) -> None:
@@ -171,6 +179,8 @@ async def stop(host: Host) -> None:
         await host.tls.stop()
     await host.manager.close()
     await host.sync.stop()
+    if host.webhooks is not None:
+        await host.webhooks.stop()
     await host.egress.close_all()
     await host.catalog.close()
     log.event("host.stopped", host=host.host_id)

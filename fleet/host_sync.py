@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from fleet.catalog import Capacity, Catalog
+from fleet.event_feed import EventForwarder
 from vmm.capacity import mem_available_mb
 from vmm.errors import Conflict, NotFound, VmmError
 from vmm.jsonlog import log
@@ -58,6 +59,7 @@ class HostSync:
         self._publishing = asyncio.Lock()  # held from taking a change to having written it
         self._flushed: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.events = EventForwarder(catalog, host_id, manager.records.events, manager.settings.events, interval)
 
     async def start(self, address: HostAddress) -> None:
         """Publish this host at `address`, every VM and template it has, then follow changes."""
@@ -72,6 +74,7 @@ class HostSync:
                 log.event("host.vm_forgotten", vm=placed.rec.id, why="listed here in the catalog, unknown to this host")
         await self.sync_templates()
         self.manager.listeners.append(lambda rec: self._changed.put_nowait(rec.id))
+        await self.events.start()
         self._tasks = [asyncio.create_task(loop()) for loop in (self._push_forever, self._beat_forever)]
 
     async def stop(self) -> None:
@@ -82,6 +85,7 @@ class HostSync:
                 await task
         with contextlib.suppress(VmmError):
             await self._push_pending()
+        await self.events.stop()
 
     async def heartbeat(self) -> None:
         await self.catalog.heartbeat(self.host_id, str(self.address), capacity(self.manager), time.time())
@@ -151,6 +155,7 @@ class HostSync:
             try:
                 await self.heartbeat()
                 await self._flush_activity()
+                await self.events.trim()
             except VmmError as exc:
                 log.event("host.heartbeat_failed", level="warning", error=str(exc))
 

@@ -1,6 +1,6 @@
 """microvm-edge's Python SDK: `from microvm_edge import Client` (blocking) or `AsyncClient` (asyncio)."""
 
-from .client import AsyncClient, Client, ExecEvent, ExecResult, Token, Vm, VmMetrics
+from .client import AsyncClient, Client, ExecEvent, ExecResult, LifecycleEvent, Token, Vm, VmMetrics
 from .errors import (
     ApiError,
     Conflict,
@@ -15,6 +15,6 @@ from .errors import (
 
 __all__ = [
     "ApiError", "AsyncClient", "Client", "Conflict", "ExecEvent", "ExecFailed", "ExecResult",
-    "InsufficientCapacity", "InvalidRequest", "NotFound", "Token", "Unauthorized", "Unavailable", "Vm", "VmFailed",
-    "VmMetrics",
+    "InsufficientCapacity", "InvalidRequest", "LifecycleEvent", "NotFound", "Token", "Unauthorized", "Unavailable",
+    "Vm", "VmFailed", "VmMetrics",
 ]  # fmt: skip

@@ -87,6 +87,27 @@ class ExecEvent:
 
 
 @dataclass(frozen=True)
+class LifecycleEvent:
+    """One lifecycle change from GET /v1/events: `seq` orders them across the installation."""
+
+    seq: int
+    type: str  # created, running, paused, suspended, restored, failed, terminated, moved, ...
+    vm: str
+    state: str | None
+    reason: str | None
+    time: str  # RFC 3339 UTC, milliseconds
+    template: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LifecycleEvent:
+        return cls(d["seq"], d["type"], d["vm"], d.get("state"), d.get("reason"), d["time"], d.get("template"), d)
+
+
+EVENT_RECONNECTS = 5  # a followed stream that breaks is resumed from its last id this many times in a row at most
+
+
+@dataclass(frozen=True)
 class ExecResult:
     stdout: bytes
     stderr: bytes
@@ -173,6 +194,39 @@ class AsyncClient:
 
     async def metrics(self, vm_id: str) -> VmMetrics:
         return VmMetrics.from_json(await self._json("GET", f"/v1/vms/{vm_id}/metrics"))
+
+    # ---- lifecycle events
+
+    async def events(
+        self, vm: str | builtins.list[str] | None = None, types: str | builtins.list[str] | None = None,
+        after: int | None = None, follow: bool = True,
+    ) -> AsyncIterator[LifecycleEvent]:  # fmt: skip
+        """The lifecycle events after seq `after` (default: every retained one), oldest first; with
+        `follow` it then waits for new ones for ever, resuming after the last one it yielded when the
+        stream breaks (Last-Event-ID), so none is missed; without, it ends after the retained ones."""
+        params = {name: ",".join([value] if isinstance(value, str) else value)
+                  for name, value in (("vm", vm), ("type", types)) if value}  # fmt: skip
+        last = after or 0
+        if not follow:
+            async with self.request("GET", "/v1/events", params={**params, "follow": "0", "after": str(last)}) as resp:
+                for item in orjson.loads(await resp.read())["events"]:
+                    yield LifecycleEvent.from_json(item)
+            return
+        failures = 0
+        while True:
+            try:
+                async with self.request("GET", "/v1/events", params={**params, "after": str(last)}, timeout=None) as r:
+                    async for ev in _server_sent(r):
+                        failures = 0
+                        last = ev.seq
+                        yield ev
+            except (aiohttp.ClientError, ApiError) as exc:
+                if (isinstance(exc, ApiError) and exc.status != 0) or failures >= EVENT_RECONNECTS:
+                    raise
+            if failures >= EVENT_RECONNECTS:
+                raise ApiError(0, "unreachable", f"the event stream ended {failures + 1} times in a row")
+            failures += 1
+            await asyncio.sleep(min(0.5 * failures, 5.0))
 
     # ---- exec
 
@@ -279,6 +333,19 @@ class AsyncClient:
         return self._session
 
 
+async def _server_sent(resp: aiohttp.ClientResponse) -> AsyncIterator[LifecycleEvent]:
+    """The events of a text/event-stream answer; comments (keepalives) are skipped."""
+    data: builtins.list[bytes] = []
+    async for line in resp.content:
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield LifecycleEvent.from_json(orjson.loads(b"\n".join(data)))
+            data = []
+        elif line.startswith(b"data:"):
+            data.append(line[5:].lstrip(b" "))
+
+
 class _Call:
     """One request as an async context manager; an error answer raises its typed ApiError."""
 
@@ -377,6 +444,18 @@ class Client:
 
     def run(self, vm_id: str, argv: builtins.list[str], **options: Any) -> ExecResult:
         return self._call(self._async.run, vm_id, argv, **options)
+
+    def events(self, **options: Any) -> Iterator[LifecycleEvent]:
+        """A blocking iterator over the lifecycle events (AsyncClient.events' options)."""
+        events = self._async.events(**options)
+        try:
+            while True:
+                try:
+                    yield self._call(events.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(events.aclose)  # type: ignore[attr-defined]
 
     def read_file(self, vm_id: str, path: str) -> bytes:
         return self._call(self._async.read_file, vm_id, path)

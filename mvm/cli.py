@@ -199,6 +199,13 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=int, default=65536, help="bytes of earlier output to start with (default 64 KiB)")
     logs.set_defaults(func=_logs)
 
+    events = sub.add_parser("events", "print lifecycle events (created, suspended, ...), one JSON line each")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events until Ctrl-C")
+    events.add_argument("--vm", action="append", default=None, metavar="ID", help="only this VM's (repeat)")
+    events.add_argument("--type", action="append", default=None, metavar="T", help="only this type (repeat)")
+    events.add_argument("--after", type=int, default=None, metavar="SEQ", help="only those after this seq")
+    events.set_defaults(func=_events)
+
     token = sub.add_parser("token", "issue a short-lived token for one VM")
     token.add_argument("vm_id")
     token.add_argument("--ttl", type=float, default=None, help="seconds (default tokens.default_ttl)")
@@ -656,6 +663,20 @@ async def _run_shell(cfg: Config, vm_id: str, user: str) -> int:
             loop.remove_signal_handler(signal.SIGWINCH)
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
     return code
+
+
+def _events(args: argparse.Namespace) -> None:
+    asyncio.run(_print_events(_config(args), args))
+
+
+async def _print_events(cfg: Config, args: argparse.Namespace) -> None:
+    async with _client(cfg) as client:
+        try:
+            async for ev in client.events(vm=args.vm, types=args.type, after=args.after, follow=args.follow):
+                sys.stdout.write(orjson.dumps(ev.raw).decode() + "\n")
+                sys.stdout.flush()
+        except ApiError as exc:
+            raise _cli_error(client, "GET /v1/events", exc) from None
 
 
 def _logs(args: argparse.Namespace) -> None:

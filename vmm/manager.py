@@ -122,7 +122,7 @@ class VmManager:
         for vm in list(self.records.live.values()):
             if self.settings.on_shutdown == "suspend" and vm.rec.state in _LIVE:
                 with contextlib.suppress(VmmError):
-                    await self.suspend(vm.rec.id)
+                    await self.suspend(vm.rec.id, "its host stopped (vmm.on_shutdown = suspend)")
             await self.runtime.let_go(vm)
         self.records.close()
         if self._lock_fd is not None:
@@ -260,6 +260,7 @@ class VmManager:
         except (sqlite3.Error, OSError) as exc:
             raise RegistryError(f"could not record a new VM: {exc}") from exc
         self.records.add(vm)
+        self.records.emit("created", rec)
         async with vm.lock:
             await self.transitions.launch(vm, tpl, payload)
         log.event("vm.created", vm=vm_id, template=tpl.name, ms=round((time.time() - now) * 1000, 1))
@@ -317,14 +318,14 @@ class VmManager:
         is the VM's own (no catalog in between), so this is ensure_running."""
         return await self.ensure_running(vm_id)
 
-    async def suspend(self, vm_id: str) -> VmRecord:
-        """Snapshot to disk and end the QEMU process; its memory is freed."""
+    async def suspend(self, vm_id: str, reason: str | None = None) -> VmRecord:
+        """Snapshot to disk and end the QEMU process; its memory is freed. `reason`: why (the reaper's)."""
         vm = self.records.get(vm_id)
         async with vm.lock:
             if vm.rec.state is VmState.SUSPENDED:
                 return vm.rec
             self.lifecycle.refuse_unless(vm.rec, *_LIVE)
-            await self.snapshots.suspend(vm)
+            await self.snapshots.suspend(vm, reason)
         return vm.rec
 
     async def delete(self, vm_id: str, reason: str = "deleted") -> None:
@@ -353,7 +354,7 @@ class VmManager:
         async with vm.lock:
             vm.moving = False
             if moved_to is not None:
-                await self.transitions.discard(vm, f"moved to host {moved_to}")
+                await self.transitions.discard(vm, f"moved to host {moved_to}", event=False)
                 self.meter.forget(vm_id)
         log.event("vm.exported", vm=vm_id, moved_to=moved_to)
 

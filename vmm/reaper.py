@@ -31,7 +31,7 @@ class ReapedVms(Protocol):
         """Seconds since bytes last moved on a connection to the guest (None: no connection)."""
 
     async def pause(self, vm_id: str) -> VmRecord: ...
-    async def suspend(self, vm_id: str) -> VmRecord: ...
+    async def suspend(self, vm_id: str, reason: str | None = ...) -> VmRecord: ...
     async def delete(self, vm_id: str, reason: str = ...) -> None: ...
 
 
@@ -99,7 +99,7 @@ class Reaper:
         if action is ReapAction.PAUSE:
             return self.vms.pause(rec.id)
         if action is ReapAction.SUSPEND:
-            return self.vms.suspend(rec.id)
+            return self.vms.suspend(rec.id, f"idle for {rec.policy.idle_suspend_after:g} s")
         lifetime = rec.policy.max_lifetime
         if lifetime is not None and now - rec.created_at >= lifetime:
             return self.vms.delete(rec.id, f"reached its max_lifetime of {lifetime:g} s")

@@ -66,8 +66,9 @@ class Snapshots:
 
     # ---- suspend ---------------------------------------------------------------------------
 
-    async def suspend(self, vm: LiveVm) -> None:
-        """Snapshot a running or paused VM to disk and end its QEMU (its memory is freed)."""
+    async def suspend(self, vm: LiveVm, reason: str | None = None) -> None:
+        """Snapshot a running or paused VM to disk and end its QEMU (its memory is freed); `reason`
+        stays on the record and its event (the reaper's "idle for 300 s")."""
         started = time.monotonic()
         was = vm.rec.state
         path = self._vm_dir(vm) / STATE
@@ -100,7 +101,7 @@ class Snapshots:
                 size = await self._move_ram_to_own_file(vm, tpl, size)
         finally:
             vm.rec.generation += 1
-            self.lifecycle.record_outcome(vm.rec, VmState.SUSPENDED)
+            self.lifecycle.record_outcome(vm.rec, VmState.SUSPENDED, reason=reason)
         log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
 
     async def _cut_connections(self, vm: LiveVm) -> None:

@@ -7,10 +7,11 @@ starts its restore.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from vmm.events import Event
 from vmm.model import VmRecord, VmState
 
 ChangeCallback = Callable[[str], None]  # gets the id of a VM whose route or state changed
@@ -101,6 +102,20 @@ class Catalog(Protocol):
 
     async def template_hosts(self, name: str) -> set[str]:
         """The hosts that hold the template, i.e. where a VM of it can be created."""
+
+    async def append_events(self, host_id: str, events: Sequence[Event]) -> list[Event]:
+        """Number a host's events after every event of the fleet, in one transaction that no other
+        append interleaves with (so seqs become visible in order); returns them renumbered.
+        Each keeps its host's own number (host_seq), so the host knows what it has sent."""
+
+    async def events_after(self, seq: int, limit: int) -> list[Event]:
+        """The fleet's events after `seq`, oldest first, at most `limit`."""
+
+    async def last_host_seq(self, host_id: str) -> int:
+        """The host's own number of its newest event here (0: none)."""
+
+    async def trim_events(self, keep: int, older_than: float) -> None:
+        """Drop all but the newest `keep` events and those older than `older_than`; the newest stays."""
 
     async def subscribe(self, callback: ChangeCallback, on_gap: GapCallback | None = None) -> Unsubscribe:
         """Call `callback(vm_id)` after each committed change of a VM's route or state.

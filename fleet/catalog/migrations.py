@@ -74,6 +74,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         sqlite=("ALTER TABLE vms ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",),
         postgres=("ALTER TABLE vms ADD COLUMN generation BIGINT NOT NULL DEFAULT 0",),
     ),
+    Migration(
+        4,
+        "lifecycle events, numbered across the fleet (seq), each with its host's own number (host_seq)",
+        sqlite=(
+            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, time REAL NOT NULL, body TEXT NOT NULL)",
+            "ALTER TABLE events ADD COLUMN host_id TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE events ADD COLUMN host_seq INTEGER NOT NULL DEFAULT 0",
+            "CREATE INDEX events_by_host ON events (host_id, host_seq)",
+        ),
+        postgres=(
+            """CREATE TABLE events (seq BIGINT PRIMARY KEY, time DOUBLE PRECISION NOT NULL, body TEXT NOT NULL,
+                host_id TEXT NOT NULL DEFAULT '', host_seq BIGINT NOT NULL DEFAULT 0)""",
+            "CREATE INDEX events_by_host ON events (host_id, host_seq)",
+        ),
+    ),
 )
 
 

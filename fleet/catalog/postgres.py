@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from vmm.errors import CatalogError, Conflict, NotFound
+from vmm.events import Event
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
 from vmm.record_rows import RECORD_FIELDS, record_values
@@ -260,6 +261,36 @@ class PostgresCatalog:
     async def template_hosts(self, name: str) -> set[str]:
         rows = await self._fetch("SELECT host_id FROM templates WHERE name = $1", name)
         return {r[0] for r in rows}
+
+    async def append_events(self, host_id: str, events: Sequence[Event]) -> list[Event]:
+        with _store_errors(self._url):
+            async with self._pool.acquire() as conn, conn.transaction():
+                # One append at a time: a later seq never commits before an earlier one.
+                await conn.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+                last = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+                numbered = [ev.renumbered(last + i) for i, ev in enumerate(events, 1)]
+                await conn.executemany(
+                    "INSERT INTO events (seq, time, body, host_id, host_seq) VALUES ($1, $2, $3, $4, $5)",
+                    [
+                        (n.seq, n.time, n.to_json().decode(), host_id, e.seq)
+                        for n, e in zip(numbered, events, strict=True)
+                    ],
+                )
+        return numbered
+
+    async def events_after(self, seq: int, limit: int) -> list[Event]:
+        rows = await self._fetch("SELECT seq, body FROM events WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit)
+        return [Event.from_json(r[0], r[1]) for r in rows]
+
+    async def last_host_seq(self, host_id: str) -> int:
+        row = await self._fetchrow("SELECT coalesce(max(host_seq), 0) FROM events WHERE host_id = $1", host_id)
+        return int(row[0])
+
+    async def trim_events(self, keep: int, older_than: float) -> None:
+        await self._execute(
+            "DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - $1"
+            " OR (time < $2 AND seq < (SELECT max(seq) FROM events))", keep, older_than,
+        )  # fmt: skip
 
     async def subscribe(self, callback: ChangeCallback, on_gap: GapCallback | None = None) -> Unsubscribe:
         async with self._listen_lock:

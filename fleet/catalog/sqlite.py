@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmm.errors import CatalogError, Conflict, NotFound
+from vmm.events import Event
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
 from vmm.record_rows import RECORD_FIELDS, record_values
@@ -276,6 +277,40 @@ class SqliteCatalog:
         query = "SELECT host_id FROM templates WHERE name = ?"
         rows = await self._run(lambda db: db.execute(query, (name,)).fetchall())
         return {r[0] for r in rows}
+
+    async def append_events(self, host_id: str, events: Sequence[Event]) -> list[Event]:
+        def write(db: sqlite3.Connection) -> list[Event]:
+            with _transaction(db):  # BEGIN IMMEDIATE: appends of other processes queue behind this one
+                last = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+                numbered = [ev.renumbered(last + i) for i, ev in enumerate(events, 1)]
+                db.executemany(
+                    "INSERT INTO events (seq, time, body, host_id, host_seq) VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (n.seq, n.time, n.to_json().decode(), host_id, e.seq)
+                        for n, e in zip(numbered, events, strict=True)
+                    ],
+                )
+            return numbered
+
+        return await self._run(write)
+
+    async def events_after(self, seq: int, limit: int) -> list[Event]:
+        query = "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+        rows = await self._run(lambda db: db.execute(query, (seq, limit)).fetchall())
+        return [Event.from_json(r[0], r[1]) for r in rows]
+
+    async def last_host_seq(self, host_id: str) -> int:
+        query = "SELECT coalesce(max(host_seq), 0) FROM events WHERE host_id = ?"
+        return int(await self._run(lambda db: db.execute(query, (host_id,)).fetchone()[0]))
+
+    async def trim_events(self, keep: int, older_than: float) -> None:
+        def trim(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                newest = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+                db.execute("DELETE FROM events WHERE seq <= ? OR (time < ? AND seq < ?)",
+                           (newest - keep, older_than, newest))  # fmt: skip
+
+        await self._run(trim)
 
     async def subscribe(self, callback: ChangeCallback, on_gap: GapCallback | None = None) -> Unsubscribe:
         """In-process, so the feed never breaks and `on_gap` is never called."""

@@ -229,6 +229,8 @@ async def test_hosts_ports_and_control_api_errors(settings: VmmSettings) -> None
         listed = await client.api("GET", "/v1/vms", status=200)
         assert [vm["id"] for vm in listed["vms"]] == [vm_id]
         await client.api("DELETE", f"/v1/vms/{vm_id}", status=204)
+        feed = await client.api("GET", f"/v1/events?follow=0&vm={vm_id}", status=200)  # one process: the registry's
+        assert [(e["seq"], e["type"]) for e in feed["events"]] == [(1, "created"), (2, "running"), (3, "terminated")]
         async with client.session.get(client.vm_url(vm_id), headers=bearer(token)) as resp:
             assert resp.status == 404
 

@@ -163,6 +163,18 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
     assert await edge_a.counter(vm_id, token) == 57
     assert await edge_b.counter(other["id"], other_token) == seen + 2
 
+    # The fleet's one event sequence: the same at both edges, numbered without a gap (host 1's events
+    # from before its SIGKILL too), each move in it as a `moved` event on the host it reached.
+    async with asyncio.timeout(15):
+        while True:
+            feeds = [(await edge.api("GET", "/v1/events?follow=0", status=200))["events"] for edge in pg_fleet.clients]
+            moves = [e["vm"] for e in feeds[0] if e["type"] == "moved"]
+            if feeds[0] == feeds[1] and sorted(moves) == sorted([vm_id, vm_id, other["id"]]):
+                break
+            await asyncio.sleep(0.2)
+    seqs = [e["seq"] for e in feeds[0]]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
 
 @asynccontextmanager
 async def serve_workers(

@@ -17,6 +17,7 @@ from fleet.catalog import sqlite as catalog_sqlite
 from fleet.catalog.postgres import open_postgres
 from tests.pg import PgCluster, create_database, drop_database
 from vmm.errors import CatalogError, Conflict, NotFound
+from vmm.events import Event
 from vmm.model import RamMode, VmRecord, VmState
 from vmm.policy import Policy
 from vmm.registry import Registry
@@ -241,7 +242,7 @@ async def test_a_failing_subscriber_does_not_stop_the_others(store: Store) -> No
 
 async def test_migrations_run_once_and_concurrent_starts_agree(store: Store) -> None:
     first, second = await asyncio.gather(store.open(), store.open())
-    assert sorted([first.migrated, second.migrated]) == [(), (1, 2, 3)]
+    assert sorted([first.migrated, second.migrated]) == [(), (1, 2, 3, 4)]
     await store.close(first)
     await store.close(second)
     again = await store.open()
@@ -255,9 +256,29 @@ async def test_an_older_schema_is_upgraded(store: Store) -> None:
     assert old.migrated == (1,)
     await store.close(old)
     upgraded = await store.open()
-    assert upgraded.migrated == (2, 3)
+    assert upgraded.migrated == (2, 3, 4)
     await upgraded.create_vm(vm("va"), "h1")
     assert [p.host_id for p in await upgraded.list_vms(host_id="h1")] == ["h1"]
+
+
+async def test_events_of_many_hosts_get_one_gapless_sequence_and_keep_their_host_numbers(store: Store) -> None:
+    first, second = await store.open(), await store.open()
+
+    def events(vm_id: str, count: int) -> list[Event]:
+        return [Event(i, "running", vm_id, "running", None, time.time(), "demo") for i in range(1, count + 1)]
+
+    appended = await asyncio.gather(
+        *(cat.append_events(h, events(f"v{h}", 5)) for cat, h in ((first, "h1"), (second, "h2")))
+    )
+    assert sorted(e.seq for batch in appended for e in batch) == list(range(1, 11))
+    assert [e.seq for e in await second.events_after(0, 100)] == list(range(1, 11))
+    assert [e.seq for e in await first.events_after(8, 100)] == [9, 10]
+    assert await first.last_host_seq("h1") == 5 and await first.last_host_seq("h3") == 0
+    await first.trim_events(3, 0.0)
+    assert [e.seq for e in await second.events_after(0, 100)] == [8, 9, 10]
+    await first.trim_events(100, time.time() + 1)
+    assert [e.seq for e in await second.events_after(0, 100)] == [10]  # the newest holds the seq
+    assert [e.seq for e in await first.append_events("h1", events("va", 1))] == [11]
 
 
 async def test_an_embedded_registry_file_is_adopted_with_its_vms(tmp_path: Path) -> None:
@@ -268,7 +289,7 @@ async def test_an_embedded_registry_file_is_adopted_with_its_vms(tmp_path: Path)
     reg.close()
     cat = await open_catalog(None, path)
     try:
-        assert cat.migrated == (1, 2, 3)
+        assert cat.migrated == (1, 2, 3, 4)
         assert await cat.list_vms() == [PlacedVm("", rec)]
     finally:
         await cat.close()

@@ -93,7 +93,7 @@ class _Vms:
     async def pause(self, vm_id: str) -> VmRecord:
         raise AssertionError("no pause policy here")
 
-    async def suspend(self, vm_id: str) -> VmRecord:
+    async def suspend(self, vm_id: str, reason: str | None = None) -> VmRecord:
         self.suspended += 1
         self.rec.state = VmState.SUSPENDED
         return self.rec
