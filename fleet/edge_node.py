@@ -44,6 +44,7 @@ from .routes import FleetState, RouteTable
 from .run_dir import broker_path, join_table
 from .settings import FleetConfig
 from .supervisor import announce_ready
+from .tls_mirror import mirrored
 
 METRICS_FLUSH_EVERY = 1.0  # seconds: how late a worker's per-request counts may reach the set's /metrics
 
@@ -79,7 +80,7 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
     raise_nofile_limit(cfg.server.rlimit_nofile)
     ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
     tokens = token_service(cfg.tokens)
-    tls = cluster_tls(cfg.cluster, "edge")  # its files are checked before anything starts
+    tls = cluster_tls(mirrored(cfg.cluster), "edge")  # its files are checked before anything starts
     async with contextlib.AsyncExitStack() as started:
         listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port, reuse_port=True)
         started.callback(listener.close)

@@ -33,6 +33,8 @@ from vmm.jsonlog import log
 
 from .privilege import Identity
 from .run_dir import RunDir, worker_nofile
+from .settings import ClusterConfig
+from .tls_mirror import TlsMirror
 
 EVERY = 0.2  # seconds between looks at the children
 DRAIN_MARGIN = 5.0  # seconds past server.drain_timeout before a stopping edge worker is killed
@@ -109,11 +111,12 @@ class Supervisor:
 
     def __init__(
         self, spawn: Spawn, clock: Clock, ready_wait: float, drain_wait: float, every: float = EVERY,
-        on_exit: Callable[[int], None] = lambda pid: None,
+        on_exit: Callable[[int], None] = lambda pid: None, on_tick: Callable[[], None] = lambda: None,
     ) -> None:  # fmt: skip
         self.spawn, self.clock = spawn, clock
         self.ready_wait, self.drain_wait, self.every = ready_wait, drain_wait, every
         self.on_exit = on_exit  # told each ended child's pid once (the set's shared files forget it)
+        self.on_tick = on_tick  # called at every look while the set runs (the TLS mirror's refresh)
         self.stopping = False
         self._reported: set[int] = set()
 
@@ -185,6 +188,7 @@ class Supervisor:
                     worker.restarts += 1
                     log.event("fleet.worker_restarted", level="warning", worker=worker.name, pid=_pid(worker),
                               previous_pid=previous, **_described(worker.status), restarts=worker.restarts)  # fmt: skip
+            self.on_tick()
             self.clock.sleep(self.every)
         return 0
 
@@ -324,16 +328,21 @@ def supervise(
     drain_wait: float,
     nofile: int,
     worker: Identity | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> int:
     """Run the set as real processes until SIGTERM or SIGINT (or its host dies); the exit status.
 
     The set's run directory (fleet.run_dir: the per-IP table and the metrics files its processes
     share) is made before the first child starts and removed once the last one has ended.
+    `cluster`: with mutual TLS on and workers that give up root, its edge files are kept copied
+    there for them (fleet.tls_mirror), so a rotation reaches them.
     """
     run = RunDir.create(len(workers), worker_nofile(nofile), worker=worker)
     env = run.env()
+    mirror = TlsMirror(cluster, run.path, worker) if cluster is not None and cluster.tls and worker else None
     supervisor = Supervisor(lambda child: ChildProcess(child.command, child.pass_fds, env), SystemClock(),
-                            ready_wait, drain_wait, on_exit=run.forget)  # fmt: skip
+                            ready_wait, drain_wait, on_exit=run.forget,
+                            on_tick=mirror.refresh if mirror is not None else lambda: None)  # fmt: skip
     signal.signal(signal.SIGTERM, supervisor.request_stop)
     signal.signal(signal.SIGINT, supervisor.request_stop)
     try:

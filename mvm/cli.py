@@ -262,7 +262,7 @@ def _serve(args: argparse.Namespace) -> None:
     ready_wait = cfg.vmm.boot_timeout + 60  # the host may make the default template first
     drain_wait = cfg.server.drain_timeout + DRAIN_MARGIN
     identity = worker_identity(cfg.server.worker_user)
-    sys.exit(supervise(host, edges, ready_wait, drain_wait, cfg.server.rlimit_nofile, identity))
+    sys.exit(supervise(host, edges, ready_wait, drain_wait, cfg.server.rlimit_nofile, identity, cfg.cluster))
 
 
 def _host(args: argparse.Namespace) -> None:
@@ -287,7 +287,9 @@ def _edge(args: argparse.Namespace) -> None:
     edges = [Child(f"edge-{i}", [*worker_command(config, "edge"), "--worker"]) for i in range(workers)]
     drain_wait = cfg.server.drain_timeout + DRAIN_MARGIN
     identity = worker_identity(cfg.server.worker_user)
-    sys.exit(supervise(None, edges, cfg.vmm.boot_timeout + 60, drain_wait, cfg.server.rlimit_nofile, identity))
+    sys.exit(
+        supervise(None, edges, cfg.vmm.boot_timeout + 60, drain_wait, cfg.server.rlimit_nofile, identity, cfg.cluster)
+    )
 
 
 def _worker_count(text: str) -> int:

@@ -165,7 +165,8 @@ async def test_mutual_tls_refuses_strangers_and_rotates_without_a_stop(tls_fleet
 
 
 async def test_one_machine_serves_over_mutual_tls(settings: VmmSettings, tmp_path: Path) -> None:
-    """`mvm serve --workers 2` with the files of `mvm cluster init`: its host and workers use their own roles'."""
+    """`mvm serve --workers 2` with the files of `mvm cluster init`: its host and workers use their own roles',
+    and the unprivileged workers take a rotated edge certificate without a stop."""
     init = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mvm.cli", "cluster", "init", "--dir", str(tmp_path / "cluster"), cwd=REPO,
     )  # fmt: skip
@@ -180,4 +181,14 @@ async def test_one_machine_serves_over_mutual_tls(settings: VmmSettings, tmp_pat
         vm = await client.api("POST", "/v1/vms", {}, status=201)
         token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
         assert await client.counter(vm["id"], token) == 1
+        # A new edge certificate while the set runs: the workers gave up root, and the key file is root's
+        # (0600), so they read the supervisor's copies of it (fleet/tls_mirror.py) and take it without a stop.
+        cluster_ca.issue(tmp_path / "cluster", "edge", "edge-next", tmp_path / "edge-next", stem="edge")
+        for name in ("edge.key", "edge.crt"):
+            (tmp_path / "edge-next" / name).rename(tmp_path / "cluster" / name)
+        async with asyncio.timeout(30):
+            while len([e for e in _events(serve, "cluster.tls_reloaded") if e["role"] == "edge"]) < 2:
+                await asyncio.sleep(0.1)
+        assert not _events(serve, "cluster.tls_reload_failed")
+        assert await client.counter(vm["id"], token) == 2, "the workers reach the host with the new certificate"
         await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
