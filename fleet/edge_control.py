@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from edge import console
 from edge.control import (
     METRICS,
     SERVER,
@@ -40,6 +41,7 @@ from .host_client import FORWARD_TIMEOUT, HostClient
 from .mover import Mover
 from .placement import candidates
 from .routes import RouteTable
+from .run_dir import console_sessions_dir
 from .settings import FleetConfig
 
 ROUTES = web.AppKey("routes", RouteTable)
@@ -276,6 +278,7 @@ def build_edge_control_app(
         app[HOSTS_USAGE] = hosts_usage
     app.router.add_get("/metrics", metrics if hosts_usage is None else metrics_with_vms)
     app.router.add_get("/openapi.json", openapi)
+    console.add_routes(app, cfg.server, cfg.server.console_session_ttl, console_sessions_dir())
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/v1/templates", list_per_host)
     app.router.add_post("/v1/templates", to_named_host)
