@@ -108,7 +108,9 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
         started.callback(control_dir.cleanup)
         control_socket = str(Path(control_dir.name) / "control.sock")
-        control = web.AppRunner(build_control_app(cfg.server, manager, tokens, metrics), access_log=None)
+        events = manager.records.events
+        control_app = build_control_app(cfg.server, manager, tokens, metrics, events, cfg.vmm.events.keepalive)
+        control = web.AppRunner(control_app, access_log=None)
         await control.setup()
         started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()

@@ -16,11 +16,12 @@ import orjson
 from aiohttp import web
 
 from vmm.errors import VmmError
+from vmm.events import EventRing
 from vmm.jsonlog import log
 from vmm.model import VmRecord
 from vmm.template import check_name
 
-from . import console, files_api, shell_api
+from . import console, events_api, files_api, shell_api
 from .backend import ManagedVms
 from .errors_http import error_code
 from .exec_api import ExecRequest, stream_exec
@@ -227,8 +228,10 @@ async def token_answer(request: web.Request, vm_id: str) -> web.Response:
 
 
 def build_control_app(
-    server: ServerConfig, manager: ManagedVms, tokens: TokenService, metrics_: Metrics
+    server: ServerConfig, manager: ManagedVms, tokens: TokenService, metrics_: Metrics,
+    events: EventRing | None = None, keepalive: float = 15.0,
 ) -> web.Application:
+    """The control API; `events`: the feed GET /v1/events serves (its [events] keepalive)."""
     app = web.Application(middlewares=[errors_and_auth], client_max_size=24 * 1024**2)  # exec stdin: 16 MiB, base64
     app[SERVER], app[MANAGER], app[TOKENS], app[METRICS] = server, manager, tokens, metrics_
     app.router.add_get("/healthz", healthz)
@@ -252,4 +255,6 @@ def build_control_app(
     for action in ("pause", "suspend", "resume"):
         app.router.add_post(f"/v1/vms/{{vm_id}}/{action}", _action(action))
     app.router.add_post("/v1/vms/{vm_id}/tokens", issue_token)
+    if events is not None:
+        events_api.add_routes(app, events, keepalive)
     return app

@@ -107,7 +107,9 @@ async def start(cfg: FleetConfig, lock_fd: int | None = None) -> Host:
         await ensure_default_template(manager)
         sync = HostSync(catalog, manager, host_id, cfg.cluster.heartbeat_interval)
         api_server = replace(cfg.server, admin_key=cfg.cluster.secret)  # edges call it with the cluster's key
-        app = build_control_app(api_server, manager, token_service(cfg.tokens), metrics)
+        app = build_control_app(
+            api_server, manager, token_service(cfg.tokens), metrics, manager.records.events, cfg.vmm.events.keepalive
+        )
         app.router.add_post("/v1/vms/{vm_id}/wake", wake)
         app.router.add_post("/v1/host/activity", activity)
         app.router.add_get("/v1/host", health)

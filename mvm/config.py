@@ -31,6 +31,7 @@ from edge.tokens import ALGORITHMS, MIN_SECRET_BYTES
 from fleet.settings import DEV_CLUSTER_SECRET, MIN_CLUSTER_SECRET, CatalogConfig, ClusterConfig
 from vmm.build_trust import BuildSettings, check_build_args
 from vmm.errors import ConfigError, InvalidRequest
+from vmm.events import EVENT_TYPES, EventsSettings, Webhook
 from vmm.policy import Policy
 from vmm.settings import JailSettings, VmmSettings
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 DEFAULT_POLICY = Policy(ports=(8081,))
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_ADMIN_KEY = 16
+MIN_WEBHOOK_SECRET = 16
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,18 @@ def _build_args(value: Any, key: str) -> dict[str, str]:
 _BUILD: dict[str, Rule] = {"host_trust": _flag, "ca_files": _paths, "args": _build_args}
 _REAPER: dict[str, Rule] = {"interval": _seconds}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
-_SECTIONS = ("server", "proxy", "tokens", "vmm", "jail", "policy", "reaper", "log", "catalog", "cluster", "build")
+_EVENTS: dict[str, Rule] = {
+    "retain_count": _integer(1, 10_000_000),
+    "retain_seconds": _seconds,
+    "keepalive": _seconds,
+    "webhook_queue": _integer(1, 10_000_000),
+    "webhook_attempts": _integer(1, 100),
+    "webhook_backoff": _seconds,
+    "webhook_timeout": _seconds,
+}
+_SECTIONS = (
+    "server", "proxy", "tokens", "vmm", "jail", "policy", "reaper", "log", "catalog", "cluster", "build", "events"
+)  # fmt: skip
 
 
 def load_config(path: Path | None) -> Config:
@@ -313,7 +326,10 @@ def load_config(path: Path | None) -> Config:
             forwarded_proto="https" if server.tls else "http",
         ),
         tokens=tokens,
-        vmm=replace(vmm, default_policy=policy, jail=_section(_table(data, "jail"), "jail", JailSettings(), _JAIL)),
+        vmm=replace(
+            vmm, default_policy=policy, jail=_section(_table(data, "jail"), "jail", JailSettings(), _JAIL),
+            events=_events(_table(data, "events")),
+        ),
         reaper=_section(_table(data, "reaper"), "reaper", ReaperConfig(), _REAPER),
         log=_section(_table(data, "log"), "log", LogConfig(), _LOG),
         catalog=_section(_table(data, "catalog"), "catalog", CatalogConfig(), _CATALOG),
@@ -414,6 +430,32 @@ def _key(table: Any, where: str) -> KeyConfig:
         if key.private_key_file is None and key.public_key_file is None:
             raise ConfigError(f"{where}.private_key_file: {key.alg} needs private_key_file and/or public_key_file")
     return key
+
+
+def _events(table: dict[str, Any]) -> EventsSettings:
+    _reject_unknown(table, "events", [*_EVENTS, "webhooks"])
+    table = dict(table)
+    hooks = table.pop("webhooks", [])
+    if not isinstance(hooks, list):
+        raise _fail("events.webhooks", "a list of {url, secret, types} tables", hooks)
+    events = _section(table, "events", EventsSettings(), _EVENTS)
+    return replace(events, webhooks=tuple(_webhook(hook, f"events.webhooks[{i}]") for i, hook in enumerate(hooks)))
+
+
+def _webhook(table: Any, where: str) -> Webhook:
+    if not isinstance(table, dict):
+        raise _fail(where, "a table {url, secret, types}", table)
+    _reject_unknown(table, where, ("url", "secret", "types"))
+    url = table.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise _fail(f"{where}.url", "an http:// or https:// URL", url)
+    secret = table.get("secret")
+    if not isinstance(secret, str) or len(secret) < MIN_WEBHOOK_SECRET:
+        raise ConfigError(f"{where}.secret: must be a string of at least {MIN_WEBHOOK_SECRET} characters")
+    types = table.get("types", [])
+    if not isinstance(types, list) or any(t not in EVENT_TYPES for t in types):
+        raise _fail(f"{where}.types", "a list of event types (" + ", ".join(EVENT_TYPES) + ")", types)
+    return Webhook(url, secret, frozenset(types))
 
 
 def _cluster(table: dict[str, Any]) -> ClusterConfig:

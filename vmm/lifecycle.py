@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 from .errors import Conflict, RegistryError, VmmError
+from .events import event_type
 from .jsonlog import log
 from .model import VmRecord, VmState
 
@@ -62,6 +63,7 @@ class RecordWriter(Protocol):
     def mark_saved(self, vm_id: str) -> None: ...
     def mark_unsaved(self, vm_id: str) -> None: ...
     def notify(self, rec: VmRecord) -> None: ...
+    def emit(self, kind: str, rec: VmRecord) -> object: ...
 
 
 class Lifecycle:
@@ -70,7 +72,8 @@ class Lifecycle:
     Two kinds of move, named for what they promise when the registry cannot take the write:
     `move_if_stored` is a decision not yet acted on (it is undone and refused, 507), while
     `record_outcome` states what already happened (it stays true in memory; the flusher
-    writes it once it can).
+    writes it once it can). Each move that reaches a new state is one lifecycle event
+    (vmm.events.event_type), emitted after the record is written and before listeners hear of it.
     """
 
     def __init__(self, records: RecordWriter) -> None:
@@ -97,13 +100,17 @@ class Lifecycle:
             raise RegistryError(
                 f"VM {rec.id} stays {before[0].value}: the registry could not record it as {state.value}: {exc}"
             ) from exc
+        self._emit(before[0], rec)
         self.records.notify(rec)
 
-    def record_outcome(self, rec: VmRecord, state: VmState, reason: str | None = None, recovered: bool = False) -> None:
+    def record_outcome(
+        self, rec: VmRecord, state: VmState, reason: str | None = None, recovered: bool = False, event: bool = True
+    ) -> None:
         """Record what already happened (QEMU is gone, a snapshot is complete): it stays true in
         memory even if the registry write fails. `recovered`: what recovery found after a restart,
-        whatever the record said (RECOVERED_TO)."""
+        whatever the record said (RECOVERED_TO). `event=False`: the caller emits its own (a move away)."""
         check(rec.state, state, recovered)
+        old = rec.state
         rec.state, rec.reason, rec.state_changed_at = state, reason, time.time()
         try:
             self.records.write(rec)
@@ -112,4 +119,11 @@ class Lifecycle:
             self.records.mark_unsaved(rec.id)
             log.event("vm.registry_write_failed", level="error", vm=rec.id, state=state.value, error=str(exc),
                       retry=True)  # fmt: skip
+        if event:
+            self._emit(old, rec)
         self.records.notify(rec)
+
+    def _emit(self, old: VmState, rec: VmRecord) -> None:
+        kind = event_type(old, rec.state)
+        if kind is not None:
+            self.records.emit(kind, rec)

@@ -257,6 +257,7 @@ class VmManager:
         except (sqlite3.Error, OSError) as exc:
             raise RegistryError(f"could not record a new VM: {exc}") from exc
         self.records.add(vm)
+        self.records.emit("created", rec)
         async with vm.lock:
             await self.transitions.launch(vm, tpl, payload)
         log.event("vm.created", vm=vm_id, template=tpl.name, ms=round((time.time() - now) * 1000, 1))
@@ -350,7 +351,7 @@ class VmManager:
         async with vm.lock:
             vm.moving = False
             if moved_to is not None:
-                await self.transitions.discard(vm, f"moved to host {moved_to}")
+                await self.transitions.discard(vm, f"moved to host {moved_to}", event=False)
                 self.meter.forget(vm_id)
         log.event("vm.exported", vm=vm_id, moved_to=moved_to)
 

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 
 from .errors import NotFound
+from .events import Event, EventRing, new_event
+from .jsonlog import log
 from .live import LiveVm
 from .model import VmRecord, VmState
 from .registry import ProcessIntent, Registry
@@ -32,6 +34,8 @@ class RecordStore:
         self.listeners: list[Callable[[VmRecord], None]] = []  # told of every change of a record
         self._dirty: set[str] = set()  # activity not yet flushed
         self._unsaved: set[str] = set()  # records whose last registry write failed; the flusher retries
+        events = settings.events
+        self.events = EventRing(events.retain_count, events.retain_seconds)  # the feed's retained events
         self._registry: Registry | None = None
         self._flusher: asyncio.Task[None] | None = None
 
@@ -39,6 +43,7 @@ class RecordStore:
         """Open the registry; every record it holds, terminated ones go to `terminated` at once."""
         self._registry = Registry(self.settings.registry_path)
         records = self._registry.load_all()
+        self.events.add(self._registry.load_events(self.events.retain_count))
         for rec in records:
             if rec.state is VmState.TERMINATED:
                 self.terminated[rec.id] = rec
@@ -92,6 +97,20 @@ class RecordStore:
         for listener in self.listeners:
             listener(rec)
 
+    def emit(self, kind: str, rec: VmRecord, **extra: object) -> Event:
+        """Number a lifecycle event, write it beside the record, and hand it to the feed.
+
+        A registry that cannot take it leaves it in memory only (logged): the change happened.
+        """
+        ev = new_event(self.events.last_seq + 1, kind, rec, **extra)
+        try:
+            if self._registry is not None:
+                self._registry.add_event(ev)
+        except (sqlite3.Error, OSError) as exc:
+            log.event("vm.event_write_failed", level="error", vm=rec.id, seq=ev.seq, type=kind, error=str(exc))
+        self.events.add([ev])
+        return ev
+
     # ---- registry writes -----------------------------------------------------------------
 
     def write(self, rec: VmRecord) -> None:
@@ -136,6 +155,9 @@ class RecordStore:
                 self._registry.save_activity(self.live[i].rec for i in self._dirty if i in self.live)
                 self._dirty.clear()
         self._purge_terminated()
+        with contextlib.suppress(sqlite3.Error, OSError):
+            events = self.settings.events
+            self._registry.trim_events(events.retain_count, time.time() - events.retain_seconds)
 
     def _purge_terminated(self) -> None:
         """Records of terminated VMs go after vmm.terminated_ttl."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import faults
+from .events import Event
 from .model import VmRecord
 from .record_rows import RECORD_COLUMNS, RECORD_FIELDS, record_from, record_values
 
@@ -39,6 +40,11 @@ CREATE TABLE IF NOT EXISTS processes (
     start_ticks INTEGER NOT NULL,
     purpose TEXT NOT NULL,
     started_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    body TEXT NOT NULL
 );
 """
 _COLUMNS = f"id, {RECORD_COLUMNS}"  # the catalog's encoding (vmm.record_rows), so one file can become the other
@@ -102,6 +108,23 @@ class Registry:
             "SELECT pid, vm_id, start_ticks, purpose FROM processes WHERE vm_id = ?", (vm_id,)
         ).fetchall()
         return [ProcessIntent(*row) for row in rows]
+
+    def add_event(self, ev: Event) -> None:
+        faults.point("registry.add_event")
+        self.db.execute("INSERT OR REPLACE INTO events (seq, time, body) VALUES (?, ?, ?)",
+                        (ev.seq, ev.time, ev.to_json().decode()))  # fmt: skip
+
+    def load_events(self, limit: int) -> list[Event]:
+        """The newest `limit` events, oldest first."""
+        rows = self.db.execute("SELECT seq, body FROM events ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [Event.from_json(seq, body) for seq, body in reversed(rows)]
+
+    def trim_events(self, keep: int, older_than: float) -> None:
+        """Drop all but the newest `keep` events and those older than `older_than` (the newest holds the seq)."""
+        with self.db:
+            newest = self.db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            self.db.execute("DELETE FROM events WHERE seq <= ? OR (time < ? AND seq < ?)",
+                            (newest - keep, older_than, newest))  # fmt: skip
 
     def load_all(self) -> list[VmRecord]:
         rows = self.db.execute(f"SELECT {_COLUMNS} FROM vms ORDER BY created_at").fetchall()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .events import EventsSettings
 from .policy import Policy
 
 
@@ -52,6 +53,7 @@ class VmmSettings:
     verify_ram: bool = False  # checksum a VM's RAM file at suspend and verify it at restore (costs a full read)
     default_policy: Policy = field(default_factory=Policy)
     jail: JailSettings = field(default_factory=JailSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)  # the [events] table
 
     @property
     def images_dir(self) -> Path:

@@ -134,10 +134,11 @@ class Transitions:
             await run_hook(vm, template.load(self.settings, vm.rec.template), "terminate")
         await self.discard(vm, reason)
 
-    async def discard(self, vm: LiveVm, why: str) -> None:
+    async def discard(self, vm: LiveVm, why: str, event: bool = True) -> None:
         """End every process of the VM and remove its namespace and files; keep its record as terminated.
 
-        Each step is tried even if an earlier one failed.
+        Each step is tried even if an earlier one failed. `event=False`: it moved away, which the
+        host it moved to tells (a `moved` event), so its end here is no `terminated` event.
         """
         vm_id = vm.rec.id
         self.lifecycle.record_outcome(vm.rec, VmState.TERMINATING)
@@ -156,7 +157,7 @@ class Transitions:
             except (VmmError, OSError) as exc:
                 log.event("vm.delete_step_failed", level="warning", vm=vm_id, step=what, error=str(exc))
         shutil.rmtree(self.settings.vms_dir / vm_id, ignore_errors=True)
-        self._bury(vm, why)
+        self._bury(vm, why, event)
 
     def begin_export(self, vm: LiveVm) -> None:
         """A suspended VM is being copied to another host: no wake until it ends (vm.moving)."""
@@ -183,12 +184,13 @@ class Transitions:
         rec.pid, rec.reason = None, None
         self.records.write(rec)
         self.records.add(LiveVm(rec))
+        self.records.emit("moved", rec)
         self.records.notify(rec)
 
-    def _bury(self, vm: LiveVm, why: str) -> None:
+    def _bury(self, vm: LiveVm, why: str, event: bool = True) -> None:
         """The VM is gone from this manager; its record stays, terminated, with `why`."""
         self.records.forget(vm.rec.id)
-        self.lifecycle.record_outcome(vm.rec, VmState.TERMINATED, reason=why)
+        self.lifecycle.record_outcome(vm.rec, VmState.TERMINATED, reason=why, event=event)
         self.records.bury(vm.rec)
 
     async def qemu_lost(self, vm: LiveVm, reason: str) -> None:

@@ -59,6 +59,7 @@ class _Records:
     def __init__(self) -> None:
         self.written: list[VmState] = []
         self.heard: list[VmState] = []
+        self.events: list[str] = []
         self.unsaved: set[str] = set()
         self.broken = False
 
@@ -75,6 +76,9 @@ class _Records:
 
     def notify(self, rec: VmRecord) -> None:
         self.heard.append(rec.state)
+
+    def emit(self, kind: str, rec: VmRecord) -> None:
+        self.events.append(kind)
 
 
 def _rec(state: VmState) -> VmRecord:
