@@ -34,6 +34,8 @@ export function ago(seconds) {
   return `${Math.floor(s / 86400)} d`;
 }
 
+const since = (seconds) => (seconds ? `${ago(seconds)} ago` : "");
+
 export const mib = (bytes) => (bytes >= 0 ? `${(bytes / 1048576).toFixed(1)} MiB` : "");
 
 export function onEvent(handler) { listeners.add(handler); return () => listeners.delete(handler); }
@@ -55,15 +57,21 @@ async function reloadVms() {
   render();
 }
 
-async function applyEvent(ev) {
+// A VM the table does not know yet (new, or named by the feed's backlog) reloads the list once
+// per burst, rather than one GET per event.
+let reloadSoon = null;
+function scheduleReload() {
+  clearTimeout(reloadSoon);
+  reloadSoon = setTimeout(() => reloadVms().catch(report), 300);
+}
+
+function applyEvent(ev) {
   if (ev.type === "terminated") vms.delete(ev.vm);
   else if (vms.has(ev.vm)) {
     const vm = vms.get(ev.vm);
     if (ev.state) vm.state = ev.state;
     vm.last_event = ev.type;
-  } else {
-    try { vms.set(ev.vm, await api("GET", `/v1/vms/${ev.vm}`)); } catch (e) { /* gone meanwhile */ }
-  }
+  } else scheduleReload();
   for (const handler of listeners) handler(ev);
   render();
 }
@@ -129,7 +137,7 @@ function row(vm) {
     el("td", {}, el("span", {class: `state ${vm.state}`, "data-state": vm.state}, vm.state)),
     el("td", {}, vm.template),
     el("td", {class: "num"}, ago(vm.created_at)),
-    el("td", {class: "num"}, vm.last_activity ? `${ago(vm.last_activity)} ago` : ""),
+    el("td", {class: "num"}, since(vm.last_activity)),
     el("td", {class: "num"}, u ? `${u.cpu_percent.toFixed(1)} %` : ""),
     el("td", {class: "num"}, u ? mib(u.memory_bytes) : ""),
     actions(vm));
@@ -165,12 +173,12 @@ async function showList() {
     el("table", {id: "templates"}, head("name", "image", "memory", "vCPUs", "created"),
        el("tbody", {}, ...templates.templates.map((t) => el("tr", {},
          el("td", {}, t.name), el("td", {}, t.image), el("td", {class: "num"}, `${t.memory_mb} MiB`),
-         el("td", {class: "num"}, t.vcpus), el("td", {class: "num"}, `${ago(t.created_at)} ago`))))),
+         el("td", {class: "num"}, t.vcpus), el("td", {class: "num"}, since(t.created_at)))))),
     el("h2", {}, "Images"),
     el("table", {id: "images"}, head("name", "kind", "source", "port", "created"),
        el("tbody", {}, ...images.images.map((i) => el("tr", {},
          el("td", {}, i.name), el("td", {}, i.kind), el("td", {}, i.source), el("td", {class: "num"}, i.app_port),
-         el("td", {class: "num"}, `${ago(i.created_at)} ago`))))),
+         el("td", {class: "num"}, since(i.created_at)))))),
   );
   render();
   refreshUsage().catch(report);
