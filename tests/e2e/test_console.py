@@ -36,31 +36,14 @@ CURSES = (
 )
 
 
-class RecordingDevTools(DevTools):
-    """DevTools that keeps the protocol events it reads past (network answers, for the CSRF check)."""
+async def _settle(tools: DevTools, expression: str) -> Any:
+    """The value of the promise the expression makes."""
+    result = await tools.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+    return result["result"].get("value")
 
-    def __init__(self, tools: DevTools) -> None:
-        super().__init__(tools.ws)
-        self.events: list[dict[str, Any]] = []
 
-    async def call(self, method: str, **params: Any) -> Any:
-        self.next_id += 1
-        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
-        while True:
-            reply = await self.ws.receive_json()
-            if reply.get("id") == self.next_id:
-                assert "error" not in reply, reply
-                return reply.get("result", {})
-            if "method" in reply:
-                self.events.append(reply)
-
-    async def settle(self, expression: str) -> Any:
-        """The value of a promise the expression makes."""
-        result = await self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-        return result["result"].get("value")
-
-    async def key(self, key: str) -> None:
-        await self.call("Input.dispatchKeyEvent", type="keyDown", key=key, text=key)
+async def _key(tools: DevTools, key: str) -> None:
+    await tools.call("Input.dispatchKeyEvent", type="keyDown", key=key, text=key)
 
 
 async def _until(tools: DevTools, expression: str, what: str, timeout: float = 60.0) -> Any:
@@ -88,7 +71,7 @@ async def _screenshot(tools: DevTools, name: str) -> None:
     (ARTIFACTS / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
-async def _full_screen_program(tools: RecordingDevTools) -> str:
+async def _full_screen_program(tools: DevTools) -> str:
     """`top` if the image has it (procps), else a curses program: the alternate screen, then `q` back to the shell."""
     await tools.type("command -v top >/dev/null && echo has-$((1+1))-top || echo no-$((1+1))-top")
     which = (f"(() => {{ const s = {SCREEN}; "
@@ -103,21 +86,22 @@ async def _full_screen_program(tools: RecordingDevTools) -> str:
         await _screen_has(tools, "FULL-SCREEN", "the curses program's screen")
     assert await tools.evaluate("window.mvmTerm.buffer.active.type") == "alternate"
     await _screenshot(tools, f"3-{found}")
-    await tools.key("q")
+    await _key(tools, "q")
     await _until(tools, "window.mvmTerm.buffer.active.type === 'normal'", f"{found} to quit on q")
     await tools.type("echo back-$((2+3))")
     await _screen_has(tools, "back-5", "the shell after the full-screen program")
     return str(found)
 
 
-async def _cross_site_post_is_refused(tools: RecordingDevTools, client: Client, console_url: str) -> None:
+async def _cross_site_post_is_refused(tools: DevTools, client: Client, console_url: str) -> None:
     """A page of another origin under the same site (a VM's own host name) POSTs with the cookie: 403, no VM."""
     before = len((await client.api("GET", "/v1/vms", status=200))["vms"])
     await tools.call("Network.enable")
     await tools.call("Page.navigate", url=client.vm_url("not-a-vm"))
     await _until(tools, f"location.host.startsWith('not-a-vm.{DOMAIN}')", "the other origin's page")
     target = console_url.replace("/console", "/v1/vms")
-    sent = await tools.settle(
+    sent = await _settle(
+        tools,
         f"fetch({json.dumps(target)}, {{method: 'POST', mode: 'no-cors', credentials: 'include', "
         "headers: {'Content-Type': 'text/plain'}, body: JSON.stringify({template: 'sandbox'})})"
         ".then(() => 'sent', (e) => String(e))"
@@ -134,8 +118,7 @@ async def _cross_site_post_is_refused(tools: RecordingDevTools, client: Client, 
 async def test_console_signs_in_follows_the_feed_and_opens_a_real_terminal(
     settings: VmmSettings, sandbox_template: str
 ) -> None:
-    async with running_edge(edge_config(settings)) as client, chromium() as plain:
-        tools = RecordingDevTools(plain)
+    async with running_edge(edge_config(settings)) as client, chromium() as tools:
         url = f"https://{CONTROL}:{client.edge.port}/console"
         await tools.call("Page.enable")
         await tools.call("Emulation.setDeviceMetricsOverride", width=1280, height=800, deviceScaleFactor=1,
@@ -188,5 +171,5 @@ async def test_console_signs_in_follows_the_feed_and_opens_a_real_terminal(
         await _until(tools, "!!document.querySelector('#vm-table')", "the table again, signed in")
         await tools.evaluate("document.getElementById('sign-out').click()")
         await _until(tools, "!document.getElementById('sign-in').hidden", "the sign-in form after signing out")
-        status = await tools.settle("fetch('/v1/vms').then((r) => r.status)")
+        status = await _settle(tools, "fetch('/v1/vms').then((r) => r.status)")
         assert status == 401

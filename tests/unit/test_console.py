@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +14,13 @@ from aiohttp.test_utils import TestServer
 
 from edge import console, control
 from edge.control import errors_and_auth
-from edge.settings import DEV_ADMIN_KEY, ServerConfig
+from edge.metrics import Metrics
+from edge.settings import DEV_ADMIN_KEY, ServerConfig, token_service
+from fleet.edge_control import build_edge_control_app
+from fleet.run_dir import ENV as RUN_DIR_ENV
+from fleet.run_dir import RunDir
+from mvm.config import load_config
+from tests.unit.test_usage import _HostApis, _TwoHosts
 
 SERVER = ServerConfig(tls=False)
 
@@ -144,3 +151,29 @@ def test_sessions_in_a_shared_directory_are_known_to_every_worker_and_expire(tmp
     assert expired.get(old) is None
     one.create()  # drops expired sessions' files as it makes a new one
     assert len(list((tmp_path / "s").iterdir())) == 1
+
+
+async def test_a_sign_in_on_one_fleet_edge_worker_holds_and_ends_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers of one set share the run directory's sessions: any of them honours a sign-in and a sign-out."""
+    run = RunDir.create(workers=2, max_connections=10, base=tmp_path)
+    monkeypatch.setenv(RUN_DIR_ENV, str(run.path))
+    cfg = load_config(None)
+    cfg = replace(cfg, server=replace(cfg.server, tls=False))
+    apps = [build_edge_control_app(cfg, _TwoHosts(), _HostApis(), token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
+            for _ in range(2)]  # fmt: skip
+    try:
+        async with TestServer(apps[0], host="127.0.0.1") as one, TestServer(apps[1], host="127.0.0.1") as two:
+            base_one, base_two = (str(s.make_url("")).rstrip("/") for s in (one, two))
+            async with _session() as http:
+                cookie, csrf = await _sign_in(http, base_one)
+                async with http.get(f"{base_two}/console/session", headers={"Cookie": cookie}) as r:
+                    assert (await r.json())["signed_in"] is True
+                headers = {"Cookie": cookie, "X-CSRF-Token": csrf}
+                async with http.delete(f"{base_two}/console/session", headers=headers) as r:
+                    assert r.status == 204
+                async with http.get(f"{base_one}/v1/vms", headers={"Cookie": cookie}) as r:
+                    assert r.status == 401
+    finally:
+        run.remove()
