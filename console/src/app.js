@@ -196,6 +196,8 @@ async function route() {
 }
 
 function showSignIn(message = "") {
+  leaveView();
+  leaveView = () => {};
   feed?.close();
   clearInterval(poller);
   clearInterval(metricsTimer);

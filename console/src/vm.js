@@ -83,7 +83,14 @@ export async function showVm(vmId) {
   const log = el("pre", {class: "log", id: "app-log"});
   const events = el("ol", {class: "events", id: "vm-events"});
   const metrics = el("div", {id: "vm-metrics"}, el("p", {class: "muted"}, "metrics appear while the VM runs"));
-  const button = (name, label) => el("button", {onclick: () => act(vmId, name).catch(report)}, label);
+  const setState = (value) => {
+    state.textContent = value;
+    state.className = `state ${value}`;
+    state.dataset.state = value;
+  };
+  const button = (name, label) => el("button", {
+    onclick: () => act(vmId, name).then(() => setState(vms.get(vmId)?.state ?? state.textContent)).catch(report),
+  }, label);
   document.getElementById("main").replaceChildren(
     el("h1", {}, el("a", {href: "#/"}, "VMs"), ` / ${vmId} `, state),
     el("div", {class: "toolbar"}, `template ${vm.template}, made ${ago(vm.created_at)} ago`,
@@ -93,13 +100,7 @@ export async function showVm(vmId) {
        el("section", {}, el("h2", {}, "Terminal"), termBox, el("h2", {}, "App log"), log),
        el("section", {}, el("h2", {}, "Metrics"), metrics, el("h2", {}, "Events"), events)),
   );
-  const updateState = onEvent((ev) => {
-    if (ev.vm === vmId && ev.state) {
-      state.textContent = ev.state;
-      state.className = `state ${ev.state}`;
-      state.dataset.state = ev.state;
-    }
-  });
+  const updateState = onEvent((ev) => { if (ev.vm === vmId && ev.state) setState(ev.state); });
   const refresh = async () => {
     if (vms.get(vmId)?.state !== "running") return;
     metrics.replaceChildren(metricsTable(await api("GET", `/v1/vms/${vmId}/metrics`)));
