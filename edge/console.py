@@ -219,6 +219,9 @@ async def sign_in(request: web.Request) -> web.Response:
     if not hmac.compare_digest(key.encode("utf-8", "surrogateescape"), expected):
         log.event("console.sign_in_refused", level="warning", remote=request.remote)
         return _error(401, "unauthorized", "wrong admin key")
+    old = request.cookies.get(COOKIE)
+    if old is not None:
+        request.app[SESSIONS].drop(old)  # a sign-in never keeps a session id the browser had before
     sid, session = request.app[SESSIONS].create()
     log.event("console.signed_in", remote=request.remote, expires=round(session.expires))
     response = _json({"signed_in": True, "csrf": session.csrf, "expires_at": session.expires})

@@ -131,7 +131,7 @@ function actions(vm) {
 }
 
 function row(vm) {
-  const u = usage.get(vm.id);
+  const u = vm.state === "running" ? usage.get(vm.id) : undefined;
   return el("tr", {"data-vm": vm.id},
     el("td", {}, el("a", {href: `#/vm/${vm.id}`}, vm.id)),
     el("td", {}, el("span", {class: `state ${vm.state}`, "data-state": vm.state}, vm.state)),

@@ -120,6 +120,16 @@ async def test_sign_out_ends_the_session_on_the_server(base: str) -> None:
             assert "sign in again" in (await r.json())["message"]
 
 
+async def test_signing_in_again_ends_the_session_the_browser_had(base: str) -> None:
+    async with _session() as http:
+        cookie, _ = await _sign_in(http, base)
+        headers = {"Cookie": cookie}
+        async with http.post(f"{base}/console/session", json={"key": DEV_ADMIN_KEY}, headers=headers) as r:
+            assert r.status == 200 and f"{console.COOKIE}={r.cookies[console.COOKIE].value}" != cookie
+        async with http.get(f"{base}/v1/thing", headers=headers) as r:
+            assert r.status == 401
+
+
 async def test_the_page_and_its_files_are_served_gzipped_with_a_strict_policy(base: str) -> None:
     async with _session() as http:
         async with http.get(f"{base}/console", headers={"Accept-Encoding": "gzip"}, auto_decompress=False) as r:
