@@ -158,6 +158,11 @@ async def test_console_signs_in_follows_the_feed_and_opens_a_real_terminal(
                      "the row to turn suspended")  # fmt: skip
         assert await tools.evaluate("window.notReloaded") is True  # the feed changed the row, not a reload
         await _screenshot(tools, "2-suspended")
+        await tools.evaluate(f"document.querySelector('tr[data-vm=\"{vm_id}\"] [data-action=token]').click()")
+        token = await _until(tools, "document.getElementById('token-dialog').open && "
+                                    "document.getElementById('token-value').value", "the issued token")  # fmt: skip
+        assert len(token) > 20 and vm_id in await tools.evaluate("document.getElementById('token-url').href")
+        await tools.evaluate("document.getElementById('token-dialog').close()")
 
         await tools.evaluate(f"location.hash = '#/vm/{vm_id}'")
         await _screen_has(tools, "# ", "root's prompt in the terminal (the shell woke the VM)")
