@@ -21,7 +21,7 @@ from vmm.jsonlog import log
 from vmm.model import VmRecord
 from vmm.template import check_name
 
-from . import events_api, files_api, shell_api
+from . import console, events_api, files_api, shell_api
 from .backend import ManagedVms
 from .errors_http import error_code
 from .exec_api import ExecRequest, stream_exec
@@ -50,12 +50,17 @@ def error_response(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Admin bearer key on everything but the public paths; every failure becomes JSON."""
-    if request.path not in _PUBLIC:
+    """Admin bearer key (or the web console's session) on everything but the public paths; every failure becomes JSON.
+
+    The console's own paths check its session themselves (its page and sign-in need none).
+    """
+    if request.path not in _PUBLIC and not console.is_console_path(request.path):
         expected = f"Bearer {request.app[SERVER].admin_key}".encode()
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
-            return error_response(401, "missing or wrong admin key (Authorization: Bearer <server.admin_key>)")
+            refusal = console.session_refusal(request)
+            if refusal is not None:
+                return error_response(*refusal)
     try:
         return await handler(request)
     except VmmError as exc:
@@ -242,6 +247,7 @@ def build_control_app(
     app.router.add_post("/v1/vms/{vm_id}/exec", vm_exec)
     files_api.add_routes(app, manager)
     shell_api.add_routes(app, manager)
+    console.add_routes(app, server, server.console_session_ttl)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", create_vm)
     app.router.add_get("/v1/vms/{vm_id}", get_vm)

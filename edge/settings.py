@@ -35,6 +35,7 @@ class ServerConfig:
     workers: int = 0  # edge worker processes (SO_REUSEPORT); 0: one per core; 1: serve in one process
     worker_user: str = "mvm-edge"  # edge workers started as root become this user; "": they stay as started
     per_vm_metrics: bool = False  # /metrics: mvm_vm_*{vm} series per VM (one set per VM: off for cardinality)
+    console_session_ttl: float = 8 * 3600.0  # seconds a web console sign-in lasts
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from edge import events_api
+from edge import console, events_api
 from edge.control import (
     METRICS,
     SERVER,
@@ -42,6 +42,7 @@ from .host_client import FORWARD_TIMEOUT, HostClient
 from .mover import Mover
 from .placement import candidates
 from .routes import RouteTable
+from .run_dir import console_sessions_dir
 from .settings import FleetConfig
 
 ROUTES = web.AppKey("routes", RouteTable)
@@ -282,6 +283,7 @@ def build_edge_control_app(
     app.router.add_get("/openapi.json", openapi)
     if events is not None:
         events_api.add_routes(app, events, cfg.vmm.events.keepalive)
+    console.add_routes(app, cfg.server, cfg.server.console_session_ttl, console_sessions_dir())
     app.router.add_get("/v1/hosts", list_hosts)
     app.router.add_get("/v1/templates", list_per_host)
     app.router.add_post("/v1/templates", to_named_host)

@@ -6,6 +6,8 @@ The supervisor makes it fresh before it starts any child and removes it when the
   - `metrics/`: prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR): every
     process of the set, the host included, writes its own values there, and `/metrics` on
     any worker answers the sum (`edge.metrics`);
+  - `console-sessions/`: the web console's sign-ins (`edge.console`), one file each, so a
+    session made by one worker is honoured, and ended, by every worker;
   - `upstreams.sock`: in `mvm serve`, the host's upstream broker (`fleet.upstream_broker`),
     through which workers that gave up root reach guests.
 Workers that drop to `server.worker_user` own what they write here; the rest stays root's.
@@ -35,6 +37,7 @@ ENV = "MVM_RUN_DIR"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch, read when it is imported
 _PREFIX = "mvm-set-"
 BROKER = "upstreams.sock"
+SESSIONS = "console-sessions"
 
 
 def _base() -> Path:
@@ -69,11 +72,12 @@ class RunDir:
         path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base))
         try:
             (path / "metrics").mkdir()
+            (path / SESSIONS).mkdir(mode=0o700)
             table = SharedIpTable.create(path / "connections", workers, slots_for(max_connections))
             if worker is not None:
                 os.chown(path, -1, worker.gid)
                 os.chmod(path, 0o750)
-                for mine in (path / "metrics", path / "connections"):
+                for mine in (path / "metrics", path / "connections", path / SESSIONS):
                     os.chown(mine, worker.uid, worker.gid)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
@@ -115,6 +119,12 @@ def broker_path() -> Path | None:
     """Where this set's host hands out upstream connections (fleet.upstream_broker); None outside a set."""
     run = os.environ.get(ENV)
     return Path(run) / BROKER if run else None
+
+
+def console_sessions_dir() -> Path | None:
+    """Where this set's workers keep the web console's sessions (any worker serves any); None outside a set."""
+    run = os.environ.get(ENV)
+    return Path(run) / SESSIONS if run else None
 
 
 def join_table(pid: int) -> SharedIpTable | None:

@@ -185,6 +185,7 @@ _SERVER: dict[str, Rule] = {
     "workers": _integer(0, 1024),
     "worker_user": _text_or_empty,
     "per_vm_metrics": _flag,
+    "console_session_ttl": _seconds,
 }
 _PROXY: dict[str, Rule] = {
     "connect_timeout": _seconds,

@@ -50,6 +50,17 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 
+# The web console's front-end: xterm.js and its fit add-on from the npm registry, exactly as
+# console/package-lock.json pins them (edge/console.py serves them from console/node_modules;
+# nothing is fetched from a CDN at run time). A host with NodeSource's nodejs has npm already.
+command -v npm >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
+stamp="console/node_modules/.installed-$(sha256sum console/package-lock.json | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "==> console: npm ci (xterm.js, pinned in console/package-lock.json)"
+    (cd console && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    touch "$stamp"
+fi
+
 inputs=$(cat images/demo/* vmm/image_spec.py vmm/initramfs.py | sha256sum | cut -c1-16)
 if [ "$(cat var/images/demo/.inputs 2>/dev/null)" != "$inputs" ]; then
     echo "==> image: building the demo guest image"

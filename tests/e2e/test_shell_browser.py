@@ -33,10 +33,11 @@ FLAGS = [
 
 
 class DevTools:
-    """The few DevTools calls the test needs, over one page's WebSocket."""
+    """The few DevTools calls the tests need, over one page's WebSocket; `events`: the protocol events read past."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws, self.next_id = ws, 0
+        self.events: list[dict[str, Any]] = []
 
     async def call(self, method: str, **params: Any) -> Any:
         self.next_id += 1
@@ -46,6 +47,8 @@ class DevTools:
             if reply.get("id") == self.next_id:
                 assert "error" not in reply, reply
                 return reply.get("result", {})
+            if "method" in reply:
+                self.events.append(reply)
 
     async def evaluate(self, expression: str) -> Any:
         return (await self.call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
