@@ -88,6 +88,7 @@ class Runtime(Protocol):
     async def close_egress(self, vm_id: str) -> None: ...
     def prepare_confinement(self) -> None: ...
     async def release_confinement(self, vm_id: str) -> None: ...
+    def release_group(self, vm_id: str) -> None: ...
 
 
 class QemuRuntime:
@@ -238,6 +239,11 @@ class QemuRuntime:
     async def release_confinement(self, vm_id: str) -> None:
         """The VM is gone: its uid goes back to the pool and its cgroup away."""
         await self.jail.release(vm_id, self._vm_dir(vm_id))
+
+    def release_group(self, vm_id: str) -> None:
+        """A suspended VM has no QEMU: its cgroup goes (made afresh at the next spawn), its uid stays."""
+        if self.jail.cgroups is not None:
+            self.jail.cgroups.remove(vm_id)
 
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int:
         """Bytes the VM's QEMU has written to its private (copy-on-write) mapping of `mapped`."""

@@ -31,6 +31,7 @@ class FakeRuntime:
         self.guests: dict[str, str] = {}
         self.networks: set[str] = set()
         self.cut_off: set[str] = set()
+        self.cuts: list[str] = []  # every cut, in order
         self.egress: set[str] = set()
         self.adoptable: dict[str, str] = {}  # VM id -> the run state a QEMU left by an earlier manager reports
         self.fail: set[str] = set()  # steps that raise: "load.launch", "load.restore", "load.ram-move", "save", ...
@@ -130,6 +131,7 @@ class FakeRuntime:
         self.cut_off.discard(vm_id)
 
     async def cut(self, vm_id: str) -> None:
+        self.cuts.append(vm_id)
         if vm_id in self.networks:
             self.cut_off.add(vm_id)
 
@@ -147,6 +149,9 @@ class FakeRuntime:
 
     async def release_confinement(self, vm_id: str) -> None:
         self._step("release_confinement")
+
+    def release_group(self, vm_id: str) -> None:
+        self.groups.pop(vm_id, None)
 
     async def kill(self, vm: LiveVm) -> None:
         """The VM's QEMU ends unasked (as a pidfd would report it): settled under the VM's lock."""
