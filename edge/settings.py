@@ -35,6 +35,7 @@ class ServerConfig:
     workers: int = 0  # edge worker processes (SO_REUSEPORT); 0: one per core; 1: serve in one process
     worker_user: str = "mvm-edge"  # edge workers started as root become this user; "": they stay as started
     per_vm_metrics: bool = False  # /metrics: mvm_vm_*{vm} series per VM (one set per VM: off for cardinality)
+    list_page_size: int = 200  # VMs per page of GET /v1/vms when the request gives no `limit`
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,7 @@ _SERVER: dict[str, Rule] = {
     "workers": _integer(0, 1024),
     "worker_user": _text_or_empty,
     "per_vm_metrics": _flag,
+    "list_page_size": _integer(1, 1000),
 }
 _PROXY: dict[str, Rule] = {
     "connect_timeout": _seconds,

@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS processes (
     purpose TEXT NOT NULL,
     started_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS vms_by_created ON vms (created_at, id);
+CREATE INDEX IF NOT EXISTS processes_by_vm ON processes (vm_id);
 """
 _COLUMNS = f"id, {RECORD_COLUMNS}"  # the catalog's encoding (vmm.record_rows), so one file can become the other
 
@@ -104,5 +106,5 @@ class Registry:
         return [ProcessIntent(*row) for row in rows]
 
     def load_all(self) -> list[VmRecord]:
-        rows = self.db.execute(f"SELECT {_COLUMNS} FROM vms ORDER BY created_at").fetchall()
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM vms ORDER BY created_at, id").fetchall()
         return [record_from(row[0], row[1:]) for row in rows]

@@ -74,6 +74,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         sqlite=("ALTER TABLE vms ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",),
         postgres=("ALTER TABLE vms ADD COLUMN generation BIGINT NOT NULL DEFAULT 0",),
     ),
+    Migration(
+        4,
+        "indexes for many VMs: listing in (created_at, id) order, by state across hosts",
+        sqlite=(
+            "CREATE INDEX IF NOT EXISTS vms_by_created ON vms (created_at, id)",
+            "CREATE INDEX IF NOT EXISTS vms_by_state ON vms (state, created_at)",
+        ),
+        postgres=(
+            "CREATE INDEX IF NOT EXISTS vms_by_created ON vms (created_at, id)",
+            "CREATE INDEX IF NOT EXISTS vms_by_state ON vms (state, created_at)",
+        ),
+    ),
 )
 
 
