@@ -228,6 +228,7 @@ _VMM: dict[str, Rule] = {
     "terminated_ttl": _seconds,
     "verify_ram": _flag,
     "memory_reserve_mb": _integer(0, 1 << 30),
+    "max_concurrent_restores": _integer(0, 4096),
 }
 _JAIL: dict[str, Rule] = {
     "enabled": _flag,

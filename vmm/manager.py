@@ -39,6 +39,7 @@ from .network.egress import EgressServer
 from .open_work import OpenWork
 from .records import RecordStore
 from .recovery import recover
+from .restore_gate import RestoreGate
 from .runtime import QemuRuntime, Runtime
 from .settings import VmmSettings
 from .transitions import Transitions, new_vm
@@ -71,6 +72,7 @@ class VmManager:
         self.transitions = Transitions(settings, self.runtime, self.lifecycle, self.records)
         self.snapshots = self.transitions.snapshots
         self.meter = UsageMeter()  # each VM's last CPU sample, for its CPU %
+        self.restores = RestoreGate(settings.max_concurrent_restores)  # restores at once; the rest wait in order
         self._log_rotator: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None
         self._building: set[str] = set()
@@ -307,7 +309,11 @@ class VmManager:
 
     async def _wake(self, vm: LiveVm) -> None:
         async with vm.lock:
-            await self.transitions.wake(vm)
+            if vm.rec.state is not VmState.SUSPENDED or vm.moving:
+                await self.transitions.wake(vm)
+                return
+            async with self.restores.slot(vm.rec.id):  # a restore: bounded, in the order wakes asked
+                await self.transitions.wake(vm)
 
     async def confirm_running(self, vm_id: str) -> bool:
         """An edge could not reach the guest of a VM it took for running. This manager's view

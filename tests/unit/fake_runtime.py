@@ -6,6 +6,7 @@ egress listeners) as sets and dicts the tests read, and fails a named step on re
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from pathlib import Path
@@ -39,6 +40,8 @@ class FakeRuntime:
         self._on_lost: dict[str, OnLost] = {}
         self.groups: dict[str, GroupUsage] = {}  # VM id -> its cgroup's counters
         self.taps: dict[str, tuple[int, int]] = {}  # VM id -> its tap's (rx, tx) bytes
+        self.loads: list[tuple[str, str]] = []  # (purpose, VM id) of every load, in order
+        self.load_gate: asyncio.Event | None = None  # when set, a restore's load waits for it
 
     def _step(self, name: str) -> None:
         if name in self.fail:
@@ -49,6 +52,9 @@ class FakeRuntime:
         on_lost: OnLost,
     ) -> None:  # fmt: skip
         vm.expect_exit = vm.guest_ran = False
+        self.loads.append((purpose, vm.rec.id))
+        if purpose == "restore" and self.load_gate is not None:
+            await self.load_gate.wait()
         if purpose != "ram-move":
             vm.rec.pid = fake_pid(vm.rec.id)
         self.guests[vm.rec.id] = "paused"
