@@ -229,6 +229,7 @@ _VMM: dict[str, Rule] = {
     "verify_ram": _flag,
     "memory_reserve_mb": _integer(0, 1 << 30),
     "max_concurrent_restores": _integer(0, 4096),
+    "clone_ram": _choice("cow", "reflink"),
 }
 _JAIL: dict[str, Rule] = {
     "enabled": _flag,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import accel as accel_mod
-from . import statelock, template
+from . import reflink, statelock, template
 from .agent import AgentError, Exec
 from .applog import AppLog
 from .errors import Conflict, NotFound, NotRunning, RegistryError, VmmError
@@ -94,6 +94,11 @@ class VmManager:
     async def start(self) -> None:
         """Open the registry and take back every VM an earlier manager left behind."""
         self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.clone_ram == "reflink" and not reflink.supported(self.settings.vms_dir):
+            raise VmmError(
+                f'vmm.clone_ram = "reflink": the state directory {self.settings.state_dir} has no reflinks '
+                '(it needs XFS made with reflink=1, or btrfs); use "cow" there'
+            )
         self._lock_state_dir()
         self.runtime.prepare_confinement()
         running = self.runtime.running_qemus()

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from qemu.qmp.error import QMPError
 
-from . import disks, faults, snapshot_check, template
+from . import disks, faults, reflink, snapshot_check, template
 from .errors import OverCapacity, RestoreFailed, VmFailed, VmmError
 from .hook_runner import run_hook
 from .jsonlog import log
@@ -98,11 +98,25 @@ class Snapshots:
             await self.runtime.close_egress(vm.rec.id)
             if not ignore_shared:
                 size = await self._move_ram_to_own_file(vm, tpl, size)
+            await self._compact_ram(vm, tpl)
             await self.release_network(vm.rec.id)
         finally:
             vm.rec.generation += 1
             self.lifecycle.record_outcome(vm.rec, VmState.SUSPENDED)
         log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
+
+    async def _compact_ram(self, vm: LiveVm, tpl: Template) -> None:
+        """vmm.clone_ram = "reflink": the blocks the guest wrote without changing share the template's again,
+        so the suspended VM's disk is the pages it changed (vmm.reflink.compact). A failure costs disk only."""
+        if self.settings.clone_ram != "reflink" or vm.rec.ram_mode is not RamMode.OWN_FILE:
+            return
+        started = time.monotonic()
+        try:
+            given = await asyncio.to_thread(reflink.compact, self._vm_dir(vm) / RAM, Path(tpl.path) / RAM)
+        except OSError as exc:
+            log.event("vm.ram_compact_failed", level="warning", vm=vm.rec.id, error=str(exc))
+            return
+        log.event("vm.ram_compacted", vm=vm.rec.id, bytes=given, ms=round((time.monotonic() - started) * 1000, 1))
 
     async def release_network(self, vm_id: str) -> None:
         """A suspended VM holds no namespace, tap or cgroup (only its files): they are made again at restore.
