@@ -53,6 +53,7 @@ MEMORY_FLOOR_MIB = 2048  # density stops before the machine's available memory f
 KERNEL_FIELDS = ("Slab:", "KernelStack:", "PageTables:", "SecPageTables:")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SANDBOX = "python-sandbox"
+PEERS = 2  # running clones beside the measured one: PSS shows what they share
 
 
 def _meminfo(field: str) -> int:
@@ -349,13 +350,18 @@ async def _disk_per_suspended(manager: VmManager, reflinked: VmManager | None) -
     rows = []
     for mode, mgr in (("cow (state dir as is)", manager), ("reflink (loop XFS)", reflinked)):
         if mgr is None:
-            rows.append([mode, "-", "-", "-", "not measured (no mkfs.xfs or loop device)"])
+            rows.append([mode, "-", "-", "-", "not measured (no mkfs.xfs or loop device)", "-"])
             continue
         state = mgr.settings.state_dir
         before = _fs_used(state) if mgr is reflinked else 0
-        rec = await mgr.create_vm("sandbox")
         ready = load_image(mgr.settings.images_dir, SANDBOX).ready
-        await probe.wait_ready(rec.id, ready, 120.0, lambda: True)
+        peers = [await mgr.create_vm("sandbox") for _ in range(PEERS)]
+        rec = await mgr.create_vm("sandbox")
+        for vm in (*peers, rec):
+            await probe.wait_ready(vm.id, ready, 120.0, lambda: True)
+        pss = median([_pss_kib(vm.pid) for vm in (*peers, rec)]) / 1024  # what sharing the template saves shows
+        for vm in peers:
+            await mgr.delete(vm.id)
         run = await mgr.exec(rec.id, ["python3", "-c", "x = 41"], [], "/", 0, 0)
         async for _ in run:
             pass
@@ -367,11 +373,11 @@ async def _disk_per_suspended(manager: VmManager, reflinked: VmManager | None) -
         device = (vm_dir / "state").stat().st_size
         used = _fs_used(state) - before if mgr is reflinked else _allocated(vm_dir)
         rows.append([mode, _mib(used), _mib(ram), f"{used / (ram + device):.2f}x",
-                     f"first suspend {first * 1000:.0f} ms, later {later * 1000:.0f} ms"])  # fmt: skip
+                     f"first {first * 1000:.0f} ms, later {later * 1000:.0f} ms", f"{pss:.1f} MiB"])  # fmt: skip
         await mgr.delete(rec.id)
     return table(
         ["disk per suspended python-sandbox (ran x = 41)", "disk used", "pages changed", "ratio (goal 1.5x)",
-         "suspend"],
+         "suspend", f"running: QEMU PSS, {PEERS + 1} clones"],
         rows,
     )  # fmt: skip
 
