@@ -317,8 +317,10 @@ class VmManager:
             if vm.rec.state is not VmState.SUSPENDED or vm.moving:
                 await self.transitions.wake(vm)
                 return
-            async with self.restores.slot(vm.rec.id):  # a restore: bounded, in the order wakes asked
-                await self.transitions.wake(vm)
+        # A restore: bounded, in the order wakes asked. The turn is awaited without the VM's lock, so a
+        # delete or an export of a VM in the queue does not wait behind other VMs' restores.
+        async with self.restores.slot(vm.rec.id), vm.lock:
+            await self.transitions.wake(vm)  # looks at the state again: it may have changed meanwhile
 
     async def confirm_running(self, vm_id: str) -> bool:
         """An edge could not reach the guest of a VM it took for running. This manager's view

@@ -1,6 +1,7 @@
 """Many VMs on one machine (issue 17), small counts: the bounded restore queue serves every queued
-wake in order; a reflinked RAM file (XFS) costs disk for the pages the guest changed. Scale cases
-(hundreds of VMs, 50 wakes at once) are in bench/scale_bench.py."""
+wake in order; a reflinked RAM file (XFS) costs disk for the pages the guest changed. Both run on one
+loop-mounted XFS state directory, where a suspend writes no RAM. Scale cases (hundreds of VMs, 50 wakes
+at once) are in bench/scale_bench.py; the lifecycle on the default state directory is test_vmm_lifecycle's."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ SLACK = 4 << 20  # the filesystem's own metadata, the logs
 
 
 async def test_three_wakes_at_once_with_one_restore_at_a_time_are_all_answered_in_order(
-    settings: VmmSettings, monkeypatch: pytest.MonkeyPatch
+    xfs_settings: VmmSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = edge_config(replace(settings, max_concurrent_restores=1), wake_timeout=30.0)
+    cfg = edge_config(replace(xfs_settings, max_concurrent_restores=1), wake_timeout=30.0)
     async with running_edge(cfg) as client:
         manager = client.edge.manager
         ids = [await client.create_vm() for _ in range(3)]
@@ -73,10 +74,11 @@ async def test_three_wakes_at_once_with_one_restore_at_a_time_are_all_answered_i
         assert restored == ids, "queued wakes are served in the order they asked"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def xfs_settings(session_root: Path, template_dir: Path) -> Iterator[VmmSettings]:
-    """A state directory on a loop-mounted XFS (reflinks) that the test makes and removes, with a copy
-    of the session's demo template (reflinks need the template's RAM file on the same filesystem)."""
+    """A state directory on a loop-mounted XFS (reflinks) made once for this module and removed after it,
+    with a copy of the session's demo template (a reflink needs the template's RAM file on the same
+    filesystem). Its VMs suspend without writing RAM, which keeps these tests cheap."""
     if shutil.which("mkfs.xfs") is None:
         pytest.fail("mkfs.xfs missing: run scripts/install.sh (installs xfsprogs)")
     image, mount = session_root / "xfs.img", session_root / "xfs"

@@ -13,6 +13,7 @@ from edge.reach import reach
 from tests.unit.fake_runtime import FakeRuntime, write_template
 from tests.unit.proxy_harness import VM
 from tests.unit.test_reach import Events, _backend, _context, _exchange
+from vmm.errors import VmmError
 from vmm.manager import VmManager
 from vmm.model import VmState
 from vmm.restore_gate import RestoreGate, default_bound
@@ -94,3 +95,28 @@ async def test_a_started_restore_slower_than_wake_timeout_is_refused() -> None:
 @pytest.mark.parametrize("bound", [1, 3])
 def test_the_bound_is_the_settings(bound: int) -> None:
     assert RestoreGate(bound).bound == bound
+
+
+async def test_a_vm_waiting_its_turn_can_be_deleted_meanwhile(tmp_path: Path) -> None:
+    settings = VmmSettings(state_dir=tmp_path, memory_reserve_mb=0, guest_sync=False, max_concurrent_restores=1)
+    write_template(settings)
+    fake = FakeRuntime(settings)
+    manager = VmManager(settings, runtime=fake)
+    await manager.start()
+    try:
+        first, queued = [(await manager.create_vm("demo")).id for _ in range(2)]
+        for vm_id in (first, queued):
+            await manager.suspend(vm_id)
+        fake.load_gate = asyncio.Event()
+        restoring = asyncio.create_task(manager.resume(first))
+        waiting = asyncio.create_task(manager.resume(queued))
+        while manager.restores.queued < 1:
+            await asyncio.sleep(0)
+        await manager.delete(queued)  # not held up by the restore ahead of it
+        fake.load_gate.set()
+        await restoring
+        with pytest.raises(VmmError):
+            await waiting  # its turn came: the VM is gone
+        assert manager.get(first).state is VmState.RUNNING and manager.get(queued).state is VmState.TERMINATED
+    finally:
+        await manager.close()
