@@ -14,7 +14,8 @@ Sections, each bounded in count and time, in one scratch state directory removed
   state directory's filesystem) and with vmm.clone_ram = "reflink" on a loop-mounted XFS it makes.
 
 Numbers from a shared machine are noisy: the lead re-measures on a quiet one.
-Usage: .venv/bin/python -m bench.scale_bench [--max 150] [--suspended 2000] [--wakes 50] [--creates 100]
+Usage: .venv/bin/python -m bench.scale_bench [--max 150] [--suspended 2000 --clone-ram reflink] [--wakes 50]
+       [--creates 100]
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from .stats import median, p99, table
 from .tools import state_dir
 
 MEMORY_FLOOR_MIB = 2048  # density stops before the machine's available memory falls under this
+DISK_FLOOR = 5 << 30  # the suspended section stops before free disk falls under this
+XFS_BYTES = 64 << 30  # the loop-mounted XFS file (sparse: only what is written takes space)
 KERNEL_FIELDS = ("Slab:", "KernelStack:", "PageTables:", "SecPageTables:")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SANDBOX = "python-sandbox"
@@ -105,14 +108,15 @@ async def _timed(action: Callable[[], Awaitable[object]]) -> float:
     return time.perf_counter() - start
 
 
-def _config(state: Path, max_restores: int) -> Config:
+def _config(state: Path, max_restores: int, clone_ram: str) -> Config:
     """The built-in defaults on an ephemeral 127.0.0.1 port over plain HTTP, a scratch state directory."""
     cfg = load_config(None)
     return replace(
         cfg,
         server=replace(cfg.server, listen_host="127.0.0.1", listen_port=0, tls=False, list_page_size=500),
         proxy=replace(cfg.proxy, wake_timeout=120.0, max_held_per_vm=64),
-        vmm=replace(cfg.vmm, state_dir=state, max_concurrent_restores=max_restores, memory_reserve_mb=1024),
+        vmm=replace(cfg.vmm, state_dir=state, max_concurrent_restores=max_restores, memory_reserve_mb=1024,
+                    clone_ram=clone_ram),
         log=replace(cfg.log, level="warning"),
     )
 
@@ -173,7 +177,8 @@ class Bench:
 
     async def suspended(self, count: int) -> str:
         kernel_before, vms_dir = _kernel_kib(), self.manager.settings.vms_dir
-        disk_before = _allocated(vms_dir)
+        reflinked = self.manager.settings.clone_ram == "reflink"  # then the state dir is this bench's own XFS
+        disk_before = _fs_used(vms_dir) if reflinked else _allocated(vms_dir)
         probes: list[float] = []
         stop = asyncio.Event()
 
@@ -186,8 +191,12 @@ class Bench:
         prober = asyncio.create_task(probe_api())
         started = time.perf_counter()
         ids: list[str] = []
+        stopped = ""
         try:
             for _ in range(count):
+                if min(shutil.disk_usage(vms_dir).free, shutil.disk_usage("/tmp").free) < DISK_FLOOR:
+                    stopped = f" (stopped: under {DISK_FLOOR >> 30} GiB of disk free)"
+                    break
                 rec = await self.manager.create_vm("demo")
                 await self.manager.suspend(rec.id)
                 ids.append(rec.id)
@@ -206,11 +215,13 @@ class Bench:
             list_s = time.perf_counter() - t0
         registry_s, catalog_s = await _queries(self.manager.settings.registry_path)
         with_ns = len(set(netns.list_project_namespaces()) & {netns.ns_name(i) for i in ids})
+        count = len(ids)
         kernel = (_kernel_kib() - kernel_before) / max(count, 1)
-        disk = (_allocated(vms_dir) - disk_before) / max(count, 1)
+        disk = ((_fs_used(vms_dir) if reflinked else _allocated(vms_dir)) - disk_before) / max(count, 1)
         await self.delete_all()
+        mode = self.manager.settings.clone_ram
         return table(
-            [f"{count} demo VMs created and suspended", "value"],
+            [f"{count} demo VMs created and suspended{stopped}", "value"],
             [
                 ["create + suspend, one after another", f"{made_in:.1f} s ({count / made_in:.1f} VMs/s)"],
                 ["control API meanwhile: GET /v1/vms?limit=1 p50 / max",
@@ -221,7 +232,7 @@ class Bench:
                 ["catalog (sqlite, a copy): suspended VMs by state", f"{catalog_s * 1000:.1f} ms"],
                 ["namespaces held by suspended VMs", str(with_ns)],
                 ["kernel memory per suspended VM", f"{kernel:.1f} KiB"],
-                ["disk per suspended VM (demo, default mode)", _mib(disk)],
+                [f"disk per suspended VM (demo, clone_ram {mode})", _mib(disk)],
             ],
         )  # fmt: skip
 
@@ -416,44 +427,59 @@ class LoopXfs:
 
 async def run(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="mvmb-scale-", dir="/tmp"))
-    state = state_dir(root / "state")
-    edge = await app.start(_config(state, args.max_restores))  # boots the default template (demo)
-    bench = Bench(edge)
-    xfs: LoopXfs | None = None
-    reflinked: VmManager | None = None
+    xfs = LoopXfs(root, XFS_BYTES) if args.clone_ram == "reflink" else None
+    other: tuple[VmManager, LoopXfs | None] | None = None
     try:
-        print(f"accelerator {edge.manager.accel.name}, {os.cpu_count()} cores, "
-              f"{_meminfo('MemTotal:') // 1024} MiB; other work may run beside this", flush=True)  # fmt: skip
-        if args.max or args.disk:
-            await edge.manager.create_template("sandbox", SANDBOX, lambda _: None)
-        if args.wakes:
-            print(await bench.wakes(args.wakes, args.requests), end="\n\n", flush=True)
-        if args.creates:
-            print(await bench.creates(args.creates, args.at_once), end="\n\n", flush=True)
-        if args.suspended:
-            print(await bench.suspended(args.suspended), end="\n\n", flush=True)
-        if args.max:
-            print(await bench.density(args.max), end="\n\n", flush=True)
-        if args.disk:
-            if shutil.which("mkfs.xfs"):
-                xfs = LoopXfs(root, 8 << 30)
-                xstate = state_dir(xfs.mount / "state")
-                (xstate / "templates").mkdir()
-                src = edge.manager.settings.templates_dir / "sandbox"
-                subprocess.run(["cp", "-a", "--sparse=always", str(src), str(xstate / "templates")], check=True)
-                reflinked = VmManager(replace(edge.manager.settings, state_dir=xstate, clone_ram="reflink"))
-                await reflinked.start()
-            print(await _disk_per_suspended(edge.manager, reflinked), flush=True)
+        state = state_dir((xfs.mount if xfs is not None else root) / "state")
+        edge = await app.start(_config(state, args.max_restores, args.clone_ram))  # boots the default template
+        bench = Bench(edge)
+        try:
+            print(f"accelerator {edge.manager.accel.name}, {os.cpu_count()} cores, "
+                  f"{_meminfo('MemTotal:') // 1024} MiB, clone_ram {args.clone_ram}; other work may run beside this",
+                  flush=True)  # fmt: skip
+            if args.max or args.disk:
+                await edge.manager.create_template("sandbox", SANDBOX, lambda _: None)
+            if args.wakes:
+                print(await bench.wakes(args.wakes, args.requests), end="\n\n", flush=True)
+            if args.creates:
+                print(await bench.creates(args.creates, args.at_once), end="\n\n", flush=True)
+            if args.suspended:
+                print(await bench.suspended(args.suspended), end="\n\n", flush=True)
+            if args.max:
+                print(await bench.density(args.max), end="\n\n", flush=True)
+            if args.disk:
+                other = await _other_mode(root, edge.manager, "reflink" if args.clone_ram == "cow" else "cow")
+                cow, reflinked = (edge.manager, other[0]) if args.clone_ram == "cow" else (other[0], edge.manager)
+                print(await _disk_per_suspended(cow, reflinked if reflinked.settings.clone_ram == "reflink" else None),
+                      flush=True)  # fmt: skip
+        finally:
+            await bench.delete_all()
+            await app.stop(edge)
     finally:
-        await bench.delete_all()
-        await app.stop(edge)
-        if reflinked is not None:
-            for rec in list(reflinked.list_vms()):
-                await reflinked.delete(rec.id)
-            await reflinked.close()
+        if other is not None:
+            for rec in list(other[0].list_vms()):
+                await other[0].delete(rec.id)
+            await other[0].close()
+            if other[1] is not None:
+                other[1].close()
         if xfs is not None:
             xfs.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def _other_mode(root: Path, manager: VmManager, mode: str) -> tuple[VmManager, LoopXfs | None]:
+    """A second manager in the other clone_ram mode, with a copy of the sandbox template: "reflink" on a loop
+    XFS it makes (a manager in "cow" mode if mkfs.xfs is missing: its row then says so), "cow" under `root`."""
+    xfs = LoopXfs(root, XFS_BYTES) if mode == "reflink" and shutil.which("mkfs.xfs") else None
+    if mode == "reflink" and xfs is None:
+        mode = "cow"
+    state = state_dir((xfs.mount if xfs is not None else root / "other") / "state")
+    (state / "templates").mkdir()
+    src = manager.settings.templates_dir / "sandbox"
+    subprocess.run(["cp", "-a", "--sparse=always", str(src), str(state / "templates")], check=True)
+    other = VmManager(replace(manager.settings, state_dir=state, clone_ram=mode))
+    await other.start()
+    return other, xfs
 
 
 def main() -> None:
@@ -465,6 +491,9 @@ def main() -> None:
     parser.add_argument("--creates", type=int, default=10, help="creates in a row (full: 100)")
     parser.add_argument("--at-once", type=int, default=5, help="creates at the same time (full: 20)")
     parser.add_argument("--max-restores", type=int, default=0, help="vmm.max_concurrent_restores (0: one per core)")
+    parser.add_argument("--clone-ram", choices=("cow", "reflink"), default="cow",
+                        help="vmm.clone_ram; reflink puts the state directory on a loop-mounted XFS (the full "
+                             "--suspended 2000 needs it: in cow mode a suspended demo VM takes about 112 MiB)")
     parser.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True,
                         help="disk per suspended VM, cow and reflink (loop XFS)")  # fmt: skip
     args = parser.parse_args()
