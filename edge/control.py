@@ -27,6 +27,7 @@ from .errors_http import error_code
 from .exec_api import ExecRequest, stream_exec
 from .metrics import Metrics
 from .openapi import OPENAPI
+from .paging import page, page_request
 from .settings import ServerConfig
 from .tokens import TokenService
 
@@ -181,7 +182,10 @@ async def create_vm(request: web.Request) -> web.Response:
 
 
 async def list_vms(request: web.Request) -> web.Response:
-    return json_response({"vms": [vm_json(request, rec) for rec in request.app[MANAGER].list_vms()]})
+    """One page of the VMs, oldest first (edge.paging): `?limit=N&cursor=<next of the page before>`."""
+    wanted = page_request(request.query, request.app[SERVER].list_page_size)
+    vms, after = page(request.app[MANAGER].list_vms(), wanted)
+    return json_response({"vms": [vm_json(request, rec) for rec in vms], "next": after})
 
 
 async def get_vm(request: web.Request) -> web.Response:

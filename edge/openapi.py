@@ -62,7 +62,13 @@ OPENAPI: dict[str, Any] = {
         "/v1/images": {"get": _op("List built images", 200)},
         "/v1/images/{name}": {"delete": _named(_op("Remove an image no template uses", 204))},
         "/v1/vms": {
-            "get": _op("List VMs", 200),
+            "get": {
+                **_op("One page of VMs, oldest first: {vms, next}; pass next as cursor for the page after", 200),
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+            },
             "post": _op("Launch a VM from a template (copy-on-write, no boot)", 201, "Vm", "VmCreate"),
         },
         "/v1/vms/{vm_id}": {

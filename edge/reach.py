@@ -19,6 +19,9 @@ from .exchange import Exchange
 from .proxy_context import ProxyContext, count_down
 from .upstream import UpstreamConn, connect_unix, connect_vm
 
+QUEUE_POLL = 0.05  # seconds between looks at whether a queued wake's restore has started
+QUEUED_TIMEOUTS = 10  # a wake waits in the restore queue at most this many wake timeouts
+
 
 class ReachEvents(Protocol):
     """What reaching an upstream reports, in this order: maybe waiting / woken (twice at most),
@@ -96,7 +99,7 @@ async def _wait_for_vm(ctx: ProxyContext, ex: Exchange, events: ReachEvents, rec
     ctx.held[vm_id] = held + 1
     ctx.metrics.held(1)
     try:
-        await asyncio.wait_for(asyncio.shield(ctx.wake(vm_id, recheck)), s.wake_timeout)
+        await _woken(ctx, vm_id, ctx.wake(vm_id, recheck), s.wake_timeout)
     except TimeoutError:
         log.event("proxy.wake_timeout", level="warning", vm=vm_id)
         return Refusal(503, f"VM {vm_id} did not wake within {s.wake_timeout:g}s", retry_after=s.retry_after)
@@ -109,6 +112,26 @@ async def _wait_for_vm(ctx: ProxyContext, ex: Exchange, events: ReachEvents, rec
         ctx.metrics.held(-1)
     events.vm_woken(ex)
     return None
+
+
+async def _woken(ctx: ProxyContext, vm_id: str, wake: asyncio.Task[bool], timeout: float) -> None:
+    """The wake, within `timeout` counted from when its restore starts.
+
+    A VM whose record still says suspended has not started its restore: it waits its turn behind
+    others (vmm.max_concurrent_restores, first come first served), and that wait does not count, so
+    no queued wake times out while the restores ahead of it go on. The queue is still bounded: at
+    most QUEUED_TIMEOUTS times the wake timeout.
+    """
+    loop = asyncio.get_running_loop()
+    queue_deadline = loop.time() + QUEUED_TIMEOUTS * timeout
+    while not wake.done() and _queued(ctx, vm_id) and loop.time() < queue_deadline:
+        await asyncio.wait((wake,), timeout=QUEUE_POLL)
+    await asyncio.wait_for(asyncio.shield(wake), timeout)
+
+
+def _queued(ctx: ProxyContext, vm_id: str) -> bool:
+    rec = ctx.backend.lookup(vm_id)
+    return rec is not None and rec.state is VmState.SUSPENDED
 
 
 async def _connect(ctx: ProxyContext, ex: Exchange) -> UpstreamConn:

@@ -36,6 +36,7 @@ class ServerConfig:
     worker_user: str = "mvm-edge"  # edge workers started as root become this user; "": they stay as started
     per_vm_metrics: bool = False  # /metrics: mvm_vm_*{vm} series per VM (one set per VM: off for cardinality)
     console_session_ttl: float = 8 * 3600.0  # seconds a web console sign-in lasts
+    list_page_size: int = 200  # VMs per page of GET /v1/vms when the request gives no `limit`
 
 
 @dataclass(frozen=True)

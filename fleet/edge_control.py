@@ -29,6 +29,7 @@ from edge.control import (
     vm_url,
 )
 from edge.metrics import Metrics
+from edge.paging import page, page_request
 from edge.tokens import TokenService
 from fleet.catalog import HostRecord
 from vmm.errors import NotFound, NotRunning, OverCapacity, VmmError
@@ -60,8 +61,12 @@ def placed_json(request: web.Request, host_id: str, rec: VmRecord) -> dict[str, 
 
 
 async def list_vms(request: web.Request) -> web.Response:
-    routes = request.app[ROUTES]
-    return json_response({"vms": [placed_json(request, host, rec) for host, rec in routes.records()]})
+    """One page of the fleet's VMs, in the same order and with the same cursor as a host's (edge.paging)."""
+    wanted = page_request(request.query, request.app[SERVER].list_page_size)
+    placed = request.app[ROUTES].records()
+    host_of = {rec.id: host for host, rec in placed}
+    vms, after = page((rec for _, rec in placed), wanted)
+    return json_response({"vms": [placed_json(request, host_of[rec.id], rec) for rec in vms], "next": after})
 
 
 async def get_vm(request: web.Request) -> web.Response:

@@ -169,7 +169,23 @@ class AsyncClient:
         return Vm.from_json(await self._json("GET", f"/v1/vms/{vm_id}"))
 
     async def list(self) -> builtins.list[Vm]:
-        return [Vm.from_json(vm) for vm in (await self._json("GET", "/v1/vms"))["vms"]]
+        """Every VM, oldest first: the pages of GET /v1/vms one after another."""
+        vms: builtins.list[Vm] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = await self.list_page(cursor=cursor)
+            vms.extend(page)
+            if cursor is None:
+                return vms
+
+    async def list_page(
+        self, limit: int | None = None, cursor: str | None = None
+    ) -> tuple[builtins.list[Vm], str | None]:
+        """One page of VMs (at most `limit`, else the server's list_page_size) and the cursor of the next."""
+        query = {k: str(v) for k, v in (("limit", limit), ("cursor", cursor)) if v is not None}
+        async with self.request("GET", "/v1/vms", params=query) as resp:
+            data = orjson.loads(await resp.read())
+        return [Vm.from_json(vm) for vm in data["vms"]], data.get("next")
 
     async def token(
         self, vm_id: str, ttl: float | None = None, scopes: builtins.list[str] | None = None, ports: str | None = None
@@ -412,6 +428,9 @@ class Client:
 
     def list(self) -> builtins.list[Vm]:
         return self._call(self._async.list)
+
+    def list_page(self, limit: int | None = None, cursor: str | None = None) -> tuple[builtins.list[Vm], str | None]:
+        return self._call(self._async.list_page, limit, cursor)
 
     def token(
         self, vm_id: str, ttl: float | None = None, scopes: builtins.list[str] | None = None, ports: str | None = None

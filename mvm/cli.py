@@ -439,11 +439,15 @@ def _json_option(flag: str, text: str) -> Any:
 
 
 def _vm_ls(args: argparse.Namespace) -> None:
-    vms = _api(args, "GET", "/v1/vms")["vms"]
+    """Every VM, page after page of GET /v1/vms (each printed as it comes)."""
     print(f"{'ID':<14}{'STATE':<11}{'TEMPLATE':<10}URL")
-    for vm in vms:
-        reason = f"  ({vm['reason']})" if vm.get("reason") else ""
-        print(f"{vm['id']:<14}{vm['state']:<11}{vm['template']:<10}{vm['url']}{reason}")
+    cursor: str | None = ""
+    while cursor is not None:
+        answer = _api(args, "GET", "/v1/vms" + (f"?{urllib.parse.urlencode({'cursor': cursor})}" if cursor else ""))
+        for vm in answer["vms"]:
+            reason = f"  ({vm['reason']})" if vm.get("reason") else ""
+            print(f"{vm['id']:<14}{vm['state']:<11}{vm['template']:<10}{vm['url']}{reason}")
+        cursor = answer.get("next")
 
 
 def _vm_top(args: argparse.Namespace) -> None:

@@ -186,6 +186,7 @@ _SERVER: dict[str, Rule] = {
     "worker_user": _text_or_empty,
     "per_vm_metrics": _flag,
     "console_session_ttl": _seconds,
+    "list_page_size": _integer(1, 1000),
 }
 _PROXY: dict[str, Rule] = {
     "connect_timeout": _seconds,
@@ -236,6 +237,8 @@ _VMM: dict[str, Rule] = {
     "terminated_ttl": _seconds,
     "verify_ram": _flag,
     "memory_reserve_mb": _integer(0, 1 << 30),
+    "max_concurrent_restores": _integer(0, 4096),
+    "clone_ram": _choice("cow", "reflink"),
 }
 _JAIL: dict[str, Rule] = {
     "enabled": _flag,

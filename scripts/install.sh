@@ -16,6 +16,7 @@ APT_PACKAGES=(
     nginx-light wrk curl   # benchmarks: nginx baseline, load generator, streaming
     chromium               # the shell page's test in a real (headless) browser
     postgresql             # the shared catalog's tests run a throwaway server (initdb, pg_ctl)
+    xfsprogs               # reflinked RAM files: the e2e test makes a loop-mounted XFS (mkfs.xfs)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

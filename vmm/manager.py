@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import accel as accel_mod
-from . import statelock, template
+from . import reflink, statelock, template
 from .agent import AgentError, Exec
 from .applog import AppLog
 from .errors import Conflict, NotFound, NotRunning, RegistryError, VmmError
@@ -39,6 +39,7 @@ from .network.egress import EgressServer
 from .open_work import OpenWork
 from .records import RecordStore
 from .recovery import recover
+from .restore_gate import RestoreGate
 from .runtime import QemuRuntime, Runtime
 from .settings import VmmSettings
 from .transitions import Transitions, new_vm
@@ -72,6 +73,7 @@ class VmManager:
         self.snapshots = self.transitions.snapshots
         self.meter = UsageMeter()  # each VM's last CPU sample, for its CPU %
         self._background: list[asyncio.Task[None]] = []  # app-log rotation, CPU weights of busy VMs
+        self.restores = RestoreGate(settings.max_concurrent_restores)  # restores at once; the rest wait in order
         self._lock_fd: int | None = None
         self._building: set[str] = set()
         self._wakes_refused = False  # the process is stopping: nothing is resumed or restored any more
@@ -92,6 +94,11 @@ class VmManager:
     async def start(self) -> None:
         """Open the registry and take back every VM an earlier manager left behind."""
         self.settings.vms_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.clone_ram == "reflink" and not reflink.supported(self.settings.vms_dir):
+            raise VmmError(
+                f'vmm.clone_ram = "reflink": the state directory {self.settings.state_dir} has no reflinks '
+                '(it needs XFS made with reflink=1, or btrfs); use "cow" there'
+            )
         self._lock_state_dir()
         self.runtime.prepare_confinement()
         running = self.runtime.running_qemus()
@@ -311,7 +318,13 @@ class VmManager:
 
     async def _wake(self, vm: LiveVm) -> None:
         async with vm.lock:
-            await self.transitions.wake(vm)
+            if vm.rec.state is not VmState.SUSPENDED or vm.moving:
+                await self.transitions.wake(vm)
+                return
+        # A restore: bounded, in the order wakes asked. The turn is awaited without the VM's lock, so a
+        # delete or an export of a VM in the queue does not wait behind other VMs' restores.
+        async with self.restores.slot(vm.rec.id), vm.lock:
+            await self.transitions.wake(vm)  # looks at the state again: it may have changed meanwhile
 
     async def confirm_running(self, vm_id: str) -> bool:
         """An edge could not reach the guest of a VM it took for running. This manager's view

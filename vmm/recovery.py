@@ -62,6 +62,12 @@ async def recover(
         else:
             reason = f"QEMU was gone when the manager restarted ({was.value})"
             lifecycle.record_outcome(rec, VmState.FAILED, reason=reason, recovered=True)
+    if rec.state is VmState.SUSPENDED and runtime.network_exists(rec.id):
+        # A suspended VM holds no namespace (one left by a crash mid-suspend, or an older manager):
+        # its restore makes a fresh one.
+        with contextlib.suppress(VmmError, OSError):
+            await runtime.delete_network(rec.id)
+        runtime.release_group(rec.id)
     log.event("vm.recovered", vm=rec.id, state=rec.state.value, adopted=run_state is not None, was=was.value)
 
 

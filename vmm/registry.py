@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS events (
     time REAL NOT NULL,
     body TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS vms_by_created ON vms (created_at, id);
+CREATE INDEX IF NOT EXISTS processes_by_vm ON processes (vm_id);
 """
 _COLUMNS = f"id, {RECORD_COLUMNS}"  # the catalog's encoding (vmm.record_rows), so one file can become the other
 
@@ -127,5 +129,5 @@ class Registry:
                             (newest - keep, older_than, newest))  # fmt: skip
 
     def load_all(self) -> list[VmRecord]:
-        rows = self.db.execute(f"SELECT {_COLUMNS} FROM vms ORDER BY created_at").fetchall()
+        rows = self.db.execute(f"SELECT {_COLUMNS} FROM vms ORDER BY created_at, id").fetchall()
         return [record_from(row[0], row[1:]) for row in rows]

@@ -90,6 +90,7 @@ class Runtime(Protocol):
     def prepare_confinement(self) -> None: ...
     async def release_confinement(self, vm_id: str) -> None: ...
     async def balance_cpu_forever(self) -> None: ...
+    def release_group(self, vm_id: str) -> None: ...
 
 
 class QemuRuntime:
@@ -245,6 +246,11 @@ class QemuRuntime:
         """Busy VMs run at a lower CPU weight than quiet ones (vmm/cpu_fairness.py); nothing without limits."""
         if self.jail.cgroups is not None and self.settings.jail.busy_cpu_weight > 0:
             await CpuFairness(self.jail.cgroups, self.settings.jail).run_forever()
+
+    def release_group(self, vm_id: str) -> None:
+        """A suspended VM has no QEMU: its cgroup goes (made afresh at the next spawn), its uid stays."""
+        if self.jail.cgroups is not None:
+            self.jail.cgroups.remove(vm_id)
 
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int:
         """Bytes the VM's QEMU has written to its private (copy-on-write) mapping of `mapped`."""

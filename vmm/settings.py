@@ -53,6 +53,8 @@ class VmmSettings:
     max_lifetime_cap: float | None = 8 * 3600.0  # the longest policy.max_lifetime a VM may ask for
     terminated_ttl: float = 3600.0  # how long a terminated VM's record stays visible (`mvm vm get`)
     memory_reserve_mb: int = 512  # memory a host keeps for itself: no new VM while less than its size is left
+    clone_ram: str = "cow"  # cow | reflink: how a new VM gets its RAM from its template (vmm.reflink)
+    max_concurrent_restores: int = 0  # restores at once, the rest queue in order (vmm.restore_gate); 0: one per core
     verify_ram: bool = False  # checksum a VM's RAM file at suspend and verify it at restore (costs a full read)
     default_policy: Policy = field(default_factory=Policy)
     jail: JailSettings = field(default_factory=JailSettings)

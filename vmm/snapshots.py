@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from qemu.qmp.error import QMPError
 
-from . import disks, faults, snapshot_check, template
+from . import disks, faults, reflink, snapshot_check, template
 from .errors import OverCapacity, RestoreFailed, VmFailed, VmmError
 from .hook_runner import run_hook
 from .jsonlog import log
@@ -99,10 +99,37 @@ class Snapshots:
             await self.runtime.close_egress(vm.rec.id)
             if not ignore_shared:
                 size = await self._move_ram_to_own_file(vm, tpl, size)
+            await self._compact_ram(vm, tpl)
+            await self.release_network(vm.rec.id)
         finally:
             vm.rec.generation += 1
             self.lifecycle.record_outcome(vm.rec, VmState.SUSPENDED, reason=reason)
         log.event("vm.suspended", vm=vm.rec.id, ms=round((time.monotonic() - started) * 1000, 1), bytes=size)
+
+    async def _compact_ram(self, vm: LiveVm, tpl: Template) -> None:
+        """vmm.clone_ram = "reflink": the blocks the guest wrote without changing share the template's again,
+        so the suspended VM's disk is the pages it changed (vmm.reflink.compact). A failure costs disk only."""
+        if self.settings.clone_ram != "reflink" or vm.rec.ram_mode is not RamMode.OWN_FILE:
+            return
+        started = time.monotonic()
+        try:
+            given = await asyncio.to_thread(reflink.compact, self._vm_dir(vm) / RAM, Path(tpl.path) / RAM)
+        except OSError as exc:
+            log.event("vm.ram_compact_failed", level="warning", vm=vm.rec.id, error=str(exc))
+            return
+        log.event("vm.ram_compacted", vm=vm.rec.id, bytes=given, ms=round((time.monotonic() - started) * 1000, 1))
+
+    async def release_network(self, vm_id: str) -> None:
+        """A suspended VM holds no namespace, tap or cgroup (only its files): they are made again at restore.
+
+        Its connections were cut before (the unreachable route stays in a namespace a socket still
+        holds), so nothing reaches the gone guest. A failure is logged; the restore replaces what is left.
+        """
+        try:
+            await self.runtime.delete_network(vm_id)
+            self.runtime.release_group(vm_id)
+        except (VmmError, OSError) as exc:
+            log.event("vm.network_release_failed", level="warning", vm=vm_id, error=str(exc))
 
     async def _cut_connections(self, vm: LiveVm) -> None:
         """Runtime.cut; if it fails the suspend goes on (a pooled connection to the gone guest then
@@ -215,12 +242,9 @@ class Snapshots:
                 # The stream carries all RAM; it is loaded into a fresh file the VM owns from now on.
                 ram.path.unlink(missing_ok=True)
             tpl = template.load(self.settings, vm.rec.template)
-            if self.runtime.network_exists(vm_id):
-                await self.runtime.uncut(vm_id)
-                undo.push("cut the guest's connections", lambda: self.runtime.cut(vm_id))
-            else:
-                await self.runtime.create_network(vm_id)
-                undo.push("delete the namespace", lambda: self.runtime.delete_network(vm_id))
+            # A fresh namespace (one left by a crash is replaced): a failed restore leaves none behind.
+            await self.runtime.create_network(vm_id)
+            undo.push("delete the namespace", lambda: self.release_network(vm_id))
             await self.runtime.open_egress(vm)
             undo.push("stop the egress proxy", lambda: self.runtime.close_egress(vm_id))
             undo.push("stop QEMU", lambda: self.runtime.stop(vm))

@@ -6,6 +6,7 @@ lifecycle (vmm.lifecycle.Lifecycle), so each one is checked against its one tabl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import shutil
@@ -14,14 +15,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import capacity, disks, template
+from . import capacity, disks, reflink, template
 from .applog import AppLog
 from .errors import Conflict, InvalidRequest, NotRunning, VmFailed, VmmError
 from .hook_runner import run_hook
 from .jsonlog import log
 from .lifecycle import Lifecycle
 from .live import LiveVm
-from .model import Template, VmRecord, VmState
+from .model import RamMode, Template, VmRecord, VmState
 from .policy import Policy
 from .qemu import APP_LOG, RamBacking
 from .records import RecordStore
@@ -87,7 +88,7 @@ class Transitions:
             await self.runtime.open_egress(vm)
             undo.push("stop the egress proxy", lambda: self.runtime.close_egress(vm_id))
             undo.push("stop QEMU", lambda: self.runtime.stop(vm, f"VM {vm_id} is terminated: its launch failed"))
-            ram = RamBacking(Path(tpl.path) / RAM, share=False)
+            ram = await self._launch_ram(vm, tpl, vm_dir)
             await self.snapshots.start_from(vm, tpl, ram, Path(tpl.path) / STATE, ignore_shared=True, purpose="launch")
             await run_hook(vm, tpl, "run", payload)
         except BaseException as exc:
@@ -98,6 +99,16 @@ class Transitions:
             if isinstance(exc, Exception):
                 raise VmFailed(f"could not launch a VM from template {tpl.name!r}: {exc}") from exc
             raise
+
+    async def _launch_ram(self, vm: LiveVm, tpl: Template, vm_dir: Path) -> RamBacking:
+        """The template's RAM file mapped private ("cow": clones share its unchanged pages in memory), or a
+        reflinked copy the VM owns and maps shared ("reflink", vmm.reflink): the guest's writes land in it,
+        so its disk grows by the pages it changes and every suspend writes device state only."""
+        if self.settings.clone_ram != "reflink":
+            return RamBacking(Path(tpl.path) / RAM, share=False)
+        await asyncio.to_thread(reflink.clone, Path(tpl.path) / RAM, vm_dir / RAM)
+        vm.rec.ram_mode = RamMode.OWN_FILE
+        return RamBacking(vm_dir / RAM, share=True)
 
     async def pause(self, vm: LiveVm) -> None:
         """Stop the vCPUs of a running VM; memory stays in the QEMU process."""

@@ -89,6 +89,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX events_by_host ON events (host_id, host_seq)",
         ),
     ),
+    Migration(
+        5,
+        "indexes for many VMs: listing in (created_at, id) order, by state across hosts",
+        sqlite=(
+            "CREATE INDEX IF NOT EXISTS vms_by_created ON vms (created_at, id)",
+            "CREATE INDEX IF NOT EXISTS vms_by_state ON vms (state, created_at)",
+        ),
+        postgres=(
+            "CREATE INDEX IF NOT EXISTS vms_by_created ON vms (created_at, id)",
+            "CREATE INDEX IF NOT EXISTS vms_by_state ON vms (state, created_at)",
+        ),
+    ),
 )
 
 

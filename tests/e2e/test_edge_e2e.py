@@ -168,13 +168,13 @@ async def test_held_requests_beyond_bound_or_timeout_get_503(
         token = await client.token(vm_id)
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
         release = asyncio.Event()
-        real_ensure = manager.ensure_running
+        real_load = manager.runtime.load
 
-        async def slow_wake(vm: str) -> bool:
-            await release.wait()
-            return await real_ensure(vm)
+        async def slow_restore(*args: Any, **kwargs: Any) -> None:
+            await release.wait()  # the restore has started (the VM is restoring): wake_timeout counts
+            await real_load(*args, **kwargs)
 
-        monkeypatch.setattr(manager, "ensure_running", slow_wake)
+        monkeypatch.setattr(manager.runtime, "load", slow_restore)
 
         async def fetch() -> tuple[int, str | None, Any]:
             async with client.session.get(client.vm_url(vm_id), headers=bearer(token)) as resp:
@@ -191,7 +191,7 @@ async def test_held_requests_beyond_bound_or_timeout_get_503(
         assert all(r[2]["error"] and r[2]["message"] for r in rejected)
         assert sorted(r[2]["counter"] for r in results if r[0] == 200) == [1, 2]
 
-        # A wake slower than wake_timeout: 503 + Retry-After, and the wake still completes.
+        # A restore slower than wake_timeout: 503 + Retry-After, and the wake still completes.
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
         release.clear()
         started = time.monotonic()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -39,12 +41,27 @@ async def test_suspend_ends_qemu_and_restore_keeps_memory(manager: VmManager) ->
         assert not pid_alive(pid), "suspend must end the QEMU process and free its memory"
         assert vm.ram_mode is RamMode.OWN_FILE, "RAM left the copy-on-write mapping at suspend"
         assert (manager.vm_dir(vm.id) / "state").stat().st_size < 1024**2, "a wake loads device state only"
+        assert not netns.exists(vm.id), "a suspended VM costs disk only: no namespace, no tap"
+        assert not _open_files_under(manager.vm_dir(vm.id)), "nor an open file"
         assert await manager.ensure_running(vm.id) is True
+        assert netns.exists(vm.id), "its namespace is made again at wake"
         after = await guest_state(vm.id)
         assert after["boot_id"] == before["boot_id"], "restored, not rebooted"
         assert after["counter"] == before["counter"] + 1 + round_no
         assert after["uptime"] > before["uptime"]
         assert vm.ram_mode is RamMode.OWN_FILE
+
+
+def _open_files_under(directory: Path) -> list[str]:
+    """Files under `directory` this process holds open."""
+    inside = str(directory.resolve())
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(inside):
+                found.append(target)
+    return found
 
 
 async def test_pause_and_resume_in_memory(manager: VmManager) -> None:
@@ -146,6 +163,7 @@ async def test_restarted_manager_lists_readopts_and_wakes(settings: VmmSettings)
     try:
         listed = {rec.id: rec.state for rec in second.list_vms()}
         assert listed == {asleep.id: VmState.SUSPENDED, awake.id: VmState.RUNNING}
+        assert not netns.exists(asleep.id) and netns.exists(awake.id)
         assert second.get(awake.id).pid == awake_pid, "running QEMU re-adopted, not restarted"
         assert (await guest_state(awake.id))["counter"] == 2
         await second.ensure_running(asleep.id)

@@ -6,6 +6,7 @@ egress listeners) as sets and dicts the tests read, and fails a named step on re
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from pathlib import Path
@@ -31,6 +32,7 @@ class FakeRuntime:
         self.guests: dict[str, str] = {}
         self.networks: set[str] = set()
         self.cut_off: set[str] = set()
+        self.cuts: list[str] = []  # every cut, in order
         self.egress: set[str] = set()
         self.adoptable: dict[str, str] = {}  # VM id -> the run state a QEMU left by an earlier manager reports
         self.fail: set[str] = set()  # steps that raise: "load.launch", "load.restore", "load.ram-move", "save", ...
@@ -38,6 +40,8 @@ class FakeRuntime:
         self._on_lost: dict[str, OnLost] = {}
         self.groups: dict[str, GroupUsage] = {}  # VM id -> its cgroup's counters
         self.taps: dict[str, tuple[int, int]] = {}  # VM id -> its tap's (rx, tx) bytes
+        self.loads: list[tuple[str, str]] = []  # (purpose, VM id) of every load, in order
+        self.load_gate: asyncio.Event | None = None  # when set, a restore's load waits for it
 
     def _step(self, name: str) -> None:
         if name in self.fail:
@@ -48,6 +52,9 @@ class FakeRuntime:
         on_lost: OnLost,
     ) -> None:  # fmt: skip
         vm.expect_exit = vm.guest_ran = False
+        self.loads.append((purpose, vm.rec.id))
+        if purpose == "restore" and self.load_gate is not None:
+            await self.load_gate.wait()
         if purpose != "ram-move":
             vm.rec.pid = fake_pid(vm.rec.id)
         self.guests[vm.rec.id] = "paused"
@@ -130,6 +137,7 @@ class FakeRuntime:
         self.cut_off.discard(vm_id)
 
     async def cut(self, vm_id: str) -> None:
+        self.cuts.append(vm_id)
         if vm_id in self.networks:
             self.cut_off.add(vm_id)
 
@@ -150,6 +158,9 @@ class FakeRuntime:
 
     async def balance_cpu_forever(self) -> None:
         """Nothing to balance: fake VMs use no CPU."""
+
+    def release_group(self, vm_id: str) -> None:
+        self.groups.pop(vm_id, None)
 
     async def kill(self, vm: LiveVm) -> None:
         """The VM's QEMU ends unasked (as a pidfd would report it): settled under the VM's lock."""

@@ -17,6 +17,7 @@ import pytest
 
 from tests.unit.fake_runtime import FakeRuntime, write_template
 from vmm import faults, template
+from vmm.cgroups import GroupUsage
 from vmm.errors import Conflict, RestoreFailed, VmFailed, VmmError
 from vmm.lifecycle import MOVES
 from vmm.manager import VmManager
@@ -176,22 +177,42 @@ async def test_a_failed_launch_releases_exactly_what_it_acquired(plane: Plane) -
         m.records.terminated.clear()
 
 
-async def test_a_failed_restore_gives_back_the_namespace_as_it_found_it(plane: Plane) -> None:
+async def test_a_suspended_vm_holds_no_namespace_and_a_failed_restore_leaves_none(plane: Plane) -> None:
     m, fake = plane.manager, plane.fake
-    vm_id = await _launched(plane, m.suspend)
-    assert vm_id in fake.cut_off and vm_id not in fake.egress
+    vm_id = await _launched(plane)
+    fake.groups[vm_id] = GroupUsage(0, 0, 0, -1)
+    await m.suspend(vm_id)
+    assert fake.cuts == [vm_id]  # its connections were cut before the namespace went
+    assert vm_id not in fake.networks and vm_id not in fake.egress and vm_id not in fake.guests
+    assert vm_id not in fake.groups
     fake.fail = {"load.restore"}
     with pytest.raises(RestoreFailed):
         await m.resume(vm_id)
-    assert vm_id in fake.networks and vm_id in fake.cut_off  # it was there, cut: it is cut again
-    assert vm_id not in fake.egress and vm_id not in fake.guests
-    fake.networks.discard(vm_id)  # gone, as after a reboot of the host
-    with pytest.raises(RestoreFailed):
-        await m.resume(vm_id)
-    assert vm_id not in fake.networks and vm_id not in fake.egress  # it made one: it deleted it
+    assert plane.state(vm_id) is S.SUSPENDED
+    assert vm_id not in fake.networks and vm_id not in fake.egress and vm_id not in fake.guests
     fake.fail = set()
     await m.resume(vm_id)
-    assert plane.state(vm_id) is S.RUNNING and vm_id in fake.networks and vm_id not in fake.cut_off
+    assert plane.state(vm_id) is S.RUNNING and vm_id in fake.networks and vm_id in fake.egress
+
+
+async def test_a_restarted_manager_drops_the_namespace_a_suspended_vm_was_left_with(tmp_path: Path) -> None:
+    settings = VmmSettings(state_dir=tmp_path, memory_reserve_mb=0, guest_sync=False)
+    write_template(settings)
+    fake = FakeRuntime(settings)
+    first = VmManager(settings, runtime=fake)
+    await first.start()
+    vm_id = (await first.create_vm("demo")).id
+    await first.suspend(vm_id)
+    await first.close()
+    fake.networks.add(vm_id)  # as a manager that died between the snapshot and the namespace's removal leaves it
+    second = VmManager(settings, runtime=fake)
+    await second.start()
+    try:
+        assert second.get(vm_id).state is S.SUSPENDED and vm_id not in fake.networks
+        await second.resume(vm_id)
+        assert vm_id in fake.networks
+    finally:
+        await second.close()
 
 
 async def test_the_template_is_loaded_once_per_transition(plane: Plane, monkeypatch: pytest.MonkeyPatch) -> None:
