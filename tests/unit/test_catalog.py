@@ -242,7 +242,7 @@ async def test_a_failing_subscriber_does_not_stop_the_others(store: Store) -> No
 
 async def test_migrations_run_once_and_concurrent_starts_agree(store: Store) -> None:
     first, second = await asyncio.gather(store.open(), store.open())
-    assert sorted([first.migrated, second.migrated]) == [(), (1, 2, 3, 4)]
+    assert sorted([first.migrated, second.migrated]) == [(), (1, 2, 3, 4, 5)]
     await store.close(first)
     await store.close(second)
     again = await store.open()
@@ -256,7 +256,7 @@ async def test_an_older_schema_is_upgraded(store: Store) -> None:
     assert old.migrated == (1,)
     await store.close(old)
     upgraded = await store.open()
-    assert upgraded.migrated == (2, 3, 4)
+    assert upgraded.migrated == (2, 3, 4, 5)
     await upgraded.create_vm(vm("va"), "h1")
     assert [p.host_id for p in await upgraded.list_vms(host_id="h1")] == ["h1"]
 
@@ -289,7 +289,7 @@ async def test_an_embedded_registry_file_is_adopted_with_its_vms(tmp_path: Path)
     reg.close()
     cat = await open_catalog(None, path)
     try:
-        assert cat.migrated == (1, 2, 3, 4)
+        assert cat.migrated == (1, 2, 3, 4, 5)
         assert await cat.list_vms() == [PlacedVm("", rec)]
     finally:
         await cat.close()
