@@ -49,7 +49,7 @@ from vmm.network.egress_proxy import EgressProxies
 from vmm.open_work import OpenWork
 from vmm.reaper import Reaper
 
-from . import memory
+from . import mcp_http, memory
 from .backend import VmBackend
 from .control import build_control_app
 from .hostnames import HostnameRouter
@@ -108,7 +108,9 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
         control_dir = tempfile.TemporaryDirectory(prefix="mvm-control-")
         started.callback(control_dir.cleanup)
         control_socket = str(Path(control_dir.name) / "control.sock")
-        control = web.AppRunner(build_control_app(cfg.server, manager, tokens, metrics), access_log=None)
+        control_app = build_control_app(cfg.server, manager, tokens, metrics)
+        mcp_http.mount(control_app, control_socket, cfg.server.admin_key)
+        control = web.AppRunner(control_app, access_log=None)
         await control.setup()
         started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()

@@ -199,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=int, default=65536, help="bytes of earlier output to start with (default 64 KiB)")
     logs.set_defaults(func=_logs)
 
+    mcp = sub.add_parser("mcp", "serve the MCP tools (sandboxes for AI agents) over stdio, on the control API")
+    mcp.set_defaults(func=_mcp)
+
     token = sub.add_parser("token", "issue a short-lived token for one VM")
     token.add_argument("vm_id")
     token.add_argument("--ttl", type=float, default=None, help="seconds (default tokens.default_ttl)")
@@ -656,6 +659,19 @@ async def _run_shell(cfg: Config, vm_id: str, user: str) -> int:
             loop.remove_signal_handler(signal.SIGWINCH)
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
     return code
+
+
+def _mcp(args: argparse.Namespace) -> None:
+    """An MCP server on stdin/stdout whose tools call the configured control API (mvm/mcp_server.py)."""
+    from mvm.mcp_server import build_server
+
+    client = _client(_config(args))
+
+    async def run() -> None:
+        async with client:
+            await build_server(client).run_stdio_async()
+
+    asyncio.run(run())
 
 
 def _logs(args: argparse.Namespace) -> None:
