@@ -104,6 +104,13 @@ async def test_stdio(setup: Setup) -> None:
                                                  "stdin": "in\n"}))  # fmt: skip
         assert (done["exit_code"], done["stdout"], done["stderr"]) == (3, "in\n", "err\n")
 
+        # The Debian base carries the shell tools a person expects: ps and top (procps), less, vi.
+        shell = "ps -e -o comm && for tool in top less vi; do command -v $tool; done"
+        tools = data(await mcp.call_tool("exec", {"vm": vm, "argv": ["sh", "-c", shell]}))
+        assert tools["exit_code"] == 0, tools
+        lines = tools["stdout"].split()
+        assert "python3" in lines and lines[-3:] == ["/usr/bin/top", "/usr/bin/less", "/usr/bin/vi"], tools
+
         unknown = await mcp.call_tool("run_code", {"vm": "vaaaaaaaaaaa", "code": "1"})
         assert unknown.is_error and "vaaaaaaaaaaa" in text(unknown), text(unknown)
 
