@@ -1,4 +1,4 @@
-"""`/mcp` on the control API: the MCP server (mvm.mcp_server) over streamable HTTP, under the admin key.
+"""`/mcp` on the control API: the MCP server (microvm_edge.mcp_server) over streamable HTTP, under the admin key.
 
 The route sits in the control app itself, behind its admin-key middleware, so it needs no auth
 of its own. The SDK's transport is an ASGI callable (StreamableHTTPSessionManager.handle_request);
@@ -47,7 +47,7 @@ class McpEndpoint:
         from mcp.server.transport_security import TransportSecuritySettings
 
         from microvm_edge import AsyncClient
-        from mvm.mcp_server import build_server
+        from microvm_edge.mcp_server import build_server
 
         client = AsyncClient("http://control", self.admin_key, unix_socket=self.control_socket)
         server = build_server(client)

@@ -662,8 +662,8 @@ async def _run_shell(cfg: Config, vm_id: str, user: str) -> int:
 
 
 def _mcp(args: argparse.Namespace) -> None:
-    """An MCP server on stdin/stdout whose tools call the configured control API (mvm/mcp_server.py)."""
-    from mvm.mcp_server import build_server
+    """An MCP server on stdin/stdout whose tools call the configured control API (microvm_edge/mcp_server.py)."""
+    from microvm_edge.mcp_server import build_server
 
     client = _client(_config(args))
 

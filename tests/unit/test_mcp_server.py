@@ -10,7 +10,7 @@ from mcp.types import TextContent
 
 from microvm_edge import AsyncClient, ExecResult, Token, Vm
 from microvm_edge.errors import NotFound
-from mvm.mcp_server import _port_url, build_server
+from microvm_edge.mcp_server import _port_url, build_server
 
 
 class FakeApi(AsyncClient):

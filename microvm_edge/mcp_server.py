@@ -20,9 +20,9 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
-from microvm_edge import AsyncClient, Vm
-from microvm_edge.errors import ApiError
-from microvm_edge.repl import run_python
+from .client import AsyncClient, Vm
+from .errors import ApiError
+from .repl import run_python
 
 T = TypeVar("T")
 VmId = Annotated[str, Field(description="the VM's id, e.g. vabc234def56 (see list_sandboxes)")]
