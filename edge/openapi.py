@@ -107,6 +107,7 @@ OPENAPI: dict[str, Any] = {
                        '{"resize": [cols, rows]}, then {"exit_code"}); without Upgrade: a terminal page', 101, vm=True)
         },
         "/v1/vms/{vm_id}/tokens": {"post": _op("Issue a VM-scoped token", 201, "Token", "TokenCreate", True)},
+        "/mcp": {"post": _op("The MCP server over streamable HTTP (stateless): JSON-RPC in, its answer out", 200)},
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
