@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from vmm.jsonlog import log
@@ -90,6 +91,7 @@ async def _handle(endpoint: McpEndpoint, request: web.Request) -> web.StreamResp
         if not body_sent:
             body = await request.read()
             body_sent = True
+            _log_call(body)
             return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.Event().wait()  # no disconnect news: the handler's cancellation ends the exchange
         return {"type": "http.disconnect"}
@@ -110,6 +112,18 @@ async def _handle(endpoint: McpEndpoint, request: web.Request) -> web.StreamResp
         log.event("mcp.no_answer", level="warning", method=request.method)
         raise web.HTTPInternalServerError(reason="the MCP transport gave no answer")
     return response
+
+
+def _log_call(body: bytes) -> None:
+    """One line per tool call, with its VM: who did what to which sandbox (the body is parsed again by the SDK)."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(message, dict) and message.get("method") == "tools/call" and isinstance(message.get("params"), dict):
+        params = message["params"]
+        arguments = params.get("arguments") if isinstance(params.get("arguments"), dict) else {}
+        log.event("mcp.tool_call", tool=str(params.get("name"))[:64], vm=str(arguments.get("vm", ""))[:64] or None)
 
 
 def mount(app: web.Application, control_socket: str, admin_key: str) -> None:
