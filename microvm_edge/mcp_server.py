@@ -47,7 +47,7 @@ def build_server(client: AsyncClient) -> MCPServer:
         try:
             return await call()
         except ApiError as exc:
-            raise ToolError(exc.message if exc.status else f"control API unreachable: {exc.message}") from None
+            raise ToolError(exc.message if exc.status else f"{exc.message}: is `mvm serve` running?") from None
 
     @mcp.tool()
     async def create_sandbox(

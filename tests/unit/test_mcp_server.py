@@ -69,3 +69,9 @@ async def test_get_url_names_the_port_in_the_host_name() -> None:
         assert link.structured_content == {"url": "https://8080-vm1.mvm.localhost:8443/?token=tok", "expires_at": 1.0}
         assert api.calls[-1] == ("token", 30, "8080")
     assert _port_url("http://vm1.example.com/", 9000) == "http://9000-vm1.example.com/"
+
+
+async def test_an_unreachable_control_api_is_a_tool_error() -> None:
+    async with AsyncClient("http://127.0.0.1:1", "key") as api, Client(build_server(api)) as mcp:
+        down = await mcp.call_tool("list_sandboxes", {})
+        assert down.is_error and "cannot reach 127.0.0.1:1" in text(down) and "mvm serve" in text(down)
