@@ -11,6 +11,7 @@ from vmm.model import VmState
 
 from .backend import VmBackend
 from .hostnames import HostnameRouter, Route
+from .port_select import choose_port
 from .reqhead import RequestHead
 from .tokens import (
     Grant,
@@ -60,7 +61,7 @@ class Admission:
     vm_id: str | None = None
     port: int = 0
     running: bool = True
-    set_cookie: bytes | None = None  # a Set-Cookie line for the response head
+    set_cookie: bytes | None = None  # lines for the response head: a Set-Cookie, the port's subprotocol
     generation: int = 0  # the VM's, as this edge knows it: pooled connections of another are not used
 
 
@@ -150,7 +151,10 @@ class Admitter:
         set_cookie = None
         if source == "query" and token is not None:
             set_cookie = b"Set-Cookie: " + set_cookie_header(token, grant.exp, time.time()) + b"\r\n"
-        if target.startswith(AGENT_PREFIX) and route.port is None:
+        choice = choose_port(route.port, req.mvm_port, req.ws_protocol)
+        if isinstance(choice, str):
+            return Refusal(400, choice)
+        if target.startswith(AGENT_PREFIX) and choice.port is None:
             verdict = self._agent_api(method, target, version, req, vm_id, grant, upgrade)
             if isinstance(verdict, Admission):
                 verdict.set_cookie = set_cookie  # a browser page (the shell) then loads the rest by cookie
@@ -158,12 +162,14 @@ class Admitter:
         if "http" not in grant.scopes:
             return _missing_scope(grant, "http")
         port = rec.app_port
-        if route.port is not None:
-            port = route.port
+        if choice.port is not None:
+            port = choice.port
             if not rec.allows_port(port):
                 return Refusal(403, f"port {port} of VM {vm_id} is not open")
         if not grant.allows_port(port):
             return Refusal(403, f"this token does not open port {port}")
+        if upgrade and choice.echo is not None:  # the port entry was the only subprotocol: the 101 names it
+            set_cookie = (set_cookie or b"") + b"Sec-WebSocket-Protocol: " + choice.echo + b"\r\n"
         key = (method, target, http_version, upgrade, req.signature())
         if query is not None:
             target = strip_token_from_target(target)
@@ -180,6 +186,7 @@ class Admitter:
             client=self._client,
             proto=self._proto,
             trust_forwarded=self._trusted,
+            subprotocols=choice.subprotocols,
         )
         if source == "header" and route.port is None:  # the same head again is admitted the same way
             self._repeat = _Repeat(key, grant, vm_id, port, head)

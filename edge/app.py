@@ -49,7 +49,7 @@ from vmm.network.egress_proxy import EgressProxies
 from vmm.open_work import OpenWork
 from vmm.reaper import Reaper
 
-from . import memory
+from . import mcp_http, memory
 from .backend import VmBackend
 from .control import build_control_app
 from .hostnames import HostnameRouter
@@ -116,6 +116,7 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
         webhooks.start()
         started.push_async_callback(webhooks.stop)
         control_app = build_control_app(cfg.server, manager, tokens, metrics, events, cfg.vmm.events.keepalive)
+        mcp_http.mount(control_app, control_socket, cfg.server.admin_key)
         control = web.AppRunner(control_app, access_log=None)
         await control.setup()
         started.push_async_callback(control.cleanup)

@@ -133,6 +133,7 @@ OPENAPI: dict[str, Any] = {
                 ],
             }
         },
+        "/mcp": {"post": _op("The MCP server over streamable HTTP (stateless): JSON-RPC in, its answer out", 200)},
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},

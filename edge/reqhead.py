@@ -7,6 +7,8 @@ aside, so one pass and one join build the forwarded head.
 
 from __future__ import annotations
 
+import enum
+
 from .tokens import strip_token_from_target
 
 _PLAIN = 0
@@ -20,6 +22,8 @@ _FORWARDED_FOR = 7
 _CONTENT_LENGTH = 8
 _TRANSFER_ENCODING = 9
 _REFERER = 10
+_MVM_PORT = 11
+_WS_PROTOCOL = 12
 
 _KINDS = {
     b"host": _HOST,
@@ -31,6 +35,8 @@ _KINDS = {
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"referer": _REFERER,
+    b"x-mvm-port": _MVM_PORT,  # the edge's port selection (edge/port_select.py): never forwarded
+    b"sec-websocket-protocol": _WS_PROTOCOL,  # forwarded without the edge's mvm.port.N entry
     # Hop-by-hop (RFC 9110 7.6.1) or set by the edge itself.
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
@@ -47,6 +53,13 @@ _KINDS = {
 _KEEP = frozenset((b"keep-alive", b"close", b"upgrade", b"content-length"))
 
 
+class _AsSent(enum.Enum):
+    AS_SENT = 0
+
+
+AS_SENT = _AsSent.AS_SENT  # render's default: the client's own Sec-WebSocket-Protocol
+
+
 class RequestHead:
     """One client request's headers, collected by `add` while the parser runs (llhttp calls it
     for each header field), with their count and size for the connection's limits."""
@@ -61,10 +74,12 @@ class RequestHead:
         "forwarded_for",
         "host",
         "hosts",
+        "mvm_port",
         "referer",
         "size",
         "transfer_encoding",
         "upgrade",
+        "ws_protocol",
     )
 
     def __init__(self) -> None:
@@ -85,6 +100,8 @@ class RequestHead:
         self.transfer_encoding: bytes | None = None
         self.upgrade: bytes | None = None
         self.referer: bytes | None = None
+        self.mvm_port: bytes | None = None
+        self.ws_protocol: bytes | None = None
 
     def add(self, name: bytes, value: bytes) -> None:
         self.size += len(name) + len(value) + 4
@@ -113,6 +130,10 @@ class RequestHead:
             self._plain += (name, b": ", value, b"\r\n")
         elif kind == _REFERER:
             self.referer = value
+        elif kind == _MVM_PORT:
+            self.mvm_port = value if self.mvm_port is None else self.mvm_port + b", " + value
+        elif kind == _WS_PROTOCOL:
+            self.ws_protocol = value if self.ws_protocol is None else self.ws_protocol + b", " + value
         elif kind == _TRANSFER_ENCODING:
             te = self.transfer_encoding
             self.transfer_encoding = value if te is None else te + b", " + value
@@ -122,7 +143,8 @@ class RequestHead:
         admitted and rendered alike."""
         return (
             self.host, self.hosts, self.authorization, self.cookie, self.forwarded_for, self.content_length,
-            self.transfer_encoding, self.upgrade, self.referer, self._connection, tuple(self._plain),
+            self.transfer_encoding, self.upgrade, self.referer, self._connection, tuple(self._plain), self.mvm_port,
+            self.ws_protocol,
         )  # fmt: skip
 
     @property
@@ -150,8 +172,10 @@ class RequestHead:
         client: bytes,
         proto: bytes,
         trust_forwarded: bool = False,
+        subprotocols: bytes | _AsSent | None = AS_SENT,
     ) -> bytes:
-        """The head to forward; Host stays as the client sent it.
+        """The head to forward; Host stays as the client sent it, and Sec-WebSocket-Protocol too unless
+        `subprotocols` replaces it (None: none). X-Mvm-Port never goes on.
 
         X-Forwarded-For is the client's address, or, from a trusted proxy, its list plus the client.
         A Referer loses any `token` parameter (a `?token=` page's links would carry it on).
@@ -167,6 +191,9 @@ class RequestHead:
             parts += (b"Cookie: ", cookie, b"\r\n")
         if self.referer is not None:
             parts += (b"Referer: ", strip_token_from_target(self.referer), b"\r\n")
+        ws_protocol = self.ws_protocol if subprotocols is AS_SENT else subprotocols
+        if ws_protocol is not None:
+            parts += (b"Sec-WebSocket-Protocol: ", ws_protocol, b"\r\n")
         if self.transfer_encoding is not None:
             parts += (b"Transfer-Encoding: ", self.transfer_encoding, b"\r\n")
         if upgrade and self.upgrade is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from edge import mcp_http
 from edge.app import bind_listener, end_upstreams, proxy_context, raise_nofile_limit, until_signalled
 from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
@@ -116,9 +117,9 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
         events = CatalogEvents(catalog, cfg.vmm.events)  # the fleet's event feed, as every edge serves it
         await events.start()
         started.push_async_callback(events.stop)
-        control = web.AppRunner(
-            build_edge_control_app(cfg, routes, hosts, tokens, metrics, hosts_usage, events.ring), access_log=None
-        )
+        control_app = build_edge_control_app(cfg, routes, hosts, tokens, metrics, hosts_usage, events.ring)
+        mcp_http.mount(control_app, control_socket, cfg.server.admin_key)
+        control = web.AppRunner(control_app, access_log=None)
         await control.setup()
         started.push_async_callback(control.cleanup)
         await web.UnixSite(control, control_socket).start()

@@ -130,8 +130,11 @@ class AsyncClient:
         control_host: str = "api.mvm.localhost",
         cafile: str | None = None,
         timeout: float = 300.0,
+        unix_socket: str | None = None,
     ) -> None:
+        """`unix_socket`: reach the control API on this socket instead (`url` then only names it)."""
         self.url = url.rstrip("/")
+        self._unix_socket = unix_socket
         self.control_host = control_host
         self._headers = {"Host": control_host, "Authorization": f"Bearer {admin_key}"}
         secure = url.startswith("https")
@@ -244,6 +247,11 @@ class AsyncClient:
             failures += 1
             await asyncio.sleep(min(0.5 * failures, 5.0))
 
+    async def logs(self, vm_id: str, tail: int = 65536) -> bytes:
+        """The last `tail` bytes of the VM's app output (stdout and stderr)."""
+        async with self.request("GET", f"/v1/vms/{vm_id}/logs", params={"tail": str(tail)}) as resp:
+            return await resp.read()
+
     # ---- exec
 
     async def exec(
@@ -345,7 +353,8 @@ class AsyncClient:
     def session(self) -> aiohttp.ClientSession:
         """The one HTTP session every call of this client shares (made on first use)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(read_bufsize=1 << 21)
+            connector = aiohttp.UnixConnector(self._unix_socket) if self._unix_socket else None
+            self._session = aiohttp.ClientSession(connector=connector, read_bufsize=1 << 21)
         return self._session
 
 
@@ -448,6 +457,9 @@ class Client:
 
     def metrics(self, vm_id: str) -> VmMetrics:
         return self._call(self._async.metrics, vm_id)
+
+    def logs(self, vm_id: str, tail: int = 65536) -> bytes:
+        return self._call(self._async.logs, vm_id, tail)
 
     def exec(self, vm_id: str, argv: builtins.list[str], **options: Any) -> Iterator[ExecEvent]:
         """A blocking iterator over the command's events, as they come."""

@@ -205,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--type", action="append", default=None, metavar="T", help="only this type (repeat)")
     events.add_argument("--after", type=int, default=None, metavar="SEQ", help="only those after this seq")
     events.set_defaults(func=_events)
+    mcp = sub.add_parser("mcp", "serve the MCP tools (sandboxes for AI agents) over stdio, on the control API")
+    mcp.set_defaults(func=_mcp)
 
     token = sub.add_parser("token", "issue a short-lived token for one VM")
     token.add_argument("vm_id")
@@ -683,6 +685,19 @@ async def _print_events(cfg: Config, args: argparse.Namespace) -> None:
                 sys.stdout.flush()
         except ApiError as exc:
             raise _cli_error(client, "GET /v1/events", exc) from None
+
+
+def _mcp(args: argparse.Namespace) -> None:
+    """An MCP server on stdin/stdout whose tools call the configured control API (microvm_edge/mcp_server.py)."""
+    from microvm_edge.mcp_server import build_server
+
+    client = _client(_config(args))
+
+    async def run() -> None:
+        async with client:
+            await build_server(client).run_stdio_async()
+
+    asyncio.run(run())
 
 
 def _logs(args: argparse.Namespace) -> None:

@@ -36,8 +36,11 @@ from .errors import InvalidRequest, VmmError
 
 BASE_IMAGE = "localhost/mvm/debian:bookworm"
 BASE_SUITE = "bookworm"
-# minbase + python3 for the examples; ca-certificates so that apps can speak TLS once given egress.
-BASE_PACKAGES = ("python3", "ca-certificates")
+# minbase + python3 for the examples; ca-certificates so that apps can speak TLS once given egress;
+# what a person expects in `mvm shell`: ps and top (procps), less, and vi (vim-tiny).
+BASE_PACKAGES = ("python3", "ca-certificates", "procps", "less", "vim-tiny")
+# The base's version, a hash of what it is made of: a store holding another version makes it again.
+BASE_VERSION_LABEL = "mvm.base.version"
 _LAYOUT_TAG = "img"
 
 
@@ -79,10 +82,31 @@ def remove_image(store: Store, ref: str) -> None:
         run(store.buildah("rmi", "--force", ref), f"buildah rmi {ref}", timeout=120)
 
 
+def base_version() -> str:
+    """Changes when what the base is made of changes (suite, packages)."""
+    return hashlib.sha256(" ".join((BASE_SUITE, *BASE_PACKAGES)).encode()).hexdigest()[:12]
+
+
+def image_labels(store: Store, ref: str) -> dict[str, str] | None:
+    """The labels of image `ref` in the store, None if there is no such image."""
+    try:
+        doc = json.loads(run(store.buildah("inspect", "--type", "image", ref), f"buildah inspect {ref}", timeout=60))
+    except VmmError:
+        return None
+    return dict(doc.get("OCIv1", {}).get("config", {}).get("Labels") or {})
+
+
 def ensure_base_image(store: Store, progress: Progress, *, force: bool = False) -> str:
-    """BASE_IMAGE from Debian packages (mmdebstrap), imported into the store; a no-op when it exists."""
-    if not force and image_exists(store, BASE_IMAGE):
+    """BASE_IMAGE from Debian packages (mmdebstrap), imported into the store; a no-op when this
+    version of it exists. An older one is made again (images FROM it then rebuild their steps:
+    buildah's layer cache is keyed on the base image)."""
+    version = base_version()
+    labels = image_labels(store, BASE_IMAGE)
+    if not force and labels is not None and labels.get(BASE_VERSION_LABEL) == version:
         return BASE_IMAGE
+    if labels is not None and not force:
+        progress(f"{BASE_IMAGE} is version {labels.get(BASE_VERSION_LABEL, '(none)')}, not {version}: making it again")
+    old = image_id(store, BASE_IMAGE)
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".base-", dir=store.root) as tmp:
         tarball = Path(tmp) / "rootfs.tar"
@@ -97,11 +121,14 @@ def ensure_base_image(store: Store, progress: Progress, *, force: bool = False) 
         try:
             run(store.buildah("add", container, str(tarball), "/"), "buildah add", timeout=600)
             run(store.buildah("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                              "--cmd", "/bin/bash", container), "buildah config")  # fmt: skip
+                              "--cmd", "/bin/bash", "--label", f"{BASE_VERSION_LABEL}={version}", container),
+                "buildah config")  # fmt: skip
             run(store.buildah("commit", "--quiet", "--rm", container, BASE_IMAGE), "buildah commit", timeout=600)
         except BaseException:
             run(store.buildah("rm", container), "buildah rm")
             raise
+    if old is not None and old != image_id(store, BASE_IMAGE):
+        remove_image_id(store, old)  # untagged now; it stays while cached build steps still use it
     return BASE_IMAGE
 
 

@@ -76,6 +76,20 @@ def sandbox_template(session_root: Path, template_dir: Path) -> str:
 @pytest.fixture
 def settings(session_root: Path, template_dir: Path, request: pytest.FixtureRequest) -> Iterator[VmmSettings]:
     """A fresh state dir per test, sharing images and templates; cleaned up whatever happens."""
+    with state_settings(session_root, template_dir) as settings:
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def module_settings(session_root: Path, template_dir: Path) -> Iterator[VmmSettings]:
+    """As `settings`, for the tests of one module that share one edge and its VMs."""
+    with state_settings(session_root, template_dir) as settings:
+        yield settings
+
+
+@contextlib.contextmanager
+def state_settings(session_root: Path, template_dir: Path) -> Iterator[VmmSettings]:
+    """A fresh state dir sharing images and templates; its VMs, namespaces and files go at the end."""
     state = Path(tempfile.mkdtemp(prefix="t", dir=session_root))
     (state / "images").symlink_to(IMAGES)
     (state / "templates").symlink_to(template_dir)

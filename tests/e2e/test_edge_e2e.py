@@ -210,6 +210,7 @@ async def test_hosts_ports_and_control_api_errors(settings: VmmSettings) -> None
         assert (await client.get_json(vm_id, token, port=8081))["port"] == 8081
         async with client.session.get(client.vm_url(vm_id, port=9999), headers=bearer(token)) as resp:
             assert resp.status == 403 and (await resp.json())["error"]
+        await _ports_by_header_and_subprotocol(client, vm_id, token)
         async with client.session.get(client.vm_url("vnosuchvm00"), headers=bearer(token)) as resp:
             assert resp.status == 401, "without a token for that id, existence is not revealed"
         async with client.session.get(client.base.format(host=f"not-a-vm.{DOMAIN}") + "/") as resp:
@@ -233,6 +234,28 @@ async def test_hosts_ports_and_control_api_errors(settings: VmmSettings) -> None
         assert [(e["seq"], e["type"]) for e in feed["events"]] == [(1, "created"), (2, "running"), (3, "terminated")]
         async with client.session.get(client.vm_url(vm_id), headers=bearer(token)) as resp:
             assert resp.status == 404
+
+
+async def _ports_by_header_and_subprotocol(client: Client, vm_id: str, token: str) -> None:
+    """X-Mvm-Port and the subprotocol mvm.port.N reach the port they name (the demo listens on 8080 and
+    8081 and says which answered); the guest sees neither, nor a request whose token does not open the port."""
+    auth = bearer(token)
+    for chosen in ({"X-Mvm-Port": "8081"}, {"Sec-WebSocket-Protocol": "mvm.port.8081"}):
+        async with client.session.get(client.vm_url(vm_id), headers={**auth, **chosen}) as resp:
+            assert resp.status == 200 and (await resp.json())["port"] == 8081, chosen
+    both = {**auth, "X-Mvm-Port": "8080", "Sec-WebSocket-Protocol": "chat, mvm.port.8080"}
+    async with client.session.get(client.vm_url(vm_id, "/headers"), headers=both) as resp:
+        seen = {name.lower(): value for name, value in (await resp.json())["headers"]}
+    assert "x-mvm-port" not in seen and seen["sec-websocket-protocol"] == "chat"
+    async with client.session.ws_connect(client.vm_url(vm_id, "/ws"), headers=auth, protocols=("mvm.port.8081",)) as ws:
+        assert ws.protocol == "mvm.port.8081"  # the guest was offered none: the edge's 101 names the one asked for
+        await ws.send_str("hi")
+        assert await ws.receive_str() == "hi"
+    app_only = (await client.api("POST", f"/v1/vms/{vm_id}/tokens", {"ports": "8080"}, status=201))["token"]
+    counter = (await client.get_json(vm_id, token))["counter"]
+    async with client.session.get(client.vm_url(vm_id), headers={**bearer(app_only), "X-Mvm-Port": "8081"}) as resp:
+        assert resp.status == 403 and "port 8081" in (await resp.json())["message"]
+    assert (await client.get_json(vm_id, token))["counter"] == counter + 1, "the refused request reached the guest"
 
 
 async def test_edge_restart_keeps_suspended_vm_which_then_wakes(settings: VmmSettings) -> None:
