@@ -36,7 +36,7 @@ class H2Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         client = str(peer[0]).encode("ascii", "replace") if isinstance(peer, tuple) and peer else b"unknown"
-        self.core.connected(client)
+        self.core.connected(client, self.transport.can_write_eof())
 
     def data_received(self, data: bytes) -> None:
         self.core.client_data(data)
@@ -72,6 +72,9 @@ class H2Protocol(asyncio.Protocol):
 
     def abort_client(self) -> None:
         self.transport.abort()
+
+    def half_close_client(self) -> None:
+        self.transport.write_eof()
 
     def set_timer(self, at: float) -> None:
         if self._timer is not None:

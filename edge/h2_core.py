@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 _INF = float("inf")
 _MAX_STREAM_ID = 2**31 - 1
+_CLOSE_GRACE = 30.0  # a closed connection whose peer stops reading is aborted after this
 
 
 class H2Io(ClientConnection, Protocol):
@@ -51,6 +52,9 @@ class H2Io(ClientConnection, Protocol):
 
     def send_client(self, data: bytes) -> object: ...
     def close_client(self) -> None: ...
+    def half_close_client(self) -> None:
+        """Send the end (FIN) after what was written, and keep reading."""
+
     def abort_client(self) -> None: ...
     def set_timer(self, at: float) -> None: ...
     def cancel_timer(self) -> None: ...
@@ -91,6 +95,8 @@ class H2Core:
         self.write_paused = False
         self.closed = False
         self.draining = False
+        self.can_half_close = False  # the transport has a FIN of its own to send (TLS has not)
+        self._lingering = False
         self._last_stream = _MAX_STREAM_ID  # after a drain's GOAWAY: streams above are refused
         self._counted = False
         self._timer_at = _INF
@@ -98,8 +104,9 @@ class H2Core:
 
     # -- events from the client --------------------------------------------------------------
 
-    def connected(self, client: bytes) -> None:
+    def connected(self, client: bytes, can_half_close: bool = False) -> None:
         self.client = client
+        self.can_half_close = can_half_close
         ctx = self.ctx
         self.admitter = Admitter(
             ctx.backend,
@@ -222,7 +229,12 @@ class H2Core:
     def timer_fired(self) -> None:
         self._timer_at = _INF
         if self.closed:
-            self.io.abort_client()
+            if self._lingering:
+                self._lingering = False
+                self.io.close_client()
+                self.arm(self.clock() + _CLOSE_GRACE)
+            else:
+                self.io.abort_client()
             return
         now = self.clock()
         s = self.settings
@@ -418,9 +430,16 @@ class H2Core:
         self.streams.clear()
         if gone:
             self.ctx.metrics.h2_streams(-gone)
-        self.io.close_client()
         self._timer_at = _INF
-        self.arm(self.clock() + 30.0)  # a peer that stops reading is aborted then
+        if self.can_half_close:
+            # A client still sending would get a TCP reset on close, which can discard the GOAWAY
+            # before it is read: FIN first, read off what comes for linger_timeout, then close.
+            self._lingering = True
+            self.io.half_close_client()
+            self.arm(self.clock() + self.ctx.settings.linger_timeout)
+        else:
+            self.io.close_client()
+            self.arm(self.clock() + _CLOSE_GRACE)  # a peer that stops reading is aborted then
 
     def arm(self, when: float) -> None:
         if when < self._timer_at:

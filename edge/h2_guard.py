@@ -39,12 +39,13 @@ class Verdict:
 class FrameGuard:
     """Follows frame boundaries in the client's bytes; `feed` answers a Verdict when a limit is crossed."""
 
-    __slots__ = ("_clock", "_counts", "_header", "_in_block", "_limits", "_s", "_skip", "_window_end")
+    __slots__ = ("_clock", "_counts", "_header", "_in_block", "_limits", "_preface", "_s", "_skip", "_window_end")
 
     def __init__(self, settings: Http2Settings, clock: Callable[[], float]) -> None:
         self._s = settings
         self._clock = clock
-        self._skip = len(PREFACE)  # bytes still to pass over before the next frame header
+        self._preface = 0  # bytes of the client's connection preface checked so far
+        self._skip = 0  # bytes still to pass over before the next frame header
         self._header = b""  # a frame header split across reads
         self._in_block = 0  # CONTINUATION frames of the header block being received
         self._limits = {kind: getattr(settings, key) for kind, key in _FLOODS.items()}
@@ -53,6 +54,11 @@ class FrameGuard:
 
     def feed(self, data: bytes) -> Verdict | None:
         pos, end = 0, len(data)
+        if self._preface < len(PREFACE):
+            pos = min(end, len(PREFACE) - self._preface)
+            if data[:pos] != PREFACE[self._preface : self._preface + pos]:
+                return Verdict(ErrorCodes.PROTOCOL_ERROR, "preface", "not the HTTP/2 connection preface")
+            self._preface += pos
         while pos < end:
             if self._skip:
                 step = min(self._skip, end - pos)

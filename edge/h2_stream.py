@@ -312,6 +312,8 @@ class H2Stream:
         self.body_at = self.core.clock()  # time held for a wake is not the client's
         if self.body_done:
             self._await_response()
+        else:
+            self.core.arm(self.next_check())
 
     def _body_expected(self) -> bool:
         """The client owes body bytes: not while they are held back by the edge (a wake, a full guest)."""
