@@ -22,6 +22,7 @@ import pytest_asyncio
 from edge.h2_conn import make_listener_factory
 from tests.e2e.conftest import IMAGES, _kill_qemus
 from tests.e2e.edge_harness import DOMAIN, Client, edge_config, pattern, running_edge
+from tests.e2e.test_shell_browser import CHROMIUM, chromium
 from tests.unit.h2_client import H2Client
 from vmm.network import netns
 from vmm.settings import VmmSettings
@@ -169,3 +170,29 @@ async def test_100_streams_on_one_connection_while_the_vm_wakes(setup: Setup, mo
     counters = sorted(orjson.loads(a.body)["counter"] for a in answers)
     assert counters == list(range(counters[0], counters[0] + 100)), "each answered exactly once"
     assert restores == 1
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is installed by scripts/install.sh")
+async def test_chromium_loads_a_page_and_its_resources_over_h2(setup: Setup) -> None:
+    page = setup.client.vm_url(setup.vm_id, f"/headers?token={setup.token}")  # the token becomes a cookie
+    async with chromium() as tools:
+        await tools.call("Page.enable")
+        await tools.call("Page.navigate", url=page)
+        async with asyncio.timeout(60):
+            while await tools.evaluate("document.readyState") != "complete":
+                await asyncio.sleep(0.2)
+        loaded = await tools.evaluate(
+            "Promise.all([...Array(20).keys()].map(i => fetch('/?r=' + i).then(r => r.text().then(() => r.status))))"
+            ".then(s => JSON.stringify(s))",
+            await_promise=True,
+        )
+        assert orjson.loads(loaded) == [200] * 20
+        protocols = orjson.loads(
+            await tools.evaluate(
+                "JSON.stringify(['navigation', 'resource'].flatMap(t => performance.getEntriesByType(t))"
+                ".map(e => [e.name, e.nextHopProtocol]))"
+            )
+        )
+    names = {name.rsplit("/", 1)[1] for name, _ in protocols}
+    assert {f"?r={i}" for i in range(20)} <= names and any("headers?" in n for n in names)  # page + resources
+    assert {p for _, p in protocols} == {"h2"}, protocols

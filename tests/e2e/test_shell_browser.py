@@ -47,8 +47,11 @@ class DevTools:
                 assert "error" not in reply, reply
                 return reply.get("result", {})
 
-    async def evaluate(self, expression: str) -> Any:
-        return (await self.call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
+    async def evaluate(self, expression: str, await_promise: bool = False) -> Any:
+        result = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise
+        )
+        return result["result"].get("value")
 
     async def type(self, text: str) -> None:
         for ch in text:
