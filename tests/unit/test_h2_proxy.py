@@ -148,3 +148,36 @@ async def test_alpn_picks_h2_over_tls_and_http11_still_works(upstream: Upstream)
         resp = await h1.get("/echo", edge.host(), {"Authorization": f"Bearer {edge.token()}"})
         assert resp.status == 200
         await edge.close()
+
+
+async def test_a_client_that_reads_nothing_holds_back_the_guest(edge: Edge, upstream: Upstream) -> None:
+    """Guest -> client: past the client's window the edge keeps at most `stream_buffer` per stream,
+    then reads the guest no further."""
+    c = await H2Client.open(edge.port, window=65535)
+    c.auto_ack = False
+    sid = c.request(edge.host(), "/download?size=200000000", headers={"authorization": f"Bearer {edge.token()}"})
+    await asyncio.sleep(1.0)
+    (core,) = [client.core for client in edge.ctx.clients]  # type: ignore[attr-defined]
+    stream = core.streams[sid]
+    assert len(stream.pending) <= H2C.stream_buffer + 1024 * 1024  # plus at most one read from the guest
+    written = upstream.state["progress"]["written"]
+    await asyncio.sleep(0.5)
+    assert upstream.state["progress"]["written"] == written, "the guest is held back"
+    assert written < 50_000_000
+    await c.close()
+
+
+async def test_a_guest_that_reads_nothing_holds_back_the_client(edge: Edge, upstream: Upstream) -> None:
+    """Client -> guest: body bytes are acknowledged only as they go on, so the client stops sending."""
+    c = await _client(edge)
+    body = b"x" * 50_000_000
+    sid = c.request(edge.host(), "/upload?wait=1", method="POST", headers={"authorization": f"Bearer {edge.token()}"},
+                    body=body)  # fmt: skip
+    await asyncio.sleep(1.0)
+    left = len(c._outgoing[sid])
+    await asyncio.sleep(0.5)
+    assert len(c._outgoing[sid]) == left > 30_000_000, "the client is held back by its window"
+    upstream.state["upload_go"].set()
+    ans = await c.answer(sid, timeout=60)
+    assert ans.status == 200 and orjson.loads(ans.body)["length"] == len(body)
+    await c.close()
