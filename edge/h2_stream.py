@@ -61,6 +61,7 @@ class H2Stream:
         self._parser = HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
         self._final = False
+        self._close_delimited = False  # the answer has neither content-length nor chunked framing
         self._paused_guest = False
         self._response_deadline = _INF
         self._up = 0
@@ -234,7 +235,9 @@ class H2Stream:
         ex = self.ex
         if self.over:
             return
-        if self._final:  # the answer is cut short: the client must not take it for whole
+        if self._final and self._close_delimited:  # its end was the connection's end
+            self.core.send_end(self.sid)
+        elif self._final:  # the answer is cut short: the client must not take it for whole
             self.core.reset(self.sid, ErrorCodes.INTERNAL_ERROR, "upstream_lost")
         elif ex.retryable():
             ex.resent = True
@@ -267,6 +270,10 @@ class H2Stream:
         ex = self.ex
         ex.status = status
         out = [(n, v) for n, v in headers if n not in _HOP_BY_HOP]
+        framed = any(
+            n == b"content-length" or (n == b"transfer-encoding" and b"chunked" in v.lower()) for n, v in headers
+        )
+        self._close_delimited = not framed and status not in (204, 304)
         if ex.cookie is not None:
             out.append((b"set-cookie", ex.cookie.partition(b": ")[2].rstrip(b"\r\n")))
         self._count(status)

@@ -181,3 +181,18 @@ async def test_a_guest_that_reads_nothing_holds_back_the_client(edge: Edge, upst
     ans = await c.answer(sid, timeout=60)
     assert ans.status == 200 and orjson.loads(ans.body)["length"] == len(body)
     await c.close()
+
+
+async def test_an_answer_that_ends_with_its_connection_ends_the_stream(edge: Edge) -> None:
+    async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it, then the end")
+        writer.close()
+
+    server = await asyncio.start_server(guest, "127.0.0.1", 0)
+    edge.backend.targets[(VM, 3000)] = server.sockets[0].getsockname()[1]
+    c = await _client(edge)
+    ans = await c.get(edge.host(port=3000), "/", headers={"authorization": f"Bearer {edge.token()}"})
+    assert (ans.status, bytes(ans.body), ans.reset) == (200, b"all of it, then the end", None)
+    await c.close()
+    server.close()
