@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import resource
 import ssl
 import subprocess
 import tempfile
@@ -18,12 +19,14 @@ from typing import Any
 import orjson
 import pytest
 import pytest_asyncio
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
 
 from edge.h2_conn import make_listener_factory
 from tests.e2e.conftest import IMAGES, _kill_qemus
 from tests.e2e.edge_harness import DOMAIN, Client, edge_config, pattern, running_edge
 from tests.e2e.test_shell_browser import CHROMIUM, chromium
 from tests.unit.h2_client import H2Client
+from tests.unit.test_h2_limits import Raw
 from vmm.network import netns
 from vmm.settings import VmmSettings
 
@@ -196,3 +199,52 @@ async def test_chromium_loads_a_page_and_its_resources_over_h2(setup: Setup) -> 
     names = {name.rsplit("/", 1)[1] for name, _ in protocols}
     assert {f"?r={i}" for i in range(20)} <= names and any("headers?" in n for n in names)  # page + resources
     assert {p for _, p in protocols} == {"h2"}, protocols
+
+
+class _Target:
+    """What the raw attack client of tests/unit/test_h2_limits.py needs: the h2c port, host, token."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.port, self._setup = setup.h2c_port, setup
+
+    def host(self) -> str:
+        return self._setup.host
+
+    def token(self) -> str:
+        return self._setup.token
+
+
+def _rapid_reset(raw: Raw, target: Any) -> None:
+    for i in range(1000):
+        raw.send(raw.headers(target, 2 * i + 1, "/"), RstStreamFrame(2 * i + 1, error_code=0x8))
+
+
+def _continuation_flood(raw: Raw, target: Any) -> None:
+    first = raw.headers(target, 1, "/")
+    first.flags.discard("END_HEADERS")
+    raw.send(first, *(ContinuationFrame(1, b"") for _ in range(1000)))
+
+
+def _ping_flood(raw: Raw, target: Any) -> None:
+    raw.send(*(PingFrame(0, b"12345678") for _ in range(5000)))
+
+
+def _hpack_bomb(raw: Raw, target: Any) -> None:
+    big = ("x-bomb", "b" * 4000)
+    raw.send(HeadersFrame(1, raw.encoder.encode([big]) + raw.encoder.encode([big] * 2000), flags=["END_HEADERS"]))
+
+
+@pytest.mark.parametrize("attack", [_rapid_reset, _continuation_flood, _ping_flood, _hpack_bomb])
+async def test_attacks_end_in_goaway_with_bounded_cpu_while_others_are_served(setup: Setup, attack: Any) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF)  # the edge runs in this process
+    target = _Target(setup)
+    raw = await Raw.open(target)  # type: ignore[arg-type]
+    attack(raw, target)
+    _, version, status = _answer(await setup.curl("/"))
+    assert (version, status) == ("2", 200), "another client is served meanwhile"
+    await raw.until_closed()
+    assert raw.goaway().error_code == 0xB  # ENHANCE_YOUR_CALM
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert cpu < 3.0, f"the edge spent {cpu:.2f} s of CPU on it"
+    assert setup.client.edge.ctx.metrics.registry.get_sample_value("mvm_h2_streams") == 0
