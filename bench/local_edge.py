@@ -23,6 +23,7 @@ from pathlib import Path
 
 import uvloop
 
+from edge.h2_conn import make_listener_factory
 from edge.hostnames import HostnameRouter
 from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
@@ -104,7 +105,12 @@ async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int, port
         make_protocol_factory(ctx, "http"), "127.0.0.1", ports[0], backlog=1024, reuse_port=True
     )
     tls = await loop.create_server(
-        make_protocol_factory(ctx, "https"), "127.0.0.1", ports[1], ssl=server_context(cert, key), backlog=1024,
+        # TLS offers h2 and http/1.1 by ALPN, as the edge's own listener does.
+        make_listener_factory(ctx, True, "https"),
+        "127.0.0.1",
+        ports[1],
+        ssl=server_context(cert, key, h2=True),
+        backlog=1024,
         reuse_port=True,
     )
     token, _ = tokens.issue(VM_ID, ttl=cfg.tokens.max_ttl)
@@ -122,7 +128,12 @@ async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int, port
 
 @contextlib.asynccontextmanager
 async def running(
-    upstream_port: int, cert: Path, key: Path, keepalive: int, log: Path, prefix: Sequence[str] = (),
+    upstream_port: int,
+    cert: Path,
+    key: Path,
+    keepalive: int,
+    log: Path,
+    prefix: Sequence[str] = (),
     workers: int = 1,
 ) -> AsyncIterator[LocalEdge]:
     """Run the local edge as `workers` child processes sharing two ports (each its own interpreter)."""

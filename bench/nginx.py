@@ -37,14 +37,18 @@ def fixed_answer(port: int, body: str) -> str:
   }}"""
 
 
-def reverse_proxy(upstream: str, keepalive: int, listeners: Sequence[tuple[int, bool]], cert: Path, key: Path) -> str:
+def reverse_proxy(
+    upstream: str, keepalive: int, listeners: Sequence[tuple[int, bool]], cert: Path, key: Path, http2: bool = False
+) -> str:
     """An HTTP/1.1 proxy to `upstream`, keeping up to `keepalive` idle upstream connections
-    (the edge's per-VM pool bound), on 127.0.0.1 ports given as (port, tls).
+    (the edge's per-VM pool bound), on 127.0.0.1 ports given as (port, tls), with HTTP/2 on TLS
+    when `http2`.
 
     Headers like the edge's (Host kept, X-Forwarded-*), and no response buffering: the
     edge streams, so nginx should too (and must not spill a 100 MB answer to disk).
     """
-    listen = "\n".join(f"    listen 127.0.0.1:{port}{' ssl' if tls else ''} backlog=1024;" for port, tls in listeners)
+    ssl = " ssl http2" if http2 else " ssl"  # `http2`: ALPN h2 on its TLS listeners
+    listen = "\n".join(f"    listen 127.0.0.1:{port}{ssl if tls else ''} backlog=1024;" for port, tls in listeners)
     return f"""  upstream guest {{ server {upstream}; keepalive {keepalive}; keepalive_requests 1000000; }}
   server {{
 {listen}

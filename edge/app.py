@@ -52,8 +52,8 @@ from vmm.reaper import Reaper
 from . import mcp_http, memory
 from .backend import VmBackend
 from .control import build_control_app
+from .h2_conn import make_listener_factory
 from .hostnames import HostnameRouter
-from .http1 import make_protocol_factory
 from .metrics import Metrics
 from .proxy_context import ProxyContext
 from .settings import EdgeConfig, token_service
@@ -91,7 +91,9 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
     raise_nofile_limit(cfg.server.rlimit_nofile)
     log.event("edge.malloc", arenas_capped=memory.limit_arenas())
     # Everything that can fail on bad input is checked before the manager touches any VM.
-    ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
+    ssl_ctx: ssl.SSLContext | None = None
+    if cfg.server.tls:
+        ssl_ctx = server_context(cfg.server.tls_cert, cfg.server.tls_key, cfg.proxy.http2.enabled)
     tokens = token_service(cfg.tokens)
     async with contextlib.AsyncExitStack() as started:  # a step that fails stops the ones before it
         listener = bind_listener(cfg.server.listen_host, cfg.server.listen_port)
@@ -125,7 +127,8 @@ async def start(cfg: EdgeConfig, lock_fd: int | None = None) -> Edge:
         ctx = proxy_context(cfg, manager, tokens, metrics, control_socket, manager.open_work)
         manager.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024)
+        factory = make_listener_factory(ctx, cfg.server.tls)
+        server = await loop.create_server(factory, sock=listener, ssl=ssl_ctx, backlog=1024)
         started.callback(server.close)
         faults.point("serve.serving")
         started.pop_all()  # all started: `stop` takes them down from now on

@@ -50,6 +50,22 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._requests = Counter("mvm_requests", "HTTP responses by status.", ["status"], registry=self.registry)
         self._by_status: dict[int, Counter] = {}
+        protocols = Counter(
+            "mvm_requests_by_protocol", "HTTP responses by the client's protocol (h1, h2).", ["protocol"],
+            registry=self.registry,
+        )  # fmt: skip
+        self._h1, self._h2 = protocols.labels(protocol="h1"), protocols.labels(protocol="h2")
+        self._h2_streams = Gauge(
+            "mvm_h2_streams", "Open HTTP/2 client streams.", registry=self.registry, multiprocess_mode="livesum"
+        )
+        self._h2_resets = Counter(
+            "mvm_h2_resets", "HTTP/2 streams reset (RST_STREAM), by who or which limit.", ["reason"],
+            registry=self.registry,
+        )  # fmt: skip
+        self._h2_goaways = Counter(
+            "mvm_h2_goaways", "HTTP/2 connections ended by the edge (GOAWAY), by reason.", ["reason"],
+            registry=self.registry,
+        )  # fmt: skip
         wakes = Counter("mvm_wakes", "VM wakes on request, by result.", ["result"], registry=self.registry)
         self._wake_ok, self._wake_failed = wakes.labels(result="ok"), wakes.labels(result="failed")
         self._wake_seconds = Histogram(
@@ -101,6 +117,7 @@ class Metrics:
         self._batched = False  # request, proxied and client_connections wait for `flush`
         self._flusher: asyncio.TimerHandle | None = None
         self._pending_status: dict[int, int] = {}
+        self._pending_h1 = 0
         self._pending_up = self._pending_down = self._pending_clients = 0
 
     def flush_every(self, seconds: float) -> None:
@@ -127,6 +144,9 @@ class Metrics:
         pending, self._pending_status = self._pending_status, {}
         for status, n in pending.items():
             self._status(status).inc(n)
+        if self._pending_h1:
+            self._h1.inc(self._pending_h1)
+            self._pending_h1 = 0
         if self._pending_up:
             self._bytes_up.inc(self._pending_up)
         if self._pending_down:
@@ -142,13 +162,30 @@ class Metrics:
         return child
 
     def request(self, status: int) -> None:
+        """An HTTP/1.1 answer went out."""
         if self._batched:
             self._pending_status[status] = self._pending_status.get(status, 0) + 1
+            self._pending_h1 += 1
             return
         child = self._by_status.get(status)
         if child is None:
             child = self._by_status[status] = self._requests.labels(status=str(status))
         child.inc()
+        self._h1.inc()
+
+    def request_h2(self, status: int) -> None:
+        """An HTTP/2 stream's answer went out."""
+        self._status(status).inc()
+        self._h2.inc()
+
+    def h2_streams(self, delta: int) -> None:
+        self._h2_streams.inc(delta)
+
+    def h2_reset(self, reason: str) -> None:
+        self._h2_resets.labels(reason=reason).inc()
+
+    def h2_goaway(self, reason: str) -> None:
+        self._h2_goaways.labels(reason=reason).inc()
 
     def wake(self, seconds: float, ok: bool) -> None:
         (self._wake_ok if ok else self._wake_failed).inc()

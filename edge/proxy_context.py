@@ -11,6 +11,7 @@ from typing import Protocol
 from vmm.open_work import OpenWork, count_down
 
 from .backend import VmBackend
+from .h2_settings import Http2Settings
 from .hostnames import HostnameRouter
 from .memory import BurstTrimmer
 from .metrics import Metrics
@@ -41,6 +42,7 @@ class ProxySettings:
     linger_timeout: float = 5.0  # reading a body we no longer need before closing
     # Clients (other proxies) whose X-Forwarded-For is appended to; everyone else's is replaced.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    http2: Http2Settings = field(default_factory=Http2Settings)  # not a [proxy] key: the [http2] section
 
     def trusts(self, client: bytes) -> bool:
         if not self.trusted_proxies:

@@ -19,8 +19,8 @@ class TlsError(Exception):
     """The certificate or key cannot be used; the message names the file."""
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A server context: TLS 1.2+, ALPN http/1.1 (the proxy speaks HTTP/1.1 only)."""
+def server_context(cert: Path, key: Path, h2: bool = False) -> ssl.SSLContext:
+    """A server context: TLS 1.2+, ALPN http/1.1, and h2 first when `h2` ([http2] enabled)."""
     for what, path in (("certificate", cert), ("private key", key)):
         if not path.is_file():
             raise TlsError(f"TLS {what} {path} does not exist (set server.tls_cert/tls_key, or make a dev cert)")
@@ -29,7 +29,7 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
     try:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as e:

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from edge import mcp_http
 from edge.app import bind_listener, end_upstreams, proxy_context, raise_nofile_limit, until_signalled
-from edge.http1 import make_protocol_factory
+from edge.h2_conn import make_listener_factory
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext
 from edge.settings import token_service
@@ -79,7 +79,9 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
     """
     jsonlog.configure(cfg.log.level)
     raise_nofile_limit(cfg.server.rlimit_nofile)
-    ssl_ctx: ssl.SSLContext | None = server_context(cfg.server.tls_cert, cfg.server.tls_key) if cfg.server.tls else None
+    ssl_ctx: ssl.SSLContext | None = None
+    if cfg.server.tls:
+        ssl_ctx = server_context(cfg.server.tls_cert, cfg.server.tls_key, cfg.proxy.http2.enabled)
     tokens = token_service(cfg.tokens)
     tls = cluster_tls(mirrored(cfg.cluster), "edge")  # its files are checked before anything starts
     async with contextlib.AsyncExitStack() as started:
@@ -132,7 +134,7 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
         started.callback(ctx.trimmer.close)
         routes.listeners.append(lambda rec: end_upstreams(ctx.pool, rec))
         server = await asyncio.get_running_loop().create_server(
-            make_protocol_factory(ctx), sock=listener, ssl=ssl_ctx, backlog=1024
+            make_listener_factory(ctx, cfg.server.tls), sock=listener, ssl=ssl_ctx, backlog=1024
         )
         started.callback(server.close)
         backend.start(ctx.open_streams)

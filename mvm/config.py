@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from edge.h2_settings import Http2Settings
 from edge.proxy_context import ProxySettings
 from edge.settings import (
     DEV_ADMIN_KEY,
@@ -292,6 +293,25 @@ def _build_args(value: Any, key: str) -> dict[str, str]:
 
 _BUILD: dict[str, Rule] = {"host_trust": _flag, "ca_files": _paths, "args": _build_args}
 _REAPER: dict[str, Rule] = {"interval": _seconds}
+_HTTP2: dict[str, Rule] = {
+    "enabled": _flag,
+    "h2c": _flag,
+    "max_concurrent_streams": _integer(1, 100_000),
+    "max_header_list_size": _integer(1024, 16 * 1024 * 1024),
+    "max_continuation_frames": _integer(1, 1024),
+    "max_frame_size": _integer(16384, 16_777_215),
+    "stream_window": _integer(65535, 2**31 - 1),
+    "connection_window": _integer(65535, 2**31 - 1),
+    "stream_buffer": _integer(16384, 1 << 30),
+    "max_resets": _integer(1, 1_000_000),
+    "max_settings": _integer(1, 1_000_000),
+    "max_pings": _integer(1, 1_000_000),
+    "max_window_updates": _integer(1, 10_000_000),
+    "flood_window": _seconds,
+    "body_idle_timeout": _seconds,
+    "stall_timeout": _seconds,
+    "idle_timeout": _seconds,
+}
 _LOG: dict[str, Rule] = {"level": _choice(*LOG_LEVELS)}
 _EVENTS: dict[str, Rule] = {
     "retain_count": _integer(1, 10_000_000),
@@ -303,7 +323,8 @@ _EVENTS: dict[str, Rule] = {
     "webhook_timeout": _seconds,
 }
 _SECTIONS = (
-    "server", "proxy", "tokens", "vmm", "jail", "policy", "reaper", "log", "catalog", "cluster", "build", "events"
+    "server", "proxy", "http2", "tokens", "vmm", "jail", "policy", "reaper", "log", "catalog", "cluster", "build",
+    "events",
 )  # fmt: skip
 
 
@@ -336,6 +357,7 @@ def load_config(path: Path | None) -> Config:
         proxy=replace(
             _section(_table(data, "proxy"), "proxy", ProxySettings(), _PROXY),
             forwarded_proto="https" if server.tls else "http",
+            http2=_section(_table(data, "http2"), "http2", Http2Settings(), _HTTP2),
         ),
         tokens=tokens,
         vmm=replace(

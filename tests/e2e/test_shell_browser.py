@@ -50,8 +50,11 @@ class DevTools:
             if "method" in reply:
                 self.events.append(reply)
 
-    async def evaluate(self, expression: str) -> Any:
-        return (await self.call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
+    async def evaluate(self, expression: str, await_promise: bool = False) -> Any:
+        result = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise
+        )
+        return result["result"].get("value")
 
     async def type(self, text: str) -> None:
         for ch in text:

@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from edge.h2_conn import make_listener_factory
 from edge.hostnames import HostnameRouter
-from edge.http1 import make_protocol_factory
 from edge.metrics import Metrics
 from edge.proxy_context import ProxyContext, ProxySettings
 from edge.tokens import SigningKey, TokenService
@@ -271,7 +271,9 @@ async def start_edge(
     )
     loop = asyncio.get_running_loop()
     server_ssl, client_ssl = tls or (None, None)
-    server = await loop.create_server(make_protocol_factory(ctx), "127.0.0.1", 0, ssl=server_ssl)
+    server = await loop.create_server(
+        make_listener_factory(ctx, server_ssl is not None), "127.0.0.1", 0, ssl=server_ssl
+    )
     port = server.sockets[0].getsockname()[1]
     return Edge(ctx, server, port, backend, tokens, clock, client_ssl=client_ssl)
 

@@ -6,6 +6,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from edge.h2_settings import Http2Settings
 from edge.settings import token_service
 from mvm import config as config_module
 from mvm.config import Config, load_config
@@ -305,3 +306,13 @@ def test_limits_are_configurable(tmp_path: Path) -> None:
     cfg = load(tmp_path, text)
     assert cfg.proxy.max_headers == 20 and cfg.proxy.body_min_rate == 512
     assert cfg.server.rlimit_nofile == 0 and cfg.server.drain_timeout == 3.0
+
+
+def test_http2_table(tmp_path: Path) -> None:
+    cfg = load(tmp_path, "[http2]\nh2c = true\nmax_resets = 10\nflood_window = 2\n")
+    assert cfg.proxy.http2 == Http2Settings(h2c=True, max_resets=10, flood_window=2.0)
+    assert {f.name for f in fields(Http2Settings)} == set(config_module._HTTP2)
+    with pytest.raises(ConfigError, match=r"^http2\.max_concurrent_streams: must be an integer"):
+        load(tmp_path, "[http2]\nmax_concurrent_streams = 0\n")
+    with pytest.raises(ConfigError, match=r"^http2\.max_frame_sizes: unknown key"):
+        load(tmp_path, "[http2]\nmax_frame_sizes = 20000\n")

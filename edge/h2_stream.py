@@ -1,0 +1,409 @@
+"""One HTTP/2 request stream, relayed to an HTTP/1.1 guest port: the translation both ways.
+
+The request's pseudo-headers and headers become a `RequestHead`, so admission is the same
+as HTTP/1.1's (`:authority` for Host; the token from Authorization, `?token=` or the cookie;
+scopes and ports) and so is the head the guest receives. A body without a content-length goes
+chunked. Waking and connecting are `edge.reach`'s, with the same rules: a pooled guest
+connection only in its generation, a request resent only when idempotent, bodiless and on a
+fresh connection. The answer is parsed with llhttp and goes out as HEADERS and DATA frames as
+it comes (no buffering past the client's window: then the guest is read no further).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+from h2.errors import ErrorCodes
+from httptools import HttpResponseParser
+from httptools.parser.errors import HttpParserError
+
+from vmm.jsonlog import log
+
+from .admission import Refusal
+from .errors_http import error_code
+from .exchange import Exchange, ExchangeState
+from .reqhead import RequestHead
+from .upstream import CONTROL_KEY, UpstreamConn
+
+if TYPE_CHECKING:
+    from .h2_core import H2Core
+
+_LAST_CHUNK = b"0\r\n\r\n"
+_HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
+_INF = float("inf")
+TOUCH_EVERY = 1.0
+
+
+class H2Stream:
+    """A request on an HTTP/2 connection: an Exchange, its upstream, and the answer's translation."""
+
+    def __init__(self, core: H2Core, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        self.core = core
+        self.sid = sid
+        self.pending = bytearray()  # answer bytes waiting for the client's window
+        self.ending = False  # the answer is complete once `pending` is sent
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.stalled_since = 0.0
+        self.body_done = ended
+        self.vm_id: str | None = None
+        self.over = False
+        now = core.clock()
+        self.body_at = now
+        self._method = b""
+        self._target = b""
+        self._head = RequestHead()
+        self._bad = ""
+        self._read(headers)
+        self.ex = Exchange(self._method, True, not ended, not ended and self._head.content_length is None, False)
+        self._upstream: UpstreamConn | None = None
+        self._unacked = 0  # body bytes sent on to the guest while its write buffer was full: acked on resume
+        self._parser = HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._final = False
+        self._close_delimited = False  # the answer has neither content-length nor chunked framing
+        self._paused_guest = False
+        self._response_deadline = _INF
+        self._up = 0
+        self._down = 0
+        self._touch_at = now + TOUCH_EVERY
+
+    def _read(self, headers: list[tuple[bytes, bytes]]) -> None:
+        head = self._head
+        authority = None
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    self._method = value
+                elif name == b":path":
+                    self._target = value
+                elif name == b":authority":
+                    authority = value
+            elif name != b"host" or authority is None:
+                head.add(name, value)
+        if authority is not None:
+            head.add(b"host", authority)
+        if not self.body_done and head.content_length is None:
+            head.add(b"transfer-encoding", b"chunked")
+        if not self._method or (not self._target and self._method != b"CONNECT"):
+            self._bad = "a request needs :method and :path"
+
+    # -- from the connection ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Admit the request; then a pooled guest connection, or reach one (waking the VM)."""
+        ex = self.ex
+        core = self.core
+        if self._bad:
+            ex.refuse(Refusal(400, self._bad))
+        else:
+            try:
+                verdict = core.admitter.admit(self._method, self._target, "1.1", self._head, False)
+            except Exception as exc:  # a bug in admission must still answer
+                log.event("edge.admission_error", level="error", error=repr(exc), protocol="h2")
+                verdict = Refusal(400, "the request could not be admitted")
+            if isinstance(verdict, Refusal):
+                ex.refuse(verdict)
+            else:
+                ex.admit(verdict)
+        if ex.refusal is not None:
+            self._answer(ex.refusal.status, ex.refusal.message, ex.refusal)
+            return
+        ctx = core.ctx
+        vm_id = self.vm_id = ex.vm_id
+        if vm_id is not None:
+            ctx.backend.touch(vm_id)
+            ctx.open_streams.opened(vm_id)
+        if ex.vm_was_running:
+            conn = ctx.pool.acquire(vm_id or CONTROL_KEY, ex.port, core.clock(), ex.generation)
+            if conn is not None:
+                self._attach(conn, reused=True)
+                return
+        ex.move(ExchangeState.CONNECTING)
+        core.io.reach(self)
+
+    def client_body(self, data: bytes, flow: int) -> None:
+        """Request body bytes (`flow`: what they cost of the window, padding included)."""
+        ex = self.ex
+        self.body_at = self.core.clock()
+        self._up += len(data)
+        framed: list[bytes] = [b"%x\r\n" % len(data), data, b"\r\n"] if ex.chunked and data else [data]
+        upstream = self._upstream
+        if upstream is not None:
+            upstream.send_parts(framed)
+            self._acked(flow)
+        elif ex.body is not None:
+            ex.body += framed
+            ex.buffered += flow
+        else:  # not wanted (answered already): the client may go on sending
+            self.core.ack_body(self.sid, flow)
+
+    def body_end(self) -> None:
+        if self.body_done:
+            return
+        self.body_done = True
+        ex = self.ex
+        if not ex.end_body():
+            return
+        if ex.chunked:
+            if self._upstream is not None:
+                self._upstream.send(_LAST_CHUNK)
+            elif ex.body is not None:
+                ex.body.append(_LAST_CHUNK)
+        if self._upstream is not None:
+            self._await_response()
+
+    def client_reset(self) -> None:
+        """The stream ended before its answer did (the client reset it, left, or a limit cut it)."""
+        upstream = self._upstream
+        self._upstream = None
+        if upstream is not None:
+            upstream.close()  # never pooled: the guest may still be answering
+        self.core.io.cancel_reach(self)
+        self._over()
+
+    def answered(self) -> None:
+        self._over()
+
+    def window_opened(self) -> None:
+        if self._paused_guest:
+            self._paused_guest = False
+            if self._upstream is not None:
+                self._upstream.resume_reading()
+
+    def due(self, now: float) -> tuple[str, ErrorCodes] | None:
+        """Why the stream must be reset now, if a deadline of it passed."""
+        s = self.core.settings
+        if self._body_expected() and now >= self.body_at + s.body_idle_timeout:
+            return f"no request body bytes for {s.body_idle_timeout:g}s", ErrorCodes.CANCEL
+        if self.stalled_since and now >= self.stalled_since + s.stall_timeout:
+            return f"the client gave no window for {s.stall_timeout:g}s", ErrorCodes.CANCEL
+        if now >= self._response_deadline and not self._final:
+            self._response_deadline = _INF
+            self._fail(504, f"{self.ex.where()} did not answer within {self.core.ctx.settings.read_timeout:g}s")
+        return None
+
+    def next_check(self) -> float:
+        s = self.core.settings
+        at = self._response_deadline
+        if self._body_expected():
+            at = min(at, self.body_at + s.body_idle_timeout)
+        if self.stalled_since:
+            at = min(at, self.stalled_since + s.stall_timeout)
+        return at
+
+    # -- from reaching (edge.reach.ReachEvents) ---------------------------------------------
+
+    def waiting_for_vm(self, ex: Exchange) -> None:
+        ex.move(ExchangeState.WAITING_FOR_VM)
+
+    def vm_woken(self, ex: Exchange) -> None:
+        ex.move(ExchangeState.CONNECTING)
+
+    def upstream_opened(self, ex: Exchange, conn: UpstreamConn) -> None:
+        if self.over:
+            conn.close()
+            return
+        self._attach(conn, reused=False)
+
+    def reach_refused(self, ex: Exchange, refusal: Refusal) -> None:
+        self._answer(refusal.status, refusal.message, refusal)
+
+    def reach_failed(self, ex: Exchange, status: int, message: str) -> None:
+        self._fail(status, message)
+
+    def reach_crashed(self, ex: Exchange, error: Exception) -> None:
+        log.event("proxy.error", level="error", vm=ex.vm_id, error=repr(error), protocol="h2")
+        self._answer(500, "the edge failed to handle this request")
+
+    # -- from the guest connection (edge.upstream.Owner) -------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        self._down += len(data)
+        try:
+            self._parser.feed_data(data)
+        except HttpParserError as exc:
+            log.event("proxy.error", level="warning", vm=self.vm_id, error=f"invalid response: {exc}", protocol="h2")
+            self._drop_upstream()
+            self._fail(502, f"{self.ex.where()} sent an invalid HTTP response")
+        self._flowing()
+
+    def upstream_lost(self, conn: UpstreamConn) -> None:
+        if conn is not self._upstream:
+            return
+        self._upstream = None
+        ex = self.ex
+        if self.over:
+            return
+        if self._final and self._close_delimited:  # its end was the connection's end
+            self.core.send_end(self.sid)
+        elif self._final:  # the answer is cut short: the client must not take it for whole
+            self.core.reset(self.sid, ErrorCodes.INTERNAL_ERROR, "upstream_lost")
+        elif ex.retryable():
+            ex.resent = True
+            ex.body = []
+            self._parser = HttpResponseParser(self)
+            ex.move(ExchangeState.CONNECTING)
+            self.core.io.reach(self)
+        else:
+            self._fail(502, f"{ex.where()} closed the connection without answering")
+
+    def upstream_pause_writing(self) -> None:
+        pass  # body bytes are acknowledged to the client only once the guest's buffer has room
+
+    def upstream_resume_writing(self) -> None:
+        n, self._unacked = self._unacked, 0
+        self.core.ack_body(self.sid, n)
+
+    # -- llhttp's callbacks on the answer ---------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        headers, self._headers = self._headers, []
+        if status < 200:
+            return  # interim answers (100 Continue) are the edge's business with the guest
+        self._final = True
+        self._response_deadline = _INF
+        ex = self.ex
+        ex.status = status
+        out = [(n, v) for n, v in headers if n not in _HOP_BY_HOP]
+        framed = any(
+            n == b"content-length" or (n == b"transfer-encoding" and b"chunked" in v.lower()) for n, v in headers
+        )
+        self._close_delimited = not framed and status not in (204, 304)
+        if ex.cookie is not None:
+            out.append((b"set-cookie", ex.cookie.partition(b": ")[2].rstrip(b"\r\n")))
+        self._count(status)
+        if ex.state is ExchangeState.FORWARDED:
+            ex.move(ExchangeState.STREAMING)
+        if ex.is_head:  # the head is all of it, whatever its content-length says
+            self._drop_upstream()
+            self.core.send_head(self.sid, status, out, end=True)
+            return
+        self.core.send_head(self.sid, status, out, end=False)
+
+    def on_body(self, data: bytes) -> None:
+        if self.core.send_body(self.sid, data) and self._upstream is not None and not self._paused_guest:
+            self._paused_guest = True
+            self._upstream.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if not self._final:
+            return
+        upstream = self._upstream
+        self._upstream = None
+        if upstream is not None:
+            if self.body_done and self._parser.should_keep_alive():
+                self.core.ctx.pool.release(upstream, self.core.clock())
+            else:
+                upstream.close()
+        self.core.send_end(self.sid)
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _attach(self, conn: UpstreamConn, reused: bool) -> None:
+        ex = self.ex
+        ex.move(ExchangeState.FORWARDED)
+        ex.reused = reused
+        self._upstream = conn
+        conn.owner = self
+        body = ex.body or []
+        ex.body = None
+        conn.send_parts([ex.head, *body])
+        self._up += len(ex.head)
+        buffered, ex.buffered = ex.buffered, 0
+        self._acked(buffered)
+        self.body_at = self.core.clock()  # time held for a wake is not the client's
+        if self.body_done:
+            self._await_response()
+        else:
+            self.core.arm(self.next_check())
+
+    def _body_expected(self) -> bool:
+        """The client owes body bytes: not while they are held back by the edge (a wake, a full guest)."""
+        return not self.body_done and self.ex.body is None and not self._unacked
+
+    def _acked(self, flow: int) -> None:
+        upstream = self._upstream
+        if upstream is not None and upstream.write_paused:
+            self._unacked += flow
+        else:
+            self.core.ack_body(self.sid, flow)
+
+    def _await_response(self) -> None:
+        self._response_deadline = self.core.clock() + self.core.ctx.settings.read_timeout
+        self.core.arm(self._response_deadline)
+
+    def _answer(self, status: int, message: str, refusal: Refusal | None = None) -> None:
+        """The edge's own JSON answer (nothing of the guest's went out)."""
+        self.core.io.cancel_reach(self)
+        self._drop_upstream()
+        doc = {"error": error_code(status)}
+        if refusal is not None and refusal.reason is not None:
+            doc["reason"] = refusal.reason
+        doc["message"] = message
+        payload = orjson.dumps(doc)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(payload)),
+            (b"cache-control", b"no-store"),
+        ]
+        if refusal is not None and refusal.bearer:
+            headers.append((b"www-authenticate", b"Bearer"))
+        if refusal is not None and refusal.retry_after is not None:
+            headers.append((b"retry-after", b"%d" % refusal.retry_after))
+        self.ex.status = status
+        self._final = True
+        self._count(status)
+        ex = self.ex
+        if ex.state is not ExchangeState.REFUSED:
+            ex.drop_body()
+        core = self.core
+        if ex.is_head:
+            core.send_head(self.sid, status, headers, end=True)
+            return
+        core.send_head(self.sid, status, headers, end=False)
+        core.send_body(self.sid, payload)
+        core.send_end(self.sid)
+
+    def _fail(self, status: int, message: str) -> None:
+        if self._final:
+            self.core.reset(self.sid, ErrorCodes.INTERNAL_ERROR, "upstream_error")
+            return
+        log.event(
+            "proxy.error",
+            level="warning",
+            vm=self.vm_id,
+            port=self.ex.port,
+            status=status,
+            error=message,
+            protocol="h2",
+        )
+        self._answer(status, message)
+
+    def _drop_upstream(self) -> None:
+        upstream = self._upstream
+        if upstream is not None:
+            self._upstream = None
+            upstream.close()
+
+    def _count(self, status: int) -> None:
+        self.core.ctx.metrics.request_h2(status)
+
+    def _flowing(self) -> None:
+        now = self.core.clock()
+        if now >= self._touch_at and self.vm_id is not None:
+            self._touch_at = now + TOUCH_EVERY
+            self.core.ctx.backend.touch(self.vm_id)
+
+    def _over(self) -> None:
+        if self.over:
+            return
+        self.over = True
+        ctx = self.core.ctx
+        if self.vm_id is not None:
+            ctx.open_streams.closed(self.vm_id)
+        ctx.metrics.proxied(self._up, self._down)
