@@ -4,9 +4,9 @@ One run, three managers (cgroup limits on, busy VMs at jail.busy_cpu_weight as b
 without the busy weight; limits off; all jailed), each with a quiet demo VM and two python-sandbox
 VMs. For each: the quiet VM's p50/p99 over a bounded number of requests while the other two idle,
 then while both run a busy loop on every vCPU (started through the guest agent, ended by deleting
-the VMs), once they have spun long enough to count as busy. The requests go straight to the
-guest's app from inside its namespace (probe.http_request), so the figure is the guest's share of
-the machine, not the edge's.
+the VMs), once they have spun long enough to count as busy. The quiet VM gets 20 requests a second,
+straight to the guest's app from inside its namespace (probe.http_request), so the figure is the
+guest's share of the machine, not the edge's.
 Goal (issue: isolation): with limits on, p99 noisy <= 1.5 x p99 idle.
 Usage: .venv/bin/python -m bench.noisy_bench [--requests 200]
 """
@@ -34,12 +34,16 @@ from .tools import state_dir
 MODES = {"limits on": (True, JailSettings().busy_cpu_weight), "limits on, no busy weight": (True, 0),
          "limits off": (False, 0)}  # fmt: skip
 SPIN = "import os\nfor _ in range((os.cpu_count() or 1) - 1):\n    os.fork()\nwhile True:\n    pass\n"
+PACE = 0.05  # seconds between the quiet VM's requests: 20/s, a few tenths of its one vCPU under TCG
 SPIN_FOR = 600.0  # seconds: the busy loops end with their VMs long before; a bound if the bench dies
 
 
 async def _answer_times(vm_id: str, requests: int) -> list[float]:
+    """One request every PACE seconds (or at once when behind): a quiet VM has think time between them."""
     times = []
-    for _ in range(requests):
+    start = time.perf_counter()
+    for n in range(requests):
+        await asyncio.sleep(max(0.0, start + n * PACE - time.perf_counter()))
         t0 = time.perf_counter()
         status, _, _ = await probe.http_request(vm_id, 8080, "/", 30.0)
         if status != 200:

@@ -31,7 +31,7 @@ class JailSettings:
     io_weight: int = 100  # each VM's I/O weight (1-10000, v2 io.weight; v1 blkio.weight where the host has it)
     host_cpu_weight: int = 1000  # the host and edge processes' CPU weight (v2 cpu.weight; a VM has 100)
     busy_cpu_weight: int = 10  # the CPU weight of a VM busy for busy_after seconds (vmm/cpu_fairness.py); 0: off
-    busy_share: float = 0.5  # a VM using this part of its CPU quota or more is busy
+    busy_share: float = 0.8  # a VM wanting this part of its CPU quota or more (run + run-queue wait) is busy
     busy_after: float = 3.0  # seconds busy without a break before its weight drops to busy_cpu_weight
 
 

@@ -34,7 +34,7 @@ class Host:
         for tid in tids:
             self.wanted.setdefault(tid, 0)
 
-    def fairness(self, busy_cpu_weight: int = 10, busy_share: float = 0.5, busy_after: float = 3.0) -> CpuFairness:
+    def fairness(self, busy_cpu_weight: int = 10, busy_share: float = 0.8, busy_after: float = 3.0) -> CpuFairness:
         settings = JailSettings(busy_cpu_weight=busy_cpu_weight, busy_share=busy_share, busy_after=busy_after)
         return CpuFairness(self.groups, settings, lambda: self.now, self.wanted.get)
 
@@ -48,7 +48,7 @@ class Host:
 
 def test_a_vm_busy_for_longer_than_busy_after_runs_at_the_busy_weight(tmp_path: Path) -> None:
     host = Host(tmp_path)
-    fairness = host.fairness(busy_cpu_weight=10, busy_share=0.5, busy_after=3.0)
+    fairness = host.fairness(busy_cpu_weight=10, busy_share=0.8, busy_after=3.0)
     fairness.step()  # the first look only learns the threads
     for _ in range(2):
         host.second(fairness, 0.95)
