@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/ruff check .
 .venv/bin/mypy edge vmm fleet mvm microvm_edge bench
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers (pytest-xdist): most e2e tests wait on guests and timers, not on both cores. Files sharing a
+# store run on one worker (tests/workers.py), and `exclusive` ones alone (tests/e2e/conftest.py).
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 "$@"
