@@ -41,6 +41,9 @@ IMAGES = REPO / "var" / "images"
 SANDBOX_IMAGE = "python-sandbox"
 MACHINE_LOCK = Path("/tmp/mvm-e2e-machine.lock")
 TURNSTILE = Path("/tmp/mvm-e2e-machine.turn")  # an exclusive waiter holds it: no new shared holder jumps ahead
+# A session template that fails fails every test that uses it: its boot gets as long as the flask-app's
+# (test_real_apps.py) on a machine busy with other runs. A boot that is ready sooner is not held.
+BOOT_TIMEOUT = 240.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -105,7 +108,7 @@ def template_dir(session_root: Path) -> Path:
     """Boot the demo image once and snapshot it as template 'demo'."""
     if not (IMAGES / "demo" / "image.json").exists():
         pytest.fail("guest image missing: run scripts/install.sh (builds var/images/demo)")
-    settings = VmmSettings(state_dir=session_root / "base")
+    settings = VmmSettings(state_dir=session_root / "base", boot_timeout=BOOT_TIMEOUT)
     settings.state_dir.mkdir()
     (settings.state_dir / "images").symlink_to(IMAGES)
     with machine():  # its boot makes a namespace: not while an exclusive test looks
@@ -118,7 +121,7 @@ def sandbox_template(session_root: Path, template_dir: Path) -> str:
     """The python-sandbox image (a Dockerfile, built by scripts/install.sh) as template 'sandbox'."""
     if not (IMAGES / SANDBOX_IMAGE / "image.json").exists():
         pytest.fail(f"guest image {SANDBOX_IMAGE} missing: run scripts/install.sh (builds var/images/{SANDBOX_IMAGE})")
-    settings = VmmSettings(state_dir=session_root / "base")
+    settings = VmmSettings(state_dir=session_root / "base", boot_timeout=BOOT_TIMEOUT)
     with machine():
         uvloop.run(create_template(settings, "sandbox", SANDBOX_IMAGE, choose(settings.accelerator), lambda _: None))
     return "sandbox"
