@@ -4,9 +4,10 @@ The image is built by scripts/install.sh into var/images. The template is booted
 test session; every test gets its own state directory (sharing the template read-only)
 and a finaliser that removes every VM, namespace, process and file it made.
 
-The suite runs on two workers (`pytest -n 2`, scripts/test.sh). Every test holds the machine
-lock shared; a module marked `exclusive` (it looks at the whole machine: every namespace, every
-control directory in /tmp) holds it alone, so no other worker starts anything meanwhile. A session
+The suite can run on two workers (`bash scripts/test.sh -n 2`), and other runs may share the
+machine. Every test holds the machine lock shared; a module marked `exclusive` (it looks at the
+whole machine: every namespace, every control directory in /tmp) holds it alone, so no other
+worker or run starts anything meanwhile. A session
 or module fixture that makes a namespace (a template boot, a shared VM) takes `machine()` while it
 makes it: it is set up before the test's own lock is taken.
 """
