@@ -6,6 +6,12 @@ import pytest
 import uvloop
 
 from tests.pg import PgCluster, PgUnavailable
+from tests.workers import Scheduler
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> Scheduler:
+    """`pytest -n 2`: test by test, but some files on one worker (tests/workers.py)."""
+    return Scheduler(config, log)
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Callable[[], object]]:

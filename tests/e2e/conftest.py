@@ -3,12 +3,20 @@
 The image is built by scripts/install.sh into var/images. The template is booted once per
 test session; every test gets its own state directory (sharing the template read-only)
 and a finaliser that removes every VM, namespace, process and file it made.
+
+The suite can run on two workers (`bash scripts/test.sh -n 2`), and other runs may share the
+machine. Every test holds the machine lock shared; a module marked `exclusive` (it looks at the
+whole machine: every namespace, every control directory in /tmp) holds it alone, so no other
+worker or run starts anything meanwhile. A session
+or module fixture that makes a namespace (a template boot, a shared VM) takes `machine()` while it
+makes it: it is set up before the test's own lock is taken.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -32,12 +40,57 @@ from vmm.template import create as create_template
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "var" / "images"
 SANDBOX_IMAGE = "python-sandbox"
+MACHINE_LOCK = Path("/tmp/mvm-e2e-machine.lock")
+TURNSTILE = Path("/tmp/mvm-e2e-machine.turn")  # an exclusive waiter holds it: no new shared holder jumps ahead
+# A session template that fails fails every test that uses it: its boot gets as long as the flask-app's
+# (test_real_apps.py) on a machine busy with other runs. A boot that is ready sooner is not held.
+BOOT_TIMEOUT = 240.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
+
+
+@contextlib.contextmanager
+def machine(exclusive: bool = False) -> Iterator[None]:
+    """The machine lock (flock, across workers and runs): shared, or alone for an `exclusive` test."""
+    with TURNSTILE.open("a") as turn, MACHINE_LOCK.open("a") as lock:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turn, fcntl.LOCK_UN)
+
+
+def _exclusive(node: pytest.Item | pytest.Collector) -> bool:
+    return node.get_closest_marker("exclusive") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _machine_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    """An `exclusive` module holds the machine lock alone from its first test to its last (one wait, not one
+    per test)."""
+    if not _exclusive(request.node):
+        yield
+        return
+    with machine(exclusive=True):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _machine_shared(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every other e2e test holds it shared, set-up and teardown included, before its own fixtures."""
+    if _exclusive(request.node):
+        yield
+        return
+    with machine():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +109,11 @@ def template_dir(session_root: Path) -> Path:
     """Boot the demo image once and snapshot it as template 'demo'."""
     if not (IMAGES / "demo" / "image.json").exists():
         pytest.fail("guest image missing: run scripts/install.sh (builds var/images/demo)")
-    settings = VmmSettings(state_dir=session_root / "base")
+    settings = VmmSettings(state_dir=session_root / "base", boot_timeout=BOOT_TIMEOUT)
     settings.state_dir.mkdir()
     (settings.state_dir / "images").symlink_to(IMAGES)
-    uvloop.run(create_template(settings, "demo", "demo", choose(settings.accelerator), lambda _: None))
+    with machine():  # its boot makes a namespace: not while an exclusive test looks
+        uvloop.run(create_template(settings, "demo", "demo", choose(settings.accelerator), lambda _: None))
     return settings.templates_dir
 
 
@@ -68,8 +122,9 @@ def sandbox_template(session_root: Path, template_dir: Path) -> str:
     """The python-sandbox image (a Dockerfile, built by scripts/install.sh) as template 'sandbox'."""
     if not (IMAGES / SANDBOX_IMAGE / "image.json").exists():
         pytest.fail(f"guest image {SANDBOX_IMAGE} missing: run scripts/install.sh (builds var/images/{SANDBOX_IMAGE})")
-    settings = VmmSettings(state_dir=session_root / "base")
-    uvloop.run(create_template(settings, "sandbox", SANDBOX_IMAGE, choose(settings.accelerator), lambda _: None))
+    settings = VmmSettings(state_dir=session_root / "base", boot_timeout=BOOT_TIMEOUT)
+    with machine():
+        uvloop.run(create_template(settings, "sandbox", SANDBOX_IMAGE, choose(settings.accelerator), lambda _: None))
     return "sandbox"
 
 

@@ -1,10 +1,11 @@
 """Every QEMU jailed and limited, seen from the host against real guests (issue 20, items 1 and 2).
 
-QEMU's own view (/proc/<pid>/status) for a running VM, a restored VM and a template boot; what
-its credentials reach from inside its mount namespace; the VM's cgroup and its limits; and a
-guest that allocates past its memory, ended by its limit while another VM keeps answering; two
-guests spinning and fork-bombing while a third answers through the edge, the spinner then at the busy
-CPU weight.
+QEMU's own view (/proc/<pid>/status) for a running VM, a restored VM and a template boot; every
+lifecycle step's QEMU (launch, pause, suspend, the RAM move, restore, template boot) jailed: its
+uid, seccomp, mount namespace and cgroup; what its credentials reach from inside its mount namespace;
+the VM's cgroup and its limits; and a guest that allocates past its memory, ended by its limit while
+another VM keeps answering; two guests spinning and fork-bombing while a third answers through the edge,
+the spinner then at the busy CPU weight.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from tests.e2e.conftest import IMAGES, REPO
 from tests.e2e.edge_harness import edge_config, running_edge
 from tests.e2e.guest import guest_state, qemu_pids_under, sandbox_run
-from vmm import cgroups, probe
+from vmm import cgroups, faults, probe
 from vmm.accel import choose
 from vmm.manager import VmManager
 from vmm.model import VmState
@@ -46,6 +47,20 @@ def assert_jailed(pid: int) -> dict[str, str]:
     assert (status["CapEff"], status["CapPrm"], status["CapBnd"]) == ("0" * 16,) * 3, status
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
     return status
+
+
+def assert_step_jailed(pid: int, group: str, uid: int) -> None:
+    """QEMU `pid` runs as `uid` under seccomp, in a mount namespace of its own, in the cgroup `group` only."""
+    status = assert_jailed(pid)
+    assert status["Uid"] == str(uid), (status["Uid"], uid)
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"), "QEMU in the host's mounts"
+    groups = cgroups.detect(CGROUP_NAME)
+    assert groups is not None
+    for directory in groups.vm_dirs(group):
+        assert str(pid) in (directory / "cgroup.procs").read_text().split(), directory
+    paths = {line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()}
+    mine = {path for path in paths if CGROUP_NAME in path}
+    assert mine and all(path.endswith(f"/{CGROUP_NAME}/vms/{group}") for path in mine), paths
 
 
 def as_qemu(pid: int, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -97,6 +112,7 @@ async def test_a_template_boot_is_jailed(settings: VmmSettings, monkeypatch: pyt
         pids = qemu_pids_under(own.templates_dir)  # the boot's QEMU runs: it is spawned before the app is awaited
         assert len(pids) == 1
         seen.append(assert_jailed(pids[0]))
+        assert_step_jailed(pids[0], ns_id, int(seen[0]["Uid"]))  # its cgroup is named after its namespace
         await real_wait(ns_id, *args, **kwargs)
 
     monkeypatch.setattr(probe, "wait_ready", wait_ready)
@@ -107,6 +123,49 @@ async def test_a_template_boot_is_jailed(settings: VmmSettings, monkeypatch: pyt
         assert st.st_uid == 0 and not st.st_mode & 0o022, (path, oct(st.st_mode))  # root's, nobody else writes
     for name in ("ram", "vmlinuz", "initrd.img"):  # what clones map or load: read-only even for root's own mode
         assert not (Path(tpl.path) / name).stat().st_mode & 0o222, name
+
+
+# The points inside each step at which its QEMU runs (vmm/faults.py): the launch's and the restore's once
+# loaded, the suspend's when its snapshot is saved (the first suspend saves twice: the running QEMU's full
+# stream, then the RAM move's device state), the RAM move's once loaded.
+STEP_POINTS = {"launch.loaded": "launch", "snapshot.saved": "suspend", "ram-move.loaded": "ram move",
+               "restore.loaded": "restore"}  # fmt: skip
+
+
+async def test_every_lifecycle_step_runs_jailed(manager: VmManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launch, pause, suspend, the first suspend's RAM move, restore: each QEMU looked at while its step runs."""
+    seen: list[tuple[str, int]] = []
+    failures: list[tuple[str, AssertionError]] = []  # raised in the manager, they would fail the step, not the test
+    real_point = faults.point
+
+    def point(name: str) -> None:
+        if name in STEP_POINTS:
+            pids = qemu_pids_under(manager.settings.state_dir)
+            assert len(pids) == 1, (name, pids)
+            argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes().split(b"\0")
+            vm_id = argv[argv.index(b"-name") + 1].decode().removeprefix("mvm-")
+            seen.append((STEP_POINTS[name], pids[0]))
+            try:
+                assert_step_jailed(pids[0], vm_id, manager.vm_dir(vm_id).stat().st_uid)
+            except AssertionError as exc:
+                failures.append((STEP_POINTS[name], exc))
+        real_point(name)
+
+    monkeypatch.setattr(faults, "point", point)
+    vm = await manager.create_vm("demo")
+    uid = manager.vm_dir(vm.id).stat().st_uid
+    await manager.pause(vm.id)
+    assert vm.state is VmState.PAUSED and vm.pid is not None
+    seen.append(("pause", vm.pid))
+    assert_step_jailed(vm.pid, vm.id, uid)
+    await manager.suspend(vm.id)  # the first: the paused QEMU's full stream, then the RAM move
+    await manager.resume(vm.id)
+    assert not failures, failures
+    assert [step for step, _ in seen] == ["launch", "pause", "suspend", "ram move", "suspend", "restore"]
+    launched, paused, suspended, moved, moved_saves, restored = (pid for _, pid in seen)
+    assert launched == paused == suspended and moved == moved_saves, seen
+    assert len({launched, moved, restored}) == 3, "each QEMU of its own step"
+    assert (await guest_state(vm.id))["counter"] == 1, "the guest runs on after every step"
 
 
 async def test_what_a_qemu_can_reach(manager: VmManager, sandbox_template: str) -> None:

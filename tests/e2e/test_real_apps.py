@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from tests.e2e.conftest import started_manager
+from tests.e2e.conftest import machine, started_manager
 from tests.e2e.guest import guest_request
 from vmm import build_trust, oci
 from vmm.accel import choose
@@ -99,7 +99,9 @@ def flask_scratch_build() -> Iterator[tuple[str, list[str]]]:
 def flask_template(apps_state: Path, flask_image: Image) -> str:
     """One flask-app template for every test that needs it: the init runs here, once."""
     settings = replace(VmmSettings(state_dir=apps_state), boot_timeout=240.0)
-    uvloop.run(create_template(settings, "flaske2e", flask_image.name, choose(settings.accelerator), lambda _: None))
+    accel = choose(settings.accelerator)
+    with machine():  # its boot makes a namespace: not while an exclusive test looks
+        uvloop.run(create_template(settings, "flaske2e", flask_image.name, accel, lambda _: None))
     return "flaske2e"
 
 

@@ -24,6 +24,10 @@ from vmm import faults
 from vmm.network import netns
 from vmm.settings import VmmSettings
 
+# It compares every namespace and control directory on the machine before and after: no other test runs meanwhile
+# (the module holds the machine lock alone; tests/workers.py keeps it on one worker).
+pytestmark = pytest.mark.exclusive
+
 SERVE_STEPS = ("serve.listening", "serve.manager", "serve.control", "serve.serving")
 HOST_STEPS = ("host.catalog", "host.manager", "host.api", "host.data_port", "host.serving")
 EDGE_STEPS = ("edge.listening", "edge.routes", "edge.control", "edge.serving")
