@@ -227,6 +227,9 @@ _VMM: dict[str, Rule] = {
     "terminated_ttl": _seconds,
     "verify_ram": _flag,
     "memory_reserve_mb": _integer(0, 1 << 30),
+    "max_checkpoints": _integer(1, 1024),
+    "checkpoint_max_mb": _integer(16, 1 << 24),
+    "max_chain_depth": _integer(2, 32),
 }
 _JAIL: dict[str, Rule] = {
     "enabled": _flag,

@@ -50,6 +50,9 @@ class VmmSettings:
     terminated_ttl: float = 3600.0  # how long a terminated VM's record stays visible (`mvm vm get`)
     memory_reserve_mb: int = 512  # memory a host keeps for itself: no new VM while less than its size is left
     verify_ram: bool = False  # checksum a VM's RAM file at suspend and verify it at restore (costs a full read)
+    max_checkpoints: int = 16  # checkpoints one VM may keep (vmm.checkpoints)
+    checkpoint_max_mb: int = 8192  # the largest checkpoint (RAM + device state + disk layer) a capture may write
+    max_chain_depth: int = 4  # qcow2 layers under a VM's overlay before it is flattened in the background
     default_policy: Policy = field(default_factory=Policy)
     jail: JailSettings = field(default_factory=JailSettings)
 
