@@ -29,7 +29,7 @@ from pathlib import Path
 import orjson
 
 from . import disks, faults, jail, snapshot_check
-from .errors import Conflict, InvalidRequest, NotFound, OverCapacity
+from .errors import Conflict, InvalidRequest, NotFound, OverCapacity, VmmError
 from .jsonlog import log
 from .lifecycle import Lifecycle
 from .live import LiveVm
@@ -196,8 +196,11 @@ class Checkpoints:
             (tmp / META).write_bytes(orjson.dumps(meta))
             jail.seal_template(tmp)  # root's and read-only: children map its RAM and read through its disk
             tmp.rename(final)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, Exception) and not isinstance(exc, VmmError):
+                raise VmmError(f"checkpoint {name!r} of VM {vm_id} failed, nothing of it was kept and the VM is "
+                               f"{vm.rec.state.value}: {exc}") from exc
             raise
         ckpt = load(self.settings, vm_id, name)
         log.event("vm.checkpointed", vm=vm_id, checkpoint=name, paused_ms=paused_ms, bytes=ckpt.size_bytes())

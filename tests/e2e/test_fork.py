@@ -28,7 +28,7 @@ _PROC = "import os; (os.getpid(), open('/proc/self/stat').read().split()[21])"
 async def parent(
     session_root: object, template_dir: object, sandbox_template: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[VmManager, str]]:
-    from tests.e2e.conftest import IMAGES  # noqa: PLC0415
+    from tests.e2e.conftest import IMAGES
 
     state = tmp_path_factory.mktemp("fork", numbered=True)
     (state / "images").symlink_to(IMAGES)
@@ -86,7 +86,7 @@ async def test_rewind_brings_back_memory_disk_and_the_same_process(parent: tuple
 
 async def test_checkpoint_while_suspended_then_fork_from_it(parent: tuple[VmManager, str]) -> None:
     mgr, vm_id = parent
-    await sandbox_run(vm_id, "y = 'asleep'")
+    await sandbox_run(vm_id, "y = 'asleep'; 0")
     await mgr.suspend(vm_id)
     await mgr.create_checkpoint(vm_id, "zz")
     assert mgr.get(vm_id).state is VmState.SUSPENDED  # no wake
