@@ -1,6 +1,7 @@
 """The control API's checkpoints, rewind and fork (vmm.checkpoints, vmm.forks):
 POST/GET /v1/vms/{id}/checkpoints, DELETE /v1/vms/{id}/checkpoints/{name}, POST /v1/vms/{id}/restore,
-POST /v1/vms/{id}/fork, and POST /v1/vms {"from_checkpoint": "<vm>/<name>"}.
+POST /v1/vms/{id}/fork, POST /v1/vms {"from_checkpoint": "<vm>/<name>"} and POST /v1/templates
+{"name", "from_vm", "checkpoint"?}.
 
 A VM plane without them (a fleet edge's catalog view) answers 501 naming the host API to use.
 """
@@ -12,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 from aiohttp import web
 
 from vmm.checkpoints import Checkpoint
-from vmm.model import VmRecord
+from vmm.model import Template, VmRecord
 
 from .backend import ManagedVms
 
@@ -29,6 +30,7 @@ class ForkingVms(Protocol):
         self, vm_id: str, count: int, policy: dict[str, Any] | None = None, checkpoint: str | None = None
     ) -> list[VmRecord]: ...
     def disk_usage(self, vm_id: str) -> dict[str, object]: ...
+    async def create_template_from(self, name: str, vm_id: str, checkpoint: str | None = None) -> Template: ...
 
 
 def forking(manager: ManagedVms) -> ForkingVms:

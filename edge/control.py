@@ -109,6 +109,13 @@ async def list_templates(request: web.Request) -> web.Response:
 
 async def create_template(request: web.Request) -> web.Response:
     body = await read_body(request)
+    if "from_vm" in body:
+        only(body, "name", "from_vm", "checkpoint")
+        name, vm_id, checkpoint = body.get("name"), body["from_vm"], body.get("checkpoint")
+        if not isinstance(name, str) or not isinstance(vm_id, str) or not isinstance(checkpoint, str | None):
+            raise web.HTTPUnprocessableEntity(reason="name, from_vm and checkpoint must be strings")
+        tpl = await forking(request.app[MANAGER]).create_template_from(name, vm_id, checkpoint)
+        return json_response(tpl.to_dict(), 201)
     name, image = body.get("name"), body.get("image", "demo")
     if not isinstance(name, str) or not isinstance(image, str):
         raise web.HTTPUnprocessableEntity(reason="name and image must be strings")

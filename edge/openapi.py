@@ -233,7 +233,9 @@ OPENAPI: dict[str, Any] = {
             "TemplateCreate": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": {"type": "string"}, "image": {"type": "string"}},
+                "properties": {"name": {"type": "string"}, "image": {"type": "string"},
+                               "from_vm": {"type": "string", "description": "a VM's moment instead of an image"},
+                               "checkpoint": {"type": "string", "description": "with from_vm: its checkpoint"}},
             },
             "Template": {"type": "object"},
             "TokenCreate": {

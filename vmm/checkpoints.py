@@ -2,9 +2,9 @@
 
 A checkpoint is a directory `<vm>/checkpoints/<name>/`, written as `.<name>.tmp` and renamed once
 complete (a crash leaves no half-written one), then sealed read-only like a template:
-- `state`: the device state; with RAM in it (`ram_file` false: the VM mapped its template's RAM
-  copy-on-write), or without (`ram_file` true: `ram` holds the guest RAM, and children map it
-  copy-on-write the way clones map a template's);
+- `state`: the device state; with RAM in it (the VM mapped its template's RAM copy-on-write; the
+  first fork gives it a RAM file, vmm.checkpoint_ram), or without (`ram` holds the guest RAM, and
+  children map it copy-on-write the way clones map a template's);
 - `disk.qcow2`: the VM's disk at that instant, a frozen qcow2 layer: the VM rewound to it, and
   every child forked from it, gets a new overlay backed by it (a qcow2 backing chain);
 - `agent.key`: the guest agent's key the guest holds at that moment (children keep it).
@@ -38,9 +38,8 @@ from .records import RecordStore
 from .runtime import Runtime
 from .settings import VmmSettings
 from .snapshots import Snapshots
-from .vm_files import AGENT_KEY, OVERLAY, RAM, STATE
+from .vm_files import AGENT_KEY, CHECKPOINTS, OVERLAY, RAM, STATE
 
-DIR = "checkpoints"
 META = "checkpoint.json"
 ORIGIN = "origin.json"  # in a forked child's directory: its parent and checkpoint
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -78,7 +77,7 @@ def check_name(name: object) -> str:
 
 
 def root(settings: VmmSettings, vm_id: str) -> Path:
-    return settings.vms_dir / vm_id / DIR
+    return settings.vms_dir / vm_id / CHECKPOINTS
 
 
 def load(settings: VmmSettings, vm_id: str, name: str) -> Checkpoint:
@@ -87,7 +86,7 @@ def load(settings: VmmSettings, vm_id: str, name: str) -> Checkpoint:
         data = orjson.loads((path / META).read_bytes())
     except FileNotFoundError:
         raise NotFound(f"VM {vm_id} has no checkpoint {name!r}") from None
-    return Checkpoint(vm_id, name, data["created_at"], data["ram_file"], path, data.get("paused_ms", 0.0))
+    return Checkpoint(vm_id, name, data["created_at"], (path / RAM).exists(), path, data.get("paused_ms", 0.0))
 
 
 def list_for(settings: VmmSettings, vm_id: str) -> list[Checkpoint]:
@@ -132,6 +131,17 @@ def dependants(settings: VmmSettings, vms: Iterable[LiveVm], ckpt: Checkpoint) -
     return found
 
 
+def reads_outside(settings: VmmSettings, vm_id: str) -> str | None:
+    """Another VM's checkpoint layer the VM's disk (or a checkpoint's) reads through, if any (a fork's
+    child): what a move to another host would leave behind."""
+    vm_dir = (settings.vms_dir / vm_id).resolve()
+    for image in (vm_dir / OVERLAY, *(c.disk for c in list_for(settings, vm_id))):
+        for layer in disks.backing_chain(image):
+            if layer.suffix == ".qcow2" and vm_dir not in layer.resolve().parents:
+                return str(layer)
+    return None
+
+
 def disk_usage(settings: VmmSettings, vm_id: str) -> dict[str, object]:
     """Bytes on the host: the VM's own files and each checkpoint's (what `mvm vm get` shows)."""
     vm_dir = settings.vms_dir / vm_id
@@ -153,6 +163,7 @@ class Checkpoints:
         self.records = records
         self.snapshots = snapshots
         self.forking: dict[tuple[str, str], int] = {}  # (vm, checkpoint) -> forks from it under way
+        self.giving_ram: dict[tuple[str, str], asyncio.Lock] = {}  # one RAM-file conversion per checkpoint
 
     def _vm_dir(self, vm: LiveVm) -> Path:
         return self.settings.vms_dir / vm.rec.id
@@ -181,9 +192,9 @@ class Checkpoints:
         tmp.mkdir(parents=True)
         try:
             if vm.rec.state is VmState.SUSPENDED:
-                ram_file, paused_ms = await self._copy_suspended(vm, tmp), 0.0
+                paused_ms = await self._copy_suspended(vm, tmp)
             else:
-                ram_file, paused_ms = await self._capture_live(vm, tmp)
+                paused_ms = await self._capture_live(vm, tmp)
             key = self._vm_dir(vm) / AGENT_KEY
             if key.exists():
                 shutil.copyfile(key, tmp / AGENT_KEY)
@@ -192,7 +203,7 @@ class Checkpoints:
             if size > self.settings.checkpoint_max_mb << 20:
                 raise OverCapacity(f"checkpoint {name!r} of VM {vm_id} takes {size >> 20} MiB, more than "
                                    f"vmm.checkpoint_max_mb={self.settings.checkpoint_max_mb}; nothing was kept")
-            meta = {"name": name, "vm": vm_id, "created_at": time.time(), "ram_file": ram_file, "paused_ms": paused_ms}
+            meta = {"name": name, "vm": vm_id, "created_at": time.time(), "paused_ms": paused_ms}
             (tmp / META).write_bytes(orjson.dumps(meta))
             jail.seal_template(tmp)  # root's and read-only: children map its RAM and read through its disk
             tmp.rename(final)
@@ -206,7 +217,7 @@ class Checkpoints:
         log.event("vm.checkpointed", vm=vm_id, checkpoint=name, paused_ms=paused_ms, bytes=ckpt.size_bytes())
         return ckpt
 
-    async def _capture_live(self, vm: LiveVm, into: Path) -> tuple[bool, float]:
+    async def _capture_live(self, vm: LiveVm, into: Path) -> float:
         """Stop the vCPUs, save the device state (RAM too unless the VM has a RAM file, which is copied),
         copy the disk (QEMU flushed it at `stop`), run on. The VM is recorded paused meanwhile."""
         was = vm.rec.state
@@ -232,9 +243,9 @@ class Checkpoints:
                 # `cont` after a completed save: QEMU takes its disk back and the guest runs on
                 self.lifecycle.record_outcome(vm.rec, VmState.RUNNING)
                 await self.runtime.command(vm, "cont")
-        return own_file, round((time.monotonic() - started) * 1000, 1)
+        return round((time.monotonic() - started) * 1000, 1)
 
-    async def _copy_suspended(self, vm: LiveVm, into: Path) -> bool:
+    async def _copy_suspended(self, vm: LiveVm, into: Path) -> float:
         """A suspended VM's snapshot as a checkpoint: its device state hard-linked (replaced, never written
         in place), its RAM file and disk copied (a wake writes both in place)."""
         vm_dir = self._vm_dir(vm)
@@ -244,7 +255,7 @@ class Checkpoints:
         if own_file:
             copies.append(disks.sparse_copy(vm_dir / RAM, into / RAM))
         await asyncio.gather(*copies)
-        return own_file
+        return 0.0  # it was not paused: it had no QEMU
 
     async def delete(self, vm: LiveVm, name: str, vms: Iterable[LiveVm]) -> None:
         ckpt = load(self.settings, vm.rec.id, name)
@@ -309,7 +320,8 @@ class Checkpoints:
             return
         nodes: list[dict[str, object]] = await vm.qmp.execute("query-named-block-nodes", {"flat": True})  # type: ignore[assignment]
         base = chain[-1].resolve()
-        names = [str(n["node-name"]) for n in nodes if Path(str(n.get("file", ""))).resolve() == base]
+        names = [str(n["node-name"]) for n in nodes
+                 if n.get("drv") == "raw" and Path(str(n.get("file", ""))).resolve() == base]  # fmt: skip
         if not names:
             log.event("vm.flatten_skipped", level="warning", vm=vm.rec.id, why="no block node for the base disk")
             return

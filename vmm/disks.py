@@ -66,6 +66,11 @@ async def copy_layer(source: Path, target: Path) -> None:
         await _run(tool("qemu-img"), "rebase", "-u", "-q", "-f", "qcow2", "-F", "qcow2", "-b", rel, str(target))
 
 
+async def flatten_to_raw(image: Path, target: Path) -> None:
+    """`image` and every layer under it as one sparse raw file (a template's base disk)."""
+    await _run(tool("qemu-img"), "convert", "-q", "-O", "raw", "-S", "4k", str(image), str(target))
+
+
 def backing_file(path: Path) -> Path | None:
     """The file a qcow2 image reads through to (from its header), absolute; None for a raw file or no backing."""
     with path.open("rb") as f:

@@ -18,6 +18,7 @@ import time
 import orjson
 
 from . import disks, faults
+from .agent import AgentError
 from .checkpoints import ORIGIN, Checkpoint
 from .errors import VmFailed
 from .hook_runner import run_hook
@@ -52,6 +53,7 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
         ram = RamBacking(ckpt.path / RAM, share=False) if ckpt.ram_file else RamBacking(vm_dir / RAM, share=True)
         faults.point("fork.prepared")
         await transitions.snapshots.start_from(vm, tpl, ram, ckpt.path / STATE, ckpt.ram_file, purpose="fork")
+        await _synced(vm, settings.restore_timeout if settings.guest_sync else 0.0)
         if not ckpt.ram_file:
             vm.rec.ram_mode = RamMode.OWN_FILE  # the stream was loaded into the child's own RAM file
             transitions.records.write(vm.rec)
@@ -68,3 +70,13 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
     log.event("vm.forked", vm=vm_id, parent=ckpt.vm_id, checkpoint=ckpt.name, index=index,
               ms=round((time.monotonic() - started) * 1000, 1))  # fmt: skip
 
+
+async def _synced(vm: LiveVm, timeout: float) -> None:
+    """A child must not answer with its parent's RNG state: the launch's sync, which a busy host may let
+    time out and skip, is made once more with the restore's timeout, and a child it fails for is ended."""
+    if vm.agent is None or not timeout:
+        return
+    try:
+        await vm.agent.sync(vm.rec.id, timeout)
+    except AgentError as exc:
+        raise VmFailed(f"its guest agent took no fresh entropy (it would share its parent's): {exc}") from exc

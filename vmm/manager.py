@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from . import accel as accel_mod
-from . import checkpoints, statelock, template
+from . import checkpoints, session_template, statelock, template
 from .agent import AgentError, Exec
 from .applog import AppLog
+from .checkpoint_ram import give_ram_file
 from .checkpoints import Checkpoint, Checkpoints
 from .errors import Conflict, InvalidRequest, NotFound, NotRunning, RegistryError, VmmError
 from .forks import MAX_COUNT, launch_child
@@ -403,6 +404,12 @@ class VmManager:
         self, parent: LiveVm, ckpt: Checkpoint, count: int, policy: dict[str, Any] | None
     ) -> list[VmRecord]:
         tpl = template.load(self.settings, parent.rec.template)
+        if not ckpt.ram_file:  # once per checkpoint, so that every child maps its RAM copy-on-write
+            gate = self.checkpoints.giving_ram.setdefault((ckpt.vm_id, ckpt.name), asyncio.Lock())
+            async with gate:
+                ckpt = await give_ram_file(
+                    self.settings, self.accel, tpl, checkpoints.load(self.settings, ckpt.vm_id, ckpt.name)
+                )
         wanted = {**parent.rec.policy.to_dict(), **(policy or {})}
         children = []
         for _ in range(count):
@@ -415,8 +422,10 @@ class VmManager:
             self.records.add(child)
             children.append(child)
 
+        at_once = asyncio.Semaphore(os.cpu_count() or 1)  # a QEMU loading a snapshot keeps a core busy
+
         async def launch(child: LiveVm, index: int) -> None:
-            async with child.lock:
+            async with at_once, child.lock:
                 await launch_child(self.transitions, child, tpl, ckpt, index)
 
         outcomes = await asyncio.gather(*(launch(c, i) for i, c in enumerate(children)), return_exceptions=True)
@@ -428,6 +437,31 @@ class VmManager:
                         await self.delete(child.rec.id, f"a sibling's fork failed: {failed[0]}")
             raise failed[0]
         return [c.rec for c in children]
+
+    async def create_template_from(self, name: str, vm_id: str, checkpoint: str | None = None) -> Template:
+        """Template `name` from the VM's moment now (a checkpoint named template-<name> is taken) or from
+        its checkpoint `checkpoint`: a configured session other VMs launch from."""
+        template.check_name(name)
+        if name in self._building:
+            raise Conflict(f"template {name!r} is being created already")
+        vm = self.records.get(vm_id)
+        self._building.add(name)
+        try:
+            async with vm.lock:
+                if checkpoint is None:
+                    ckpt = await self.checkpoints.capture(vm, f"template-{name}")
+                else:
+                    ckpt = checkpoints.load(self.settings, vm_id, checkpoint)
+            source = template.load(self.settings, vm.rec.template)
+            gate = self.checkpoints.giving_ram.setdefault((ckpt.vm_id, ckpt.name), asyncio.Lock())
+            async with gate:
+                ckpt = await give_ram_file(self.settings, self.accel, source, checkpoints.load(
+                    self.settings, ckpt.vm_id, ckpt.name))  # fmt: skip
+            tpl = await session_template.create_from(self.settings, name, source, ckpt)
+        finally:
+            self._building.discard(name)
+        log.event("template.created", template=name, from_vm=vm_id, checkpoint=ckpt.name)
+        return tpl
 
     def _refuse_if_depended_on(self, vm_id: str) -> None:
         """A VM whose checkpoints other VMs read through is not deleted (the dependants rule, 409)."""
@@ -443,6 +477,11 @@ class VmManager:
         """A suspended VM's files may now be copied to another host; wakes are refused until end_export."""
         vm = self.records.get(vm_id)
         async with vm.lock:
+            self._refuse_if_depended_on(vm_id)
+            outside = checkpoints.reads_outside(self.settings, vm_id)
+            if outside:
+                raise Conflict(f"VM {vm_id}'s disk reads through {outside}, which does not move with it: "
+                               "delete or flatten that dependency first")  # fmt: skip
             self.transitions.begin_export(vm)
         return vm.rec, template.load(self.settings, vm.rec.template), self.vm_dir(vm_id)
 

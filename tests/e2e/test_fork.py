@@ -6,14 +6,18 @@ leaves the parent running and deletes the children it made.
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import shutil
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import pytest_asyncio
 
 from tests.e2e.conftest import started_manager
 from tests.e2e.guest import sandbox_run
-from vmm import faults
+from vmm import disks, faults
 from vmm.errors import Conflict, InvalidRequest, NotFound, VmmError
 from vmm.manager import VmManager
 from vmm.model import VmState
@@ -150,3 +154,79 @@ async def test_faults_leave_the_parent_intact_and_nothing_behind(
     assert {r.id for r in mgr.list_vms()} == vms_before
     for name in after - before:
         await mgr.delete_checkpoint(vm_id, name)
+
+
+async def test_deep_chains_are_flattened_while_the_vm_serves(parent: tuple[VmManager, str]) -> None:
+    mgr, vm_id = parent
+    mgr.settings = replace(mgr.settings, max_chain_depth=2)
+    try:
+        await sandbox_run(vm_id, "open('/data/deep.txt', 'w').write('one')")
+        await mgr.create_checkpoint(vm_id, "d1")
+        await mgr.rewind(vm_id, "d1")
+        await mgr.create_checkpoint(vm_id, "d2")
+        await mgr.rewind(vm_id, "d2")  # overlay -> d2 -> d1 -> base: past the bound, a block-stream job starts
+        overlay = mgr.settings.vms_dir / vm_id / "disk.qcow2"
+        for _ in range(300):  # bounded: the job copies a few MiB
+            assert await sandbox_run(vm_id, "open('/data/deep.txt').read()") == "one"  # it serves meanwhile
+            if len(disks.backing_chain(overlay)) == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert len(disks.backing_chain(overlay)) == 1
+        await mgr.delete_checkpoint(vm_id, "d2")
+        await mgr.delete_checkpoint(vm_id, "d1")
+    finally:
+        mgr.settings = replace(mgr.settings, max_chain_depth=VmmSettings().max_chain_depth)
+
+
+async def test_a_template_from_a_session(parent: tuple[VmManager, str]) -> None:
+    mgr, vm_id = parent
+    await sandbox_run(vm_id, "configured = 'yes'; 0")
+    name = f"sess{secrets.token_hex(3)}"
+    tpl = await mgr.create_template_from(name, vm_id)
+    try:
+        rec = await mgr.create_vm(tpl.name)
+        assert await sandbox_run(rec.id, "configured") == "yes"
+        await mgr.delete(rec.id)
+    finally:
+        mgr.remove_template(name)
+    await mgr.delete_checkpoint(vm_id, f"template-{name}")
+
+
+async def test_checkpoints_survive_a_restart_and_move_with_the_vm(
+    parent: tuple[VmManager, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A second manager on its own state directory stands in for the fleet's second host: the move is
+    the host API's (export a suspended VM's directory as it is, adopt it there)."""
+    mgr, vm_id = parent
+    rec = await mgr.create_vm(mgr.get(vm_id).template)
+    moved = rec.id
+    other_state = tmp_path_factory.mktemp("host2", numbered=True)
+    (other_state / "images").symlink_to(mgr.settings.state_dir / "images")
+    (other_state / "templates").symlink_to((mgr.settings.state_dir / "templates").resolve())
+    other = VmmSettings(state_dir=other_state)
+    try:
+        await sandbox_run(moved, "z = 'kept'; 0")
+        await mgr.create_checkpoint(moved, "p")
+        await sandbox_run(moved, "z = 'changed'; 0")
+        await mgr.suspend(moved)
+        exported, tpl, files = await mgr.begin_export(moved)
+        async with started_manager(other) as there:
+            incoming = other.vms_dir / f".import-{moved}"
+            other.vms_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(files, incoming, symlinks=True)
+            await there.adopt_moved(replace(exported), incoming, tpl.created_at)
+            await mgr.end_export(moved, "host2")
+            assert [c.name for c in there.list_checkpoints(moved)] == ["p"]
+            await there.close()  # a restart of the second host: the checkpoint is still there
+            restarted = VmManager(other)
+            await restarted.start()
+            try:
+                assert [c.name for c in restarted.list_checkpoints(moved)] == ["p"]
+                await restarted.rewind(moved, "p")
+                assert await sandbox_run(moved, "z") == "kept"
+                await restarted.delete(moved)
+            finally:
+                await restarted.close()
+    finally:
+        if moved in mgr.records.live:
+            await mgr.delete(moved)
