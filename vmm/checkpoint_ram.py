@@ -21,7 +21,7 @@ from .errors import VmmError
 from .jsonlog import log
 from .model import Template
 from .network import netns
-from .qemu import QMP_SOCKET, DiskBacking, QemuProcess, RamBacking
+from .qemu import QEMU_LOG, QMP_SOCKET, DiskBacking, QemuProcess, RamBacking
 from .settings import VmmSettings
 from .template import machine_spec
 from .vm_files import OVERLAY, RAM, STATE
@@ -50,7 +50,9 @@ async def give_ram_file(settings: VmmSettings, accel: Accelerator, tpl: Template
         limits = jailer.limits(tpl.vcpus, tpl.memory_mb)
         ram = RamBacking(work / RAM, share=True)
         chain = disks.backing_chain(work / OVERLAY) if disk is not None else []
-        read_only = tuple(sorted({Path(tpl.path).resolve(), ckpt.path.resolve(), *(p.parent.resolve() for p in chain)}))
+        # at the paths QEMU is given (the jail binds each at its real path too), each directory once
+        dirs = {d.resolve(): d for d in (*(p.parent for p in chain), ckpt.path, Path(tpl.path))}
+        read_only = tuple(dirs.values())
         proc = await jailer.spawn(ns_id, ns_id, spec, ram, disk, work, read_only, limits, True, False)
         running = proc
         client = await qmp_ops.connect(work / QMP_SOCKET, spec.name, QMP_TIMEOUT, lambda: running.alive)
@@ -66,7 +68,10 @@ async def give_ram_file(settings: VmmSettings, accel: Accelerator, tpl: Template
             (work / name).rename(ckpt.path / name)
         jail.seal_template(ckpt.path)
     except (VmmError, OSError) as exc:
-        raise VmmError(f"could not give checkpoint {ckpt.vm_id}/{ckpt.name} a RAM file of its own: {exc}") from exc
+        log_file = work / QEMU_LOG
+        lines = log_file.read_text(errors="replace").strip().splitlines() if log_file.exists() else []
+        why = f"{exc} (qemu: {lines[-1]})" if lines else str(exc)
+        raise VmmError(f"could not give checkpoint {ckpt.vm_id}/{ckpt.name} a RAM file of its own: {why}") from exc
     finally:
         if proc is not None:
             await proc.kill()

@@ -29,6 +29,7 @@ from pathlib import Path
 import orjson
 
 from . import disks, faults, jail, snapshot_check
+from . import qmp as qmp_ops
 from .errors import Conflict, InvalidRequest, NotFound, OverCapacity, VmmError
 from .jsonlog import log
 from .lifecycle import Lifecycle
@@ -233,6 +234,8 @@ class Checkpoints:
                 raise
         try:
             await self.runtime.save(vm, into / STATE, own_file)
+            if vm.qmp is not None:
+                await qmp_ops.finalized(vm.qmp, self.settings.restore_timeout)
             faults.point("checkpoint.saved")
             copies = [disks.copy_layer(vm_dir / OVERLAY, into / OVERLAY)] if (vm_dir / OVERLAY).exists() else []
             if own_file:

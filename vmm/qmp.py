@@ -167,3 +167,11 @@ async def status(qmp: QMPClient) -> str:
     """QEMU's run state: running, paused, postmigrate, inmigrate, ..."""
     reply: Any = await qmp.execute("query-status")
     return str(reply["status"])
+
+
+async def finalized(qmp: QMPClient, timeout: float) -> None:
+    """Wait until a completed outgoing migration has left QEMU's finish-migrate state: the MIGRATION
+    event comes first, and `cont` before then fails ("Migration is not finalized yet")."""
+    async with asyncio.timeout(timeout):
+        while await status(qmp) == "finish-migrate":
+            await asyncio.sleep(0.002)
