@@ -42,7 +42,7 @@ async def first_answer(vm_id: str) -> float:
 
 
 async def run(root: Path, children: int, mb: int) -> dict[str, object]:
-    settings = VmmSettings(state_dir=state_dir(root / "state"))
+    settings = VmmSettings(state_dir=state_dir(root / "state"), boot_timeout=600.0)  # a busy host boots slowly
     mgr = VmManager(settings)
     await mgr.start()
     out: dict[str, object] = {}
