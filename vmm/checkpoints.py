@@ -224,6 +224,8 @@ class Checkpoints:
         was = vm.rec.state
         vm_dir = self._vm_dir(vm)
         own_file = vm.rec.ram_mode is RamMode.OWN_FILE
+        if vm.qmp is not None:
+            await qmp_ops.end_block_jobs(vm.qmp, self.settings.restore_timeout)
         started = time.monotonic()
         if was is VmState.RUNNING:
             await self.runtime.command(vm, "stop")
