@@ -45,6 +45,7 @@ META = "checkpoint.json"
 ORIGIN = "origin.json"  # in a forked child's directory: its parent and checkpoint
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _UNDO = ".rewind-undo"  # a rewind's VM files, set aside until the rewound VM runs
+_ASIDE_DONE = ".complete"  # in _UNDO: every file of the VM's is there
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,7 @@ class Checkpoints:
         aside.mkdir()
         was_mode = vm.rec.ram_mode
         _move_files(vm_dir, aside)
+        (aside / _ASIDE_DONE).touch()  # from here a file of the VM's not in `aside` is the checkpoint's
         try:
             _link_state(ckpt.path, vm_dir)
             if ckpt.ram_file:
@@ -307,8 +309,7 @@ class Checkpoints:
             await self.snapshots.restore(vm)
         except BaseException:
             if vm.rec.state is VmState.SUSPENDED:  # never ran from the checkpoint: back as it was
-                _move_files(vm_dir, None)
-                _move_files(aside, vm_dir)
+                _put_back(aside, vm_dir)
                 vm.rec.ram_mode = was_mode
                 self.records.write(vm.rec)
             raise
@@ -335,6 +336,32 @@ class Checkpoints:
         log.event("vm.flattening", vm=vm.rec.id, layers=len(chain))
 
 
+def finish_interrupted_rewind(vm_dir: Path, suspended: bool) -> RamMode | None:
+    """After a restart: a rewind the manager did not finish. A VM that is suspended (its restore never
+    ran the guest) gets its files from before the rewind back, and the RAM mode they go with; one whose
+    guest runs keeps the checkpoint's, and the set-aside files go."""
+    aside = vm_dir / _UNDO
+    if not aside.is_dir():
+        return None
+    mode = None
+    if suspended:
+        _put_back(aside, vm_dir)
+        mode = RamMode.OWN_FILE if (vm_dir / RAM).exists() else RamMode.TEMPLATE_COW
+    shutil.rmtree(aside, ignore_errors=True)
+    return mode
+
+
+def _put_back(aside: Path, vm_dir: Path) -> None:
+    """The files set aside back in place. Once every one was set aside (the marker), a file of the VM's
+    that is not among them is the checkpoint's and goes; before that, what is left is the VM's own."""
+    complete = (aside / _ASIDE_DONE).exists()
+    for name in _REPLACED:
+        if (aside / name).exists():
+            (aside / name).rename(vm_dir / name)
+        elif complete:
+            (vm_dir / name).unlink(missing_ok=True)
+
+
 def _link_state(src_dir: Path, dst_dir: Path) -> None:
     """A snapshot's device state and its checksum, hard-linked (both are replaced, never written in place)."""
     for path in (src_dir / STATE, snapshot_check.sidecar(src_dir / STATE)):
@@ -342,12 +369,10 @@ def _link_state(src_dir: Path, dst_dir: Path) -> None:
             os.link(path, dst_dir / path.name)
 
 
-def _move_files(src_dir: Path, dst_dir: Path | None) -> None:
-    """The files a rewind replaces, moved to `dst_dir` (None: removed)."""
-    for name in (STATE, snapshot_check.sidecar(Path(STATE)).name, RAM, OVERLAY):
-        path = src_dir / name
-        if path.exists():
-            if dst_dir is None:
-                path.unlink()
-            else:
-                path.rename(dst_dir / name)
+_REPLACED = (STATE, snapshot_check.sidecar(Path(STATE)).name, RAM, OVERLAY)  # the files a rewind replaces
+
+
+def _move_files(src_dir: Path, dst_dir: Path) -> None:
+    for name in _REPLACED:
+        if (src_dir / name).exists():
+            (src_dir / name).rename(dst_dir / name)

@@ -105,6 +105,10 @@ class VmManager:
             checkpoints.tidy(self.settings, rec.id)
             found = running.get(f"mvm-{rec.id}", [])
             await recover(vm, found, self.settings, self.runtime, self.lifecycle, self.transitions.qemu_lost)
+            mode = checkpoints.finish_interrupted_rewind(self.vm_dir(rec.id), rec.state is VmState.SUSPENDED)
+            if mode is not None:
+                rec.ram_mode = mode
+                self.records.write(rec)
         self.records.start_flusher()
         self._log_rotator = asyncio.create_task(self._rotate_app_logs_forever())
         log.event("vmm.started", accelerator=self.accel.name, vms=len(self.records.live))
