@@ -7,8 +7,10 @@ leaves the parent running and deletes the children it made.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -131,6 +133,19 @@ async def test_bad_input_is_refused_naming_the_problem(parent: tuple[VmManager, 
     finally:
         del mgr.checkpoints.forking[(vm_id, "taken")]
     await mgr.delete_checkpoint(vm_id, "taken")
+    failed = await mgr.create_vm(mgr.get(vm_id).template)
+    try:
+        pid = failed.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):  # bounded: the exit is seen through a pidfd
+            if failed.state is VmState.FAILED:
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(Conflict, match="is failed: only a live VM can be forked"):
+            await mgr.fork(failed.id, 1)
+    finally:
+        await mgr.delete(failed.id)
 
 
 @pytest.mark.parametrize("point", ["checkpoint.saved", "checkpoint.written", "fork.prepared"])
