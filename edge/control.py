@@ -23,6 +23,7 @@ from vmm.template import check_name
 
 from . import console, events_api, files_api, shell_api
 from .backend import ManagedVms
+from .checkpoint_api import forking, only, parse_from_checkpoint
 from .errors_http import error_code
 from .exec_api import ExecRequest, stream_exec
 from .metrics import Metrics
@@ -115,6 +116,13 @@ async def list_templates(request: web.Request) -> web.Response:
 
 async def create_template(request: web.Request) -> web.Response:
     body = await read_body(request)
+    if "from_vm" in body:
+        only(body, "name", "from_vm", "checkpoint")
+        name, vm_id, checkpoint = body.get("name"), body["from_vm"], body.get("checkpoint")
+        if not isinstance(name, str) or not isinstance(vm_id, str) or not isinstance(checkpoint, str | None):
+            raise web.HTTPUnprocessableEntity(reason="name, from_vm and checkpoint must be strings")
+        tpl = await forking(request.app[MANAGER]).create_template_from(name, vm_id, checkpoint)
+        return json_response(tpl.to_dict(), 201)
     name, image = body.get("name"), body.get("image", "demo")
     if not isinstance(name, str) or not isinstance(image, str):
         raise web.HTTPUnprocessableEntity(reason="name and image must be strings")
@@ -168,7 +176,12 @@ async def vm_exec(request: web.Request) -> web.StreamResponse:
 
 async def create_vm(request: web.Request) -> web.Response:
     body = await read_body(request)
-    allowed = ("template", "policy", "run_payload")
+    if "from_checkpoint" in body:
+        only(body, "from_checkpoint", "policy")
+        vm_id, name = parse_from_checkpoint(body["from_checkpoint"])
+        children = await forking(request.app[MANAGER]).fork(vm_id, 1, body.get("policy"), name)
+        return json_response(vm_json(request, children[0]), 201)
+    allowed = ("template", "policy", "run_payload", "from_checkpoint")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
         raise web.HTTPUnprocessableEntity(reason=f"{unknown[0]}: unknown field (allowed: {', '.join(allowed)})")
@@ -189,7 +202,52 @@ async def list_vms(request: web.Request) -> web.Response:
 
 
 async def get_vm(request: web.Request) -> web.Response:
-    return json_response(vm_json(request, request.app[MANAGER].get(request.match_info["vm_id"])))
+    manager = request.app[MANAGER]
+    data = vm_json(request, manager.get(request.match_info["vm_id"]))
+    if data["state"] != "terminated" and hasattr(manager, "disk_usage"):
+        data["disk"] = forking(manager).disk_usage(data["id"])
+    return json_response(data)
+
+
+async def create_checkpoint(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    only(body, "name")
+    ckpt = await forking(request.app[MANAGER]).create_checkpoint(request.match_info["vm_id"], body.get("name"))  # type: ignore[arg-type]
+    return json_response(ckpt.to_dict(), 201)
+
+
+async def list_checkpoints(request: web.Request) -> web.Response:
+    found = forking(request.app[MANAGER]).list_checkpoints(request.match_info["vm_id"])
+    return json_response({"checkpoints": [c.to_dict() for c in found]})
+
+
+async def delete_checkpoint(request: web.Request) -> web.Response:
+    await forking(request.app[MANAGER]).delete_checkpoint(request.match_info["vm_id"], request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def rewind_vm(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    only(body, "checkpoint")
+    name = body.get("checkpoint")
+    if not isinstance(name, str):
+        raise web.HTTPUnprocessableEntity(reason="checkpoint (the name of one of the VM's checkpoints) is required")
+    rec = await forking(request.app[MANAGER]).rewind(request.match_info["vm_id"], name)
+    return json_response(vm_json(request, rec))
+
+
+async def fork_vm(request: web.Request) -> web.Response:
+    body = await read_body(request)
+    only(body, "count", "policy", "checkpoint")
+    if "count" not in body:
+        raise web.HTTPUnprocessableEntity(reason="count (how many children, 1 to 32) is required")
+    checkpoint = body.get("checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise web.HTTPUnprocessableEntity(reason="checkpoint must be a checkpoint's name")
+    children = await forking(request.app[MANAGER]).fork(
+        request.match_info["vm_id"], body["count"], body.get("policy"), checkpoint
+    )
+    return json_response({"vms": [vm_json(request, rec) for rec in children]}, 201)
 
 
 def _action(name: str) -> Handler:
@@ -261,4 +319,9 @@ def build_control_app(
     app.router.add_post("/v1/vms/{vm_id}/tokens", issue_token)
     if events is not None:
         events_api.add_routes(app, events, keepalive)
+    app.router.add_post("/v1/vms/{vm_id}/checkpoints", create_checkpoint)
+    app.router.add_get("/v1/vms/{vm_id}/checkpoints", list_checkpoints)
+    app.router.add_delete("/v1/vms/{vm_id}/checkpoints/{name}", delete_checkpoint)
+    app.router.add_post("/v1/vms/{vm_id}/restore", rewind_vm)
+    app.router.add_post("/v1/vms/{vm_id}/fork", fork_vm)
     return app

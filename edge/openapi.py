@@ -78,6 +78,23 @@ OPENAPI: dict[str, Any] = {
         "/v1/vms/{vm_id}/pause": {"post": _op("Pause in memory", 200, "Vm", vm=True)},
         "/v1/vms/{vm_id}/suspend": {"post": _op("Snapshot to disk; QEMU exits", 200, "Vm", vm=True)},
         "/v1/vms/{vm_id}/resume": {"post": _op("Resume or restore", 200, "Vm", vm=True)},
+        "/v1/vms/{vm_id}/checkpoints": {
+            "get": _op("The VM's checkpoints with their size and time", 200, vm=True),
+            "post": _op("Checkpoint the VM now (paused for the capture only; a suspended VM is not woken)", 201,
+                        "Checkpoint", "CheckpointCreate", vm=True),
+        },
+        "/v1/vms/{vm_id}/checkpoints/{name}": {
+            "delete": {**_op("Delete a checkpoint; 409 lists what still reads through it", 204, vm=True),
+                       "parameters": [{"name": "vm_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                                      {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]},
+        },
+        "/v1/vms/{vm_id}/restore": {
+            "post": _op("Rewind the VM (same id, URL, tokens) to a checkpoint", 200, "Vm", "Rewind", vm=True),
+        },
+        "/v1/vms/{vm_id}/fork": {
+            "post": _op("Start N VMs continuing from the VM's moment now or from a checkpoint", 201, None, "Fork",
+                        vm=True),
+        },
         "/v1/vms/{vm_id}/metrics": {
             "get": _op("What the VM uses now: CPU, memory, disk, network", 200, "VmMetrics", vm=True),
         },
@@ -176,6 +193,25 @@ OPENAPI: dict[str, Any] = {
                     "ports": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 65535}},
                 },
             },
+            "CheckpointCreate": {
+                "type": "object", "required": ["name"], "additionalProperties": False,
+                "properties": {"name": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"}},
+            },
+            "Checkpoint": {
+                "type": "object",
+                "properties": {"vm": {"type": "string"}, "name": {"type": "string"}, "created_at": {"type": "number"},
+                               "bytes": {"type": "integer"}, "ram_file": {"type": "boolean"},
+                               "paused_ms": {"type": "number"}},
+            },
+            "Rewind": {
+                "type": "object", "required": ["checkpoint"], "additionalProperties": False,
+                "properties": {"checkpoint": {"type": "string"}},
+            },
+            "Fork": {
+                "type": "object", "required": ["count"], "additionalProperties": False,
+                "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 32},
+                               "policy": {"$ref": "#/components/schemas/Policy"}, "checkpoint": {"type": "string"}},
+            },
             "VmCreate": {
                 "type": "object",
                 "additionalProperties": False,
@@ -183,6 +219,7 @@ OPENAPI: dict[str, Any] = {
                     "template": {"type": "string"},
                     "policy": {"$ref": "#/components/schemas/Policy"},
                     "run_payload": {"description": "any JSON (at most 16 KiB), given to the image's run hook"},
+                    "from_checkpoint": {"type": "string", "description": "\"<vm>/<checkpoint>\": a fork of it instead"},
                 },
             },
             "ExecRequest": {
@@ -236,7 +273,9 @@ OPENAPI: dict[str, Any] = {
             "TemplateCreate": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": {"type": "string"}, "image": {"type": "string"}},
+                "properties": {"name": {"type": "string"}, "image": {"type": "string"},
+                               "from_vm": {"type": "string", "description": "a VM's moment instead of an image"},
+                               "checkpoint": {"type": "string", "description": "with from_vm: its checkpoint"}},
             },
             "Template": {"type": "object"},
             "TokenCreate": {

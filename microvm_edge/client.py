@@ -211,6 +211,34 @@ class AsyncClient:
     async def delete(self, vm_id: str) -> None:
         await self._json("DELETE", f"/v1/vms/{vm_id}")
 
+    async def fork(
+        self, vm_id: str, count: int = 1, policy: dict[str, Any] | None = None, checkpoint: str | None = None
+    ) -> builtins.list[Vm]:
+        """`count` new VMs continuing from the VM's moment now, or from its checkpoint `checkpoint`."""
+        body: dict[str, Any] = {"count": count}
+        if policy is not None:
+            body["policy"] = policy
+        if checkpoint is not None:
+            body["checkpoint"] = checkpoint
+        data = await self._json("POST", f"/v1/vms/{vm_id}/fork", body)
+        return [Vm.from_json(v) for v in data["vms"]]
+
+    async def checkpoint(self, vm_id: str, name: str) -> dict[str, Any]:
+        """Checkpoint `name` of the VM now: {"name", "bytes", "created_at", "paused_ms", ...}."""
+        data: dict[str, Any] = await self._json("POST", f"/v1/vms/{vm_id}/checkpoints", {"name": name})
+        return data
+
+    async def checkpoints(self, vm_id: str) -> builtins.list[dict[str, Any]]:
+        data = await self._json("GET", f"/v1/vms/{vm_id}/checkpoints")
+        return list(data["checkpoints"])
+
+    async def delete_checkpoint(self, vm_id: str, name: str) -> None:
+        await self._json("DELETE", f"/v1/vms/{vm_id}/checkpoints/{name}")
+
+    async def rewind(self, vm_id: str, checkpoint: str) -> Vm:
+        """The same VM (id, URL, tokens) back at its checkpoint `checkpoint`."""
+        return Vm.from_json(await self._json("POST", f"/v1/vms/{vm_id}/restore", {"checkpoint": checkpoint}))
+
     async def metrics(self, vm_id: str) -> VmMetrics:
         return VmMetrics.from_json(await self._json("GET", f"/v1/vms/{vm_id}/metrics"))
 
@@ -454,6 +482,23 @@ class Client:
 
     def delete(self, vm_id: str) -> None:
         self._call(self._async.delete, vm_id)
+
+    def fork(
+        self, vm_id: str, count: int = 1, policy: dict[str, Any] | None = None, checkpoint: str | None = None
+    ) -> builtins.list[Vm]:
+        return self._call(self._async.fork, vm_id, count, policy, checkpoint)
+
+    def checkpoint(self, vm_id: str, name: str) -> dict[str, Any]:
+        return self._call(self._async.checkpoint, vm_id, name)
+
+    def checkpoints(self, vm_id: str) -> builtins.list[dict[str, Any]]:
+        return self._call(self._async.checkpoints, vm_id)
+
+    def delete_checkpoint(self, vm_id: str, name: str) -> None:
+        self._call(self._async.delete_checkpoint, vm_id, name)
+
+    def rewind(self, vm_id: str, checkpoint: str) -> Vm:
+        return self._call(self._async.rewind, vm_id, checkpoint)
 
     def metrics(self, vm_id: str) -> VmMetrics:
         return self._call(self._async.metrics, vm_id)

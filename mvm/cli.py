@@ -174,6 +174,34 @@ def _parser() -> argparse.ArgumentParser:
     move.add_argument("--to", required=True, help="the host id (see `mvm host ls`)")
     move.set_defaults(func=lambda a: _print(_api(a, "POST", f"/v1/vms/{a.vm_id}/move", {"to": a.to})))
 
+    fork = vm.add_parser("fork", "start N new VMs that continue from a VM's moment now (or from a checkpoint)")
+    fork.add_argument("vm_id")
+    fork.add_argument("-n", "--count", type=int, default=1, help="how many children, 1 to 32 (default 1)")
+    fork.add_argument("--checkpoint", default=None, help="fork from this checkpoint instead of the moment now")
+    fork.add_argument("--policy", default=None, help="JSON object over the parent's policy for every child")
+    fork.set_defaults(func=_vm_fork)
+    restore = vm.add_parser("restore", "rewind a VM (same id, URL, tokens) to one of its checkpoints")
+    restore.add_argument("vm_id")
+    restore.add_argument("--checkpoint", required=True, help="the checkpoint's name")
+    restore.set_defaults(
+        func=lambda a: _print(_api(a, "POST", f"/v1/vms/{a.vm_id}/restore", {"checkpoint": a.checkpoint}))
+    )
+
+    ckpt = sub.group("checkpoint", "checkpoints: named moments of a VM to rewind to or fork from", "action")
+    ckpt_create = ckpt.add_parser("create", "checkpoint a VM now (a running VM is paused for the capture only)")
+    ckpt_create.add_argument("vm_id")
+    ckpt_create.add_argument("name")
+    ckpt_create.set_defaults(
+        func=lambda a: _print(_api(a, "POST", f"/v1/vms/{a.vm_id}/checkpoints", {"name": a.name}))
+    )
+    ckpt_ls = ckpt.add_parser("ls", "list a VM's checkpoints with their size and time")
+    ckpt_ls.add_argument("vm_id")
+    ckpt_ls.set_defaults(func=lambda a: _print(_api(a, "GET", f"/v1/vms/{a.vm_id}/checkpoints")))
+    ckpt_rm = ckpt.add_parser("rm", "delete a checkpoint nothing reads through any more")
+    ckpt_rm.add_argument("vm_id")
+    ckpt_rm.add_argument("name")
+    ckpt_rm.set_defaults(func=lambda a: _print(_api(a, "DELETE", f"/v1/vms/{a.vm_id}/checkpoints/{a.name}")))
+
     run = sub.add_parser("exec", "run a command in a VM: `mvm exec <id> -- cmd args...` (stdin is piped)")
     run.add_argument("vm_id")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="the command, after --")
@@ -431,6 +459,15 @@ def _vm_create(args: argparse.Namespace) -> None:
     if args.run_payload:
         body["run_payload"] = _json_option("--run-payload", args.run_payload)
     _print(_api(args, "POST", "/v1/vms", body))
+
+
+def _vm_fork(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"count": args.count}
+    if args.checkpoint:
+        body["checkpoint"] = args.checkpoint
+    if args.policy:
+        body["policy"] = _json_option("--policy", args.policy)
+    _print(_api(args, "POST", f"/v1/vms/{args.vm_id}/fork", body))
 
 
 def _json_option(flag: str, text: str) -> Any:

@@ -240,6 +240,9 @@ _VMM: dict[str, Rule] = {
     "memory_reserve_mb": _integer(0, 1 << 30),
     "max_concurrent_restores": _integer(0, 4096),
     "clone_ram": _choice("cow", "reflink"),
+    "max_checkpoints": _integer(1, 1024),
+    "checkpoint_max_mb": _integer(16, 1 << 24),
+    "max_chain_depth": _integer(2, 32),
 }
 _JAIL: dict[str, Rule] = {
     "enabled": _flag,

@@ -1,12 +1,19 @@
-"""Root disks: sparse copies, per-VM copy-on-write overlays (qcow2 over the template's raw base)."""
+"""Root disks: sparse copies, per-VM copy-on-write overlays (qcow2 over the template's raw base), and the
+qcow2 backing chains checkpoints and forks make (a VM's overlay over a checkpoint's frozen layer)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
 from pathlib import Path
 
 from .buildtools import tool
 from .errors import VmmError
+
+_QCOW2_MAGIC = 0x514649FB
+_QCOW2_HEAD = struct.Struct(">IIQI")  # magic, version, backing file offset, backing file name size
+MAX_CHAIN_READ = 64
 
 
 async def _run(*argv: str) -> None:
@@ -40,3 +47,53 @@ async def rebase_overlay(overlay: Path, base: Path) -> None:
 def allocated_bytes(path: Path) -> int:
     """Bytes the file really takes on the host (sparse holes not counted)."""
     return path.stat().st_blocks * 512
+
+
+async def create_layer(backing: Path, overlay: Path) -> None:
+    """A qcow2 over a qcow2 layer (a checkpoint's disk), naming it relative to `overlay`'s directory, so a
+    VM directory that moves to another host (or is renamed) keeps its chain."""
+    rel = os.path.relpath(backing.resolve(), overlay.parent.resolve())
+    await _run(tool("qemu-img"), "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", rel, str(overlay))
+
+
+async def copy_layer(source: Path, target: Path) -> None:
+    """A sparse copy of a qcow2 overlay whose backing file stays the same file: a relative name (a layer
+    of a checkpoint) is rewritten for the copy's directory; no data is touched."""
+    await sparse_copy(source, target)
+    backing = backing_file(source)
+    if backing is not None and backing.suffix == ".qcow2":
+        rel = os.path.relpath(backing.resolve(), target.parent.resolve())
+        await _run(tool("qemu-img"), "rebase", "-u", "-q", "-f", "qcow2", "-F", "qcow2", "-b", rel, str(target))
+
+
+async def flatten_to_raw(image: Path, target: Path) -> None:
+    """`image` and every layer under it as one sparse raw file (a template's base disk)."""
+    await _run(tool("qemu-img"), "convert", "-q", "-O", "raw", "-S", "4k", str(image), str(target))
+
+
+def backing_file(path: Path) -> Path | None:
+    """The file a qcow2 image reads through to (from its header), absolute; None for a raw file or no backing."""
+    with path.open("rb") as f:
+        head = f.read(_QCOW2_HEAD.size)
+        if len(head) < _QCOW2_HEAD.size:
+            return None
+        magic, _, offset, size = _QCOW2_HEAD.unpack(head)
+        if magic != _QCOW2_MAGIC or not offset or not size:
+            return None
+        f.seek(offset)
+        name = f.read(size).decode(errors="replace")
+    return Path(os.path.normpath(path.parent / name))
+
+
+def backing_chain(path: Path) -> list[Path]:
+    """Every file under `path` (itself excluded), nearest first, bounded so a loop cannot hang."""
+    chain: list[Path] = []
+    current: Path | None = path
+    while current is not None and len(chain) < MAX_CHAIN_READ:
+        try:
+            current = backing_file(current)
+        except OSError:
+            break
+        if current is not None:
+            chain.append(current)
+    return chain

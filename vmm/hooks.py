@@ -1,12 +1,14 @@
 """Lifecycle hooks: what an image asks to be told about its VMs' lives.
 
 An image declares its hooks with labels (or `mvm image build --hooks`):
-- `mvm.hooks="run,resume,suspend,terminate"`: HTTP hooks, each `POST <prefix>/<event>` on
+- `mvm.hooks="run,resume,suspend,terminate,fork"`: HTTP hooks, each `POST <prefix>/<event>` on
   the hook port (`mvm.hooks.port`, default the app port; `mvm.hooks.prefix`, default /hooks);
 - `ready` and `validate` gate template creation: the template is snapshotted only after
   `ready` answers 2xx (polled within the boot timeout) and `validate` answers 2xx once;
-- executables in `/etc/mvm/hooks/<event>.d/` (run, resume, suspend, terminate) are found at
+- executables in `/etc/mvm/hooks/<event>.d/` (run, resume, suspend, terminate, fork) are found at
   build time and run in the guest through the agent (`/mvm/init hooks <event>`);
+- `fork` tells a forked child it is one (vmm.checkpoints): its body is {"parent", "checkpoint", "index"},
+  and fork.d executables get MVM_PARENT, MVM_CHECKPOINT and MVM_FORK_INDEX; a child never gets `run`;
 - `mvm.hooks.timeout` (default 10 s) and `mvm.hooks.<event>.timeout`, each within 1-60 s.
 The `run` hook gets the VM's launch payload (`run_payload`, at most 16 KiB of JSON) as its body.
 A lifecycle hook that fails or runs past its timeout is logged with its output and the step
@@ -24,7 +26,7 @@ import orjson
 from . import probe
 from .errors import InvalidRequest, VmmError
 
-LIFECYCLE = ("run", "resume", "suspend", "terminate")
+LIFECYCLE = ("run", "resume", "suspend", "terminate", "fork")
 GATES = ("ready", "validate")
 EVENTS = LIFECYCLE + GATES
 MAX_PAYLOAD = 16 * 1024

@@ -213,12 +213,13 @@ class Jailer:
 
     async def spawn_vm(
         self, rec: VmRecord, tpl: Template, spec: MachineSpec, ram: RamBacking, disk: DiskBacking | None,
-        run_dir: Path, on_exit: Callable[[QemuProcess, int | None], None],
+        run_dir: Path, on_exit: Callable[[QemuProcess, int | None], None], read_only: tuple[Path, ...] = (),
     ) -> QemuProcess:  # fmt: skip
-        """A VM's QEMU (launch, restore, RAM move), waiting for its snapshot (`-incoming defer`)."""
+        """A VM's QEMU (launch, restore, RAM move, fork), waiting for its snapshot (`-incoming defer`);
+        `read_only`: directories of checkpoints it maps or reads its disk through, besides its template's."""
         limits = self.limits(tpl.vcpus, tpl.memory_mb, rec.policy.cpu_share)
         return await self.spawn(
-            rec.id, rec.id, spec, ram, disk, run_dir, (Path(tpl.path),), limits, True, True, on_exit
+            rec.id, rec.id, spec, ram, disk, run_dir, (Path(tpl.path), *read_only), limits, True, True, on_exit
         )
 
     async def spawn(

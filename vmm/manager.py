@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from . import accel as accel_mod
-from . import reflink, statelock, template
+from . import checkpoints, reflink, session_template, statelock, template
 from .agent import AgentError, Exec
 from .applog import AppLog
-from .errors import Conflict, NotFound, NotRunning, RegistryError, VmmError
+from .checkpoint_ram import give_ram_file
+from .checkpoints import Checkpoint, Checkpoints
+from .errors import Conflict, InvalidRequest, NotFound, NotRunning, RegistryError, VmmError
+from .forks import MAX_COUNT, launch_child
 from .hooks import check_payload
 from .image import Image, list_images, remove_image
 from .jsonlog import log
@@ -71,6 +74,7 @@ class VmManager:
         self.runtime: Runtime = runtime or QemuRuntime(settings, self.accel, self.records, egress)
         self.transitions = Transitions(settings, self.runtime, self.lifecycle, self.records)
         self.snapshots = self.transitions.snapshots
+        self.checkpoints = Checkpoints(settings, self.runtime, self.lifecycle, self.records, self.snapshots)
         self.meter = UsageMeter()  # each VM's last CPU sample, for its CPU %
         self._background: list[asyncio.Task[None]] = []  # app-log rotation, CPU weights of busy VMs
         self.restores = RestoreGate(settings.max_concurrent_restores)  # restores at once; the rest wait in order
@@ -86,7 +90,7 @@ class VmManager:
     def settings(self, settings: VmmSettings) -> None:
         """New settings for every part at once (the benchmark turns guest_sync off between cycles)."""
         self._settings = settings
-        for part in (self.records, self.runtime, self.transitions, self.snapshots):
+        for part in (self.records, self.runtime, self.transitions, self.snapshots, self.checkpoints):
             part.settings = settings
 
     # ---- start and stop -------------------------------------------------------------
@@ -105,8 +109,13 @@ class VmManager:
         for rec in self.records.open():
             vm = LiveVm(rec)
             self.records.add(vm)
+            checkpoints.tidy(self.settings, rec.id)
             found = running.get(f"mvm-{rec.id}", [])
             await recover(vm, found, self.settings, self.runtime, self.lifecycle, self.transitions.qemu_lost)
+            mode = checkpoints.finish_interrupted_rewind(self.vm_dir(rec.id), rec.state is VmState.SUSPENDED)
+            if mode is not None:
+                rec.ram_mode = mode
+                self.records.write(rec)
         self.records.start_flusher()
         self._background = [
             asyncio.create_task(self._rotate_app_logs_forever()),
@@ -348,9 +357,140 @@ class VmManager:
         """
         vm = self.records.get(vm_id)
         async with vm.lock:
+            self._refuse_if_depended_on(vm_id)
             await self.transitions.delete(vm, reason)
         self.meter.forget(vm_id)
         log.event("vm.deleted", vm=vm_id, reason=reason)
+
+    # ---- checkpoints, rewind, fork (vmm.checkpoints, vmm.forks) --------------------------
+
+    async def create_checkpoint(self, vm_id: str, name: str) -> Checkpoint:
+        """Checkpoint `name` of the VM now; a running VM is paused for the capture only, a suspended one stays so."""
+        vm = self.records.get(vm_id)
+        async with vm.lock:
+            return await self.checkpoints.capture(vm, name)
+
+    def list_checkpoints(self, vm_id: str) -> list[Checkpoint]:
+        self.records.get(vm_id)
+        return checkpoints.list_for(self.settings, vm_id)
+
+    async def delete_checkpoint(self, vm_id: str, name: str) -> None:
+        """Refused (409, naming them) while other VMs or checkpoints read through it (vmm.checkpoints)."""
+        vm = self.records.get(vm_id)
+        async with vm.lock:
+            await self.checkpoints.delete(vm, name, list(self.records.live.values()))
+
+    async def rewind(self, vm_id: str, name: str) -> VmRecord:
+        """The same VM (id, URL, tokens) back at checkpoint `name`, running; requests wait as for a wake."""
+        vm = self.records.get(vm_id)
+        if self._wakes_refused:
+            raise NotRunning(f"VM {vm_id} is not rewound while its host stops; try again")
+        async with vm.lock:
+            await self.checkpoints.rewind(vm, name)
+        self.touch(vm_id)
+        return vm.rec
+
+    def disk_usage(self, vm_id: str) -> dict[str, object]:
+        """Bytes the VM and each of its checkpoints take on the host."""
+        self.records.get(vm_id)
+        return checkpoints.disk_usage(self.settings, vm_id)
+
+    async def fork(
+        self, vm_id: str, count: int, policy: dict[str, Any] | None = None, checkpoint: str | None = None
+    ) -> list[VmRecord]:
+        """`count` new VMs that continue from the VM's moment now (a checkpoint named fork-<ms> is taken)
+        or from its checkpoint `checkpoint`. All or none: a child that fails ends every sibling."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+            raise InvalidRequest(f"count must be a whole number from 1 to {MAX_COUNT}, got {count!r}")
+        if policy is not None and not isinstance(policy, dict):
+            raise InvalidRequest("policy must be an object")
+        parent = self.records.get(vm_id)
+        async with parent.lock:
+            if parent.rec.state in (VmState.FAILED, VmState.TERMINATING, VmState.TERMINATED):
+                raise Conflict(f"VM {vm_id} is {parent.rec.state.value}: only a live VM can be forked")
+            if checkpoint is None:
+                ckpt = await self.checkpoints.capture(parent, f"fork-{int(time.time() * 1000)}")
+            else:
+                ckpt = checkpoints.load(self.settings, vm_id, checkpoint)
+            key = (vm_id, ckpt.name)
+            self.checkpoints.forking[key] = self.checkpoints.forking.get(key, 0) + 1
+        try:
+            return await self._fork_children(parent, ckpt, count, policy)
+        finally:
+            self.checkpoints.forking[key] -= 1
+            if not self.checkpoints.forking[key]:
+                del self.checkpoints.forking[key]
+
+    async def _fork_children(
+        self, parent: LiveVm, ckpt: Checkpoint, count: int, policy: dict[str, Any] | None
+    ) -> list[VmRecord]:
+        tpl = template.load(self.settings, parent.rec.template)
+        if not ckpt.ram_file:  # once per checkpoint, so that every child maps its RAM copy-on-write
+            gate = self.checkpoints.giving_ram.setdefault((ckpt.vm_id, ckpt.name), asyncio.Lock())
+            async with gate:
+                ckpt = await give_ram_file(
+                    self.settings, self.accel, tpl, checkpoints.load(self.settings, ckpt.vm_id, ckpt.name)
+                )
+        wanted = {**parent.rec.policy.to_dict(), **(policy or {})}
+        children = []
+        for _ in range(count):
+            _, rec = new_vm(self.settings, parent.rec.template, wanted)
+            try:
+                self.records.write(rec)
+            except (sqlite3.Error, OSError) as exc:
+                raise RegistryError(f"could not record a new VM: {exc}") from exc
+            child = LiveVm(rec)
+            self.records.add(child)
+            children.append(child)
+
+        at_once = asyncio.Semaphore(os.cpu_count() or 1)  # a QEMU loading a snapshot keeps a core busy
+
+        async def launch(child: LiveVm, index: int) -> None:
+            async with at_once, child.lock:
+                await launch_child(self.transitions, child, tpl, ckpt, index)
+
+        outcomes = await asyncio.gather(*(launch(c, i) for i, c in enumerate(children)), return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            for child in children:
+                if child.rec.id in self.records.live:
+                    with contextlib.suppress(VmmError):
+                        await self.delete(child.rec.id, f"a sibling's fork failed: {failed[0]}")
+            raise failed[0]
+        return [c.rec for c in children]
+
+    async def create_template_from(self, name: str, vm_id: str, checkpoint: str | None = None) -> Template:
+        """Template `name` from the VM's moment now (a checkpoint named template-<name> is taken) or from
+        its checkpoint `checkpoint`: a configured session other VMs launch from."""
+        template.check_name(name)
+        if name in self._building:
+            raise Conflict(f"template {name!r} is being created already")
+        vm = self.records.get(vm_id)
+        self._building.add(name)
+        try:
+            async with vm.lock:
+                if checkpoint is None:
+                    ckpt = await self.checkpoints.capture(vm, f"template-{name}")
+                else:
+                    ckpt = checkpoints.load(self.settings, vm_id, checkpoint)
+            source = template.load(self.settings, vm.rec.template)
+            gate = self.checkpoints.giving_ram.setdefault((ckpt.vm_id, ckpt.name), asyncio.Lock())
+            async with gate:
+                ckpt = await give_ram_file(self.settings, self.accel, source, checkpoints.load(
+                    self.settings, ckpt.vm_id, ckpt.name))  # fmt: skip
+            tpl = await session_template.create_from(self.settings, name, source, ckpt)
+        finally:
+            self._building.discard(name)
+        log.event("template.created", template=name, from_vm=vm_id, checkpoint=ckpt.name)
+        return tpl
+
+    def _refuse_if_depended_on(self, vm_id: str) -> None:
+        """A VM whose checkpoints other VMs read through is not deleted (the dependants rule, 409)."""
+        others = [v for v in self.records.live.values() if v.rec.id != vm_id]
+        users = sorted({u for c in checkpoints.list_for(self.settings, vm_id)
+                        for u in checkpoints.dependants(self.settings, others, c)})  # fmt: skip
+        if users:
+            raise Conflict(f"VM {vm_id} has checkpoints in use by {', '.join(users)}: delete them first")
 
     # ---- moving between hosts --------------------------------------------------------
 
@@ -358,6 +498,11 @@ class VmManager:
         """A suspended VM's files may now be copied to another host; wakes are refused until end_export."""
         vm = self.records.get(vm_id)
         async with vm.lock:
+            self._refuse_if_depended_on(vm_id)
+            outside = checkpoints.reads_outside(self.settings, vm_id)
+            if outside:
+                raise Conflict(f"VM {vm_id}'s disk reads through {outside}, which does not move with it: "
+                               "delete or flatten that dependency first")  # fmt: skip
             self.transitions.begin_export(vm)
         return vm.rec, template.load(self.settings, vm.rec.template), self.vm_dir(vm_id)
 

@@ -167,3 +167,24 @@ async def status(qmp: QMPClient) -> str:
     """QEMU's run state: running, paused, postmigrate, inmigrate, ..."""
     reply: Any = await qmp.execute("query-status")
     return str(reply["status"])
+
+
+async def finalized(qmp: QMPClient, timeout: float) -> None:
+    """Wait until a completed outgoing migration has left QEMU's finish-migrate state: the MIGRATION
+    event comes first, and `cont` before then fails ("Migration is not finalized yet")."""
+    async with asyncio.timeout(timeout):
+        while await status(qmp) == "finish-migrate":
+            await asyncio.sleep(0.002)
+
+
+async def end_block_jobs(qmp: QMPClient, timeout: float) -> None:
+    """Cancel a background flatten (block-stream) and wait for its end: a migration, or a copy of the disk,
+    must not run beside it. A cancelled stream leaves the chain as it was, with what it had copied."""
+    jobs: Any = await qmp.execute("query-block-jobs")
+    for job in jobs:
+        with contextlib.suppress(QMPError):
+            await qmp.execute("block-job-cancel", {"device": job["device"]})
+    async with asyncio.timeout(timeout):
+        while jobs:
+            await asyncio.sleep(0.01)
+            jobs = await qmp.execute("query-block-jobs")

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from qemu.qmp.error import QMPError
 
-from . import faults, snapshot_check, template
+from . import disks, faults, snapshot_check, template
 from . import qmp as qmp_ops
 from .accel import Accelerator
 from .agent import Agent, AgentError, load_key
@@ -128,7 +128,9 @@ class QemuRuntime:
         sock.unlink(missing_ok=True)
         disk = DiskBacking(vm_dir / OVERLAY, "qcow2") if spec.has_disk else None
         vm.expect_exit = vm.guest_ran = False
-        proc = await self.jail.spawn_vm(vm.rec, tpl, spec, ram, disk, vm_dir, self._watch(vm, on_lost))
+        chain = disks.backing_chain(disk.path) if disk is not None else []
+        read_only = _outside((vm_dir, Path(tpl.path)), ram.path, *chain)
+        proc = await self.jail.spawn_vm(vm.rec, tpl, spec, ram, disk, vm_dir, self._watch(vm, on_lost), read_only)
         vm.proc = proc
         try:
             self.records.add_process(ProcessIntent(proc.pid, vm_id, proc.start_ticks, purpose))
@@ -373,3 +375,11 @@ class QemuRuntime:
     async def close_egress(self, vm_id: str) -> None:
         if self.egress is not None:
             await self.egress.close(vm_id)
+
+
+def _outside(bound: tuple[Path, ...], *files: Path) -> tuple[Path, ...]:
+    """The directories of `files` not under the `bound` ones (the VM's own and its template's, in its jail
+    already): another VM's checkpoint it maps RAM from or reads its disk through."""
+    roots = [b.resolve() for b in bound]
+    dirs = {f.parent.resolve() for f in files}
+    return tuple(sorted(d for d in dirs if not any(d == r or r in d.parents for r in roots)))

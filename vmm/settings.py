@@ -56,6 +56,9 @@ class VmmSettings:
     clone_ram: str = "cow"  # cow | reflink: how a new VM gets its RAM from its template (vmm.reflink)
     max_concurrent_restores: int = 0  # restores at once, the rest queue in order (vmm.restore_gate); 0: one per core
     verify_ram: bool = False  # checksum a VM's RAM file at suspend and verify it at restore (costs a full read)
+    max_checkpoints: int = 16  # checkpoints one VM may keep (vmm.checkpoints)
+    checkpoint_max_mb: int = 8192  # the largest checkpoint (RAM + device state + disk layer) a capture may write
+    max_chain_depth: int = 4  # qcow2 layers under a VM's overlay before it is flattened in the background
     default_policy: Policy = field(default_factory=Policy)
     jail: JailSettings = field(default_factory=JailSettings)
     events: EventsSettings = field(default_factory=EventsSettings)  # the [events] table

@@ -16,6 +16,7 @@ from typing import NoReturn
 from qemu.qmp.error import QMPError
 
 from . import disks, faults, reflink, snapshot_check, template
+from . import qmp as qmp_ops
 from .errors import OverCapacity, RestoreFailed, VmFailed, VmmError
 from .hook_runner import run_hook
 from .jsonlog import log
@@ -78,6 +79,8 @@ class Snapshots:
         self._check_room(vm, tpl)
         if was is VmState.RUNNING:
             await run_hook(vm, tpl, "suspend")
+        if vm.qmp is not None:  # a flatten under way (vmm.checkpoints) ends first: QEMU cannot save beside it
+            await qmp_ops.end_block_jobs(vm.qmp, self.settings.restore_timeout)
         self.lifecycle.move_if_stored(vm.rec, VmState.SUSPENDING)
         try:
             # The guest's connections are cut while its state is saved; both end before anything else.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import shutil
 import time
@@ -30,7 +31,7 @@ from .runtime import Runtime
 from .settings import VmmSettings
 from .snapshots import Snapshots
 from .undo import Undo
-from .vm_files import OVERLAY, RAM, STATE, app_log
+from .vm_files import AGENT_KEY, CHECKPOINTS, OVERLAY, RAM, STATE, app_log
 
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 
@@ -76,6 +77,9 @@ class Transitions:
         try:
             vm_dir.mkdir(parents=True)
             undo.push("remove its files", lambda: _remove_tree(vm_dir))
+            if (Path(tpl.path) / AGENT_KEY).exists():  # a template from a session: its guest knows this key
+                shutil.copyfile(Path(tpl.path) / AGENT_KEY, vm_dir / AGENT_KEY)
+                os.chmod(vm_dir / AGENT_KEY, 0o600)
             undo.push("release its uid and cgroup", lambda: self.runtime.release_confinement(vm_id))
             if tpl.base_disk is not None:
                 await disks.create_overlay(tpl.base_disk, vm_dir / OVERLAY)
@@ -190,7 +194,12 @@ class Transitions:
         if rec.state is not VmState.SUSPENDED:
             raise InvalidRequest(f"only a suspended VM can move, VM {rec.id} is {rec.state.value}")
         if tpl.base_disk is not None:
-            await disks.rebase_overlay(files / OVERLAY, tpl.base_disk)
+            # its overlay and its checkpoints' layers read through this host's base; a layer over another
+            # layer of the VM (a rewind's) names it relatively and moved with it
+            for image in (files / OVERLAY, *sorted(files.glob(f"{CHECKPOINTS}/*/{OVERLAY}"))):
+                backing = disks.backing_file(image) if image.exists() else None
+                if backing is not None and backing.suffix != ".qcow2":
+                    await disks.rebase_overlay(image, tpl.base_disk)
         files.rename(self.settings.vms_dir / rec.id)
         rec.pid, rec.reason = None, None
         self.records.write(rec)

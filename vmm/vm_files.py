@@ -19,6 +19,7 @@ AGENT_KEY = "agent.key"  # the VM's key for its guest agent (0600)
 STATE = "state"  # the VM's snapshot: device state (and all RAM, until its first suspend's RAM move ends)
 STATE_DEV = "state.dev"  # device state saved by the RAM move, renamed over STATE once the registry knows
 RAM = "ram"  # the VM's own RAM file, shared with its QEMU
+CHECKPOINTS = "checkpoints"  # the VM's checkpoints, one directory each (vmm.checkpoints)
 
 
 def remove_snapshot(vm_dir: Path) -> None:

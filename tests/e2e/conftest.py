@@ -171,7 +171,7 @@ async def started_manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
     try:
         yield mgr
     finally:
-        for rec in list(mgr.list_vms()):
+        for rec in reversed(mgr.list_vms()):  # newest first: forked children before their parents
             await mgr.delete(rec.id)
         await mgr.close()
 

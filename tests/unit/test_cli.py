@@ -44,3 +44,24 @@ def test_image_build_flags_reach_the_build_options(tmp_path: Path, monkeypatch: 
     with pytest.raises(SystemExit):
         main([*main_defaults, "--build-arg", "novalue"])
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "method", "path", "body"),
+    [
+        (["vm", "fork", "v1", "-n", "4"], "POST", "/v1/vms/v1/fork", {"count": 4}),
+        (["vm", "fork", "v1", "--checkpoint", "a"], "POST", "/v1/vms/v1/fork", {"count": 1, "checkpoint": "a"}),
+        (["vm", "restore", "v1", "--checkpoint", "a"], "POST", "/v1/vms/v1/restore", {"checkpoint": "a"}),
+        (["checkpoint", "create", "v1", "a"], "POST", "/v1/vms/v1/checkpoints", {"name": "a"}),
+        (["checkpoint", "ls", "v1"], "GET", "/v1/vms/v1/checkpoints", None),
+        (["checkpoint", "rm", "v1", "a"], "DELETE", "/v1/vms/v1/checkpoints/a", None),
+    ],
+)
+def test_fork_and_checkpoint_commands_call_the_control_api(
+    argv: list[str], method: str, path: str, body: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    monkeypatch.setattr("mvm.cli._api", lambda _args, m, p, b=None: calls.append((m, p, b)) or {})
+    args = _parser().parse_args(argv)
+    args.func(args)
+    assert calls == [(method, path, body)]

@@ -70,3 +70,29 @@ def test_control_and_proxy_share_one_error_table() -> None:
 
     doc = orjson.loads(control_error(502, "qemu died").body)  # type: ignore[arg-type]
     assert doc == {"error": error_code(502), "message": "qemu died"} and doc["error"] == "bad_gateway"
+
+
+async def _post(port: int, key: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    head = (f"POST {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    status, answer = await _raw(port, head + body)
+    return status, orjson.loads(answer)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"),
+    [
+        ("/v1/vms/v1/fork", b"{}", 422, "count"),
+        ("/v1/vms/v1/fork", b'{"count": 2, "colour": 1}', 422, "colour: unknown field"),
+        ("/v1/vms/v1/restore", b"{}", 422, "checkpoint"),
+        ("/v1/vms/v1/checkpoints", b'{"nam": "a"}', 422, "nam: unknown field"),
+        ("/v1/vms", b'{"from_checkpoint": "v1"}', 422, "from_checkpoint must be"),
+        ("/v1/vms/v1/fork", b'{"count": 2}', 501, "host API"),  # a VM plane without forks
+    ],
+)
+async def test_fork_and_checkpoint_input_is_refused_naming_the_problem(
+    control: tuple[int, str], path: str, body: bytes, status: int, says: str
+) -> None:
+    port, key = control
+    got, answer = await _post(port, key, path, body)
+    assert got == status and says in answer["message"], answer
