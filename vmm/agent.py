@@ -159,6 +159,7 @@ class Agent:
         # an exec that ran across a suspend or a manager restart) never land on a call of this one.
         self._channels = itertools.count(1 + secrets.randbelow(1 << 31))
         self._closed: str | None = None
+        self.dropped = 0  # frames for no waiting call: a guest's noise, or an abandoned exec's last output
         self._task = asyncio.get_running_loop().create_task(self._read_frames())
 
     @classmethod
@@ -264,6 +265,9 @@ class Agent:
                     raise AgentError(f"the guest agent sent a frame of {length} bytes")
                 payload = await self.reader.readexactly(length - 5)
                 await self._dispatch(kind, channel, payload)
+                # readexactly does not yield while whole frames are buffered: without this, a guest that
+                # floods tiny frames would hold the manager's loop (every VM's calls) for each read's worth.
+                await asyncio.sleep(0)
         except Exception as exc:
             self._closed = self._closed or f"the guest agent's channel ended ({str(exc) or type(exc).__name__})"
             self._fail_all(self._closed)
@@ -279,6 +283,7 @@ class Agent:
             return
         ex = self.execs.get(channel)
         if ex is None:
+            self.dropped += 1
             return
         event = _exec_event(kind, payload)
         await ex.events.put(event)

@@ -106,6 +106,24 @@ async def test_frames_for_no_call_are_dropped_and_channels_differ_per_connection
     await other.agent.close("done")
 
 
+async def test_a_flood_of_buffered_frames_shares_the_loop_with_other_work() -> None:
+    """Whole frames already buffered: the reader yields after each, so another VM's calls interleave."""
+    guest = Guest()
+    guest.send(frame(F_STDOUT, 0, b"x") * 10_000)
+    ticks = 0
+
+    async def other_vm() -> None:
+        nonlocal ticks
+        while guest.agent.dropped < 10_000:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async with asyncio.timeout(30):
+        await other_vm()
+    assert ticks > 5_000, "the other work ran between the flood's frames"
+    await guest.agent.close("done")
+
+
 @pytest.mark.parametrize("length", [0, 4, MAX_FRAME + 6, 2**32 - 1])
 async def test_a_length_out_of_bounds_ends_the_channel_and_every_waiter_learns_why(length: int) -> None:
     guest = Guest()
