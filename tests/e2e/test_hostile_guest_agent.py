@@ -21,7 +21,7 @@ import pytest
 from tests.e2e.conftest import started_manager
 from tests.e2e.guest import sandbox_run
 from vmm import faults, jsonlog
-from vmm.agent import AgentError
+from vmm.agent import MAX_NOISE_FRAMES, AgentError
 from vmm.errors import VmFailed
 from vmm.manager import VmManager
 from vmm.model import VmState
@@ -154,27 +154,31 @@ async def test_a_hostile_guest_on_the_agents_port_breaks_nothing_on_the_host(
 async def test_a_guest_that_floods_its_agents_channel_cannot_stall_another_vms_exec(
     settings: VmmSettings, sandbox_template: str
 ) -> None:
-    """Root in one guest writes tiny frames for no call without end; the manager reads and drops them
-    while another VM's execs and sync are answered, and the flooder is deleted like any VM."""
+    """Root in one guest writes tiny frames for no call without end: the manager drops them while another
+    VM's execs and sync are answered, ends the flooder's channel with the reason, and deletes it."""
     async with started_manager(settings) as manager:
         flooder = await manager.create_vm(sandbox_template)
         other = await manager.create_vm(sandbox_template)
-        hostile = await manager.exec(flooder.id, ["python3", "-c", FLOOD], [], "/", 0, 0)
-        async with asyncio.timeout(60):
-            while not await sandbox_run(flooder.id, f"__import__('os').path.exists({HELD!r})"):
-                await asyncio.sleep(0.2)
         flood = manager.records.get(flooder.id).agent
         agent = manager.records.get(other.id).agent
         assert flood is not None and agent is not None
-        before = flood.dropped
+        hostile = await manager.exec(flooder.id, ["python3", "-c", FLOOD], [], "/", 0, 0)
+        async with asyncio.timeout(60):
+            while not flood.dropped:  # the flooder holds the port: its noise arrives
+                await asyncio.sleep(0.05)
         for n in range(3):
             ex = await manager.exec(other.id, ["echo", str(n)], [], "/", 0, 0)
             async with asyncio.timeout(30):
                 events = [(e.kind, e.data, e.code) async for e in ex]
             assert events == [("stdout", f"{n}\n".encode(), 0), ("exit", b"", 0)]
         await agent.sync(other.id, 5.0)
-        assert flood.dropped > before, "the flood went on while the other VM's calls were answered"
+        async with asyncio.timeout(60):
+            while flood.dropped <= MAX_NOISE_FRAMES:
+                await asyncio.sleep(0.05)
+        with pytest.raises(AgentError, match=f"sent over {MAX_NOISE_FRAMES} frames in a row for no call"):
+            await manager.exec(flooder.id, ["true"], [], "/", 0, 0)
         await hostile.abandon()
+        assert await sandbox_run(other.id, "6 * 7") == 42
         await manager.delete(flooder.id)
         assert qemus_of(flooder.id) == []
 
