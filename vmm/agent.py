@@ -38,6 +38,10 @@ F_SYNC, F_SYNC_OK, F_EXEC, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_STDIN, F_KILL 
 F_PTY_EXEC, F_RESIZE = 17, 18
 _QUEUE_FRAMES = 64  # per exec: at most 64 frames of <= 64 KiB waiting for their reader
 MAX_FRAME = 1 << 20
+# Frames for no call in a row that end the channel. An abandoned exec's last output and an earlier
+# connection's leftovers are bounded by the guest agent's buffers (a few thousand frames); more is a
+# guest flooding the manager's loop, which every VM shares.
+MAX_NOISE_FRAMES = 100_000
 _EXIT_CODES = range(-64, 256)  # what a guest can report: an exit status, or -signal
 
 
@@ -159,6 +163,8 @@ class Agent:
         # an exec that ran across a suspend or a manager restart) never land on a call of this one.
         self._channels = itertools.count(1 + secrets.randbelow(1 << 31))
         self._closed: str | None = None
+        self.dropped = 0  # frames for no waiting call: a guest's noise, or an abandoned exec's last output
+        self._noise = 0  # of them, in a row
         self._task = asyncio.get_running_loop().create_task(self._read_frames())
 
     @classmethod
@@ -264,6 +270,9 @@ class Agent:
                     raise AgentError(f"the guest agent sent a frame of {length} bytes")
                 payload = await self.reader.readexactly(length - 5)
                 await self._dispatch(kind, channel, payload)
+                # readexactly does not yield while whole frames are buffered: without this, a guest that
+                # floods tiny frames would hold the manager's loop (every VM's calls) for each read's worth.
+                await asyncio.sleep(0)
         except Exception as exc:
             self._closed = self._closed or f"the guest agent's channel ended ({str(exc) or type(exc).__name__})"
             self._fail_all(self._closed)
@@ -271,16 +280,22 @@ class Agent:
     async def _dispatch(self, kind: int, channel: int, payload: bytes) -> None:
         """A sync's answer goes to sync() to judge; an exec's frame becomes its event, and after its last
         one (exit or error) the channel is forgotten. Frames for no waiting call are dropped: an abandoned
-        exec's last output, or a guest's noise."""
+        exec's last output, or a guest's noise; MAX_NOISE_FRAMES of them in a row end the channel."""
         reply = self._replies.get(channel)
         if reply is not None:
+            self._noise = 0
             if not reply.done():
                 reply.set_result((kind, payload))
             return
         ex = self.execs.get(channel)
-        if ex is None:
+        if ex is not None:
+            self._noise = 0
+            event = _exec_event(kind, payload)
+            await ex.events.put(event)
+            if event.kind in ("exit", "error"):
+                self.execs.pop(channel, None)
             return
-        event = _exec_event(kind, payload)
-        await ex.events.put(event)
-        if event.kind in ("exit", "error"):
-            self.execs.pop(channel, None)
+        self.dropped += 1
+        self._noise += 1
+        if self._noise > MAX_NOISE_FRAMES:
+            raise AgentError(f"the guest agent sent over {MAX_NOISE_FRAMES} frames in a row for no call")

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.conftest import started_manager
 from tests.e2e.guest import sandbox_run
 from vmm import faults, jsonlog
-from vmm.agent import AgentError
+from vmm.agent import MAX_NOISE_FRAMES, AgentError
 from vmm.errors import VmFailed
 from vmm.manager import VmManager
 from vmm.model import VmState
@@ -28,7 +29,7 @@ from vmm.qemu import qemus_by_name
 from vmm.settings import VmmSettings
 
 HELD = "/tmp/hostile-holds-the-port"
-HOSTILE = f"""
+TAKE_PORT = f"""
 import glob, os, random, signal, struct, time
 HEAD = struct.Struct(">IBI")
 
@@ -51,6 +52,10 @@ while fd is None and time.monotonic() < deadline:
     except OSError:
         time.sleep(0.01)
 open("{HELD}", "w").close()
+"""
+HOSTILE = (
+    TAKE_PORT
+    + """
 os.write(fd, frame(77, 12345, b"noise") + frame(11, 0, b"for nobody"))
 buf = b""
 while True:
@@ -71,6 +76,17 @@ while True:
         elif kind == 10:
             os.write(fd, frame(13, channel) + frame(99, channel + 100000, b"?"))  # F_EXIT with no status
 """
+)
+# Tiny frames for no call, as fast as the port takes them: the host reads and drops each one.
+FLOOD = (
+    TAKE_PORT
+    + """
+noise = frame(11, 0, b"x") * 3000
+deadline = time.monotonic() + 600
+while time.monotonic() < deadline:
+    os.write(fd, noise)
+"""
+)
 
 
 def qemus_of(vm_id: str) -> list[int]:
@@ -133,6 +149,38 @@ async def test_a_hostile_guest_on_the_agents_port_breaks_nothing_on_the_host(
         for rec in list(second.list_vms()):
             await second.delete(rec.id)
         await second.close()
+
+
+async def test_a_guest_that_floods_its_agents_channel_cannot_stall_another_vms_exec(
+    settings: VmmSettings, sandbox_template: str
+) -> None:
+    """Root in one guest writes tiny frames for no call without end: the manager drops them while another
+    VM's execs and sync are answered, ends the flooder's channel with the reason, and deletes it."""
+    async with started_manager(settings) as manager:
+        flooder = await manager.create_vm(sandbox_template)
+        other = await manager.create_vm(sandbox_template)
+        flood = manager.records.get(flooder.id).agent
+        agent = manager.records.get(other.id).agent
+        assert flood is not None and agent is not None
+        hostile = await manager.exec(flooder.id, ["python3", "-c", FLOOD], [], "/", 0, 0)
+        async with asyncio.timeout(60):
+            while not flood.dropped:  # the flooder holds the port: its noise arrives
+                await asyncio.sleep(0.05)
+        for n in range(3):
+            ex = await manager.exec(other.id, ["echo", str(n)], [], "/", 0, 0)
+            async with asyncio.timeout(30):
+                events = [(e.kind, e.data, e.code) async for e in ex]
+            assert events == [("stdout", f"{n}\n".encode(), 0), ("exit", b"", 0)]
+        await agent.sync(other.id, 5.0)
+        async with asyncio.timeout(60):
+            while flood.dropped <= MAX_NOISE_FRAMES:
+                await asyncio.sleep(0.05)
+        with pytest.raises(AgentError, match=f"sent over {MAX_NOISE_FRAMES} frames in a row for no call"):
+            await manager.exec(flooder.id, ["true"], [], "/", 0, 0)
+        await hostile.abandon()
+        assert await sandbox_run(other.id, "6 * 7") == 42
+        await manager.delete(flooder.id)
+        assert qemus_of(flooder.id) == []
 
 
 async def test_a_failure_after_cont_leaves_the_vm_running_on_its_memory(

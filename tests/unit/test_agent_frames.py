@@ -14,6 +14,7 @@ from typing import cast
 import pytest
 
 from bench.agent_fuzz import FrameSink, fuzz
+from vmm import agent as agent_module
 from vmm.agent import F_ERROR, F_EXIT, F_STDOUT, F_SYNC_OK, MAX_FRAME, Agent, AgentError, ExecEvent, SyncResult
 
 HEAD = struct.Struct(">IBI")
@@ -104,6 +105,46 @@ async def test_frames_for_no_call_are_dropped_and_channels_differ_per_connection
     assert abs(other.channels[-1] - channel) > 1000
     await guest.agent.close("done")
     await other.agent.close("done")
+
+
+async def test_a_flood_of_frames_for_no_call_ends_the_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise in a row past the bound ends the channel with the reason; a frame for a call resets the count."""
+    monkeypatch.setattr(agent_module, "MAX_NOISE_FRAMES", 50)
+    guest = Guest()
+    ex = await guest.agent.exec(["true"], [], "/", 0, 0)
+    guest.send(frame(F_STDOUT, 0, b"x") * 40, frame(F_STDOUT, ex.channel, b"hi"), frame(F_STDOUT, 0, b"x") * 40)
+    guest.send(frame(F_EXIT, ex.channel, struct.pack(">i", 0)))
+    assert [(e.kind, e.data) async for e in ex] == [("stdout", b"hi"), ("exit", b"")]
+    guest.send(frame(F_STDOUT, 0, b"x") * 60)
+    ended = "the guest agent sent over 50 frames in a row for no call"
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                await guest.agent.send(F_STDOUT, 0, b"")
+            except AgentError as exc:
+                assert ended in str(exc)
+                break
+            await asyncio.sleep(0)
+    assert guest.agent.dropped == 40 + 40 + 51
+    await guest.agent.close("done")
+
+
+async def test_a_flood_of_buffered_frames_shares_the_loop_with_other_work() -> None:
+    """Whole frames already buffered: the reader yields after each, so another VM's calls interleave."""
+    guest = Guest()
+    guest.send(frame(F_STDOUT, 0, b"x") * 10_000)
+    ticks = 0
+
+    async def other_vm() -> None:
+        nonlocal ticks
+        while guest.agent.dropped < 10_000:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async with asyncio.timeout(30):
+        await other_vm()
+    assert ticks > 5_000, "the other work ran between the flood's frames"
+    await guest.agent.close("done")
 
 
 @pytest.mark.parametrize("length", [0, 4, MAX_FRAME + 6, 2**32 - 1])
