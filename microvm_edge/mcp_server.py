@@ -145,6 +145,16 @@ def build_server(client: AsyncClient) -> MCPServer:
         return {"deleted": vm}
 
     @mcp.tool()
+    async def fork(
+        vm: VmId,
+        count: Annotated[int, Field(description="how many copies", ge=1, le=32)] = 1,
+        checkpoint: Annotated[str | None, Field(description="start from this checkpoint, not from now")] = None,
+    ) -> list[dict[str, Any]]:
+        """New VMs that continue from the VM's moment now (memory, disk, processes), each its own from then on:
+        try several approaches at once, or keep a copy to go back to."""
+        return [vm_dict(child) for child in await api(lambda: client.fork(vm, count, checkpoint=checkpoint))]
+
+    @mcp.tool()
     async def get_url(
         vm: VmId,
         port: Annotated[int | None, Field(description="a guest port on the VM's allow-list (default its app)")] = None,

@@ -1,8 +1,9 @@
-"""How `pytest -n 2` (scripts/test.sh) shares the tests between its workers: test by test, except the files
-that must stay on one worker, which go as one unit.
+"""How `pytest -n 2` (scripts/test.sh) shares the tests between its workers: file by file (a file's module
+fixtures, such as its edge and VMs, are made once, on one worker), and the files that must stay on one
+worker together as one unit.
 
 xdist's own `--dist loadgroup` cannot do this with pytest 9 (the group suffix it writes into a node id is
-lost), so the grouping is this scheduler's: xdist's load-by-scope with a scope per test, or per group.
+lost), so the grouping is this scheduler's: xdist's load-by-scope with a scope per file, or per group.
 """
 
 from __future__ import annotations
@@ -21,4 +22,5 @@ ONE_WORKER = {
 
 class Scheduler(LoadScopeScheduling):
     def _split_scope(self, nodeid: str) -> str:
-        return ONE_WORKER.get(nodeid.split("::", 1)[0], nodeid)
+        path = nodeid.split("::", 1)[0]
+        return ONE_WORKER.get(path, path)

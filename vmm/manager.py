@@ -368,7 +368,9 @@ class VmManager:
         """Checkpoint `name` of the VM now; a running VM is paused for the capture only, a suspended one stays so."""
         vm = self.records.get(vm_id)
         async with vm.lock:
-            return await self.checkpoints.capture(vm, name)
+            ckpt = await self.checkpoints.capture(vm, name)
+        self.records.emit("checkpoint_created", vm.rec, checkpoint=name, paused_ms=round(ckpt.paused_ms, 1))
+        return ckpt
 
     def list_checkpoints(self, vm_id: str) -> list[Checkpoint]:
         self.records.get(vm_id)
@@ -379,6 +381,7 @@ class VmManager:
         vm = self.records.get(vm_id)
         async with vm.lock:
             await self.checkpoints.delete(vm, name, list(self.records.live.values()))
+        self.records.emit("checkpoint_deleted", vm.rec, checkpoint=name)
 
     async def rewind(self, vm_id: str, name: str) -> VmRecord:
         """The same VM (id, URL, tokens) back at checkpoint `name`, running; requests wait as for a wake."""
@@ -387,6 +390,7 @@ class VmManager:
             raise NotRunning(f"VM {vm_id} is not rewound while its host stops; try again")
         async with vm.lock:
             await self.checkpoints.rewind(vm, name)
+        self.records.emit("rewound", vm.rec, checkpoint=name)
         self.touch(vm_id)
         return vm.rec
 
@@ -410,12 +414,16 @@ class VmManager:
                 raise Conflict(f"VM {vm_id} is {parent.rec.state.value}: only a live VM can be forked")
             if checkpoint is None:
                 ckpt = await self.checkpoints.capture(parent, f"fork-{int(time.time() * 1000)}")
+                self.records.emit("checkpoint_created", parent.rec, checkpoint=ckpt.name,
+                                  paused_ms=round(ckpt.paused_ms, 1))  # fmt: skip
             else:
                 ckpt = checkpoints.load(self.settings, vm_id, checkpoint)
             key = (vm_id, ckpt.name)
             self.checkpoints.forking[key] = self.checkpoints.forking.get(key, 0) + 1
         try:
-            return await self._fork_children(parent, ckpt, count, policy)
+            children = await self._fork_children(parent, ckpt, count, policy)
+            self.records.emit("forked", parent.rec, checkpoint=ckpt.name, children=[c.id for c in children])
+            return children
         finally:
             self.checkpoints.forking[key] -= 1
             if not self.checkpoints.forking[key]:

@@ -53,8 +53,12 @@ async def _children_gone(mgr: VmManager, ids: list[str]) -> None:
 async def test_fork_keeps_the_parents_moment_and_children_are_their_own(parent: tuple[VmManager, str]) -> None:
     mgr, vm_id = parent
     await sandbox_run(vm_id, "x = 41; open('/data/f.txt', 'w').write('parent')")
+    seq = mgr.records.events.last_seq
     children = [c.id for c in await mgr.fork(vm_id, 3)]
     try:
+        parents_events = mgr.records.events.after(seq, vms=[vm_id])
+        assert [ev.type for ev in parents_events] == ["checkpoint_created", "forked"]  # in the event feed
+        assert parents_events[1].extra == {"checkpoint": parents_events[0].extra["checkpoint"], "children": children}
         for i, child in enumerate(children):
             assert await sandbox_run(child, "x + 1") == 42
             assert await sandbox_run(child, "open('/data/f.txt').read()") == "parent"
@@ -81,6 +85,7 @@ async def test_rewind_brings_back_memory_disk_and_the_same_process(parent: tuple
     await sandbox_run(vm_id, "x = 2; open('/data/r.txt', 'w').write('b')")
     await mgr.rewind(vm_id, "a")
     assert mgr.get(vm_id).state is VmState.RUNNING
+    assert [ev.type for ev in mgr.records.events.after(0, vms=[vm_id], types=["rewound"])][-1:] == ["rewound"]
     assert await sandbox_run(vm_id, "x") == 1
     assert await sandbox_run(vm_id, "open('/data/r.txt').read()") == "a"
     assert await sandbox_run(vm_id, _PROC) == proc

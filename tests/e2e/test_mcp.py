@@ -82,7 +82,7 @@ async def test_stdio(setup: Setup) -> None:
     async with stdio_client(setup) as mcp:
         names = {tool.name for tool in (await mcp.list_tools()).tools}
         assert names >= {"create_sandbox", "list_sandboxes", "run_code", "exec", "read_file", "write_file",
-                         "list_files", "suspend", "resume", "delete", "get_url"}  # fmt: skip
+                         "list_files", "suspend", "resume", "delete", "fork", "get_url"}  # fmt: skip
 
         made = data(await mcp.call_tool("create_sandbox", {"template": "sandbox"}))
         assert made["state"] == "running"

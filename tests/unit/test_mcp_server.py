@@ -39,6 +39,14 @@ class FakeApi(AsyncClient):
         return Token("tok", 1.0, "https://vm1.mvm.localhost:8443/")
 
 
+    async def fork(
+        self, vm_id: str, count: int = 1, policy: dict[str, Any] | None = None, checkpoint: str | None = None
+    ) -> builtins.list[Vm]:
+        self._vm(vm_id)
+        self.calls.append(("fork", count, checkpoint))
+        return [Vm(f"child{i}", "running", "sandbox", f"https://child{i}.mvm.localhost/", {}) for i in range(count)]
+
+
 def text(result: Any) -> str:
     return "".join(c.text for c in result.content if isinstance(c, TextContent))
 
@@ -69,6 +77,18 @@ async def test_get_url_names_the_port_in_the_host_name() -> None:
         assert link.structured_content == {"url": "https://8080-vm1.mvm.localhost:8443/?token=tok", "expires_at": 1.0}
         assert api.calls[-1] == ("token", 30, "8080")
     assert _port_url("http://vm1.example.com/", 9000) == "http://9000-vm1.example.com/"
+
+
+async def test_fork_gives_the_children_and_bounds_the_count() -> None:
+    api = FakeApi()
+    async with Client(build_server(api)) as mcp:
+        forked = await mcp.call_tool("fork", {"vm": "vm1", "count": 2, "checkpoint": "a"})
+        assert [child["id"] for child in forked.structured_content["result"]] == ["child0", "child1"]
+        assert api.calls[-1] == ("fork", 2, "a")
+        too_many = await mcp.call_tool("fork", {"vm": "vm1", "count": 33})
+        assert too_many.is_error
+        gone = await mcp.call_tool("fork", {"vm": "nope"})
+        assert gone.is_error and text(gone).endswith("no such VM 'nope'")
 
 
 async def test_an_unreachable_control_api_is_a_tool_error() -> None:
