@@ -9,7 +9,8 @@ modules, mounts the disk and hands over to /mvm/init.
 What the host needs beyond the image config comes from labels or build flags (flags win):
 - `mvm.port`: the app port (default: the only EXPOSEd TCP port);
 - `mvm.ready`: `tcp` (the app port accepts) or `http:/path` (GET answers 200); default tcp;
-- `mvm.memory_mb`, `mvm.vcpus`, `mvm.disk_mb`: the VM's size (defaults 512, 1, 1024).
+- `mvm.memory_mb`, `mvm.vcpus`, `mvm.disk_mb`: the VM's size (defaults 512, 1, 1024);
+- `mvm.port.<n>.protocol`: `h2c` for a port that speaks prior-knowledge HTTP/2 (gRPC), else `http`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import build_trust, capacity, hooks, initramfs, kernel, oci
+from . import build_trust, capacity, hooks, initramfs, kernel, oci, port_protocols
 from .buildtools import (
     Progress,
     Steps,
@@ -196,6 +197,7 @@ def _build(
         settings = _settings(config, options)
         run_config = _run_config(config, rootfs, settings["port"], name)
         image_hooks = hooks.from_image(config.labels, options.hooks, settings["port"], rootfs)
+        port_protocols.h2c_ports(config.labels, run_config.ports)  # a bad label fails before the slow steps
 
         step("compiling the guest init (guest/init/mvm-init.c)")
         init = compile_static(GUEST_INIT_SOURCE, tmp / "cc", epoch, GUEST_INIT_COMPANIONS)
