@@ -141,3 +141,11 @@ async def test_a_call_wakes_a_suspended_vm(setup: Setup) -> None:
     answer = await setup.call(setup.unary("Echo"), {"after": "wake"}, timeout=60)
     assert answer["echo"] == {"after": "wake"}
     assert setup.client.edge.manager.get(setup.vm_id).state.value == "running"
+
+
+async def test_an_http1_request_to_the_h2c_port_gets_a_502_that_says_why(setup: Setup) -> None:
+    client = setup.client
+    headers = {"Authorization": setup.metadata[0][1]}
+    async with client.session.post(client.vm_url(setup.vm_id, SERVICE + "Echo"), headers=headers) as resp:
+        assert resp.status == 502
+        assert "HTTP/2 only (h2c)" in (await resp.json())["message"]
