@@ -23,7 +23,7 @@ from vmm.jsonlog import log
 from .admission import Refusal
 from .errors_http import error_code
 from .exchange import Exchange, ExchangeState
-from .h2c_relay import H2cRelay
+from .h2c_relay import GuestH2c, H2cRelay, shared
 from .reqhead import RequestHead
 from .upstream import CONTROL_KEY, UpstreamConn
 
@@ -118,7 +118,12 @@ class H2Stream:
             ctx.open_streams.opened(vm_id)
             rec = ctx.backend.lookup(vm_id)
             if rec is not None and ex.port in rec.h2c_ports:
-                self._relay = H2cRelay(self, ex.head, core.settings.stream_buffer)
+                self._relay = H2cRelay(self, ex.head)
+                guest = shared(vm_id, ex.port, ex.generation) if ex.vm_was_running else None
+                if guest is not None:
+                    ex.move(ExchangeState.FORWARDED)
+                    self._attach_relay(guest)
+                    return
                 ex.move(ExchangeState.CONNECTING)
                 core.io.reach(self)
                 return
@@ -330,15 +335,8 @@ class H2Stream:
         ex = self.ex
         ex.move(ExchangeState.FORWARDED)
         ex.reused = reused
-        relay = self._relay
-        if relay is not None:
-            ex.body = None
-            relay.attach(conn)
-            self.body_at = self.core.clock()
-            if self.body_done and not relay.started:
-                self._await_response()
-            else:
-                self.core.arm(self.next_check())
+        if self._relay is not None:
+            self._attach_relay(GuestH2c(conn, self.core.settings.stream_buffer))
             return
         self._upstream = conn
         conn.owner = self
@@ -350,6 +348,17 @@ class H2Stream:
         self._acked(buffered)
         self.body_at = self.core.clock()  # time held for a wake is not the client's
         if self.body_done:
+            self._await_response()
+        else:
+            self.core.arm(self.next_check())
+
+    def _attach_relay(self, guest: GuestH2c) -> None:
+        relay = self._relay
+        assert relay is not None
+        self.ex.body = None
+        relay.attach(guest)
+        self.body_at = self.core.clock()
+        if self.body_done and not relay.started:
             self._await_response()
         else:
             self.core.arm(self.next_check())
