@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ class BuildOptions:
     host_trust: bool = True  # Dockerfile builds: RUN steps get the host's CAs, proxies, indexes (build_trust)
     ca_files: tuple[Path, ...] = ()  # more CA files for RUN steps to trust
     build_args: dict[str, str] = field(default_factory=dict)  # --build-arg KEY=VALUE
+    port_protocols: dict[int, str] = field(default_factory=dict)  # --port-protocol N=h2c: as the label says
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,9 @@ def _build(
         tmp = Path(tmp_name)
         rootfs = tmp / "rootfs"
         config: oci.ImageConfig = make_rootfs(rootfs, step)
+        if options.port_protocols:  # flags win over labels, and are kept as the labels they stand for
+            flags = {f"mvm.port.{port}.protocol": proto for port, proto in options.port_protocols.items()}
+            config = replace(config, labels={**config.labels, **flags})
         settings = _settings(config, options)
         run_config = _run_config(config, rootfs, settings["port"], name)
         image_hooks = hooks.from_image(config.labels, options.hooks, settings["port"], rootfs)

@@ -27,3 +27,13 @@ def test_bad_labels_are_refused_naming_the_label(labels: dict[str, str], said: s
     with pytest.raises(InvalidRequest, match=said) as err:
         h2c_ports(labels, (8080, 50051))
     assert next(iter(labels)) in str(err.value)
+
+
+def test_the_port_protocol_flag_becomes_build_options() -> None:
+    from mvm.cli import CliError, _build_options, _parser
+
+    args = _parser().parse_args(["image", "build", "--dockerfile", "Dockerfile", "--port-protocol", "50051=h2c"])
+    assert _build_options(args).port_protocols == {50051: "h2c"}
+    bad = _parser().parse_args(["image", "build", "--dockerfile", "Dockerfile", "--port-protocol", "h2c"])
+    with pytest.raises(CliError, match="--port-protocol 'h2c': must be PORT=PROTO"):
+        _build_options(bad)
