@@ -23,6 +23,7 @@ from vmm.jsonlog import log
 from .admission import Refusal
 from .errors_http import error_code
 from .exchange import Exchange, ExchangeState
+from .h2c_relay import GuestH2c, H2cRelay, shared
 from .reqhead import RequestHead
 from .upstream import CONTROL_KEY, UpstreamConn
 
@@ -57,6 +58,7 @@ class H2Stream:
         self._read(headers)
         self.ex = Exchange(self._method, True, not ended, not ended and self._head.content_length is None, False)
         self._upstream: UpstreamConn | None = None
+        self._relay: H2cRelay | None = None  # the port speaks h2c: frames go through, not translated
         self._unacked = 0  # body bytes sent on to the guest while its write buffer was full: acked on resume
         self._parser = HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
@@ -114,6 +116,17 @@ class H2Stream:
         if vm_id is not None:
             ctx.backend.touch(vm_id)
             ctx.open_streams.opened(vm_id)
+            rec = ctx.backend.lookup(vm_id)
+            if rec is not None and ex.port in rec.h2c_ports:
+                self._relay = H2cRelay(self, ex.head)
+                guest = shared(vm_id, ex.port, ex.generation) if ex.vm_was_running else None
+                if guest is not None:
+                    ex.move(ExchangeState.FORWARDED)
+                    self._attach_relay(guest)
+                    return
+                ex.move(ExchangeState.CONNECTING)
+                core.io.reach(self)
+                return
         if ex.vm_was_running:
             conn = ctx.pool.acquire(vm_id or CONTROL_KEY, ex.port, core.clock(), ex.generation)
             if conn is not None:
@@ -126,6 +139,10 @@ class H2Stream:
         """Request body bytes (`flow`: what they cost of the window, padding included)."""
         ex = self.ex
         self.body_at = self.core.clock()
+        relay = self._relay
+        if relay is not None:
+            relay.client_body(data, flow)
+            return
         self._up += len(data)
         framed: list[bytes] = [b"%x\r\n" % len(data), data, b"\r\n"] if ex.chunked and data else [data]
         upstream = self._upstream
@@ -145,6 +162,12 @@ class H2Stream:
         ex = self.ex
         if not ex.end_body():
             return
+        relay = self._relay
+        if relay is not None:
+            relay.body_end()
+            if relay.upstream is not None and not relay.started:
+                self._await_response()
+            return
         if ex.chunked:
             if self._upstream is not None:
                 self._upstream.send(_LAST_CHUNK)
@@ -159,6 +182,8 @@ class H2Stream:
         self._upstream = None
         if upstream is not None:
             upstream.close()  # never pooled: the guest may still be answering
+        if self._relay is not None:
+            self._relay.close()
         self.core.io.cancel_reach(self)
         self._over()
 
@@ -166,6 +191,8 @@ class H2Stream:
         self._over()
 
     def window_opened(self) -> None:
+        if self._relay is not None:
+            self._relay.window_opened()
         if self._paused_guest:
             self._paused_guest = False
             if self._upstream is not None:
@@ -308,6 +335,9 @@ class H2Stream:
         ex = self.ex
         ex.move(ExchangeState.FORWARDED)
         ex.reused = reused
+        if self._relay is not None:
+            self._attach_relay(GuestH2c(conn, self.core.settings.stream_buffer))
+            return
         self._upstream = conn
         conn.owner = self
         body = ex.body or []
@@ -322,8 +352,23 @@ class H2Stream:
         else:
             self.core.arm(self.next_check())
 
+    def _attach_relay(self, guest: GuestH2c) -> None:
+        relay = self._relay
+        assert relay is not None
+        self.ex.body = None
+        relay.attach(guest)
+        self.body_at = self.core.clock()
+        if self.body_done and not relay.started:
+            self._await_response()
+        else:
+            self.core.arm(self.next_check())
+
     def _body_expected(self) -> bool:
-        """The client owes body bytes: not while they are held back by the edge (a wake, a full guest)."""
+        """The client owes body bytes: not while they are held back by the edge (a wake, a full guest),
+        nor once an h2c guest answered (a gRPC stream may be quiet either way for as long as it likes)."""
+        relay = self._relay
+        if relay is not None and (relay.started or relay.out):
+            return False
         return not self.body_done and self.ex.body is None and not self._unacked
 
     def _acked(self, flow: int) -> None:
@@ -341,6 +386,8 @@ class H2Stream:
         """The edge's own JSON answer (nothing of the guest's went out)."""
         self.core.io.cancel_reach(self)
         self._drop_upstream()
+        if self._relay is not None:
+            self._relay.close()
         doc = {"error": error_code(status)}
         if refusal is not None and refusal.reason is not None:
             doc["reason"] = refusal.reason
@@ -383,6 +430,45 @@ class H2Stream:
             protocol="h2",
         )
         self._answer(status, message)
+
+    # -- from an h2c guest (edge.h2c_relay.H2cRelay) -------------------------------------------
+
+    def relay_head(self, status: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        self._final = True
+        self._response_deadline = _INF
+        ex = self.ex
+        ex.status = status
+        if ex.cookie is not None:
+            headers.append((b"set-cookie", ex.cookie.partition(b": ")[2].rstrip(b"\r\n")))
+        self._count(status)
+        if ex.state is ExchangeState.FORWARDED:
+            ex.move(ExchangeState.STREAMING)
+        self.core.send_head(self.sid, status, headers, end=end)
+
+    def relay_body(self, data: bytes) -> bool:
+        """True while the client's buffer is full: the guest's bytes are then not acknowledged."""
+        self._flowing()
+        return self.core.send_body(self.sid, data)
+
+    def relay_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        self.core.send_end(self.sid, trailers or None)
+
+    def relay_reset(self, code: ErrorCodes, reason: str) -> None:
+        self.core.reset(self.sid, code, reason)
+
+    def relay_lost(self, code: ErrorCodes, what: str, started: bool) -> None:
+        """The guest's connection ended the stream early; before any answer and unprocessed by
+        the guest (REFUSED_STREAM): the client may safely retry it."""
+        if self.over:
+            return
+        if started or code is ErrorCodes.REFUSED_STREAM:
+            self.core.reset(self.sid, code, "upstream_lost")
+        else:
+            self._fail(502, f"{self.ex.where()} {what} without answering (an h2c port)")
+
+    def moved(self, up: int, down: int) -> None:
+        self._up += up
+        self._down += down
 
     def _drop_upstream(self) -> None:
         upstream = self._upstream

@@ -374,12 +374,23 @@ def _image_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--vcpus", type=int, default=None, help="VM vCPUs (default: LABEL mvm.vcpus, or 1)")
     cmd.add_argument("--disk-mb", type=int, default=None, help="root disk size (default: LABEL mvm.disk_mb, or 1024)")
     cmd.add_argument("--hooks", default=None, help="events with HTTP hooks, e.g. run,resume (default: LABEL mvm.hooks)")
+    cmd.add_argument("--port-protocol", action="append", default=[], metavar="PORT=PROTO",
+                     help="a port's protocol, http or h2c (default: LABEL mvm.port.<PORT>.protocol, or http)")
 
 
 def _build_options(args: argparse.Namespace) -> Any:
     from vmm.disk_image import BuildOptions
 
-    return BuildOptions(args.name, args.port, args.ready, args.memory_mb, args.vcpus, args.disk_mb, args.hooks)
+    protocols: dict[int, str] = {}
+    for item in args.port_protocol:
+        port, sep, proto = item.partition("=")
+        if not sep or not port.isdigit():
+            raise CliError(f"--port-protocol {item!r}: must be PORT=PROTO, e.g. 50051=h2c")
+        protocols[int(port)] = proto
+    return BuildOptions(
+        args.name, args.port, args.ready, args.memory_mb, args.vcpus, args.disk_mb, args.hooks,
+        port_protocols=protocols,
+    )  # fmt: skip
 
 
 def _image_build(args: argparse.Namespace) -> None:

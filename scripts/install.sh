@@ -75,10 +75,10 @@ fi
 # then the Dockerfile examples, each rebuilt when its inputs change (buildah's layer cache in
 # var/containers makes a rebuild after an app change skip the apt, pip and npm steps):
 # python-sandbox (stdlib only), flask-app (Flask + gunicorn from PyPI, a model loaded at import),
-# node-app (Express from npm, `npm ci` from its lock file).
+# node-app (Express from npm, `npm ci` from its lock file), grpc-app (grpcio from PyPI, an h2c port).
 .venv/bin/mvm image base
 base_version=$(.venv/bin/python -c 'from vmm.oci import base_version; print(base_version())')
-for app in python-sandbox flask-app node-app; do
+for app in python-sandbox flask-app node-app grpc-app; do
     inputs=$( (cat "images/$app"/* guest/init/* guest/stage1/* vmm/disk_image.py vmm/oci.py vmm/build_trust.py; \
         echo "base $base_version") | sha256sum | cut -c1-16)
     if [ "$(cat "var/images/$app/.inputs" 2>/dev/null)" != "$inputs" ]; then

@@ -9,7 +9,8 @@ modules, mounts the disk and hands over to /mvm/init.
 What the host needs beyond the image config comes from labels or build flags (flags win):
 - `mvm.port`: the app port (default: the only EXPOSEd TCP port);
 - `mvm.ready`: `tcp` (the app port accepts) or `http:/path` (GET answers 200); default tcp;
-- `mvm.memory_mb`, `mvm.vcpus`, `mvm.disk_mb`: the VM's size (defaults 512, 1, 1024).
+- `mvm.memory_mb`, `mvm.vcpus`, `mvm.disk_mb`: the VM's size (defaults 512, 1, 1024);
+- `mvm.port.<n>.protocol`: `h2c` for a port that speaks prior-knowledge HTTP/2 (gRPC), else `http`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import build_trust, capacity, hooks, initramfs, kernel, oci
+from . import build_trust, capacity, hooks, initramfs, kernel, oci, port_protocols
 from .buildtools import (
     Progress,
     Steps,
@@ -83,6 +84,7 @@ class BuildOptions:
     host_trust: bool = True  # Dockerfile builds: RUN steps get the host's CAs, proxies, indexes (build_trust)
     ca_files: tuple[Path, ...] = ()  # more CA files for RUN steps to trust
     build_args: dict[str, str] = field(default_factory=dict)  # --build-arg KEY=VALUE
+    port_protocols: dict[int, str] = field(default_factory=dict)  # --port-protocol N=h2c: as the label says
 
 
 @dataclass(frozen=True)
@@ -193,9 +195,13 @@ def _build(
         tmp = Path(tmp_name)
         rootfs = tmp / "rootfs"
         config: oci.ImageConfig = make_rootfs(rootfs, step)
+        if options.port_protocols:  # flags win over labels, and are kept as the labels they stand for
+            flags = {f"mvm.port.{port}.protocol": proto for port, proto in options.port_protocols.items()}
+            config = replace(config, labels={**config.labels, **flags})
         settings = _settings(config, options)
         run_config = _run_config(config, rootfs, settings["port"], name)
         image_hooks = hooks.from_image(config.labels, options.hooks, settings["port"], rootfs)
+        port_protocols.h2c_ports(config.labels, run_config.ports)  # a bad label fails before the slow steps
 
         step("compiling the guest init (guest/init/mvm-init.c)")
         init = compile_static(GUEST_INIT_SOURCE, tmp / "cc", epoch, GUEST_INIT_COMPANIONS)

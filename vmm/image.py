@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Conflict, InvalidRequest, NotFound, VmmError
+from .port_protocols import h2c_ports
 
 IMAGE_JSON = "image.json"
 KERNEL_FILE = "vmlinuz"
@@ -73,6 +74,7 @@ class Image:
     kernel_sha256: str = ""
     initrd_sha256: str = ""
     hooks: dict[str, Any] | None = None  # kind "disk": see vmm.hooks
+    h2c_ports: tuple[int, ...] = ()  # ports labelled mvm.port.<n>.protocol=h2c (vmm.port_protocols)
     build_id: str = ""  # kind "disk": unique per build (its rootfs is too large to hash at every load)
     created_at: float = 0.0
 
@@ -150,6 +152,7 @@ def load_image(images_dir: Path, name: str) -> Image:
             build_id=str(meta.get("build_id", "")),
             hooks=meta.get("hooks"),
             created_at=float(meta.get("created_at", 0.0)),
+            h2c_ports=h2c_ports(meta.get("labels") or {}, (int(p) for p in meta["ports"])),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise VmmError(

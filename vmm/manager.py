@@ -106,7 +106,9 @@ class VmManager:
         self._lock_state_dir()
         self.runtime.prepare_confinement()
         running = self.runtime.running_qemus()
+        h2c = self._h2c_ports()
         for rec in self.records.open():
+            rec.h2c_ports = h2c.get(rec.template, ())
             vm = LiveVm(rec)
             self.records.add(vm)
             checkpoints.tidy(self.settings, rec.id)
@@ -151,6 +153,15 @@ class VmManager:
         self._lock_fd = statelock.take(state_dir) if given is None else statelock.adopt(state_dir, given)
 
     # ---- queries (the edge's hot path: in memory only) ------------------------------
+
+    def _h2c_ports(self) -> dict[str, tuple[int, ...]]:
+        """Each template's h2c ports, for the records loaded at start (the registry does not keep them)."""
+        try:
+            return {tpl.name: tpl.h2c_ports for tpl in template.list_all(self.settings)}
+        except (VmmError, OSError, KeyError, ValueError) as exc:
+            # a damaged template must not stop the manager: its VMs' ports stay HTTP/1.1
+            log.event("vmm.templates_unreadable", level="warning", error=str(exc))
+            return {}
 
     def lookup(self, vm_id: str) -> VmRecord | None:
         vm = self.records.live.get(vm_id)

@@ -63,6 +63,7 @@ class Template:
     accelerator: str
     disk_mb: int = 0  # 0: no root disk (an initramfs image)
     hooks: Hooks | None = None
+    h2c_ports: tuple[int, ...] = ()  # ports the edge reaches with prior-knowledge HTTP/2 (vmm.port_protocols)
 
     @property
     def base_disk(self) -> Path | None:
@@ -78,6 +79,7 @@ class Template:
             "disk_mb": self.disk_mb,
             "app_port": self.app_port,
             "ports": list(self.ports),
+            "h2c_ports": list(self.h2c_ports),
             "created_at": self.created_at,
         }
 
@@ -100,6 +102,8 @@ class VmRecord:
     # Bumped at every suspend and every restore: connections to the guest opened in an earlier
     # generation reached a QEMU that no longer runs, so edges never reuse them.
     generation: int = 0
+    # From the template, not stored in the registry: set at create and when the manager starts.
+    h2c_ports: tuple[int, ...] = ()
 
     def allows_port(self, port: int) -> bool:
         """The app port is always reachable; other ports only through the policy allow-list."""

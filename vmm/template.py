@@ -75,6 +75,7 @@ def load(settings: VmmSettings, name: str) -> Template:
         accelerator=data["accelerator"],
         disk_mb=data.get("disk_mb", 0),
         hooks=Hooks.from_dict(data["hooks"]) if data.get("hooks") else None,
+        h2c_ports=tuple(data.get("h2c_ports", ())),
     )
 
 
@@ -192,6 +193,7 @@ async def create(
         "disk_mb": image.disk_mb if disk is not None else 0,
         "app_port": image.app_port,
         "ports": list(image.ports),
+        "h2c_ports": list(image.h2c_ports),
         "cmdline": image.cmdline,
         "accelerator": accel.name,
         "created_at": time.time(),

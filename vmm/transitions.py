@@ -50,7 +50,9 @@ def new_vm(
             f"policy.disk_mb={pol.disk_mb} (a snapshot fixes a VM's size: use a smaller template)"
         )
     now = time.time()
-    return tpl, VmRecord(new_vm_id(), tpl.name, VmState.PENDING, pol, tpl.app_port, now, now, state_changed_at=now)
+    rec = VmRecord(new_vm_id(), tpl.name, VmState.PENDING, pol, tpl.app_port, now, now, state_changed_at=now)
+    rec.h2c_ports = tpl.h2c_ports
+    return tpl, rec
 
 
 def new_vm_id() -> str:
