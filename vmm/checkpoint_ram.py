@@ -34,7 +34,7 @@ async def give_ram_file(settings: VmmSettings, accel: Accelerator, tpl: Template
     if ckpt.ram_file:
         return ckpt
     ns_id = f"ck-{secrets.token_hex(4)}"
-    work = ckpt.path.with_name(f".{ckpt.name}.ram.tmp")
+    work = ckpt.path.with_name(f".{ns_id}.tmp")  # short: its QMP socket's path must stay under 108 bytes
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     jailer = jail.Jailer(settings)

@@ -186,8 +186,11 @@ async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
 def _other_test_runs() -> bool:
     """Whether another pytest runs on this machine: namespaces it made during this test are not ours.
 
-    This run's own ancestors (a `timeout ... pytest` wrapper) and descendants do not count.
+    This run's own ancestors (a `timeout ... pytest` wrapper) and descendants do not count; the other
+    workers of a `pytest -n 2` run do (their command lines do not say pytest).
     """
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        return True
     parents: dict[int, int] = {}
     pytests: list[int] = []
     for proc in Path("/proc").glob("[0-9]*"):

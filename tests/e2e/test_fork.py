@@ -11,8 +11,10 @@ import os
 import secrets
 import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -31,16 +33,10 @@ _PROC = "import os; (os.getpid(), open('/proc/self/stat').read().split()[21])"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def parent(
-    session_root: object, template_dir: object, sandbox_template: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[tuple[VmManager, str]]:
-    from tests.e2e.conftest import IMAGES
-
-    state = tmp_path_factory.mktemp("fork", numbered=True)
-    (state / "images").symlink_to(IMAGES)
-    (state / "templates").symlink_to(template_dir)  # type: ignore[arg-type]
-    settings = VmmSettings(state_dir=state)
-    async with started_manager(settings) as mgr:
+async def parent(module_settings: VmmSettings, sandbox_template: str) -> AsyncIterator[tuple[VmManager, str]]:
+    """A parent VM under the session's short root: QMP socket paths (a checkpoint's RAM work directory's
+    too) stay under the 108 bytes a unix socket path may have."""
+    async with started_manager(module_settings) as mgr:
         rec = await mgr.create_vm(sandbox_template)
         yield mgr, rec.id
 
@@ -212,15 +208,13 @@ async def test_a_template_from_a_session(parent: tuple[VmManager, str]) -> None:
     await mgr.delete_checkpoint(vm_id, f"template-{name}")
 
 
-async def test_checkpoints_survive_a_restart_and_move_with_the_vm(
-    parent: tuple[VmManager, str], tmp_path_factory: pytest.TempPathFactory
-) -> None:
+async def test_checkpoints_survive_a_restart_and_move_with_the_vm(parent: tuple[VmManager, str]) -> None:
     """A second manager on its own state directory stands in for the fleet's second host: the move is
     the host API's (export a suspended VM's directory as it is, adopt it there)."""
     mgr, vm_id = parent
     rec = await mgr.create_vm(mgr.get(vm_id).template)
     moved = rec.id
-    other_state = tmp_path_factory.mktemp("host2", numbered=True)
+    other_state = Path(tempfile.mkdtemp(prefix="h", dir=mgr.settings.state_dir.parent))
     (other_state / "images").symlink_to(mgr.settings.state_dir / "images")
     (other_state / "templates").symlink_to((mgr.settings.state_dir / "templates").resolve())
     other = VmmSettings(state_dir=other_state)
