@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
+from .adapter import CoreAdapter, client_address
 from .h2_core import H2Core
 from .h2_guard import PREFACE
 from .h2_stream import H2Stream
@@ -20,29 +21,25 @@ from .proxy_context import ProxyContext
 from .reach import reach
 
 
-class H2Protocol(asyncio.Protocol):
+class H2Protocol(CoreAdapter):
     """One HTTP/2 client connection: its transport, its timer, its reach tasks, and its core."""
 
-    transport: asyncio.Transport
+    core: H2Core
 
     def __init__(self, ctx: ProxyContext, forwarded_proto: bytes) -> None:
+        super().__init__()
         self._ctx = ctx
-        self._loop = asyncio.get_running_loop()
         self.core = H2Core(ctx, forwarded_proto, self, self._loop.time)
-        self._timer: asyncio.TimerHandle | None = None
         self._reaching: dict[H2Stream, asyncio.Task[None]] = {}
+
+    # -- the transport's callbacks, as events (the rest in edge.adapter) ------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        client = str(peer[0]).encode("ascii", "replace") if isinstance(peer, tuple) and peer else b"unknown"
-        self.core.connected(client, self.transport.can_write_eof())
+        self.core.connected(client_address(transport), self.transport.can_write_eof())
 
     def data_received(self, data: bytes) -> None:
         self.core.client_data(data)
-
-    def eof_received(self) -> bool:
-        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.client_lost()
@@ -50,45 +47,10 @@ class H2Protocol(asyncio.Protocol):
             task.cancel()
         self._reaching.clear()
 
-    def pause_writing(self) -> None:
-        self.core.client_write_paused()
-
-    def resume_writing(self) -> None:
-        self.core.client_write_resumed()
-
-    def drain(self) -> None:
-        self.core.drain()
-
-    def abort(self) -> None:
-        self.transport.abort()
-
-    # -- the core's actions ----------------------------------------------------------------
+    # -- the core's actions (closing and the timer in edge.adapter) -----------------------
 
     def send_client(self, data: bytes) -> None:
         self.transport.write(data)
-
-    def close_client(self) -> None:
-        self.transport.close()
-
-    def abort_client(self) -> None:
-        self.transport.abort()
-
-    def half_close_client(self) -> None:
-        self.transport.write_eof()
-
-    def set_timer(self, at: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(at, self._timer_fired)
-
-    def cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        self.core.timer_fired()
 
     def reach(self, stream: H2Stream) -> None:
         self._reaching[stream] = self._loop.create_task(self._reach(stream))

@@ -15,7 +15,6 @@ recomputes it and refuses a `t` too far from its clock (a replayed POST).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import time
@@ -25,6 +24,7 @@ import aiohttp
 
 from vmm.events import Event, EventsSettings, Webhook
 from vmm.jsonlog import log
+from vmm.tasks import cancelled
 
 from .metrics import Metrics
 
@@ -135,10 +135,6 @@ class Webhooks:
         self._tasks = [asyncio.create_task(sender.run(self._http)) for sender in self.senders]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(self._tasks)
         if self._http is not None:
             await self._http.close()

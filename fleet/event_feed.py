@@ -17,6 +17,7 @@ from fleet.catalog import Catalog
 from vmm.errors import VmmError
 from vmm.events import Event, EventRing, EventsSettings
 from vmm.jsonlog import log
+from vmm.tasks import cancelled
 
 POLL = 0.2  # seconds between an edge's reads of the catalog's new events
 BATCH = 500  # events per catalog read or append
@@ -42,10 +43,7 @@ class EventForwarder:
         self._task = asyncio.create_task(self._forward_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancelled([self._task])
         with contextlib.suppress(VmmError):
             await self.forward()
 
@@ -84,10 +82,7 @@ class CatalogEvents:
         self._task = asyncio.create_task(self._poll_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancelled([self._task])
 
     async def read(self) -> None:
         """Take every event the catalog has after the ring's last."""

@@ -21,6 +21,7 @@ from vmm.errors import Conflict, NotFound, VmmError
 from vmm.jsonlog import log
 from vmm.manager import VmManager
 from vmm.model import VmRecord, VmState
+from vmm.tasks import cancelled
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,7 @@ class HostSync:
         self._tasks = [asyncio.create_task(loop()) for loop in (self._push_forever, self._beat_forever)]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(self._tasks)
         with contextlib.suppress(VmmError):
             await self._push_pending()
         await self.events.stop()

@@ -508,30 +508,25 @@ class Client:
 
     def exec(self, vm_id: str, argv: builtins.list[str], **options: Any) -> Iterator[ExecEvent]:
         """A blocking iterator over the command's events, as they come."""
-        events = self._async.exec(vm_id, argv, **options)
-        try:
-            while True:
-                try:
-                    yield self._call(events.__anext__)
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._call(events.aclose)  # type: ignore[attr-defined]
+        return self._blocking(self._async.exec(vm_id, argv, **options))
 
     def run(self, vm_id: str, argv: builtins.list[str], **options: Any) -> ExecResult:
         return self._call(self._async.run, vm_id, argv, **options)
 
     def events(self, **options: Any) -> Iterator[LifecycleEvent]:
         """A blocking iterator over the lifecycle events (AsyncClient.events' options)."""
-        events = self._async.events(**options)
+        return self._blocking(self._async.events(**options))
+
+    def _blocking(self, items: AsyncIterator[T]) -> Iterator[T]:
+        """An async generator of the client's loop as a blocking iterator; closed when it is."""
         try:
             while True:
                 try:
-                    yield self._call(events.__anext__)
+                    yield self._call(items.__anext__)
                 except StopAsyncIteration:
                     return
         finally:
-            self._call(events.aclose)  # type: ignore[attr-defined]
+            self._call(items.aclose)  # type: ignore[attr-defined]
 
     def read_file(self, vm_id: str, path: str) -> bytes:
         return self._call(self._async.read_file, vm_id, path)

@@ -45,6 +45,7 @@ from .recovery import recover
 from .restore_gate import RestoreGate
 from .runtime import QemuRuntime, Runtime
 from .settings import VmmSettings
+from .tasks import cancelled
 from .transitions import Transitions, new_vm
 from .usage import UsageMeter, VmUsage
 from .vm_files import OVERLAY, app_log
@@ -133,10 +134,7 @@ class VmManager:
     async def close(self) -> None:
         """Stop managing: running VMs keep running (re-adopted later) or are suspended."""
         await self.records.stop_flusher()
-        for task in self._background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(self._background)
         for vm in list(self.records.live.values()):
             if self.settings.on_shutdown == "suspend" and vm.rec.state in _LIVE:
                 with contextlib.suppress(VmmError):
