@@ -90,7 +90,7 @@ async def _until_hosts_up(client: EdgeClient, wanted: set[str], timeout: float =
 
 async def _until_state(client: EdgeClient, vm_id: str, state: str, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
-        while (await client.api("GET", f"/v1/vms/{vm_id}"))["state"] != state:
+        while (await client.api("GET", f"/v1/vms/{vm_id}")).get("state") != state:  # a 404 has none yet
             await asyncio.sleep(0.1)
 
 
@@ -108,6 +108,7 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
     vm_id = vm["id"]
     assert vm["host"] == "h2"
     token = (await edge_a.api("POST", f"/v1/vms/{vm_id}/tokens", {}, status=201))["token"]
+    await _until_state(edge_b, vm_id, "running")  # the other edge learns of it from the catalog's change feed
     assert await edge_b.counter(vm_id, token) == 1, "reached through the other edge"
     await _until_state(edge_b, vm_id, "suspended")  # host 2's reaper
     assert await edge_a.counter(vm_id, token) == 2, "woken by a request through edge A, memory intact"
@@ -121,6 +122,7 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
     # Host 1 dies: its VM is unavailable (503, not lost); it comes back with its host.
     other = await edge_b.api("POST", "/v1/vms", {"host": "h1", "policy": {"idle_suspend_after": 600}}, status=201)
     other_token = (await edge_b.api("POST", f"/v1/vms/{other['id']}/tokens", {}, status=201))["token"]
+    await _until_state(edge_a, other["id"], "running")
     assert await edge_a.counter(other["id"], other_token) == 1
     await pg_fleet.hosts["h1"].stop(signal.SIGKILL)
     seen = 1
