@@ -63,6 +63,7 @@ class Admission:
     running: bool = True
     set_cookie: bytes | None = None  # lines for the response head: a Set-Cookie, the port's subprotocol
     generation: int = 0  # the VM's, as this edge knows it: pooled connections of another are not used
+    h2c: bool = False  # the port speaks prior-knowledge HTTP/2 only (an image label): HTTP/1.1 cannot be relayed
 
 
 class Admitter:
@@ -100,7 +101,8 @@ class Admitter:
         if repeat is not None and repeat.key == (method, target, http_version, upgrade, req.signature()):
             rec = self._backend.lookup(repeat.vm_id)
             if rec is not None and self._tokens.still_valid(repeat.grant):
-                return Admission(repeat.head, repeat.vm_id, repeat.port, rec.state is _RUNNING, None, rec.generation)
+                return Admission(repeat.head, repeat.vm_id, repeat.port, rec.state is _RUNNING, None, rec.generation,
+                                 repeat.port in rec.h2c_ports)  # fmt: skip
         return self._admit(method, target, http_version, req, upgrade)
 
     def _admit(
@@ -190,7 +192,7 @@ class Admitter:
         )
         if source == "header" and route.port is None:  # the same head again is admitted the same way
             self._repeat = _Repeat(key, grant, vm_id, port, head)
-        return Admission(head, vm_id, port, rec.state is _RUNNING, set_cookie, rec.generation)
+        return Admission(head, vm_id, port, rec.state is _RUNNING, set_cookie, rec.generation, port in rec.h2c_ports)
 
     def _agent_api(
         self, method: bytes, target: bytes, version: bytes, req: RequestHead, vm_id: str, grant: Grant, upgrade: bool

@@ -326,7 +326,7 @@ class ConnectionCore:
                 verdict = Refusal(400, "the request could not be admitted")
             if isinstance(verdict, Refusal):
                 ex.refuse(verdict)
-            elif verdict.vm_id is not None and self._h2c_only(verdict.vm_id, verdict.port):
+            elif verdict.h2c:
                 ex.refuse(Refusal(502, f"port {verdict.port} of VM {verdict.vm_id} speaks HTTP/2 only (h2c): "
                                   "send the request over HTTP/2 (ALPN h2, or h2c where the edge listens for it)"))
             else:
@@ -336,11 +336,6 @@ class ConnectionCore:
         else:
             self._queue.append(ex)
             self._pause(QUEUED)
-
-    def _h2c_only(self, vm_id: str, port: int) -> bool:
-        """The VM's port speaks prior-knowledge HTTP/2 (an image label): an HTTP/1.1 request cannot be relayed."""
-        rec = self._ctx.backend.lookup(vm_id)
-        return rec is not None and port in rec.h2c_ports
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
