@@ -76,8 +76,12 @@ class CpuFairness:
                 continue  # the group went between the listing and the reads
 
     def _look(self, group: str, seen: _Seen, now: float, elapsed: float) -> None:
+        tids = self.groups.threads(group)
+        if not tids:  # a group whose QEMU is gone (a suspended VM's, or one left behind): nothing to weigh
+            seen.threads, seen.busy_since = {}, None
+            return
         quota_cpus = self.groups.read_limits(group).cpu_quota_us / 100_000
-        wanted = {tid: ns for tid in self.groups.threads(group) if (ns := self.wanted(tid)) is not None}
+        wanted = {tid: ns for tid in tids if (ns := self.wanted(tid)) is not None}
         delta = sum(ns - seen.threads[tid] for tid, ns in wanted.items() if tid in seen.threads)
         fresh, seen.threads = not seen.threads, wanted
         if fresh or elapsed <= 0:
