@@ -157,8 +157,8 @@ def state_settings(session_root: Path, template_dir: Path) -> Iterator[VmmSettin
         for vm_dir in vms.iterdir() if vms.exists() else []:
             asyncio.run(netns.delete(vm_dir.name))
         leaked = set(netns.list_project_namespaces()) - namespaces_before
-        for name in leaked if not _other_test_runs() else ():  # theirs would be new here too
-            if not _in_use(name):  # one with a live QEMU in it belongs to a test of another run, started meanwhile
+        for name in leaked if not other_test_runs() else ():  # theirs would be new here too
+            if not in_use(name):  # one with a live QEMU in it belongs to a test of another run, started meanwhile
                 asyncio.run(netns.delete(name.removeprefix("mvm-")))
         shutil.rmtree(state, ignore_errors=True)
 
@@ -183,7 +183,7 @@ async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
         yield mgr
 
 
-def _other_test_runs() -> bool:
+def other_test_runs() -> bool:
     """Whether another pytest runs on this machine: namespaces it made during this test are not ours.
 
     This run's own ancestors (a `timeout ... pytest` wrapper) and descendants do not count; the other
@@ -210,7 +210,7 @@ def _other_test_runs() -> bool:
     return any(pid not in mine and os.getpid() not in line(pid) for pid in pytests)
 
 
-def _in_use(namespace: str) -> bool:
+def in_use(namespace: str) -> bool:
     """Whether a process runs in the named network namespace (this test's QEMUs are killed by then)."""
     try:
         inode = (netns.NETNS_DIR / namespace).stat().st_ino
