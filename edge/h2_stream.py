@@ -96,6 +96,7 @@ class H2Stream:
         """Admit the request; then a pooled guest connection, or reach one (waking the VM)."""
         ex = self.ex
         core = self.core
+        h2c = False  # the admitted port speaks prior-knowledge HTTP/2: relayed as frames, not translated
         if self._bad:
             ex.refuse(Refusal(400, self._bad))
         else:
@@ -108,6 +109,7 @@ class H2Stream:
                 ex.refuse(verdict)
             else:
                 ex.admit(verdict)
+                h2c = verdict.h2c
         if ex.refusal is not None:
             self._answer(ex.refusal.status, ex.refusal.message, ex.refusal)
             return
@@ -116,8 +118,7 @@ class H2Stream:
         if vm_id is not None:
             ctx.backend.touch(vm_id)
             ctx.open_streams.opened(vm_id)
-            rec = ctx.backend.lookup(vm_id)
-            if rec is not None and ex.port in rec.h2c_ports:
+            if h2c:
                 self._relay = H2cRelay(self, ex.head)
                 guest = shared(vm_id, ex.port, ex.generation) if ex.vm_was_running else None
                 if guest is not None:
