@@ -5,13 +5,29 @@ from __future__ import annotations
 import ast
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from vmm import probe
 from vmm.network import netns
+
+
+def count_restores(manager: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """The manager's restores from now on: call the result for how many so far."""
+    restores = 0
+    real_restore = manager.snapshots.restore
+
+    async def counting_restore(vm: Any) -> None:
+        nonlocal restores
+        restores += 1
+        await real_restore(vm)
+
+    monkeypatch.setattr(manager.snapshots, "restore", counting_restore)
+    return lambda: restores
 
 
 async def guest_request(vm_id: str, path: str = "/", port: int = 8080, timeout: float = 20.0) -> tuple[int, bytes]:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from tests.e2e.edge_harness import DOMAIN, Client, bearer, edge_config, pattern, running_edge
+from tests.e2e.guest import count_restores
 from vmm.model import VmState
 from vmm.settings import VmmSettings
 
@@ -54,17 +55,9 @@ async def test_fifty_concurrent_requests_to_suspended_vm_one_restore(
         token = await client.token(vm_id)
         await client.get_json(vm_id, token)
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
-        restores = 0
-        real_restore = manager.snapshots.restore
-
-        async def counting_restore(vm: Any) -> None:
-            nonlocal restores
-            restores += 1
-            await real_restore(vm)
-
-        monkeypatch.setattr(manager.snapshots, "restore", counting_restore)
+        restores = count_restores(manager, monkeypatch)
         answers = await asyncio.gather(*(client.get_json(vm_id, token) for _ in range(50)))
-        assert restores == 1
+        assert restores() == 1
         assert sorted(a["counter"] for a in answers) == list(range(2, 52)), "each answered exactly once"
 
 

@@ -24,6 +24,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStre
 from edge.h2_conn import make_listener_factory
 from tests.e2e.conftest import IMAGES, _kill_qemus
 from tests.e2e.edge_harness import DOMAIN, Client, edge_config, pattern, running_edge
+from tests.e2e.guest import count_restores
 from tests.e2e.test_shell_browser import CHROMIUM, chromium
 from tests.unit.h2_client import H2Client
 from tests.unit.test_h2_limits import Raw
@@ -155,15 +156,7 @@ async def _h2_client(setup: Setup) -> H2Client:
 async def test_100_streams_on_one_connection_while_the_vm_wakes(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     manager = setup.client.edge.manager
     await setup.suspend()
-    restores = 0
-    real_restore = manager.snapshots.restore
-
-    async def counting_restore(vm: Any) -> None:
-        nonlocal restores
-        restores += 1
-        await real_restore(vm)
-
-    monkeypatch.setattr(manager.snapshots, "restore", counting_restore)
+    restores = count_restores(manager, monkeypatch)
     c = await _h2_client(setup)
     auth = {"authorization": f"Bearer {setup.token}"}
     sids = [c.request(setup.host, "/", headers=auth) for _ in range(100)]
@@ -172,7 +165,7 @@ async def test_100_streams_on_one_connection_while_the_vm_wakes(setup: Setup, mo
     assert [a.status for a in answers] == [200] * 100
     counters = sorted(orjson.loads(a.body)["counter"] for a in answers)
     assert counters == list(range(counters[0], counters[0] + 100)), "each answered exactly once"
-    assert restores == 1
+    assert restores() == 1
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is installed by scripts/install.sh")

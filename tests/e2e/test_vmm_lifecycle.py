@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.guest import guest_state, pid_alive
+from tests.e2e.guest import count_restores, guest_state, pid_alive
 from vmm.errors import Conflict, RestoreFailed, VmmError
 from vmm.manager import VmManager
 from vmm.model import RamMode, VmState
@@ -80,17 +80,9 @@ async def test_twenty_concurrent_wakes_cause_one_restore(manager: VmManager, mon
     vm = await manager.create_vm("demo")
     await guest_state(vm.id)
     await manager.suspend(vm.id)
-    restores = 0
-    real_restore = manager.snapshots.restore
-
-    async def counting_restore(v: object) -> None:
-        nonlocal restores
-        restores += 1
-        await real_restore(v)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(manager.snapshots, "restore", counting_restore)
+    restores = count_restores(manager, monkeypatch)
     woke = await asyncio.gather(*(manager.ensure_running(vm.id) for _ in range(20)))
-    assert restores == 1
+    assert restores() == 1
     assert all(woke) and vm.state is VmState.RUNNING
     assert (await guest_state(vm.id))["counter"] == 2
 
