@@ -126,15 +126,8 @@ class H2Client:
                 ans.done.set()
 
     def _split(self, data: bytes) -> None:
-        raw = self._raw
-        raw += data
-        while len(raw) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(raw[:9]))
-            if len(raw) < 9 + length:
-                return
-            frame.parse_body(memoryview(raw[9 : 9 + length]))
-            self.frames.append(frame)
-            del raw[: 9 + length]
+        self._raw += data
+        split_frames(self._raw, self.frames)
 
     def _event(self, event: object) -> None:
         if isinstance(event, ResponseReceived):
@@ -162,3 +155,14 @@ class H2Client:
         self.writer.close()
         with __import__("contextlib").suppress(Exception):
             await self.writer.wait_closed()
+
+
+def split_frames(buf: bytearray, into: list[Frame]) -> None:
+    """Move every whole frame at the start of `buf` into `into`; a frame still arriving stays in `buf`."""
+    while len(buf) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(buf[:9]))
+        if len(buf) < 9 + length:
+            return
+        frame.parse_body(memoryview(buf[9 : 9 + length]))
+        into.append(frame)
+        del buf[: 9 + length]
