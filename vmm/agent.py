@@ -35,7 +35,8 @@ _HEAD = struct.Struct(">IBI")
 _SYNC_OK = struct.Struct(">QB")  # guest realtime ns after setting it, flags
 _EXIT = struct.Struct(">i")  # exit status, or -signal
 F_SYNC, F_SYNC_OK, F_EXEC, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_STDIN, F_KILL = 1, 2, 10, 11, 12, 13, 14, 15, 16
-F_PTY_EXEC, F_RESIZE = 17, 18
+F_PTY_EXEC, F_RESIZE, F_SYNC_REKEY = 17, 18, 3
+SYNC_ENTROPY, SYNC_RESEEDED, SYNC_REKEYED = 1, 2, 4  # F_SYNC_OK's flags
 _QUEUE_FRAMES = 64  # per exec: at most 64 frames of <= 64 KiB waiting for their reader
 MAX_FRAME = 1 << 20
 # Frames for no call in a row that end the channel. An abandoned exec's last output and an earlier
@@ -54,12 +55,19 @@ def load_key(path: Path) -> bytes:
     except FileNotFoundError:
         pass
     key = secrets.token_bytes(KEY_BYTES)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    store_key(path, key)
+    return key
+
+
+def store_key(path: Path, key: bytes) -> None:
+    """`key` as the VM's agent key file (0600 from its first byte), replacing the one there at once."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, key)
     finally:
         os.close(fd)
-    return key
+    os.replace(tmp, path)
 
 
 class AgentError(VmmError):
@@ -188,8 +196,15 @@ class Agent:
         except OSError as exc:
             raise AgentError(f"the guest agent's channel failed: {exc}") from exc
 
-    async def sync(self, hostname: str, timeout: float) -> SyncResult:
-        """Set the guest's wall clock, feed its RNG fresh host entropy and reseed it, set its hostname."""
+    async def sync(self, hostname: str, timeout: float, new_key: bytes | None = None) -> SyncResult:
+        """Set the guest's wall clock, feed its RNG fresh host entropy and reseed it, set its hostname.
+
+        With `new_key` (a fork's child, which woke knowing its parent's key) the sync also gives the
+        guest that key: it answers, then takes only frames with it. This agent uses it once the answer
+        says the guest took it; nothing else may be sent meanwhile (a frame with the old key is refused).
+        """
+        if new_key is not None and len(new_key) != KEY_BYTES:
+            raise AgentError(f"a new agent key has {KEY_BYTES} bytes, not {len(new_key)}")
         channel = next(self._channels)
         reply: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._replies[channel] = reply
@@ -197,8 +212,9 @@ class Agent:
         name = hostname.encode()
         try:
             async with asyncio.timeout(timeout):
-                payload = self.key + struct.pack(">QH", time.time_ns(), len(name)) + name + os.urandom(ENTROPY_BYTES)
-                await self.send(F_SYNC, channel, payload)
+                payload = self.key + (new_key or b"")
+                payload += struct.pack(">QH", time.time_ns(), len(name)) + name + os.urandom(ENTROPY_BYTES)
+                await self.send(F_SYNC if new_key is None else F_SYNC_REKEY, channel, payload)
                 kind, answer = await reply
         except TimeoutError:
             raise AgentError(f"the guest agent did not answer a sync within {timeout * 1000:.0f} ms") from None
@@ -209,10 +225,14 @@ class Agent:
         if kind != F_SYNC_OK or len(answer) != _SYNC_OK.size:
             raise AgentError(f"the guest agent answered a sync with {_malformed(kind, answer)}")
         guest_ns, flags = _SYNC_OK.unpack(answer)
+        if new_key is not None:
+            if not flags & SYNC_REKEYED:
+                raise AgentError("the guest agent answered the sync without taking its new key")
+            self.key = new_key
         return SyncResult(
             skew_ms=(guest_ns - time.time_ns()) / 1e6,
-            entropy_added=bool(flags & 1),
-            crng_reseeded=bool(flags & 2),
+            entropy_added=bool(flags & SYNC_ENTROPY),
+            crng_reseeded=bool(flags & SYNC_RESEEDED),
             took_ms=(time.monotonic() - started) * 1000,
         )
 

@@ -7,7 +7,8 @@ complete (a crash leaves no half-written one), then sealed read-only like a temp
   children map it copy-on-write the way clones map a template's);
 - `disk.qcow2`: the VM's disk at that instant, a frozen qcow2 layer: the VM rewound to it, and
   every child forked from it, gets a new overlay backed by it (a qcow2 backing chain);
-- `agent.key`: the guest agent's key the guest holds at that moment (children keep it).
+- `agent.key`: the guest agent's key the guest holds at that moment (a child wakes with it, and its
+  first sync gives it a key of its own, vmm.forks).
 A running VM is paused only for the capture (`stop`, save, copy, `cont`); a suspended one is
 copied from its snapshot files without a wake.
 

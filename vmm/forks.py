@@ -4,21 +4,21 @@ Each child is a VM of its own (id, URL, namespace, policy, disk overlay over the
 layer). Its RAM maps the checkpoint's RAM file copy-on-write, as a clone maps its template's;
 a checkpoint whose RAM is in its device-state stream is loaded into a RAM file of the child's
 own. Before its first request the guest agent syncs it (clock, fresh entropy, its id as
-hostname): children never share RNG output with each other or with their parent. Its `run`
-hook is not called again; the `fork` hook tells it whose child it is. The guest keeps the
-agent key it had at the checkpoint (it learnt it once; a new key would need a guest change).
+hostname, a new agent key): children never share RNG output with each other or with their
+parent, and a child takes no frame with its parent's key. Its `run` hook is not called again;
+the `fork` hook tells it whose child it is.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import secrets
 import time
+from pathlib import Path
 
 import orjson
 
 from . import disks, faults
-from .agent import AgentError
+from .agent import KEY_BYTES, AgentError, store_key
 from .checkpoints import ORIGIN, Checkpoint
 from .errors import VmFailed
 from .hook_runner import run_hook
@@ -42,9 +42,8 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
     try:
         vm_dir.mkdir(parents=True)
         (vm_dir / ORIGIN).write_bytes(orjson.dumps({"parent": ckpt.vm_id, "checkpoint": ckpt.name, "index": index}))
-        if (ckpt.path / AGENT_KEY).exists():
-            shutil.copyfile(ckpt.path / AGENT_KEY, vm_dir / AGENT_KEY)
-            os.chmod(vm_dir / AGENT_KEY, 0o600)
+        if (ckpt.path / AGENT_KEY).exists():  # the key the guest wakes with: its first sync replaces it
+            store_key(vm_dir / AGENT_KEY, (ckpt.path / AGENT_KEY).read_bytes())
         if ckpt.disk.exists():
             await disks.create_layer(ckpt.disk, vm_dir / OVERLAY)
         await runtime.create_network(vm_id)
@@ -53,7 +52,7 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
         ram = RamBacking(ckpt.path / RAM, share=False) if ckpt.ram_file else RamBacking(vm_dir / RAM, share=True)
         faults.point("fork.prepared")
         await transitions.snapshots.start_from(vm, tpl, ram, ckpt.path / STATE, ckpt.ram_file, purpose="fork")
-        await _synced(vm, settings.restore_timeout if settings.guest_sync else 0.0)
+        await _synced(vm, vm_dir / AGENT_KEY, settings.restore_timeout if settings.guest_sync else 0.0)
         if not ckpt.ram_file:
             vm.rec.ram_mode = RamMode.OWN_FILE  # the stream was loaded into the child's own RAM file
             transitions.records.write(vm.rec)
@@ -71,12 +70,20 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
               ms=round((time.monotonic() - started) * 1000, 1))  # fmt: skip
 
 
-async def _synced(vm: LiveVm, timeout: float) -> None:
-    """A child must not answer with its parent's RNG state: the launch's sync, which a busy host may let
-    time out and skip, is made once more with the restore's timeout, and a child it fails for is ended."""
+async def _synced(vm: LiveVm, key_file: Path, timeout: float) -> None:
+    """A child must not answer with its parent's RNG state nor take its parent's agent key: the launch's
+    sync, which a busy host may let time out and skip, is made once more with the restore's timeout and
+    a new key (kept in `key_file` once the guest took it); a child it fails for is ended. A guest agent
+    from before keys could change (an image built earlier) refuses the new key: the child keeps its
+    parent's, and says so in the log."""
     if vm.agent is None or not timeout:
         return
     try:
-        await vm.agent.sync(vm.rec.id, timeout)
+        try:
+            await vm.agent.sync(vm.rec.id, timeout, new_key=secrets.token_bytes(KEY_BYTES))
+        except AgentError as refused:
+            await vm.agent.sync(vm.rec.id, timeout)
+            log.event("vm.rekey_refused", level="warning", vm=vm.rec.id, error=str(refused))
     except AgentError as exc:
         raise VmFailed(f"its guest agent took no fresh entropy (it would share its parent's): {exc}") from exc
+    store_key(key_file, vm.agent.key)

@@ -154,7 +154,9 @@ static void kill_all_execs(void) {
             kill(-execs[i].pid, SIGKILL);
 }
 
-static void handle_sync(uint32_t ch, const unsigned char *p, size_t n) {
+/* `next_key` (a SYNC_REKEY's, else NULL) becomes the VM's key once the sync succeeded, as its answer is
+ * queued: a frame after this one needs it, and a sync that failed leaves the key as it was. */
+static void handle_sync(uint32_t ch, const unsigned char *p, size_t n, const unsigned char *next_key) {
     if (n < 10) {
         send_text(F_ERROR, ch, "sync: short frame");
         return;
@@ -195,6 +197,10 @@ static void handle_sync(uint32_t ch, const unsigned char *p, size_t n) {
     uint64_t now_ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
     be32(reply, (uint32_t)(now_ns >> 32));
     be32(reply + 4, (uint32_t)now_ns);
+    if (next_key) {
+        memcpy(key, next_key, AGENT_KEY_BYTES);
+        flags |= 4;
+    }
     reply[8] = flags;
     send_frame(F_SYNC_OK, ch, reply, sizeof reply);
 }
@@ -417,6 +423,7 @@ static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size
     struct exec *x;
     switch (type) {
     case F_SYNC:
+    case F_SYNC_REKEY:
     case F_EXEC:
     case F_PTY_EXEC:
         if (!authenticated(p, n)) {
@@ -424,8 +431,12 @@ static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size
             break;
         }
         p += AGENT_KEY_BYTES, n -= AGENT_KEY_BYTES;
-        if (type == F_SYNC)
-            handle_sync(ch, p, n);
+        if (type == F_SYNC_REKEY && n < AGENT_KEY_BYTES)
+            send_text(F_ERROR, ch, "sync: short frame");
+        else if (type == F_SYNC_REKEY)
+            handle_sync(ch, p + AGENT_KEY_BYTES, n - AGENT_KEY_BYTES, p);
+        else if (type == F_SYNC)
+            handle_sync(ch, p, n, NULL);
         else
             handle_exec(ch, p, n, type == F_PTY_EXEC);
         break;

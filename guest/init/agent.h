@@ -5,9 +5,10 @@
  * the app. PID 1 restarts it if it dies.
  *
  * Frames, both ways: u32 length (big-endian; of what follows), u8 type, u32 channel, payload.
- * SYNC, EXEC and PTY_EXEC payloads start with the VM's 32-byte key: the first such frame an
- * agent sees sets it (a clone's agent wakes from the template's snapshot knowing none), and
- * every later one must carry the same key.
+ * SYNC, SYNC_REKEY, EXEC and PTY_EXEC payloads start with the VM's 32-byte key: the first such
+ * frame an agent sees sets it (a clone's agent wakes from the template's snapshot knowing none),
+ * and every later one must carry the same key. A fork's child wakes knowing its parent's key: its
+ * first sync is a SYNC_REKEY, and once that is answered only the new key is taken.
  */
 #ifndef MVM_AGENT_H
 #define MVM_AGENT_H
@@ -17,13 +18,15 @@
 enum agent_frame {
     /* host -> guest */
     F_SYNC = 1,      /* u64 realtime ns, u16 hostname length, hostname, entropy bytes (rest) */
+    F_SYNC_REKEY = 3, /* the VM's next 32-byte key, then as F_SYNC */
     F_EXEC = 10,     /* u32 uid, u32 gid, u16 argc, u16 envc, then argv, env, cwd: NUL-terminated */
     F_STDIN = 15,    /* bytes for the exec's stdin; empty closes it */
     F_KILL = 16,     /* u8 signal for the exec's process group */
     F_PTY_EXEC = 17, /* u16 rows, u16 cols, then as F_EXEC: the command gets a terminal (output is stdout) */
     F_RESIZE = 18,   /* u16 rows, u16 cols for an exec's terminal */
     /* guest -> host */
-    F_SYNC_OK = 2,   /* u64 guest realtime ns after setting it, u8 flags (1 entropy added, 2 crng reseeded) */
+    F_SYNC_OK = 2,   /* u64 guest realtime ns after setting it, u8 flags (1 entropy added, 2 crng reseeded,
+                        4 the next key taken) */
     F_STDOUT = 11,
     F_STDERR = 12,
     F_EXIT = 13,     /* i32: exit status, or -signal */

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -22,6 +23,7 @@ import pytest_asyncio
 from tests.e2e.conftest import started_manager
 from tests.e2e.guest import sandbox_run
 from vmm import disks, faults
+from vmm.agent import Agent, ExecEvent
 from vmm.errors import Conflict, InvalidRequest, NotFound, VmmError
 from vmm.manager import VmManager
 from vmm.model import VmState
@@ -70,6 +72,39 @@ async def test_fork_keeps_the_parents_moment_and_children_are_their_own(parent: 
         assert hostnames == children
     finally:
         await _children_gone(mgr, children)
+
+
+async def _exec_true(agent: Agent | None) -> list[ExecEvent]:
+    assert agent is not None
+    return [event async for event in await agent.exec(["true"], [], "/", 0, 0)]
+
+
+async def test_each_child_gets_an_agent_key_of_its_own(parent: tuple[VmManager, str]) -> None:
+    """A child wakes knowing its parent's agent key; its first sync gives it a new one: it answers exec
+    with that key, refuses its parent's, and still takes it after a suspend (the key file is what it holds)."""
+    mgr, vm_id = parent
+    (child,) = [c.id for c in await mgr.fork(vm_id, 1)]
+    try:
+        parent_key = (mgr.settings.vms_dir / vm_id / "agent.key").read_bytes()
+        key_file = mgr.settings.vms_dir / child / "agent.key"
+        own = key_file.read_bytes()
+        assert len(own) == 32 and own != parent_key
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        agent = mgr.records.get(child).agent
+        assert agent is not None and agent.key == own
+        assert [e.kind for e in await _exec_true(agent)] == ["exit"]
+        agent.key = parent_key
+        refused = await _exec_true(agent)
+        assert [e.kind for e in refused] == ["error"] and b"does not carry this VM's key" in refused[0].data
+        agent.key = own
+        await mgr.suspend(child)
+        await mgr.resume(child)
+        assert [e.kind for e in await _exec_true(mgr.records.get(child).agent)] == ["exit"]
+        parents = mgr.records.get(vm_id).agent  # the parent keeps its own
+        assert parents is not None and parents.key == parent_key
+        assert [e.kind for e in await _exec_true(parents)] == ["exit"]
+    finally:
+        await _children_gone(mgr, [child])
 
 
 async def test_rewind_brings_back_memory_disk_and_the_same_process(parent: tuple[VmManager, str]) -> None:

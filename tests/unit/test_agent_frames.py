@@ -15,7 +15,20 @@ import pytest
 
 from bench.agent_fuzz import FrameSink, fuzz
 from vmm import agent as agent_module
-from vmm.agent import F_ERROR, F_EXIT, F_STDOUT, F_SYNC_OK, MAX_FRAME, Agent, AgentError, ExecEvent, SyncResult
+from vmm.agent import (
+    ENTROPY_BYTES,
+    F_ERROR,
+    F_EXIT,
+    F_STDOUT,
+    F_SYNC,
+    F_SYNC_OK,
+    F_SYNC_REKEY,
+    MAX_FRAME,
+    Agent,
+    AgentError,
+    ExecEvent,
+    SyncResult,
+)
 
 HEAD = struct.Struct(">IBI")
 
@@ -27,13 +40,18 @@ class Guest(FrameSink):
         super().__init__()
         self.reader = asyncio.StreamReader()
         self.agent = Agent(self.reader, cast(asyncio.StreamWriter, self), bytes(32))
+        self.received: list[tuple[int, bytes]] = []  # each frame the host sent: its kind and payload
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.received.append((data[4], data[HEAD.size :]))
 
     def send(self, *frames: bytes) -> None:
         self.reader.feed_data(b"".join(frames))
 
-    async def sync(self, timeout: float = 5.0) -> asyncio.Task[SyncResult]:
-        """A sync under way, its F_SYNC sent: its channel is self.channels[-1]."""
-        task = asyncio.create_task(self.agent.sync("v1", timeout))
+    async def sync(self, timeout: float = 5.0, new_key: bytes | None = None) -> asyncio.Task[SyncResult]:
+        """A sync under way, its F_SYNC (or F_SYNC_REKEY) sent: its channel is self.channels[-1]."""
+        task = asyncio.create_task(self.agent.sync("v1", timeout, new_key))
         await asyncio.sleep(0)
         return task
 
@@ -68,6 +86,57 @@ async def test_a_short_sync_answer_is_an_agent_error_for_that_sync_only() -> Non
     guest.send(frame(F_ERROR, guest.channels[-1], b"sync: short frame"))
     with pytest.raises(AgentError, match="refused the sync: sync: short frame"):
         await sync
+    await guest.agent.close("done")
+
+
+NEW_KEY = bytes(range(32))
+
+
+async def test_a_rekey_sync_carries_both_keys_and_the_agent_uses_the_new_one_once_the_guest_took_it() -> None:
+    guest = Guest()
+    sync = await guest.sync(new_key=NEW_KEY)
+    kind, payload = guest.received[-1]
+    assert kind == F_SYNC_REKEY
+    assert payload[:32] == bytes(32) and payload[32:64] == NEW_KEY  # the key the guest holds, then its next
+    _, hostname_len = struct.unpack_from(">QH", payload, 64)
+    assert payload[74 : 74 + hostname_len] == b"v1" and len(payload) == 74 + hostname_len + ENTROPY_BYTES
+    assert guest.agent.key == bytes(32), "not before the guest answered"
+    guest.send(frame(F_SYNC_OK, guest.channels[-1], struct.pack(">QB", 1, 7)))
+    assert (await sync).crng_reseeded
+    assert guest.agent.key == NEW_KEY
+    await guest.agent.exec(["true"], [], "/", 0, 0)
+    assert guest.received[-1][1][:32] == NEW_KEY
+    await guest.sync()  # a plain sync carries one key, the new one
+    assert guest.received[-1][0] == F_SYNC and guest.received[-1][1][:32] == NEW_KEY
+    await guest.agent.close("done")
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "error"),
+    [(F_ERROR, b"unknown frame type 3", "refused the sync: unknown frame type 3"),
+     (F_SYNC_OK, struct.pack(">QB", 1, 3), "without taking its new key"),
+     (F_SYNC_OK, bytes(3), "malformed frame")],
+    ids=["refused", "answered without taking it", "malformed answer"],
+)  # fmt: skip
+async def test_a_rekey_the_guest_did_not_take_leaves_the_key_as_it_was(kind: int, payload: bytes, error: str) -> None:
+    guest = Guest()
+    sync = await guest.sync(new_key=NEW_KEY)
+    guest.send(frame(kind, guest.channels[-1], payload))
+    with pytest.raises(AgentError, match=error):
+        await sync
+    assert guest.agent.key == bytes(32)
+    await guest.agent.close("done")
+
+
+async def test_a_guest_that_claims_a_rekey_nobody_asked_for_changes_nothing() -> None:
+    guest = Guest()
+    sync = await guest.sync()
+    guest.send(frame(F_SYNC_OK, guest.channels[-1], struct.pack(">QB", 1, 7)))
+    await sync
+    assert guest.agent.key == bytes(32)
+    with pytest.raises(AgentError, match="a new agent key has 32 bytes, not 5"):
+        await guest.agent.sync("v1", 5.0, b"short")
+    assert len(guest.received) == 1, "nothing was sent for a key of the wrong size"
     await guest.agent.close("done")
 
 

@@ -1,0 +1,89 @@
+"""A fork's child gets an agent key of its own at its first sync (vmm.forks), against a scripted guest agent:
+one that takes the new key, one from before keys could change, one that answers nothing well."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from vmm import forks
+from vmm.agent import F_ERROR, F_SYNC, F_SYNC_OK, F_SYNC_REKEY, Agent, store_key
+from vmm.errors import VmFailed
+from vmm.live import LiveVm
+from vmm.model import VmRecord, VmState
+from vmm.policy import Policy
+
+HEAD = struct.Struct(">IBI")
+PARENTS_KEY = bytes(32)
+
+
+class ScriptedGuest:
+    """The guest's end of an Agent: answers each sync at once, as the guest agent `kind` would."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.reader = asyncio.StreamReader()
+        self.agent = Agent(self.reader, cast(asyncio.StreamWriter, self), PARENTS_KEY)
+
+    def write(self, data: bytes) -> None:
+        _, frame_kind, channel = HEAD.unpack_from(data)
+        if self.kind == "current" and frame_kind == F_SYNC_REKEY:
+            self._answer(channel, F_SYNC_OK, struct.pack(">QB", 1, 7))
+        elif self.kind == "older" and frame_kind == F_SYNC:
+            self._answer(channel, F_SYNC_OK, struct.pack(">QB", 1, 3))
+        elif frame_kind == F_SYNC_REKEY:
+            self._answer(channel, F_ERROR, b"unknown frame type 3")
+        else:
+            self._answer(channel, F_ERROR, b"sync: short frame")
+
+    def _answer(self, channel: int, kind: int, payload: bytes) -> None:
+        self.reader.feed_data(HEAD.pack(len(payload) + 5, kind, channel) + payload)
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _child(guest: ScriptedGuest) -> LiveVm:
+    vm = LiveVm(VmRecord("vchild", "sandbox", VmState.RUNNING, Policy(), 8080, 1.0, 1.0))
+    vm.agent = guest.agent
+    return vm
+
+
+async def test_a_current_guest_takes_a_new_key_and_the_key_file_holds_it(tmp_path: Path) -> None:
+    key_file = tmp_path / "agent.key"
+    store_key(key_file, PARENTS_KEY)
+    guest = ScriptedGuest("current")
+    await forks._synced(_child(guest), key_file, 5.0)
+    assert guest.agent.key != PARENTS_KEY and len(guest.agent.key) == 32
+    assert key_file.read_bytes() == guest.agent.key
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    await guest.agent.close("done")
+
+
+async def test_an_older_guest_agent_keeps_its_parents_key_and_is_still_synced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = tmp_path / "agent.key"
+    store_key(key_file, PARENTS_KEY)
+    guest = ScriptedGuest("older")
+    await forks._synced(_child(guest), key_file, 5.0)
+    assert guest.agent.key == PARENTS_KEY and key_file.read_bytes() == PARENTS_KEY
+    assert "vm.rekey_refused" in capsys.readouterr().err
+    await guest.agent.close("done")
+
+
+async def test_a_guest_that_takes_no_sync_ends_the_child_and_its_key_file_is_untouched(tmp_path: Path) -> None:
+    key_file = tmp_path / "agent.key"
+    store_key(key_file, PARENTS_KEY)
+    guest = ScriptedGuest("broken")
+    with pytest.raises(VmFailed, match=r"took no fresh entropy.*refused the sync: sync: short frame"):
+        await forks._synced(_child(guest), key_file, 5.0)
+    assert key_file.read_bytes() == PARENTS_KEY
+    await guest.agent.close("done")
