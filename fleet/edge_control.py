@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from edge import console, events_api
+from edge.checkpoint_api import parse_from_checkpoint
 from edge.control import (
     METRICS,
     SERVER,
@@ -104,6 +105,8 @@ async def create_vm(request: web.Request) -> web.Response:
     if wanted is not None and not isinstance(wanted, str):
         raise web.HTTPUnprocessableEntity(reason="host must be a host id (see GET /v1/hosts)")
     routes, hosts = request.app[ROUTES], request.app[HOSTS]
+    if "from_checkpoint" in body:
+        return await _create_from_checkpoint(request, body, wanted)
     template = check_name(body.get("template") or request.app[DEFAULT_TEMPLATE])
     having = await routes.catalog.template_hosts(template)
     if not having:
@@ -126,6 +129,25 @@ async def create_vm(request: web.Request) -> web.Response:
         raise OverCapacity(f"no host could take a VM of template {template!r}: " + "; ".join(tried))
     asked = f" (host {wanted!r} asked for)" if wanted else ""
     raise NotRunning(f"no host that is up has template {template!r}{asked}")
+
+
+async def _create_from_checkpoint(request: web.Request, body: dict[str, Any], wanted: str | None) -> web.Response:
+    """A VM from a checkpoint (a fork's child) starts on the host that has the checkpoint: its VM's."""
+    routes = request.app[ROUTES]
+    vm_id, _ = parse_from_checkpoint(body["from_checkpoint"])
+    placed = routes.placed(vm_id) or await routes.reload(vm_id)
+    if placed is None:
+        raise NotFound(f"VM {vm_id!r} does not exist")
+    if wanted is not None and wanted != placed.host_id:
+        raise web.HTTPUnprocessableEntity(
+            reason=f"a VM from a checkpoint of VM {vm_id} starts on its host {placed.host_id}, not {wanted}"
+        )
+    host = routes.reachable_host(placed)
+    rec = await request.app[HOSTS].call(host.id, host.address, "POST", "/v1/vms", body)
+    await routes.reload(rec["id"])
+    rec["host"] = host.id
+    log.event("edge.placed", vm=rec["id"], host=host.id, parent=vm_id)
+    return json_response(rec, 201)
 
 
 async def move_vm(request: web.Request) -> web.Response:

@@ -20,6 +20,7 @@ import pytest
 from fleet.host import host_id_of
 from mvm.config import load_config
 from tests.e2e.fleet_harness import ADMIN, DOMAIN, EdgeClient, Role, free_port, toml
+from tests.e2e.guest import sandbox_run
 from tests.pg import PgCluster, create_database, drop_database
 from vmm.settings import VmmSettings
 
@@ -176,6 +177,34 @@ async def test_two_hosts_two_edges_on_postgresql(pg_fleet: Fleet) -> None:
             await asyncio.sleep(0.2)
     seqs = [e["seq"] for e in feeds[0]]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def test_checkpoints_move_with_the_vm_through_the_fleet(sandbox_template: str, pg_fleet: Fleet) -> None:
+    """The edge's move (what `mvm vm move` calls) carries a VM's checkpoints: on its new host they are listed,
+    and a rewind and a fork from one work there. A VM whose checkpoint a child uses stays where it is
+    (the dependants rule)."""
+    edge_a, edge_b = pg_fleet.clients
+    vm_id = (await edge_a.api("POST", "/v1/vms", {"template": sandbox_template, "host": "h2"}, status=201))["id"]
+    await sandbox_run(vm_id, "z = 'kept'; open('/data/m.txt', 'w').write('kept')")
+    await edge_a.api("POST", f"/v1/vms/{vm_id}/checkpoints", {"name": "p"}, status=201)
+    await sandbox_run(vm_id, "z = 'changed'; open('/data/m.txt', 'w').write('changed')")
+    assert (await edge_a.api("POST", f"/v1/vms/{vm_id}/move", {"to": "h1"}, status=200))["host"] == "h1"
+    listed = (await edge_b.api("GET", f"/v1/vms/{vm_id}/checkpoints", status=200))["checkpoints"]
+    assert [(c["vm"], c["name"]) for c in listed] == [(vm_id, "p")]
+    assert (await edge_b.api("POST", f"/v1/vms/{vm_id}/restore", {"checkpoint": "p"}, status=200))["state"] == "running"
+    assert await sandbox_run(vm_id, "z, open('/data/m.txt').read()") == ("kept", "kept")
+    forked = await edge_a.api("POST", f"/v1/vms/{vm_id}/fork", {"count": 1, "checkpoint": "p"}, status=201)
+    # the other way to fork from it: placed on the checkpoint's host, whichever host has more room
+    made = await edge_b.api("POST", "/v1/vms", {"from_checkpoint": f"{vm_id}/p"}, status=201)
+    children = [forked["vms"][0]["id"], made["id"]]
+    for child in children:
+        await _until_state(edge_b, child, "running")
+        assert (await edge_b.api("GET", f"/v1/vms/{child}"))["host"] == "h1"
+        assert await sandbox_run(child, "z, open('/data/m.txt').read()") == ("kept", "kept")
+    refused = await edge_a.api("POST", f"/v1/vms/{vm_id}/move", {"to": "h2"}, status=409)
+    assert "in use by" in refused["message"] and all(f"VM {c}" in refused["message"] for c in children)
+    for vm in (*children, vm_id):
+        await edge_a.api("DELETE", f"/v1/vms/{vm}", status=204)
 
 
 @asynccontextmanager
