@@ -47,22 +47,31 @@ _EXIT_CODES = range(-64, 256)  # what a guest can report: an exit status, or -si
 
 
 def load_key(path: Path) -> bytes:
-    """The VM's agent key: made once (0600) when first asked for, then read back, also after a restart."""
+    """The VM's agent key: made once (0600) when first asked for, then read back, also after a restart.
+
+    Never through a symlink (nor blocked by a FIFO): the VM's directory is its QEMU's uid's, and a
+    QEMU that broke out of its guest could plant one there to have root's files sent to the guest.
+    """
     try:
-        key = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    if fd >= 0:
+        with os.fdopen(fd, "rb") as file:
+            key = file.read(KEY_BYTES + 1)
         if len(key) == KEY_BYTES:
             return key
-    except FileNotFoundError:
-        pass
     key = secrets.token_bytes(KEY_BYTES)
     store_key(path, key)
     return key
 
 
 def store_key(path: Path, key: bytes) -> None:
-    """`key` as the VM's agent key file (0600 from its first byte), replacing the one there at once."""
+    """`key` as the VM's agent key file, 0600 from its first byte, replacing the one there at once. Written
+    aside and renamed, never through a name the VM's QEMU may have planted (see load_key)."""
     tmp = path.with_name(f"{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, key)
     finally:

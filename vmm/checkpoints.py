@@ -31,6 +31,7 @@ import orjson
 
 from . import disks, faults, jail, snapshot_check
 from . import qmp as qmp_ops
+from .agent import load_key, store_key
 from .errors import Conflict, InvalidRequest, NotFound, OverCapacity, VmmError
 from .jsonlog import log
 from .lifecycle import Lifecycle
@@ -200,7 +201,7 @@ class Checkpoints:
                 paused_ms = await self._capture_live(vm, tmp)
             key = self._vm_dir(vm) / AGENT_KEY
             if key.exists():
-                shutil.copyfile(key, tmp / AGENT_KEY)
+                store_key(tmp / AGENT_KEY, load_key(key))
             faults.point("checkpoint.written")
             size = sum(disks.allocated_bytes(p) for p in tmp.iterdir())
             if size > self.settings.checkpoint_max_mb << 20:

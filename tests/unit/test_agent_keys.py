@@ -1,9 +1,11 @@
-"""A fork's child gets an agent key of its own at its first sync (vmm.forks), against a scripted guest agent:
-one that takes the new key, one from before keys could change, one that answers nothing well."""
+"""A VM's guest agent key. A fork's child gets one of its own at its first sync (vmm.forks), against a scripted
+guest agent: one that takes the new key, one from before keys could change, one that answers nothing well.
+The key file is never read or written through a name the VM's QEMU could have planted in its directory."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 from typing import cast
@@ -11,7 +13,7 @@ from typing import cast
 import pytest
 
 from vmm import forks
-from vmm.agent import F_ERROR, F_SYNC, F_SYNC_OK, F_SYNC_REKEY, Agent, store_key
+from vmm.agent import F_ERROR, F_SYNC, F_SYNC_OK, F_SYNC_REKEY, KEY_BYTES, Agent, load_key, store_key
 from vmm.errors import VmFailed
 from vmm.live import LiveVm
 from vmm.model import VmRecord, VmState
@@ -87,3 +89,29 @@ async def test_a_guest_that_takes_no_sync_ends_the_child_and_its_key_file_is_unt
         await forks._synced(_child(guest), key_file, 5.0)
     assert key_file.read_bytes() == PARENTS_KEY
     await guest.agent.close("done")
+
+
+def test_a_key_is_made_once_then_read_back(tmp_path: Path) -> None:
+    key = load_key(tmp_path / "agent.key")
+    assert len(key) == KEY_BYTES and load_key(tmp_path / "agent.key") == key
+    assert (tmp_path / "agent.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_planted_symlink_is_neither_read_nor_written_through(tmp_path: Path) -> None:
+    secret = tmp_path / "root-only"
+    secret.write_bytes(b"s" * KEY_BYTES)
+    vm_dir = tmp_path / "vm"
+    vm_dir.mkdir()
+    (vm_dir / "agent.key").symlink_to(secret)
+    with pytest.raises(OSError):
+        load_key(vm_dir / "agent.key")  # not sent to the guest as its key
+    (vm_dir / "agent.key.tmp").symlink_to(secret)
+    store_key(vm_dir / "agent.key", bytes(KEY_BYTES))
+    assert secret.read_bytes() == b"s" * KEY_BYTES
+    assert not (vm_dir / "agent.key").is_symlink() and load_key(vm_dir / "agent.key") == bytes(KEY_BYTES)
+
+
+def test_a_planted_fifo_does_not_block_and_is_replaced(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "agent.key")
+    key = load_key(tmp_path / "agent.key")
+    assert (tmp_path / "agent.key").read_bytes() == key
