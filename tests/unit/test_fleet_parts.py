@@ -191,3 +191,47 @@ async def test_the_edge_validates_a_template_name_like_a_host_and_an_unknown_one
         resp = await client.post("/v1/vms", json={"template": template}, headers=auth)
         assert (resp.status, (await resp.json())["message"]) == (status, message)
         assert hosts.asked == []
+
+
+class _ParentOnH2(_Routes):
+    """VM vparent lives on h2, the host with less free memory: placement alone would pick h1."""
+
+    parent = PlacedVm("h2", VmRecord("vparent", "demo", VmState.RUNNING, Policy(), 8080, 1.0, 1.0))
+
+    def placed(self, vm_id: str) -> PlacedVm | None:
+        return self.parent if vm_id == "vparent" else None
+
+    def reachable_host(self, placed: PlacedVm) -> HostRecord:
+        return next(h for h in self.hosts() if h.id == placed.host_id)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "asked"),
+    [
+        ({"from_checkpoint": "vparent/p"}, 201, ["h2"]),
+        ({"from_checkpoint": "vparent/p", "host": "h2"}, 201, ["h2"]),
+        ({"from_checkpoint": "vparent/p", "host": "h1"}, 422, []),
+        ({"from_checkpoint": "vnosuch/p"}, 404, []),
+        ({"from_checkpoint": "no-slash"}, 422, []),
+    ],
+    ids=["to the parent's host", "pinned there", "pinned elsewhere", "unknown VM", "not vm/name"],
+)
+async def test_a_vm_from_a_checkpoint_starts_on_the_checkpoints_host(
+    body: dict[str, str], status: int, asked: list[str]
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from edge.metrics import Metrics
+    from edge.settings import token_service
+    from fleet.edge_control import build_edge_control_app
+
+    cfg = load_config(None)
+    hosts = _FullFirstHost()
+    app = build_edge_control_app(cfg, _ParentOnH2(), hosts, token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
+        resp = await client.post("/v1/vms", json=body, headers=auth)
+        assert resp.status == status, await resp.text()
+        assert hosts.asked == asked
+        if status == 201:
+            assert (await resp.json())["host"] == "h2"
