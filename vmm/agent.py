@@ -1,4 +1,4 @@
-"""The host end of a VM's guest agent: restore hygiene (clock, entropy, hostname) and exec.
+"""The host end of a VM's guest agent: restore hygiene (clock, entropy, hostname), a fork child's own key, and exec.
 
 The channel is a virtio-serial port whose QEMU chardev is a unix socket in the VM's
 directory (root-only, never reachable through the edge). Frames both ways are
