@@ -11,20 +11,19 @@ the `fork` hook tells it whose child it is.
 
 from __future__ import annotations
 
-import secrets
 import time
-from pathlib import Path
 
 import orjson
 
 from . import disks, faults
-from .agent import KEY_BYTES, AgentError, store_key
+from .agent import store_key
 from .checkpoints import ORIGIN, Checkpoint
 from .errors import VmFailed
 from .hook_runner import run_hook
 from .jsonlog import log
 from .live import LiveVm
 from .model import RamMode, Template
+from .own_key import take_own_key
 from .qemu import RamBacking
 from .transitions import Transitions
 from .vm_files import AGENT_KEY, OVERLAY, RAM, STATE
@@ -52,7 +51,8 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
         ram = RamBacking(ckpt.path / RAM, share=False) if ckpt.ram_file else RamBacking(vm_dir / RAM, share=True)
         faults.point("fork.prepared")
         await transitions.snapshots.start_from(vm, tpl, ram, ckpt.path / STATE, ckpt.ram_file, purpose="fork")
-        await _synced(vm, vm_dir / AGENT_KEY, settings.restore_timeout if settings.guest_sync else 0.0)
+        sync_timeout = settings.restore_timeout if settings.guest_sync else 0.0
+        await take_own_key(vm, vm_dir / AGENT_KEY, sync_timeout, "its parent")
         if not ckpt.ram_file:
             vm.rec.ram_mode = RamMode.OWN_FILE  # the stream was loaded into the child's own RAM file
             transitions.records.write(vm.rec)
@@ -68,22 +68,3 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
     await run_hook(vm, tpl, "fork", body, env)
     log.event("vm.forked", vm=vm_id, parent=ckpt.vm_id, checkpoint=ckpt.name, index=index,
               ms=round((time.monotonic() - started) * 1000, 1))  # fmt: skip
-
-
-async def _synced(vm: LiveVm, key_file: Path, timeout: float) -> None:
-    """A child must not answer with its parent's RNG state nor take its parent's agent key: the launch's
-    sync, which a busy host may let time out and skip, is made once more with the restore's timeout and
-    a new key (kept in `key_file` once the guest took it); a child it fails for is ended. A guest agent
-    from before keys could change (an image built earlier) refuses the new key: the child keeps its
-    parent's, and says so in the log."""
-    if vm.agent is None or not timeout:
-        return
-    try:
-        try:
-            await vm.agent.sync(vm.rec.id, timeout, new_key=secrets.token_bytes(KEY_BYTES))
-        except AgentError as refused:
-            await vm.agent.sync(vm.rec.id, timeout)
-            log.event("vm.rekey_refused", level="warning", vm=vm.rec.id, error=str(refused))
-    except AgentError as exc:
-        raise VmFailed(f"its guest agent took no fresh entropy (it would share its parent's): {exc}") from exc
-    store_key(key_file, vm.agent.key)

@@ -40,6 +40,7 @@ from .model import Template, VmRecord
 from .network import netns
 from .qemu import APP_LOG, QEMU_LOG, SERIAL_LOG, DiskBacking, MachineSpec, QemuProcess, RamBacking, build_argv
 from .settings import JailSettings, VmmSettings
+from .vm_files import AGENT_KEY
 
 DEVICES = ("null", "zero", "random", "urandom")
 LEASE_GRACE = 60.0  # a lease younger than this is never taken for stale (its directory may not be chowned yet)
@@ -299,12 +300,13 @@ class Jailer:
 
 
 def seal_template(work: Path) -> None:
-    """A template's files, written by its boot's jailed QEMU, become root's and read-only for every clone."""
+    """A template's files, written by its boot's jailed QEMU, become root's and read-only for every clone;
+    a session template's agent key stays root's alone (no QEMU reads it)."""
     for path in (work, *work.rglob("*")):
         if path.is_symlink():
             continue
         os.chown(path, 0, 0)
-        os.chmod(path, 0o755 if path.is_dir() else 0o444)
+        os.chmod(path, 0o755 if path.is_dir() else 0o400 if path.name == AGENT_KEY else 0o444)
 
 
 def _qemu_files(

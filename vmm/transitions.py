@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import shutil
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import capacity, disks, reflink, template
+from .agent import load_key, store_key
 from .applog import AppLog
 from .errors import Conflict, InvalidRequest, NotRunning, VmFailed, VmmError
 from .hook_runner import run_hook
@@ -24,6 +24,7 @@ from .jsonlog import log
 from .lifecycle import Lifecycle
 from .live import LiveVm
 from .model import RamMode, Template, VmRecord, VmState
+from .own_key import take_own_key
 from .policy import Policy
 from .qemu import APP_LOG, RamBacking
 from .records import RecordStore
@@ -79,9 +80,9 @@ class Transitions:
         try:
             vm_dir.mkdir(parents=True)
             undo.push("remove its files", lambda: _remove_tree(vm_dir))
-            if (Path(tpl.path) / AGENT_KEY).exists():  # a template from a session: its guest knows this key
-                shutil.copyfile(Path(tpl.path) / AGENT_KEY, vm_dir / AGENT_KEY)
-                os.chmod(vm_dir / AGENT_KEY, 0o600)
+            from_session = (Path(tpl.path) / AGENT_KEY).exists()  # its guest knows that key: it gets its own
+            if from_session:
+                store_key(vm_dir / AGENT_KEY, load_key(Path(tpl.path) / AGENT_KEY))
             undo.push("release its uid and cgroup", lambda: self.runtime.release_confinement(vm_id))
             if tpl.base_disk is not None:
                 await disks.create_overlay(tpl.base_disk, vm_dir / OVERLAY)
@@ -96,6 +97,9 @@ class Transitions:
             undo.push("stop QEMU", lambda: self.runtime.stop(vm, f"VM {vm_id} is terminated: its launch failed"))
             ram = await self._launch_ram(vm, tpl, vm_dir)
             await self.snapshots.start_from(vm, tpl, ram, Path(tpl.path) / STATE, ignore_shared=True, purpose="launch")
+            if from_session:
+                timeout = self.settings.restore_timeout if self.settings.guest_sync else 0.0
+                await take_own_key(vm, vm_dir / AGENT_KEY, timeout, f"template {tpl.name!r}")
             await run_hook(vm, tpl, "run", payload)
         except BaseException as exc:
             why = f"its launch failed: {exc}"

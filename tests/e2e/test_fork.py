@@ -235,8 +235,13 @@ async def test_a_template_from_a_session(parent: tuple[VmManager, str]) -> None:
     name = f"sess{secrets.token_hex(3)}"
     tpl = await mgr.create_template_from(name, vm_id)
     try:
+        session_key = Path(tpl.path) / "agent.key"  # the session's guest knew it: root's alone
+        assert stat.S_IMODE(session_key.stat().st_mode) == 0o400
         rec = await mgr.create_vm(tpl.name)
         assert await sandbox_run(rec.id, "configured") == "yes"
+        own = (mgr.settings.vms_dir / rec.id / "agent.key").read_bytes()  # the clone took a key of its own
+        assert own != session_key.read_bytes() and mgr.records.get(rec.id).agent.key == own
+        assert [e.kind for e in await _exec_true(mgr.records.get(rec.id).agent)] == ["exit"]
         await mgr.delete(rec.id)
     finally:
         mgr.remove_template(name)

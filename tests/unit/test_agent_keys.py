@@ -1,4 +1,4 @@
-"""A VM's guest agent key. A fork's child gets one of its own at its first sync (vmm.forks), against a scripted
+"""A VM's guest agent key. A fork's child gets one of its own at its first sync (vmm.own_key), against a scripted
 guest agent: one that takes the new key, one from before keys could change, one that answers nothing well.
 The key file is never read or written through a name the VM's QEMU could have planted in its directory."""
 
@@ -12,11 +12,11 @@ from typing import cast
 
 import pytest
 
-from vmm import forks
 from vmm.agent import F_ERROR, F_SYNC, F_SYNC_OK, F_SYNC_REKEY, KEY_BYTES, Agent, load_key, store_key
 from vmm.errors import VmFailed
 from vmm.live import LiveVm
 from vmm.model import VmRecord, VmState
+from vmm.own_key import take_own_key
 from vmm.policy import Policy
 
 HEAD = struct.Struct(">IBI")
@@ -62,7 +62,7 @@ async def test_a_current_guest_takes_a_new_key_and_the_key_file_holds_it(tmp_pat
     key_file = tmp_path / "agent.key"
     store_key(key_file, PARENTS_KEY)
     guest = ScriptedGuest("current")
-    await forks._synced(_child(guest), key_file, 5.0)
+    await take_own_key(_child(guest), key_file, 5.0, "its parent")
     assert guest.agent.key != PARENTS_KEY and len(guest.agent.key) == 32
     assert key_file.read_bytes() == guest.agent.key
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -75,7 +75,7 @@ async def test_an_older_guest_agent_keeps_its_parents_key_and_is_still_synced(
     key_file = tmp_path / "agent.key"
     store_key(key_file, PARENTS_KEY)
     guest = ScriptedGuest("older")
-    await forks._synced(_child(guest), key_file, 5.0)
+    await take_own_key(_child(guest), key_file, 5.0, "its parent")
     assert guest.agent.key == PARENTS_KEY and key_file.read_bytes() == PARENTS_KEY
     assert "vm.rekey_refused" in capsys.readouterr().err
     await guest.agent.close("done")
@@ -86,7 +86,7 @@ async def test_a_guest_that_takes_no_sync_ends_the_child_and_its_key_file_is_unt
     store_key(key_file, PARENTS_KEY)
     guest = ScriptedGuest("broken")
     with pytest.raises(VmFailed, match=r"took no fresh entropy.*refused the sync: sync: short frame"):
-        await forks._synced(_child(guest), key_file, 5.0)
+        await take_own_key(_child(guest), key_file, 5.0, "its parent")
     assert key_file.read_bytes() == PARENTS_KEY
     await guest.agent.close("done")
 
