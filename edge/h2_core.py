@@ -51,7 +51,7 @@ _CLOSE_GRACE = 30.0  # a closed connection whose peer stops reading is aborted a
 # headers, connection-specific headers; cookies joined). What the edge sends is not checked again:
 # it builds those headers itself (names lowercased, hop-by-hop ones dropped, values as llhttp or
 # the guest connection's own h2 validated them), and h2's outbound checks were a tenth of its CPU.
-_CONFIG = H2Configuration(
+SERVER_CONFIG = H2Configuration(
     client_side=False, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
 )
 
@@ -99,7 +99,7 @@ class H2Core:
         self.proto = proto
         self.io = io
         self.clock = clock
-        self.conn = H2Connection(_CONFIG)
+        self.conn = H2Connection(SERVER_CONFIG)
         self.guard = FrameGuard(s, clock)
         self.streams: dict[int, H2Stream] = {}
         self.client = b"unknown"
