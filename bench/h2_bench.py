@@ -3,7 +3,9 @@
 `python -m bench.h2_bench [--requests N]`. h2load (nghttp2-client) over TLS with ALPN h2 at
 -m 10 and -m 100 streams per connection; the proxy under test alone on one core (one nginx
 worker, or the edge's protocol in its own uvloop process), h2load and the upstream on the other,
-so req/s is per core. Then a browser-like page of 50 small resources: HTTP/2 (one connection,
+so req/s is per core, and each proxy's CPU time over the run (/proc/<pid>/stat) per request. Then
+the same requests through h2 alone, without I/O (bench.h2_alone): h2's share of the edge's CPU. Then
+a browser-like page of 50 small resources: HTTP/2 (one connection,
 50 streams) against HTTP/1.1 (6 connections, one request at a time each), through the edge.
 Prints a Markdown report; the lead re-measures on a quiet machine.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -21,7 +24,7 @@ import uvloop
 
 from edge.tls import make_dev_cert
 
-from . import local_edge, nginx
+from . import h2_alone, local_edge, nginx
 from .edge_bench import BODY, LOAD_CORE, PROXY_CORE, _free_ports, _on
 from .stats import median, table
 from .tools import run
@@ -45,6 +48,12 @@ async def h2load(url: str, authority: str, token: str, args: Sequence[str]) -> t
     return float(finished.group(3)), seconds, int(requests.group(3))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def bench(requests: int) -> str:
     up_port, tls_port = _free_ports(2)
     with tempfile.TemporaryDirectory(prefix="mvm-h2-bench-") as d:
@@ -55,27 +64,32 @@ async def bench(requests: int) -> str:
                 nginx.running(root / "upstream", nginx.fixed_answer(up_port, BODY), _on(LOAD_CORE), master=False)
             )
             proxy = nginx.reverse_proxy(f"127.0.0.1:{up_port}", KEEPALIVE, [(tls_port, True)], cert, key, http2=True)
-            await stack.enter_async_context(nginx.running(root / "nginx-proxy", proxy, _on(PROXY_CORE), master=False))
+            nginx_proxy = await stack.enter_async_context(
+                nginx.running(root / "nginx-proxy", proxy, _on(PROXY_CORE), master=False)
+            )
             edge = await stack.enter_async_context(
                 local_edge.running(up_port, cert, key, KEEPALIVE, root / "local-edge.log", _on(PROXY_CORE))
             )
             targets = {
-                "nginx (http2 on)": f"https://127.0.0.1:{tls_port}/",
-                "edge": f"https://127.0.0.1:{edge.tls_port}/",
+                "nginx (http2 on)": (nginx_proxy.pid, f"https://127.0.0.1:{tls_port}/"),
+                "edge": (edge.pids[0], f"https://127.0.0.1:{edge.tls_port}/"),
             }
             rows = []
             ratios = []
             for streams in (10, 100):
-                rps = {}
-                for name, url in targets.items():
+                rps, cpu = {}, {}
+                for name, (pid, url) in targets.items():
                     await h2load(url, edge.host, edge.token, ["-n", "2000", "-c", "4", "-m", str(streams)])  # warm-up
+                    before = cpu_seconds(pid)
                     rate, _, failed = await h2load(
                         url, edge.host, edge.token, ["-n", str(requests), "-c", "4", "-m", str(streams)]
                     )
-                    rps[name] = rate
-                    rows.append([f"-m {streams}", name, f"{rate:,.0f}", failed])
+                    rps[name], cpu[name] = rate, (cpu_seconds(pid) - before) / requests * 1e6
+                    rows.append([f"-m {streams}", name, f"{rate:,.0f}", f"{cpu[name]:.0f}", failed])
+                nginx_name = "nginx (http2 on)"
                 ratios.append(
-                    f"- edge / nginx at -m {streams}: {rps['edge'] / rps['nginx (http2 on)']:.2f} (goal ≥ 0.6)"
+                    f"- edge / nginx at -m {streams}: {rps['edge'] / rps[nginx_name]:.2f} req/s (goal ≥ 0.6), "
+                    f"{cpu['edge'] / cpu[nginx_name]:.1f} times the CPU per request"
                 )
             page = []
             for label, args in (
@@ -85,7 +99,7 @@ async def bench(requests: int) -> str:
                 times = []
                 for _ in range(PAGE_ROUNDS):
                     _, seconds, failed = await h2load(
-                        targets["edge"], edge.host, edge.token, [*args, "-n", str(PAGE_RESOURCES)]
+                        targets["edge"][1], edge.host, edge.token, [*args, "-n", str(PAGE_RESOURCES)]
                     )
                     assert failed == 0
                     times.append(seconds * 1000)
@@ -96,9 +110,11 @@ async def bench(requests: int) -> str:
             "",
             f"h2load -t1 -c4 -n{requests} on core {LOAD_CORE}; the proxy alone on core {PROXY_CORE} (req/s per core).",
             "",
-            table(["streams", "proxy", "req/s", "failed"], rows),
+            table(["streams", "proxy", "req/s", "CPU µs/request", "failed"], rows),
             "",
             *ratios,
+            "",
+            h2_alone.bench(min(requests, 10_000)),
             "",
             f"A page of {PAGE_RESOURCES} small resources through the edge, ms for all of them ({PAGE_ROUNDS} rounds):",
             "",

@@ -52,6 +52,9 @@ class H2Protocol(CoreAdapter):
     def send_client(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def flush_soon(self) -> None:
+        self._loop.call_soon(self.core.flush_now)
+
     def reach(self, stream: H2Stream) -> None:
         self._reaching[stream] = self._loop.create_task(self._reach(stream))
 

@@ -47,6 +47,15 @@ _MAX_STREAM_ID = 2**31 - 1
 _CLOSE_GRACE = 30.0  # a closed connection whose peer stops reading is aborted after this
 
 
+# What clients send is validated as h2 does by default (RFC 9113 §8.2: illegal characters, pseudo-
+# headers, connection-specific headers; cookies joined). What the edge sends is not checked again:
+# it builds those headers itself (names lowercased, hop-by-hop ones dropped, values as llhttp or
+# the guest connection's own h2 validated them), and h2's outbound checks were a tenth of its CPU.
+SERVER_CONFIG = H2Configuration(
+    client_side=False, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+)
+
+
 class H2Io(ClientConnection, Protocol):
     """The actions the core asks of its adapter (edge.h2_conn.H2Protocol)."""
 
@@ -58,6 +67,9 @@ class H2Io(ClientConnection, Protocol):
     def abort_client(self) -> None: ...
     def set_timer(self, at: float) -> None: ...
     def cancel_timer(self) -> None: ...
+    def flush_soon(self) -> None:
+        """Call the core's `flush_now` once, after the callbacks of this turn of the loop."""
+
     def reach(self, stream: H2Stream) -> None:
         """Start reaching the stream's upstream (edge.reach, a task); its outcome goes to `stream`."""
 
@@ -87,7 +99,7 @@ class H2Core:
         self.proto = proto
         self.io = io
         self.clock = clock
-        self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.conn = H2Connection(SERVER_CONFIG)
         self.guard = FrameGuard(s, clock)
         self.streams: dict[int, H2Stream] = {}
         self.client = b"unknown"
@@ -101,6 +113,8 @@ class H2Core:
         self._counted = False
         self._timer_at = _INF
         self._idle_since = 0.0
+        self._flush_queued = False
+        self._streams_delta = 0  # streams opened less closed since the gauge last moved
 
     # -- events from the client --------------------------------------------------------------
 
@@ -139,7 +153,7 @@ class H2Core:
         self._counted = True
         self._idle_since = self.clock()
         self.arm(self._idle_since + s.idle_timeout)
-        self.flush()
+        self.flush_now()
 
     def client_data(self, data: bytes) -> None:
         if self.closed:
@@ -194,7 +208,8 @@ class H2Core:
         self.streams.clear()
         for stream in gone:
             stream.client_reset()
-        self._set_streams_gauge(-len(gone))
+        self._streams_delta -= len(gone)
+        self._move_streams_gauge()
         if self._counted:
             self._counted = False
             self.ctx.client_closed(self.client)
@@ -220,7 +235,7 @@ class H2Core:
         frame = GoAwayFrame(0)
         frame.last_stream_id = self._last_stream
         frame.error_code = ErrorCodes.NO_ERROR
-        self.flush()
+        self.flush_now()
         self.io.send_client(frame.serialize())
         self.ctx.metrics.h2_goaway("drain")
         if not self.streams:
@@ -274,12 +289,14 @@ class H2Core:
             self._finished(sid)
         self.flush()
 
-    def send_body(self, sid: int, data: bytes) -> bool:
-        """Queue answer bytes; True while the stream's buffer is past `stream_buffer` (stop reading the guest)."""
+    def send_body(self, sid: int, data: bytes, end: bool = False) -> bool:
+        """Queue answer bytes (`end`: the last of them, which then carry END_STREAM); True while the
+        stream's buffer is past `stream_buffer` (stop reading the guest)."""
         stream = self.streams.get(sid)
         if stream is None or self.closed:
             return False
         stream.pending += data
+        stream.ending = stream.ending or end
         self._pump(sid)
         self.flush()
         return len(stream.pending) > self.settings.stream_buffer
@@ -313,6 +330,17 @@ class H2Core:
         self.flush()
 
     def flush(self) -> None:
+        """Send what h2 queued, once this turn of the loop is over: the answers of all streams that
+        finished meanwhile go out in one write (one TLS record, one system call), not one per frame."""
+        if not self._flush_queued:
+            self._flush_queued = True
+            self.io.flush_soon()
+
+    def flush_now(self) -> None:
+        self._flush_queued = False
+        self._move_streams_gauge()
+        if self.closed:
+            return  # `_end` sent what there was before it closed
         data = self.conn.data_to_send()
         if data:
             self.io.send_client(data)
@@ -348,6 +376,14 @@ class H2Core:
             if window <= 0:
                 break
             n = min(len(pending), window, conn.max_outbound_frame_size)
+            if n == len(pending):
+                last = stream.ending and not stream.trailers  # the last DATA frame ends the stream itself
+                conn.send_data(sid, bytes(pending), end_stream=last)
+                pending.clear()
+                if last:
+                    self._finished(sid)
+                    return
+                break
             conn.send_data(sid, bytes(pending[:n]))
             del pending[:n]
         now = self.clock()
@@ -394,8 +430,15 @@ class H2Core:
                 self.arm(self._idle_since + self.settings.idle_timeout)
 
     def _set_streams_gauge(self, delta: int) -> None:
-        if delta:
-            self.ctx.metrics.h2_streams(delta)
+        """Count streams opened and closed; the gauge moves by their sum at the next flush (a stream
+        answered within one turn of the loop costs it nothing)."""
+        self._streams_delta += delta
+        self.flush()
+
+    def _move_streams_gauge(self) -> None:
+        if self._streams_delta:
+            self.ctx.metrics.h2_streams(self._streams_delta)
+            self._streams_delta = 0
 
     def _ack(self, sid: int, n: int) -> None:
         with contextlib.suppress(H2Error):  # a stream closed meanwhile: h2 opened the connection's window
@@ -422,14 +465,13 @@ class H2Core:
         if self.draining and not self.streams:
             with contextlib.suppress(H2Error):
                 self.conn.close_connection(ErrorCodes.NO_ERROR)
-        self.flush()
+        self.flush_now()
         self.closed = True
         for stream in list(self.streams.values()):
             stream.client_reset()
-        gone = len(self.streams)
+        self._streams_delta -= len(self.streams)
         self.streams.clear()
-        if gone:
-            self.ctx.metrics.h2_streams(-gone)
+        self._move_streams_gauge()
         self._timer_at = _INF
         if self.can_half_close:
             # A client still sending would get a TCP reset on close, which can discard the GOAWAY

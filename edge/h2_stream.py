@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 from httptools import HttpResponseParser
 from httptools.parser.errors import HttpParserError
 
@@ -34,6 +35,11 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
 _INF = float("inf")
 TOUCH_EVERY = 1.0
+
+
+def _cookie(line: bytes) -> NeverIndexedHeaderTuple:
+    """The edge's Set-Cookie line (it carries a token) as a header HPACK never adds to its table."""
+    return NeverIndexedHeaderTuple(b"set-cookie", line.partition(b": ")[2].rstrip(b"\r\n"))
 
 
 class H2Stream:
@@ -60,8 +66,10 @@ class H2Stream:
         self._upstream: UpstreamConn | None = None
         self._relay: H2cRelay | None = None  # the port speaks h2c: frames go through, not translated
         self._unacked = 0  # body bytes sent on to the guest while its write buffer was full: acked on resume
-        self._parser = HttpResponseParser(self)
+        self._parser: HttpResponseParser | None = None  # made once a guest connection answers
         self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []  # of the answer, within one read of the guest
+        self._complete = False  # the guest's answer is whole
         self._final = False
         self._close_delimited = False  # the answer has neither content-length nor chunked framing
         self._paused_guest = False
@@ -248,12 +256,17 @@ class H2Stream:
 
     def upstream_data(self, data: bytes) -> None:
         self._down += len(data)
+        parser = self._parser
+        assert parser is not None  # made when the guest connection was attached
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except HttpParserError as exc:
+            self._body.clear()
             log.event("proxy.error", level="warning", vm=self.vm_id, error=f"invalid response: {exc}", protocol="h2")
             self._drop_upstream()
             self._fail(502, f"{self.ex.where()} sent an invalid HTTP response")
+        else:
+            self._send_body()
         self._flowing()
 
     def upstream_lost(self, conn: UpstreamConn) -> None:
@@ -270,7 +283,7 @@ class H2Stream:
         elif ex.retryable():
             ex.resent = True
             ex.body = []
-            self._parser = HttpResponseParser(self)
+            self._parser = None
             ex.move(ExchangeState.CONNECTING)
             self.core.io.reach(self)
         else:
@@ -289,7 +302,9 @@ class H2Stream:
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # llhttp calls back from feed_data
+        status = parser.get_status_code()
         headers, self._headers = self._headers, []
         if status < 200:
             return  # interim answers (100 Continue) are the edge's business with the guest
@@ -303,7 +318,7 @@ class H2Stream:
         )
         self._close_delimited = not framed and status not in (204, 304)
         if ex.cookie is not None:
-            out.append((b"set-cookie", ex.cookie.partition(b": ")[2].rstrip(b"\r\n")))
+            out.append(_cookie(ex.cookie))
         self._count(status)
         if ex.state is ExchangeState.FORWARDED:
             ex.move(ExchangeState.STREAMING)
@@ -314,9 +329,7 @@ class H2Stream:
         self.core.send_head(self.sid, status, out, end=False)
 
     def on_body(self, data: bytes) -> None:
-        if self.core.send_body(self.sid, data) and self._upstream is not None and not self._paused_guest:
-            self._paused_guest = True
-            self._upstream.pause_reading()
+        self._body.append(data)
 
     def on_message_complete(self) -> None:
         if not self._final:
@@ -324,11 +337,27 @@ class H2Stream:
         upstream = self._upstream
         self._upstream = None
         if upstream is not None:
-            if self.body_done and self._parser.should_keep_alive():
+            if self.body_done and self._parser is not None and self._parser.should_keep_alive():
                 self.core.ctx.pool.release(upstream, self.core.clock())
             else:
                 upstream.close()
-        self.core.send_end(self.sid)
+        self._complete = True
+
+    def _send_body(self) -> None:
+        """What one read of the guest gave of the answer's body goes on as one piece; a whole small
+        answer as one DATA frame that also ends the stream."""
+        body = self._body
+        if not body and not self._complete:
+            return
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        if (
+            self.core.send_body(self.sid, data, self._complete)
+            and self._upstream is not None
+            and not self._paused_guest
+        ):
+            self._paused_guest = True
+            self._upstream.pause_reading()
 
     # -- inside ----------------------------------------------------------------------------
 
@@ -340,6 +369,7 @@ class H2Stream:
             self._attach_relay(GuestH2c(conn, self.core.settings.stream_buffer))
             return
         self._upstream = conn
+        self._parser = HttpResponseParser(self)
         conn.owner = self
         body = ex.body or []
         ex.body = None
@@ -414,8 +444,7 @@ class H2Stream:
             core.send_head(self.sid, status, headers, end=True)
             return
         core.send_head(self.sid, status, headers, end=False)
-        core.send_body(self.sid, payload)
-        core.send_end(self.sid)
+        core.send_body(self.sid, payload, end=True)
 
     def _fail(self, status: int, message: str) -> None:
         if self._final:
@@ -440,7 +469,7 @@ class H2Stream:
         ex = self.ex
         ex.status = status
         if ex.cookie is not None:
-            headers.append((b"set-cookie", ex.cookie.partition(b": ")[2].rstrip(b"\r\n")))
+            headers.append(_cookie(ex.cookie))
         self._count(status)
         if ex.state is ExchangeState.FORWARDED:
             ex.move(ExchangeState.STREAMING)

@@ -208,6 +208,7 @@ class Transitions:
                     await disks.rebase_overlay(image, tpl.base_disk)
         files.rename(self.settings.vms_dir / rec.id)
         rec.pid, rec.reason = None, None
+        rec.h2c_ports = tpl.h2c_ports
         self.records.write(rec)
         self.records.add(LiveVm(rec))
         self.records.emit("moved", rec)

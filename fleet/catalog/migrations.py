@@ -101,6 +101,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX IF NOT EXISTS vms_by_state ON vms (state, created_at)",
         ),
     ),
+    Migration(
+        6,
+        "each VM's h2c ports (from its template), so edges reach them with HTTP/2",
+        sqlite=("ALTER TABLE vms ADD COLUMN h2c_ports TEXT NOT NULL DEFAULT ''",),
+        postgres=("ALTER TABLE vms ADD COLUMN h2c_ports TEXT NOT NULL DEFAULT ''",),
+    ),
 )
 
 

@@ -24,12 +24,11 @@ from vmm.errors import CatalogError, Conflict, NotFound
 from vmm.events import Event
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
-from vmm.record_rows import RECORD_FIELDS, record_values
 
 from .api import Capacity, ChangeCallback, GapCallback, HostRecord, PlacedVm, Unsubscribe
 from .feed import Subscribers
 from .migrations import SCHEMA_VERSION_POSTGRES, pending
-from .rows import VM_COLUMNS, placed_vm
+from .rows import VM_COLUMNS, VM_FIELDS, placed_vm, vm_values
 
 CHANNEL = "mvm_vm_changed"
 CONNECT_TIMEOUT = 5.0  # seconds; an unreachable server is reported instead of hanging the start
@@ -170,14 +169,14 @@ class PostgresCatalog:
         return down
 
     async def create_vm(self, rec: VmRecord, host_id: str) -> None:
-        marks = ", ".join(f"${i}" for i in range(1, 3 + len(RECORD_FIELDS)))
+        marks = ", ".join(f"${i}" for i in range(1, 3 + len(VM_FIELDS)))
         try:
             await self._execute(
                 f"WITH changed AS (INSERT INTO vms ({VM_COLUMNS}) VALUES ({marks}) RETURNING id)"
                 f" SELECT pg_notify('{CHANNEL}', id) FROM changed",
                 rec.id,
                 host_id,
-                *record_values(rec),
+                *vm_values(rec),
             )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"VM {rec.id} already exists") from None
@@ -196,13 +195,13 @@ class PostgresCatalog:
         return [placed_vm(r) for r in rows]
 
     async def save_vm(self, rec: VmRecord, host_id: str | None = None) -> None:
-        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(RECORD_FIELDS, start=3))
+        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(VM_FIELDS, start=3))
         rows = await self._fetch(
             f"WITH changed AS (UPDATE vms SET {assignments} WHERE id = $1 AND ($2::text IS NULL OR host_id = $2)"
             f" RETURNING id) SELECT pg_notify('{CHANNEL}', id) FROM changed",
             rec.id,
             host_id,
-            *record_values(rec),
+            *vm_values(rec),
         )
         if not rows:
             raise NotFound(f"VM {rec.id} is not in the catalog" + (f" on host {host_id}" if host_id else ""))

@@ -21,12 +21,11 @@ from vmm.errors import CatalogError, Conflict, NotFound
 from vmm.events import Event
 from vmm.jsonlog import log
 from vmm.model import VmRecord, VmState
-from vmm.record_rows import RECORD_FIELDS, record_values
 
 from .api import Capacity, ChangeCallback, GapCallback, HostRecord, PlacedVm, Unsubscribe
 from .feed import Subscribers
 from .migrations import SCHEMA_VERSION_SQLITE, pending
-from .rows import VM_COLUMNS, placed_vm
+from .rows import VM_COLUMNS, VM_FIELDS, placed_vm, vm_values
 
 T = TypeVar("T")
 BUSY_TIMEOUT = 5.0  # seconds a writer waits for another process's write lock
@@ -189,8 +188,8 @@ class SqliteCatalog:
         try:
             await self._change_vm(
                 rec.id,
-                f"INSERT INTO vms ({VM_COLUMNS}) VALUES ({','.join('?' * (2 + len(RECORD_FIELDS)))})",
-                (rec.id, host_id, *record_values(rec)),
+                f"INSERT INTO vms ({VM_COLUMNS}) VALUES ({','.join('?' * (2 + len(VM_FIELDS)))})",
+                (rec.id, host_id, *vm_values(rec)),
             )
         except sqlite3.IntegrityError:
             raise Conflict(f"VM {rec.id} already exists") from None
@@ -232,9 +231,9 @@ class SqliteCatalog:
         return [placed_vm(r) for r in rows]
 
     async def save_vm(self, rec: VmRecord, host_id: str | None = None) -> None:
-        assignments = ", ".join(f"{c} = ?" for c in RECORD_FIELDS)
+        assignments = ", ".join(f"{c} = ?" for c in VM_FIELDS)
         query = f"UPDATE vms SET {assignments} WHERE id = ? AND (? IS NULL OR host_id = ?)"
-        if not await self._change_vm(rec.id, query, (*record_values(rec), rec.id, host_id, host_id)):
+        if not await self._change_vm(rec.id, query, (*vm_values(rec), rec.id, host_id, host_id)):
             raise NotFound(f"VM {rec.id} is not in the catalog" + (f" on host {host_id}" if host_id else ""))
 
     async def delete_vm(self, vm_id: str, host_id: str | None = None) -> bool:

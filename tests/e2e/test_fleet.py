@@ -7,22 +7,27 @@ from __future__ import annotations
 import asyncio
 import base64
 import signal
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import orjson
 import pytest
 
 from fleet.host import host_id_of
 from mvm.config import load_config
+from tests.e2e.conftest import BOOT_TIMEOUT, IMAGES
 from tests.e2e.fleet_harness import ADMIN, DOMAIN, EdgeClient, Role, free_port, toml
 from tests.e2e.guest import sandbox_run
 from tests.pg import PgCluster, create_database, drop_database
+from vmm.accel import choose
 from vmm.settings import VmmSettings
+from vmm.template import create as create_template
 
 FAST = {"heartbeat_interval": 0.3, "down_after": 2.0}
 HOST = host_id_of(load_config(None))  # the id `mvm serve`'s host takes: this machine's name
@@ -255,6 +260,31 @@ async def test_serve_with_two_workers_on_sqlite(settings: VmmSettings, tmp_path:
         await client.api("DELETE", f"/v1/vms/{other['id']}", status=204)
         await client.api("DELETE", "/v1/templates/again", status=204)
         await client.api("POST", "/v1/vms", {"template": "again"}, status=404)  # no host has it any more
+
+
+async def test_grpc_through_edge_workers_reaches_the_h2c_port(settings: VmmSettings, tmp_path: Path) -> None:
+    """An image's h2c label reaches edge workers through the catalog: a gRPC call through them is
+    relayed to the guest's port over HTTP/2 (over HTTP/1.1 the guest's gRPC server would refuse it)."""
+    if not (IMAGES / "grpc-app" / "image.json").exists():
+        pytest.fail("guest image grpc-app missing: run scripts/install.sh (builds var/images/grpc-app)")
+    name = f"grpc{uuid.uuid4().hex[:8]}"  # in the session's shared templates: a name of this test's own
+    await create_template(
+        replace(settings, boot_timeout=BOOT_TIMEOUT), name, "grpc-app", choose(settings.accelerator), lambda _: None
+    )
+    async with serve_workers(settings, tmp_path, http2={"h2c": True}) as (_, client):
+        vm = await client.api("POST", "/v1/vms", {"template": name}, status=201)
+        token = (await client.api("POST", f"/v1/vms/{vm['id']}/tokens", {}, status=201))["token"]
+        authority = (("grpc.default_authority", f"{vm['id']}.{DOMAIN}"),)
+        with grpc.insecure_channel(f"127.0.0.1:{client.port}", options=authority) as channel:  # h2c to the edge
+            echo = channel.unary_unary(
+                "/mvm.Demo/Echo", request_serializer=orjson.dumps, response_deserializer=orjson.loads
+            )
+            answer = await asyncio.to_thread(
+                echo, {"hello": "fleet"}, metadata=(("authorization", f"Bearer {token}"),), timeout=120
+            )
+        assert answer["echo"] == {"hello": "fleet"}
+        await client.api("DELETE", f"/v1/vms/{vm['id']}", status=204)
+        await client.api("DELETE", f"/v1/templates/{name}", status=204)
 
 
 async def test_exec_logs_and_shell_through_fleet_edges(

@@ -23,6 +23,7 @@ from hyperframe.frame import Frame
 class Answer:
     status: int = 0
     headers: dict[bytes, bytes] = field(default_factory=dict)
+    fields: list[tuple[bytes, bytes]] = field(default_factory=list)  # as HPACK gave them (NeverIndexedHeaderTuple)
     body: bytearray = field(default_factory=bytearray)
     reset: int | None = None  # the RST_STREAM code, when the edge reset the stream
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -132,7 +133,8 @@ class H2Client:
     def _event(self, event: object) -> None:
         if isinstance(event, ResponseReceived):
             ans = self.answers[event.stream_id]
-            ans.headers = dict(event.headers or ())
+            ans.fields = list(event.headers or ())
+            ans.headers = dict(ans.fields)
             ans.status = int(ans.headers[b":status"])
         elif isinstance(event, DataReceived):
             self.answers[event.stream_id].body += event.data

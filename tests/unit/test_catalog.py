@@ -242,7 +242,7 @@ async def test_a_failing_subscriber_does_not_stop_the_others(store: Store) -> No
 
 async def test_migrations_run_once_and_concurrent_starts_agree(store: Store) -> None:
     first, second = await asyncio.gather(store.open(), store.open())
-    assert sorted([first.migrated, second.migrated]) == [(), (1, 2, 3, 4, 5)]
+    assert sorted([first.migrated, second.migrated]) == [(), (1, 2, 3, 4, 5, 6)]
     await store.close(first)
     await store.close(second)
     again = await store.open()
@@ -251,12 +251,27 @@ async def test_migrations_run_once_and_concurrent_starts_agree(store: Store) -> 
     assert (await again.get_vm("va")) is not None
 
 
+async def test_a_vms_h2c_ports_go_through_the_catalog(store: Store) -> None:
+    """Edges of a fleet learn a VM's h2c ports (its template's, which its host's registry does not keep) here."""
+    cat = await store.open()
+    grpc, plain = vm("va"), vm("vb")
+    grpc.h2c_ports = (50051, 50052)
+    await cat.create_vm(grpc, "h1")
+    await cat.create_vm(plain, "h1")
+    assert (await cat.get_vm("va")) == PlacedVm("h1", grpc)
+    assert [p.rec.h2c_ports for p in await cat.list_vms()] == [(50051, 50052), ()]
+    grpc.h2c_ports = (50051,)
+    grpc.state = VmState.SUSPENDED
+    await cat.save_vm(grpc, "h1")
+    assert (await cat.get_vm("va")) == PlacedVm("h1", grpc)
+
+
 async def test_an_older_schema_is_upgraded(store: Store) -> None:
     old = await store.open(upto=1)
     assert old.migrated == (1,)
     await store.close(old)
     upgraded = await store.open()
-    assert upgraded.migrated == (2, 3, 4, 5)
+    assert upgraded.migrated == (2, 3, 4, 5, 6)
     await upgraded.create_vm(vm("va"), "h1")
     assert [p.host_id for p in await upgraded.list_vms(host_id="h1")] == ["h1"]
 
@@ -289,7 +304,7 @@ async def test_an_embedded_registry_file_is_adopted_with_its_vms(tmp_path: Path)
     reg.close()
     cat = await open_catalog(None, path)
     try:
-        assert cat.migrated == (1, 2, 3, 4, 5)
+        assert cat.migrated == (1, 2, 3, 4, 5, 6)
         assert await cat.list_vms() == [PlacedVm("", rec)]
     finally:
         await cat.close()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hyperframe.frame import GoAwayFrame
+from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
 
 from edge.h2_settings import Http2Settings
 from edge.tls import make_dev_cert, server_context
@@ -47,6 +48,19 @@ async def test_h2c_request_is_admitted_and_translated(edge: Edge) -> None:
     assert "authorization" not in seen  # the edge's token never reaches the guest
     assert seen["x-forwarded-proto"] == "http"
     assert edge.ctx.metrics.registry.get_sample_value("mvm_requests_by_protocol_total", {"protocol": "h2"}) == 1
+    await c.close()
+
+
+async def test_a_small_answer_ends_with_its_data_and_the_token_cookie_is_never_indexed(edge: Edge) -> None:
+    c = await _client(edge)
+    ans = await c.get(edge.host(), f"/echo?token={edge.token()}")
+    assert ans.status == 200
+    frames = [f for f in c.frames if f.stream_id == 1]
+    assert isinstance(frames[0], HeadersFrame) and all(isinstance(f, DataFrame) for f in frames[1:])
+    last = frames[-1]
+    assert isinstance(last, DataFrame) and "END_STREAM" in last.flags and last.data, "no empty DATA frame to end it"
+    cookie = next(f for f in ans.fields if f[0] == b"set-cookie")
+    assert isinstance(cookie, NeverIndexedHeaderTuple), "the token's cookie stays out of HPACK's table"
     await c.close()
 
 
