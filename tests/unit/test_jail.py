@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmm import jail
-from vmm.accel import Accelerator
+from vmm.accel import Accelerator, choose
 from vmm.confine import Bind, Confinement, Jail
 from vmm.errors import VmmError
 from vmm.jail import UidLeases, _own, _qemu_files, check_setup
@@ -163,3 +163,38 @@ def test_the_helper_builds_and_refuses_a_bad_argument(tmp_path: Path) -> None:
     done = subprocess.run([str(helper), "--bogus", "--", "true"], capture_output=True, text=True)
     assert done.returncode == 127
     assert done.stderr.startswith("microvm-edge jail: bad argument --bogus")
+
+
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+def test_dev_kvm_is_in_the_jail_only_under_kvm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accel: str) -> None:
+    """The accelerator QEMU is given (vmm.accel.choose: kvm only with real VMX/SVM) decides: under KVM the
+    jail binds /dev/kvm and gives QEMU the device's group; under TCG neither is there."""
+    monkeypatch.setattr(jail, "kvm_groups", lambda: (108,))  # this host has no usable /dev/kvm
+    spec = MachineSpec("mvm-v1", tmp_path / "vmlinuz", tmp_path / "initrd", "", 256, 1, choose(accel))
+    settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(root_dir=tmp_path / "jail"))
+    confined = jail.Jailer(settings).jail_for(400_001, tmp_path / "vm", (), spec, shim=False)
+    devices = {b.target for b in confined.binds if b.target.startswith("/dev/")}
+    if accel == "kvm":
+        assert devices == {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/kvm"}
+        assert confined.groups == (108,)
+    else:
+        assert devices == {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}
+        assert confined.groups == ()
+
+
+@needs_root
+def test_the_kvm_group_is_the_device_s_and_a_root_only_device_is_refused(tmp_path: Path) -> None:
+    device = tmp_path / "kvm"
+    device.touch()
+    os.chown(device, 0, 108)
+    os.chmod(device, 0o660)
+    assert jail.kvm_groups(device) == (108,)  # Debian: root:kvm 0660
+    os.chmod(device, 0o666)
+    assert jail.kvm_groups(device) == ()  # everyone may open it: no group to add
+    os.chmod(device, 0o600)
+    with pytest.raises(VmmError, match=r"kvm is mode 0600, group 108: a jailed QEMU .* cannot open it"):
+        jail.kvm_groups(device)
+    os.chown(device, 0, 0)
+    os.chmod(device, 0o660)
+    with pytest.raises(VmmError, match=r"group 0"):  # root's group is never handed to a QEMU
+        jail.kvm_groups(device)
