@@ -3,8 +3,10 @@
 One run, one demo template per mode (jailed with limits, jailed without, neither), the modes
 interleaved cycle by cycle (so a busy moment of the
 machine hits both alike): each cycle clones a VM and waits for its app, then suspends and wakes
-another VM (device state only) and waits for its app. Also the QEMU's memory (PSS) in both modes.
-Every loop is bounded. Usage: .venv/bin/python -m bench.jail_bench [--cycles 20]
+another VM (device state only) and waits for its app. Also the QEMU's memory (PSS) in both modes,
+and where a restore's time went in its QEMU: CPU time run, and time runnable but waiting for a CPU
+(every thread's /proc/<tid>/schedstat at the first answer), which tell work from scheduling on a
+loaded machine. Every loop is bounded. Usage: .venv/bin/python -m bench.jail_bench [--cycles 20]
 """
 
 from __future__ import annotations
@@ -41,6 +43,23 @@ async def _cycle(manager: VmManager, kept: str, results: dict[str, list[float]])
     await manager.ensure_running(kept)
     await probe.wait_ready(kept, ready, 60.0, lambda: True)
     results["restore"].append(time.perf_counter() - t0)
+    pid = manager.get(kept).pid
+    assert pid is not None
+    run, wait = _scheduled(pid)
+    results["restore run"].append(run)
+    results["restore wait"].append(wait)
+
+
+def _scheduled(pid: int) -> tuple[float, float]:
+    """Seconds the process's threads have run on a CPU, and waited runnable for one, since it started."""
+    run = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ran, waited, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+        run, wait = run + int(ran), wait + int(waited)
+    return run / 1e9, wait / 1e9
 
 
 async def run(cycles: int) -> str:
@@ -58,12 +77,17 @@ async def run(cycles: int) -> str:
         for mode, m in managers.items():  # the first suspend moves RAM to the VM's own file: not measured
             await m.suspend(kept[mode])
             await m.ensure_running(kept[mode])
-        results: dict[str, dict[str, list[float]]] = {mode: {"clone": [], "restore": []} for mode in MODES}
+        keys = ("clone", "restore", "restore run", "restore wait")
+        results: dict[str, dict[str, list[float]]] = {mode: {key: [] for key in keys} for mode in MODES}
         for _ in range(cycles):
             for mode in MODES:
                 await _cycle(managers[mode], kept[mode], results[mode])
         rows = []
-        for key, name in (("clone", "clone → first answer"), ("restore", "restore → first answer")):
+        for key, name in (
+            ("clone", "clone → first answer"), ("restore", "restore → first answer"),
+            ("restore run", "restored QEMU's CPU time to its first answer"),
+            ("restore wait", "restored QEMU's wait for a CPU to its first answer"),
+        ):  # fmt: skip
             free = median(results["neither"][key])
             for mode in MODES:
                 got = results[mode][key]
