@@ -272,11 +272,11 @@ class Jailer:
                 _own(run_dir, uid, qemu_files)
                 jail = self.jail_for(uid, run_dir, read_only, spec, bool(env))
             argv = build_argv(binary, spec, ram, disk, run_dir, incoming, console_socket, tap_fd, self.jail.enabled)
-            procs = self._ready.pop(group, None)
-            if procs is None and self.cgroups is not None:
-                procs = await asyncio.to_thread(self.cgroups.prepare, group, limits, self.owner)
+            joins = self._ready.pop(group, None)  # made beside the namespace (provision), or now
+            if joins is None and self.cgroups is not None:
+                joins = await asyncio.to_thread(self.cgroups.prepare, group, limits, self.owner)
             confinement = Confinement(
-                str(netns.NETNS_DIR / netns.ns_name(ns_id)), tuple(map(str, procs or ())), jail, tuple(keep_fds),
+                str(netns.NETNS_DIR / netns.ns_name(ns_id)), tuple(map(str, joins or ())), jail, tuple(keep_fds),
                 tuple(env.items()),
             )  # fmt: skip
             assert self.helper is not None
