@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from vmm import jail
+from tests.unit.fake_runtime import write_template
+from vmm import jail, runtime, template
 from vmm.accel import Accelerator, choose
+from vmm.cgroups import CgroupsV2
 from vmm.confine import Bind, Confinement, Jail
 from vmm.errors import VmmError
 from vmm.jail import UidLeases, _own, _qemu_files, check_setup
+from vmm.live import LiveVm
+from vmm.model import VmRecord, VmState
+from vmm.policy import Policy
 from vmm.qemu import MachineSpec, RamBacking
+from vmm.records import RecordStore
 from vmm.settings import JailSettings, VmmSettings
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
@@ -198,3 +204,51 @@ def test_the_kvm_group_is_the_device_s_and_a_root_only_device_is_refused(tmp_pat
     os.chmod(device, 0o660)
     with pytest.raises(VmmError, match=r"group 0"):  # root's group is never handed to a QEMU
         jail.kvm_groups(device)
+
+
+async def test_a_vm_s_cgroup_is_made_beside_its_namespace_and_neither_stays_if_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runtime.provision: the group (with its limits) is ready for the spawn when the namespace is; a
+    namespace that cannot be made takes the group with it, and a group that cannot be made the namespace."""
+    settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(root_dir=tmp_path / "jail"))
+    write_template(settings)
+    tpl = template.load(settings, "demo")
+    qemus = runtime.QemuRuntime(settings, choose("tcg"), RecordStore(settings), None)
+    unified = tmp_path / "unified"
+    unified.mkdir()
+    (unified / "cgroup.controllers").write_text("cpu memory pids\n")
+    qemus.jail.cgroups = CgroupsV2("mvm", unified)
+    (unified / "mvm" / "vms" / "v1").mkdir(parents=True)
+    (unified / "mvm" / "vms" / "v1" / "memory.events").write_text("oom_kill 0\n")
+    namespaces: list[str] = []
+
+    async def create(vm_id: str) -> None:
+        if "create" in failing:
+            raise VmmError("ip netns add failed")
+        namespaces.append(vm_id)
+
+    async def delete(vm_id: str) -> None:  # as `ip netns delete` of one that is not there: nothing
+        if vm_id in namespaces:
+            namespaces.remove(vm_id)
+
+    monkeypatch.setattr(runtime.netns, "create", create)
+    monkeypatch.setattr(runtime.netns, "delete", delete)
+    vm = LiveVm(VmRecord("v1", "demo", VmState.PENDING, Policy(), 8080, 0.0, 0.0))
+    failing: set[str] = set()
+    await qemus.provision(vm, tpl)
+    assert namespaces == ["v1"]
+    assert qemus.jail._ready["v1"] == [unified / "mvm" / "vms" / "v1" / "cgroup.procs"]
+    assert (unified / "mvm" / "vms" / "v1" / "memory.max").read_text() == str((16 + 160) << 20)
+    await delete("v1")
+
+    failing.add("create")
+    with pytest.raises(VmmError, match="ip netns add failed"):
+        await qemus.provision(vm, tpl)
+    assert "v1" not in qemus.jail._ready and namespaces == []
+
+    failing.clear()
+    qemus.jail.cgroups = CgroupsV2("mvm", tmp_path / "no-such-hierarchy")
+    with pytest.raises(VmmError, match=r"^cgroup v2: cannot make group 'v1'"):
+        await qemus.provision(vm, tpl)
+    assert namespaces == [], "the namespace made beside it is deleted again"
