@@ -6,6 +6,11 @@ processes sit in a group of their own with a larger CPU weight, so guests spinni
 cannot starve the proxy. A QEMU ended by its memory limit is told apart from any other death
 by the group's OOM-kill counter.
 
+Each group carries its maker's state directory in an extended attribute (OWNER_XATTR, root's
+alone), so a sweep removes only empty groups of its own manager, or of a state directory that
+no longer exists, never those of another manager sharing the tree (a fleet host on the same
+machine). A group younger than GROUP_GRACE is never swept: its QEMU may be joining it now.
+
 Both layouts are supported: v2 (one hierarchy, /sys/fs/cgroup on Debian 12) and v1 (one
 hierarchy per controller, /sys/fs/cgroup/<controller>). The trees live at fixed places under
 each hierarchy's root, so a restarted manager finds the groups of the QEMUs it re-adopts.
@@ -16,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,8 @@ V1_SHARES_PER_WEIGHT = 1024 / 100  # v1 cpu.shares 1024 is v2 cpu.weight 100
 _V1_NEEDED = ("cpu", "memory", "pids")  # blkio is used where the host has it
 _V2_NEEDED = ("cpu", "memory", "pids")
 _V1_OPTIONAL = ("blkio", "cpuacct")  # I/O weight, and the group's CPU time (often mounted with cpu)
+OWNER_XATTR = "trusted.microvm-edge.owner"  # the state directory of the manager that made the group
+GROUP_GRACE = 60.0  # seconds a group is left alone by sweeps after it was made (its QEMU may be joining)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,14 @@ class Cgroups:
 
     def vm_dirs(self, group: str) -> list[Path]:
         """Every directory of `group` (one per hierarchy)."""
+        raise NotImplementedError
+
+    def _vms_parents(self) -> list[Path]:
+        """The directories holding the VM groups (one per hierarchy)."""
+        raise NotImplementedError
+
+    def _join_file(self, directory: Path) -> Path:
+        """The file of a group's directory a process writes "0" into to join it."""
         raise NotImplementedError
 
     def host_dirs(self) -> list[Path]:
@@ -130,18 +147,20 @@ class Cgroups:
         except OSError as exc:
             raise VmmError(f"cgroup v{self.version}: cannot set up {self.name!r}: {exc}") from exc
 
-    def prepare(self, group: str, limits: Limits) -> list[Path]:
-        """A fresh group with `limits`; returns the cgroup.procs files a QEMU writes its pid into before exec."""
+    def prepare(self, group: str, limits: Limits, owner: str) -> list[Path]:
+        """A fresh group with `limits`, marked as `owner`'s (a state directory); returns the files the
+        QEMU's spawn helper writes "0" into to join it before exec (vmm/native/jail_exec.c)."""
         try:
             for directory in self.vm_dirs(group):
                 with contextlib.suppress(FileNotFoundError, OSError):
                     directory.rmdir()  # a group left by an earlier QEMU of the VM: its counters start again
                 directory.mkdir(parents=True, exist_ok=True)
+                _mark(directory, owner)
             self._write_limits(group, limits)
             self._oom_baseline[group] = self.oom_kills(group)
         except OSError as exc:
             raise VmmError(f"cgroup v{self.version}: cannot make group {group!r}: {exc}") from exc
-        return [d / "cgroup.procs" for d in self.vm_dirs(group)]
+        return [self._join_file(d) for d in self.vm_dirs(group)]
 
     def oom_killed(self, group: str) -> bool:
         """Whether the kernel ended a task of `group` for its memory limit since the group was prepared."""
@@ -156,17 +175,48 @@ class Cgroups:
         except (OSError, ValueError):
             return None
 
-    def remove(self, group: str) -> None:
-        """The group goes with its VM (a group with a live task stays; it is empty once that ends)."""
-        self._oom_baseline.pop(group, None)
+    def remove(self, group: str) -> bool:
+        """The group goes with its VM; False if it stays (a live task holds it: a later sweep removes it)."""
+        removed = True
         for directory in self.vm_dirs(group):
             try:
                 directory.rmdir()
             except FileNotFoundError:
                 pass
             except OSError as exc:
+                removed = False
                 if exc.errno != errno.EBUSY:
                     log.event("cgroup.remove_failed", level="warning", group=group, error=str(exc))
+        if removed:
+            self._oom_baseline.pop(group, None)
+        return removed
+
+    def sweep(self, owner: str, gone: Iterable[str] = (), now: float | None = None) -> list[str]:
+        """Remove groups no QEMU will join again; returns their names.
+
+        Those named in `gone` (VMs of `owner` deleted or failed), and every group marked as
+        `owner`'s, or as a state directory's that no longer exists, made GROUP_GRACE ago or more.
+        A group with a task stays (rmdir says EBUSY), and so does one another manager marked.
+        """
+        now = time.time() if now is None else now
+        gone = set(gone)
+        names = {p.name for parent in self._vms_parents() if parent.is_dir() for p in parent.iterdir() if p.is_dir()}
+        return [g for g in sorted(names) if self._sweepable(g, owner, g in gone, now) and self.remove(g)]
+
+    def _sweepable(self, group: str, owner: str, gone: bool, now: float) -> bool:
+        for directory in self.vm_dirs(group):
+            try:
+                made = directory.stat().st_mtime
+            except OSError:
+                continue  # not in this hierarchy (a group half removed): another one says
+            try:
+                marked: str | None = os.getxattr(directory, OWNER_XATTR).decode()
+            except OSError:
+                marked = None  # made before groups were marked, or where the mark failed
+            if marked is not None and marked != owner and os.path.isdir(marked):
+                return False  # another manager's, alive or not: it sweeps its own
+            return gone or (marked is not None and now - made >= GROUP_GRACE)
+        return False
 
 
 class CgroupsV1(Cgroups):
@@ -183,6 +233,14 @@ class CgroupsV1(Cgroups):
 
     def vm_dirs(self, group: str) -> list[Path]:
         return list(dict.fromkeys(self._dir(c, "vms", group) for c in self._controllers()))  # co-mounted: once
+
+    def _vms_parents(self) -> list[Path]:
+        return list(dict.fromkeys(self._dir(c, "vms") for c in self._controllers()))
+
+    def _join_file(self, directory: Path) -> Path:
+        # v1's per-thread file: the helper moving its only thread itself skips the kernel's global
+        # threadgroup lock (and the RCU grace period that lock waits for) that cgroup.procs takes.
+        return directory / "tasks"
 
     def _cpu_vms_dir(self) -> Path:
         return self._dir("cpu", "vms")
@@ -262,6 +320,12 @@ class CgroupsV2(Cgroups):
 
     def vm_dirs(self, group: str) -> list[Path]:
         return [self.root / self.name / "vms" / group]
+
+    def _vms_parents(self) -> list[Path]:
+        return [self.root / self.name / "vms"]
+
+    def _join_file(self, directory: Path) -> Path:
+        return directory / "cgroup.procs"  # v2 moves only whole processes between domain groups
 
     def host_dirs(self) -> list[Path]:
         return [self.root / self.name / "host"]
@@ -358,6 +422,14 @@ def missing_controllers_text(mounts_file: Path = Path("/proc/self/mounts")) -> s
 
 def _read(path: Path) -> str:
     return path.read_text().strip()
+
+
+def _mark(directory: Path, owner: str) -> None:
+    """The group's directory names its maker (a trusted xattr: cgroupfs keeps it, only root reads or sets it)."""
+    try:
+        os.setxattr(directory, OWNER_XATTR, owner.encode())
+    except OSError as exc:  # the group works unmarked; only a sweep of another manager's leaves it alone
+        log.event("cgroup.mark_failed", level="warning", group=directory.name, error=str(exc))
 
 
 def _write(path: Path, value: str) -> None:

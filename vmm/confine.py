@@ -1,10 +1,11 @@
 """What a QEMU's process does between spawn and exec, as the argv of vmm/native/jail_exec.c.
 
-It enters the VM's network namespace and cgroups, a mount namespace whose root holds only its
-jail, then drops to its own uid with no capabilities and no_new_privs, closes every descriptor
-but the kept ones, and execs QEMU. QEMU 7.2's own `-runas` cannot be used: with `-sandbox
-elevateprivileges=deny` its filter is in place before `-runas` drops privileges, and the setuid
-kills it. So the privileges are gone before QEMU starts.
+It enters the VM's network namespace and cgroups (writing "0", itself, to each group's join
+file), a mount namespace whose root holds only its jail, then drops to its own uid with no
+capabilities and no_new_privs, closes every descriptor but the kept ones, and execs QEMU.
+QEMU 7.2's own `-runas` cannot be used: with `-sandbox elevateprivileges=deny` its filter is in
+place before `-runas` drops privileges, and the setuid kills it. So the privileges are gone
+before QEMU starts.
 
 The steps run in a small C program started with posix_spawn: a fork of the manager (a large
 Python process) costs tens of milliseconds in page-table copies, on every launch and restore.
@@ -49,7 +50,7 @@ class Confinement:
     """Where the child goes before it execs QEMU; `jail` None: namespace and cgroups only (jail.enabled off)."""
 
     netns_path: str
-    cgroup_procs: tuple[str, ...] = ()
+    cgroup_joins: tuple[str, ...] = ()  # each group's join file (vmm.cgroups: v1 tasks, v2 cgroup.procs)
     jail: Jail | None = None
     keep_fds: tuple[int, ...] = ()  # descriptors QEMU gets (the tap); every other one is closed
     env: tuple[tuple[str, str], ...] = ()  # set for QEMU only (not for the helper: LD_PRELOAD names a jail path)
@@ -57,8 +58,8 @@ class Confinement:
     def argv(self, helper: Path, qemu_argv: list[str]) -> list[str]:
         """The helper's command line, ending in `-- <qemu argv>`."""
         args = [str(helper), "--netns", self.netns_path]
-        for procs in self.cgroup_procs:
-            args += ["--cgroup", procs]
+        for join in self.cgroup_joins:
+            args += ["--cgroup", join]
         for fd in self.keep_fds:
             args += ["--keep-fd", str(fd)]
         for name, value in self.env:

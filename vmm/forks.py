@@ -45,7 +45,7 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
             store_key(vm_dir / AGENT_KEY, (ckpt.path / AGENT_KEY).read_bytes())
         if ckpt.disk.exists():
             await disks.create_layer(ckpt.disk, vm_dir / OVERLAY)
-        await runtime.create_network(vm_id)
+        await runtime.provision(vm, tpl)
         await runtime.open_egress(vm)
         # the checkpoint's RAM file mapped copy-on-write, or a RAM file of the child's own for a stream to fill
         ram = RamBacking(ckpt.path / RAM, share=False) if ckpt.ram_file else RamBacking(vm_dir / RAM, share=True)

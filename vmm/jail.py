@@ -20,6 +20,7 @@ directory, never hands it to another VM; a moved-in VM gets one of this host's u
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
 import hashlib
@@ -191,7 +192,9 @@ class Jailer:
         self.shim: Path | None = None
         self.helper: Path | None = None
         self.cgroups: Cgroups | None = None
+        self.owner = str(settings.state_dir.resolve())  # marks the cgroups this state directory's manager makes
         self._uids: dict[str, int] = {}  # group -> the uid its last QEMU got here
+        self._ready: dict[str, list[Path]] = {}  # group -> its join files, made ahead of its QEMU (prepare_group)
 
     def start(self, state_dir_check: bool = True, join_host: bool = True) -> None:
         """Check the host, make the cgroup tree and (for a host process) join the host's group."""
@@ -211,6 +214,28 @@ class Jailer:
     def limits(self, vcpus: int, memory_mb: int, cpu_share: float = 1.0) -> Limits:
         j = self.jail
         return cgroups.limits_for(vcpus, memory_mb, cpu_share, j.memory_overhead_mb, j.pids_max, j.io_weight)
+
+    async def prepare_group(self, rec: VmRecord, tpl: Template) -> None:
+        """The VM's cgroup with its limits, made in a thread ahead of its QEMU (beside its namespace), so
+        a restore does not wait for it; the next spawn of the VM joins it."""
+        if self.cgroups is not None:
+            limits = self.limits(tpl.vcpus, tpl.memory_mb, rec.policy.cpu_share)
+            self._ready[rec.id] = await asyncio.to_thread(self.cgroups.prepare, rec.id, limits, self.owner)
+
+    def remove_group(self, group: str) -> None:
+        """The group goes (a suspended VM keeps none); one its QEMU still holds is left to a sweep."""
+        self._ready.pop(group, None)
+        if self.cgroups is not None:
+            self.cgroups.remove(group)
+
+    async def sweep(self, gone: Iterable[str] = ()) -> None:
+        """Groups no QEMU will join again: `gone`'s (VMs deleted or failed) and every empty one of this
+        state directory's (or of one that no longer exists) past the grace (vmm.cgroups.Cgroups.sweep)."""
+        if self.cgroups is None:
+            return
+        removed = await asyncio.to_thread(self.cgroups.sweep, self.owner, gone)
+        if removed:
+            log.event("cgroup.swept", groups=removed)
 
     async def spawn_vm(
         self, rec: VmRecord, tpl: Template, spec: MachineSpec, ram: RamBacking, disk: DiskBacking | None,
@@ -246,11 +271,13 @@ class Jailer:
                     env = {"LD_PRELOAD": SHIM_IN_JAIL, "MVM_PRIVATE_RAM": str(ram.path)}
                 uid = self._uids[group] = self.leases.claim(run_dir.absolute())
                 _own(run_dir, uid, qemu_files)
-                jail = self._jail_for(uid, run_dir, read_only, spec.accel.name == "kvm", bool(env))
+                jail = self.jail_for(uid, run_dir, read_only, spec, bool(env))
             argv = build_argv(binary, spec, ram, disk, run_dir, incoming, console_socket, tap_fd, self.jail.enabled)
-            procs = self.cgroups.prepare(group, limits) if self.cgroups is not None else []
+            joins = self._ready.pop(group, None)  # made beside the namespace (provision), or now
+            if joins is None and self.cgroups is not None:
+                joins = await asyncio.to_thread(self.cgroups.prepare, group, limits, self.owner)
             confinement = Confinement(
-                str(netns.NETNS_DIR / netns.ns_name(ns_id)), tuple(map(str, procs)), jail, tuple(keep_fds),
+                str(netns.NETNS_DIR / netns.ns_name(ns_id)), tuple(map(str, joins or ())), jail, tuple(keep_fds),
                 tuple(env.items()),
             )  # fmt: skip
             assert self.helper is not None
@@ -262,7 +289,9 @@ class Jailer:
                   memory_mb=limits.memory_mb, cpu_quota_us=limits.cpu_quota_us)  # fmt: skip
         return proc
 
-    def _jail_for(self, uid: int, run_dir: Path, read_only: Iterable[Path], kvm: bool, shim: bool) -> Jail:
+    def jail_for(self, uid: int, run_dir: Path, read_only: Iterable[Path], spec: MachineSpec, shim: bool) -> Jail:
+        """What QEMU's root holds and who it becomes; /dev/kvm (and the group that may open it) only under KVM."""
+        kvm = spec.accel.name == "kvm"
         binds = [Bind("/usr", "/usr", MS_RDONLY | MS_NODEV)]
         if shim:
             assert self.shim is not None
@@ -280,7 +309,7 @@ class Jailer:
             for target in dict.fromkeys((_abs(path), _real(path))):
                 binds.append(Bind(_real(path), target, MS_RDONLY | MS_NODEV | MS_NOEXEC))
         binds.sort(key=lambda b: b.target.count("/"))
-        groups = (grp.getgrnam("kvm").gr_gid,) if kvm else ()
+        groups = kvm_groups() if kvm else ()
         return Jail(uid, uid, str(self.jail.root_dir.absolute()), tuple(binds), tuple(symlinks), os.getcwd(), groups)
 
     def oom_reason(self, group: str) -> str | None:
@@ -292,11 +321,25 @@ class Jailer:
         return f"out of memory: cgroup limit {limit} MiB"
 
     async def release(self, group: str, run_dir: Path) -> None:
-        """The VM is gone: its uid goes back to the pool, its cgroup away."""
+        """The VM is gone: its uid goes back to the pool, its cgroup away (with any other left behind)."""
         if self.jail.enabled:
             self.leases.release(run_dir.absolute(), self._uids.pop(group, None))
-        if self.cgroups is not None:
-            self.cgroups.remove(group)
+        self._ready.pop(group, None)
+        await self.sweep({group})
+
+
+def kvm_groups(device: Path = Path("/dev/kvm")) -> tuple[int, ...]:
+    """The supplementary group a jailed QEMU needs to open /dev/kvm: the device's group (kvm on Debian),
+    none if everyone may open it; a device only root may open cannot be used from the jail."""
+    st = device.stat()
+    if st.st_mode & 0o006 == 0o006:
+        return ()
+    if st.st_gid != 0 and st.st_mode & 0o060 == 0o060:
+        return (st.st_gid,)
+    raise VmmError(
+        f"{device} is mode {st.st_mode & 0o777:04o}, group {st.st_gid}: a jailed QEMU (its own uid) cannot open it; "
+        "give it a group of its own with read and write (Debian's udev rule: root:kvm 0660)"
+    )
 
 
 def seal_template(work: Path) -> None:

@@ -119,6 +119,9 @@ class VmManager:
             if mode is not None:
                 rec.ram_mode = mode
                 self.records.write(rec)
+        # Groups a killed QEMU or a crash left: no QEMU of this state directory runs but the live VMs' now.
+        idle = {i for i, vm in self.records.live.items() if vm.rec.state not in _LIVE}
+        await self.runtime.sweep_groups(idle | set(self.records.terminated))
         self.records.start_flusher()
         self._background = [
             asyncio.create_task(self._rotate_app_logs_forever()),

@@ -8,8 +8,9 @@ is all they call, so a fake stands in for it in unit tests (no QEMU, no namespac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +25,7 @@ from .cgroups import GroupUsage
 from .console import ConsoleReader
 from .cpu_fairness import CpuFairness
 from .errors import RegistryError, VmFailed, VmmError
-from .jail import Jailer
+from .jail import Jailer, kvm_groups
 from .jsonlog import log
 from .live import LiveVm
 from .model import Template
@@ -80,7 +81,7 @@ class Runtime(Protocol):
     def running_qemus(self) -> dict[str, list[int]]: ...
     async def kill_strays(self, vm_id: str, keep: int | None, found: list[int]) -> None: ...
     async def adopt(self, vm: LiveVm, pid: int, on_lost: OnLost) -> str | None: ...
-    async def create_network(self, vm_id: str) -> None: ...
+    async def provision(self, vm: LiveVm, tpl: Template) -> None: ...
     def network_exists(self, vm_id: str) -> bool: ...
     async def delete_network(self, vm_id: str) -> None: ...
     async def cut(self, vm_id: str) -> None: ...
@@ -91,6 +92,7 @@ class Runtime(Protocol):
     async def release_confinement(self, vm_id: str) -> None: ...
     async def balance_cpu_forever(self) -> None: ...
     def release_group(self, vm_id: str) -> None: ...
+    async def sweep_groups(self, gone: Iterable[str]) -> None: ...
 
 
 class QemuRuntime:
@@ -239,6 +241,8 @@ class QemuRuntime:
     def prepare_confinement(self) -> None:
         """Check the host's set-up for jails and limits, and make the cgroup tree (at start)."""
         self.jail.start()
+        if self.settings.jail.enabled and self.accel.name == "kvm":
+            kvm_groups()  # a /dev/kvm the jailed QEMU could not open is refused now, not at the first launch
 
     async def release_confinement(self, vm_id: str) -> None:
         """The VM is gone: its uid goes back to the pool and its cgroup away."""
@@ -251,8 +255,12 @@ class QemuRuntime:
 
     def release_group(self, vm_id: str) -> None:
         """A suspended VM has no QEMU: its cgroup goes (made afresh at the next spawn), its uid stays."""
-        if self.jail.cgroups is not None:
-            self.jail.cgroups.remove(vm_id)
+        self.jail.remove_group(vm_id)
+
+    async def sweep_groups(self, gone: Iterable[str]) -> None:
+        """The cgroups of `gone` (VMs failed, or known gone at start) and any other this state directory
+        left without a task (a QEMU killed while busy outlives its VM's release)."""
+        await self.jail.sweep(gone)
 
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int:
         """Bytes the VM's QEMU has written to its private (copy-on-write) mapping of `mapped`."""
@@ -347,8 +355,18 @@ class QemuRuntime:
 
     # ---- network services: the VM's namespace and egress proxy ---------------------------
 
-    async def create_network(self, vm_id: str) -> None:
-        await netns.create(vm_id)
+    async def provision(self, vm: LiveVm, tpl: Template) -> None:
+        """What the VM's QEMU needs on the host before it starts: a fresh namespace and its cgroup with its
+        limits, made side by side (the cgroup in a thread, while the namespace's commands run); if either
+        fails, neither is left."""
+        vm_id = vm.rec.id
+        made = await asyncio.gather(netns.create(vm_id), self.jail.prepare_group(vm.rec, tpl), return_exceptions=True)
+        failed = next((r for r in made if isinstance(r, BaseException)), None)
+        if failed is not None:
+            self.jail.remove_group(vm_id)
+            with contextlib.suppress(VmmError, OSError):
+                await netns.delete(vm_id)
+            raise failed
 
     def network_exists(self, vm_id: str) -> bool:
         return netns.exists(vm_id)

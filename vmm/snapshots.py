@@ -245,9 +245,9 @@ class Snapshots:
                 # The stream carries all RAM; it is loaded into a fresh file the VM owns from now on.
                 ram.path.unlink(missing_ok=True)
             tpl = template.load(self.settings, vm.rec.template)
-            # A fresh namespace (one left by a crash is replaced): a failed restore leaves none behind.
-            await self.runtime.create_network(vm_id)
-            undo.push("delete the namespace", lambda: self.release_network(vm_id))
+            # A fresh namespace (one left by a crash is replaced) and cgroup: a failed restore leaves neither.
+            await self.runtime.provision(vm, tpl)
+            undo.push("delete the namespace and cgroup", lambda: self.release_network(vm_id))
             await self.runtime.open_egress(vm)
             undo.push("stop the egress proxy", lambda: self.runtime.close_egress(vm_id))
             undo.push("stop QEMU", lambda: self.runtime.stop(vm))

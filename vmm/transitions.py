@@ -90,7 +90,7 @@ class Transitions:
                 # every VM's log.
                 most = self.settings.app_log_max_bytes
                 app_log(self.settings, vm_id).append(AppLog(Path(tpl.path) / APP_LOG, most).tail(most))
-            await self.runtime.create_network(vm_id)
+            await self.runtime.provision(vm, tpl)  # its cgroup goes with "release its uid and cgroup"
             undo.push("delete the namespace", lambda: self.runtime.delete_network(vm_id))
             await self.runtime.open_egress(vm)
             undo.push("stop the egress proxy", lambda: self.runtime.close_egress(vm_id))
@@ -228,6 +228,7 @@ class Transitions:
             await self.runtime.cut(vm.rec.id)
         self.lifecycle.record_outcome(vm.rec, VmState.FAILED, reason=reason)
         log.event("vm.failed", level="error", vm=vm.rec.id, reason=reason)
+        await self.runtime.sweep_groups({vm.rec.id})  # its reason is read: the group goes (its files stay)
 
 
 async def _remove_tree(path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import IMAGES, REPO
+from tests.e2e.conftest import IMAGES, REPO, started_manager
 from tests.e2e.edge_harness import edge_config, running_edge
 from tests.e2e.guest import guest_state, qemu_pids_under, sandbox_run
 from vmm import cgroups, faults, probe
@@ -262,6 +262,7 @@ async def test_a_guest_past_its_memory_is_ended_by_its_limit(manager: VmManager,
             await asyncio.sleep(0.05)
     assert hog.reason == f"out of memory: cgroup limit {limit_mb} MiB"
     assert manager.vm_dir(hog.id).exists(), "a failed VM's directory is kept for inspection"
+    assert not any(d.exists() for d in groups.vm_dirs(hog.id)), "its reason is read: its cgroup is gone"
     assert (await guest_state(quiet.id))["counter"] == 2, "the other VM answers on"
     await manager.delete(hog.id)
     assert not manager.vm_dir(hog.id).exists()
@@ -302,3 +303,33 @@ async def test_spinning_and_fork_bombing_guests_leave_another_vm_answering_throu
             for task in loads:
                 task.cancel()
             await asyncio.gather(*loads, return_exceptions=True)
+
+
+def _left_group(groups: cgroups.Cgroups, name: str, owner: Path) -> None:
+    """An empty group as a manager of `owner` leaves one when its QEMU outlived the VM's release."""
+    made = time.time() - cgroups.GROUP_GRACE - 5
+    for directory in groups.vm_dirs(name):
+        directory.mkdir()
+        os.setxattr(directory, cgroups.OWNER_XATTR, str(owner).encode())
+        os.utime(directory, (made, made))
+
+
+async def test_a_starting_manager_sweeps_groups_left_by_its_state_dir_and_by_one_gone(
+    settings: VmmSettings, tmp_path: Path
+) -> None:
+    groups = cgroups.detect(CGROUP_NAME)
+    assert groups is not None
+    groups.setup(settings.jail.host_cpu_weight, None)
+    live_other = tmp_path / "another-state-dir"  # a fleet host on this machine: its groups are its own
+    live_other.mkdir()
+    suffix = os.urandom(3).hex()
+    left = {"mine": f"vleft{suffix}", "gone": f"vgone{suffix}", "other": f"vother{suffix}"}
+    _left_group(groups, left["mine"], settings.state_dir.resolve())
+    _left_group(groups, left["gone"], tmp_path / "a-removed-state-dir")
+    _left_group(groups, left["other"], live_other)
+    try:
+        async with started_manager(settings):
+            present = {k for k, name in left.items() if any(d.exists() for d in groups.vm_dirs(name))}
+            assert present == {"other"}
+    finally:
+        groups.remove(left["other"])

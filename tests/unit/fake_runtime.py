@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
@@ -39,6 +40,7 @@ class FakeRuntime:
         self.dies_on_failed_save = False  # a failing save takes the QEMU with it (SIGBUS on a full disk)
         self._on_lost: dict[str, OnLost] = {}
         self.groups: dict[str, GroupUsage] = {}  # VM id -> its cgroup's counters
+        self.swept: list[set[str]] = []  # the `gone` of every cgroup sweep, in order
         self.taps: dict[str, tuple[int, int]] = {}  # VM id -> its tap's (rx, tx) bytes
         self.loads: list[tuple[str, str]] = []  # (purpose, VM id) of every load, in order
         self.load_gate: asyncio.Event | None = None  # when set, a restore's load waits for it
@@ -125,9 +127,9 @@ class FakeRuntime:
             self._on_lost[vm.rec.id] = on_lost
         return state
 
-    async def create_network(self, vm_id: str) -> None:
+    async def provision(self, vm: LiveVm, tpl: Template) -> None:
         self._step("create_network")
-        self.networks.add(vm_id)
+        self.networks.add(vm.rec.id)
 
     def network_exists(self, vm_id: str) -> bool:
         return vm_id in self.networks
@@ -161,6 +163,9 @@ class FakeRuntime:
 
     def release_group(self, vm_id: str) -> None:
         self.groups.pop(vm_id, None)
+
+    async def sweep_groups(self, gone: Iterable[str]) -> None:
+        self.swept.append(set(gone))
 
     async def kill(self, vm: LiveVm) -> None:
         """The VM's QEMU ends unasked (as a pidfd would report it): settled under the VM's lock."""

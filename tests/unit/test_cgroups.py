@@ -1,6 +1,8 @@
 """Per-VM cgroups against fake cgroupfs trees (tmp dirs): the v2 layout (Debian 12's default, absent
 on this machine) and v1's, file by file as the kernel names them."""
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +67,8 @@ def test_v2_tree_limits_and_oom(tmp_path: Path) -> None:
     for name in ("memory.swap.max", "io.weight"):
         (vm / name).write_text("max\n")
     (vm / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n")
-    procs = groups.prepare("v1", Limits(150_000, 672 << 20, 128, 100))
-    assert procs == [vm / "cgroup.procs"]
+    joins = groups.prepare("v1", Limits(150_000, 672 << 20, 128, 100), str(tmp_path))
+    assert joins == [vm / "cgroup.procs"]  # v2 moves whole processes only
     assert (vm / "cpu.max").read_text() == "150000 100000"
     assert (vm / "memory.max").read_text() == str(672 << 20)
     assert (vm / "memory.swap.max").read_text() == "0"
@@ -94,8 +96,9 @@ def test_v1_tree_limits_and_oom(tmp_path: Path) -> None:
     memory.mkdir(parents=True)
     (memory / "memory.memsw.limit_in_bytes").write_text("9223372036854771712\n")
     (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
-    procs = groups.prepare("v1", Limits(200_000, 512 << 20, 64, 100))
-    assert procs == [mounts[c] / "mvm" / "vms" / "v1" / "cgroup.procs" for c in ("cpu", "memory", "pids")]
+    joins = groups.prepare("v1", Limits(200_000, 512 << 20, 64, 100), str(tmp_path))
+    # the helper moves its one thread itself through v1's `tasks`: no global threadgroup lock
+    assert joins == [mounts[c] / "mvm" / "vms" / "v1" / "tasks" for c in ("cpu", "memory", "pids")]
     cpu = mounts["cpu"] / "mvm" / "vms" / "v1"
     assert (cpu / "cpu.cfs_quota_us").read_text() == "200000"
     assert (cpu / "cpu.cfs_period_us").read_text() == "100000"
@@ -114,8 +117,8 @@ def test_remove_leaves_a_busy_group_and_forgets_a_gone_one(tmp_path: Path) -> No
     groups.setup(1000, None)
     (root / "mvm" / "vms" / "v1").mkdir()
     (root / "mvm" / "vms" / "v1" / "memory.events").write_text("oom_kill 0\n")
-    groups.prepare("v1", Limits(100_000, 1 << 30, 128, 100))
-    groups.remove("v1")  # a directory with files is "busy" here, as one with a task is on a real cgroupfs
+    groups.prepare("v1", Limits(100_000, 1 << 30, 128, 100), str(tmp_path))
+    assert not groups.remove("v1")  # a directory with files is "busy" here, as one with a task is on a real cgroupfs
     assert (root / "mvm" / "vms" / "v1").exists()
     groups.remove("never-made")
 
@@ -174,3 +177,55 @@ def test_v1_cpuacct_joins_the_groups_once_when_mounted_with_cpu(tmp_path: Path) 
     ]
     found = cgroups.detect("mvm", _mounts(tmp_path, lines))
     assert isinstance(found, CgroupsV1) and found.mounts["cpuacct"] == shared
+
+
+def _group(groups: cgroups.Cgroups, name: str, owner: Path | None, age: float) -> None:
+    """A group as a manager of `owner` left it (unmarked: made before groups were marked), `age` seconds old."""
+    for directory in groups.vm_dirs(name):
+        directory.mkdir(parents=True)
+        if owner is not None:
+            os.setxattr(directory, cgroups.OWNER_XATTR, str(owner).encode())  # trusted.*: root, as the manager
+        made = time.time() - age
+        os.utime(directory, (made, made))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trusted xattrs need root, as the manager has")
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_sweep_removes_only_groups_no_qemu_will_join(tmp_path: Path, version: int) -> None:
+    """Its own empty groups past the grace, those of a state directory that is gone, and VMs it names as
+    gone; never another live manager's (a fleet host sharing the tree), a young one, or one with a task."""
+    if version == 2:
+        groups: cgroups.Cgroups = CgroupsV2("mvm", _fake_v2(tmp_path))
+    else:
+        mounts = {c: tmp_path / c for c in ("cpu", "memory", "pids", "blkio")}
+        groups = CgroupsV1("mvm", mounts)
+    mine, other, dead = tmp_path / "state", tmp_path / "other-state", tmp_path / "removed-state"
+    mine.mkdir()
+    other.mkdir()
+    old = cgroups.GROUP_GRACE + 5
+    _group(groups, "v-old-mine", mine, old)
+    _group(groups, "v-young-mine", mine, 1)  # its QEMU may be joining it right now
+    _group(groups, "v-other", other, old)
+    _group(groups, "v-dead-owner", dead, old)
+    _group(groups, "v-unmarked", None, old)
+    _group(groups, "v-unmarked-gone", None, 1)
+    _group(groups, "v-other-gone", other, old)  # a VM that moved to a host on this machine: that host's now
+    _group(groups, "v-busy", mine, old)
+    (groups.vm_dirs("v-busy")[0] / "tasks").write_text("4242\n")  # rmdir of a group with a task: EBUSY (here ENOTEMPTY)
+
+    swept = groups.sweep(str(mine), gone={"v-unmarked-gone", "v-other-gone"})
+
+    assert swept == ["v-dead-owner", "v-old-mine", "v-unmarked-gone"]
+    left = {p.name for parent in groups._vms_parents() for p in parent.iterdir()}
+    assert left == {"v-young-mine", "v-other", "v-unmarked", "v-other-gone", "v-busy"}
+    assert all(not d.exists() for d in groups.vm_dirs("v-old-mine")), "gone from every hierarchy"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trusted xattrs need root, as the manager has")
+def test_prepare_marks_the_group_with_its_state_directory(tmp_path: Path) -> None:
+    groups = CgroupsV1("mvm", {c: tmp_path / c for c in ("cpu", "memory", "pids")})
+    (tmp_path / "memory" / "mvm" / "vms" / "v1").mkdir(parents=True)
+    (tmp_path / "memory" / "mvm" / "vms" / "v1" / "memory.oom_control").write_text("oom_kill 0\n")
+    groups.prepare("v1", Limits(100_000, 1 << 30, 128, 100), "/srv/state")
+    for directory in groups.vm_dirs("v1"):
+        assert os.getxattr(directory, cgroups.OWNER_XATTR) == b"/srv/state"

@@ -29,7 +29,7 @@ class Host:
         directory = self.groups.root / "mvm" / "vms" / vm
         directory.mkdir(exist_ok=True)
         (directory / "memory.events").write_text("oom_kill 0\n")  # the kernel's file, there before prepare
-        self.groups.prepare(vm, Limits(100_000, 512 << 20, 128, 100))  # one vCPU
+        self.groups.prepare(vm, Limits(100_000, 512 << 20, 128, 100), str(self.groups.root))  # one vCPU
         (directory / "cgroup.threads").write_text("".join(f"{t}\n" for t in tids))
         for tid in tids:
             self.wanted.setdefault(tid, 0)

@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from vmm import jail
-from vmm.accel import Accelerator
+from tests.unit.fake_runtime import write_template
+from vmm import jail, runtime, template
+from vmm.accel import Accelerator, choose
+from vmm.cgroups import CgroupsV2
 from vmm.confine import Bind, Confinement, Jail
 from vmm.errors import VmmError
 from vmm.jail import UidLeases, _own, _qemu_files, check_setup
+from vmm.live import LiveVm
+from vmm.model import VmRecord, VmState
+from vmm.policy import Policy
 from vmm.qemu import MachineSpec, RamBacking
+from vmm.records import RecordStore
 from vmm.settings import JailSettings, VmmSettings
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
@@ -163,3 +169,86 @@ def test_the_helper_builds_and_refuses_a_bad_argument(tmp_path: Path) -> None:
     done = subprocess.run([str(helper), "--bogus", "--", "true"], capture_output=True, text=True)
     assert done.returncode == 127
     assert done.stderr.startswith("microvm-edge jail: bad argument --bogus")
+
+
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+def test_dev_kvm_is_in_the_jail_only_under_kvm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accel: str) -> None:
+    """The accelerator QEMU is given (vmm.accel.choose: kvm only with real VMX/SVM) decides: under KVM the
+    jail binds /dev/kvm and gives QEMU the device's group; under TCG neither is there."""
+    monkeypatch.setattr(jail, "kvm_groups", lambda: (108,))  # this host has no usable /dev/kvm
+    spec = MachineSpec("mvm-v1", tmp_path / "vmlinuz", tmp_path / "initrd", "", 256, 1, choose(accel))
+    settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(root_dir=tmp_path / "jail"))
+    confined = jail.Jailer(settings).jail_for(400_001, tmp_path / "vm", (), spec, shim=False)
+    devices = {b.target for b in confined.binds if b.target.startswith("/dev/")}
+    if accel == "kvm":
+        assert devices == {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/kvm"}
+        assert confined.groups == (108,)
+    else:
+        assert devices == {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}
+        assert confined.groups == ()
+
+
+@needs_root
+def test_the_kvm_group_is_the_device_s_and_a_root_only_device_is_refused(tmp_path: Path) -> None:
+    device = tmp_path / "kvm"
+    device.touch()
+    os.chown(device, 0, 108)
+    os.chmod(device, 0o660)
+    assert jail.kvm_groups(device) == (108,)  # Debian: root:kvm 0660
+    os.chmod(device, 0o666)
+    assert jail.kvm_groups(device) == ()  # everyone may open it: no group to add
+    os.chmod(device, 0o600)
+    with pytest.raises(VmmError, match=r"kvm is mode 0600, group 108: a jailed QEMU .* cannot open it"):
+        jail.kvm_groups(device)
+    os.chown(device, 0, 0)
+    os.chmod(device, 0o660)
+    with pytest.raises(VmmError, match=r"group 0"):  # root's group is never handed to a QEMU
+        jail.kvm_groups(device)
+
+
+async def test_a_vm_s_cgroup_is_made_beside_its_namespace_and_neither_stays_if_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runtime.provision: the group (with its limits) is ready for the spawn when the namespace is; a
+    namespace that cannot be made takes the group with it, and a group that cannot be made the namespace."""
+    settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(root_dir=tmp_path / "jail"))
+    write_template(settings)
+    tpl = template.load(settings, "demo")
+    qemus = runtime.QemuRuntime(settings, choose("tcg"), RecordStore(settings), None)
+    unified = tmp_path / "unified"
+    unified.mkdir()
+    (unified / "cgroup.controllers").write_text("cpu memory pids\n")
+    qemus.jail.cgroups = CgroupsV2("mvm", unified)
+    (unified / "mvm" / "vms" / "v1").mkdir(parents=True)
+    (unified / "mvm" / "vms" / "v1" / "memory.events").write_text("oom_kill 0\n")
+    namespaces: list[str] = []
+
+    async def create(vm_id: str) -> None:
+        if "create" in failing:
+            raise VmmError("ip netns add failed")
+        namespaces.append(vm_id)
+
+    async def delete(vm_id: str) -> None:  # as `ip netns delete` of one that is not there: nothing
+        if vm_id in namespaces:
+            namespaces.remove(vm_id)
+
+    monkeypatch.setattr(runtime.netns, "create", create)
+    monkeypatch.setattr(runtime.netns, "delete", delete)
+    vm = LiveVm(VmRecord("v1", "demo", VmState.PENDING, Policy(), 8080, 0.0, 0.0))
+    failing: set[str] = set()
+    await qemus.provision(vm, tpl)
+    assert namespaces == ["v1"]
+    assert qemus.jail._ready["v1"] == [unified / "mvm" / "vms" / "v1" / "cgroup.procs"]
+    assert (unified / "mvm" / "vms" / "v1" / "memory.max").read_text() == str((16 + 160) << 20)
+    await delete("v1")
+
+    failing.add("create")
+    with pytest.raises(VmmError, match="ip netns add failed"):
+        await qemus.provision(vm, tpl)
+    assert "v1" not in qemus.jail._ready and namespaces == []
+
+    failing.clear()
+    qemus.jail.cgroups = CgroupsV2("mvm", tmp_path / "no-such-hierarchy")
+    with pytest.raises(VmmError, match=r"^cgroup v2: cannot make group 'v1'"):
+        await qemus.provision(vm, tpl)
+    assert namespaces == [], "the namespace made beside it is deleted again"

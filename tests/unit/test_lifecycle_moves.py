@@ -260,3 +260,25 @@ async def test_a_damaged_snapshot_is_refused_and_kept_after_any_number_of_suspen
     with pytest.raises(RestoreFailed, match="does not match its checksum"):
         await m.resume(vm_id)
     assert plane.state(vm_id) is S.SUSPENDED and state.read_bytes() == b"damaged"
+
+
+async def test_cgroups_are_swept_when_a_vm_fails_and_at_start_for_every_vm_without_a_qemu(tmp_path: Path) -> None:
+    settings = VmmSettings(state_dir=tmp_path, memory_reserve_mb=0, guest_sync=False)
+    write_template(settings)
+    fake = FakeRuntime(settings)
+    first = VmManager(settings, runtime=fake)
+    await first.start()
+    assert fake.swept == [set()]  # nothing known yet: only groups past their grace, marked as this state dir's
+    running, suspended, failed, deleted = [(await first.create_vm("demo")).id for _ in range(4)]
+    await first.suspend(suspended)
+    await fake.kill(first.records.get(failed))
+    assert fake.swept[-1] == {failed}  # its reason was read from the group: now the group goes
+    await first.delete(deleted)
+    await first.close()
+    fake.adoptable[running] = "running"
+    second = VmManager(settings, runtime=fake)
+    await second.start()
+    try:
+        assert fake.swept[-1] == {suspended, failed, deleted}  # not the running VM's: its QEMU was re-adopted
+    finally:
+        await second.close()

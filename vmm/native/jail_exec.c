@@ -6,7 +6,11 @@
  * no_new_privs, closes every descriptor but the kept ones, and execs QEMU. Any failure is one
  * line on stderr (the VM's qemu.log) and exit status 127.
  *
- * argv: --netns PATH  [--cgroup PROCS_FILE]...  [--keep-fd N]...  [--env NAME=VALUE]...
+ * Each --cgroup file is a group's join file (v1: `tasks`, v2: `cgroup.procs`); "0" written to it moves
+ * the writer. This process has one thread, so v1's per-thread `tasks` moves all of it without the
+ * kernel's global threadgroup lock, whose RCU grace period a busy host makes last milliseconds.
+ *
+ * argv: --netns PATH  [--cgroup JOIN_FILE]...  [--keep-fd N]...  [--env NAME=VALUE]...
  *       [--jail UID GID ROOT CWD  [--group GID]...  [--bind SRC DST FLAGS IS_FILE]...
  *        [--symlink NAME TARGET]...]  -- QEMU ARGV...
  */
@@ -80,7 +84,7 @@ int main(int argc, char **argv)
     int keep[MAX_ITEMS], ncg = 0, nkeep = 0, nbind = 0, nlink = 0, ngroups = 0, jailed = 0, i;
     gid_t groups[MAX_ITEMS], gid = 0;
     uid_t uid = 0;
-    char path[PATH_MAX], pid[32];
+    char path[PATH_MAX];
 
     for (i = 1; i < argc && strcmp(argv[i], "--") != 0; i++) {
         const char *opt = argv[i];
@@ -131,9 +135,8 @@ int main(int argc, char **argv)
         die("open", netns);
     check(setns(ns, CLONE_NEWNET), "setns", netns);
     close(ns);
-    snprintf(pid, sizeof pid, "%d", (int)getpid());
     for (int c = 0; c < ncg; c++)
-        write_file(cgroups[c], pid);
+        write_file(cgroups[c], "0");
 
     if (jailed) {
         check(unshare(CLONE_NEWNS), "unshare", "CLONE_NEWNS");
