@@ -84,6 +84,7 @@ class LocalEdge:
     tls_port: int
     host: str  # the VM's host name, for the Host header
     token: str
+    pids: tuple[int, ...]  # the worker processes, for their CPU time
 
 
 async def _serve(upstream_port: int, cert: Path, key: Path, keepalive: int, ports: tuple[int, int]) -> None:
@@ -155,7 +156,7 @@ async def running(
             except (TimeoutError, ValueError):
                 raise RuntimeError(f"the local edge did not start: {log.read_text()[-2000:]}") from None
             ports = (info["http_port"], info["tls_port"])
-        yield LocalEdge(info["http_port"], info["tls_port"], info["host"], info["token"])
+        yield LocalEdge(info["http_port"], info["tls_port"], info["host"], info["token"], tuple(p.pid for p in procs))
     finally:
         for proc in procs:
             await stop(proc)
