@@ -157,14 +157,17 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
         }
         servers["edge, HTTP"] = servers["edge, TLS"] = edge.pids
         cpu_us: dict[str, list[float]] = {name: [] for name in targets}
+        core_share: dict[str, list[float]] = {name: [] for name in targets}  # of one core, over the run
 
         async def load(name: str, connections: int, duration: int) -> WrkResult:
             os.sched_setaffinity(upstream.pid, {PROXY_CORE if name == DIRECT else LOAD_CORE})
-            before = sum(map(cpu_seconds, servers[name]))
+            before, started = sum(map(cpu_seconds, servers[name])), time.perf_counter()
             result = await wrk(targets[name], headers, connections, duration, _on(LOAD_CORE))
-            used = per_request_us(sum(map(cpu_seconds, servers[name])) - before, result.requests)
-            if used is not None and connections == CONNECTIONS:
-                cpu_us[name].append(used)
+            used = sum(map(cpu_seconds, servers[name])) - before
+            per_request = per_request_us(used, result.requests)
+            if per_request is not None and connections == CONNECTIONS:
+                cpu_us[name].append(per_request)
+                core_share[name].append(used / (time.perf_counter() - started))
             return result
 
         runs: dict[str, list[WrkResult]] = {name: [] for name in targets}
@@ -182,7 +185,7 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
         return median([r.p99_ms for r in runs[name]])
 
     def cpu(name: str) -> str:
-        return f"{median(cpu_us[name]):.1f}" if cpu_us[name] else "?"
+        return f"{median(cpu_us[name]):.1f} ({median(core_share[name]):.0%})" if cpu_us[name] else "?"
 
     rows: list[list[object]] = []
     for name, results in runs.items():
@@ -224,11 +227,15 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
             f"connections (`--keepalive`; the edge's default per VM is {ProxySettings().upstream_keepalive_per_vm}). "
             f"{rounds} interleaved rounds: req/s, p50 and p99 are medians over rounds, the range shows the noise.",
             "",
-            table(["path", "req/s", "req/s range", "p50 ms", "p99 ms", "errors", "vs nginx", "CPU µs/req"], rows),
+            table(
+                ["path", "req/s", "req/s range", "p50 ms", "p99 ms", "errors", "vs nginx", "CPU µs/req (busy)"], rows
+            ),
             "",
             "CPU µs/req: user plus system CPU time of the server under test (the proxy; the upstream in the "
             "direct row) over each run, from /proc, divided by the requests wrk counted; median over rounds. "
-            "It hardly depends on what else runs on the machine, unlike req/s.",
+            "It hardly depends on what else runs on the machine, unlike req/s. Busy: that CPU time as a share "
+            "of one core over the run; well below 100% means the row was held back by something else than the "
+            "server's own work (the load core, other processes).",
             "",
             f"Every row above is saturated, so its latency is mostly queueing (mean ≈ {CONNECTIONS} / req/s) and "
             f"the added p99 follows the req/s gap. Below saturation, one wrk -c{LIGHT_CONNECTIONS} -d{LIGHT_SECONDS}s "
