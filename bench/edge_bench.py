@@ -233,9 +233,10 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
             "",
             "CPU µs/req: user plus system CPU time of the server under test (the proxy; the upstream in the "
             "direct row) over each run, from /proc, divided by the requests wrk counted; median over rounds. "
-            "It hardly depends on what else runs on the machine, unlike req/s. Busy: that CPU time as a share "
-            "of one core over the run; well below 100% means the row was held back by something else than the "
-            "server's own work (the load core, other processes).",
+            "Busy: that CPU time as a share of one core over the run; well below 100% means the row was held "
+            "back by something else than the server's own work (the load core, other processes). Other "
+            "processes move CPU per request less than req/s, but a busier server pays less per request (more "
+            "events per wake-up): compare rows of a similar busy share.",
             "",
             f"Every row above is saturated, so its latency is mostly queueing (mean ≈ {CONNECTIONS} / req/s) and "
             f"the added p99 follows the req/s gap. Below saturation, one wrk -c{LIGHT_CONNECTIONS} -d{LIGHT_SECONDS}s "

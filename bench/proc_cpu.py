@@ -1,9 +1,9 @@
 """CPU time of the processes under test, from /proc: what a server spends per request.
 
 A request rate depends on who else runs on the machine; the CPU seconds a server process
-used over a load run, divided by the requests it answered, hardly do, so two servers can be
-compared on a shared or loaded machine too. The kernel's work on a process's sockets
-(system time) is counted with it.
+used over a load run, divided by the requests it answered, depend on it less (though a server
+that is busier pays less per request: more events per wake-up). The kernel's work on a
+process's sockets (system time) is counted with it.
 """
 
 from __future__ import annotations
