@@ -39,6 +39,7 @@ from vmm.image import Readiness
 from vmm.network import netns
 
 from . import local_edge, nginx
+from .proc_cpu import cpu_seconds, per_request_us
 from .stats import median, p95, table
 from .tools import WrkResult, curl, state_dir, wrk
 
@@ -56,6 +57,8 @@ DOWNLOAD_BYTES = 100 * 1024 * 1024
 DOWNLOAD_MAX_TIME = 60
 NETNS_NGINX_PORT = 8443  # on the VM namespace's own loopback
 DIRECT = "direct to upstream (nginx `return 200`, HTTP)"
+GUEST_COLUMNS = ["path", "req/s", "p50 ms", "p99 ms", "errors", "vs direct", "download MB/s", "vs direct",
+                 "proxy CPU µs/req"]  # fmt: skip
 
 
 def _on(core: int) -> list[str]:
@@ -130,7 +133,7 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
         proxy = nginx.reverse_proxy(
             f"127.0.0.1:{up_port}", keepalive, [(http_port, False), (tls_port, True)], cert, key
         )
-        await stack.enter_async_context(nginx.running(root / "nginx-proxy", proxy, _on(PROXY_CORE)))
+        nginx_proxy = await stack.enter_async_context(nginx.running(root / "nginx-proxy", proxy, _on(PROXY_CORE)))
         edge = await stack.enter_async_context(
             local_edge.running(up_port, cert, key, keepalive, root / "local-edge.log", _on(PROXY_CORE))
         )
@@ -147,9 +150,25 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
             await _expect_200(url, ["-k", *_header_args(headers)])
             await wrk(url, headers, CONNECTIONS, 1, _on(LOAD_CORE))  # warm-up: pools, token cache
 
+        # The server under test in each row, whose CPU per request is counted: the upstream itself
+        # in the direct row, else the proxy (nginx's master and its worker, or the edge's process).
+        servers: dict[str, tuple[int, ...]] = {
+            name: (upstream.pid,) if name == DIRECT else (nginx_proxy.pid,) for name in targets
+        }
+        servers["edge, HTTP"] = servers["edge, TLS"] = edge.pids
+        cpu_us: dict[str, list[float]] = {name: [] for name in targets}
+        core_share: dict[str, list[float]] = {name: [] for name in targets}  # of one core, over the run
+
         async def load(name: str, connections: int, duration: int) -> WrkResult:
             os.sched_setaffinity(upstream.pid, {PROXY_CORE if name == DIRECT else LOAD_CORE})
-            return await wrk(targets[name], headers, connections, duration, _on(LOAD_CORE))
+            before, started = sum(map(cpu_seconds, servers[name])), time.perf_counter()
+            result = await wrk(targets[name], headers, connections, duration, _on(LOAD_CORE))
+            used = sum(map(cpu_seconds, servers[name])) - before
+            per_request = per_request_us(used, result.requests)
+            if per_request is not None and connections == CONNECTIONS:
+                cpu_us[name].append(per_request)
+                core_share[name].append(used / (time.perf_counter() - started))
+            return result
 
         runs: dict[str, list[WrkResult]] = {name: [] for name in targets}
         for _ in range(rounds):  # interleaved, so drift on a shared machine hits every row alike
@@ -165,6 +184,9 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
     def p99(name: str) -> float:
         return median([r.p99_ms for r in runs[name]])
 
+    def cpu(name: str) -> str:
+        return f"{median(cpu_us[name]):.1f} ({median(core_share[name]):.0%})" if cpu_us[name] else "?"
+
     rows: list[list[object]] = []
     for name, results in runs.items():
         listener = "TLS" if name.endswith("TLS") else "HTTP"
@@ -172,7 +194,7 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
         spread = f"{min(r.rps for r in results):,.0f}-{max(r.rps for r in results):,.0f}"
         p50 = median([r.p50_ms for r in results])
         errors = sum(r.errors for r in results)
-        rows.append([name, f"{rps(name):,.0f}", spread, _ms(p50), _ms(p99(name)), errors, vs_nginx])
+        rows.append([name, f"{rps(name):,.0f}", spread, _ms(p50), _ms(p99(name)), errors, vs_nginx, cpu(name)])
     light_rows = [
         [name, f"{r.rps:,.0f}", _ms(r.p50_ms), _ms(r.p99_ms), r.errors, f"{r.p99_ms - light[DIRECT].p99_ms:+.2f}"]
         for name, r in light.items()
@@ -184,6 +206,12 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
         added = p99(f"edge, {listener}") - p99(DIRECT)
         added_light = light[f"edge, {listener}"].p99_ms - light[DIRECT].p99_ms
         goals.append(f"- edge / nginx, {listener}: {ratio:.2f} (goal ≥ 0.5: {_goal(ratio >= 0.5)})")
+        edge_cpu, nginx_cpu = cpu_us[f"edge, {listener}"], cpu_us[f"nginx reverse proxy, {listener}"]
+        if edge_cpu and nginx_cpu:
+            goals.append(
+                f"- CPU per request, {listener}: edge {median(edge_cpu):.1f} µs, nginx {median(nginx_cpu):.1f} µs "
+                f"({median(edge_cpu) / median(nginx_cpu):.2f} of nginx)"
+            )
         goals.append(
             f"- edge p99 - direct p99, {listener}: {added:+.2f} ms at -c{CONNECTIONS}, {added_light:+.2f} ms at "
             f"-c{LIGHT_CONNECTIONS} (goal < 2 ms: {_goal(added < 2)} / {_goal(added_light < 2)})"
@@ -199,7 +227,16 @@ async def proxy_ceiling(root: Path, cert: Path, key: Path, rounds: int, seconds:
             f"connections (`--keepalive`; the edge's default per VM is {ProxySettings().upstream_keepalive_per_vm}). "
             f"{rounds} interleaved rounds: req/s, p50 and p99 are medians over rounds, the range shows the noise.",
             "",
-            table(["path", "req/s", "req/s range", "p50 ms", "p99 ms", "errors", "vs nginx"], rows),
+            table(
+                ["path", "req/s", "req/s range", "p50 ms", "p99 ms", "errors", "vs nginx", "CPU µs/req (busy)"], rows
+            ),
+            "",
+            "CPU µs/req: user plus system CPU time of the server under test (the proxy; the upstream in the "
+            "direct row) over each run, from /proc, divided by the requests wrk counted; median over rounds. "
+            "Busy: that CPU time as a share of one core over the run; well below 100% means the row was held "
+            "back by something else than the server's own work (the load core, other processes). Other "
+            "processes move CPU per request less than req/s, but a busier server pays less per request (more "
+            "events per wake-up): compare rows of a similar busy share.",
             "",
             f"Every row above is saturated, so its latency is mostly queueing (mean ≈ {CONNECTIONS} / req/s) and "
             f"the added p99 follows the req/s gap. Below saturation, one wrk -c{LIGHT_CONNECTIONS} -d{LIGHT_SECONDS}s "
@@ -271,12 +308,23 @@ async def _guest_paths(
          [*tls, "--resolve", f"{host}:{NETNS_NGINX_PORT}:127.0.0.1"]),
     ]  # fmt: skip
     rows: list[list[object]] = []
+    cpu_us: dict[str, float | None] = {}
     direct_rps = direct_speed = 0.0
-    async with nginx.running(root / "nginx-netns", ns_proxy, in_ns):
+    async with nginx.running(root / "nginx-netns", ns_proxy, in_ns) as ns_nginx:
+
+        def proxy_cpu(name: str) -> float:
+            """The proxy's CPU seconds so far: this process's own for the edge (it runs here; QEMU,
+            wrk and curl are its children and not counted), nginx's master and worker."""
+            if name.startswith("edge"):
+                return cpu_seconds(os.getpid(), children=False)
+            return cpu_seconds(ns_nginx.pid) if name.startswith("nginx") else 0.0
+
         for name, prefix, url, headers, curl_url, curl_args in paths:
             args = [*curl_args, *_header_args({k: v for k, v in headers.items() if k != "Host"})]
             await _expect_200(f"{curl_url}/healthz", args, prefix)
+            before = proxy_cpu(name)
             result = await wrk(f"{url}/healthz", headers, GUEST_CONNECTIONS, GUEST_SECONDS, prefix)
+            cpu_us[name] = per_request_us(proxy_cpu(name) - before, result.requests) if rows else None
             status, size, speed = await curl(
                 f"{curl_url}/download?bytes={DOWNLOAD_BYTES}", args, DOWNLOAD_MAX_TIME, prefix
             )
@@ -284,10 +332,21 @@ async def _guest_paths(
                 raise RuntimeError(f"{name}: download answered {status} with {size} bytes")
             if not rows:
                 direct_rps, direct_speed = result.rps, speed
+            used = cpu_us[name]
             rows.append(
                 [name, f"{result.rps:,.0f}", _ms(result.p50_ms), _ms(result.p99_ms), result.errors,
-                 f"{result.rps / direct_rps:.2f}", f"{speed / 1e6:.0f}", f"{speed / direct_speed:.2f}"]
+                 f"{result.rps / direct_rps:.2f}", f"{speed / 1e6:.0f}", f"{speed / direct_speed:.2f}",
+                 "" if used is None else f"{used:.1f}"]
             )  # fmt: skip
+    edge_cpu, nginx_cpu = (cpu_us[name] for name, *_ in paths[1:])
+    cpu_goal = "CPU per request: not measured (no requests counted)."
+    if edge_cpu and nginx_cpu:
+        cpu_goal = (
+            f"CPU per request of the proxy (user plus system time over the wrk run, from /proc): edge "
+            f"{edge_cpu:.1f} µs, nginx {nginx_cpu:.1f} µs, {edge_cpu / nginx_cpu:.2f} of nginx's "
+            f"(goal ≤ 1.5: {_goal(edge_cpu <= 1.5 * nginx_cpu)}). The edge's figure is this whole process's "
+            "(it also runs the VM manager), so at a low request rate its background work weighs in too."
+        )
     return "\n".join(
         [
             "## 2. Real guest",
@@ -296,7 +355,9 @@ async def _guest_paths(
             f"`GET /healthz` with wrk -t1 -c{GUEST_CONNECTIONS} -d{GUEST_SECONDS}s (nothing pinned: QEMU needs "
             f"a core); then one {DOWNLOAD_BYTES // 2**20} MiB `/download` with curl (MB = 10^6 bytes).",
             "",
-            table(["path", "req/s", "p50 ms", "p99 ms", "errors", "vs direct", "download MB/s", "vs direct"], rows),
+            table(GUEST_COLUMNS, rows),
+            "",
+            cpu_goal,
             "",
             "The guest is the bottleneck here"
             + (" (TCG: every guest instruction is translated)" if edge.manager.accel.name == "tcg" else "")

@@ -18,6 +18,7 @@ _RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
 _PERCENTILE = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", re.M)  # wrk pads "1.53s "
 _NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 _SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.M)
 _TO_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
@@ -27,6 +28,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int  # non-2xx/3xx answers plus socket errors: anything but 0 makes the row suspect
+    requests: int = 0  # answered in the whole run (0: wrk did not say)
 
 
 async def stop(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
@@ -63,7 +65,8 @@ def parse_wrk(out: str) -> WrkResult:
     non_2xx = _NON_2XX.search(out)
     sockets = _SOCKET_ERRORS.search(out)
     errors = (int(non_2xx[1]) if non_2xx else 0) + (sum(map(int, sockets.groups())) if sockets else 0)
-    return WrkResult(float(rps[1]), percentiles["50"], percentiles["99"], errors)
+    requests = _REQUESTS.search(out)
+    return WrkResult(float(rps[1]), percentiles["50"], percentiles["99"], errors, int(requests[1]) if requests else 0)
 
 
 async def wrk(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from vmm.model import VmState
+from vmm.model import VmRecord, VmState
 
 from .backend import VmBackend
 from .hostnames import HostnameRouter, Route
@@ -40,17 +40,16 @@ class Refusal:
     retry_after: int | None = None  # seconds, for a Retry-After header
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Repeat:
     """A VM request admitted on this connection, kept to admit the same head again at once:
-    everything its verdict came from is in `key` but the token's life and the VM's state,
-    which are looked at again each time."""
+    everything its verdict came from is in `key` but the token's life and the VM's record,
+    which are looked at again each time. `verdict` itself is handed out again while what it
+    took from the record still holds (nobody changes an admission once made)."""
 
     key: tuple[object, ...]
     grant: Grant
-    vm_id: str
-    port: int
-    head: bytes
+    verdict: Admission
 
 
 @dataclass(slots=True)
@@ -99,10 +98,18 @@ class Admitter:
         token): its verdict is reused once the token is still valid and the VM still exists."""
         repeat = self._repeat
         if repeat is not None and repeat.key == (method, target, http_version, upgrade, req.signature()):
-            rec = self._backend.lookup(repeat.vm_id)
+            verdict = repeat.verdict
+            assert verdict.vm_id is not None
+            rec = self._backend.lookup(verdict.vm_id)
             if rec is not None and self._tokens.still_valid(repeat.grant):
-                return Admission(repeat.head, repeat.vm_id, repeat.port, rec.state is _RUNNING, None, rec.generation,
-                                 repeat.port in rec.h2c_ports)  # fmt: skip
+                if (
+                    verdict.running is not (rec.state is _RUNNING)
+                    or verdict.generation != rec.generation
+                    or verdict.h2c is not (verdict.port in rec.h2c_ports)
+                ):
+                    head, vm_id, port, set_cookie = verdict.head, verdict.vm_id, verdict.port, verdict.set_cookie
+                    verdict = repeat.verdict = _admission(head, vm_id, port, rec, set_cookie)
+                return verdict
         return self._admit(method, target, http_version, req, upgrade)
 
     def _admit(
@@ -190,9 +197,10 @@ class Admitter:
             trust_forwarded=self._trusted,
             subprotocols=choice.subprotocols,
         )
+        verdict = _admission(head, vm_id, port, rec, set_cookie)
         if source == "header" and route.port is None:  # the same head again is admitted the same way
-            self._repeat = _Repeat(key, grant, vm_id, port, head)
-        return Admission(head, vm_id, port, rec.state is _RUNNING, set_cookie, rec.generation, port in rec.h2c_ports)
+            self._repeat = _Repeat(key, grant, verdict)
+        return verdict
 
     def _agent_api(
         self, method: bytes, target: bytes, version: bytes, req: RequestHead, vm_id: str, grant: Grant, upgrade: bool
@@ -225,6 +233,10 @@ class Admitter:
             self._route = self._router.route(host.decode("latin-1"))
             self._host = host
         return self._route
+
+
+def _admission(head: bytes, vm_id: str, port: int, rec: VmRecord, set_cookie: bytes | None) -> Admission:
+    return Admission(head, vm_id, port, rec.state is _RUNNING, set_cookie, rec.generation, port in rec.h2c_ports)
 
 
 def _missing_scope(grant: Grant, scope: str) -> Refusal:

@@ -11,16 +11,16 @@ Request heads are parsed with llhttp (httptools) to route by Host, check the VM'
 rewrite the head; bodies and responses then move as bytes, never as request objects.
 Requests on one connection are answered one at a time and in order: pipelined ones are
 parsed ahead and wait (reading paused), so buffering stays within one read. Each request is
-an `edge.exchange.Exchange`; the answer is relayed by an `edge.relay.ResponseRelay` and
-reading is paused and resumed by an `edge.flow.ReadPauses`.
+an `edge.exchange.Exchange`, decided on from its head by `edge.head_decision`; the answer is
+relayed by an `edge.relay.ResponseRelay` and reading is paused and resumed by an
+`edge.flow.ReadPauses`. The connection's states and their table of moves are in
+`edge.connection_state`, the actions it asks for in `edge.connection_io`.
 """
 
 from __future__ import annotations
 
-import enum
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Callable
 
 from httptools import HttpRequestParser
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
@@ -28,13 +28,16 @@ from httptools.parser.errors import HttpParserCallbackError, HttpParserError, Ht
 from vmm.jsonlog import log
 
 from .admission import Admitter, Refusal
+from .connection_io import ConnectionIo, Upstream
+from .connection_state import CONNECTION_MOVES, ConnectionState
 from .errors_http import error_response
 from .exchange import BodyState, Exchange, ExchangeState, IllegalMove
 from .flow import QUEUED, UPSTREAM, WAITING, ReadPauses
-from .proxy_context import ClientConnection, ProxyContext
+from .head_decision import decide
+from .proxy_context import ProxyContext
 from .relay import DONE, GOING_ON, UPGRADED, ResponseRelay
 from .reqhead import RequestHead
-from .upstream import CONTROL_KEY, Owner, ResponseTracker
+from .upstream import CONTROL_KEY
 
 _LAST_CHUNK = b"0\r\n\r\n"
 # Body bytes kept for a request waiting for its upstream. Reading goes on until then so a
@@ -44,37 +47,7 @@ TOUCH_EVERY = 1.0  # long streams report activity (and bytes) at most this often
 CLOSE_GRACE = 30.0  # a closing connection whose peer stops reading is aborted after this
 _PAUSED_RECHECK = 1.0  # a body paused by the edge: its deadlines are looked at again this often
 _INF = float("inf")
-
-
-class ConnectionState(enum.IntEnum):
-    """What a client connection does with the bytes it reads. It only moves down this list,
-    and from LINGERING on it is closing: what it reads is no longer acted on.
-
-    OPEN -> UPGRADING -> TUNNEL for a 101; OPEN -> UNPARSEABLE after a parse error; any of
-    those -> LINGERING or CLOSING -> CLOSED. Whether the edge is draining is separate: a
-    draining connection still answers what it received, in any of the first four states.
-    """
-
-    OPEN = enum.auto()  # request heads are parsed, bodies read
-    UPGRADING = enum.auto()  # an Upgrade request was parsed: later bytes are kept for the tunnel
-    TUNNEL = enum.auto()  # after a 101: bytes go both ways as they are until either side closes
-    UNPARSEABLE = enum.auto()  # the request stream is broken: what was received is answered, then close
-    LINGERING = enum.auto()  # answered and half-closed: a body still arriving is read off for linger_timeout
-    CLOSING = enum.auto()  # closed after what was written; aborted if the peer stops reading
-    CLOSED = enum.auto()  # the client's transport is gone
-
-
 _C = ConnectionState
-_ENDS = (_C.LINGERING, _C.CLOSING, _C.CLOSED)
-CONNECTION_MOVES: dict[ConnectionState, frozenset[ConnectionState]] = {
-    _C.OPEN: frozenset((_C.UPGRADING, _C.UNPARSEABLE, *_ENDS)),
-    _C.UPGRADING: frozenset((_C.TUNNEL, *_ENDS)),
-    _C.TUNNEL: frozenset(_ENDS),
-    _C.UNPARSEABLE: frozenset(_ENDS),
-    _C.LINGERING: frozenset((_C.CLOSING, _C.CLOSED)),
-    _C.CLOSING: frozenset((_C.CLOSED,)),
-    _C.CLOSED: frozenset(),
-}
 # Members as module names for the hot paths: a lookup on the enum class costs ~0.1 µs on 3.11.
 _OPEN = _C.OPEN
 _UPGRADING = _C.UPGRADING
@@ -90,60 +63,6 @@ _ANSWERED = ExchangeState.ANSWERED
 _FINISHED = ExchangeState.FINISHED
 _ARRIVING = BodyState.ARRIVING
 _BODY_DONE = BodyState.DONE
-
-
-class Upstream(Protocol):
-    """What the core needs of the connection its exchange is sent on (edge.upstream.UpstreamConn)."""
-
-    owner: Owner | None
-    tracker: ResponseTracker
-    write_paused: bool
-
-    @property
-    def send(self) -> Callable[[bytes], object]: ...
-    @property
-    def send_parts(self) -> Callable[[Iterable[bytes]], object]: ...
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def finish(self, now: float, reusable: bool) -> None: ...
-    def close(self) -> None: ...
-
-
-class ConnectionIo(ClientConnection, Protocol):
-    """The actions the core asks of its adapter (edge.http1.EdgeProtocol)."""
-
-    @property
-    def send_client(self) -> Callable[[bytes], object]:
-        """Write to the client (the transport's own write, read once when connected)."""
-
-    def pause_client(self) -> None: ...
-    def resume_client(self) -> None: ...
-    def half_close_client(self) -> None:
-        """Send the end (FIN) after what was written, and keep reading."""
-
-    def close_client(self) -> None:
-        """Close after what was written."""
-
-    def abort_client(self) -> None: ...
-    def set_timer(self, at: float) -> None:
-        """Call `timer_fired` at `at` (instead of any timer set before)."""
-
-    def cancel_timer(self) -> None: ...
-    def take_pooled(self, key: str, port: int, now: float, generation: int) -> Upstream | None:
-        """An idle pooled connection to `port` of VM `key` (CONTROL_KEY: the control API),
-        opened in the VM's `generation` and still established, or None."""
-
-    def reach(self, ex: Exchange) -> None:
-        """Start reaching `ex`'s upstream (wake its VM if needed, connect); the outcome comes
-        back as waiting_for_vm / vm_woken, then upstream_opened, reach_refused, reach_failed
-        or reach_crashed."""
-
-    def cancel_reach(self) -> None:
-        """Stop reaching (the exchange was answered or the client left); no outcome comes."""
-
-    def advance_soon(self) -> None:
-        """Call `advance` soon, not from inside this call: one read can hold many requests."""
 
 
 class ConnectionCore:
@@ -308,29 +227,8 @@ class ConnectionCore:
             parser.get_method(), parser.should_keep_alive(), head.has_body, head.chunked, parser.should_upgrade()
         )
         self._parsing = ex
-        settings = self._settings
-        if len(self._target) + head.size > settings.max_head_size:
+        if not decide(ex, self._admitter, self._settings, self._target, parser.get_http_version(), head):
             self._unparseable()
-            ex.keep_alive = False
-            ex.refuse(Refusal(431, "the request head is too large"))
-        elif head.fields > settings.max_headers:
-            self._unparseable()
-            ex.keep_alive = False
-            ex.refuse(Refusal(431, f"the request head has more than {settings.max_headers} header fields"))
-        else:
-            try:
-                verdict = self._admitter.admit(ex.method, self._target, parser.get_http_version(), head, ex.upgrade)
-            except Exception as exc:  # a bug in admission must still answer, never leave the client hanging
-                log.event("edge.admission_error", level="error", error=repr(exc))
-                ex.keep_alive = False
-                verdict = Refusal(400, "the request could not be admitted")
-            if isinstance(verdict, Refusal):
-                ex.refuse(verdict)
-            elif verdict.h2c:
-                ex.refuse(Refusal(502, f"port {verdict.port} of VM {verdict.vm_id} speaks HTTP/2 only (h2c): "
-                                  "send the request over HTTP/2 (ALPN h2, or h2c where the edge listens for it)"))
-            else:
-                ex.admit(verdict)
         if self.answering is None and not self._queue:
             self._activate(ex)
         else:

@@ -10,7 +10,7 @@ WAITING_FOR_VM -> CONNECTING when its VM sleeps. One the edge answers itself goe
 REFUSED -> ANSWERED -> FINISHED. Any state before STREAMING can end in ANSWERED with the
 edge's own error; a request sent on a pooled connection that closed before answering goes
 FORWARDED -> CONNECTING once. After a 101 the exchange stays STREAMING: the connection has
-become a tunnel (`edge.connection_core.ConnectionState.TUNNEL`).
+become a tunnel (`edge.connection_state.ConnectionState.TUNNEL`).
 
 The request side (`BodyState`) runs beside it, since a body may still arrive while the answer
 streams: ARRIVING -> DONE, or ARRIVING -> DISCARDING -> DONE once the body is no longer wanted.

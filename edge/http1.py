@@ -13,12 +13,10 @@ from collections.abc import Callable
 from typing import cast
 
 from .adapter import CoreAdapter, client_address
-from .connection_core import CONNECTION_MOVES, ConnectionCore, ConnectionState
+from .connection_core import ConnectionCore
 from .exchange import Exchange
 from .proxy_context import ProxyContext
 from .reach import reach
-
-__all__ = ["CONNECTION_MOVES", "ConnectionState", "EdgeProtocol", "make_protocol_factory"]
 
 
 class EdgeProtocol(CoreAdapter):

@@ -8,9 +8,15 @@ by whichever worker the scrape lands on, sums the files of the whole machine. Li
 (held requests, open connections) count only processes still running. A process on its
 own keeps plain in-memory values.
 
-A value in a file costs a lock, a pid check and a write per update, so a worker of a set
-batches the per-request and per-connection counts (`flush_every`): they reach its file at
-most a second late, and at once when it answers a scrape itself or stops.
+The per-request and per-connection counts are the hot ones: an update of a prometheus_client
+value costs a lock (and in a file a pid check and a write), several Python calls, and once
+per answer that is a measurable share of a proxied request. They are kept as plain numbers
+and handed to their metrics in batches: whenever the registry is read in a process on its own,
+and in a worker of a set every second (`flush_every`), so they reach its file at most a second
+late, and at once when it answers a scrape itself or stops. A process of a set that does not
+batch on a timer writes each count through to its file at once, since other processes read it.
+The HTTP/1.1 share of the answers (`mvm_requests_by_protocol{protocol="h1"}`) is the batch's
+sum, not a count of its own.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class Metrics:
         vm_usage: Callable[[], Iterable[VmUsage]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
+        # First: every read of the registry hands over the batch before the metrics are read.
+        self.registry.register(_FlushOnRead(self))
         self._requests = Counter("mvm_requests", "HTTP responses by status.", ["status"], registry=self.registry)
         self._by_status: dict[int, Counter] = {}
         protocols = Counter(
@@ -114,15 +122,16 @@ class Metrics:
             self._exposed.register(self._vm_states)
         if vm_usage is not None:  # [server] per_vm_metrics: series per VM, read from the manager at scrape time
             self._exposed.register(_VmUsage(vm_usage))
-        self._batched = False  # request, proxied and client_connections wait for `flush`
+        self.timed = False  # the batch waits for `flush_every`'s timer (or a scrape), not for any read
+        self._write_through = self.shared is not None  # other processes read the file: no batch waits
         self._flusher: asyncio.TimerHandle | None = None
-        self._pending_status: dict[int, int] = {}
-        self._pending_h1 = 0
+        self._pending_status: dict[int, int] = {}  # HTTP/1.1 answers by status
         self._pending_up = self._pending_down = self._pending_clients = 0
 
     def flush_every(self, seconds: float) -> None:
-        """Batch the hot counts from now on and write them every `seconds` (on the running loop)."""
-        self._batched = True
+        """Write the batch every `seconds` (on the running loop) from now on, and not at every read."""
+        self.timed = True
+        self._write_through = False
         loop = asyncio.get_running_loop()
 
         def tick() -> None:
@@ -132,21 +141,22 @@ class Metrics:
         self._flusher = loop.call_later(seconds, tick)
 
     def stop_flushing(self) -> None:
-        """Write what is batched and count directly again (the process is stopping)."""
+        """Write what is batched, and from now on at every read again (the process is stopping)."""
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
         self.flush()
-        self._batched = False
+        self.timed = False
+        self._write_through = self.shared is not None
 
     def flush(self) -> None:
         """Hand the batched counts to their metrics."""
-        pending, self._pending_status = self._pending_status, {}
-        for status, n in pending.items():
-            self._status(status).inc(n)
-        if self._pending_h1:
-            self._h1.inc(self._pending_h1)
-            self._pending_h1 = 0
+        pending = self._pending_status
+        if pending:
+            self._pending_status = {}
+            for status, n in pending.items():
+                self._status(status).inc(n)
+            self._h1.inc(sum(pending.values()))
         if self._pending_up:
             self._bytes_up.inc(self._pending_up)
         if self._pending_down:
@@ -162,16 +172,11 @@ class Metrics:
         return child
 
     def request(self, status: int) -> None:
-        """An HTTP/1.1 answer went out."""
-        if self._batched:
-            self._pending_status[status] = self._pending_status.get(status, 0) + 1
-            self._pending_h1 += 1
-            return
-        child = self._by_status.get(status)
-        if child is None:
-            child = self._by_status[status] = self._requests.labels(status=str(status))
-        child.inc()
-        self._h1.inc()
+        """An HTTP/1.1 answer went out (batched)."""
+        pending = self._pending_status
+        pending[status] = pending.get(status, 0) + 1
+        if self._write_through:
+            self.flush()
 
     def request_h2(self, status: int) -> None:
         """An HTTP/2 stream's answer went out."""
@@ -195,10 +200,9 @@ class Metrics:
         self._held.inc(delta)
 
     def client_connections(self, delta: int) -> None:
-        if self._batched:
-            self._pending_clients += delta
-            return
-        self._clients.inc(delta)
+        self._pending_clients += delta
+        if self._write_through:
+            self.flush()
 
     def connection_refused(self, reason: str) -> None:
         self._refused.labels(reason=reason).inc()
@@ -207,14 +211,10 @@ class Metrics:
         self._slow.inc()
 
     def proxied(self, upstream_bytes: int, downstream_bytes: int) -> None:
-        if self._batched:
-            self._pending_up += upstream_bytes
-            self._pending_down += downstream_bytes
-            return
-        if upstream_bytes:
-            self._bytes_up.inc(upstream_bytes)
-        if downstream_bytes:
-            self._bytes_down.inc(downstream_bytes)
+        self._pending_up += upstream_bytes
+        self._pending_down += downstream_bytes
+        if self._write_through:
+            self.flush()
 
     def egress(self, allowed: bool) -> None:
         (self._egress_allowed if allowed else self._egress_denied).inc()
@@ -228,6 +228,21 @@ class Metrics:
         or in a set the sum over all of its processes."""
         self.flush()
         return generate_latest(self._exposed), CONTENT_TYPE_LATEST
+
+
+class _FlushOnRead(Collector):
+    """Yields nothing: reading the registry of a process on its own hands the batch over first."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        if not self._metrics.timed:
+            self._metrics.flush()
+        return iter(())
 
 
 class _VmStates(Collector):

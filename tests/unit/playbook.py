@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.admission import Refusal
-from edge.connection_core import ConnectionCore, Upstream
+from edge.connection_core import ConnectionCore
+from edge.connection_io import Upstream
 from edge.exchange import Exchange
 from edge.hostnames import HostnameRouter
 from edge.metrics import Metrics

@@ -3,7 +3,7 @@ that end early or are not HTTP."""
 
 from __future__ import annotations
 
-from edge.connection_core import ConnectionState
+from edge.connection_state import ConnectionState
 from tests.unit.playbook import Answer, Play, forwarded, ok
 from tests.unit.proxy_harness import DOMAIN, VM
 

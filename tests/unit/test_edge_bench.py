@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from bench.edge_bench import concurrency_warnings
+from bench.proc_cpu import cpu_seconds, per_request_us
 from bench.tools import WrkResult, parse_wrk
 
 
@@ -21,3 +24,14 @@ def test_wrk_latency_in_seconds_is_parsed() -> None:
     """wrk pads a one-letter unit ("1.53s "): a loaded machine's p99 must not end the run."""
     out = "  Latency Distribution\n     50%    5.56ms\n     99%    1.53s \nRequests/sec:   8200.72\n"
     assert parse_wrk(out) == WrkResult(8200.72, 5.56, 1530.0, 0)
+
+
+def test_wrk_request_count_is_parsed() -> None:
+    out = "  Latency Distribution\n     50%    1.00ms\n     99%    2.00ms\n  123456 requests in 5.00s, 1.2MB read\n"
+    assert parse_wrk(out + "Requests/sec:  24691.20\n").requests == 123456
+
+
+def test_cpu_per_request_comes_from_proc() -> None:
+    assert cpu_seconds(os.getpid(), children=False) > 0  # this process has run (imports, at least)
+    assert cpu_seconds(2**22 + 1) == 0.0  # above pid_max: no such process
+    assert per_request_us(0.5, 10_000) == 50.0 and per_request_us(0.5, 0) is None

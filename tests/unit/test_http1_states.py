@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from edge.admission import Admission, Refusal
-from edge.connection_core import CONNECTION_MOVES, ConnectionState
+from edge.connection_state import CONNECTION_MOVES, ConnectionState
 from edge.exchange import BodyState, Exchange, ExchangeState, IllegalMove
 from edge.http1 import EdgeProtocol
 from tests.unit.proxy_harness import VM, Edge, FakeBackend, Upstream, start_edge
