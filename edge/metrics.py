@@ -15,8 +15,8 @@ and handed to their metrics in batches: whenever the registry is read in a proce
 and in a worker of a set every second (`flush_every`), so they reach its file at most a second
 late, and at once when it answers a scrape itself or stops. A process of a set that does not
 batch on a timer writes each count through to its file at once, since other processes read it.
-The HTTP/1.1 share of the answers (`mvm_requests_by_protocol{protocol="h1"}`) is the batch's
-sum, not a count of its own.
+Each protocol's share of the answers (`mvm_requests_by_protocol{protocol="h1"|"h2"}`) is the sum
+of its batch, not a count of its own.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ class Metrics:
         self._write_through = self.shared is not None  # other processes read the file: no batch waits
         self._flusher: asyncio.TimerHandle | None = None
         self._pending_status: dict[int, int] = {}  # HTTP/1.1 answers by status
+        self._pending_h2: dict[int, int] = {}  # HTTP/2 streams' answers by status
         self._pending_up = self._pending_down = self._pending_clients = 0
 
     def flush_every(self, seconds: float) -> None:
@@ -151,12 +152,12 @@ class Metrics:
 
     def flush(self) -> None:
         """Hand the batched counts to their metrics."""
-        pending = self._pending_status
-        if pending:
-            self._pending_status = {}
-            for status, n in pending.items():
-                self._status(status).inc(n)
-            self._h1.inc(sum(pending.values()))
+        for pending, protocol in ((self._pending_status, self._h1), (self._pending_h2, self._h2)):
+            if pending:
+                for status, n in pending.items():
+                    self._status(status).inc(n)
+                protocol.inc(sum(pending.values()))
+                pending.clear()
         if self._pending_up:
             self._bytes_up.inc(self._pending_up)
         if self._pending_down:
@@ -179,9 +180,11 @@ class Metrics:
             self.flush()
 
     def request_h2(self, status: int) -> None:
-        """An HTTP/2 stream's answer went out."""
-        self._status(status).inc()
-        self._h2.inc()
+        """An HTTP/2 stream's answer went out (batched)."""
+        pending = self._pending_h2
+        pending[status] = pending.get(status, 0) + 1
+        if self._write_through:
+            self.flush()
 
     def h2_streams(self, delta: int) -> None:
         self._h2_streams.inc(delta)
