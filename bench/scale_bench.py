@@ -57,6 +57,7 @@ from .stats import median, p99, table
 from .tools import state_dir
 from .wake_cost import wake_cost
 
+BOOT_TIMEOUT = 300.0  # a template's boot on a machine busy with other work (the default 90 s is for one that is not)
 MEMORY_FLOOR_MIB = 2048  # density stops before the machine's available memory falls under this
 DISK_FLOOR = 5 << 30  # the suspended section stops before free disk falls under this
 XFS_BYTES = 64 << 30  # the loop-mounted XFS file (sparse: only what is written takes space)
@@ -123,7 +124,7 @@ def _config(state: Path, max_restores: int, clone_ram: str) -> Config:
         server=replace(cfg.server, listen_host="127.0.0.1", listen_port=0, tls=False, list_page_size=500),
         proxy=replace(cfg.proxy, wake_timeout=120.0, max_held_per_vm=64),
         vmm=replace(cfg.vmm, state_dir=state, max_concurrent_restores=max_restores, memory_reserve_mb=1024,
-                    clone_ram=clone_ram),
+                    clone_ram=clone_ram, boot_timeout=BOOT_TIMEOUT),
         log=replace(cfg.log, level="warning"),
     )
 
