@@ -24,7 +24,6 @@ from vmm import probe, template
 from vmm.image import load_image
 
 from .stats import table
-from .tools import sized_image
 
 BIG_IMAGE = "python-sandbox-big"
 SMALL = ("sandbox", "python-sandbox", 256)  # template, image, MiB of data it holds
@@ -38,13 +37,23 @@ TOUCH = 'len(b"".join(block[::4096] for block in blocks))'  # one byte of every 
 
 
 def add_big_image(images: Path, memory_mb: int) -> None:
-    """The bench state's `images` (a link to the built ones) made a directory of those plus BIG_IMAGE."""
-    source = images.resolve()
+    """A state's `images` (a link to the built ones) made a directory of those plus BIG_IMAGE: python-sandbox
+    at `memory_mb`, what `mvm image build --memory-mb` makes of the same Dockerfile. Its files are linked (a
+    second build of the root filesystem costs minutes and yields the same bytes); only its metadata differs."""
+    built = images.resolve()
     images.unlink()
     images.mkdir()
-    for built in source.iterdir():
-        (images / built.name).symlink_to(built)
-    sized_image(images, source / "python-sandbox", BIG_IMAGE, memory_mb)
+    for image in built.iterdir():
+        (images / image.name).symlink_to(image)
+    (images / BIG_IMAGE).mkdir()
+    source = built / "python-sandbox"
+    for item in source.iterdir():
+        if item.name != "image.json":
+            (images / BIG_IMAGE / item.name).symlink_to(item)
+    meta = json.loads((source / "image.json").read_text())
+    meta.update(name=BIG_IMAGE, memory_mb=memory_mb)
+    meta.setdefault("labels", {})["mvm.memory_mb"] = str(memory_mb)
+    (images / BIG_IMAGE / "image.json").write_text(json.dumps(meta))
 
 
 def _allocated(directory: Path) -> int:

@@ -1,4 +1,4 @@
-"""Load tools as bounded child processes (wrk for request rates, curl for stream speed), and a bench's state.
+"""Load tools as bounded child processes: wrk for request rates, curl for stream speed.
 
 Both are run with a command prefix (taskset, `ip netns exec <ns>`), and every run has a
 wall-clock bound on top of the tool's own duration, so nothing can loop on forever.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import signal
 from collections.abc import Mapping, Sequence
@@ -96,18 +95,3 @@ def state_dir(path: Path) -> Path:
     path.mkdir(parents=True, mode=0o700)
     (path / "images").symlink_to(Path(__file__).resolve().parents[1] / "var" / "images")
     return path
-
-
-def sized_image(images: Path, source: Path, name: str, memory_mb: int) -> None:
-    """`images`/`name`: the built image at `source` with another memory size, what `mvm image build --memory-mb`
-    makes of the same input. Its files are linked (a second build of the root filesystem costs minutes and
-    yields the same bytes); only its metadata differs."""
-    target = images / name
-    target.mkdir()
-    for item in source.iterdir():
-        if item.name != "image.json":
-            (target / item.name).symlink_to(item)
-    meta = json.loads((source / "image.json").read_text())
-    meta.update(name=name, memory_mb=memory_mb)
-    meta.setdefault("labels", {})["mvm.memory_mb"] = str(memory_mb)
-    (target / "image.json").write_text(json.dumps(meta))

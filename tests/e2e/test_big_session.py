@@ -1,8 +1,7 @@
 """A big session (issue 17): a python-sandbox VM with 4 GiB of RAM suspends and restores with its data.
 
-Its image is the python-sandbox image at 4096 MiB, what `mvm image build --memory-mb 4096` makes of the
-same Dockerfile: the built files are linked, only the size in its metadata differs (a second build of the
-root filesystem would cost minutes and prove nothing more). The guest holds a few hundred MiB of Python
+Its image is the python-sandbox image at 4096 MiB (bench.big_session.add_big_image: what `mvm image build
+--memory-mb 4096` makes of the same Dockerfile, with the built files linked). The guest holds a few hundred MiB of Python
 objects, not gigabytes, so that the test stays short under TCG; its RAM file stays sparse.
 """
 
@@ -10,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bench.tools import sized_image
-from tests.e2e.conftest import BOOT_TIMEOUT, IMAGES, SANDBOX_IMAGE, started_manager
+from bench.big_session import BIG_IMAGE, add_big_image
+from tests.e2e.conftest import BOOT_TIMEOUT, started_manager
 from tests.e2e.guest import sandbox_run
 from vmm.model import RamMode, VmState
 from vmm.settings import VmmSettings
 
-BIG_IMAGE = "python-sandbox-4g"
 BIG_MB = 4096
 DATA_MIB = 256
 RUN_TIMEOUT = 180.0  # filling and hashing DATA_MIB under TCG on a shared machine
@@ -37,13 +35,8 @@ digest()
 def own_images_and_templates(settings: VmmSettings) -> VmmSettings:
     """The test's state directory with images of its own (the built ones plus BIG_IMAGE) and templates of its
     own, instead of the session's shared ones (a 4 GiB template is this test's alone)."""
-    state = settings.state_dir
-    (state / "images").unlink()
-    (state / "templates").unlink()
-    (state / "images").mkdir()
-    for built in IMAGES.iterdir():
-        (state / "images" / built.name).symlink_to(built)
-    sized_image(state / "images", IMAGES / SANDBOX_IMAGE, BIG_IMAGE, BIG_MB)
+    add_big_image(settings.state_dir / "images", BIG_MB)
+    (settings.state_dir / "templates").unlink()
     return replace(settings, boot_timeout=BOOT_TIMEOUT)
 
 
