@@ -1,8 +1,8 @@
 """A big session (issue 17): a python-sandbox VM with 4 GiB of RAM suspends and restores with its data.
 
 Its image is the python-sandbox image at 4096 MiB (bench.big_session.add_big_image: what `mvm image build
---memory-mb 4096` makes of the same Dockerfile, with the built files linked). The guest holds a few hundred MiB of Python
-objects, not gigabytes, so that the test stays short under TCG; its RAM file stays sparse.
+--memory-mb 4096` makes of the same Dockerfile, with the built files linked). The guest holds a few hundred
+MiB of Python objects, not gigabytes, so that the test stays short under TCG; its RAM file stays sparse.
 """
 
 from __future__ import annotations
