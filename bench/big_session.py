@@ -4,8 +4,9 @@ data against the 512 MiB image holding 256 MiB, each through the edge on 127.0.0
 Per VM: its first suspend (RAM leaves the template's copy-on-write mapping: the stream, then its own RAM file),
 a later suspend, restore -> first answer (GET / waking it, twice), the first request that touches every page
 of its data after a restore against the same request warm, the disk its suspended files take, and the
-free-space check's estimate (vmm.snapshots.Snapshots.room_needed) against the most the VM's directory held
-during the first suspend.
+free-space check's estimate (vmm.snapshots.Snapshots.room_needed) against what the VM's directory held before
+the first suspend and the most it held during it (with clone_ram "reflink" the RAM file is allocated as the
+guest writes it, before any suspend).
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ class Session:
         return answer["result"]
 
 
-async def _peak_during(directory: Path, action: Callable[[], Awaitable[Any]]) -> tuple[float, int]:
-    """Seconds `action` took and the most `directory` held (allocated bytes) meanwhile."""
-    peak = _allocated(directory)
+async def _peak_during(directory: Path, action: Callable[[], Awaitable[Any]]) -> tuple[float, int, int]:
+    """Seconds `action` took, what `directory` held before (allocated bytes) and the most it held meanwhile."""
+    before = peak = _allocated(directory)
     done = asyncio.Event()
 
     async def sample() -> None:
@@ -110,7 +111,7 @@ async def _peak_during(directory: Path, action: Callable[[], Awaitable[Any]]) ->
     finally:
         done.set()
         await sampler
-    return took, max(peak, _allocated(directory))
+    return took, before, max(peak, _allocated(directory))
 
 
 async def _measure(edge: app.Edge, http: aiohttp.ClientSession, tpl_name: str, image: str, mib: int) -> list[str]:
@@ -125,7 +126,7 @@ async def _measure(edge: app.Edge, http: aiohttp.ClientSession, tpl_name: str, i
         fill_s, _ = await _timed(lambda: vm.run(FILL.format(mib=mib)))
         warm_s, _ = await _timed(lambda: vm.run(TOUCH))
         estimate = manager.snapshots.room_needed(manager.records.get(rec.id), tpl)
-        first_s, peak = await _peak_during(vm_dir, lambda: manager.suspend(rec.id))
+        first_s, before, peak = await _peak_during(vm_dir, lambda: manager.suspend(rec.id))
         disk = _allocated(vm_dir)
         wake_1, _ = await _timed(vm.get)
         touch_s, _ = await _timed(lambda: vm.run(TOUCH))
@@ -139,7 +140,7 @@ async def _measure(edge: app.Edge, http: aiohttp.ClientSession, tpl_name: str, i
         f"{wake_1 * 1000:.0f} / {wake_2 * 1000:.0f} ms",
         f"{touch_s:.2f} s (warm {warm_s:.2f} s)",
         _gib(disk),
-        f"{_gib(estimate)} / {_gib(peak)}",
+        f"{_gib(estimate)} / {_gib(before)} -> {_gib(peak)}",
     ]
 
 
@@ -154,6 +155,6 @@ async def big_sessions(edge: app.Edge, big_mb: int) -> str:
     return table(
         ["python-sandbox VM", "suspend", "restore -> first answer (GET /, two wakes)",
          "first request touching every data page after a restore", "disk, suspended",
-         "free-space estimate / most the VM's dir held (first suspend)"],
+         "free-space estimate / the VM's dir before -> the most it held (first suspend)"],
         rows,
     )  # fmt: skip
