@@ -4,6 +4,8 @@ One python-sandbox template and two clones in a scratch state directory (removed
 - the channel's round trip (a warm sync: no process in the guest) against exec `true`, and
   against `true` spawned inside the guest by Python (the floor for any channel: TCG runs the
   guest's fork and exec);
+- the same with the guest's ASLR off, and `true` spawned under `setarch -R` (does TCG translate the
+  dynamic loader and libc again at every exec because they land at new addresses?);
 - 100 MiB of exec stdout: MiB/s, the frames' sizes, and the host CPU the manager spent on it;
 - the same 100 MiB from a guest process over TCP to the host, read inside the VM's namespace as
   the edge reads the app: the ceiling of an agent that listened on the guest's own address;
@@ -55,6 +57,30 @@ conn.close()
 """
 
 
+_ASLR = "/proc/sys/kernel/randomize_va_space"
+
+
+async def _aslr(manager: VmManager, vm_id: str, cycles: int) -> str:
+    """Issue 17's hypothesis: TCG translates ld.so and libc again at every exec because ASLR maps them at new
+    addresses. exec `true` with the guest's ASLR on (2) and off (0), and `true` spawned inside the guest
+    normally and under `setarch -R` (ADDR_NO_RANDOMIZE, inherited), interleaved in two rounds so the
+    machine's load falls on both alike. The guest's setting goes back to 2 at the end."""
+    rows: dict[str, list[float]] = {}
+    for _ in range(2):
+        for setting in ("2", "0"):
+            await _output(manager, vm_id, ["sh", "-c", f"echo {setting} > {_ASLR}"])
+            rows.setdefault(f"exec `true`, guest's randomize_va_space={setting}", []).extend(
+                await _exec_true(manager, vm_id, cycles))  # fmt: skip
+        await _output(manager, vm_id, ["sh", "-c", f"echo 2 > {_ASLR}"])
+        for prefix, name in (([], "ASLR on"), (["setarch", "x86_64", "-R"], "under `setarch -R`")):
+            out = await _output(manager, vm_id, [*prefix, "python3", "-c", _GUEST_SPAWN.format(n=cycles)])
+            rows.setdefault(f"`true` spawned inside the guest, {name}", []).extend(float(x) for x in out.split())
+    return table(
+        ["ASLR and TCG (python-sandbox)", "n", "median ms", "p95 ms"],
+        [[name, len(xs), f"{median(xs):.1f}", f"{p95(xs):.1f}"] for name, xs in rows.items()],
+    )
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -93,6 +119,7 @@ async def run(cycles: int) -> str:
         exec_true = await _exec_true(manager, vm.id, cycles)
         spawn = [float(x) for x in (await _output(manager, vm.id, ["python3", "-c", _GUEST_SPAWN.format(n=cycles)]))
                  .split()]  # fmt: skip
+        aslr = await _aslr(manager, vm.id, cycles)
         size, frames, cpu0, t0 = 100 * 2**20, [], _cpu(), time.perf_counter()
         async for event in await manager.exec(vm.id, ["head", "-c", str(size), "/dev/zero"], [], "/", 0, 0):
             frames += [len(event.data)] if event.kind == "stdout" else []
@@ -129,6 +156,7 @@ async def run(cycles: int) -> str:
         ]
         return "\n".join([
             table(["guest agent (python-sandbox)", "n", "median ms", "p95 ms"], rows),
+            aslr,
             f"the flood: {flood.dropped} frames for no call read and dropped in {flood_s:.1f} s, then the "
             "manager ended the flooder's channel",
             f"exec stdout, 100 MiB: {size / 2**20 / wall:.1f} MiB/s, {len(frames)} frames "

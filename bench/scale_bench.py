@@ -10,12 +10,17 @@ Sections, each bounded in count and time, in one scratch state directory removed
   every answer, p50/p99 wake-to-first-byte, restores per second, CPU-seconds per wake (QEMU, this
   process and its children), and the last answer against the CPU bound (N x CPU per wake / cores).
 - creates: clones to first answer, `--creates` in a row and `--at-once` at the same time.
+- big (`--big 4096`): a python-sandbox VM of that size holding 3/4 of it in Python data against the
+  512 MiB one: suspends, restore -> first answer, the first request touching all its data, disk, and
+  the free-space check's estimate (bench/big_session.py).
+- wake cost (`--wake-cost N`): N demo and N python-sandbox VMs woken one after another, each wake's
+  wall time and CPU (manager, QEMU) split into its steps (bench/wake_cost.py).
 - disk: a python-sandbox VM that ran `x = 41`, suspended: its disk in the default mode ("cow", the
   state directory's filesystem) and with vmm.clone_ram = "reflink" on a loop-mounted XFS it makes.
 
 Numbers from a shared machine are noisy: the lead re-measures on a quiet one.
 Usage: .venv/bin/python -m bench.scale_bench [--max 150] [--suspended 2000 --clone-ram reflink] [--wakes 50]
-       [--creates 100]
+       [--creates 100] [--big 4096] [--wake-cost 10]
 """
 
 from __future__ import annotations
@@ -47,9 +52,12 @@ from vmm.model import VmRecord, VmState
 from vmm.network import netns
 from vmm.registry import Registry
 
+from .big_session import add_big_image, big_sessions
 from .stats import median, p99, table
 from .tools import state_dir
+from .wake_cost import wake_cost
 
+BOOT_TIMEOUT = 300.0  # a template's boot on a machine busy with other work (the default 90 s is for one that is not)
 MEMORY_FLOOR_MIB = 2048  # density stops before the machine's available memory falls under this
 DISK_FLOOR = 5 << 30  # the suspended section stops before free disk falls under this
 XFS_BYTES = 64 << 30  # the loop-mounted XFS file (sparse: only what is written takes space)
@@ -94,6 +102,13 @@ def _own_cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _machine_busy() -> float:
+    """CPU-seconds the machine's cores have run anything since boot (/proc/stat: user, nice, system, irq,
+    softirq; not idle, iowait, or the steal of a hypervisor under this machine)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:3]) + fields[5] + fields[6]) / CLK_TCK
+
+
 def _allocated(directory: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -116,7 +131,7 @@ def _config(state: Path, max_restores: int, clone_ram: str) -> Config:
         server=replace(cfg.server, listen_host="127.0.0.1", listen_port=0, tls=False, list_page_size=500),
         proxy=replace(cfg.proxy, wake_timeout=120.0, max_held_per_vm=64),
         vmm=replace(cfg.vmm, state_dir=state, max_concurrent_restores=max_restores, memory_reserve_mb=1024,
-                    clone_ram=clone_ram),
+                    clone_ram=clone_ram, boot_timeout=BOOT_TIMEOUT),
         log=replace(cfg.log, level="warning"),
     )
 
@@ -254,6 +269,7 @@ class Bench:
 
         self.manager.listeners.append(seen)
         barrier = asyncio.Event()
+        at_answer: dict[str, float] = {}  # each QEMU's CPU when its VM's first answer came
         timeout = aiohttp.ClientTimeout(total=300)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
 
@@ -264,15 +280,18 @@ class Bench:
                 async with session.get(self.url + "/", headers=headers) as resp:
                     first_byte = time.perf_counter() - t0
                     await resp.read()
+                    # the wake's own cost, before the woken guest idles while the others wake
+                    at_answer.setdefault(vm_id, _cpu_seconds(self.manager.get(vm_id).pid))
                     return resp.status, first_byte
 
             tasks = [asyncio.create_task(one(vm_id)) for vm_id in ids for _ in range(requests)]
             await asyncio.sleep(0.2)  # every request waits at the barrier
-            cpu_before = _own_cpu()
+            cpu_before, busy_before = _own_cpu(), _machine_busy()
             released = time.perf_counter()
             barrier.set()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             last_answer = time.perf_counter() - released
+            machine_busy = _machine_busy() - busy_before
         self.manager.listeners.remove(seen)
         qemu_cpu = sum(_cpu_seconds(self.manager.get(v).pid) for v in ids)
         cpu = qemu_cpu + _own_cpu() - cpu_before
@@ -281,6 +300,7 @@ class Bench:
         restored = max(running_at.values(), default=released) - released
         per_wake = cpu / count
         bound = count * per_wake / (os.cpu_count() or 1)
+        got = cpu / max(machine_busy, cpu)  # the part of the machine's busy CPU that was this run's
         await self.delete_all()
         return table(
             [f"{count} suspended demo VMs x {requests} requests, one barrier", "value"],
@@ -291,6 +311,10 @@ class Bench:
                 ["restores per second", f"{len(running_at) / restored:.1f}" if restored > 0 else "-"],
                 ["CPU-seconds per wake (QEMU + edge/manager + children)",
                  f"{per_wake:.2f} (QEMU {qemu_cpu / count:.2f})"],
+                ["QEMU CPU-seconds per wake at its first answer (median)",
+                 f"{median(list(at_answer.values())):.2f}" if at_answer else "-"],
+                ["this run's part of the machine's busy CPU meanwhile (the rest: other work)",
+                 f"{got:.0%} of {machine_busy:.1f} CPU-s"],
                 ["last answer / CPU bound (N x CPU per wake / cores)",
                  f"{last_answer:.1f} s / {bound:.1f} s = {last_answer / bound:.2f}x (goal <= 1.3x)"],
                 ["vmm.max_concurrent_restores", str(self.manager.restores.bound)],
@@ -431,6 +455,8 @@ async def run(args: argparse.Namespace) -> None:
     other: tuple[VmManager, LoopXfs | None] | None = None
     try:
         state = state_dir((xfs.mount if xfs is not None else root) / "state")
+        if args.big:
+            add_big_image(state / "images", args.big)
         edge = await app.start(_config(state, args.max_restores, args.clone_ram))  # boots the default template
         bench = Bench(edge)
         try:
@@ -439,6 +465,13 @@ async def run(args: argparse.Namespace) -> None:
                   flush=True)  # fmt: skip
             if args.max or args.disk:
                 await edge.manager.create_template("sandbox", SANDBOX, lambda _: None)
+            if args.big:
+                print(await big_sessions(edge, args.big), end="\n\n", flush=True)
+            if args.wake_cost:
+                if not (edge.manager.settings.templates_dir / "sandbox").exists():
+                    await edge.manager.create_template("sandbox", SANDBOX, lambda _: None)
+                for tpl, image in (("demo", "demo"), ("sandbox", SANDBOX)):
+                    print(await wake_cost(edge.manager, tpl, image, args.wake_cost), end="\n\n", flush=True)
             if args.wakes:
                 print(await bench.wakes(args.wakes, args.requests), end="\n\n", flush=True)
             if args.creates:
@@ -490,6 +523,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per woken VM")
     parser.add_argument("--creates", type=int, default=10, help="creates in a row (full: 100)")
     parser.add_argument("--at-once", type=int, default=5, help="creates at the same time (full: 20)")
+    parser.add_argument("--big", type=int, default=0, metavar="MIB",
+                        help="big sessions: a python-sandbox VM of MIB MiB (full: 4096) holding 3/4 of it in data, "
+                             "against the 512 MiB one; 0: off")
+    parser.add_argument("--wake-cost", type=int, default=0, metavar="N",
+                        help="where one wake's CPU goes: N demo and N python-sandbox VMs woken one after another")
     parser.add_argument("--max-restores", type=int, default=0, help="vmm.max_concurrent_restores (0: one per core)")
     parser.add_argument("--clone-ram", choices=("cow", "reflink"), default="cow",
                         help="vmm.clone_ram; reflink puts the state directory on a loop-mounted XFS (the full "
@@ -498,7 +536,7 @@ def main() -> None:
                         help="disk per suspended VM, cow and reflink (loop XFS)")  # fmt: skip
     args = parser.parse_args()
     for name, most in (("max", 400), ("suspended", 5000), ("wakes", 200), ("requests", 16), ("creates", 500),
-                       ("at_once", 100)):  # fmt: skip
+                       ("at_once", 100), ("big", 32768), ("wake_cost", 100)):  # fmt: skip
         setattr(args, name, max(0, min(getattr(args, name), most)))
     asyncio.run(run(args))
 

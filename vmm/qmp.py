@@ -23,6 +23,11 @@ from .errors import VmmError
 
 # QEMU 7.2 migrates at 32 MiB/s by default; a snapshot to a local file needs no cap.
 MAX_BANDWIDTH = 100 * 1024**3
+# A stream that carries RAM visits every page of the guest's memory at both ends (QEMU 7.2 reads each page
+# to find zero pages, and reads each one it loads as zero): its time grows with the memory size, not with
+# the stream's. On top of the caller's timeout it gets this long per byte of memory: 4 GiB took 9-27 s
+# on a busy 2-core host (kernel time on page faults), so this floor leaves more than twice that.
+RAM_VISIT_RATE = 64 << 20  # bytes of guest memory per second
 _DONE = ("completed", "failed", "cancelled")
 
 
@@ -127,16 +132,26 @@ async def _run_migration(qmp: QMPClient, command: str, fd: int, timeout: float, 
         raise VmmError(f"migration {status}: {info.get('error-desc', 'no detail from QEMU')}")
 
 
+async def _with_ram(qmp: QMPClient, timeout: float, ignore_shared: bool) -> float:
+    """`timeout` for a migration, lengthened by the guest's memory size when the stream carries RAM."""
+    if ignore_shared:
+        return timeout
+    summary: Any = await qmp.execute("query-memory-size-summary")
+    return timeout + int(summary["base-memory"]) / RAM_VISIT_RATE
+
+
 async def save(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float, exited: asyncio.Event) -> int:
-    """Write the stopped VM's snapshot to `path` atomically, its checksum first; returns its size in bytes."""
+    """Write the stopped VM's snapshot to `path` atomically, its checksum first; returns its size in bytes.
+    The checksum is read in a thread: a stream with RAM is gigabytes, and the event loop serves every VM."""
     await _capabilities(qmp, ignore_shared)
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    timeout = await _with_ram(qmp, timeout, ignore_shared)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         await _run_migration(qmp, "migrate", fd, timeout, exited)
         faults.point("snapshot.saved")
-        snapshot_check.write(path, snapshot_check.file_digest(tmp))
+        snapshot_check.write(path, await asyncio.to_thread(snapshot_check.file_digest, tmp))
     except BaseException:
         # A migration still running would stop the guest later behind the caller's back.
         with contextlib.suppress(QMPError, OSError, EOFError):
@@ -153,6 +168,7 @@ async def save(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float, 
 async def load(qmp: QMPClient, path: Path, ignore_shared: bool, timeout: float, exited: asyncio.Event) -> None:
     """Load a snapshot into a QEMU started with `-incoming defer`; leaves it stopped."""
     await _capabilities(qmp, ignore_shared)
+    timeout = await _with_ram(qmp, timeout, ignore_shared)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError as exc:

@@ -169,19 +169,24 @@ class Snapshots:
                 reason = f"could not resume after a failed suspend: {exc}"
                 self.lifecycle.record_outcome(vm.rec, VmState.FAILED, reason=reason)
 
-    def _check_room(self, vm: LiveVm, tpl: Template) -> None:
-        """Refuse a suspend the disk cannot hold, while the VM still runs.
+    def room_needed(self, vm: LiveVm, tpl: Template) -> int:
+        """Free bytes a suspend of the running VM needs now (the free-space check's estimate).
 
         A first suspend writes every page the guest uses twice (the stream, then the VM's own
-        RAM file); later ones write device state only. Running out of space half-way would
-        kill the QEMU writing RAM (SIGBUS) or fail the registry write.
+        RAM file); later ones write device state only.
         """
-        vm_dir = self._vm_dir(vm)
         needs = SUSPEND_ROOM
         if vm.rec.ram_mode is RamMode.TEMPLATE_COW:
             ram = Path(tpl.path) / RAM
             used = disks.allocated_bytes(ram) + self.runtime.private_dirty(vm, ram)
             needs += 2 * min(used, tpl.memory_mb << 20)
+        return needs
+
+    def _check_room(self, vm: LiveVm, tpl: Template) -> None:
+        """Refuse a suspend the disk cannot hold, while the VM still runs: running out of space
+        half-way would kill the QEMU writing RAM (SIGBUS) or fail the registry write."""
+        vm_dir = self._vm_dir(vm)
+        needs = self.room_needed(vm, tpl)
         free = shutil.disk_usage(vm_dir).free
         if free < needs:
             raise OverCapacity(
