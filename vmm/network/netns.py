@@ -51,13 +51,28 @@ async def _ip(*args: str) -> None:
     await _run("ip", *args)
 
 
-async def _run(*argv: str) -> None:
+async def _run(*argv: str, stdin: bytes | None = None) -> None:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await proc.communicate()
+    _, err = await proc.communicate(stdin)
     if proc.returncode != 0:
         raise VmmError(f"{' '.join(argv)} failed: {err.decode().strip()}")
+
+
+# The namespace's set-up, one `ip -batch` (a process per command cost ~17 ms each on a busy host).
+_SETUP = (
+    "link set lo up",
+    f"tuntap add dev {TAP} mode tap",
+    f"link set {TAP} address {TAP_MAC}",
+    f"addr add {HOST_IP}/{PREFIX} dev {TAP}",
+    f"link set {TAP} up",
+    # A static neighbour entry: without it the first connect to a waking guest waits on ARP.
+    f"neigh replace {GUEST_IP} lladdr {GUEST_MAC} dev {TAP} nud permanent",
+)
 
 
 async def create(vm_id: str) -> str:
@@ -67,13 +82,7 @@ async def create(vm_id: str) -> str:
         await delete(vm_id)
     await _ip("netns", "add", name)
     try:
-        await _ip("-n", name, "link", "set", "lo", "up")
-        await _ip("-n", name, "tuntap", "add", "dev", TAP, "mode", "tap")
-        await _ip("-n", name, "link", "set", TAP, "address", TAP_MAC)
-        await _ip("-n", name, "addr", "add", f"{HOST_IP}/{PREFIX}", "dev", TAP)
-        await _ip("-n", name, "link", "set", TAP, "up")
-        # A static neighbour entry: without it the first connect to a waking guest waits on ARP.
-        await _ip("-n", name, "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", TAP, "nud", "permanent")
+        await _run("ip", "-n", name, "-batch", "-", stdin="\n".join(_SETUP).encode() + b"\n")
     except VmmError:
         await delete(vm_id)
         raise
