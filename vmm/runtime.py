@@ -30,6 +30,7 @@ from .live import LiveVm
 from .model import Template
 from .network import netns
 from .network.egress import EgressServer
+from .phases import Phases
 from .qemu import (
     AGENT_SOCKET,
     APP_CONSOLE,
@@ -62,7 +63,7 @@ class Runtime(Protocol):
 
     async def load(
         self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str,
-        on_lost: OnLost,
+        on_lost: OnLost, phases: Phases | None = None,
     ) -> None: ...  # fmt: skip
     async def command(self, vm: LiveVm, command: str) -> None: ...
     async def save(self, vm: LiveVm, path: Path, ignore_shared: bool) -> int: ...
@@ -112,9 +113,10 @@ class QemuRuntime:
 
     async def load(
         self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str,
-        on_lost: OnLost,
+        on_lost: OnLost, phases: Phases | None = None,
     ) -> None:  # fmt: skip
-        """Spawn QEMU waiting for a migration and load `snapshot`; the guest stays stopped.
+        """Spawn QEMU waiting for a migration and load `snapshot`; the guest stays stopped (`phases`: the
+        spawn, QEMU's start until its QMP answers, and the load, each timed).
 
         The process is in the registry before anything depends on it, so a manager that dies
         from here on leaves nothing a restart cannot find.
@@ -141,9 +143,13 @@ class QemuRuntime:
             await self.stop(vm)
             raise RegistryError(f"could not record VM {vm_id}'s QEMU in the registry: {exc}") from exc
         faults.point(f"{purpose}.spawned")
+        steps = phases or Phases()
+        steps.mark("spawn")
         try:
             vm.qmp = await qmp_ops.connect(sock, spec.name, QMP_CONNECT_TIMEOUT, lambda: proc.alive)
+            steps.mark("qemu_start")
             await qmp_ops.load(vm.qmp, snapshot, ignore_shared, self.settings.restore_timeout, proc.exited)
+            steps.mark("incoming_load")
         except VmmError as exc:
             why = f" ({describe_exit(proc.exit_status)})" if not proc.alive else ""
             raise VmmError(f"{exc}{why}{self.qemu_log_tail(vm_id)}") from exc

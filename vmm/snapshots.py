@@ -56,8 +56,7 @@ class Snapshots:
         """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use; whether its
         guest agent took the sync (fresh entropy, clock, hostname)."""
         steps = phases or Phases()
-        await self.runtime.load(vm, tpl, ram, snapshot, ignore_shared, purpose, self.on_lost)
-        steps.mark("spawn_and_load")
+        await self.runtime.load(vm, tpl, ram, snapshot, ignore_shared, purpose, self.on_lost, steps)
         if tpl.base_disk is not None:
             # before `cont`: nothing the app prints is missed
             await self.runtime.open_console(vm, app_log(self.settings, vm.rec.id))

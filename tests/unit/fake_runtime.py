@@ -19,6 +19,7 @@ from vmm.cgroups import GroupUsage
 from vmm.errors import VmFailed, VmmError
 from vmm.live import LiveVm
 from vmm.model import Template
+from vmm.phases import Phases
 from vmm.qemu import RamBacking
 from vmm.runtime import OnLost
 from vmm.settings import VmmSettings
@@ -49,7 +50,7 @@ class FakeRuntime:
 
     async def load(
         self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str,
-        on_lost: OnLost,
+        on_lost: OnLost, phases: Phases | None = None,
     ) -> None:  # fmt: skip
         vm.expect_exit = vm.guest_ran = False
         self.loads.append((purpose, vm.rec.id))
