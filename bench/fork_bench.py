@@ -102,8 +102,10 @@ async def run(root: Path, children: int, mb: int, repeat: int) -> dict[str, obje
         out["checkpoint_mb"] = round(ckpt.size_bytes() / 2**20, 1)
         started = time.monotonic()
         one = (await mgr.fork(parent, 1))[0].id
-        await first_answer(one)
+        forked_ms = (time.monotonic() - started) * 1000
+        answer_ms = await first_answer(one)
         out["fork_to_first_child_answer_ms"] = round((time.monotonic() - started) * 1000, 1)
+        out["first_child"] = {"fork_call_ms": round(forked_ms, 1), "first_answer_ms": round(answer_ms, 1)}
         await mgr.delete(one)
         started = time.monotonic()
         kids = [r.id for r in await mgr.fork(parent, children, checkpoint="base")]
