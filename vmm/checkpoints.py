@@ -37,6 +37,7 @@ from .jsonlog import log
 from .lifecycle import Lifecycle
 from .live import LiveVm
 from .model import RamMode, VmState
+from .phases import Phases
 from .records import RecordStore
 from .runtime import Runtime
 from .settings import VmmSettings
@@ -195,10 +196,11 @@ class Checkpoints:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
+            phases = Phases()
             if vm.rec.state is VmState.SUSPENDED:
                 paused_ms = await self._copy_suspended(vm, tmp)
             else:
-                paused_ms = await self._capture_live(vm, tmp)
+                paused_ms = await self._capture_live(vm, tmp, phases)
             key = self._vm_dir(vm) / AGENT_KEY
             if key.exists():
                 store_key(tmp / AGENT_KEY, load_key(key))
@@ -218,10 +220,11 @@ class Checkpoints:
                                f"{vm.rec.state.value}: {exc}") from exc
             raise
         ckpt = load(self.settings, vm_id, name)
-        log.event("vm.checkpointed", vm=vm_id, checkpoint=name, paused_ms=paused_ms, bytes=ckpt.size_bytes())
+        log.event("vm.checkpointed", vm=vm_id, checkpoint=name, paused_ms=paused_ms, bytes=ckpt.size_bytes(),
+                  phases=phases.to_dict())  # fmt: skip
         return ckpt
 
-    async def _capture_live(self, vm: LiveVm, into: Path) -> float:
+    async def _capture_live(self, vm: LiveVm, into: Path, phases: Phases) -> float:
         """Stop the vCPUs, save the device state (RAM too unless the VM has a RAM file, which is copied),
         copy the disk (QEMU flushed it at `stop`), run on. The VM is recorded paused meanwhile."""
         was = vm.rec.state
@@ -230,6 +233,7 @@ class Checkpoints:
         if vm.qmp is not None:
             await qmp_ops.end_block_jobs(vm.qmp, self.settings.restore_timeout)
         started = time.monotonic()
+        phases.mark("end_block_jobs")
         if was is VmState.RUNNING:
             await self.runtime.command(vm, "stop")
             try:
@@ -237,20 +241,24 @@ class Checkpoints:
             except BaseException:
                 await self.runtime.command(vm, "cont")
                 raise
+        phases.mark("stop")
         try:
             await self.runtime.save(vm, into / STATE, own_file)
             if vm.qmp is not None:
                 await qmp_ops.finalized(vm.qmp, self.settings.restore_timeout)
+            phases.mark("device_state")
             faults.point("checkpoint.saved")
             copies = [disks.copy_layer(vm_dir / OVERLAY, into / OVERLAY)] if (vm_dir / OVERLAY).exists() else []
             if own_file:
-                copies.append(disks.sparse_copy(vm_dir / RAM, into / RAM))
+                copies.append(disks.copy_extents(vm_dir / RAM, into / RAM))
             await asyncio.gather(*copies)
+            phases.mark("disk_and_ram")
         finally:
             if was is VmState.RUNNING:
                 # `cont` after a completed save: QEMU takes its disk back and the guest runs on
                 self.lifecycle.record_outcome(vm.rec, VmState.RUNNING)
                 await self.runtime.command(vm, "cont")
+                phases.mark("cont")
         return round((time.monotonic() - started) * 1000, 1)
 
     async def _copy_suspended(self, vm: LiveVm, into: Path) -> float:
@@ -261,7 +269,7 @@ class Checkpoints:
         copies = [disks.copy_layer(vm_dir / OVERLAY, into / OVERLAY)] if (vm_dir / OVERLAY).exists() else []
         own_file = vm.rec.ram_mode is RamMode.OWN_FILE
         if own_file:
-            copies.append(disks.sparse_copy(vm_dir / RAM, into / RAM))
+            copies.append(disks.copy_extents(vm_dir / RAM, into / RAM))
         await asyncio.gather(*copies)
         return 0.0  # it was not paused: it had no QEMU
 
@@ -301,7 +309,7 @@ class Checkpoints:
         try:
             _link_state(ckpt.path, vm_dir)
             if ckpt.ram_file:
-                await disks.sparse_copy(ckpt.path / RAM, vm_dir / RAM)
+                await disks.copy_extents(ckpt.path / RAM, vm_dir / RAM)
                 os.chmod(vm_dir / RAM, 0o600)
             if ckpt.disk.exists():
                 await disks.create_layer(ckpt.disk, vm_dir / OVERLAY)

@@ -11,6 +11,7 @@ the `fork` hook tells it whose child it is.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -24,6 +25,7 @@ from .jsonlog import log
 from .live import LiveVm
 from .model import RamMode, Template
 from .own_key import take_own_key
+from .phases import Phases
 from .qemu import RamBacking
 from .transitions import Transitions
 from .vm_files import AGENT_KEY, OVERLAY, RAM, STATE
@@ -34,10 +36,12 @@ MAX_COUNT = 32
 async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt: Checkpoint, index: int) -> None:
     """Start pending child `vm` from `ckpt`; on failure everything it acquired is released and it is
     terminated with the reason."""
-    settings, runtime = transitions.settings, transitions.runtime
+    settings = transitions.settings
     vm_id = vm.rec.id
     vm_dir = settings.vms_dir / vm_id
     started = time.monotonic()
+    phases = Phases()
+    network = asyncio.ensure_future(_open_network(transitions, vm, tpl))  # made while its files are
     try:
         vm_dir.mkdir(parents=True)
         (vm_dir / ORIGIN).write_bytes(orjson.dumps({"parent": ckpt.vm_id, "checkpoint": ckpt.name, "index": index}))
@@ -45,18 +49,21 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
             store_key(vm_dir / AGENT_KEY, (ckpt.path / AGENT_KEY).read_bytes())
         if ckpt.disk.exists():
             await disks.create_layer(ckpt.disk, vm_dir / OVERLAY)
-        await runtime.provision(vm, tpl)
-        await runtime.open_egress(vm)
+        phases.mark("files")
+        await network
+        phases.mark("network")
         # the checkpoint's RAM file mapped copy-on-write, or a RAM file of the child's own for a stream to fill
         ram = RamBacking(ckpt.path / RAM, share=False) if ckpt.ram_file else RamBacking(vm_dir / RAM, share=True)
         faults.point("fork.prepared")
-        await transitions.snapshots.start_from(vm, tpl, ram, ckpt.path / STATE, ckpt.ram_file, purpose="fork")
+        await transitions.snapshots.start_from(vm, tpl, ram, ckpt.path / STATE, ckpt.ram_file, "fork", phases)
         sync_timeout = settings.restore_timeout if settings.guest_sync else 0.0
         await take_own_key(vm, vm_dir / AGENT_KEY, sync_timeout, "its parent")
+        phases.mark("own key")
         if not ckpt.ram_file:
             vm.rec.ram_mode = RamMode.OWN_FILE  # the stream was loaded into the child's own RAM file
             transitions.records.write(vm.rec)
     except BaseException as exc:
+        await asyncio.gather(network, return_exceptions=True)  # done before what it made is released
         why = f"its fork from checkpoint {ckpt.vm_id}/{ckpt.name} failed: {exc}"
         await transitions.discard(vm, why)
         if isinstance(exc, Exception):
@@ -66,5 +73,11 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
     body = orjson.dumps({"parent": ckpt.vm_id, "checkpoint": ckpt.name, "index": index})
     env = (f"MVM_PARENT={ckpt.vm_id}", f"MVM_CHECKPOINT={ckpt.name}", f"MVM_FORK_INDEX={index}")
     await run_hook(vm, tpl, "fork", body, env)
+    phases.mark("hook")
     log.event("vm.forked", vm=vm_id, parent=ckpt.vm_id, checkpoint=ckpt.name, index=index,
-              ms=round((time.monotonic() - started) * 1000, 1))  # fmt: skip
+              ms=round((time.monotonic() - started) * 1000, 1), phases=phases.to_dict())  # fmt: skip
+
+
+async def _open_network(transitions: Transitions, vm: LiveVm, tpl: Template) -> None:
+    await transitions.runtime.provision(vm, tpl)
+    await transitions.runtime.open_egress(vm)

@@ -31,6 +31,7 @@ from .live import LiveVm
 from .model import Template
 from .network import netns
 from .network.egress import EgressServer
+from .phases import Phases
 from .qemu import (
     AGENT_SOCKET,
     APP_CONSOLE,
@@ -63,7 +64,7 @@ class Runtime(Protocol):
 
     async def load(
         self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str,
-        on_lost: OnLost,
+        on_lost: OnLost, phases: Phases | None = None,
     ) -> None: ...  # fmt: skip
     async def command(self, vm: LiveVm, command: str) -> None: ...
     async def save(self, vm: LiveVm, path: Path, ignore_shared: bool) -> int: ...
@@ -74,7 +75,7 @@ class Runtime(Protocol):
     async def guest_runs(self, vm: LiveVm) -> bool: ...
     async def open_console(self, vm: LiveVm, app_log: AppLog) -> None: ...
     async def connect_agent(self, vm: LiveVm) -> None: ...
-    async def sync_guest(self, vm: LiveVm) -> None: ...
+    async def sync_guest(self, vm: LiveVm) -> bool: ...
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int: ...
     def group_usage(self, vm_id: str) -> GroupUsage | None: ...
     def tap_bytes(self, vm_id: str) -> tuple[int, int] | None: ...
@@ -114,9 +115,10 @@ class QemuRuntime:
 
     async def load(
         self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str,
-        on_lost: OnLost,
+        on_lost: OnLost, phases: Phases | None = None,
     ) -> None:  # fmt: skip
-        """Spawn QEMU waiting for a migration and load `snapshot`; the guest stays stopped.
+        """Spawn QEMU waiting for a migration and load `snapshot`; the guest stays stopped (`phases`: the
+        spawn, QEMU's start until its QMP answers, and the load, each timed).
 
         The process is in the registry before anything depends on it, so a manager that dies
         from here on leaves nothing a restart cannot find.
@@ -143,9 +145,13 @@ class QemuRuntime:
             await self.stop(vm)
             raise RegistryError(f"could not record VM {vm_id}'s QEMU in the registry: {exc}") from exc
         faults.point(f"{purpose}.spawned")
+        steps = phases or Phases()
+        steps.mark("spawn")
         try:
             vm.qmp = await qmp_ops.connect(sock, spec.name, QMP_CONNECT_TIMEOUT, lambda: proc.alive)
+            steps.mark("qemu_start")
             await qmp_ops.load(vm.qmp, snapshot, ignore_shared, self.settings.restore_timeout, proc.exited)
+            steps.mark("incoming_load")
         except VmmError as exc:
             why = f" ({describe_exit(proc.exit_status)})" if not proc.alive else ""
             raise VmmError(f"{exc}{why}{self.qemu_log_tail(vm_id)}") from exc
@@ -333,14 +339,15 @@ class QemuRuntime:
         except (AgentError, OSError) as exc:  # the guest runs on without it: exec says so
             log.event("vm.agent_unavailable", level="warning", vm=vm.rec.id, error=str(exc))
 
-    async def sync_guest(self, vm: LiveVm) -> None:
+    async def sync_guest(self, vm: LiveVm) -> bool:
         """Before any held request is released: the host's wall clock, fresh entropy, the VM id as hostname.
 
         Every clone of a snapshot wakes with the snapshot's clock and RNG state. A guest whose
         agent does not answer keeps working: the step is logged and skipped, never waited on.
+        Whether the guest took the sync (a fork's child is ended if it cannot, vmm.forks).
         """
         if vm.agent is None or not self.settings.guest_sync:
-            return
+            return False
         try:
             result = await vm.agent.sync(vm.rec.id, self.settings.agent_timeout)
             if abs(result.skew_ms) > SYNC_SKEW_MS:
@@ -349,9 +356,10 @@ class QemuRuntime:
                 result = await vm.agent.sync(vm.rec.id, self.settings.agent_timeout)
         except AgentError as exc:
             log.event("vm.sync_failed", level="warning", vm=vm.rec.id, error=str(exc))
-            return
+            return False
         log.event("vm.synced", level="debug", vm=vm.rec.id, ms=round(result.took_ms, 1),
                   skew_ms=round(result.skew_ms, 1), reseeded=result.crng_reseeded)  # fmt: skip
+        return True
 
     # ---- network services: the VM's namespace and egress proxy ---------------------------
 

@@ -23,6 +23,7 @@ from .jsonlog import log
 from .lifecycle import Lifecycle
 from .live import LiveVm
 from .model import RamMode, Template, VmState
+from .phases import Phases
 from .qemu import RamBacking
 from .records import RecordStore
 from .runtime import OnLost, Runtime
@@ -49,10 +50,13 @@ class Snapshots:
         return self.settings.vms_dir / vm.rec.id
 
     async def start_from(
-        self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str
-    ) -> None:
-        """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use."""
-        await self.runtime.load(vm, tpl, ram, snapshot, ignore_shared, purpose, self.on_lost)
+        self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str,
+        phases: Phases | None = None,
+    ) -> bool:  # fmt: skip
+        """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use; whether its
+        guest agent took the sync (fresh entropy, clock, hostname)."""
+        steps = phases or Phases()
+        await self.runtime.load(vm, tpl, ram, snapshot, ignore_shared, purpose, self.on_lost, steps)
         if tpl.base_disk is not None:
             # before `cont`: nothing the app prints is missed
             await self.runtime.open_console(vm, app_log(self.settings, vm.rec.id))
@@ -60,10 +64,14 @@ class Snapshots:
         faults.point(f"{purpose}.recorded")
         vm.guest_ran = True  # from here its snapshot may no longer match: the guest writes as soon as it runs
         await self.runtime.command(vm, "cont")
+        steps.mark("cont")
+        synced = False
         if tpl.base_disk is not None:
             await self.runtime.connect_agent(vm)
-            await self.runtime.sync_guest(vm)
+            synced = await self.runtime.sync_guest(vm)
+            steps.mark("agent_sync")
         faults.point(f"{purpose}.synced")
+        return synced
 
     # ---- suspend ---------------------------------------------------------------------------
 

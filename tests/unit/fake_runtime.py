@@ -20,6 +20,7 @@ from vmm.cgroups import GroupUsage
 from vmm.errors import VmFailed, VmmError
 from vmm.live import LiveVm
 from vmm.model import Template
+from vmm.phases import Phases
 from vmm.qemu import RamBacking
 from vmm.runtime import OnLost
 from vmm.settings import VmmSettings
@@ -51,7 +52,7 @@ class FakeRuntime:
 
     async def load(
         self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str,
-        on_lost: OnLost,
+        on_lost: OnLost, phases: Phases | None = None,
     ) -> None:  # fmt: skip
         vm.expect_exit = vm.guest_ran = False
         self.loads.append((purpose, vm.rec.id))
@@ -102,8 +103,8 @@ class FakeRuntime:
     async def connect_agent(self, vm: LiveVm) -> None:
         pass
 
-    async def sync_guest(self, vm: LiveVm) -> None:
-        pass
+    async def sync_guest(self, vm: LiveVm) -> bool:
+        return True
 
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int:
         return 0

@@ -55,6 +55,25 @@ def test_backing_chain_follows_relative_layers(tmp_path: Path) -> None:
     assert disks.backing_file(base) is None
 
 
+def test_a_ram_copy_keeps_contents_and_holes(tmp_path: Path) -> None:
+    """A checkpoint's RAM file is copied in the kernel (copy_file_range over the written runs): the copy
+    reads the same, its holes stay holes, and a file already there is never written over."""
+    ram = tmp_path / "ram"
+    size, page = 64 << 20, 4096
+    with ram.open("wb") as f:
+        f.truncate(size)
+        for offset, data in ((0, b"a" * page), (20 << 20, bytes(range(256)) * 64), (size - page, b"z" * page)):
+            f.seek(offset)
+            f.write(data)
+    copy = tmp_path / "copy"
+    asyncio.run(disks.copy_extents(ram, copy))
+    assert copy.stat().st_size == size and copy.read_bytes() == ram.read_bytes()
+    assert disks.allocated_bytes(copy) < 1 << 20
+    with pytest.raises(FileExistsError):
+        asyncio.run(disks.copy_extents(ram, copy))  # never over an existing file, which stays
+    assert copy.read_bytes() == ram.read_bytes()
+
+
 def _files(vm_dir: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in vm_dir.iterdir() if p.is_file()}
 
