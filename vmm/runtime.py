@@ -75,7 +75,7 @@ class Runtime(Protocol):
     async def guest_runs(self, vm: LiveVm) -> bool: ...
     async def open_console(self, vm: LiveVm, app_log: AppLog) -> None: ...
     async def connect_agent(self, vm: LiveVm) -> None: ...
-    async def sync_guest(self, vm: LiveVm) -> bool: ...
+    async def sync_guest(self, vm: LiveVm) -> None: ...
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int: ...
     def group_usage(self, vm_id: str) -> GroupUsage | None: ...
     def tap_bytes(self, vm_id: str) -> tuple[int, int] | None: ...
@@ -339,15 +339,15 @@ class QemuRuntime:
         except (AgentError, OSError) as exc:  # the guest runs on without it: exec says so
             log.event("vm.agent_unavailable", level="warning", vm=vm.rec.id, error=str(exc))
 
-    async def sync_guest(self, vm: LiveVm) -> bool:
+    async def sync_guest(self, vm: LiveVm) -> None:
         """Before any held request is released: the host's wall clock, fresh entropy, the VM id as hostname.
 
         Every clone of a snapshot wakes with the snapshot's clock and RNG state. A guest whose
-        agent does not answer keeps working: the step is logged and skipped, never waited on.
-        Whether the guest took the sync (a fork's child is ended if it cannot, vmm.forks).
+        agent does not answer keeps working: the step is logged and skipped, never waited on (a
+        guest that must not run on without fresh entropy is synced again by vmm.own_key).
         """
         if vm.agent is None or not self.settings.guest_sync:
-            return False
+            return
         try:
             result = await vm.agent.sync(vm.rec.id, self.settings.agent_timeout)
             if abs(result.skew_ms) > SYNC_SKEW_MS:
@@ -356,10 +356,9 @@ class QemuRuntime:
                 result = await vm.agent.sync(vm.rec.id, self.settings.agent_timeout)
         except AgentError as exc:
             log.event("vm.sync_failed", level="warning", vm=vm.rec.id, error=str(exc))
-            return False
+            return
         log.event("vm.synced", level="debug", vm=vm.rec.id, ms=round(result.took_ms, 1),
                   skew_ms=round(result.skew_ms, 1), reseeded=result.crng_reseeded)  # fmt: skip
-        return True
 
     # ---- network services: the VM's namespace and egress proxy ---------------------------
 

@@ -52,9 +52,8 @@ class Snapshots:
     async def start_from(
         self, vm: LiveVm, tpl: Template, ram: RamBacking, snapshot: Path, ignore_shared: bool, purpose: str,
         phases: Phases | None = None,
-    ) -> bool:  # fmt: skip
-        """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use; whether its
-        guest agent took the sync (fresh entropy, clock, hostname)."""
+    ) -> None:  # fmt: skip
+        """Spawn QEMU, load `snapshot`, mark RUNNING, `cont`, then make the guest safe to use."""
         steps = phases or Phases()
         await self.runtime.load(vm, tpl, ram, snapshot, ignore_shared, purpose, self.on_lost, steps)
         if tpl.base_disk is not None:
@@ -65,13 +64,11 @@ class Snapshots:
         vm.guest_ran = True  # from here its snapshot may no longer match: the guest writes as soon as it runs
         await self.runtime.command(vm, "cont")
         steps.mark("cont")
-        synced = False
         if tpl.base_disk is not None:
             await self.runtime.connect_agent(vm)
-            synced = await self.runtime.sync_guest(vm)
+            await self.runtime.sync_guest(vm)
             steps.mark("agent_sync")
         faults.point(f"{purpose}.synced")
-        return synced
 
     # ---- suspend ---------------------------------------------------------------------------
 

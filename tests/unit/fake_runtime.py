@@ -103,8 +103,8 @@ class FakeRuntime:
     async def connect_agent(self, vm: LiveVm) -> None:
         pass
 
-    async def sync_guest(self, vm: LiveVm) -> bool:
-        return True
+    async def sync_guest(self, vm: LiveVm) -> None:
+        pass
 
     def private_dirty(self, vm: LiveVm, mapped: Path) -> int:
         return 0
