@@ -52,18 +52,31 @@ def load_key(path: Path) -> bytes:
     Never through a symlink (nor blocked by a FIFO): the VM's directory is its QEMU's uid's, and a
     QEMU that broke out of its guest could plant one there to have root's files sent to the guest.
     """
+    key = _read_key(path)
+    if key is None:
+        key = secrets.token_bytes(KEY_BYTES)
+        store_key(path, key)
+    return key
+
+
+def copy_key(source: Path, target: Path) -> None:
+    """The agent key in `source` (a VM's, a checkpoint's, a session template's) as `target`'s key file. A
+    source that holds no key is an error, never replaced by a made-up one: its guest would not know it."""
+    key = _read_key(source)
+    if key is None:
+        raise AgentError(f"{source} does not hold an agent key of {KEY_BYTES} bytes")
+    store_key(target, key)
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The key in `path`, read as load_key says; None if there is none or it is not KEY_BYTES long."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        fd = -1
-    if fd >= 0:
-        with os.fdopen(fd, "rb") as file:
-            key = file.read(KEY_BYTES + 1)
-        if len(key) == KEY_BYTES:
-            return key
-    key = secrets.token_bytes(KEY_BYTES)
-    store_key(path, key)
-    return key
+        return None
+    with os.fdopen(fd, "rb") as file:
+        key = file.read(KEY_BYTES + 1)
+    return key if len(key) == KEY_BYTES else None
 
 
 def store_key(path: Path, key: bytes) -> None:

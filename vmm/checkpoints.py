@@ -31,7 +31,7 @@ import orjson
 
 from . import disks, faults, jail, snapshot_check
 from . import qmp as qmp_ops
-from .agent import load_key, store_key
+from .agent import copy_key
 from .errors import Conflict, InvalidRequest, NotFound, OverCapacity, VmmError
 from .jsonlog import log
 from .lifecycle import Lifecycle
@@ -203,7 +203,7 @@ class Checkpoints:
                 paused_ms = await self._capture_live(vm, tmp, phases)
             key = self._vm_dir(vm) / AGENT_KEY
             if key.exists():
-                store_key(tmp / AGENT_KEY, load_key(key))
+                copy_key(key, tmp / AGENT_KEY)
             faults.point("checkpoint.written")
             size = sum(disks.allocated_bytes(p) for p in tmp.iterdir())
             if size > self.settings.checkpoint_max_mb << 20:

@@ -17,7 +17,7 @@ import time
 import orjson
 
 from . import disks, faults
-from .agent import store_key
+from .agent import copy_key
 from .checkpoints import ORIGIN, Checkpoint
 from .errors import VmFailed
 from .hook_runner import run_hook
@@ -46,7 +46,7 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
         vm_dir.mkdir(parents=True)
         (vm_dir / ORIGIN).write_bytes(orjson.dumps({"parent": ckpt.vm_id, "checkpoint": ckpt.name, "index": index}))
         if (ckpt.path / AGENT_KEY).exists():  # the key the guest wakes with: its first sync replaces it
-            store_key(vm_dir / AGENT_KEY, (ckpt.path / AGENT_KEY).read_bytes())
+            copy_key(ckpt.path / AGENT_KEY, vm_dir / AGENT_KEY)
         if ckpt.disk.exists():
             await disks.create_layer(ckpt.disk, vm_dir / OVERLAY)
         phases.mark("files")

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 
 from . import jail, snapshot_check, template
-from .agent import load_key, store_key
+from .agent import copy_key
 from .checkpoints import Checkpoint
 from .disks import flatten_to_raw
 from .errors import Conflict
@@ -39,7 +39,7 @@ async def create_from(settings: VmmSettings, name: str, source: Template, ckpt: 
         for linked in (RAM, STATE, snapshot_check.sidecar(Path(STATE)).name):
             os.link(ckpt.path / linked, work / linked)
         if (ckpt.path / AGENT_KEY).exists():  # its clones wake knowing it, and each takes its own (vmm.own_key)
-            store_key(work / AGENT_KEY, load_key(ckpt.path / AGENT_KEY))
+            copy_key(ckpt.path / AGENT_KEY, work / AGENT_KEY)
         if ckpt.disk.exists() and source.base_disk is not None:
             await flatten_to_raw(ckpt.disk, work / "disk.base")
         meta = orjson.loads((Path(source.path) / "template.json").read_bytes())

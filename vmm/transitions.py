@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import capacity, disks, reflink, template
-from .agent import load_key, store_key
+from .agent import copy_key
 from .applog import AppLog
 from .errors import Conflict, InvalidRequest, NotRunning, VmFailed, VmmError
 from .hook_runner import run_hook
@@ -82,7 +82,7 @@ class Transitions:
             undo.push("remove its files", lambda: _remove_tree(vm_dir))
             from_session = (Path(tpl.path) / AGENT_KEY).exists()  # its guest knows that key: it gets its own
             if from_session:
-                store_key(vm_dir / AGENT_KEY, load_key(Path(tpl.path) / AGENT_KEY))
+                copy_key(Path(tpl.path) / AGENT_KEY, vm_dir / AGENT_KEY)
             undo.push("release its uid and cgroup", lambda: self.runtime.release_confinement(vm_id))
             if tpl.base_disk is not None:
                 await disks.create_overlay(tpl.base_disk, vm_dir / OVERLAY)

@@ -12,7 +12,18 @@ from typing import cast
 
 import pytest
 
-from vmm.agent import F_ERROR, F_SYNC, F_SYNC_OK, F_SYNC_REKEY, KEY_BYTES, Agent, load_key, store_key
+from vmm.agent import (
+    F_ERROR,
+    F_SYNC,
+    F_SYNC_OK,
+    F_SYNC_REKEY,
+    KEY_BYTES,
+    Agent,
+    AgentError,
+    copy_key,
+    load_key,
+    store_key,
+)
 from vmm.errors import VmFailed
 from vmm.live import LiveVm
 from vmm.model import VmRecord, VmState
@@ -115,3 +126,16 @@ def test_a_planted_fifo_does_not_block_and_is_replaced(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "agent.key")
     key = load_key(tmp_path / "agent.key")
     assert (tmp_path / "agent.key").read_bytes() == key
+
+
+def test_a_copy_takes_the_key_as_it_is_and_never_makes_one_up(tmp_path: Path) -> None:
+    source, target = tmp_path / "checkpoint.key", tmp_path / "agent.key"
+    store_key(source, PARENTS_KEY)
+    copy_key(source, target)
+    assert target.read_bytes() == PARENTS_KEY and target.stat().st_mode & 0o777 == 0o600
+    source.write_bytes(b"short")
+    with pytest.raises(AgentError, match="does not hold an agent key"):
+        copy_key(source, tmp_path / "other.key")  # a made-up key would be one its guest does not know
+    assert source.read_bytes() == b"short" and not (tmp_path / "other.key").exists()
+    with pytest.raises(AgentError):
+        copy_key(tmp_path / "missing.key", tmp_path / "other.key")
