@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from aiohttp import web
 from edge.checkpoint_api import parse_from_checkpoint
 from mvm.config import load_config
 from vmm import checkpoints, disks
-from vmm.errors import ConfigError, InvalidRequest
+from vmm.errors import ConfigError, InvalidRequest, VmmError
 from vmm.model import RamMode
 
 
@@ -72,6 +73,20 @@ def test_a_ram_copy_keeps_contents_and_holes(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         asyncio.run(disks.copy_extents(ram, copy))  # never over an existing file, which stays
     assert copy.read_bytes() == ram.read_bytes()
+
+
+def test_a_copy_never_reads_through_a_planted_symlink_or_fifo(tmp_path: Path) -> None:
+    secret = tmp_path / "root-only"
+    secret.write_bytes(b"secret")
+    vm_dir = tmp_path / "vm"  # its QEMU's uid's: what it plants there is not followed into a checkpoint
+    vm_dir.mkdir()
+    (vm_dir / "ram").symlink_to(secret)
+    with pytest.raises(OSError):
+        asyncio.run(disks.copy_extents(vm_dir / "ram", tmp_path / "copy"))
+    os.mkfifo(vm_dir / "disk.qcow2")
+    with pytest.raises(VmmError, match="not a regular file"):
+        asyncio.run(disks.copy_extents(vm_dir / "disk.qcow2", tmp_path / "copy"))
+    assert not (tmp_path / "copy").exists()
 
 
 def _files(vm_dir: Path) -> dict[str, str]:
