@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -58,7 +59,17 @@ def add_big_image(images: Path, memory_mb: int) -> None:
 
 
 def _allocated(directory: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes the files of `directory` take on disk (read while a suspend renames and removes them)."""
+    return sum(_allocated_file(p) for p in directory.rglob("*"))
+
+
+def _allocated_file(path: Path) -> int:
+    """Bytes `path` takes on disk; 0 for a link, a directory, or a file gone since it was listed."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0
+    return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
 
 
 def _gib(n: float) -> str:
