@@ -84,17 +84,24 @@ class Steps:
         self._wrapped.clear()
 
 
+# The runtime's calls a wake makes, by step: (the runtime's method, the step's name).
+RUNTIME_STEPS = (
+    ("provision", "namespace and tap (ip), cgroup (a thread)"),
+    ("open_egress", "egress proxy"),
+    ("command", "QMP cont"),
+    ("open_console", "app console"),
+    ("connect_agent", "agent connect"),
+    ("sync_guest", "agent sync (clock, entropy, hostname)"),
+)
+
+
 def _instrument(manager: VmManager, steps: Steps) -> None:
     runtime = manager.runtime
-    steps.wrap(runtime, "create_network", "namespace and tap (ip)")
-    steps.wrap(runtime, "open_egress", "egress proxy")
-    steps.wrap(runtime.jail, "spawn_vm", "spawn (jail helper, cgroup, QEMU exec)")  # type: ignore[attr-defined]
+    for name, step in RUNTIME_STEPS:
+        steps.wrap(runtime, name, step)
+    steps.wrap(runtime.jail, "spawn_vm", "spawn (jail helper joining the cgroup, QEMU exec)")  # type: ignore[attr-defined]
     steps.wrap(runtime_module.qmp_ops, "connect", "QEMU start-up until QMP answers")
     steps.wrap(runtime_module.qmp_ops, "load", "device-state load")
-    steps.wrap(runtime, "command", "QMP cont")
-    steps.wrap(runtime, "open_console", "app console")
-    steps.wrap(runtime, "connect_agent", "agent connect")
-    steps.wrap(runtime, "sync_guest", "agent sync (clock, entropy, hostname)")
 
 
 async def wake_cost(manager: VmManager, template: str, image: str, count: int) -> str:
