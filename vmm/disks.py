@@ -152,3 +152,28 @@ def backing_chain(path: Path) -> list[Path]:
         if current is not None:
             chain.append(current)
     return chain
+
+
+def trusted_chain(image: Path, template_dir: Path, vms_dir: Path) -> list[Path]:
+    """`image`'s backing chain, refused unless every file under it is one the manager made: the template's
+    base disk, or a checkpoint's disk layer (root's, sealed). The header naming them is written by the VM's
+    QEMU, so one that escaped could name any host file for root's qemu-img to read, or for the next jail
+    to bind."""
+    chain = backing_chain(image)
+    templates, vms = template_dir.resolve(), vms_dir.resolve()
+    for layer in chain:
+        real = layer.resolve()
+        in_checkpoint = real.parent.parent.name == "checkpoints" and real.parent.parent.parent.parent == vms
+        made_here = (real.parent == templates and real.name == "disk.base") or (
+            in_checkpoint and real.name == image.name
+        )
+        try:
+            info = os.stat(real, follow_symlinks=False)
+        except OSError:
+            info = None
+        if not made_here or info is None or not stat.S_ISREG(info.st_mode) or info.st_uid != 0:
+            raise VmmError(
+                f"the disk {image.name} reads through {layer}, which is neither its template's base "
+                f"disk nor a checkpoint's layer: refused (its QEMU writes the header naming it)"
+            )
+    return chain

@@ -18,7 +18,7 @@ import orjson
 from . import jail, snapshot_check, template
 from .agent import copy_key
 from .checkpoints import Checkpoint
-from .disks import flatten_to_raw
+from .disks import flatten_to_raw, trusted_chain
 from .errors import Conflict
 from .model import Template
 from .settings import VmmSettings
@@ -41,6 +41,7 @@ async def create_from(settings: VmmSettings, name: str, source: Template, ckpt: 
         if (ckpt.path / AGENT_KEY).exists():  # its clones wake knowing it, and each takes its own (vmm.own_key)
             copy_key(ckpt.path / AGENT_KEY, work / AGENT_KEY)
         if ckpt.disk.exists() and source.base_disk is not None:
+            trusted_chain(ckpt.disk, Path(source.path), settings.vms_dir)  # root's qemu-img reads all of it
             await flatten_to_raw(ckpt.disk, work / "disk.base")
         meta = orjson.loads((Path(source.path) / "template.json").read_bytes())
         meta.update(name=name, created_at=time.time(), state_bytes=(work / STATE).stat().st_size,
