@@ -211,6 +211,7 @@ class Checkpoints:
                                    f"vmm.checkpoint_max_mb={self.settings.checkpoint_max_mb}; nothing was kept")
             meta = {"name": name, "vm": vm_id, "created_at": time.time(), "paused_ms": paused_ms}
             (tmp / META).write_bytes(orjson.dumps(meta))
+            (tmp / disks.CHILDREN).touch()  # none yet: each fork adds its child before the child's QEMU starts
             jail.seal_template(tmp)  # root's and read-only: children map its RAM and read through its disk
             tmp.rename(final)
         except BaseException as exc:

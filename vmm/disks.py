@@ -154,16 +154,35 @@ def backing_chain(path: Path) -> list[Path]:
     return chain
 
 
-def trusted_chain(image: Path, template_dir: Path, vms_dir: Path) -> list[Path]:
-    """`image`'s backing chain, refused unless every file under it is one the manager made: the template's
-    base disk, or a checkpoint's disk layer (root's, sealed). The header naming them is written by the VM's
-    QEMU, so one that escaped could name any host file for root's qemu-img to read, or for the next jail
-    to bind."""
+CHILDREN = "children"  # in a checkpoint's directory (root's): the VMs forked from it, one id a line
+
+
+def admit_child(checkpoint_dir: Path, vm_id: str) -> None:
+    """Record that `vm_id` may read through the checkpoint's disk layer (it is forked from it), before its
+    QEMU first starts; written by root, where no VM's QEMU can write."""
+    fd = os.open(checkpoint_dir / CHILDREN, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o444)
+    try:
+        os.write(fd, f"{vm_id}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def trusted_chain(image: Path, owner: str, template_dir: Path, vms_dir: Path) -> list[Path]:
+    """`image`'s backing chain (`image` is VM `owner`'s), refused unless every file under it is one the
+    manager made for it: the template's base disk, or a checkpoint's disk layer (root's, sealed) of the VM
+    whose file names it or of a VM it was forked from. The header naming each is written by a VM's QEMU,
+    so one that escaped could otherwise name any host file for root's qemu-img to read, or for the next
+    jail to bind."""
     chain = backing_chain(image)
     templates, vms = template_dir.resolve(), vms_dir.resolve()
+    reader = owner  # the VM whose file names the next layer
     for layer in chain:
         real = layer.resolve()
-        in_checkpoint = real.parent.parent.name == "checkpoints" and real.parent.parent.parent.parent == vms
+        ckpt_dir = real.parent
+        in_checkpoint = ckpt_dir.parent.name == "checkpoints" and ckpt_dir.parent.parent.parent == vms
+        holder = ckpt_dir.parent.parent.name if in_checkpoint else None
+        if in_checkpoint and real.name == image.name and holder != reader and not _forked_from(ckpt_dir, reader):
+            in_checkpoint = False
         made_here = (real.parent == templates and real.name == "disk.base") or (
             in_checkpoint and real.name == image.name
         )
@@ -173,7 +192,19 @@ def trusted_chain(image: Path, template_dir: Path, vms_dir: Path) -> list[Path]:
             info = None
         if not made_here or info is None or not stat.S_ISREG(info.st_mode) or info.st_uid != 0:
             raise VmmError(
-                f"the disk {image.name} reads through {layer}, which is neither its template's base "
-                f"disk nor a checkpoint's layer: refused (its QEMU writes the header naming it)"
+                f"the disk {image.name} of VM {owner} reads through {layer}, which is neither its template's "
+                f"base disk nor a layer of its own or its parent's checkpoints: refused (a QEMU writes the "
+                f"header naming it)"
             )
+        reader = holder or reader
     return chain
+
+
+def _forked_from(checkpoint_dir: Path, vm_id: str) -> bool:
+    """Whether `vm_id` was forked from the checkpoint; a checkpoint captured before children were recorded
+    (no such file) admits any."""
+    try:
+        with open(checkpoint_dir / CHILDREN, "rb") as f:
+            return vm_id.encode() in f.read().split()
+    except FileNotFoundError:
+        return True

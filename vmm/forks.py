@@ -48,6 +48,7 @@ async def launch_child(transitions: Transitions, vm: LiveVm, tpl: Template, ckpt
         if (ckpt.path / AGENT_KEY).exists():  # the key the guest wakes with: its first sync replaces it
             copy_key(ckpt.path / AGENT_KEY, vm_dir / AGENT_KEY)
         if ckpt.disk.exists():
+            disks.admit_child(ckpt.path, vm_id)
             await disks.create_layer(ckpt.disk, vm_dir / OVERLAY)
         phases.mark("files")
         await network
