@@ -28,6 +28,8 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
 SCREEN = """(() => { const b = window.mvmTerm ? window.mvmTerm.buffer.active : null; if (!b) return "";
   const out = []; for (let i = 0; i < b.length; i++) out.push(b.getLine(i).translateToString(true));
   return out.join("\\n"); })()"""
+PROMPT_AT_CURSOR = """(() => { const b = window.mvmTerm.buffer.active;
+  return b.getLine(b.baseY + b.cursorY).translateToString(true).trimEnd().endsWith("#"); })()"""
 # A full-screen curses program for an image without `top`: the alternate screen, colours, a key to quit.
 CURSES = (
     "python3 -c 'import curses; curses.wrapper(lambda s: (curses.start_color(), "
@@ -89,6 +91,9 @@ async def _full_screen_program(tools: DevTools) -> str:
     await _screenshot(tools, f"3-{found}")
     await _key(tools, "q")
     await _until(tools, "window.mvmTerm.buffer.active.type === 'normal'", f"{found} to quit on q")
+    # top draws on the normal screen, so that says nothing of it: the shell's prompt on the cursor's line
+    # does (typed before top exits, the next line would be read, and dropped, by top with the q)
+    await _until(tools, PROMPT_AT_CURSOR, f"the shell's prompt after {found} quit")
     await tools.type("echo back-$((2+3))")
     await _screen_has(tools, "back-5", "the shell after the full-screen program")
     return str(found)
