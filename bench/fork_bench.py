@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 import uvloop
 
+from bench.proc_cpu import cpu_seconds
 from bench.stats import median
 from bench.tools import state_dir
 from tests.e2e.guest import sandbox_run
@@ -61,12 +62,6 @@ def phase_medians(events: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for step, ms in values.items():
                 steps[kind][step].append(ms)
     return {kind: {step: round(median(v), 1) for step, v in by.items()} for kind, by in steps.items()}
-
-
-def cpu_ms(pid: int) -> float:
-    """CPU time (user and system) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def load_average() -> str:
@@ -114,7 +109,7 @@ async def run(root: Path, children: int, mb: int, repeat: int) -> dict[str, obje
         fork_ckpt = next(c for c in mgr.list_checkpoints(parent) if c.name.startswith("fork-"))
         out["fork_pause_ms"] = fork_ckpt.paused_ms
         pids = [mgr.get(k).pid for k in kids]
-        out["child_qemu_cpu_ms_to_first_answer"] = median([cpu_ms(p) for p in pids if p])
+        out["child_qemu_cpu_ms_to_first_answer"] = median([cpu_seconds(p, children=False) * 1000 for p in pids if p])
         out["pss_mb_per_child"] = round(sum(pss_bytes(p) for p in pids if p) / len(kids) / 2**20, 1)
         out["child_ram_mb"] = 512
         for k in reversed(kids):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import tempfile
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from edge.tls import make_dev_cert
 
 from . import h2_alone, local_edge, nginx
 from .edge_bench import BODY, LOAD_CORE, PROXY_CORE, _free_ports, _on
+from .proc_cpu import cpu_seconds
 from .stats import median, table
 from .tools import run
 
@@ -46,12 +46,6 @@ async def h2load(url: str, authority: str, token: str, args: Sequence[str]) -> t
         raise RuntimeError(f"h2load failed ({code}): {out[-1500:]}")
     seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
     return float(finished.group(3)), seconds, int(requests.group(3))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def bench(requests: int) -> str:
@@ -80,11 +74,11 @@ async def bench(requests: int) -> str:
                 rps, cpu = {}, {}
                 for name, (pid, url) in targets.items():
                     await h2load(url, edge.host, edge.token, ["-n", "2000", "-c", "4", "-m", str(streams)])  # warm-up
-                    before = cpu_seconds(pid)
+                    before = cpu_seconds(pid, children=False)
                     rate, _, failed = await h2load(
                         url, edge.host, edge.token, ["-n", str(requests), "-c", "4", "-m", str(streams)]
                     )
-                    rps[name], cpu[name] = rate, (cpu_seconds(pid) - before) / requests * 1e6
+                    rps[name], cpu[name] = rate, (cpu_seconds(pid, children=False) - before) / requests * 1e6
                     rows.append([f"-m {streams}", name, f"{rate:,.0f}", f"{cpu[name]:.0f}", failed])
                 nginx_name = "nginx (http2 on)"
                 ratios.append(

@@ -27,6 +27,13 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     return own + sum(cpu_seconds(kid) for kid in kids)
 
 
+def own_cpu_seconds() -> float:
+    """User plus system CPU seconds of this process (an edge and manager in the bench's own process) and
+    of its reaped children (ip, ss, qemu-img)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def per_request_us(cpu: float, requests: int) -> float | None:
     """Microseconds of CPU per request; None when no request was counted."""
     return cpu / requests * 1e6 if requests else None

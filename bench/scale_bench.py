@@ -53,6 +53,7 @@ from vmm.network import netns
 from vmm.registry import Registry
 
 from .big_session import add_big_image, big_sessions
+from .proc_cpu import cpu_seconds, own_cpu_seconds
 from .stats import median, p99, table
 from .tools import state_dir
 from .wake_cost import wake_cost
@@ -88,18 +89,8 @@ def _pss_kib(pid: int | None) -> int:
     return 0
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU a live process has used."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _own_cpu() -> float:
-    """This process (edge and manager) and its reaped children (ip, ss, qemu-img)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+def _qemu_cpu(pid: int | None) -> float:
+    return cpu_seconds(pid, children=False) if pid is not None else 0.0
 
 
 def _machine_busy() -> float:
@@ -281,20 +272,20 @@ class Bench:
                     first_byte = time.perf_counter() - t0
                     await resp.read()
                     # the wake's own cost, before the woken guest idles while the others wake
-                    at_answer.setdefault(vm_id, _cpu_seconds(self.manager.get(vm_id).pid))
+                    at_answer.setdefault(vm_id, _qemu_cpu(self.manager.get(vm_id).pid))
                     return resp.status, first_byte
 
             tasks = [asyncio.create_task(one(vm_id)) for vm_id in ids for _ in range(requests)]
             await asyncio.sleep(0.2)  # every request waits at the barrier
-            cpu_before, busy_before = _own_cpu(), _machine_busy()
+            cpu_before, busy_before = own_cpu_seconds(), _machine_busy()
             released = time.perf_counter()
             barrier.set()
             results = await asyncio.gather(*tasks, return_exceptions=True)
             last_answer = time.perf_counter() - released
             machine_busy = _machine_busy() - busy_before
         self.manager.listeners.remove(seen)
-        qemu_cpu = sum(_cpu_seconds(self.manager.get(v).pid) for v in ids)
-        cpu = qemu_cpu + _own_cpu() - cpu_before
+        qemu_cpu = sum(_qemu_cpu(self.manager.get(v).pid) for v in ids)
+        cpu = qemu_cpu + own_cpu_seconds() - cpu_before
         ok = [r for r in results if isinstance(r, tuple) and r[0] == 200]
         waits = [r[1] for r in ok]
         restored = max(running_at.values(), default=released) - released

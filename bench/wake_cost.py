@@ -9,10 +9,8 @@ CPU is counted in clock ticks (10 ms), so a step's share is its sum over the N w
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from vmm import probe
@@ -21,26 +19,15 @@ from vmm.image import load_image
 from vmm.live import LiveVm
 from vmm.manager import VmManager
 
+from .proc_cpu import cpu_seconds, own_cpu_seconds
 from .stats import table
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 WAKE = "the wake: the steps above and the manager between them"
 FIRST_REQUEST = "first request (GET in the namespace: TCG translates the guest's code anew)"
 
 
-def _host_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def _qemu_cpu(vm: LiveVm | None) -> float:
-    if vm is None or vm.proc is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{vm.proc.pid}/stat").read_text().rpartition(")")[2].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return cpu_seconds(vm.proc.pid, children=False) if vm is not None and vm.proc is not None else 0.0
 
 
 class Steps:
@@ -54,7 +41,7 @@ class Steps:
     async def measure(self, step: str, action: Callable[[], Awaitable[Any]]) -> Any:
         vm = self.current
         pid = vm.proc.pid if vm is not None and vm.proc is not None else None
-        wall, host, qemu = time.perf_counter(), _host_cpu(), _qemu_cpu(vm)
+        wall, host, qemu = time.perf_counter(), own_cpu_seconds(), _qemu_cpu(vm)
         try:
             return await action()
         finally:
@@ -62,7 +49,7 @@ class Steps:
             spent = _qemu_cpu(vm) - (qemu if same else 0.0)
             row = self.sums.setdefault(step, [0.0, 0.0, 0.0])
             row[0] += time.perf_counter() - wall
-            row[1] += _host_cpu() - host
+            row[1] += own_cpu_seconds() - host
             row[2] += spent
 
     def wrap(self, owner: Any, name: str, step: str) -> None:
@@ -119,10 +106,11 @@ async def wake_cost(manager: VmManager, template: str, image: str, count: int) -
     try:
         for vm_id in ids:
             steps.current = vm = manager.records.get(vm_id)
-            wall, host = time.perf_counter(), _host_cpu()
+            wall, host = time.perf_counter(), own_cpu_seconds()
             await steps.measure(WAKE, functools.partial(manager.ensure_running, vm_id))
             await steps.measure(FIRST_REQUEST, functools.partial(probe.wait_ready, vm_id, ready, 60.0, lambda: True))
-            total = [total[0] + time.perf_counter() - wall, total[1] + _host_cpu() - host, total[2] + _qemu_cpu(vm)]
+            host_cpu = own_cpu_seconds() - host
+            total = [total[0] + time.perf_counter() - wall, total[1] + host_cpu, total[2] + _qemu_cpu(vm)]
             steps.current = None
     finally:
         steps.current = None
