@@ -49,8 +49,7 @@ async def give_ram_file(settings: VmmSettings, accel: Accelerator, tpl: Template
         spec = machine_spec(tpl, f"mvm-{ns_id}", accel)
         limits = jailer.limits(tpl.vcpus, tpl.memory_mb)
         ram = RamBacking(work / RAM, share=True)
-        tpl_dir = Path(tpl.path)
-        chain = [] if disk is None else disks.trusted_chain(work / OVERLAY, ckpt.vm_id, tpl_dir, settings.vms_dir)
+        chain = [] if disk is None else disks.trusted_chain(work / OVERLAY, ckpt.vm_id, tpl.base_disk, settings.vms_dir)
         # at the paths QEMU is given (the jail binds each at its real path too), each directory once
         dirs = {d.resolve(): d for d in (*(p.parent for p in chain), ckpt.path, Path(tpl.path))}
         read_only = tuple(dirs.values())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .buildtools import tool
 from .errors import VmmError
+from .vm_files import CHECKPOINTS
 
 _QCOW2_MAGIC = 0x514649FB
 _QCOW2_HEAD = struct.Struct(">IIQI")  # magic, version, backing file offset, backing file name size
@@ -167,36 +168,34 @@ def admit_child(checkpoint_dir: Path, vm_id: str) -> None:
         os.close(fd)
 
 
-def trusted_chain(image: Path, owner: str, template_dir: Path, vms_dir: Path) -> list[Path]:
+def trusted_chain(image: Path, owner: str, base: Path | None, vms_dir: Path) -> list[Path]:
     """`image`'s backing chain (`image` is VM `owner`'s), refused unless every file under it is one the
-    manager made for it: the template's base disk, or a checkpoint's disk layer (root's, sealed) of the VM
-    whose file names it or of a VM it was forked from. The header naming each is written by a VM's QEMU,
-    so one that escaped could otherwise name any host file for root's qemu-img to read, or for the next
-    jail to bind."""
+    manager made for it: its template's `base` disk, or a checkpoint's disk layer (root's, sealed) of the
+    VM whose file names it or of a VM it was forked from. The header naming each is written by a VM's
+    QEMU, so one that escaped could otherwise name any host file for root's qemu-img to read, or for the
+    next jail to bind."""
     chain = backing_chain(image)
-    templates, vms = template_dir.resolve(), vms_dir.resolve()
+    base_disk, vms = base.resolve() if base is not None else None, vms_dir.resolve()
     reader = owner  # the VM whose file names the next layer
     for layer in chain:
         real = layer.resolve()
-        ckpt_dir = real.parent
-        in_checkpoint = ckpt_dir.parent.name == "checkpoints" and ckpt_dir.parent.parent.parent == vms
-        holder = ckpt_dir.parent.parent.name if in_checkpoint else None
-        if in_checkpoint and real.name == image.name and holder != reader and not _forked_from(ckpt_dir, reader):
-            in_checkpoint = False
-        made_here = (real.parent == templates and real.name == "disk.base") or (
-            in_checkpoint and real.name == image.name
-        )
+        ckpt_dir = real.parent  # vms/<holder>/checkpoints/<name>/<layer>, for a checkpoint's layer
+        holder = ckpt_dir.parent.parent.name
+        in_checkpoints = ckpt_dir.parent.name == CHECKPOINTS and ckpt_dir.parent.parent.parent == vms
+        is_layer = in_checkpoints and real.name == image.name
+        readable = is_layer and (holder == reader or _forked_from(ckpt_dir, reader))
         try:
             info = os.stat(real, follow_symlinks=False)
         except OSError:
             info = None
-        if not made_here or info is None or not stat.S_ISREG(info.st_mode) or info.st_uid != 0:
+        if not (readable or real == base_disk) or info is None or not stat.S_ISREG(info.st_mode) or info.st_uid != 0:
             raise VmmError(
                 f"the disk {image.name} of VM {owner} reads through {layer}, which is neither its template's "
                 f"base disk nor a layer of its own or its parent's checkpoints: refused (a QEMU writes the "
                 f"header naming it)"
             )
-        reader = holder or reader
+        if is_layer:
+            reader = holder
     return chain
 
 

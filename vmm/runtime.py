@@ -132,7 +132,7 @@ class QemuRuntime:
         sock.unlink(missing_ok=True)
         disk = DiskBacking(vm_dir / OVERLAY, "qcow2") if spec.has_disk else None
         vm.expect_exit = vm.guest_ran = False
-        chain = disks.trusted_chain(disk.path, vm_id, Path(tpl.path), self.settings.vms_dir) if disk is not None else []
+        chain = disks.trusted_chain(disk.path, vm_id, tpl.base_disk, self.settings.vms_dir) if disk is not None else []
         read_only = _outside((vm_dir, Path(tpl.path)), ram.path, *chain)
         proc = await self.jail.spawn_vm(vm.rec, tpl, spec, ram, disk, vm_dir, self._watch(vm, on_lost), read_only)
         vm.proc = proc

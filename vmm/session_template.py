@@ -41,7 +41,7 @@ async def create_from(settings: VmmSettings, name: str, source: Template, ckpt: 
         if (ckpt.path / AGENT_KEY).exists():  # its clones wake knowing it, and each takes its own (vmm.own_key)
             copy_key(ckpt.path / AGENT_KEY, work / AGENT_KEY)
         if ckpt.disk.exists() and source.base_disk is not None:
-            trusted_chain(ckpt.disk, ckpt.vm_id, Path(source.path), settings.vms_dir)  # root's qemu-img reads all of it
+            trusted_chain(ckpt.disk, ckpt.vm_id, source.base_disk, settings.vms_dir)  # root's qemu-img reads all of it
             await flatten_to_raw(ckpt.disk, work / "disk.base")
         meta = orjson.loads((Path(source.path) / "template.json").read_bytes())
         meta.update(name=name, created_at=time.time(), state_bytes=(work / STATE).stat().st_size,

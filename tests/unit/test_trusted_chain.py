@@ -31,7 +31,7 @@ def test_a_template_base_and_checkpoint_layers_pass(state: tuple[Path, Path, Pat
     tpl, vms, vm_dir = state
     _layer(vm_dir / "checkpoints" / "a" / "disk.qcow2", tpl / "disk.base", "raw")
     _layer(vm_dir / "disk.qcow2", vm_dir / "checkpoints" / "a" / "disk.qcow2", "qcow2")
-    chain = disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl, vms)
+    chain = disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl / "disk.base", vms)
     assert [p.name for p in chain] == ["disk.qcow2", "disk.base"]
 
 
@@ -46,7 +46,7 @@ def test_a_header_naming_another_file_is_refused(state: tuple[Path, Path, Path],
         named.write_bytes(b"secret")
     _layer(vm_dir / "disk.qcow2", named, "raw")
     with pytest.raises(VmmError, match="refused"):
-        disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl, vms)
+        disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl / "disk.base", vms)
 
 
 def test_a_link_planted_in_the_chain_is_refused(state: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_a_link_planted_in_the_chain_is_refused(state: tuple[Path, Path, Path], 
     os.symlink(secret, link)  # the right name, someone else's file
     _layer(vm_dir / "disk.qcow2", link, "raw")
     with pytest.raises(VmmError, match="refused"):
-        disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl, vms)
+        disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl / "disk.base", vms)
 
 
 def _checkpoint(vms: Path, holder: str, tpl: Path, children: list[str] | None) -> Path:
@@ -74,14 +74,15 @@ def _checkpoint(vms: Path, holder: str, tpl: Path, children: list[str] | None) -
 def test_a_fork_child_reads_through_its_parents_checkpoint(state: tuple[Path, Path, Path]) -> None:
     tpl, vms, vm_dir = state
     _layer(vm_dir / "disk.qcow2", _checkpoint(vms, "parent", tpl, ["v0", "v1"]), "qcow2")
-    assert [p.name for p in disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl, vms)] == ["disk.qcow2", "disk.base"]
+    chain = disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl / "disk.base", vms)
+    assert [p.name for p in chain] == ["disk.qcow2", "disk.base"]
 
 
 def test_another_vms_checkpoint_it_was_not_forked_from_is_refused(state: tuple[Path, Path, Path]) -> None:
     tpl, vms, vm_dir = state
     _layer(vm_dir / "disk.qcow2", _checkpoint(vms, "other", tpl, ["v7"]), "qcow2")
     with pytest.raises(VmmError, match="refused"):
-        disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl, vms)
+        disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl / "disk.base", vms)
 
 
 def test_a_fork_of_a_fork_reads_through_both_checkpoints(state: tuple[Path, Path, Path]) -> None:
@@ -95,8 +96,8 @@ def test_a_fork_of_a_fork_reads_through_both_checkpoints(state: tuple[Path, Path
     (child_ckpt / disks.CHILDREN).touch()
     disks.admit_child(child_ckpt, "v1")
     _layer(vm_dir / "disk.qcow2", child_ckpt / "disk.qcow2", "qcow2")
-    assert len(disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl, vms)) == 3
+    assert len(disks.trusted_chain(vm_dir / "disk.qcow2", "v1", tpl / "disk.base", vms)) == 3
     (vms / "v2").mkdir()
     _layer(vms / "v2" / "disk.qcow2", parents, "qcow2")
     with pytest.raises(VmmError, match="refused"):  # the parent never forked v2
-        disks.trusted_chain(vms / "v2" / "disk.qcow2", "v2", tpl, vms)
+        disks.trusted_chain(vms / "v2" / "disk.qcow2", "v2", tpl / "disk.base", vms)
