@@ -23,10 +23,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Namespaces that appeared during the run and hold no process: a test that failed before its own
     clean-up (its per-test sweep is off while a sibling worker runs) left them."""
-    from tests.e2e.conftest import in_use, other_test_runs
+    from tests.e2e.conftest import in_use, others_make_namespaces
 
     before = session.config.stash.get(_NAMESPACES_BEFORE, None)
-    if before is None or other_test_runs():
+    if before is None or others_make_namespaces():
         return
     for name in set(netns.list_project_namespaces()) - before:
         if not in_use(name):

@@ -157,7 +157,7 @@ def state_settings(session_root: Path, template_dir: Path) -> Iterator[VmmSettin
         for vm_dir in vms.iterdir() if vms.exists() else []:
             asyncio.run(netns.delete(vm_dir.name))
         leaked = set(netns.list_project_namespaces()) - namespaces_before
-        for name in leaked if not other_test_runs() else ():  # theirs would be new here too
+        for name in leaked if not others_make_namespaces() else ():  # theirs would be new here too
             if not in_use(name):  # one with a live QEMU in it belongs to a test of another run, started meanwhile
                 asyncio.run(netns.delete(name.removeprefix("mvm-")))
         shutil.rmtree(state, ignore_errors=True)
@@ -183,11 +183,16 @@ async def manager(settings: VmmSettings) -> AsyncIterator[VmManager]:
         yield mgr
 
 
-def other_test_runs() -> bool:
-    """Whether another pytest runs on this machine: namespaces it made during this test are not ours.
+_MAKERS = (b"pytest", b"-m\0bench.", b"/mvm\0serve", b"/mvm\0host")  # command lines that make VM namespaces
 
-    This run's own ancestors (a `timeout ... pytest` wrapper) and descendants do not count; the other
-    workers of a `pytest -n 2` run do (their command lines do not say pytest).
+
+def others_make_namespaces() -> bool:
+    """Whether another pytest, bench or manager runs on this machine: namespaces made meanwhile may be its.
+
+    A namespace being made holds no process until its QEMU starts, so "not in use" alone would let this
+    run's sweep delete it under a bench's or a server's create. This run's own ancestors (a `timeout ...
+    pytest` wrapper) and descendants (the `mvm serve` a test starts) do not count; the other workers of a
+    `pytest -n 2` run do (their command lines do not say pytest).
     """
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
         return True
@@ -196,7 +201,8 @@ def other_test_runs() -> bool:
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if b"pytest" in (proc / "cmdline").read_bytes():
+            cmdline = (proc / "cmdline").read_bytes()
+            if any(maker in cmdline for maker in _MAKERS):
                 pytests.append(int(proc.name))
 
     def line(pid: int) -> set[int]:
