@@ -64,6 +64,7 @@ class Template:
     disk_mb: int = 0  # 0: no root disk (an initramfs image)
     hooks: Hooks | None = None
     h2c_ports: tuple[int, ...] = ()  # ports the edge reaches with prior-knowledge HTTP/2 (vmm.port_protocols)
+    cpu: str = ""  # QEMU's -cpu the snapshot was made on: every clone starts on it (vmm.accel)
 
     @property
     def base_disk(self) -> Path | None:

@@ -20,7 +20,7 @@ import orjson
 
 from . import capacity, disks, jail, probe
 from . import qmp as qmp_ops
-from .accel import Accelerator
+from .accel import LEGACY_CPU, Accelerator
 from .errors import Conflict, InvalidRequest, NotFound, VmmError
 from .hooks import Hooks, call_http
 from .image import load_image
@@ -76,6 +76,7 @@ def load(settings: VmmSettings, name: str) -> Template:
         disk_mb=data.get("disk_mb", 0),
         hooks=Hooks.from_dict(data["hooks"]) if data.get("hooks") else None,
         h2c_ports=tuple(data.get("h2c_ports", ())),
+        cpu=data.get("cpu") or LEGACY_CPU.get(data["accelerator"], ""),
     )
 
 
@@ -100,7 +101,7 @@ def machine_spec(tpl: Template, name: str, accel: Accelerator) -> MachineSpec:
         cmdline=tpl.cmdline,
         memory_mb=tpl.memory_mb,
         vcpus=tpl.vcpus,
-        accel=accel,
+        accel=accel.on_cpu(tpl.cpu) if tpl.cpu else accel,
         has_disk=tpl.base_disk is not None,
     )
 
@@ -196,6 +197,7 @@ async def create(
         "h2c_ports": list(image.h2c_ports),
         "cmdline": image.cmdline,
         "accelerator": accel.name,
+        "cpu": accel.cpu,
         "created_at": time.time(),
         "state_bytes": size,
         "image_fingerprint": image.fingerprint,

@@ -102,10 +102,10 @@ def test_the_shim_opens_only_the_named_ram_file_read_only(tmp_path: Path) -> Non
 
 def test_qemu_owns_only_what_it_opens(tmp_path: Path) -> None:
     spec = MachineSpec("m", tmp_path / "tpl" / "vmlinuz", tmp_path / "tpl" / "initrd.img", "", 256, 1,
-                       Accelerator("tcg", (), ()))  # fmt: skip
+                       Accelerator("tcg", "max", ()))  # fmt: skip
     names = _qemu_files(tmp_path, spec, RamBacking(tmp_path / "ram", share=True), None, console_socket=True)
     assert names == {"serial.log", "ram"}
-    boot = MachineSpec("m", tmp_path / "vmlinuz", tmp_path / "initrd.img", "", 256, 1, Accelerator("tcg", (), ()))
+    boot = MachineSpec("m", tmp_path / "vmlinuz", tmp_path / "initrd.img", "", 256, 1, Accelerator("tcg", "max", ()))
     names = _qemu_files(tmp_path, boot, RamBacking(tmp_path / "ram", share=True), None, console_socket=False)
     assert names == {"serial.log", "app.log", "ram", "vmlinuz", "initrd.img"}
 
