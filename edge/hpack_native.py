@@ -69,10 +69,12 @@ def _load(name: str = LIBRARY) -> ctypes.PyDLL:
             f"the edge's HTTP/2 header compression runs in it ({exc})"
         ) from exc
     vp, size, ssize, cint = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_ssize_t, ctypes.c_int
-    signatures: dict[str, tuple[type | None, list[type]]] = {
+    signatures: dict[str, tuple[type | None, list[type] | None]] = {
         "nghttp2_hd_inflate_new": (cint, [ctypes.POINTER(vp)]),
         "nghttp2_hd_inflate_del": (None, [vp]),
-        "nghttp2_hd_inflate_hd2": (ssize, [vp, ctypes.POINTER(_InNv), ctypes.POINTER(cint), vp, size, cint]),
+        # Called once per field, with ctypes objects of the right C types (NativeDecoder): declared
+        # argument types would be checked and converted in every call, a third of its cost.
+        "nghttp2_hd_inflate_hd2": (ssize, None),
         "nghttp2_hd_inflate_end_headers": (cint, [vp]),
         "nghttp2_hd_inflate_change_table_size": (cint, [vp, size]),
         "nghttp2_hd_inflate_get_max_dynamic_table_size": (size, [vp]),
@@ -106,7 +108,10 @@ def _why(code: int) -> str:
 class NativeDecoder:
     """hpack's Decoder, as h2 uses it, over an nghttp2_hd_inflater."""
 
-    __slots__ = ("__weakref__", "_broken", "_flags", "_inflater", "_max_allowed", "_nv", "max_header_list_size")
+    __slots__ = (
+        "__weakref__", "_at", "_broken", "_flags", "_flags_ref", "_inflater", "_left", "_max_allowed", "_nv",
+        "_nv_ref", "max_header_list_size",
+    )  # fmt: skip
 
     def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
         inflater = ctypes.c_void_p()
@@ -116,6 +121,9 @@ class NativeDecoder:
         self._inflater = inflater
         self._nv = _InNv()
         self._flags = ctypes.c_int()
+        # nghttp2_hd_inflate_hd2's arguments as its C types: (inflater, nv_out, inflate_flags, in, inlen, 1)
+        self._nv_ref, self._flags_ref = ctypes.byref(self._nv), ctypes.byref(self._flags)
+        self._at, self._left = ctypes.c_void_p(), ctypes.c_size_t()
         self._broken = False  # a block failed part-way: the table is lost, as is the connection
         self._max_allowed = DEFAULT_TABLE_SIZE
         self.max_header_list_size = max_header_list_size
@@ -141,19 +149,21 @@ class NativeDecoder:
         if self._broken:
             raise HPACKDecodingError("an earlier header block failed: the compression context is lost")
         block = bytes(data)
-        inflater, nv, flags = self._inflater, self._nv, self._flags
-        nv_ref, flags_ref = ctypes.byref(nv), ctypes.byref(flags)
-        start = cast(int, _address(ctypes.c_char_p(block)).value)  # the bytes' own buffer, not a copy
+        inflater, nv, flags, nv_ref, flags_ref = self._inflater, self._nv, self._flags, self._nv_ref, self._flags_ref
+        at, left = self._at, self._left
+        at.value = _address(ctypes.c_char_p(block)).value  # the bytes' own buffer, not a copy
         pos, end = 0, len(block)
         limit = self.max_header_list_size
         size = 0
         headers: list[HeaderTuple] = []
         while True:
-            took = _inflate(inflater, nv_ref, flags_ref, start + pos, end - pos, 1)
+            left.value = end - pos
+            took = _inflate(inflater, nv_ref, flags_ref, at, left, 1)
             if took < 0:
                 self._broken = True
                 raise HPACKDecodingError(_why(took))
             pos += took
+            at.value += took
             done = flags.value
             if done & _INFLATE_EMIT:
                 namelen, valuelen = nv.namelen, nv.valuelen
