@@ -8,7 +8,9 @@ libnghttp2-14); ctypes is in the standard library, so nothing is built. `NativeD
 (`use_native_hpack`) and keep their contract: a bad block raises HPACKDecodingError (h2: a
 connection error), a header list past `max_header_list_size` raises OversizedHeaderListError as
 soon as the decoded fields pass it (the HPACK bomb), the dynamic table never grows past what our
-SETTINGS allow, and a never-indexed field stays never-indexed both ways.
+SETTINGS allow, and a never-indexed field stays never-indexed both ways. One bound is
+libnghttp2's own: a single name or value over 64 KiB is refused (a decoding error, or an
+oversized list where it passes `max_header_list_size`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
 
 from hpack.exceptions import HPACKDecodingError, HPACKError, OversizedHeaderListError
+from hpack.hpack import decode_integer
 from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
 
 if TYPE_CHECKING:
@@ -105,6 +108,28 @@ def _why(code: int) -> str:
     return f"libnghttp2: {_lib.nghttp2_strerror(code).decode()}"
 
 
+def _declared_size(block: bytes, pos: int) -> int:
+    """The size the literal field at `pos` says it has (its literal strings' lengths and 32; 0 for
+    an indexed field or a bad one), read after libnghttp2 refused it: it refuses a name or value
+    over 64 KiB as it reads the length, which hpack would have counted against the list's limit."""
+    try:
+        while (block[pos] & 0xE0) == 0x20:  # table size updates before it
+            pos += decode_integer(block[pos:], 5)[1]
+        first = block[pos]
+        if first & 0x80:
+            return 0
+        index, used = decode_integer(block[pos:], 6 if first & 0x40 else 4)
+        pos += used
+        size = _ENTRY_OVERHEAD
+        if index == 0:  # a literal name before the value
+            length, used = decode_integer(block[pos:], 7)
+            size += length
+            pos += used + length
+        return size + decode_integer(block[pos:], 7)[0]
+    except (IndexError, HPACKDecodingError):
+        return 0
+
+
 class NativeDecoder:
     """hpack's Decoder, as h2 uses it, over an nghttp2_hd_inflater."""
 
@@ -161,6 +186,8 @@ class NativeDecoder:
             took = _inflate(inflater, nv_ref, flags_ref, at, left, 1)
             if took < 0:
                 self._broken = True
+                if size + _declared_size(block, pos) > limit:  # libnghttp2 refused a field over 64 KiB
+                    raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
                 raise HPACKDecodingError(_why(took))
             pos += took
             at.value += took

@@ -213,6 +213,21 @@ def test_an_oversized_list_stops_as_it_passes_the_limit() -> None:
     assert native.decode(Encoder().encode([big]), raw=True) == [big]
 
 
+@pytest.mark.parametrize("update", [b"", b"\x3f\xe1\x1f"], ids=["alone", "after a table size update"])
+@pytest.mark.parametrize("field", [(b"x-big", b"v" * 70_000), (b"n" * 70_000, b"v")], ids=["value", "name"])
+def test_a_field_over_64_kib_is_an_oversized_list_where_it_passes_the_limit(
+    update: bytes, field: tuple[bytes, bytes]
+) -> None:
+    """libnghttp2 refuses a name or value over 64 KiB as it reads its length; where hpack would
+    have counted it past max_header_list_size, the error is still the oversized list."""
+    block = update + Encoder().encode([(b"x-first", b"1"), field], huffman=False)
+    with pytest.raises(OversizedHeaderListError):
+        NativeDecoder(max_header_list_size=64 * 1024).decode(block, raw=True)
+    with pytest.raises(HPACKDecodingError) as refused:
+        NativeDecoder(max_header_list_size=1024 * 1024).decode(block, raw=True)
+    assert not isinstance(refused.value, OversizedHeaderListError), "libnghttp2's own bound: 64 KiB a string"
+
+
 def test_fuzzed_blocks_decode_as_hpack_does_or_raise_its_error() -> None:
     """Seeded and bounded: random bytes, and valid blocks with bytes flipped or cut. Ours answers
     a list or HPACKDecodingError; where both decode, the fields are hpack's."""
