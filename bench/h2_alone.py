@@ -8,7 +8,8 @@ time (h2load's -m). Only the server side's calls are timed (process CPU time), s
 a request in (frame, HPACK, header validation, stream state) and sending its answer out. The same
 with h2's default configuration shows what checking the edge's own outbound headers would cost;
 with the token in a cookie (which HPACK indexes after the first request, where a never-indexed
-Authorization value is Huffman-decoded by pure-Python hpack in every request), what that costs.
+Authorization value is Huffman-decoded again in every request), what that costs; each also with
+python-hyper's pure-Python hpack in place of libnghttp2's (`edge.hpack_native`), what that saves.
 Set against the edge's CPU per request under h2load (bench.h2_bench), it is h2's share of it.
 """
 
@@ -22,6 +23,7 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, RequestReceived
 
 from edge.h2_core import SERVER_CONFIG
+from edge.hpack_native import use_native_hpack
 from edge.settings import token_service
 from mvm.config import load_config
 
@@ -50,11 +52,14 @@ def request_headers(token: str) -> list[tuple[bytes, bytes]]:
 
 
 def per_request(
-    config: H2Configuration, headers: list[tuple[bytes, bytes]], requests: int, streams: int
+    config: H2Configuration, native: bool, headers: list[tuple[bytes, bytes]], requests: int, streams: int
 ) -> tuple[float, float]:
-    """(µs in, µs out) of server CPU per request over `requests` requests, `streams` at a time."""
+    """(µs in, µs out) of server CPU per request over `requests` requests, `streams` at a time
+    (`native`: the server's HPACK is libnghttp2's, as the edge's)."""
     client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
     server = H2Connection(config)
+    if native:
+        use_native_hpack(server)
     client.initiate_connection()
     server.initiate_connection()
     client.receive_data(server.data_to_send())
@@ -93,19 +98,22 @@ def bench(requests: int) -> str:
     token, _ = token_service(cfg.tokens).issue("benchvm1", ttl=cfg.tokens.max_ttl)
     headers = request_headers(token)
     in_cookie = [*headers[:-1], (b"cookie", f"mvm_token={token}".encode())]
-    cases = {  # (the server's configuration, what the client sends)
-        "the edge's configuration": (SERVER_CONFIG, headers),
-        "h2's defaults (outbound headers checked)": (H2Configuration(client_side=False, header_encoding=None), headers),
-        "the edge's, the token in a cookie (indexed)": (SERVER_CONFIG, in_cookie),
+    checked = H2Configuration(client_side=False, header_encoding=None)
+    cases = {  # (the server's configuration, libnghttp2's HPACK, what the client sends)
+        "the edge's configuration": (SERVER_CONFIG, True, headers),
+        "the edge's, hpack in Python": (SERVER_CONFIG, False, headers),
+        "h2's defaults (outbound headers checked)": (checked, True, headers),
+        "the edge's, the token in a cookie (indexed)": (SERVER_CONFIG, True, in_cookie),
+        "the edge's, the token in a cookie, hpack in Python": (SERVER_CONFIG, False, in_cookie),
     }
     rows = []
     for streams in (10, 100):
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
-        for config, sent in cases.values():
-            per_request(config, sent, min(requests, 2000), streams)  # warm-up
+        for config, native, sent in cases.values():
+            per_request(config, native, sent, min(requests, 2000), streams)  # warm-up
         for _ in range(ROUNDS):
-            for name, (config, sent) in cases.items():
-                runs[name].append(per_request(config, sent, requests, streams))
+            for name, (config, native, sent) in cases.items():
+                runs[name].append(per_request(config, native, sent, requests, streams))
         for name, results in runs.items():
             took_in, took_out = median([r[0] for r in results]), median([r[1] for r in results])
             rows.append([f"-m {streams}", name, f"{took_in:.0f}", f"{took_out:.0f}", f"{took_in + took_out:.0f}"])

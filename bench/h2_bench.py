@@ -4,7 +4,8 @@
 -m 10 and -m 100 streams per connection; the proxy under test alone on one core (one nginx
 worker, or the edge's protocol in its own uvloop process), h2load and the upstream on the other,
 so req/s is per core, and each proxy's CPU time over the run (/proc/<pid>/stat) per request. Then
-the same requests through h2 alone, without I/O (bench.h2_alone): h2's share of the edge's CPU. Then
+the same requests through h2 alone, without I/O (bench.h2_alone): h2's share of the edge's CPU, and
+HPACK alone (bench.hpack_alone): hpack in Python against libnghttp2's, the edge's. Then
 a browser-like page of 50 small resources: HTTP/2 (one connection,
 50 streams) against HTTP/1.1 (6 connections, one request at a time each), through the edge.
 Prints a Markdown report; the lead re-measures on a quiet machine.
@@ -23,7 +24,7 @@ import uvloop
 
 from edge.tls import make_dev_cert
 
-from . import h2_alone, local_edge, nginx
+from . import h2_alone, hpack_alone, local_edge, nginx
 from .edge_bench import BODY, LOAD_CORE, PROXY_CORE, _free_ports, _on
 from .proc_cpu import cpu_seconds
 from .stats import median, table
@@ -109,6 +110,8 @@ async def bench(requests: int) -> str:
             *ratios,
             "",
             h2_alone.bench(min(requests, 10_000)),
+            "",
+            hpack_alone.bench(min(requests, 20_000)),
             "",
             f"A page of {PAGE_RESOURCES} small resources through the edge, ms for all of them ({PAGE_ROUNDS} rounds):",
             "",

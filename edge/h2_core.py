@@ -37,6 +37,7 @@ from vmm.jsonlog import log
 from .admission import Admitter
 from .h2_guard import FrameGuard, Verdict
 from .h2_settings import Http2Settings
+from .hpack_native import use_native_hpack
 from .proxy_context import ClientConnection, ProxyContext
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class H2Core:
         self.proto = proto
         self.io = io
         self.clock = clock
-        self.conn = H2Connection(SERVER_CONFIG)
+        self.conn = use_native_hpack(H2Connection(SERVER_CONFIG))
         self.guard = FrameGuard(s, clock)
         self.streams: dict[int, H2Stream] = {}
         self.client = b"unknown"

@@ -35,6 +35,7 @@ from h2.settings import SettingCodes
 
 from vmm.jsonlog import log
 
+from .hpack_native import use_native_hpack
 from .upstream import UpstreamConn
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class GuestH2c:
         self.relays: dict[int, H2cRelay] = {}
         self.going_away = False
         self._idle: asyncio.TimerHandle | None = None
-        conn = self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        conn = self.conn = use_native_hpack(H2Connection(H2Configuration(client_side=True, header_encoding=None)))
         conn.initiate_connection()
         conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: window, SettingCodes.ENABLE_PUSH: 0})
         conn.increment_flow_control_window(_CONN_WINDOW - 65535)

@@ -226,3 +226,13 @@ async def test_oversized_frame(edge: Edge) -> None:
     raw = await Raw.open(edge)
     raw.send(raw.headers(edge, 1, "/upload", end_stream=False), DataFrame(1, b"x" * 20000))
     await _attack_ends(edge, raw, FRAME_SIZE_ERROR)
+
+
+@pytest.mark.parametrize(
+    "block", [b"\x80", b"\x00\x01\x61\x81\x00", b"\x82\x20"], ids=["index_0", "bad_huffman", "late_table_size"]
+)
+async def test_a_header_block_that_does_not_decode(edge: Edge, block: bytes) -> None:
+    """libnghttp2's inflater refuses it; h2 ends the connection as it did with hpack's error."""
+    raw = await Raw.open(edge)
+    raw.send(raw.headers(edge, 1), HeadersFrame(3, block, flags=["END_HEADERS", "END_STREAM"]))
+    await _attack_ends(edge, raw, PROTOCOL_ERROR)
