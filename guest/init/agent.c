@@ -10,6 +10,14 @@
  * signalfd) when the host connects or disconnects, so the loop wakes as the host comes back.
  * A host that goes away ends its session: its execs are killed and forgotten and what was
  * queued for it is dropped, so the next host's session starts clean.
+ *
+ * Under TCG every byte the guest copies costs emulated instructions on the one vCPU, so the
+ * stream path copies each byte once on its way through the agent: output is read from its pipe
+ * straight into the port's queue and the port is read straight into the frame buffer; stdin goes
+ * to its pipe straight from that buffer when the pipe has room; buffers are consumed by moving an
+ * offset, not the bytes behind it; and the port is read until it is empty at each wake (it hands
+ * out a page per read). Splicing a pipe into the port would save the copy, but virtio_console's
+ * splice stalled the stream under load in a test here (issue 17): not used.
  */
 #define _GNU_SOURCE
 #include "agent.h"
@@ -35,11 +43,14 @@
 
 #define MAX_EXECS 64
 #define READ_CHUNK 65536
+#define PIPE_BYTES (256 * 1024) /* an exec's stdout and stdin pipes: fewer, larger reads and writes */
+#define PORT_READ_MAX (1u << 20) /* read the port for at most this much per wake (it hands out a page per read) */
 #define HOST_GONE_CHECK_MS 1000 /* no host: look at the port again this often, should a SIGIO be missed */
 
+/* `len` bytes from `data + off`: consuming moves `off`, and the bytes move to the front only to make room. */
 struct buffer {
     unsigned char *data;
-    size_t len, cap;
+    size_t off, len, cap;
 };
 
 struct exec {
@@ -80,19 +91,33 @@ static int authenticated(const unsigned char *p, size_t n) {
     return diff == 0;
 }
 
-static void put(struct buffer *b, const void *data, size_t n) {
+static unsigned char *head(const struct buffer *b) { return b->data + b->off; }
+
+/* Room for `n` more bytes after the buffer's end. */
+static unsigned char *reserve(struct buffer *b, size_t n) {
+    if (b->off + b->len + n > b->cap) {
+        memmove(b->data, b->data + b->off, b->len);
+        b->off = 0;
+    }
     if (b->len + n > b->cap) {
         b->cap = (b->len + n) * 2;
         b->data = realloc(b->data, b->cap);
     }
-    memcpy(b->data + b->len, data, n);
+    return b->data + b->off + b->len;
+}
+
+static void put(struct buffer *b, const void *data, size_t n) {
+    memcpy(reserve(b, n), data, n);
     b->len += n;
 }
 
 static void consume(struct buffer *b, size_t n) {
-    memmove(b->data, b->data + n, b->len - n);
-    b->len -= n;
+    b->off += n, b->len -= n;
+    if (!b->len)
+        b->off = 0;
 }
+
+static void clear(struct buffer *b) { b->off = b->len = 0; }
 
 static void be32(unsigned char *p, uint32_t v) {
     p[0] = (unsigned char)(v >> 24), p[1] = (unsigned char)(v >> 16), p[2] = (unsigned char)(v >> 8);
@@ -105,12 +130,17 @@ static uint32_t rd32(const unsigned char *p) {
 
 static uint64_t rd64(const unsigned char *p) { return (uint64_t)rd32(p) << 32 | rd32(p + 4); }
 
+/* A frame's header at `p`, for a payload of `n` bytes after it. */
+static void frame_head(unsigned char *p, uint8_t type, uint32_t ch, size_t n) {
+    be32(p, (uint32_t)(n + 5));
+    p[4] = type;
+    be32(p + 5, ch);
+}
+
 static void send_frame(uint8_t type, uint32_t ch, const void *payload, size_t n) {
-    unsigned char head[9];
-    be32(head, (uint32_t)(n + 5));
-    head[4] = type;
-    be32(head + 5, ch);
-    put(&out, head, sizeof head);
+    unsigned char h[9];
+    frame_head(h, type, ch, n);
+    put(&out, h, sizeof h);
     put(&out, payload, n);
 }
 
@@ -227,10 +257,10 @@ static void end_session(void) {
         if (execs[i].pid) {
             execs[i].orphaned = 1;
             close_fd(&execs[i].out), close_fd(&execs[i].err), close_fd(&execs[i].in);
-            execs[i].stdin_pending.len = 0;
+            clear(&execs[i].stdin_pending);
         }
-    out.len = 0;
-    in.len = 0;
+    clear(&out);
+    clear(&in);
 }
 
 /* Append to an exec's env (with room for PROXY_ENV_COUNT more) each proxy setting init exported that it
@@ -375,17 +405,19 @@ static void handle_exec(uint32_t ch, const unsigned char *p, size_t n, int pty) 
         return;
     }
     fcntl(o[0], F_SETFL, O_NONBLOCK), fcntl(i[1], F_SETFL, O_NONBLOCK);
-    if (e[0] >= 0)
+    if (e[0] >= 0) {
         fcntl(e[0], F_SETFL, O_NONBLOCK);
+        fcntl(o[0], F_SETPIPE_SZ, PIPE_BYTES), fcntl(i[1], F_SETPIPE_SZ, PIPE_BYTES); /* best effort */
+    }
     *slot = (struct exec){.ch = ch, .pid = pid, .out = o[0], .err = e[0], .in = i[1]};
 }
 
 static void flush_stdin(struct exec *x) {
     while (x->in >= 0 && x->stdin_pending.len) {
-        ssize_t n = write(x->in, x->stdin_pending.data, x->stdin_pending.len);
+        ssize_t n = write(x->in, head(&x->stdin_pending), x->stdin_pending.len);
         if (n < 0) {
             if (errno != EAGAIN)
-                x->stdin_pending.len = 0, close_fd(&x->in); /* EPIPE: the process does not read */
+                clear(&x->stdin_pending), close_fd(&x->in); /* EPIPE: the process does not read */
             return;
         }
         consume(&x->stdin_pending, (size_t)n);
@@ -394,13 +426,31 @@ static void flush_stdin(struct exec *x) {
         close_fd(&x->in);
 }
 
+/* Bytes for an exec's stdin: into its pipe at once if nothing waits before them, the rest kept. */
+static void take_stdin(struct exec *x, const unsigned char *p, size_t n) {
+    if (x->in >= 0 && !x->stdin_pending.len) {
+        ssize_t w = write(x->in, p, n);
+        if (w < 0 && errno != EAGAIN) {
+            close_fd(&x->in); /* EPIPE: the process does not read */
+            return;
+        }
+        if (w > 0)
+            p += w, n -= (size_t)w;
+    }
+    if (x->in >= 0 && n)
+        put(&x->stdin_pending, p, n);
+}
+
+/* Output of an exec: read straight into the port's queue, behind room for its frame's header. */
 static void pump(struct exec *x, int *fd, uint8_t type) {
-    static unsigned char chunk[READ_CHUNK];
-    ssize_t n = read(*fd, chunk, sizeof chunk);
-    if (n > 0)
-        send_frame(type, x->ch, chunk, (size_t)n);
-    else if (n == 0 || errno != EAGAIN)
+    unsigned char *frame = reserve(&out, 9 + READ_CHUNK);
+    ssize_t n = read(*fd, frame + 9, READ_CHUNK);
+    if (n > 0) {
+        frame_head(frame, type, x->ch, (size_t)n);
+        out.len += 9 + (size_t)n;
+    } else if (n == 0 || errno != EAGAIN) {
         close_fd(fd);
+    }
 }
 
 /* The exit goes out after all of the output: once reaped and both pipes are at EOF. */
@@ -451,7 +501,7 @@ static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size
             if (n == 0)
                 x->stdin_eof = 1;
             else
-                put(&x->stdin_pending, p, n);
+                take_stdin(x, p, n);
             flush_stdin(x);
         }
         break;
@@ -464,29 +514,40 @@ static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size
     }
 }
 
+/* Stdin waits in memory until its process reads it: past 1 MiB for any exec, the port is not read. */
+static int stdin_full(void) {
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (execs[i].pid && execs[i].stdin_pending.len > (1u << 20))
+            return 1;
+    return 0;
+}
+
+/* Whole frames from the port, handled in place. The port hands out at most a page per read, so it is read
+ * until it is empty (or PORT_READ_MAX, or stdin is full), straight into the frame buffer. */
 static int read_port(void) {
-    unsigned char chunk[READ_CHUNK];
-    ssize_t n = read(port, chunk, sizeof chunk);
-    if (n <= 0)
-        return n == 0 || errno != EAGAIN ? -1 : 0;
-    put(&in, chunk, (size_t)n);
-    while (in.len >= 9) {
-        uint32_t len = rd32(in.data);
-        if (len < 5 || len > AGENT_MAX_FRAME) {
-            in.len = 0; /* out of step: drop what we have and wait for the next frame */
-            return 0;
+    for (size_t got = 0; got < PORT_READ_MAX && !stdin_full();) {
+        ssize_t n = read(port, reserve(&in, READ_CHUNK), READ_CHUNK);
+        if (n <= 0)
+            return n == 0 || errno != EAGAIN ? -1 : 0;
+        in.len += (size_t)n, got += (size_t)n;
+        while (in.len >= 9) {
+            uint32_t len = rd32(head(&in));
+            if (len < 5 || len > AGENT_MAX_FRAME) {
+                clear(&in); /* out of step: drop what we have and wait for the next frame */
+                break;
+            }
+            if (in.len < 4 + (size_t)len)
+                break;
+            handle_frame(head(&in)[4], rd32(head(&in) + 5), head(&in) + 9, len - 5);
+            consume(&in, 4 + (size_t)len);
         }
-        if (in.len < 4 + (size_t)len)
-            break;
-        handle_frame(in.data[4], rd32(in.data + 5), in.data + 9, len - 5);
-        consume(&in, 4 + (size_t)len);
     }
     return 0;
 }
 
 static void write_port(void) {
     while (out.len) {
-        ssize_t n = write(port, out.data, out.len);
+        ssize_t n = write(port, head(&out), out.len);
         if (n <= 0)
             return;
         consume(&out, (size_t)n);
@@ -514,13 +575,9 @@ void agent_main(void) {
         struct pollfd fds[2 + 3 * MAX_EXECS];
         struct exec *owner[2 + 3 * MAX_EXECS];
         int nfds = 0;
-        /* Stdin waits in memory until its process reads it: past 1 MiB, stop reading the port. */
-        int stdin_full = 0;
-        for (int i = 0; i < MAX_EXECS; i++)
-            stdin_full |= execs[i].pid && execs[i].stdin_pending.len > (1u << 20);
         /* a negative fd is skipped by poll: with no host the port would report hang-up without end */
         fds[nfds++] = (struct pollfd){.fd = host_gone ? -1 : port,
-                                      .events = (stdin_full ? 0 : POLLIN) | (out.len ? POLLOUT : 0)};
+                                      .events = (stdin_full() ? 0 : POLLIN) | (out.len ? POLLOUT : 0)};
         fds[nfds++] = (struct pollfd){.fd = sfd, .events = POLLIN};
         /* Output is read only while the port keeps up: a host that stops reading stops the process. */
         int backlog = out.len > 4 * READ_CHUNK;
