@@ -11,13 +11,13 @@
  * A host that goes away ends its session: its execs are killed and forgotten and what was
  * queued for it is dropped, so the next host's session starts clean.
  *
- * Under TCG every byte the guest copies costs emulated instructions on the one vCPU, so the
- * stream path copies each byte once on its way through the agent: output is read from its pipe
- * straight into the port's queue and the port is read straight into the frame buffer; stdin goes
- * to its pipe straight from that buffer when the pipe has room; buffers are consumed by moving an
- * offset, not the bytes behind it; and the port is read until it is empty at each wake (it hands
- * out a page per read). Splicing a pipe into the port would save the copy, but virtio_console's
- * splice stalled the stream under load in a test here (issue 17): not used.
+ * Under TCG every byte the guest copies costs emulated instructions on the one vCPU (and all of
+ * QEMU counts against the VM's CPU quota), so the stream path copies as little as it can: an
+ * exec's pipe output goes to the port by splice (see `relay`), else (a terminal, or while other
+ * frames wait) it is read straight into the port's queue; the port is read straight into the frame
+ * buffer, until it is empty at each wake (it hands out a page per read); stdin goes to its pipe
+ * straight from that buffer when the pipe has room; buffers are consumed by moving an offset, not
+ * the bytes behind it.
  */
 #define _GNU_SOURCE
 #include "agent.h"
@@ -44,6 +44,7 @@
 #define MAX_EXECS 64
 #define READ_CHUNK 65536
 #define PIPE_BYTES (256 * 1024) /* an exec's stdout and stdin pipes: fewer, larger reads and writes */
+#define RELAY_BYTES (256 * 1024) /* at most one spliced frame's payload */
 #define PORT_READ_MAX (1u << 20) /* read the port for at most this much per wake (it hands out a page per read) */
 #define HOST_GONE_CHECK_MS 1000 /* no host: look at the port again this often, should a SIGIO be missed */
 
@@ -61,6 +62,7 @@ struct exec {
     int stdin_eof;   /* close stdin once the pending bytes are written */
     int reaped, status;
     int orphaned;    /* its host went away: killed, reaped without a word to anyone */
+    int piped;       /* out and err are pipes (not a terminal): they can be spliced */
 };
 
 const char *const proxy_env[PROXY_ENV_COUNT] = {
@@ -75,6 +77,18 @@ static struct exec execs[MAX_EXECS];
 static unsigned char key[AGENT_KEY_BYTES];
 static int keyed;
 static int host_gone; /* the port said nobody is on the host's end: wait for SIGIO, not for the port */
+
+/*
+ * An exec's pipe output goes to the port with no copy in the guest: moved (splice, by page) into the
+ * relay pipe, a frame's header for those bytes queued, then spliced from the relay into the port,
+ * whose driver hands the pages to the host. The relay holds only the frame being sent, so every
+ * splice into the port takes all of it: virtio_console builds one scatterlist entry per buffer the
+ * pipe holds, and a splice that took fewer than all would pass empty entries to the device.
+ */
+static int relay[2] = {-1, -1};
+static struct {
+    size_t before, left; /* the frame's header is `before` bytes into `out`; `left` payload bytes in the relay */
+} splicing;
 
 /* The VM's key: learnt from the first keyed frame, then required on every one. */
 static int authenticated(const unsigned char *p, size_t n) {
@@ -261,6 +275,10 @@ static void end_session(void) {
         }
     clear(&out);
     clear(&in);
+    static unsigned char drain[READ_CHUNK];
+    while (splicing.left && read(relay[0], drain, sizeof drain) > 0)
+        ;
+    splicing.left = 0;
 }
 
 /* Append to an exec's env (with room for PROXY_ENV_COUNT more) each proxy setting init exported that it
@@ -409,7 +427,7 @@ static void handle_exec(uint32_t ch, const unsigned char *p, size_t n, int pty) 
         fcntl(e[0], F_SETFL, O_NONBLOCK);
         fcntl(o[0], F_SETPIPE_SZ, PIPE_BYTES), fcntl(i[1], F_SETPIPE_SZ, PIPE_BYTES); /* best effort */
     }
-    *slot = (struct exec){.ch = ch, .pid = pid, .out = o[0], .err = e[0], .in = i[1]};
+    *slot = (struct exec){.ch = ch, .pid = pid, .out = o[0], .err = e[0], .in = i[1], .piped = !pty};
 }
 
 static void flush_stdin(struct exec *x) {
@@ -441,8 +459,23 @@ static void take_stdin(struct exec *x, const unsigned char *p, size_t n) {
         put(&x->stdin_pending, p, n);
 }
 
-/* Output of an exec: read straight into the port's queue, behind room for its frame's header. */
+/* Output of an exec: spliced through the relay when nothing else waits for the port, else read straight
+ * into the port's queue behind room for its frame's header. */
 static void pump(struct exec *x, int *fd, uint8_t type) {
+    if (x->piped && relay[0] >= 0 && !out.len && !splicing.left) {
+        ssize_t n = splice(*fd, NULL, relay[1], NULL, RELAY_BYTES, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (n > 0) {
+            unsigned char h[9];
+            frame_head(h, type, x->ch, (size_t)n);
+            put(&out, h, sizeof h);
+            splicing.before = out.len, splicing.left = (size_t)n;
+            return;
+        }
+        if (n == 0)
+            close_fd(fd);
+        if (n == 0 || errno == EAGAIN)
+            return;
+    }
     unsigned char *frame = reserve(&out, 9 + READ_CHUNK);
     ssize_t n = read(*fd, frame + 9, READ_CHUNK);
     if (n > 0) {
@@ -545,12 +578,43 @@ static int read_port(void) {
     return 0;
 }
 
-static void write_port(void) {
-    while (out.len) {
-        ssize_t n = write(port, head(&out), out.len);
+/* The frame's payload would not splice into the port: read from the relay into `out` in its place. */
+static void unsplice(void) {
+    struct buffer rest = {0};
+    put(&rest, head(&out) + splicing.before, out.len - splicing.before);
+    out.len = splicing.before;
+    while (splicing.left) {
+        ssize_t n = read(relay[0], reserve(&out, splicing.left), splicing.left);
         if (n <= 0)
+            break;
+        out.len += (size_t)n, splicing.left -= (size_t)n;
+    }
+    put(&out, rest.data, rest.len);
+    free(rest.data);
+    splicing.left = 0;
+}
+
+static void write_port(void) {
+    for (;;) {
+        size_t upto = splicing.left ? splicing.before : out.len;
+        while (upto) {
+            ssize_t n = write(port, head(&out), upto);
+            if (n <= 0)
+                return;
+            consume(&out, (size_t)n);
+            upto -= (size_t)n;
+            if (splicing.left)
+                splicing.before -= (size_t)n;
+        }
+        if (!splicing.left)
             return;
-        consume(&out, (size_t)n);
+        ssize_t n = splice(relay[0], NULL, port, NULL, splicing.left, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (n < 0 && errno == EAGAIN)
+            return;
+        if (n <= 0)
+            unsplice();
+        else
+            splicing.left -= (size_t)n;
     }
 }
 
@@ -571,13 +635,15 @@ void agent_main(void) {
     /* SIGIO on every change of the host's side (connected, gone) and on data from it */
     fcntl(port, F_SETOWN, getpid());
     fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC);
+    if (pipe2(relay, O_CLOEXEC | O_NONBLOCK) == 0)
+        fcntl(relay[1], F_SETPIPE_SZ, RELAY_BYTES);
     for (;;) {
         struct pollfd fds[2 + 3 * MAX_EXECS];
         struct exec *owner[2 + 3 * MAX_EXECS];
         int nfds = 0;
         /* a negative fd is skipped by poll: with no host the port would report hang-up without end */
         fds[nfds++] = (struct pollfd){.fd = host_gone ? -1 : port,
-                                      .events = (stdin_full() ? 0 : POLLIN) | (out.len ? POLLOUT : 0)};
+                                      .events = (stdin_full() ? 0 : POLLIN) | (out.len || splicing.left ? POLLOUT : 0)};
         fds[nfds++] = (struct pollfd){.fd = sfd, .events = POLLIN};
         /* Output is read only while the port keeps up: a host that stops reading stops the process. */
         int backlog = out.len > 4 * READ_CHUNK;
@@ -615,6 +681,8 @@ void agent_main(void) {
                 pump(x, &x->err, F_STDERR);
             else if (fds[k].fd == x->in)
                 flush_stdin(x);
+            if (splicing.left && !host_gone)
+                write_port(); /* its header, then as much as the port takes, before the next pipe is read */
         }
         struct signalfd_siginfo si;
         while (read(sfd, &si, sizeof si) == sizeof si)
