@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/personality.h>
 #include <termios.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -70,6 +71,7 @@ const char *const proxy_env[PROXY_ENV_COUNT] = {
     "http_proxy=" PROXY_URL, "https_proxy=" PROXY_URL, "no_proxy=" NO_PROXY_HOSTS,
 };
 
+int agent_exec_aslr = 1;
 static int port = -1;
 static struct buffer out;  /* frames waiting for the port */
 static struct buffer in;   /* bytes read from the port, not yet a whole frame */
@@ -300,6 +302,8 @@ static void add_proxy_env(char **env, int envc) {
 }
 
 static void exec_in_child(char **argv, char **env, const char *cwd, uid_t uid, gid_t gid) {
+    if (!agent_exec_aslr)
+        personality((unsigned long)personality(0xffffffff) | ADDR_NO_RANDOMIZE); /* kept across execve */
     if (setgroups(0, NULL) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
         fprintf(stderr, "exec: cannot switch to uid %u gid %u: %s\n", uid, gid, strerror(errno));
         _exit(126);
