@@ -7,8 +7,8 @@
  *
  * It mounts the kernel filesystems, sets the hostname, configures lo and eth0 from the
  * kernel command line (mvm.ip=, mvm.gw=, mvm.hostname=), starts the image's command as
- * /mvm/config says (argv, env, cwd, uid/gid, and whether the agent's execs keep ASLR; plus HTTP(S)_PROXY naming the host's egress
- * proxy, see agent.h), sends the app's stdout and stderr to the host through a virtio
+ * /mvm/config says (argv, env, cwd, uid/gid, whether the agent's execs keep ASLR; plus
+ * HTTP(S)_PROXY naming the host's egress proxy, see agent.h), sends the app's stdout and stderr to the host through a virtio
  * console (/dev/hvc0), reaps every zombie, forwards SIGTERM for a clean stop, and powers the VM off when the app ends so the host sees it. It also keeps
  * the guest agent (agent.c) running, restarting it if it dies.
  */
