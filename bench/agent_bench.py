@@ -6,19 +6,25 @@ One python-sandbox template and two clones in a scratch state directory (removed
   guest's fork and exec);
 - the same with the guest's ASLR off, and `true` spawned under `setarch -R` (does TCG translate the
   dynamic loader and libc again at every exec because they land at new addresses?);
-- 100 MiB of exec stdout: MiB/s, the frames' sizes, and the host CPU the manager spent on it;
+- 100 MiB of exec stdout: MiB/s, the frames' sizes, the host CPU the manager spent on it, and
+  QEMU's per thread (is the vCPU thread, which under TCG runs all of the guest's copies, saturated?);
+  against the same producer into a pipe read inside the guest (`head | dd`, no agent): the guest's own
+  ceiling for any stream that leaves a process through a pipe;
 - the same 100 MiB from a guest process over TCP to the host, read inside the VM's namespace as
   the edge reads the app: the ceiling of an agent that listened on the guest's own address;
 - files through the agent against the app's own HTTP (bench.vmm_bench's transfer);
 - exec `true` in one VM while the other's root floods its channel with tiny frames for no call,
   until the manager ends that channel.
-Every loop is bounded. Usage: .venv/bin/python -m bench.agent_bench [--cycles 30]
+Every loop is bounded. Usage: .venv/bin/python -m bench.agent_bench [--cycles 30] [--quick]
+(--quick: one clone, exec `true`, the stream and files only: the figures a change to the channel moves).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import resource
 import shutil
 import tempfile
@@ -58,6 +64,7 @@ conn.close()
 
 
 _ASLR = "/proc/sys/kernel/randomize_va_space"
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 async def _aslr(manager: VmManager, vm_id: str, cycles: int) -> str:
@@ -86,6 +93,62 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of process `pid` (QEMU: its vCPU thread, main loop, I/O threads)."""
+    cpu = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            cpu[int(task.name)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return cpu
+
+
+async def _stream(manager: VmManager, vm_id: str, size: int, producer: str) -> str:
+    """`size` bytes of exec stdout from `producer` (`head`: 8 KiB writes, as most programs write; `dd`: 1 MiB
+    writes): MiB/s, frame sizes, the manager's CPU and QEMU's (all of it is the VM's CPU quota: under TCG
+    the one vCPU thread runs the guest's process, agent and kernel, and the device's side of each write)."""
+    qemu = manager.records.get(vm_id).rec.pid
+    assert qemu is not None
+    mib = size >> 20
+    argv = {"head": f"head -c {size} /dev/zero", "dd": f"dd if=/dev/zero bs=1M count={mib} status=none"}[producer]
+    frames, cpu0, threads0, t0 = list[int](), _cpu(), _thread_cpu(qemu), time.perf_counter()
+    async for event in await manager.exec(vm_id, argv.split(), [], "/", 0, 0):
+        frames += [len(event.data)] if event.kind == "stdout" else []
+    wall, cpu, threads = time.perf_counter() - t0, _cpu() - cpu0, _thread_cpu(qemu)
+    assert sum(frames) == size
+    used = sorted((threads[t] - threads0.get(t, 0.0) for t in threads), reverse=True)
+    t0 = time.perf_counter()
+    await _output(manager, vm_id, ["sh", "-c", f"{argv} | dd of=/dev/null bs=1M status=none"])
+    in_guest = mib / (time.perf_counter() - t0)
+    return (
+        f"exec stdout, {mib} MiB from `{producer}`: {mib / wall:.1f} MiB/s, {len(frames)} frames "
+        f"(median {median([float(f) for f in frames]) / 1024:.0f} KiB); manager CPU {cpu / mib * 1000:.1f} ms "
+        f"per MiB ({cpu / wall:.0%} of the wall); QEMU CPU {sum(used) / mib * 1000:.1f} ms per MiB "
+        f"({sum(used) / wall:.0%} of the wall, its busiest thread {used[0] / wall:.0%}); the same producer into a "
+        f"pipe read inside the "
+        f"guest: {in_guest:.1f} MiB/s"
+    )
+
+
+def _files(files: dict[str, float]) -> str:
+    return (
+        f"files, 50 MiB: upload {files['agent_up']:.1f} against the app's {files['direct_up']:.1f} MiB/s "
+        f"({files['agent_up'] / files['direct_up']:.2f}), download {files['agent_down']:.1f} against "
+        f"{files['direct_down']:.1f} MiB/s ({files['agent_down'] / files['direct_down']:.2f})"
+    )
+
+
+async def _quick(manager: VmManager, vm_id: str, cycles: int) -> str:
+    """The figures a change to the channel moves: exec `true`, the stream, files."""
+    exec_true = await _exec_true(manager, vm_id, cycles)
+    return "\n".join([
+        f"exec `true`, round trip: n {cycles}, median {median(exec_true):.1f} ms, p95 {p95(exec_true):.1f} ms",
+        await _stream(manager, vm_id, 100 * 2**20, "head"),
+        await _stream(manager, vm_id, 100 * 2**20, "dd"),
+        _files(await _bench_files(manager, vm_id)),
+    ])  # fmt: skip
+
+
 async def _output(manager: VmManager, vm_id: str, argv: list[str]) -> bytes:
     out = b""
     async for event in await manager.exec(vm_id, argv, [], "/", 0, 0):
@@ -102,7 +165,7 @@ async def _exec_true(manager: VmManager, vm_id: str, n: int) -> list[float]:
     return took
 
 
-async def run(cycles: int) -> str:
+async def run(cycles: int, quick: bool) -> str:
     root = Path(tempfile.mkdtemp(prefix="mvmab-", dir="/tmp"))
     settings = VmmSettings(state_dir=root, boot_timeout=300.0)
     (root / "images").symlink_to(REPO / "var" / "images")
@@ -113,6 +176,8 @@ async def run(cycles: int) -> str:
         await manager.create_template("bench", IMAGE, lambda _: None)
         vm = await manager.create_vm("bench")
         await _first_answer(vm.id, ready)
+        if quick:
+            return await _quick(manager, vm.id, cycles)
         agent = manager.records.get(vm.id).agent
         assert agent is not None
         sync = [(await agent.sync(vm.id, 5.0)).took_ms for _ in range(cycles)]
@@ -120,11 +185,8 @@ async def run(cycles: int) -> str:
         spawn = [float(x) for x in (await _output(manager, vm.id, ["python3", "-c", _GUEST_SPAWN.format(n=cycles)]))
                  .split()]  # fmt: skip
         aslr = await _aslr(manager, vm.id, cycles)
-        size, frames, cpu0, t0 = 100 * 2**20, [], _cpu(), time.perf_counter()
-        async for event in await manager.exec(vm.id, ["head", "-c", str(size), "/dev/zero"], [], "/", 0, 0):
-            frames += [len(event.data)] if event.kind == "stdout" else []
-        wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
-        assert sum(frames) == size
+        size = 100 * 2**20
+        stream = "\n".join([await _stream(manager, vm.id, size, "head"), await _stream(manager, vm.id, size, "dd")])
         tcp = await _tcp_ceiling(manager, vm.id, size)
         files = await _bench_files(manager, vm.id)
         flooder = await manager.create_vm("bench")
@@ -159,13 +221,9 @@ async def run(cycles: int) -> str:
             aslr,
             f"the flood: {flood.dropped} frames for no call read and dropped in {flood_s:.1f} s, then the "
             "manager ended the flooder's channel",
-            f"exec stdout, 100 MiB: {size / 2**20 / wall:.1f} MiB/s, {len(frames)} frames "
-            f"(median {median([float(f) for f in frames]) / 1024:.0f} KiB); manager CPU {cpu:.2f} s "
-            f"of {wall:.1f} s wall ({cpu / wall:.0%})",
+            stream,
             f"the same over TCP inside the VM's namespace (a guest process to the host): {tcp:.1f} MiB/s",
-            f"files, 50 MiB: upload {files['agent_up']:.1f} against the app's {files['direct_up']:.1f} MiB/s "
-            f"({files['agent_up'] / files['direct_up']:.2f}), download {files['agent_down']:.1f} against "
-            f"{files['direct_down']:.1f} MiB/s ({files['agent_down'] / files['direct_down']:.2f})",
+            _files(files),
         ])  # fmt: skip
     finally:
         for rec in list(manager.list_vms()):
@@ -198,8 +256,9 @@ async def _tcp_ceiling(manager: VmManager, vm_id: str, size: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cycles", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="one clone: exec `true`, the stream and files only")
     args = parser.parse_args()
-    print(asyncio.run(run(max(5, min(args.cycles, 500)))))
+    print(asyncio.run(run(max(5, min(args.cycles, 500)), args.quick)))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ _EXIT = struct.Struct(">i")  # exit status, or -signal
 F_SYNC, F_SYNC_OK, F_EXEC, F_STDOUT, F_STDERR, F_EXIT, F_ERROR, F_STDIN, F_KILL = 1, 2, 10, 11, 12, 13, 14, 15, 16
 F_PTY_EXEC, F_RESIZE, F_SYNC_REKEY = 17, 18, 3
 SYNC_ENTROPY, SYNC_RESEEDED, SYNC_REKEYED = 1, 2, 4  # F_SYNC_OK's flags
-_QUEUE_FRAMES = 64  # per exec: at most 64 frames of <= 64 KiB waiting for their reader
+_QUEUE_FRAMES = 64  # per exec: at most 64 frames waiting for their reader (the agent sends <= 256 KiB each)
 MAX_FRAME = 1 << 20
 # Frames for no call in a row that end the channel. An abandoned exec's last output and an earlier
 # connection's leftovers are bounded by the guest agent's buffers (a few thousand frames); more is a

@@ -10,6 +10,14 @@
  * signalfd) when the host connects or disconnects, so the loop wakes as the host comes back.
  * A host that goes away ends its session: its execs are killed and forgotten and what was
  * queued for it is dropped, so the next host's session starts clean.
+ *
+ * Under TCG every byte the guest copies costs emulated instructions on the one vCPU (and all of
+ * QEMU counts against the VM's CPU quota), so the stream path copies as little as it can: an
+ * exec's pipe output goes to the port by splice (see `relay`), else (a terminal, or while other
+ * frames wait) it is read straight into the port's queue; the port is read straight into the frame
+ * buffer, until it is empty at each wake (it hands out a page per read); stdin goes to its pipe
+ * straight from that buffer when the pipe has room; buffers are consumed by moving an offset, not
+ * the bytes behind it.
  */
 #define _GNU_SOURCE
 #include "agent.h"
@@ -26,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/personality.h>
 #include <termios.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -35,11 +44,15 @@
 
 #define MAX_EXECS 64
 #define READ_CHUNK 65536
+#define PIPE_BYTES (256 * 1024) /* an exec's stdout and stdin pipes: fewer, larger reads and writes */
+#define RELAY_BYTES (256 * 1024) /* at most one spliced frame's payload */
+#define PORT_READ_MAX (1u << 20) /* read the port for at most this much per wake (it hands out a page per read) */
 #define HOST_GONE_CHECK_MS 1000 /* no host: look at the port again this often, should a SIGIO be missed */
 
+/* `len` bytes from `data + off`: consuming moves `off`, and the bytes move to the front only to make room. */
 struct buffer {
     unsigned char *data;
-    size_t len, cap;
+    size_t off, len, cap;
 };
 
 struct exec {
@@ -50,6 +63,7 @@ struct exec {
     int stdin_eof;   /* close stdin once the pending bytes are written */
     int reaped, status;
     int orphaned;    /* its host went away: killed, reaped without a word to anyone */
+    int piped;       /* out and err are pipes (not a terminal): they can be spliced */
 };
 
 const char *const proxy_env[PROXY_ENV_COUNT] = {
@@ -57,6 +71,7 @@ const char *const proxy_env[PROXY_ENV_COUNT] = {
     "http_proxy=" PROXY_URL, "https_proxy=" PROXY_URL, "no_proxy=" NO_PROXY_HOSTS,
 };
 
+int agent_exec_aslr = 1;
 static int port = -1;
 static struct buffer out;  /* frames waiting for the port */
 static struct buffer in;   /* bytes read from the port, not yet a whole frame */
@@ -64,6 +79,18 @@ static struct exec execs[MAX_EXECS];
 static unsigned char key[AGENT_KEY_BYTES];
 static int keyed;
 static int host_gone; /* the port said nobody is on the host's end: wait for SIGIO, not for the port */
+
+/*
+ * An exec's pipe output goes to the port with no copy in the guest: moved (splice, by page) into the
+ * relay pipe, a frame's header for those bytes queued, then spliced from the relay into the port,
+ * whose driver hands the pages to the host. The relay holds only the frame being sent, so every
+ * splice into the port takes all of it: virtio_console builds one scatterlist entry per buffer the
+ * pipe holds, and a splice that took fewer than all would pass empty entries to the device.
+ */
+static int relay[2] = {-1, -1};
+static struct {
+    size_t before, left; /* the frame's header is `before` bytes into `out`; `left` payload bytes in the relay */
+} splicing;
 
 /* The VM's key: learnt from the first keyed frame, then required on every one. */
 static int authenticated(const unsigned char *p, size_t n) {
@@ -80,19 +107,33 @@ static int authenticated(const unsigned char *p, size_t n) {
     return diff == 0;
 }
 
-static void put(struct buffer *b, const void *data, size_t n) {
+static unsigned char *head(const struct buffer *b) { return b->data + b->off; }
+
+/* Room for `n` more bytes after the buffer's end. */
+static unsigned char *reserve(struct buffer *b, size_t n) {
+    if (b->off + b->len + n > b->cap) {
+        memmove(b->data, b->data + b->off, b->len);
+        b->off = 0;
+    }
     if (b->len + n > b->cap) {
         b->cap = (b->len + n) * 2;
         b->data = realloc(b->data, b->cap);
     }
-    memcpy(b->data + b->len, data, n);
+    return b->data + b->off + b->len;
+}
+
+static void put(struct buffer *b, const void *data, size_t n) {
+    memcpy(reserve(b, n), data, n);
     b->len += n;
 }
 
 static void consume(struct buffer *b, size_t n) {
-    memmove(b->data, b->data + n, b->len - n);
-    b->len -= n;
+    b->off += n, b->len -= n;
+    if (!b->len)
+        b->off = 0;
 }
+
+static void clear(struct buffer *b) { b->off = b->len = 0; }
 
 static void be32(unsigned char *p, uint32_t v) {
     p[0] = (unsigned char)(v >> 24), p[1] = (unsigned char)(v >> 16), p[2] = (unsigned char)(v >> 8);
@@ -105,12 +146,17 @@ static uint32_t rd32(const unsigned char *p) {
 
 static uint64_t rd64(const unsigned char *p) { return (uint64_t)rd32(p) << 32 | rd32(p + 4); }
 
+/* A frame's header at `p`, for a payload of `n` bytes after it. */
+static void frame_head(unsigned char *p, uint8_t type, uint32_t ch, size_t n) {
+    be32(p, (uint32_t)(n + 5));
+    p[4] = type;
+    be32(p + 5, ch);
+}
+
 static void send_frame(uint8_t type, uint32_t ch, const void *payload, size_t n) {
-    unsigned char head[9];
-    be32(head, (uint32_t)(n + 5));
-    head[4] = type;
-    be32(head + 5, ch);
-    put(&out, head, sizeof head);
+    unsigned char h[9];
+    frame_head(h, type, ch, n);
+    put(&out, h, sizeof h);
     put(&out, payload, n);
 }
 
@@ -227,10 +273,14 @@ static void end_session(void) {
         if (execs[i].pid) {
             execs[i].orphaned = 1;
             close_fd(&execs[i].out), close_fd(&execs[i].err), close_fd(&execs[i].in);
-            execs[i].stdin_pending.len = 0;
+            clear(&execs[i].stdin_pending);
         }
-    out.len = 0;
-    in.len = 0;
+    clear(&out);
+    clear(&in);
+    static unsigned char drain[READ_CHUNK];
+    while (splicing.left && read(relay[0], drain, sizeof drain) > 0)
+        ;
+    splicing.left = 0;
 }
 
 /* Append to an exec's env (with room for PROXY_ENV_COUNT more) each proxy setting init exported that it
@@ -252,6 +302,8 @@ static void add_proxy_env(char **env, int envc) {
 }
 
 static void exec_in_child(char **argv, char **env, const char *cwd, uid_t uid, gid_t gid) {
+    if (!agent_exec_aslr)
+        personality((unsigned long)personality(0xffffffff) | ADDR_NO_RANDOMIZE); /* kept across execve */
     if (setgroups(0, NULL) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
         fprintf(stderr, "exec: cannot switch to uid %u gid %u: %s\n", uid, gid, strerror(errno));
         _exit(126);
@@ -375,17 +427,19 @@ static void handle_exec(uint32_t ch, const unsigned char *p, size_t n, int pty) 
         return;
     }
     fcntl(o[0], F_SETFL, O_NONBLOCK), fcntl(i[1], F_SETFL, O_NONBLOCK);
-    if (e[0] >= 0)
+    if (e[0] >= 0) {
         fcntl(e[0], F_SETFL, O_NONBLOCK);
-    *slot = (struct exec){.ch = ch, .pid = pid, .out = o[0], .err = e[0], .in = i[1]};
+        fcntl(o[0], F_SETPIPE_SZ, PIPE_BYTES), fcntl(i[1], F_SETPIPE_SZ, PIPE_BYTES); /* best effort */
+    }
+    *slot = (struct exec){.ch = ch, .pid = pid, .out = o[0], .err = e[0], .in = i[1], .piped = !pty};
 }
 
 static void flush_stdin(struct exec *x) {
     while (x->in >= 0 && x->stdin_pending.len) {
-        ssize_t n = write(x->in, x->stdin_pending.data, x->stdin_pending.len);
+        ssize_t n = write(x->in, head(&x->stdin_pending), x->stdin_pending.len);
         if (n < 0) {
             if (errno != EAGAIN)
-                x->stdin_pending.len = 0, close_fd(&x->in); /* EPIPE: the process does not read */
+                clear(&x->stdin_pending), close_fd(&x->in); /* EPIPE: the process does not read */
             return;
         }
         consume(&x->stdin_pending, (size_t)n);
@@ -394,13 +448,46 @@ static void flush_stdin(struct exec *x) {
         close_fd(&x->in);
 }
 
+/* Bytes for an exec's stdin: into its pipe at once if nothing waits before them, the rest kept. */
+static void take_stdin(struct exec *x, const unsigned char *p, size_t n) {
+    if (x->in >= 0 && !x->stdin_pending.len) {
+        ssize_t w = write(x->in, p, n);
+        if (w < 0 && errno != EAGAIN) {
+            close_fd(&x->in); /* EPIPE: the process does not read */
+            return;
+        }
+        if (w > 0)
+            p += w, n -= (size_t)w;
+    }
+    if (x->in >= 0 && n)
+        put(&x->stdin_pending, p, n);
+}
+
+/* Output of an exec: spliced through the relay when nothing else waits for the port, else read straight
+ * into the port's queue behind room for its frame's header. */
 static void pump(struct exec *x, int *fd, uint8_t type) {
-    static unsigned char chunk[READ_CHUNK];
-    ssize_t n = read(*fd, chunk, sizeof chunk);
-    if (n > 0)
-        send_frame(type, x->ch, chunk, (size_t)n);
-    else if (n == 0 || errno != EAGAIN)
+    if (x->piped && relay[0] >= 0 && !out.len && !splicing.left) {
+        ssize_t n = splice(*fd, NULL, relay[1], NULL, RELAY_BYTES, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (n > 0) {
+            unsigned char h[9];
+            frame_head(h, type, x->ch, (size_t)n);
+            put(&out, h, sizeof h);
+            splicing.before = out.len, splicing.left = (size_t)n;
+            return;
+        }
+        if (n == 0)
+            close_fd(fd);
+        if (n == 0 || errno == EAGAIN)
+            return;
+    }
+    unsigned char *frame = reserve(&out, 9 + READ_CHUNK);
+    ssize_t n = read(*fd, frame + 9, READ_CHUNK);
+    if (n > 0) {
+        frame_head(frame, type, x->ch, (size_t)n);
+        out.len += 9 + (size_t)n;
+    } else if (n == 0 || errno != EAGAIN) {
         close_fd(fd);
+    }
 }
 
 /* The exit goes out after all of the output: once reaped and both pipes are at EOF. */
@@ -451,7 +538,7 @@ static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size
             if (n == 0)
                 x->stdin_eof = 1;
             else
-                put(&x->stdin_pending, p, n);
+                take_stdin(x, p, n);
             flush_stdin(x);
         }
         break;
@@ -464,32 +551,74 @@ static void handle_frame(uint8_t type, uint32_t ch, const unsigned char *p, size
     }
 }
 
+/* Stdin waits in memory until its process reads it: past 1 MiB for any exec, the port is not read. */
+static int stdin_full(void) {
+    for (int i = 0; i < MAX_EXECS; i++)
+        if (execs[i].pid && execs[i].stdin_pending.len > (1u << 20))
+            return 1;
+    return 0;
+}
+
+/* Whole frames from the port, handled in place. The port hands out at most a page per read, so it is read
+ * until it is empty (or PORT_READ_MAX, or stdin is full), straight into the frame buffer. */
 static int read_port(void) {
-    unsigned char chunk[READ_CHUNK];
-    ssize_t n = read(port, chunk, sizeof chunk);
-    if (n <= 0)
-        return n == 0 || errno != EAGAIN ? -1 : 0;
-    put(&in, chunk, (size_t)n);
-    while (in.len >= 9) {
-        uint32_t len = rd32(in.data);
-        if (len < 5 || len > AGENT_MAX_FRAME) {
-            in.len = 0; /* out of step: drop what we have and wait for the next frame */
-            return 0;
+    for (size_t got = 0; got < PORT_READ_MAX && !stdin_full();) {
+        ssize_t n = read(port, reserve(&in, READ_CHUNK), READ_CHUNK);
+        if (n <= 0)
+            return n == 0 || errno != EAGAIN ? -1 : 0;
+        in.len += (size_t)n, got += (size_t)n;
+        while (in.len >= 9) {
+            uint32_t len = rd32(head(&in));
+            if (len < 5 || len > AGENT_MAX_FRAME) {
+                clear(&in); /* out of step: drop what we have and wait for the next frame */
+                break;
+            }
+            if (in.len < 4 + (size_t)len)
+                break;
+            handle_frame(head(&in)[4], rd32(head(&in) + 5), head(&in) + 9, len - 5);
+            consume(&in, 4 + (size_t)len);
         }
-        if (in.len < 4 + (size_t)len)
-            break;
-        handle_frame(in.data[4], rd32(in.data + 5), in.data + 9, len - 5);
-        consume(&in, 4 + (size_t)len);
     }
     return 0;
 }
 
-static void write_port(void) {
-    while (out.len) {
-        ssize_t n = write(port, out.data, out.len);
+/* The frame's payload would not splice into the port: read from the relay into `out` in its place. */
+static void unsplice(void) {
+    struct buffer rest = {0};
+    put(&rest, head(&out) + splicing.before, out.len - splicing.before);
+    out.len = splicing.before;
+    while (splicing.left) {
+        ssize_t n = read(relay[0], reserve(&out, splicing.left), splicing.left);
         if (n <= 0)
+            break;
+        out.len += (size_t)n, splicing.left -= (size_t)n;
+    }
+    put(&out, rest.data, rest.len);
+    free(rest.data);
+    splicing.left = 0;
+}
+
+static void write_port(void) {
+    for (;;) {
+        size_t upto = splicing.left ? splicing.before : out.len;
+        while (upto) {
+            ssize_t n = write(port, head(&out), upto);
+            if (n <= 0)
+                return;
+            consume(&out, (size_t)n);
+            upto -= (size_t)n;
+            if (splicing.left)
+                splicing.before -= (size_t)n;
+        }
+        if (!splicing.left)
             return;
-        consume(&out, (size_t)n);
+        ssize_t n = splice(relay[0], NULL, port, NULL, splicing.left, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        if (n < 0 && errno == EAGAIN)
+            return;
+        if (n <= 0)
+            unsplice();
+        else
+            splicing.left -= (size_t)n;
     }
 }
 
@@ -510,17 +639,15 @@ void agent_main(void) {
     /* SIGIO on every change of the host's side (connected, gone) and on data from it */
     fcntl(port, F_SETOWN, getpid());
     fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC);
+    if (pipe2(relay, O_CLOEXEC | O_NONBLOCK) == 0)
+        fcntl(relay[1], F_SETPIPE_SZ, RELAY_BYTES);
     for (;;) {
         struct pollfd fds[2 + 3 * MAX_EXECS];
         struct exec *owner[2 + 3 * MAX_EXECS];
         int nfds = 0;
-        /* Stdin waits in memory until its process reads it: past 1 MiB, stop reading the port. */
-        int stdin_full = 0;
-        for (int i = 0; i < MAX_EXECS; i++)
-            stdin_full |= execs[i].pid && execs[i].stdin_pending.len > (1u << 20);
         /* a negative fd is skipped by poll: with no host the port would report hang-up without end */
         fds[nfds++] = (struct pollfd){.fd = host_gone ? -1 : port,
-                                      .events = (stdin_full ? 0 : POLLIN) | (out.len ? POLLOUT : 0)};
+                                      .events = (stdin_full() ? 0 : POLLIN) | (out.len || splicing.left ? POLLOUT : 0)};
         fds[nfds++] = (struct pollfd){.fd = sfd, .events = POLLIN};
         /* Output is read only while the port keeps up: a host that stops reading stops the process. */
         int backlog = out.len > 4 * READ_CHUNK;
@@ -558,6 +685,8 @@ void agent_main(void) {
                 pump(x, &x->err, F_STDERR);
             else if (fds[k].fd == x->in)
                 flush_stdin(x);
+            if (splicing.left && !host_gone)
+                write_port(); /* its header, then as much as the port takes, before the next pipe is read */
         }
         struct signalfd_siginfo si;
         while (read(sfd, &si, sizeof si) == sizeof si)

@@ -48,6 +48,10 @@ enum agent_frame {
 #define PROXY_ENV_COUNT 6
 extern const char *const proxy_env[PROXY_ENV_COUNT]; /* "NAME=default" */
 
+/* 0: what the agent spawns runs without address-space randomisation (/mvm/config `exec_aslr off`, from the
+ * image label mvm.exec.aslr): set by init before it forks the agent. */
+extern int agent_exec_aslr;
+
 /* Run the agent forever (in its own process). */
 void agent_main(void);
 

@@ -7,6 +7,10 @@
  *   file-put PATH     stdin -> an unnamed file beside PATH, fsync, name, rename: readers never see half,
  *                     and an upload cut short leaves no file behind
  *   file-delete PATH  a file, or an empty directory
+ *
+ * When stdout (file-get) or stdin (file-put) is a pipe, as the agent gives them, the bytes move
+ * between it and the file by splice(): no copy through this process (under TCG every copy is
+ * emulated). Anything else (a terminal, a file) is read and written.
  */
 #define _GNU_SOURCE
 #include "files.h"
@@ -19,6 +23,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#define SPLICE_BYTES (1 << 20)
 
 static int fail(const char *what, const char *path) {
     int err = errno ? errno : EIO;
@@ -37,6 +43,20 @@ static int write_all(int fd, const char *data, size_t n) {
         data += w, n -= (size_t)w;
     }
     return 0;
+}
+
+/* Everything from `from` to `to` until EOF: spliced if one of them is a pipe, else read and written. */
+static int move_all(int from, int to) {
+    ssize_t n;
+    while ((n = splice(from, NULL, to, NULL, SPLICE_BYTES, SPLICE_F_MOVE)) > 0)
+        ;
+    if (n == 0 || errno != EINVAL)
+        return n == 0 ? 0 : -1;
+    static char buf[65536];
+    while ((n = read(from, buf, sizeof buf)) > 0)
+        if (write_all(to, buf, (size_t)n) != 0)
+            return -1;
+    return n == 0 ? 0 : -1;
 }
 
 static void json_string(FILE *out, const char *s) {
@@ -87,14 +107,7 @@ static int get(const char *path) {
     }
     if (write_all(1, "F", 1) != 0)
         return fail("cannot send", path);
-    static char buf[65536];
-    for (;;) {
-        ssize_t n = read(fd, buf, sizeof buf);
-        if (n == 0)
-            return 0;
-        if (n < 0 || write_all(1, buf, (size_t)n) != 0)
-            return fail("cannot read", path);
-    }
+    return move_all(fd, 1) == 0 ? 0 : fail("cannot read", path);
 }
 
 static void make_parents(char *path) {
@@ -156,18 +169,12 @@ static int put(const char *path) {
             return fail("cannot create a temporary file for", path);
     }
     fchmod(fd, 0644);
-    static char buf[65536];
-    for (;;) {
-        ssize_t n = read(0, buf, sizeof buf);
-        if (n == 0)
-            break;
-        if (n < 0 || write_all(fd, buf, (size_t)n) != 0) {
-            int err = fail("cannot write", path);
-            close(fd);
-            if (!unnamed)
-                unlink(tmp);
-            return err;
-        }
+    if (move_all(0, fd) != 0) {
+        int err = fail("cannot write", path);
+        close(fd);
+        if (!unnamed)
+            unlink(tmp);
+        return err;
     }
     if (fsync(fd) != 0 || (unnamed && name_it(fd, prefix, tmp, sizeof tmp) != 0)) {
         int err = fail("cannot finish writing", path);

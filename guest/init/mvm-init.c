@@ -7,8 +7,8 @@
  *
  * It mounts the kernel filesystems, sets the hostname, configures lo and eth0 from the
  * kernel command line (mvm.ip=, mvm.gw=, mvm.hostname=), starts the image's command as
- * /mvm/config says (argv, env, cwd, uid/gid; plus HTTP(S)_PROXY naming the host's egress
- * proxy, see agent.h), sends the app's stdout and stderr to the host through a virtio
+ * /mvm/config says (argv, env, cwd, uid/gid, whether the agent's execs keep ASLR; plus
+ * HTTP(S)_PROXY naming the host's egress proxy, see agent.h), sends the app's stdout and stderr to the host through a virtio
  * console (/dev/hvc0), reaps every zombie, forwards SIGTERM for a clean stop, and powers the VM off when the app ends so the host sees it. It also keeps
  * the guest agent (agent.c) running, restarting it if it dies.
  */
@@ -190,6 +190,8 @@ static void parse_config(struct config *c, char *text) {
             c->ports[c->nports++] = atoi(value);
         else if (!strcmp(line, "stop_timeout"))
             c->stop_timeout = atoi(value);
+        else if (!strcmp(line, "exec_aslr"))
+            agent_exec_aslr = strcmp(value, "off") != 0;
         else
             say("config: ignoring unknown key %s", line);
     }

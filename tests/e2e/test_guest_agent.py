@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import random
 import sys
 import time
 from dataclasses import replace
@@ -23,6 +24,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.e2e.conftest import started_manager
 from tests.e2e.edge_harness import DOMAIN, Client, bearer, edge_config, running_edge
 from tests.e2e.guest import guest_request, sandbox_run
 from vmm.manager import VmManager
@@ -170,6 +172,54 @@ async def test_exec_ends_with_an_error_when_its_vm_is_suspended(settings: VmmSet
         await client.api("POST", f"/v1/vms/{vm_id}/suspend", status=200)
         events = await asyncio.wait_for(running, 10)
         assert "was suspended" in events[-1]["error"]
+
+
+_SEEDED = (
+    "import random, sys; r = random.Random(7); [sys.stdout.buffer.write(r.randbytes(1 << 16)) for _ in range(160)]"
+)
+
+
+async def _streams(manager: VmManager, vm_id: str, argv: list[str]) -> tuple[bytes, bytes, int]:
+    stdout, stderr, code = bytearray(), bytearray(), -1
+    async for event in await manager.exec(vm_id, argv, [], "/", 0, 0):
+        if event.kind == "stdout":
+            stdout += event.data
+        elif event.kind == "stderr":
+            stderr += event.data
+        else:
+            assert event.kind == "exit", event
+            code = event.code
+    return bytes(stdout), bytes(stderr), code
+
+
+async def test_concurrent_execs_streams_arrive_whole_and_in_order(settings: VmmSettings, sandbox_template: str) -> None:
+    """Several execs at once, big and small, on stdout and stderr: the agent splices some frames and copies
+    others (output that comes while other frames wait for the port), and every stream arrives byte-exact."""
+    seeded = random.Random(7)
+    want = b"".join(seeded.randbytes(1 << 16) for _ in range(160))
+    lines = "for i in $(seq 1 300); do echo out$i; echo err$i >&2; done"
+    async with started_manager(settings) as manager:
+        vm_id = (await manager.create_vm(sandbox_template)).id
+        for _ in range(2):
+            async with asyncio.timeout(180):
+                got = await asyncio.gather(
+                    _streams(manager, vm_id, ["python3", "-c", _SEEDED]),
+                    _streams(
+                        manager,
+                        vm_id,
+                        ["sh", "-c", "dd if=/dev/zero bs=1M count=20 status=none; head -c 3000000 /dev/zero >&2"],
+                    ),
+                    _streams(manager, vm_id, ["sh", "-c", lines]),
+                    _streams(manager, vm_id, ["sh", "-c", "head -c 20000000 /dev/zero | tr '\\0' a"]),
+                )
+            assert got[0] == (want, b"", 0)
+            assert got[1] == (bytes(20 << 20), bytes(3000000), 0)
+            assert got[2] == (
+                "".join(f"out{i}\n" for i in range(1, 301)).encode(),
+                "".join(f"err{i}\n" for i in range(1, 301)).encode(),
+                0,
+            )
+            assert got[3] == (b"a" * 20000000, b"", 0)
 
 
 async def test_files_round_trip_any_size_list_and_atomic_overwrite(

@@ -110,6 +110,18 @@ def test_run_config_merges_entrypoint_and_cmd_and_renders(tmp_path: Path) -> Non
     assert _run_config(_config(), tmp_path, 8080, "x").env[0].startswith("PATH=/usr/local/sbin")
 
 
+def test_exec_aslr_label_is_on_or_off_and_only_off_reaches_the_config(tmp_path: Path) -> None:
+    rootfs = _rootfs(tmp_path)
+
+    def render(labels: dict[str, str]) -> str:
+        return _run_config(_config(labels=labels), rootfs, 8080, "x").render()
+
+    assert "exec_aslr" not in render({}) and "exec_aslr" not in render({"mvm.exec.aslr": "on"})
+    assert render({"mvm.exec.aslr": "off"}).endswith("port 8080\nexec_aslr off\n")
+    with pytest.raises(InvalidRequest, match=r"mvm\.exec\.aslr='no': must be on or off"):
+        render({"mvm.exec.aslr": "no"})
+
+
 def test_nothing_to_run_or_a_line_break_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="nothing to run"):
         _run_config(_config(cmd=()), tmp_path, 8080, "x")
