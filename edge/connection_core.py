@@ -87,6 +87,11 @@ class ConnectionCore:
         self._in_head = False
         self._heads_begun = 0
         self._head_read = 0  # bytes of reads that fell wholly inside the head
+        # The last read when it held exactly one bodiless keep-alive request, admitted with the verdict
+        # the admitter keeps: the same bytes again are that request again (`_repeated`).
+        self._repeat_read: bytes | None = None
+        self._repeat_method = b""
+        self._last_exchange: Exchange | None = None  # the one whose head was parsed last
         self._counted_client = False  # included in ctx.per_ip
         self._admitter: Admitter
         self.answering: Exchange | None = None  # the request being answered
@@ -155,6 +160,10 @@ class ConnectionCore:
         if state is not _OPEN:
             return
         in_head, heads_begun = self._in_head, self._heads_begun
+        at_boundary = not in_head and self._parsing is None
+        if at_boundary and data == self._repeat_read and self._repeated():
+            return
+        self._repeat_read = None
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -169,6 +178,8 @@ class ConnectionCore:
         except HttpParserError as exc:
             self._malformed(400, f"malformed request: {exc}")
         else:
+            if at_boundary and self._heads_begun == heads_begun + 1 and self._parsing is None:
+                self._keep_if_repeatable(data)
             if self._in_head:
                 if in_head and heads_begun == self._heads_begun:  # all of this read is head
                     self._head_read += len(data)  # (one header may sit in llhttp)
@@ -226,7 +237,7 @@ class ConnectionCore:
         ex = Exchange(
             parser.get_method(), parser.should_keep_alive(), head.has_body, head.chunked, parser.should_upgrade()
         )
-        self._parsing = ex
+        self._parsing = self._last_exchange = ex
         if not decide(ex, self._admitter, self._settings, self._target, parser.get_http_version(), head):
             self._unparseable()
         if self.answering is None and not self._queue:
@@ -275,6 +286,42 @@ class ConnectionCore:
                 self._await_response()
         if ex.state is _ANSWERED:
             self._next(ex)
+
+    # -- a request head sent again ---------------------------------------------------------
+
+    def _keep_if_repeatable(self, data: bytes) -> None:
+        """`data` began at a request's start and held all of one request: kept when it was a
+        bodiless keep-alive one the admitter keeps the verdict of, so the same read again skips
+        llhttp and admission (a keep-alive client polling one URL sends the same bytes each time)."""
+        ex = self._last_exchange
+        if (
+            ex is not None
+            and self.state is _OPEN
+            and ex.keep_alive
+            and not ex.has_body
+            and ex.refusal is None
+            and self._admitter.keeps(ex.head)
+        ):
+            self._repeat_read = data
+            self._repeat_method = ex.method
+
+    def _repeated(self) -> bool:
+        """The read is the kept one again, byte for byte: llhttp would find the same one bodiless
+        request in it (its state after a whole request is the same as before one), and admission
+        the same verdict, which is only looked at again against the token's life and the VM's
+        record. False when that verdict no longer holds: the read is then parsed like any other."""
+        verdict = self._admitter.readmit()
+        if verdict is None or verdict.h2c:
+            return False
+        ex = Exchange(self._repeat_method, True, False, False, False)
+        ex.admit(verdict)
+        ex.end_body()
+        if self.answering is None and not self._queue:
+            self._activate(ex)
+        else:
+            self._queue.append(ex)
+            self._pause(QUEUED)
+        return True
 
     # -- events from reaching an upstream ------------------------------------------------
 
