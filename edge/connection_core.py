@@ -8,7 +8,9 @@ upstream) and through the `Upstream` at hand (send, pause, finish). Time comes f
 clock it is given: the event loop's in the edge, a list of numbers in a playbook test.
 
 Request heads are parsed with llhttp (httptools) to route by Host, check the VM's token and
-rewrite the head; bodies and responses then move as bytes, never as request objects.
+rewrite the head; bodies and responses then move as bytes, never as request objects. A read
+that is the connection's last one-request read again, byte for byte (a keep-alive client
+polling one URL), is that request again: admitted from the verdict kept for it, unparsed.
 Requests on one connection are answered one at a time and in order: pipelined ones are
 parsed ahead and wait (reading paused), so buffering stays within one read. Each request is
 an `edge.exchange.Exchange`, decided on from its head by `edge.head_decision`; the answer is
@@ -37,7 +39,7 @@ from .head_decision import decide
 from .proxy_context import ProxyContext
 from .relay import DONE, GOING_ON, UPGRADED, ResponseRelay
 from .reqhead import RequestHead
-from .upstream import CONTROL_KEY
+from .upstream import CONTROL_KEY, REPEAT_MAX
 
 _LAST_CHUNK = b"0\r\n\r\n"
 # Body bytes kept for a request waiting for its upstream. Reading goes on until then so a
@@ -296,6 +298,7 @@ class ConnectionCore:
         ex = self._last_exchange
         if (
             ex is not None
+            and len(data) <= REPEAT_MAX
             and self.state is _OPEN
             and ex.keep_alive
             and not ex.has_body

@@ -1,7 +1,9 @@
-"""Playbooks of a keep-alive client sending the same request bytes again (wrk, a health check, a
-poller): the connection core admits them from the verdict it kept, without llhttp or admission,
-and with the same outcome as a parse would have: token life and the VM's record are looked at
-again each time, and anything else than exactly one bodiless request is parsed as ever."""
+"""Playbooks of the same bytes again on a keep-alive connection (wrk, a health check, a poller).
+
+A client's request read that is the last one again is admitted from the verdict the connection
+kept, without llhttp or admission, with the outcome a parse would have: token life and the VM's
+record are looked at again each time, and anything but exactly one bodiless request is parsed as
+ever. An upstream's answer that is its last whole answer again ends the exchange unparsed."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 
 from edge.admission import Admission, Refusal
 from edge.reqhead import RequestHead
+from edge.upstream import REPEAT_MAX
 from tests.unit.playbook import Answer, Play, forwarded, ok
 from tests.unit.proxy_harness import DOMAIN, VM
 from vmm.model import VmState
@@ -106,3 +109,60 @@ def test_two_requests_in_one_read_are_not_kept_as_one() -> None:
         ("take_pooled", True), ("upstream", forwarded(target="/poll")), ("pause",)
     ]  # fmt: skip
     assert p.core._repeat_read is None
+
+
+def _answered_once(p: Play) -> tuple[bytes, object]:
+    """One request answered on a pooled connection that goes back to the pool for the next."""
+    upstream = p.pool()
+    request = p.request()
+    p.client(request)
+    assert p.upstream_says(ok()) == [("send", ok()), ("pooled",)]
+    p.pooled.append(upstream)
+    return request, upstream
+
+
+def test_the_last_answer_again_ends_the_exchange_unparsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = Play()
+    _, upstream = _answered_once(p)
+
+    def parsed(data: bytes) -> None:
+        raise AssertionError("the answer was parsed again")
+
+    monkeypatch.setattr(p.upstream.tracker, "parser", type("Parser", (), {"feed_data": staticmethod(parsed)})())
+    for _ in range(2):
+        p.client(p.request())
+        assert p.upstream_says(ok()) == [("send", ok()), ("pooled",)]
+        p.pooled.append(upstream)
+    assert p.ctx.open_streams == {}
+
+
+def test_another_answer_after_a_kept_one_is_parsed() -> None:
+    p = Play()
+    _answered_once(p)
+    p.client(p.request())
+    longer = ok(b"a longer answer")
+    assert p.upstream_says(longer[:30]) == [("send", longer[:30])]
+    assert p.upstream_says(longer[30:]) == [("send", longer[30:]), ("pooled",)]
+
+
+def test_the_kept_answer_to_a_head_request_still_ends_at_its_head() -> None:
+    p = Play()
+    _answered_once(p)
+    p.client(p.request("HEAD"))
+    head = ok()[: -len(b"hi")]
+    closed = [("send", head), ("upstream_close",), ("close",), ("timer", 30.0)]
+    assert p.upstream_says(ok()) == closed, "the body is more than was asked for: both connections end"
+
+
+def test_an_answer_in_pieces_or_a_big_one_is_not_kept() -> None:
+    p = Play()
+    upstream = p.pool()
+    p.client(p.request())
+    p.upstream_says(ok()[:5])
+    p.upstream_says(ok()[5:])
+    assert upstream.tracker.repeat is None
+    p.pooled.append(upstream)
+    big = ok(b"x" * REPEAT_MAX)
+    p.client(p.request())
+    assert p.upstream_says(big) == [("send", big), ("pooled",)]
+    assert upstream.tracker.repeat is None
