@@ -45,7 +45,7 @@ _LAST_CHUNK = b"0\r\n\r\n"
 # Body bytes kept for a request waiting for its upstream. Reading goes on until then so a
 # client that leaves is noticed (and its place among the held requests freed).
 HOLD_BUFFER = 256 * 1024
-TOUCH_EVERY = 1.0  # long streams report activity (and bytes) at most this often
+TOUCH_EVERY = 1.0  # requests and long streams report activity (and bytes) at most this often
 CLOSE_GRACE = 30.0  # a closing connection whose peer stops reading is aborted after this
 _PAUSED_RECHECK = 1.0  # a body paused by the edge: its deadlines are looked at again this often
 _INF = float("inf")
@@ -115,6 +115,7 @@ class ConnectionCore:
         self._bytes_to_upstream = 0
         self._bytes_to_client = 0
         self._touch_at = 0.0
+        self._touched_vm: str | None = None  # the VM whose activity was recorded at `_touch_at` - 1 s
         self._flush_at = 0.0
 
     # -- events from the client ------------------------------------------------------------
@@ -465,10 +466,15 @@ class ConnectionCore:
         now = self._clock()
         vm_id = ex.vm_id
         if vm_id is not None:
-            self._ctx.backend.touch(vm_id)
+            # A keep-alive client's requests count as activity once a second, as a long stream's
+            # bytes do: the open request holds the VM meanwhile, and before an idle step the reaper
+            # asks the VM's namespace when bytes last reached the guest.
+            if now >= self._touch_at or vm_id != self._touched_vm:
+                self._touched_vm = vm_id
+                self._touch_at = now + TOUCH_EVERY
+                self._ctx.backend.touch(vm_id)
             self._ctx.open_streams.opened(vm_id)
             self._stream_vm = vm_id
-            self._touch_at = now + TOUCH_EVERY
         if ex.has_body and ex.body_state is not _BODY_DONE:
             ex.body_at = ex.body_start = now
             ex.body_paused = self._pauses.paused_for(now)
