@@ -9,7 +9,8 @@
 Everything listens and loads on 127.0.0.1, or inside the VM's own network namespace;
 load runs are bounded in time and connections; every process, VM, namespace and file
 made here is removed at the end, also on errors and Ctrl-C.
-Usage: .venv/bin/python -m bench.edge_bench [--rounds 3] [--seconds 5] [--keepalive 32] [--wakes 20]
+Usage: .venv/bin/python -m bench.edge_bench [--sections 123] [--rounds 3] [--seconds 5] [--keepalive 32]
+       [--guest-rounds 3] [--wakes 20]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import ssl
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvloop
@@ -57,8 +58,9 @@ DOWNLOAD_BYTES = 100 * 1024 * 1024
 DOWNLOAD_MAX_TIME = 60
 NETNS_NGINX_PORT = 8443  # on the VM namespace's own loopback
 DIRECT = "direct to upstream (nginx `return 200`, HTTP)"
-GUEST_COLUMNS = ["path", "req/s", "p50 ms", "p99 ms", "errors", "vs direct", "download MB/s", "vs direct",
-                 "proxy CPU µs/req"]  # fmt: skip
+IDLE_SECONDS = 3.0  # the edge process's CPU with no requests, before section 2's rounds
+GUEST_COLUMNS = ["path", "req/s", "req/s range", "p50 ms", "p99 ms", "errors", "vs direct", "download MB/s",
+                 "vs direct", "proxy CPU µs/req (range)"]  # fmt: skip
 
 
 def _on(core: int) -> list[str]:
@@ -264,8 +266,8 @@ def _edge_config(state: Path, cert: Path, key: Path) -> Config:
     )
 
 
-async def real_guest(root: Path, cert: Path, key: Path, wakes: int) -> None:
-    """Sections 2 and 3 on one edge and one VM; prints each section when it is done."""
+async def real_guest(root: Path, cert: Path, key: Path, plan: Plan) -> None:
+    """Sections 2 and 3 (those in `plan`) on one edge and one VM; prints each section when it is done."""
     state = state_dir(root / "state")
     started = time.perf_counter()
     edge = await app.start(_edge_config(state, cert, key))  # makes the default template (a boot)
@@ -275,8 +277,11 @@ async def real_guest(root: Path, cert: Path, key: Path, wakes: int) -> None:
         vm_id = (await edge.manager.create_vm()).id
         await probe.wait_ready(vm_id, Readiness("http", 8080, "/healthz"), 60, lambda: True)
         token, _ = edge.ctx.tokens.issue(vm_id)
-        print(await _guest_paths(edge, vm_id, token, root, cert, key, startup), end="\n\n", flush=True)
-        print(await _wake_to_first_byte(edge, vm_id, token, cert, wakes), flush=True)
+        if 2 in plan.sections:
+            guest = await _guest_paths(edge, vm_id, token, root, cert, key, startup, plan.guest_rounds)
+            print(guest, end="\n\n", flush=True)
+        if 3 in plan.sections:
+            print(await _wake_to_first_byte(edge, vm_id, token, cert, plan.wakes), flush=True)
     finally:
         try:
             for rec in list(edge.manager.list_vms()):
@@ -287,77 +292,134 @@ async def real_guest(root: Path, cert: Path, key: Path, wakes: int) -> None:
                 await netns.delete(vm_id)
 
 
+@dataclass(frozen=True)
+class GuestPath:
+    """One way to the guest in section 2: how wrk and curl reach it, and whose CPU is its cost."""
+
+    name: str
+    prefix: list[str]  # command prefix: `ip netns exec` for the paths inside the VM's namespace
+    url: str  # for wrk
+    headers: dict[str, str]
+    curl_url: str
+    curl_args: list[str]
+    proxy: str = ""  # "edge" or "nginx": the process whose CPU per request is counted
+
+
+def guest_goals(rps: dict[str, list[float]], cpu_us: dict[str, list[float]]) -> list[str]:
+    """Issue 15's two goals for the edge against nginx in front of one guest, from interleaved rounds.
+
+    Each round's edge and nginx runs follow each other, so their ratio is taken per round (the guest's
+    own speed drifts between rounds by a third) and the median of those ratios is the figure.
+    """
+    rps_ratios = [e / n for e, n in zip(rps["edge"], rps["nginx"], strict=True) if n]
+    cpu_ratios = [e / n for e, n in zip(cpu_us["edge"], cpu_us["nginx"], strict=True) if n]
+    lines = []
+    if rps_ratios:
+        ratio = median(rps_ratios)
+        lines.append(
+            f"- edge / nginx req/s: {ratio:.2f}, median of the rounds' ratios "
+            f"({', '.join(f'{r:.2f}' for r in rps_ratios)}) (goal ≥ 0.95: {_goal(ratio >= 0.95)})"
+        )
+    if cpu_ratios:
+        ratio = median(cpu_ratios)
+        lines.append(
+            f"- CPU per request: edge {median(cpu_us['edge']):.1f} µs, nginx {median(cpu_us['nginx']):.1f} µs "
+            f"(medians); edge / nginx {ratio:.2f}, median of the rounds' ratios "
+            f"({', '.join(f'{r:.2f}' for r in cpu_ratios)}) (goal ≤ 1.5: {_goal(ratio <= 1.5)})"
+        )
+    return lines or ["- edge / nginx: not measured (no requests counted)"]
+
+
 async def _guest_paths(
-    edge: app.Edge, vm_id: str, token: str, root: Path, cert: Path, key: Path, startup: float
+    edge: app.Edge, vm_id: str, token: str, root: Path, cert: Path, key: Path, startup: float, rounds: int
 ) -> str:
-    """Section 2: wrk and a 100 MB download on the three ways to the guest."""
+    """Section 2: interleaved wrk rounds and a 100 MB download on the three ways to the guest."""
     in_ns = ["ip", "netns", "exec", netns.ns_name(vm_id)]
     host = f"{vm_id}.{edge.cfg.server.domain}"
     tls = ["--cacert", str(cert)]
     keepalive = edge.cfg.proxy.upstream_keepalive_per_vm
     ns_proxy = nginx.reverse_proxy(f"{netns.GUEST_IP}:8080", keepalive, [(NETNS_NGINX_PORT, True)], cert, key)
-    # (name, command prefix, wrk URL, headers, curl URL, curl arguments)
     paths = [
-        ("direct to guest (in the VM netns, HTTP)", in_ns, f"http://{netns.GUEST_IP}:8080", {},
-         f"http://{netns.GUEST_IP}:8080", []),
-        ("edge (TLS, token check)", [], f"https://127.0.0.1:{edge.port}",
-         {"Host": host, "Authorization": f"Bearer {token}"},
-         f"https://{host}:{edge.port}", [*tls, "--resolve", f"{host}:{edge.port}:127.0.0.1"]),
-        ("nginx in the VM netns (TLS, upstream keepalive)", in_ns, f"https://127.0.0.1:{NETNS_NGINX_PORT}",
-         {"Host": host}, f"https://{host}:{NETNS_NGINX_PORT}",
-         [*tls, "--resolve", f"{host}:{NETNS_NGINX_PORT}:127.0.0.1"]),
+        GuestPath("direct to guest (in the VM netns, HTTP)", in_ns, f"http://{netns.GUEST_IP}:8080", {},
+                  f"http://{netns.GUEST_IP}:8080", []),
+        GuestPath("edge (TLS, token check)", [], f"https://127.0.0.1:{edge.port}",
+                  {"Host": host, "Authorization": f"Bearer {token}"},
+                  f"https://{host}:{edge.port}", [*tls, "--resolve", f"{host}:{edge.port}:127.0.0.1"], "edge"),
+        GuestPath("nginx in the VM netns (TLS, upstream keepalive)", in_ns, f"https://127.0.0.1:{NETNS_NGINX_PORT}",
+                  {"Host": host}, f"https://{host}:{NETNS_NGINX_PORT}",
+                  [*tls, "--resolve", f"{host}:{NETNS_NGINX_PORT}:127.0.0.1"], "nginx"),
     ]  # fmt: skip
-    rows: list[list[object]] = []
-    cpu_us: dict[str, float | None] = {}
-    direct_rps = direct_speed = 0.0
+    runs: dict[str, list[WrkResult]] = {path.name: [] for path in paths}
+    cpu_us: dict[str, list[float]] = {"edge": [], "nginx": []}
+    speeds: dict[str, float] = {}
     async with nginx.running(root / "nginx-netns", ns_proxy, in_ns) as ns_nginx:
 
-        def proxy_cpu(name: str) -> float:
+        def proxy_cpu(proxy: str) -> float:
             """The proxy's CPU seconds so far: this process's own for the edge (it runs here; QEMU,
             wrk and curl are its children and not counted), nginx's master and worker."""
-            if name.startswith("edge"):
+            if proxy == "edge":
                 return cpu_seconds(os.getpid(), children=False)
-            return cpu_seconds(ns_nginx.pid) if name.startswith("nginx") else 0.0
+            return cpu_seconds(ns_nginx.pid)
 
-        for name, prefix, url, headers, curl_url, curl_args in paths:
-            args = [*curl_args, *_header_args({k: v for k, v in headers.items() if k != "Host"})]
-            await _expect_200(f"{curl_url}/healthz", args, prefix)
-            before = proxy_cpu(name)
-            result = await wrk(f"{url}/healthz", headers, GUEST_CONNECTIONS, GUEST_SECONDS, prefix)
-            cpu_us[name] = per_request_us(proxy_cpu(name) - before, result.requests) if rows else None
+        def curl_args(path: GuestPath) -> list[str]:
+            return [*path.curl_args, *_header_args({k: v for k, v in path.headers.items() if k != "Host"})]
+
+        for path in paths:  # warm-up: the edge's pool and token cache, nginx's upstream keepalive
+            await _expect_200(f"{path.curl_url}/healthz", curl_args(path), path.prefix)
+            await wrk(f"{path.url}/healthz", path.headers, GUEST_CONNECTIONS, 1, path.prefix)
+        before = time.process_time()  # all this process's threads, to the ns: /proc counts 10 ms ticks
+        await asyncio.sleep(IDLE_SECONDS)
+        idle_ms = (time.process_time() - before) / IDLE_SECONDS * 1000
+        for _ in range(rounds):  # interleaved: the guest's own speed drifts, and hits every path alike
+            for path in paths:
+                before = proxy_cpu(path.proxy) if path.proxy else 0.0
+                result = await wrk(f"{path.url}/healthz", path.headers, GUEST_CONNECTIONS, GUEST_SECONDS, path.prefix)
+                runs[path.name].append(result)
+                used = per_request_us(proxy_cpu(path.proxy) - before, result.requests) if path.proxy else None
+                if used is not None:
+                    cpu_us[path.proxy].append(used)
+        for path in paths:
             status, size, speed = await curl(
-                f"{curl_url}/download?bytes={DOWNLOAD_BYTES}", args, DOWNLOAD_MAX_TIME, prefix
+                f"{path.curl_url}/download?bytes={DOWNLOAD_BYTES}", curl_args(path), DOWNLOAD_MAX_TIME, path.prefix
             )
             if status != 200 or size != DOWNLOAD_BYTES:
-                raise RuntimeError(f"{name}: download answered {status} with {size} bytes")
-            if not rows:
-                direct_rps, direct_speed = result.rps, speed
-            used = cpu_us[name]
-            rows.append(
-                [name, f"{result.rps:,.0f}", _ms(result.p50_ms), _ms(result.p99_ms), result.errors,
-                 f"{result.rps / direct_rps:.2f}", f"{speed / 1e6:.0f}", f"{speed / direct_speed:.2f}",
-                 "" if used is None else f"{used:.1f}"]
-            )  # fmt: skip
-    edge_cpu, nginx_cpu = (cpu_us[name] for name, *_ in paths[1:])
-    cpu_goal = "CPU per request: not measured (no requests counted)."
-    if edge_cpu and nginx_cpu:
-        cpu_goal = (
-            f"CPU per request of the proxy (user plus system time over the wrk run, from /proc): edge "
-            f"{edge_cpu:.1f} µs, nginx {nginx_cpu:.1f} µs, {edge_cpu / nginx_cpu:.2f} of nginx's "
-            f"(goal ≤ 1.5: {_goal(edge_cpu <= 1.5 * nginx_cpu)}). The edge's figure is this whole process's "
-            "(it also runs the VM manager), so at a low request rate its background work weighs in too."
-        )
+                raise RuntimeError(f"{path.name}: download answered {status} with {size} bytes")
+            speeds[path.name] = speed
+    direct = paths[0].name
+    rows: list[list[object]] = []
+    for path in paths:
+        results = runs[path.name]
+        rps = median([r.rps for r in results])
+        proxy_us = cpu_us.get(path.proxy, [])
+        rows.append(
+            [path.name, f"{rps:,.0f}", f"{min(r.rps for r in results):,.0f}-{max(r.rps for r in results):,.0f}",
+             _ms(median([r.p50_ms for r in results])), _ms(median([r.p99_ms for r in results])),
+             sum(r.errors for r in results),
+             f"{median([r.rps / d.rps for r, d in zip(results, runs[direct], strict=True) if d.rps]):.2f}",
+             f"{speeds[path.name] / 1e6:.0f}", f"{speeds[path.name] / speeds[direct]:.2f}",
+             f"{median(proxy_us):.1f} ({min(proxy_us):.0f}-{max(proxy_us):.0f})" if proxy_us else ""]
+        )  # fmt: skip
+    proxied = {proxy: [r.rps for r in runs[path.name]] for path in paths if (proxy := path.proxy)}
+    edge_rps = median(proxied["edge"])
     return "\n".join(
         [
             "## 2. Real guest",
             "",
             f"accelerator: {edge.manager.accel.name}; edge start-up incl. the default template: {startup:.1f} s. "
             f"`GET /healthz` with wrk -t1 -c{GUEST_CONNECTIONS} -d{GUEST_SECONDS}s (nothing pinned: QEMU needs "
-            f"a core); then one {DOWNLOAD_BYTES // 2**20} MiB `/download` with curl (MB = 10^6 bytes).",
+            f"a core), {rounds} interleaved rounds: req/s, p50, p99, vs direct (each round's ratio) and CPU are "
+            f"medians over rounds, the ranges show the noise; then one {DOWNLOAD_BYTES // 2**20} MiB `/download` "
+            "with curl on each path (MB = 10^6 bytes).",
             "",
             table(GUEST_COLUMNS, rows),
             "",
-            cpu_goal,
+            "Proxy CPU µs/req: user plus system time of the proxy over each wrk run, from /proc, divided by the "
+            "requests wrk counted. The edge's figure is this whole process's: it also runs the VM manager, "
+            f"which used {idle_ms:.1f} ms of CPU a second with no request at all ({IDLE_SECONDS:g} s measured "
+            f"before the rounds), {idle_ms / edge_rps * 1000 if edge_rps else 0:.1f} µs of each request's "
+            "figure at the edge's median rate.",
+            "",
+            *guest_goals(proxied, cpu_us),
             "",
             "The guest is the bottleneck here"
             + (" (TCG: every guest instruction is translated)" if edge.manager.accel.name == "tcg" else "")
@@ -428,7 +490,19 @@ async def _wake_to_first_byte(edge: app.Edge, vm_id: str, token: str, cert: Path
     )
 
 
-async def run(rounds: int, seconds: int, keepalive: int, wakes: int) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures, from the command line (each bounded there)."""
+
+    sections: frozenset[int]
+    rounds: int  # section 1's interleaved rounds
+    seconds: int  # section 1's wrk runs
+    keepalive: int
+    guest_rounds: int  # section 2's interleaved rounds
+    wakes: int  # section 3's cycles
+
+
+async def run(plan: Plan) -> None:
     for tool in ("wrk", "nginx", "curl", "taskset", "ip"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
@@ -438,8 +512,11 @@ async def run(rounds: int, seconds: int, keepalive: int, wakes: int) -> None:
     try:
         cert, key = make_dev_cert(DOMAIN, root / "tls")
         began = time.perf_counter()
-        print(await proxy_ceiling(root, cert, key, rounds, seconds, keepalive), end="\n\n", flush=True)
-        await real_guest(root, cert, key, wakes)
+        if 1 in plan.sections:
+            ceiling = await proxy_ceiling(root, cert, key, plan.rounds, plan.seconds, plan.keepalive)
+            print(ceiling, end="\n\n", flush=True)
+        if plan.sections & {2, 3}:
+            await real_guest(root, cert, key, plan)
         print(f"\n(whole run: {time.perf_counter() - began:.0f} s)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -447,6 +524,7 @@ async def run(rounds: int, seconds: int, keepalive: int, wakes: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="123", help="which sections to run, e.g. 2 or 13 (default: all)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of section 1")
     parser.add_argument("--seconds", type=int, default=5, help="length of each section 1 wrk run")
     parser.add_argument(
@@ -455,10 +533,21 @@ def main() -> None:
         default=ProxySettings().upstream_keepalive_per_vm,
         help="idle upstream connections each proxy keeps in section 1 (default: the edge's own default)",
     )
+    parser.add_argument("--guest-rounds", type=int, default=3, help="interleaved rounds of section 2")
     parser.add_argument("--wakes", type=int, default=20, help="suspend/wake cycles of section 3")
     args = parser.parse_args()
-    rounds, seconds = max(1, min(args.rounds, 5)), max(1, min(args.seconds, 10))
-    uvloop.run(run(rounds, seconds, max(1, min(args.keepalive, 1024)), max(1, min(args.wakes, 100))))
+    sections = frozenset(int(c) for c in args.sections if c in "123")
+    if not sections:
+        parser.error("--sections: name one or more of 1, 2 and 3")
+    plan = Plan(
+        sections,
+        max(1, min(args.rounds, 5)),
+        max(1, min(args.seconds, 10)),
+        max(1, min(args.keepalive, 1024)),
+        max(1, min(args.guest_rounds, 7)),
+        max(1, min(args.wakes, 100)),
+    )
+    uvloop.run(run(plan))
 
 
 if __name__ == "__main__":

@@ -98,19 +98,35 @@ class Admitter:
         token): its verdict is reused once the token is still valid and the VM still exists."""
         repeat = self._repeat
         if repeat is not None and repeat.key == (method, target, http_version, upgrade, req.signature()):
-            verdict = repeat.verdict
-            assert verdict.vm_id is not None
-            rec = self._backend.lookup(verdict.vm_id)
-            if rec is not None and self._tokens.still_valid(repeat.grant):
-                if (
-                    verdict.running is not (rec.state is _RUNNING)
-                    or verdict.generation != rec.generation
-                    or verdict.h2c is not (verdict.port in rec.h2c_ports)
-                ):
-                    head, vm_id, port, set_cookie = verdict.head, verdict.vm_id, verdict.port, verdict.set_cookie
-                    verdict = repeat.verdict = _admission(head, vm_id, port, rec, set_cookie)
+            verdict = self.readmit()
+            if verdict is not None:
                 return verdict
         return self._admit(method, target, http_version, req, upgrade)
+
+    def readmit(self) -> Admission | None:
+        """The verdict kept for the last VM request admitted here, for its head sent again; None when
+        none is kept or it no longer holds (the token expired, the VM is gone): the head is then
+        admitted anew. What it took from the VM's record is brought up to date first."""
+        repeat = self._repeat
+        if repeat is None:
+            return None
+        verdict = repeat.verdict
+        assert verdict.vm_id is not None
+        rec = self._backend.lookup(verdict.vm_id)
+        if rec is None or not self._tokens.still_valid(repeat.grant):
+            return None
+        if (
+            verdict.running is not (rec.state is _RUNNING)
+            or verdict.generation != rec.generation
+            or verdict.h2c is not (verdict.port in rec.h2c_ports)
+        ):
+            head, vm_id, port, set_cookie = verdict.head, verdict.vm_id, verdict.port, verdict.set_cookie
+            verdict = repeat.verdict = _admission(head, vm_id, port, rec, set_cookie)
+        return verdict
+
+    def keeps(self, head: bytes) -> bool:
+        """Whether `head` (an admitted exchange's) is the kept verdict's: `readmit` answers for it."""
+        return self._repeat is not None and self._repeat.verdict.head is head
 
     def _admit(
         self, method: bytes, target: bytes, http_version: str, req: RequestHead, upgrade: bool

@@ -8,7 +8,9 @@ upstream) and through the `Upstream` at hand (send, pause, finish). Time comes f
 clock it is given: the event loop's in the edge, a list of numbers in a playbook test.
 
 Request heads are parsed with llhttp (httptools) to route by Host, check the VM's token and
-rewrite the head; bodies and responses then move as bytes, never as request objects.
+rewrite the head; bodies and responses then move as bytes, never as request objects. A read
+that is the connection's last one-request read again, byte for byte (a keep-alive client
+polling one URL), is that request again: admitted from the verdict kept for it, unparsed.
 Requests on one connection are answered one at a time and in order: pipelined ones are
 parsed ahead and wait (reading paused), so buffering stays within one read. Each request is
 an `edge.exchange.Exchange`, decided on from its head by `edge.head_decision`; the answer is
@@ -37,13 +39,13 @@ from .head_decision import decide
 from .proxy_context import ProxyContext
 from .relay import DONE, GOING_ON, UPGRADED, ResponseRelay
 from .reqhead import RequestHead
-from .upstream import CONTROL_KEY
+from .upstream import CONTROL_KEY, REPEAT_MAX
 
 _LAST_CHUNK = b"0\r\n\r\n"
 # Body bytes kept for a request waiting for its upstream. Reading goes on until then so a
 # client that leaves is noticed (and its place among the held requests freed).
 HOLD_BUFFER = 256 * 1024
-TOUCH_EVERY = 1.0  # long streams report activity (and bytes) at most this often
+TOUCH_EVERY = 1.0  # requests and long streams report activity (and bytes) at most this often
 CLOSE_GRACE = 30.0  # a closing connection whose peer stops reading is aborted after this
 _PAUSED_RECHECK = 1.0  # a body paused by the edge: its deadlines are looked at again this often
 _INF = float("inf")
@@ -87,6 +89,11 @@ class ConnectionCore:
         self._in_head = False
         self._heads_begun = 0
         self._head_read = 0  # bytes of reads that fell wholly inside the head
+        # The last read when it held exactly one bodiless keep-alive request, admitted with the verdict
+        # the admitter keeps: the same bytes again are that request again (`_repeated`).
+        self._repeat_read: bytes | None = None
+        self._repeat_method = b""
+        self._last_exchange: Exchange | None = None  # the one whose head was parsed last
         self._counted_client = False  # included in ctx.per_ip
         self._admitter: Admitter
         self.answering: Exchange | None = None  # the request being answered
@@ -108,6 +115,7 @@ class ConnectionCore:
         self._bytes_to_upstream = 0
         self._bytes_to_client = 0
         self._touch_at = 0.0
+        self._touched_vm: str | None = None  # the VM whose activity was recorded at `_touch_at` - 1 s
         self._flush_at = 0.0
 
     # -- events from the client ------------------------------------------------------------
@@ -155,6 +163,10 @@ class ConnectionCore:
         if state is not _OPEN:
             return
         in_head, heads_begun = self._in_head, self._heads_begun
+        at_boundary = not in_head and self._parsing is None
+        if at_boundary and data == self._repeat_read and self._repeated():
+            return
+        self._repeat_read = None
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -169,6 +181,8 @@ class ConnectionCore:
         except HttpParserError as exc:
             self._malformed(400, f"malformed request: {exc}")
         else:
+            if at_boundary and self._heads_begun == heads_begun + 1 and self._parsing is None:
+                self._keep_if_repeatable(data)
             if self._in_head:
                 if in_head and heads_begun == self._heads_begun:  # all of this read is head
                     self._head_read += len(data)  # (one header may sit in llhttp)
@@ -226,7 +240,7 @@ class ConnectionCore:
         ex = Exchange(
             parser.get_method(), parser.should_keep_alive(), head.has_body, head.chunked, parser.should_upgrade()
         )
-        self._parsing = ex
+        self._parsing = self._last_exchange = ex
         if not decide(ex, self._admitter, self._settings, self._target, parser.get_http_version(), head):
             self._unparseable()
         if self.answering is None and not self._queue:
@@ -275,6 +289,43 @@ class ConnectionCore:
                 self._await_response()
         if ex.state is _ANSWERED:
             self._next(ex)
+
+    # -- a request head sent again ---------------------------------------------------------
+
+    def _keep_if_repeatable(self, data: bytes) -> None:
+        """`data` began at a request's start and held all of one request: kept when it was a
+        bodiless keep-alive one the admitter keeps the verdict of, so the same read again skips
+        llhttp and admission (a keep-alive client polling one URL sends the same bytes each time)."""
+        ex = self._last_exchange
+        if (
+            ex is not None
+            and len(data) <= REPEAT_MAX
+            and self.state is _OPEN
+            and ex.keep_alive
+            and not ex.has_body
+            and ex.refusal is None
+            and self._admitter.keeps(ex.head)
+        ):
+            self._repeat_read = data
+            self._repeat_method = ex.method
+
+    def _repeated(self) -> bool:
+        """The read is the kept one again, byte for byte: llhttp would find the same one bodiless
+        request in it (its state after a whole request is the same as before one), and admission
+        the same verdict, which is only looked at again against the token's life and the VM's
+        record. False when that verdict no longer holds: the read is then parsed like any other."""
+        verdict = self._admitter.readmit()
+        if verdict is None or verdict.h2c:
+            return False
+        ex = Exchange(self._repeat_method, True, False, False, False)
+        ex.admit(verdict)
+        ex.end_body()
+        if self.answering is None and not self._queue:
+            self._activate(ex)
+        else:
+            self._queue.append(ex)
+            self._pause(QUEUED)
+        return True
 
     # -- events from reaching an upstream ------------------------------------------------
 
@@ -415,10 +466,15 @@ class ConnectionCore:
         now = self._clock()
         vm_id = ex.vm_id
         if vm_id is not None:
-            self._ctx.backend.touch(vm_id)
+            # A keep-alive client's requests count as activity once a second, as a long stream's
+            # bytes do: the open request holds the VM meanwhile, and before an idle step the reaper
+            # asks the VM's namespace when bytes last reached the guest.
+            if now >= self._touch_at or vm_id != self._touched_vm:
+                self._touched_vm = vm_id
+                self._touch_at = now + TOUCH_EVERY
+                self._ctx.backend.touch(vm_id)
             self._ctx.open_streams.opened(vm_id)
             self._stream_vm = vm_id
-            self._touch_at = now + TOUCH_EVERY
         if ex.has_body and ex.body_state is not _BODY_DONE:
             ex.body_at = ex.body_start = now
             ex.body_paused = self._pauses.paused_for(now)

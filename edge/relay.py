@@ -3,6 +3,8 @@
 Response bytes go to the client as they come; the upstream connection's `ResponseTracker`
 (llhttp) only finds where the answer ends. The head is held back until it is whole only
 when the edge must change it (a Set-Cookie line to add) or end the answer at it (HEAD).
+An answer that is, byte for byte, the upstream connection's last one that came whole in one
+read (a polled URL's) ends where that one did, without llhttp (`ResponseTracker.again`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class ResponseRelay:
     each answer whose final head went out.
     """
 
-    __slots__ = ("count_status", "exchange", "head", "max_head_size", "problem", "rest", "send", "tracker")
+    __slots__ = ("count_status", "exchange", "fresh", "head", "max_head_size", "problem", "rest", "send", "tracker")
 
     def __init__(
         self, send: Callable[[bytes], object], count_status: Callable[[int], None], max_head_size: int
@@ -45,12 +47,14 @@ class ResponseRelay:
         self.head: bytearray | None = None  # the response head being collected, when it must be whole
         self.rest = b""  # bytes that came after a 101's head, for the tunnel
         self.problem = ""
+        self.fresh = False  # nothing of the answer has come yet
 
     def start(self, exchange: Exchange, tracker: ResponseTracker) -> None:
         self.exchange = exchange
         self.tracker = tracker
         tracker.reset()
         self.head = bytearray() if exchange.is_head or exchange.cookie is not None else None
+        self.fresh = True
 
     def collecting_head(self) -> bool:
         return self.head is not None
@@ -61,6 +65,11 @@ class ResponseRelay:
             return self._collect_head(data)
         tracker = self.tracker
         assert tracker is not None
+        fresh, self.fresh = self.fresh, False
+        if fresh and data == tracker.repeat:  # the upstream's last answer again (a polled URL)
+            tracker.again()
+            self._send(data)
+            return DONE
         try:
             tracker.parser.feed_data(data)  # ResponseTracker.feed, one call less on the hot path
         except HttpParserUpgrade:
@@ -71,7 +80,11 @@ class ResponseRelay:
             self.problem = str(exc)
             return INVALID
         self._send(data)
-        return DONE if tracker.done else GOING_ON
+        if tracker.done:
+            if fresh:
+                tracker.keep(data)
+            return DONE
+        return GOING_ON
 
     def _send(self, data: bytes) -> None:
         self.send(data)
@@ -92,6 +105,7 @@ class ResponseRelay:
         tracker = self.tracker
         buf = self.head
         assert ex is not None and tracker is not None and buf is not None
+        self.fresh = False  # an answer taken apart here is never recognised whole
         buf += data
         while True:
             head = take_head(buf)

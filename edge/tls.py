@@ -8,6 +8,7 @@ import os
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,6 +20,20 @@ class TlsError(Exception):
     """The certificate or key cannot be used; the message names the file."""
 
 
+class _DirectSSLObject(ssl.SSLObject):
+    """An SSLObject whose read, write and pending are OpenSSL's own methods (`_ssl._SSLSocket`'s):
+    uvloop's TLS transport calls them for every record, and SSLObject's Python methods only pass
+    each call on, a Python frame each, several per proxied request. The server context makes its
+    connections' objects with it (`SSLContext.sslobject_class`)."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        obj: Any = super()._create(*args, **kwargs)  # type: ignore[misc]  # private in typeshed
+        inner = obj._sslobj
+        obj.read, obj.write, obj.pending = inner.read, inner.write, inner.pending
+        return cast(ssl.SSLObject, obj)
+
+
 def server_context(cert: Path, key: Path, h2: bool = False) -> ssl.SSLContext:
     """A server context: TLS 1.2+, ALPN http/1.1, and h2 first when `h2` ([http2] enabled)."""
     for what, path in (("certificate", cert), ("private key", key)):
@@ -27,6 +42,7 @@ def server_context(cert: Path, key: Path, h2: bool = False) -> ssl.SSLContext:
         if not os.access(path, os.R_OK):
             raise TlsError(f"TLS {what} {path} is not readable by this user")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = _DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])

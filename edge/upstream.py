@@ -21,6 +21,9 @@ from .backend import VmBackend
 
 CONTROL_KEY = ""  # pool key of control-socket connections; never a VM id
 _TCP_ESTABLISHED = 1  # tcpi_state, the first byte of struct tcp_info
+# The largest message kept to be recognised when its bytes come again (a request read, an answer):
+# a polled URL's are small, and each connection holds at most one.
+REPEAT_MAX = 4096
 # How long idle connections past a VM's bound are kept. Under load every connection comes back
 # and is taken again within one loop iteration or two; closed at once, each of the connections
 # past the bound was reopened for the next request (a new guest connection for every other
@@ -44,10 +47,14 @@ class ResponseTracker:
     A message starting after `done` means the upstream sent more than it was asked for.
     """
 
-    __slots__ = ("done", "extra", "final", "keep_alive", "parser", "status")
+    __slots__ = ("done", "extra", "final", "keep_alive", "parser", "repeat", "repeat_status", "status")
 
     def __init__(self) -> None:
         self.parser = HttpResponseParser(self)
+        # The last answer when it came whole in one read, kept while it is small: the same bytes
+        # again are the same answer again (`again`), with llhttp in the same state after it.
+        self.repeat: bytes | None = None
+        self.repeat_status = 0
         self.reset()
 
     def reset(self) -> None:
@@ -67,6 +74,16 @@ class ResponseTracker:
         except HttpParserUpgrade:
             return True
         return False
+
+    def keep(self, data: bytes) -> None:
+        """`data`, fed from an answer's start, was all of one kept-alive answer: kept when small."""
+        if len(data) <= REPEAT_MAX and self.keep_alive and not self.extra:
+            self.repeat, self.repeat_status = data, self.status
+
+    def again(self) -> None:
+        """The kept answer came again, byte for byte: done as llhttp would find it, unparsed."""
+        self.status = self.repeat_status
+        self.final = self.done = self.keep_alive = True
 
     def head_ends_it(self, more: bool) -> None:
         """The final head was all of the response (a HEAD answer, whatever its Content-Length

@@ -6,6 +6,7 @@ import asyncio
 
 from . import qmp as qmp_ops
 from .agent import Agent
+from .applog import AppLog
 from .console import ConsoleReader
 from .model import VmRecord
 from .qemu import QemuProcess
@@ -23,4 +24,7 @@ class LiveVm:
         self.guest_ran = False  # its QEMU was sent `cont`: the guest writes to the RAM its snapshot was loaded over
         self.agent: Agent | None = None  # disk images only
         self.console: ConsoleReader | None = None  # disk images only: the app's stdout and stderr
+        # The log QEMU appends to itself, once the manager has looked for it: checked ten times a
+        # second, so its path is not worked out again each time.
+        self.self_appended_log: AppLog | None = None
         self.moving = False  # its files are being copied to another host: no wake until that ends

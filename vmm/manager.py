@@ -555,6 +555,8 @@ class VmManager:
         for vm in list(self.records.live.values()):
             if vm.rec.state in _LIVE and vm.console is None:  # a console reader keeps its log bounded itself
                 try:
-                    self.app_log(vm.rec.id).rotate_if_needed()
+                    if vm.self_appended_log is None:
+                        vm.self_appended_log = app_log(self.settings, vm.rec.id)
+                    vm.self_appended_log.rotate_if_needed()
                 except (OSError, VmmError) as exc:
                     log.event("vm.log_rotate_failed", level="warning", vm=vm.rec.id, error=str(exc))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from edge.connection_state import ConnectionState
 from tests.unit.playbook import Answer, Play, forwarded, ok
-from tests.unit.proxy_harness import DOMAIN, VM
+from tests.unit.proxy_harness import DOMAIN, OTHER_VM, VM
 
 UPGRADE = "Connection: Upgrade\r\nUpgrade: websocket\r\n"
 # The rendered head keeps the Upgrade for the VM and puts its own Connection line.
@@ -126,6 +126,21 @@ def test_an_upstream_that_takes_no_more_pauses_reading_the_client() -> None:
     assert p.upstream_full() == [("pause",)]
     assert p.upstream_full() == [], "paused once, whatever the reasons"
     assert p.upstream_drained() == [("resume",)]
+
+
+def test_a_keep_alive_clients_requests_report_activity_about_once_a_second() -> None:
+    p = Play()
+    p.backend.add_vm(OTHER_VM, 0)
+    for step in (0.0, 0.5, 0.6):
+        p.now += step
+        p.pool()
+        p.client(p.request())
+        assert p.upstream_says(ok()) == [("send", ok()), ("pooled",)]
+    assert p.backend.touches[VM] == 2, "at 0 s and 1.1 s, not at 0.5 s"
+    other = f"GET / HTTP/1.1\r\nHost: {OTHER_VM}.{DOMAIN}\r\nAuthorization: Bearer {p.token(OTHER_VM)}\r\n\r\n"
+    p.pool()
+    p.client(other.encode())
+    assert p.backend.touches[OTHER_VM] == 1, "another VM's request counts at once"
 
 
 def test_bytes_moved_on_a_long_stream_report_activity_about_once_a_second() -> None:

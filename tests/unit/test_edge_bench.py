@@ -1,10 +1,11 @@
-"""The proxy-ceiling bench: its warning for a proxy slower with more connections, its wrk parsing."""
+"""The edge bench: the proxy ceiling's warning for a proxy slower with more connections, the real-guest
+goals taken per round, its wrk parsing."""
 
 from __future__ import annotations
 
 import os
 
-from bench.edge_bench import concurrency_warnings
+from bench.edge_bench import concurrency_warnings, guest_goals
 from bench.proc_cpu import cpu_seconds, per_request_us
 from bench.tools import WrkResult, parse_wrk
 
@@ -35,3 +36,17 @@ def test_cpu_per_request_comes_from_proc() -> None:
     assert cpu_seconds(os.getpid(), children=False) > 0  # this process has run (imports, at least)
     assert cpu_seconds(2**22 + 1) == 0.0  # above pid_max: no such process
     assert per_request_us(0.5, 10_000) == 50.0 and per_request_us(0.5, 0) is None
+
+
+def test_real_guest_goals_are_medians_of_each_rounds_ratio() -> None:
+    """The guest's speed drifts between rounds: each round's edge and nginx runs are compared together."""
+    rps = {"edge": [1000.0, 3000.0, 2000.0], "nginx": [1000.0, 2500.0, 2200.0]}
+    cpu = {"edge": [100.0, 80.0, 90.0], "nginx": [50.0, 60.0, 70.0]}
+    rps_line, cpu_line = guest_goals(rps, cpu)
+    assert rps_line.startswith("- edge / nginx req/s: 1.00, median of the rounds' ratios (1.00, 1.20, 0.91)")
+    assert rps_line.endswith("(goal ≥ 0.95: met)")
+    assert "edge 90.0 µs, nginx 60.0 µs" in cpu_line and "edge / nginx 1.33" in cpu_line
+    assert cpu_line.endswith("(goal ≤ 1.5: met)")
+    assert guest_goals({"edge": [], "nginx": []}, {"edge": [], "nginx": []}) == [
+        "- edge / nginx: not measured (no requests counted)"
+    ]

@@ -198,7 +198,7 @@ async def test_keep_alive_reuses_one_upstream_connection(edge: Edge, upstream: U
         assert resp.json()["target"] == f"/echo?i={i}"
     assert edge.backend.opened == 1
     assert len(upstream.peers) == 1
-    assert edge.backend.touches[VM] == 5
+    assert edge.backend.touches[VM] == 1, "a keep-alive client's requests count as activity once a second"
     # Between requests the client holds no upstream: it waits in the shared pool, for anyone.
     assert edge.ctx.pool.idle_count(VM) == 1
     c2 = await edge.connect()
