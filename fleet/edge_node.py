@@ -34,6 +34,7 @@ from vmm import faults, jsonlog
 from vmm.jsonlog import log
 from vmm.model import VmState
 
+from . import control_dir as control_dirs
 from .cluster_tls import ClusterTls, cluster_tls
 from .data_port import recheck_relays
 from .edge_control import HostsUsage, build_edge_control_app
@@ -113,7 +114,7 @@ async def start(cfg: FleetConfig, become: Identity | None = None) -> EdgeNode:
         backend = RemoteBackend(routes, hosts, cfg.cluster.secret, direct=direct, tls=context, broker=broker)
         hosts_usage = HostsUsage() if cfg.server.per_vm_metrics else None
         metrics = Metrics(lambda: _counts(routes), hosts_usage)
-        control_dir = tempfile.TemporaryDirectory(prefix="mvm-edge-control-")
+        control_dir = control_dirs.make()
         started.callback(control_dir.cleanup)
         control_socket = str(Path(control_dir.name) / "control.sock")
         events = CatalogEvents(catalog, cfg.vmm.events)  # the fleet's event feed, as every edge serves it
