@@ -243,11 +243,7 @@ class ConnectionCore:
         self._parsing = self._last_exchange = ex
         if not decide(ex, self._admitter, self._settings, self._target, parser.get_http_version(), head):
             self._unparseable()
-        if self.answering is None and not self._queue:
-            self._activate(ex)
-        else:
-            self._queue.append(ex)
-            self._pause(QUEUED)
+        self._answer_or_queue(ex)
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
@@ -320,12 +316,17 @@ class ConnectionCore:
         ex = Exchange(self._repeat_method, True, False, False, False)
         ex.admit(verdict)
         ex.end_body()
+        self._answer_or_queue(ex)
+        return True
+
+    def _answer_or_queue(self, ex: Exchange) -> None:
+        """A request whose head is decided: answered now if none is before it, else it waits its turn
+        with reading paused (pipelined requests are answered in order)."""
         if self.answering is None and not self._queue:
             self._activate(ex)
         else:
             self._queue.append(ex)
             self._pause(QUEUED)
-        return True
 
     # -- events from reaching an upstream ------------------------------------------------
 
