@@ -108,6 +108,11 @@ def _why(code: int) -> str:
     return f"libnghttp2: {_lib.nghttp2_strerror(code).decode()}"
 
 
+def _oversized(limit: int) -> OversizedHeaderListError:
+    """hpack's error for a header list past `max_header_list_size` (the HPACK bomb), its words too."""
+    return OversizedHeaderListError(f"A header list larger than {limit} has been received")
+
+
 def _declared_size(block: bytes, pos: int) -> int:
     """The size the literal field at `pos` says it has (its literal strings' lengths and 32; 0 for
     an indexed field or a bad one), read after libnghttp2 refused it: it refuses a name or value
@@ -187,7 +192,7 @@ class NativeDecoder:
             if took < 0:
                 self._broken = True
                 if size + _declared_size(block, pos) > limit:  # libnghttp2 refused a field over 64 KiB
-                    raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
+                    raise _oversized(limit)
                 raise HPACKDecodingError(_why(took))
             pos += took
             at.value += took
@@ -197,7 +202,7 @@ class NativeDecoder:
                 size += namelen + valuelen + _ENTRY_OVERHEAD
                 if size > limit:
                     self._broken = True
-                    raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
+                    raise _oversized(limit)
                 kind = NeverIndexedHeaderTuple if nv.flags & _NV_FLAG_NO_INDEX else HeaderTuple
                 headers.append(tuple.__new__(kind, (nv.name[:namelen], nv.value[:valuelen])))
             if done & _INFLATE_FINAL:

@@ -22,7 +22,7 @@ def _pid_runs(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: it runs
-        return True
+        pass
     return True
 
 
