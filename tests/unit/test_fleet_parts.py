@@ -2,6 +2,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
 from fleet.catalog import Capacity, HostRecord, PlacedVm
@@ -166,6 +167,22 @@ class _NoTemplateAnywhere(_Routes):
     catalog = _EmptyCatalog()
 
 
+async def _create_through_the_edge(routes: object, hosts: _FullFirstHost, body: object) -> tuple[int, str]:
+    """POST /v1/vms to a fleet edge's control app over `routes` and `hosts`: the status and the body."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from edge.metrics import Metrics
+    from edge.settings import token_service
+    from fleet.edge_control import build_edge_control_app
+
+    cfg = load_config(None)
+    app = build_edge_control_app(cfg, routes, hosts, token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
+        resp = await client.post("/v1/vms", json=body, headers=auth)
+        return resp.status, await resp.text()
+
+
 @pytest.mark.parametrize(
     ("template", "status", "message"),
     [
@@ -177,20 +194,10 @@ class _NoTemplateAnywhere(_Routes):
 async def test_the_edge_validates_a_template_name_like_a_host_and_an_unknown_one_is_404(
     template: object, status: int, message: str
 ) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from edge.metrics import Metrics
-    from edge.settings import token_service
-    from fleet.edge_control import build_edge_control_app
-
-    cfg = load_config(None)
     hosts = _FullFirstHost()
-    app = build_edge_control_app(cfg, _NoTemplateAnywhere(), hosts, token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
-    async with TestClient(TestServer(app)) as client:
-        auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
-        resp = await client.post("/v1/vms", json={"template": template}, headers=auth)
-        assert (resp.status, (await resp.json())["message"]) == (status, message)
-        assert hosts.asked == []
+    answer, text = await _create_through_the_edge(_NoTemplateAnywhere(), hosts, {"template": template})
+    assert (answer, orjson.loads(text)["message"]) == (status, message)
+    assert hosts.asked == []
 
 
 class _ParentOnH2(_Routes):
@@ -219,19 +226,9 @@ class _ParentOnH2(_Routes):
 async def test_a_vm_from_a_checkpoint_starts_on_the_checkpoints_host(
     body: dict[str, str], status: int, asked: list[str]
 ) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from edge.metrics import Metrics
-    from edge.settings import token_service
-    from fleet.edge_control import build_edge_control_app
-
-    cfg = load_config(None)
     hosts = _FullFirstHost()
-    app = build_edge_control_app(cfg, _ParentOnH2(), hosts, token_service(cfg.tokens), Metrics())  # type: ignore[arg-type]
-    async with TestClient(TestServer(app)) as client:
-        auth = {"Authorization": f"Bearer {cfg.server.admin_key}"}
-        resp = await client.post("/v1/vms", json=body, headers=auth)
-        assert resp.status == status, await resp.text()
-        assert hosts.asked == asked
-        if status == 201:
-            assert (await resp.json())["host"] == "h2"
+    answer, text = await _create_through_the_edge(_ParentOnH2(), hosts, body)
+    assert answer == status, text
+    assert hosts.asked == asked
+    if status == 201:
+        assert orjson.loads(text)["host"] == "h2"
