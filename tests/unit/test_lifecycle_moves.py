@@ -44,11 +44,16 @@ class Plane:
         return self.manager.get(vm_id).state
 
 
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
+def _demo_state(tmp_path: Path) -> tuple[VmmSettings, FakeRuntime]:
+    """A state dir holding the demo template, and a fake runtime over it."""
     settings = VmmSettings(state_dir=tmp_path, memory_reserve_mb=0, guest_sync=False)
     write_template(settings)
-    fake = FakeRuntime(settings)
+    return settings, FakeRuntime(settings)
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[Plane]:
+    settings, fake = _demo_state(tmp_path)
     manager = VmManager(settings, runtime=fake)
     moves: list[tuple[VmState, VmState]] = []
     last: dict[str, VmState] = {}
@@ -196,9 +201,7 @@ async def test_a_suspended_vm_holds_no_namespace_and_a_failed_restore_leaves_non
 
 
 async def test_a_restarted_manager_drops_the_namespace_a_suspended_vm_was_left_with(tmp_path: Path) -> None:
-    settings = VmmSettings(state_dir=tmp_path, memory_reserve_mb=0, guest_sync=False)
-    write_template(settings)
-    fake = FakeRuntime(settings)
+    settings, fake = _demo_state(tmp_path)
     first = VmManager(settings, runtime=fake)
     await first.start()
     vm_id = (await first.create_vm("demo")).id
@@ -234,9 +237,8 @@ async def test_the_template_is_loaded_once_per_transition(plane: Plane, monkeypa
 
 
 async def test_recovery_finds_a_vm_whose_qemu_runs_on_and_one_whose_qemu_is_gone(tmp_path: Path) -> None:
-    settings = VmmSettings(state_dir=tmp_path, memory_reserve_mb=0, guest_sync=False)
-    write_template(settings)
-    first = VmManager(settings, runtime=FakeRuntime(settings))
+    settings, first_fake = _demo_state(tmp_path)
+    first = VmManager(settings, runtime=first_fake)
     await first.start()
     runs_on, gone = (await first.create_vm("demo")).id, (await first.create_vm("demo")).id
     await first.close()
@@ -263,9 +265,7 @@ async def test_a_damaged_snapshot_is_refused_and_kept_after_any_number_of_suspen
 
 
 async def test_cgroups_are_swept_when_a_vm_fails_and_at_start_for_every_vm_without_a_qemu(tmp_path: Path) -> None:
-    settings = VmmSettings(state_dir=tmp_path, memory_reserve_mb=0, guest_sync=False)
-    write_template(settings)
-    fake = FakeRuntime(settings)
+    settings, fake = _demo_state(tmp_path)
     first = VmManager(settings, runtime=fake)
     await first.start()
     assert fake.swept == [set()]  # nothing known yet: only groups past their grace, marked as this state dir's
