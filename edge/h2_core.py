@@ -1,60 +1,50 @@
-"""One client's HTTP/2 connection with no I/O of its own (sans-IO), around python-hyper's h2.
+"""One client's HTTP/2 connection with no I/O of its own (sans-IO), around libnghttp2's session.
 
-h2 keeps the protocol's state machine (frames, HPACK, stream states, flow-control windows);
-this core decides what the edge does with it: each request becomes an `edge.h2_stream.H2Stream`
-(admitted, woken, relayed like an HTTP/1.1 one), answer bytes wait per stream for the client's
-window (bounded: past `stream_buffer` the guest is read no further), request body bytes are
-acknowledged to the client only once they went on to the guest, and the [http2] limits end a
-stream (RST_STREAM) or the connection (GOAWAY). Events come in as method calls, actions go out
-through `H2Io`; time comes from the clock it is given.
+libnghttp2 (`edge.nghttp2_session`, its nghttp2_session through ctypes) keeps the protocol's
+state machine (frames, HPACK, stream states, flow-control windows, RFC 9113 §8.2's header
+checks); this core decides what the edge does with it: each request becomes an
+`edge.h2_stream.H2Stream` (admitted, woken, relayed like an HTTP/1.1 one), answer bytes wait per
+stream for the client's window (bounded: past `stream_buffer` the guest is read no further),
+request body bytes are acknowledged to the client only once they went on to the guest, and the
+[http2] limits end a stream (RST_STREAM) or the connection (GOAWAY). Events come in as method
+calls, actions go out through `H2Io`; time comes from the clock it is given.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import H2Error, ProtocolError
-from h2.settings import SettingCodes, Settings
-from hpack.exceptions import HPACKError
-from hyperframe.frame import GoAwayFrame
 
 from vmm.jsonlog import log
 
 from .admission import Admitter
 from .h2_guard import FrameGuard, Verdict
 from .h2_settings import Http2Settings
-from .hpack_native import use_native_hpack
+from .nghttp2_session import (
+    CLOSED,
+    DATA,
+    END,
+    GOAWAY,
+    OVERSIZED,
+    REQUEST,
+    RESET,
+    SETTINGS_ENABLE_PUSH,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_FRAME_SIZE,
+    SETTINGS_MAX_HEADER_LIST_SIZE,
+    ServerSession,
+    goaway_in,
+)
 from .proxy_context import ClientConnection, ProxyContext
 
 if TYPE_CHECKING:
     from .h2_stream import H2Stream
 
 _INF = float("inf")
-_MAX_STREAM_ID = 2**31 - 1
 _CLOSE_GRACE = 30.0  # a closed connection whose peer stops reading is aborted after this
-
-
-# What clients send is validated as h2 does by default (RFC 9113 §8.2: illegal characters, pseudo-
-# headers, connection-specific headers; cookies joined). What the edge sends is not checked again:
-# it builds those headers itself (names lowercased, hop-by-hop ones dropped, values as llhttp or
-# the guest connection's own h2 validated them), and h2's outbound checks were a tenth of its CPU.
-SERVER_CONFIG = H2Configuration(
-    client_side=False, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
-)
+_DEFAULT_WINDOW = 65535  # a connection's receive window before any WINDOW_UPDATE (RFC 9113 §6.9.2)
 
 
 class H2Io(ClientConnection, Protocol):
@@ -78,17 +68,14 @@ class H2Io(ClientConnection, Protocol):
         """Stop reaching for `stream` (it ended); no outcome comes."""
 
 
-def _local_settings(s: Http2Settings, max_streams: int) -> Settings:
-    return Settings(
-        client=False,
-        initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
-            SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
-            SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
-            SettingCodes.ENABLE_PUSH: 0,
-        },
-    )
+def _local_settings(s: Http2Settings) -> list[tuple[int, int]]:
+    """What the edge's SETTINGS say besides max_concurrent_streams (ServerSession.start adds it)."""
+    return [
+        (SETTINGS_INITIAL_WINDOW_SIZE, s.stream_window),
+        (SETTINGS_MAX_HEADER_LIST_SIZE, s.max_header_list_size),
+        (SETTINGS_MAX_FRAME_SIZE, s.max_frame_size),
+        (SETTINGS_ENABLE_PUSH, 0),
+    ]
 
 
 class H2Core:
@@ -100,7 +87,7 @@ class H2Core:
         self.proto = proto
         self.io = io
         self.clock = clock
-        self.conn = use_native_hpack(H2Connection(SERVER_CONFIG))
+        self.session = ServerSession(self, s.max_header_list_size)
         self.guard = FrameGuard(s, clock)
         self.streams: dict[int, H2Stream] = {}
         self.client = b"unknown"
@@ -110,12 +97,16 @@ class H2Core:
         self.draining = False
         self.can_half_close = False  # the transport has a FIN of its own to send (TLS has not)
         self._lingering = False
-        self._last_stream = _MAX_STREAM_ID  # after a drain's GOAWAY: streams above are refused
         self._counted = False
         self._timer_at = _INF
         self._idle_since = 0.0
         self._flush_queued = False
         self._streams_delta = 0  # streams opened less closed since the gauge last moved
+        self._deferred: set[int] = set()  # streams whose answer libnghttp2 waits for (`take` had none)
+        self._sent: list[int] = []  # streams whose answer `take` gave out whole: finished once it is written
+        self._drained: list[H2Stream] = []  # streams whose buffer `take` brought back under `stream_buffer`
+        self._waiting: set[int] = set()  # streams that may have answer bytes left after the next write
+        self._last_write = b""  # what libnghttp2 gave to write last (its own GOAWAY, when it ended)
 
     # -- events from the client --------------------------------------------------------------
 
@@ -136,17 +127,9 @@ class H2Core:
         if self.closed:  # drained as it arrived
             return
         s = self.settings
-        conn = self.conn
-        conn.local_settings = _local_settings(s, s.max_concurrent_streams)
-        conn.max_inbound_frame_size = s.max_frame_size
-        conn.decoder.max_header_list_size = s.max_header_list_size
-        conn.initiate_connection()
-        # The advertised limit is this edge's to enforce (REFUSED_STREAM, a stream error: a client
-        # may open streams before it has read our SETTINGS), so h2's own check, a connection
-        # error, is given a margin past it.
-        conn.local_settings = _local_settings(s, 2 * s.max_concurrent_streams)
-        if s.connection_window > 65535:
-            conn.increment_flow_control_window(s.connection_window - 65535)
+        self.io.send_client(
+            self.session.start(_local_settings(s), s.max_concurrent_streams, s.connection_window - _DEFAULT_WINDOW)
+        )
         if not ctx.client_opened(client):
             ctx.metrics.connection_refused("per_ip")
             self._goaway(Verdict(ErrorCodes.ENHANCE_YOUR_CALM, "per_ip", "too many connections from this address"))
@@ -154,7 +137,6 @@ class H2Core:
         self._counted = True
         self._idle_since = self.clock()
         self.arm(self._idle_since + s.idle_timeout)
-        self.flush_now()
 
     def client_data(self, data: bytes) -> None:
         if self.closed:
@@ -163,45 +145,49 @@ class H2Core:
         if verdict is not None:
             self._goaway(verdict)
             return
-        try:
-            events = self.conn.receive_data(data)
-        except (ProtocolError, HPACKError) as exc:
-            code = getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR) or ErrorCodes.PROTOCOL_ERROR
-            self._goaway(Verdict(ErrorCodes(code), "protocol_error", str(exc) or type(exc).__name__), sent=True)
+        session = self.session
+        taken = session.receive(data)
+        events = session.events
+        if events:
+            session.events = []
+            self._walk(events)
+        if self.closed:
             return
+        if taken < 0:
+            self._goaway(Verdict(ErrorCodes.PROTOCOL_ERROR, "protocol_error", f"libnghttp2: {session.error}"))
+            return
+        self.flush()
+
+    def _walk(self, events: list[tuple]) -> None:
+        """What libnghttp2 found in the client's bytes, in order."""
+        streams = self.streams
         for event in events:
             if self.closed:
                 return
-            if isinstance(event, DataReceived):
-                stream = self.streams.get(event.stream_id)
+            kind = event[0]
+            if kind == REQUEST:
+                self._request(event[1], event[2], event[3])
+            elif kind == DATA:
+                sid, data = event[1], event[2]
+                stream = streams.get(sid)
                 if stream is None:
-                    self._ack(event.stream_id, event.flow_controlled_length)
+                    self.session.consume(sid, len(data))
                 else:
-                    stream.client_body(event.data, event.flow_controlled_length)
-                if event.stream_ended is not None and stream is not None:
-                    stream.body_end()
-            elif isinstance(event, RequestReceived):
-                self._request(event)
-            elif isinstance(event, StreamEnded):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and not stream.body_done:
-                    stream.body_end()
-            elif isinstance(event, WindowUpdated):
-                self._window_opened(event.stream_id)
-            elif isinstance(event, StreamReset):
-                stream = self.streams.pop(event.stream_id, None)
-                if stream is not None:
-                    self.ctx.metrics.h2_reset("client")
-                    stream.client_reset()
-                    self._stream_gone()
-            elif isinstance(event, TrailersReceived):
-                stream = self.streams.get(event.stream_id)
+                    stream.client_body(data, len(data))
+            elif kind == END:
+                stream = streams.get(event[1])
                 if stream is not None:
                     stream.body_end()
-            elif isinstance(event, ConnectionTerminated):
+            elif kind == CLOSED:
+                self._closed(event[1], "protocol_error")
+            elif kind == RESET:
+                self._closed(event[1], "client")
+            elif kind == OVERSIZED:
+                limit = self.settings.max_header_list_size
+                self._goaway(Verdict(ErrorCodes.ENHANCE_YOUR_CALM, "protocol_error",
+                                     f"a header list larger than {limit} has been received"))  # fmt: skip
+            elif kind == GOAWAY:
                 self._end()
-                return
-        self.flush()
 
     def client_lost(self) -> None:
         self.closed = True
@@ -217,14 +203,16 @@ class H2Core:
         self.ctx.connection_lost(self.io)
         self._timer_at = _INF
         self.io.cancel_timer()
+        self.session.close()
 
     def client_write_paused(self) -> None:
         self.write_paused = True
 
     def client_write_resumed(self) -> None:
         self.write_paused = False
-        for sid in list(self.streams):
-            self._pump(sid)
+        for sid in self._deferred:
+            self.session.resume(sid)
+        self._deferred.clear()
         self.flush()
 
     def drain(self) -> None:
@@ -232,13 +220,10 @@ class H2Core:
         if self.closed or self.draining:
             return
         self.draining = True
-        self._last_stream = self.conn.highest_inbound_stream_id
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self._last_stream
-        frame.error_code = ErrorCodes.NO_ERROR
-        self.flush_now()
-        self.io.send_client(frame.serialize())
+        session = self.session
+        session.goaway(ErrorCodes.NO_ERROR, session.last_stream())  # later streams are ignored
         self.ctx.metrics.h2_goaway("drain")
+        self.flush_now()
         if not self.streams:
             self._end()
 
@@ -285,9 +270,9 @@ class H2Core:
     def send_head(self, sid: int, status: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         if self.closed or sid not in self.streams:
             return
-        self.conn.send_headers(sid, [(b":status", b"%d" % status), *headers], end_stream=end)
+        self.session.respond(sid, [(b":status", b"%d" % status), *headers], end)
         if end:
-            self._finished(sid)
+            self._sent.append(sid)  # finished once its HEADERS are written
         self.flush()
 
     def send_body(self, sid: int, data: bytes, end: bool = False) -> bool:
@@ -298,8 +283,7 @@ class H2Core:
             return False
         stream.pending += data
         stream.ending = stream.ending or end
-        self._pump(sid)
-        self.flush()
+        self._more(sid)
         return len(stream.pending) > self.settings.stream_buffer
 
     def send_end(self, sid: int, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -308,13 +292,12 @@ class H2Core:
             return
         stream.ending = True
         stream.trailers = trailers
-        self._pump(sid)
-        self.flush()
+        self._more(sid)
 
     def ack_body(self, sid: int, n: int) -> None:
         """`n` request body bytes went on to the guest: the client may send as many more."""
         if n and not self.closed:
-            self._ack(sid, n)
+            self.session.consume(sid, n)
             self.flush()
 
     def reset(self, sid: int, code: ErrorCodes, reason: str) -> None:
@@ -326,89 +309,130 @@ class H2Core:
         if self.closed:
             return
         self.ctx.metrics.h2_reset(reason)
-        with contextlib.suppress(H2Error):  # the stream may have closed on h2's side already
-            self.conn.reset_stream(sid, code)
+        self._deferred.discard(sid)
+        self.session.reset(sid, code)  # libnghttp2 drops it if the stream closed already
         self.flush()
 
+    def take(self, sid: int, n: int) -> tuple[bytes, bool, Sequence[tuple[bytes, bytes]] | None] | None:
+        """libnghttp2 asks for up to `n` answer bytes of a stream, as the client's windows allow
+        (edge.nghttp2_session.AnswerSource); None defers the stream until `_more`."""
+        stream = self.streams.get(sid)
+        if stream is None:  # reset meanwhile: its DATA is dropped with it
+            return b"", True, None
+        pending = stream.pending
+        if self.write_paused or not (pending or stream.ending):
+            self._deferred.add(sid)
+            return None
+        if len(pending) <= n:
+            data = bytes(pending)
+            pending.clear()
+        else:
+            data = bytes(pending[:n])
+            del pending[:n]
+            self._waiting.add(sid)
+        stream.stalled_since = 0.0
+        if len(pending) <= self.settings.stream_buffer:
+            self._drained.append(stream)
+        if pending or not stream.ending:
+            return data, False, None
+        self._sent.append(sid)
+        return data, True, stream.trailers
+
     def flush(self) -> None:
-        """Send what h2 queued, once this turn of the loop is over: the answers of all streams that
-        finished meanwhile go out in one write (one TLS record, one system call), not one per frame."""
+        """Send what libnghttp2 queued, once this turn of the loop is over: the answers of all
+        streams that finished meanwhile go out in one write (one TLS record, one system call)."""
         if not self._flush_queued:
             self._flush_queued = True
             self.io.flush_soon()
 
     def flush_now(self) -> None:
+        if self.closed:
+            self._flush_queued = False
+            return  # `_end` sent what there was before it closed
+        self._write()
         self._flush_queued = False
         self._move_streams_gauge()
-        if self.closed:
-            return  # `_end` sent what there was before it closed
-        data = self.conn.data_to_send()
-        if data:
-            self.io.send_client(data)
+        if self._waiting:
+            self._time_stalls()
+        if not self.closed and not self.draining and not self.session.want_read():
+            self._ended_by_library()
+
+    def _ended_by_library(self) -> None:
+        """libnghttp2 ended the connection itself (a protocol error): its GOAWAY, the last frame it
+        wrote, says why."""
+        code, debug = goaway_in(self._last_write) or (ErrorCodes.PROTOCOL_ERROR, b"")
+        why = debug.decode("utf-8", "replace") or self.session.error or "a protocol error"
+        self._goaway(Verdict(ErrorCodes(code), "protocol_error", f"libnghttp2: {why}"), sent=True)
 
     # -- inside -------------------------------------------------------------------------------
 
-    def _request(self, event: RequestReceived) -> None:
+    def _write(self) -> None:
+        """Write what libnghttp2 has, then finish the streams whose answers went out whole (which
+        may queue more: an RST_STREAM for a body no longer wanted) and walk the events sending
+        brought (streams closed), until nothing is left."""
+        session = self.session
+        while True:
+            data = session.send()
+            if data:
+                self._last_write = data
+                self.io.send_client(data)
+            sent, drained, events = self._sent, self._drained, session.events
+            if not sent and not drained and not events:
+                return
+            self._sent, self._drained = [], []
+            for stream in drained:
+                stream.window_opened()
+            for sid in sent:
+                self._finished(sid)
+            if events:  # streams closed as their last frames went (or reset by libnghttp2)
+                session.events = []
+                self._walk(events)
+
+    def _more(self, sid: int) -> None:
+        """A stream has answer bytes (or its end) for libnghttp2 to take at the next write."""
+        if sid in self._deferred and not self.write_paused:
+            self._deferred.discard(sid)
+            self.session.resume(sid)
+        self._waiting.add(sid)
+        self.flush()
+
+    def _time_stalls(self) -> None:
+        """Streams with answer bytes left after a write wait for the client's window: time it."""
+        now = self.clock()
+        streams = self.streams
+        for sid in self._waiting:
+            stream = streams.get(sid)
+            if stream is None:
+                continue
+            if stream.pending and not self.write_paused:
+                if not stream.stalled_since:
+                    stream.stalled_since = now
+                    self.arm(now + self.settings.stall_timeout)
+            else:
+                stream.stalled_since = 0.0
+        self._waiting.clear()
+
+    def _request(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         from .h2_stream import H2Stream  # the stream module needs this one's types
 
-        sid = event.stream_id
-        if self.draining and sid > self._last_stream:
-            self.reset(sid, ErrorCodes.REFUSED_STREAM, "drain")
-            return
         if len(self.streams) >= self.settings.max_concurrent_streams:
             self.reset(sid, ErrorCodes.REFUSED_STREAM, "max_concurrent_streams")
             return
-        ended = event.stream_ended is not None
-        stream = H2Stream(self, sid, list(event.headers or ()), ended)
+        stream = H2Stream(self, sid, headers, ended)
         self.streams[sid] = stream
         self._set_streams_gauge(1)
         stream.start()
         self.arm(stream.next_check())
 
-    def _pump(self, sid: int) -> None:
-        """Send what the client's window allows of a stream's queued answer."""
-        stream = self.streams.get(sid)
-        if stream is None:
-            return
-        conn = self.conn
-        pending = stream.pending
-        while pending and not self.write_paused:
-            window = conn.local_flow_control_window(sid)
-            if window <= 0:
-                break
-            n = min(len(pending), window, conn.max_outbound_frame_size)
-            if n == len(pending):
-                last = stream.ending and not stream.trailers  # the last DATA frame ends the stream itself
-                conn.send_data(sid, bytes(pending), end_stream=last)
-                pending.clear()
-                if last:
-                    self._finished(sid)
-                    return
-                break
-            conn.send_data(sid, bytes(pending[:n]))
-            del pending[:n]
-        now = self.clock()
-        if pending and not self.write_paused:
-            if not stream.stalled_since:
-                stream.stalled_since = now
-                self.arm(now + self.settings.stall_timeout)
-        else:
-            stream.stalled_since = 0.0
-        if len(pending) <= self.settings.stream_buffer:
-            stream.window_opened()
-        if not pending and stream.ending:
-            if stream.trailers:
-                conn.send_headers(sid, stream.trailers, end_stream=True)
-            else:
-                conn.end_stream(sid)
-            self._finished(sid)
-
-    def _window_opened(self, sid: int) -> None:
-        if sid:
-            self._pump(sid)
-        else:
-            for each in list(self.streams):
-                self._pump(each)
+    def _closed(self, sid: int, why: str) -> None:
+        """libnghttp2 closed a stream the edge still serves: the client reset it, or it broke the
+        protocol on it (libnghttp2 reset it)."""
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            self.ctx.metrics.h2_reset(why)
+            self._deferred.discard(sid)
+            stream.client_reset()
+            self._stream_gone()
 
     def _finished(self, sid: int) -> None:
         """The answer went out whole; the stream is done once its request is read (or dropped)."""
@@ -418,8 +442,7 @@ class H2Core:
         stream.answered()
         self._stream_gone()
         if not stream.body_done:  # the rest of the body is not wanted
-            with contextlib.suppress(H2Error):
-                self.conn.reset_stream(sid, ErrorCodes.NO_ERROR)
+            self.session.reset(sid, ErrorCodes.NO_ERROR)
 
     def _stream_gone(self) -> None:
         self._set_streams_gauge(-1)
@@ -441,12 +464,8 @@ class H2Core:
             self.ctx.metrics.h2_streams(self._streams_delta)
             self._streams_delta = 0
 
-    def _ack(self, sid: int, n: int) -> None:
-        with contextlib.suppress(H2Error):  # a stream closed meanwhile: h2 opened the connection's window
-            self.conn.acknowledge_received_data(n, sid)
-
     def _goaway(self, verdict: Verdict, sent: bool = False) -> None:
-        """End the connection: GOAWAY with the verdict's code (h2 made it already when `sent`)."""
+        """End the connection: GOAWAY with the verdict's code (libnghttp2 made it already when `sent`)."""
         if self.closed:
             return
         log.event(
@@ -455,8 +474,8 @@ class H2Core:
         )  # fmt: skip
         self.ctx.metrics.h2_goaway(verdict.reason)
         if not sent:
-            with contextlib.suppress(H2Error):
-                self.conn.close_connection(verdict.code, additional_data=verdict.message.encode()[:256])
+            session = self.session
+            session.goaway(verdict.code, session.last_stream(), verdict.message.encode()[:256])
         self._end()
 
     def _end(self) -> None:
@@ -464,10 +483,10 @@ class H2Core:
         if self.closed:
             return
         if self.draining and not self.streams:
-            with contextlib.suppress(H2Error):
-                self.conn.close_connection(ErrorCodes.NO_ERROR)
-        self.flush_now()
-        self.closed = True
+            self.session.terminate(ErrorCodes.NO_ERROR)
+        self.closed = True  # from here on, what streams ask for is dropped
+        self._write()
+        self._flush_queued = False
         for stream in list(self.streams.values()):
             stream.client_reset()
         self._streams_delta -= len(self.streams)

@@ -104,6 +104,11 @@ _deflate = _lib.nghttp2_hd_deflate_hd
 _address = ctypes.c_void_p.from_buffer
 
 
+def shared_library() -> ctypes.PyDLL:
+    """The loaded libnghttp2, for the HTTP/2 session in C (edge.nghttp2_session) to type its own functions on."""
+    return _lib
+
+
 def _why(code: int) -> str:
     return f"libnghttp2: {_lib.nghttp2_strerror(code).decode()}"
 
