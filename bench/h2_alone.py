@@ -1,29 +1,31 @@
-"""The CPU that python-hyper's h2 alone spends per request, as the edge uses it: no sockets, no TLS.
+"""The CPU the edge's HTTP/2 session alone spends per request: no sockets, no TLS, no streams' own work.
 
-`python -m bench.h2_alone [--requests N]`. A client connection (h2's own) sends requests with the
-headers h2load sends through the edge (its Bearer token never indexed by HPACK, as nghttp2 sends
-it); the server connection, configured as the edge's (`edge.h2_core.SERVER_CONFIG`), takes them
-in and answers each with the headers an nginx upstream gives and a 100-byte body, `streams` at a
-time (h2load's -m). Only the server side's calls are timed (process CPU time), split into taking
-a request in (frame, HPACK, header validation, stream state) and sending its answer out. The same
-with h2's default configuration shows what checking the edge's own outbound headers would cost;
-with the token in a cookie (which HPACK indexes after the first request, where a never-indexed
-Authorization value is Huffman-decoded again in every request), what that costs; each also with
-python-hyper's pure-Python hpack in place of libnghttp2's (`edge.hpack_native`), what that saves.
-Set against the edge's CPU per request under h2load (bench.h2_bench), it is h2's share of it.
+`python -m bench.h2_alone [--requests N]`. A client connection (python-hyper's h2) sends requests
+with the headers h2load sends through the edge (its Bearer token never indexed by HPACK, as nghttp2
+sends it); the server session takes them in and answers each with the headers an nginx upstream
+gives and a 100-byte body, `streams` at a time (h2load's -m). Only the server side's calls are
+timed (process CPU time), split into taking a request in (frames, HPACK, header checks, stream
+state, the events handed to Python) and sending its answer out. The server is the edge's:
+libnghttp2's nghttp2_session through ctypes (`edge.nghttp2_session`), with the token in the
+Authorization header and in a cookie (which HPACK indexes after the first request); beside it,
+what the edge used before, python-hyper's h2 with libnghttp2's HPACK (`edge.hpack_native`) and
+the configuration the edge gave it. Set against the edge's CPU per request under h2load
+(bench.h2_bench), it is the session's share of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable, Sequence
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, RequestReceived
 
-from edge.h2_core import SERVER_CONFIG
+from edge.h2_settings import Http2Settings
 from edge.hpack_native import use_native_hpack
+from edge.nghttp2_session import REQUEST, SETTINGS_INITIAL_WINDOW_SIZE, ServerSession
 from edge.settings import token_service
 from mvm.config import load_config
 
@@ -37,6 +39,10 @@ _RESPONSE = [
     (b"content-type", b"text/plain"),
     (b"content-length", b"%d" % len(BODY)),
 ]
+# The edge's h2 configuration before libnghttp2's session: inbound headers checked, outbound not.
+_H2_CONFIG = H2Configuration(
+    client_side=False, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+)
 
 
 def request_headers(token: str) -> list[tuple[bytes, bytes]]:
@@ -51,27 +57,51 @@ def request_headers(token: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def per_request(
-    config: H2Configuration, native: bool, headers: list[tuple[bytes, bytes]], requests: int, streams: int
-) -> tuple[float, float]:
-    """(µs in, µs out) of server CPU per request over `requests` requests, `streams` at a time
-    (`native`: the server's HPACK is libnghttp2's, as the edge's)."""
+def _client() -> H2Connection:
     client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-    server = H2Connection(config)
-    if native:
-        use_native_hpack(server)
     client.initiate_connection()
+    return client
+
+
+class _Answers:
+    """The answer source of the bench's session: each stream's 100-byte body, whole, at once."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, bytes] = {}
+
+    def take(self, sid: int, n: int) -> tuple[bytes, bool, Sequence[tuple[bytes, bytes]] | None] | None:
+        return self.waiting.pop(sid), True, None
+
+
+def _native_server(client: H2Connection) -> Callable[[bytes], tuple[bytes, int, int]]:
+    """The edge's session; its turn: (what it writes, ns in, ns out) for the client's bytes."""
+    s = Http2Settings()
+    answers = _Answers()
+    session = ServerSession(answers, s.max_header_list_size)
+    client.receive_data(session.start([(SETTINGS_INITIAL_WINDOW_SIZE, s.stream_window)], 128, 0))
+
+    def turn(wire: bytes) -> tuple[bytes, int, int]:
+        began = time.process_time_ns()
+        session.receive(wire)
+        events, session.events = session.events, []
+        requests = [event[1] for event in events if event[0] == REQUEST]
+        middle = time.process_time_ns()
+        for sid in requests:
+            answers.waiting[sid] = BODY
+            session.respond(sid, _RESPONSE, False)
+        answer = session.send()
+        return answer, middle - began, time.process_time_ns() - middle
+
+    return turn
+
+
+def _h2_server(client: H2Connection) -> Callable[[bytes], tuple[bytes, int, int]]:
+    """python-hyper's h2 with libnghttp2's HPACK, as the edge configured it before."""
+    server = use_native_hpack(H2Connection(_H2_CONFIG))
     server.initiate_connection()
     client.receive_data(server.data_to_send())
-    server.receive_data(client.data_to_send())
-    client.receive_data(server.data_to_send())
-    took_in = took_out = 0
-    done = 0
-    while done < requests:
-        batch = min(streams, requests - done)
-        for _ in range(batch):
-            client.send_headers(client.get_next_available_stream_id(), headers, end_stream=True)
-        wire = client.data_to_send()
+
+    def turn(wire: bytes) -> tuple[bytes, int, int]:
         began = time.process_time_ns()
         events = server.receive_data(wire)
         middle = time.process_time_ns()
@@ -81,12 +111,37 @@ def per_request(
                 server.send_headers(event.stream_id, _RESPONSE)
                 server.send_data(event.stream_id, BODY, end_stream=True)
         answer = server.data_to_send()
-        took_in += middle - began
-        took_out += time.process_time_ns() - middle
+        return answer, middle - began, time.process_time_ns() - middle
+
+    return turn
+
+
+def per_request(
+    make: Callable[[H2Connection], Callable[[bytes], tuple[bytes, int, int]]],
+    headers: list[tuple[bytes, bytes]],
+    requests: int,
+    streams: int,
+) -> tuple[float, float]:
+    """(µs in, µs out) of server CPU per request over `requests` requests, `streams` at a time."""
+    client = _client()
+    turn = make(client)
+    answer, _, _ = turn(client.data_to_send())
+    client.receive_data(answer)
+    took_in = took_out = 0
+    done = answered = 0
+    while done < requests:
+        batch = min(streams, requests - done)
+        for _ in range(batch):
+            client.send_headers(client.get_next_available_stream_id(), headers, end_stream=True)
+        answer, took, sent = turn(client.data_to_send())
+        took_in += took
+        took_out += sent
         for event in client.receive_data(answer):
             if isinstance(event, DataReceived) and event.stream_id is not None:
                 client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                answered += 1
         done += batch
+    assert answered == requests, f"{answered} of {requests} answered"
     return took_in / requests / 1000, took_out / requests / 1000
 
 
@@ -98,28 +153,26 @@ def bench(requests: int) -> str:
     token, _ = token_service(cfg.tokens).issue("benchvm1", ttl=cfg.tokens.max_ttl)
     headers = request_headers(token)
     in_cookie = [*headers[:-1], (b"cookie", f"mvm_token={token}".encode())]
-    checked = H2Configuration(client_side=False, header_encoding=None)
-    cases = {  # (the server's configuration, libnghttp2's HPACK, what the client sends)
-        "the edge's configuration": (SERVER_CONFIG, True, headers),
-        "the edge's, hpack in Python": (SERVER_CONFIG, False, headers),
-        "h2's defaults (outbound headers checked)": (checked, True, headers),
-        "the edge's, the token in a cookie (indexed)": (SERVER_CONFIG, True, in_cookie),
-        "the edge's, the token in a cookie, hpack in Python": (SERVER_CONFIG, False, in_cookie),
+    cases = {  # (the server, what the client sends)
+        "the edge's: libnghttp2's session": (_native_server, headers),
+        "the edge's, the token in a cookie (indexed)": (_native_server, in_cookie),
+        "before: python-hyper's h2, libnghttp2's HPACK": (_h2_server, headers),
     }
     rows = []
     for streams in (10, 100):
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
-        for config, native, sent in cases.values():
-            per_request(config, native, sent, min(requests, 2000), streams)  # warm-up
+        for make, sent in cases.values():
+            per_request(make, sent, min(requests, 2000), streams)  # warm-up
         for _ in range(ROUNDS):
-            for name, (config, native, sent) in cases.items():
-                runs[name].append(per_request(config, native, sent, requests, streams))
+            for name, (make, sent) in cases.items():
+                runs[name].append(per_request(make, sent, requests, streams))
         for name, results in runs.items():
             took_in, took_out = median([r[0] for r in results]), median([r[1] for r in results])
-            rows.append([f"-m {streams}", name, f"{took_in:.0f}", f"{took_out:.0f}", f"{took_in + took_out:.0f}"])
+            rows.append([f"-m {streams}", name, f"{took_in:.1f}", f"{took_out:.1f}", f"{took_in + took_out:.1f}"])
     return "\n".join(
         [
-            "## h2 alone: server CPU µs per request (no I/O; the headers h2load sends, a 100-byte answer)",
+            "## The HTTP/2 session alone: server CPU µs per request"
+            " (no I/O; the headers h2load sends, a 100-byte answer)",
             "",
             f"Medians of {ROUNDS} interleaved runs of {requests} requests each.",
             "",
