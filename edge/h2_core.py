@@ -210,6 +210,8 @@ class H2Core:
 
     def client_write_resumed(self) -> None:
         self.write_paused = False
+        if self.closed:
+            return
         for sid in self._deferred:
             self.session.resume(sid)
         self._deferred.clear()

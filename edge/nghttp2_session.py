@@ -16,6 +16,7 @@ nghttp2_settings_entry and nghttp2_data_provider; callbacks are set through the 
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Sequence
 from typing import Protocol, cast
 
@@ -231,12 +232,13 @@ class ServerSession:
         if code:
             raise SessionError("nghttp2_session_server_new2", code)
         self._session: int | None = session.value
+        self._free = weakref.finalize(self, _lib.nghttp2_session_del, session.value)
 
     def close(self) -> None:
-        """Free the C session (never from inside one of its callbacks)."""
-        session, self._session = self._session, None
-        if session is not None:
-            _lib.nghttp2_session_del(session)
+        """Free the C session now (never from inside one of its callbacks; no call after it);
+        one never closed is freed when it is collected."""
+        self._session = None
+        self._free()
 
     # -- bytes in and out ------------------------------------------------------------------
 
