@@ -13,7 +13,7 @@ calls, actions go out through `H2Io`; time comes from the clock it is given.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from h2.errors import ErrorCodes
 
@@ -22,6 +22,7 @@ from vmm.jsonlog import log
 from .admission import Admitter
 from .h2_guard import FrameGuard, Verdict
 from .h2_settings import Http2Settings
+from .h2_stream import H2Stream
 from .nghttp2_session import (
     CLOSED,
     DATA,
@@ -38,9 +39,6 @@ from .nghttp2_session import (
     goaway_in,
 )
 from .proxy_context import ClientConnection, ProxyContext
-
-if TYPE_CHECKING:
-    from .h2_stream import H2Stream
 
 _INF = float("inf")
 _CLOSE_GRACE = 30.0  # a closed connection whose peer stops reading is aborted after this
@@ -415,8 +413,6 @@ class H2Core:
         self._waiting.clear()
 
     def _request(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
-        from .h2_stream import H2Stream  # the stream module needs this one's types
-
         if len(self.streams) >= self.settings.max_concurrent_streams:
             self.reset(sid, ErrorCodes.REFUSED_STREAM, "max_concurrent_streams")
             return
