@@ -18,7 +18,7 @@ class Http2Settings:
     h2c: bool = False  # prior-knowledge h2c on a plain (tls = false) listener
     max_concurrent_streams: int = 128  # more at once: RST_STREAM REFUSED_STREAM
     # HPACK bomb: decoded headers past this end the connection (and one name or value past 64 KiB,
-    # whatever this says: libnghttp2's own bound, edge/hpack_native.py)
+    # whatever this says: libnghttp2's own bound, a COMPRESSION_ERROR)
     max_header_list_size: int = 64 * 1024
     max_continuation_frames: int = 16  # CONTINUATION flood: more frames in one header block: GOAWAY
     max_frame_size: int = 16384  # frames larger than this: GOAWAY FRAME_SIZE_ERROR

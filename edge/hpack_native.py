@@ -1,4 +1,5 @@
-"""HPACK in C for the edge's HTTP/2 connections: libnghttp2's inflater and deflater through ctypes.
+"""HPACK in C for the edge's h2c guest connections (python-hyper's h2): libnghttp2's inflater and
+deflater through ctypes. (Toward clients the whole session is libnghttp2's: edge.nghttp2_session.)
 
 python-hyper's hpack decodes Huffman strings in pure Python, and a never-indexed Authorization
 value (the Bearer token) is decoded again in every request: that was a third of h2's CPU per
@@ -69,7 +70,7 @@ def _load(name: str = LIBRARY) -> ctypes.PyDLL:
     except OSError as exc:
         raise ImportError(
             f"{name} is missing (Debian's libnghttp2-14; scripts/install.sh installs it): "
-            f"the edge's HTTP/2 header compression runs in it ({exc})"
+            f"the edge's HTTP/2 runs in it ({exc})"
         ) from exc
     vp, size, ssize, cint = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_ssize_t, ctypes.c_int
     signatures: dict[str, tuple[type | None, list[type] | None]] = {

@@ -15,7 +15,7 @@ APT_PACKAGES=(
     buildah skopeo umoci mmdebstrap e2fsprogs   # Dockerfiles and OCI archives -> root disks
     nginx-light wrk curl   # benchmarks: nginx baseline, load generator, streaming
     nghttp2-client         # h2load: the HTTP/2 benchmark (bench/h2_bench.py)
-    libnghttp2-14          # HPACK for the edge's HTTP/2 (edge/hpack_native.py, through ctypes)
+    libnghttp2-14          # the edge's HTTP/2: its session and HPACK (edge/nghttp2_session.py, edge/hpack_native.py, through ctypes)
     chromium               # the shell page's test in a real (headless) browser
     postgresql             # the shared catalog's tests run a throwaway server (initdb, pg_ctl)
     xfsprogs               # reflinked RAM files: the e2e test makes a loop-mounted XFS (mkfs.xfs)

@@ -260,3 +260,12 @@ def test_a_protocol_error_ends_the_session_with_libnghttp2s_goaway() -> None:
     code, debug = goaway_in(out) or (None, b"")
     assert code == ErrorCodes.STREAM_CLOSED and b"half-closed" in debug
     assert any(isinstance(e, ConnectionTerminated) for e in client.receive_data(out))
+
+
+def test_one_field_past_64_kib_is_libnghttp2s_compression_error_whatever_the_limit() -> None:
+    client, server, _ = _pair(limit=1 << 20)
+    client.send_headers(1, [*GET, (b"x-big", b"b" * 100_000)], end_stream=True)  # 75,000 bytes Huffman-coded
+    server.receive(client.data_to_send())
+    assert _events(server) == []
+    code, _ = goaway_in(server.send()) or (None, b"")
+    assert code == ErrorCodes.COMPRESSION_ERROR and not server.want_read()
