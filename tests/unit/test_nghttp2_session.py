@@ -269,3 +269,12 @@ def test_one_field_past_64_kib_is_libnghttp2s_compression_error_whatever_the_lim
     assert _events(server) == []
     code, _ = goaway_in(server.send()) or (None, b"")
     assert code == ErrorCodes.COMPRESSION_ERROR and not server.want_read()
+
+
+def test_request_trailers_end_its_body() -> None:
+    client, server, _ = _pair()
+    client.send_headers(1, POST)
+    client.send_data(1, b"part")
+    client.send_headers(1, [(b"x-checksum", b"1")], end_stream=True)
+    server.receive(client.data_to_send())
+    assert _events(server) == [(REQUEST, 1, POST, False), (DATA, 1, b"part"), (END, 1)]
