@@ -114,6 +114,7 @@ def _typed(lib: ctypes.PyDLL) -> ctypes.PyDLL:
         "nghttp2_session_callbacks_del": (None, [_vp]),
         "nghttp2_session_callbacks_set_on_begin_headers_callback": (None, [_vp, _OnBeginHeaders]),
         "nghttp2_session_callbacks_set_on_header_callback": (None, [_vp, _OnHeader]),
+        "nghttp2_session_callbacks_set_on_invalid_header_callback": (None, [_vp, _OnHeader]),
         "nghttp2_session_callbacks_set_on_frame_recv_callback": (None, [_vp, _OnFrameRecv]),
         "nghttp2_session_callbacks_set_on_data_chunk_recv_callback": (None, [_vp, _OnDataChunkRecv]),
         "nghttp2_session_callbacks_set_on_stream_close_callback": (None, [_vp, _OnStreamClose]),
@@ -205,7 +206,8 @@ class ServerSession:
         self._out_ref = ctypes.byref(self._out)
         # The C callbacks hold these bound methods; they live as long as the session does.
         self._callbacks = (
-            _OnBeginHeaders(self._on_begin_headers), _OnHeader(self._on_header), _OnFrameRecv(self._on_frame_recv),
+            _OnBeginHeaders(self._on_begin_headers), _OnHeader(self._on_header), _OnHeader(self._on_invalid_header),
+            _OnFrameRecv(self._on_frame_recv),
             _OnDataChunkRecv(self._on_data_chunk), _OnStreamClose(self._on_stream_close), _OnError(self._on_error),
         )  # fmt: skip
         self._provider = _DataProvider(None, _ReadCallback(self._read))
@@ -217,6 +219,7 @@ class ServerSession:
             setters = (
                 _lib.nghttp2_session_callbacks_set_on_begin_headers_callback,
                 _lib.nghttp2_session_callbacks_set_on_header_callback,
+                _lib.nghttp2_session_callbacks_set_on_invalid_header_callback,
                 _lib.nghttp2_session_callbacks_set_on_frame_recv_callback,
                 _lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback,
                 _lib.nghttp2_session_callbacks_set_on_stream_close_callback,
@@ -344,6 +347,12 @@ class ServerSession:
             return _ERR_PAUSE
         self._fields.append((_string_at(name, namelen), _string_at(value, valuelen)))
         return 0
+
+    def _on_invalid_header(self, session: int, frame: int, name: int, namelen: int, value: int, valuelen: int,
+                           flags: int, user: int) -> int:  # fmt: skip
+        """A regular field libnghttp2 would drop (a name or value with characters RFC 9113 §8.2.1
+        forbids): the request is malformed, its stream reset with PROTOCOL_ERROR (§8.1.1)."""
+        return _ERR_TEMPORAL_CALLBACK_FAILURE
 
     def _on_frame_recv(self, session: int, frame: int, user: int) -> int:
         try:

@@ -235,9 +235,13 @@ def test_a_bad_header_resets_its_stream_and_the_connection_goes_on() -> None:
         (1, ErrorCodes.PROTOCOL_ERROR)
     ]
     client.send_headers(3, [*GET, (b"connection", b"close")], end_stream=True)  # connection-specific (8.2.2)
-    client.send_headers(5, GET, end_stream=True)
+    client.send_headers(5, [*GET, (b"x-a", b"1\r\nx-b: 2")], end_stream=True)  # CR LF in a value (8.2.1)
+    client.send_headers(7, [*GET, (b"x a", b"1")], end_stream=True)  # a space in a name, which
+    client.send_headers(9, GET, end_stream=True)  # libnghttp2 alone would drop and let the request through
     server.receive(client.data_to_send())
-    assert [e[1] for e in _events(server) if e[0] == REQUEST] == [5]
+    assert [e[1] for e in _events(server) if e[0] == REQUEST] == [9]
+    resets = [e for e in client.receive_data(server.send()) if isinstance(e, StreamReset)]
+    assert [(e.stream_id, e.error_code) for e in resets] == [(sid, ErrorCodes.PROTOCOL_ERROR) for sid in (3, 5, 7)]
     assert server.want_read()
 
 
