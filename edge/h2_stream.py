@@ -67,7 +67,8 @@ class H2Stream:
         self._relay: H2cRelay | None = None  # the port speaks h2c: frames go through, not translated
         self._unacked = 0  # body bytes sent on to the guest while its write buffer was full: acked on resume
         self._parser: HttpResponseParser | None = None  # made once a guest connection answers
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[tuple[bytes, bytes]] = []  # of the answer, hop-by-hop ones left out
+        self._framed = False  # the answer's head gave a content-length or chunked framing
         self._body: list[bytes] = []  # of the answer, within one read of the guest
         self._complete = False  # the guest's answer is whole
         self._final = False
@@ -299,23 +300,27 @@ class H2Stream:
     # -- llhttp's callbacks on the answer ---------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name in _HOP_BY_HOP:
+            if name == b"transfer-encoding" and b"chunked" in value.lower():
+                self._framed = True
+            return
+        if name == b"content-length":
+            self._framed = True
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         assert parser is not None  # llhttp calls back from feed_data
         status = parser.get_status_code()
-        headers, self._headers = self._headers, []
+        out, self._headers = self._headers, []
+        framed, self._framed = self._framed, False
         if status < 200:
             return  # interim answers (100 Continue) are the edge's business with the guest
         self._final = True
         self._response_deadline = _INF
         ex = self.ex
         ex.status = status
-        out = [(n, v) for n, v in headers if n not in _HOP_BY_HOP]
-        framed = any(
-            n == b"content-length" or (n == b"transfer-encoding" and b"chunked" in v.lower()) for n, v in headers
-        )
         self._close_delimited = not framed and status not in (204, 304)
         if ex.cookie is not None:
             out.append(_cookie(ex.cookie))
@@ -519,6 +524,7 @@ class H2Stream:
         if self.over:
             return
         self.over = True
+        self._parser = None  # it holds this stream's bound methods: no cycle left for the GC to find
         ctx = self.core.ctx
         if self.vm_id is not None:
             ctx.open_streams.closed(self.vm_id)
