@@ -220,7 +220,12 @@ class Jailer:
         a restore does not wait for it; the next spawn of the VM joins it."""
         if self.cgroups is not None:
             limits = self.limits(tpl.vcpus, tpl.memory_mb, rec.policy.cpu_share)
-            self._ready[rec.id] = await asyncio.to_thread(self.cgroups.prepare, rec.id, limits, self.owner)
+            making = asyncio.ensure_future(asyncio.to_thread(self.cgroups.prepare, rec.id, limits, self.owner))
+            try:
+                self._ready[rec.id] = await asyncio.shield(making)
+            except asyncio.CancelledError:  # the thread runs on: the group exists once it ends, for the undo
+                await making
+                raise
 
     def remove_group(self, group: str) -> None:
         """The group goes (a suspended VM keeps none); one its QEMU still holds is left to a sweep."""

@@ -367,13 +367,22 @@ class QemuRuntime:
         limits, made side by side (the cgroup in a thread, while the namespace's commands run); if either
         fails, neither is left."""
         vm_id = vm.rec.id
-        made = await asyncio.gather(netns.create(vm_id), self.jail.prepare_group(vm.rec, tpl), return_exceptions=True)
+        try:
+            made = await asyncio.gather(
+                netns.create(vm_id), self.jail.prepare_group(vm.rec, tpl), return_exceptions=True
+            )
+        except asyncio.CancelledError:  # gather let both steps end first: undo what they made
+            await self._unprovision(vm_id)
+            raise
         failed = next((r for r in made if isinstance(r, BaseException)), None)
         if failed is not None:
-            self.jail.remove_group(vm_id)
-            with contextlib.suppress(VmmError, OSError):
-                await netns.delete(vm_id)
+            await self._unprovision(vm_id)
             raise failed
+
+    async def _unprovision(self, vm_id: str) -> None:
+        self.jail.remove_group(vm_id)
+        with contextlib.suppress(VmmError, OSError):
+            await netns.delete(vm_id)
 
     def network_exists(self, vm_id: str) -> bool:
         return netns.exists(vm_id)

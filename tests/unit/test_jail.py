@@ -1,6 +1,7 @@
 """The jail's parts that need no QEMU: uid leases, the QEMU 7.2 shim, file ownership,
 and the start-up checks that refuse a bad host set-up with one line."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -252,3 +253,61 @@ async def test_a_vm_s_cgroup_is_made_beside_its_namespace_and_neither_stays_if_o
     with pytest.raises(VmmError, match=r"^cgroup v2: cannot make group 'v1'"):
         await qemus.provision(vm, tpl)
     assert namespaces == [], "the namespace made beside it is deleted again"
+
+
+async def test_a_cancelled_provision_leaves_neither_namespace_nor_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launch or restore cancelled while its namespace is being made (a client gone, a shutdown)
+    undoes both halves once they ended: no namespace and no cgroup outlive it."""
+    settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(root_dir=tmp_path / "jail"))
+    write_template(settings)
+    tpl = template.load(settings, "demo")
+    qemus = runtime.QemuRuntime(settings, choose("tcg"), RecordStore(settings), None)
+    unified = tmp_path / "unified"
+    unified.mkdir()
+    (unified / "cgroup.controllers").write_text("cpu memory pids\n")
+    qemus.jail.cgroups = CgroupsV2("mvm", unified)
+    namespaces: list[str] = []
+    made = asyncio.Event()
+
+    async def create(vm_id: str) -> None:  # made, then held: the cancel lands inside `ip netns add`'s step
+        namespaces.append(vm_id)
+        made.set()
+        await asyncio.Event().wait()
+
+    async def delete(vm_id: str) -> None:
+        if vm_id in namespaces:
+            namespaces.remove(vm_id)
+
+    monkeypatch.setattr(runtime.netns, "create", create)
+    monkeypatch.setattr(runtime.netns, "delete", delete)
+    removed: list[tuple[str, bool]] = []  # a tmp dir with files is no cgroupfs: rmdir fails, so record it
+
+    def remove(group: str) -> bool:
+        removed.append((group, (unified / "mvm" / "vms" / group / "memory.max").exists()))
+        return True
+
+    monkeypatch.setattr(qemus.jail.cgroups, "remove", remove)
+    vm = LiveVm(VmRecord("v1", "demo", VmState.PENDING, Policy(), 8080, 0.0, 0.0))
+    provisioning = asyncio.create_task(qemus.provision(vm, tpl))
+    await made.wait()
+    provisioning.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await provisioning
+    assert namespaces == []
+    assert "v1" not in qemus.jail._ready
+    assert removed == [("v1", True)], "the group is removed after it was made, not before"
+
+
+async def test_a_cancelled_namespace_command_is_waited_for(tmp_path: Path) -> None:
+    """netns' commands run to their end when the task running one is cancelled, so what the command
+    made (a namespace) exists when the cancellation arrives and the undo that follows finds it."""
+    started, done = tmp_path / "started", tmp_path / "done"
+    command = asyncio.create_task(runtime.netns._run("sh", "-c", f"touch {started}; sleep 0.3; touch {done}"))
+    while not started.exists():
+        await asyncio.sleep(0.01)
+    command.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await command
+    assert done.exists()

@@ -52,13 +52,20 @@ async def _ip(*args: str) -> None:
 
 
 async def _run(*argv: str, stdin: bytes | None = None) -> None:
+    """Run one `ip`/`ss` command. Cancelled, it still waits for the command to end: a namespace
+    being made when its VM's launch is cancelled exists once this returns, for the undo to find."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await proc.communicate(stdin)
+    talk = asyncio.ensure_future(proc.communicate(stdin))
+    try:
+        _, err = await asyncio.shield(talk)
+    except asyncio.CancelledError:
+        await talk
+        raise
     if proc.returncode != 0:
         raise VmmError(f"{' '.join(argv)} failed: {err.decode().strip()}")
 
