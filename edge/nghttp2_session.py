@@ -16,6 +16,7 @@ nghttp2_settings_entry and nghttp2_data_provider; callbacks are set through the 
 from __future__ import annotations
 
 import ctypes
+import struct
 import weakref
 from collections.abc import Sequence
 from typing import Protocol, cast
@@ -83,6 +84,11 @@ class _Nv(ctypes.Structure):
                 ("flags", _u8))  # fmt: skip
 
 
+_NV_LAYOUT = "QQQQB7x"  # nghttp2_nv packed by struct: two pointers, two lengths, the flags, padding to 40
+_NV_MAX = 64  # fields of one answer head packed in the scratch arrays; more take the slow way
+_NV_BYTES_MAX = 16384  # bytes of their names and values
+
+
 class _SettingsEntry(ctypes.Structure):
     _fields_ = (("settings_id", _i32), ("value", _u32))
 
@@ -98,7 +104,8 @@ class _DataProvider(ctypes.Structure):
 
 # The callbacks' C types (nghttp2_on_*_callback); `frame` is read with _FrameHead.from_address.
 _OnBeginHeaders = ctypes.CFUNCTYPE(_cint, _vp, _vp, _vp)
-_OnHeader = ctypes.CFUNCTYPE(_cint, _vp, _vp, _vp, _size, _vp, _size, _u8, _vp)
+# name and value come as bytes: libnghttp2 NUL-terminates both (the lengths are checked against them).
+_OnHeader = ctypes.CFUNCTYPE(_cint, _vp, _vp, ctypes.c_char_p, _size, ctypes.c_char_p, _size, _u8, _vp)
 _OnFrameRecv = ctypes.CFUNCTYPE(_cint, _vp, _vp, _vp)
 _OnDataChunkRecv = ctypes.CFUNCTYPE(_cint, _vp, _u8, _i32, _vp, _size, _vp)
 _OnStreamClose = ctypes.CFUNCTYPE(_cint, _vp, _i32, _u32, _vp)
@@ -108,7 +115,7 @@ _OnError = ctypes.CFUNCTYPE(_cint, _vp, _cint, _vp, _size, _vp)
 def _typed(lib: ctypes.PyDLL) -> ctypes.PyDLL:
     """The session functions' C types, set once on the library that hpack_native loaded."""
     p_vp = ctypes.POINTER(_vp)
-    nva = ctypes.POINTER(_Nv)
+    nva = _vp  # a packed array's address (_NvScratch) or an array of _Nv
     signatures: dict[str, tuple[type | None, list[type]]] = {
         "nghttp2_session_callbacks_new": (_cint, [p_vp]),
         "nghttp2_session_callbacks_del": (None, [_vp]),
@@ -161,15 +168,56 @@ class AnswerSource(Protocol):
         ...
 
 
-def _nva(headers: Sequence[tuple[bytes, bytes]]) -> ctypes.Array[_Nv]:
-    """Header fields as nghttp2_nv; hpack's NeverIndexedHeaderTuple stays out of HPACK's table."""
+def _flags(field: tuple[bytes, bytes]) -> int:
+    """hpack's NeverIndexedHeaderTuple stays out of HPACK's table (the edge's Set-Cookie)."""
+    return 0 if type(field) is tuple or not isinstance(field, HeaderTuple) or field.indexable else _NV_FLAG_NO_INDEX
+
+
+class _NvScratch:
+    """Header fields as nghttp2_nv, built in two buffers made once: the fields' bytes copied in one
+    piece, the nv structs packed by struct in one call. Setting ctypes fields one by one cost 3 us
+    per answer head, most of libnghttp2's part of an answer. libnghttp2 copies what it is given
+    before submit_* returns, and the event loop has one thread, so one pair of buffers serves all."""
+
+    def __init__(self) -> None:
+        self._bytes = (ctypes.c_char * _NV_BYTES_MAX)()
+        self._bytes_at = ctypes.addressof(self._bytes)
+        self._nvs = (ctypes.c_char * (struct.calcsize("=" + _NV_LAYOUT) * _NV_MAX))()
+        self.address = ctypes.addressof(self._nvs)
+        self._packers: dict[int, struct.Struct] = {}
+
+    def nva(self, headers: Sequence[tuple[bytes, bytes]]) -> int | ctypes.Array[_Nv]:
+        """The fields as nghttp2_nv, valid until the next call: this scratch's address, or an array
+        of their own for a head too big for it."""
+        parts: list[bytes] = []
+        flat: list[int] = []
+        start = at = self._bytes_at
+        for field in headers:
+            name, value = field
+            n, v = len(name), len(value)
+            parts += field
+            flat += (at, at + n, n, v, 0 if type(field) is tuple else _flags(field))
+            at += n + v
+        count = len(headers)
+        if count > _NV_MAX or at - start > _NV_BYTES_MAX:
+            return _own_nva(headers)
+        _memmove(start, b"".join(parts), at - start)
+        packer = self._packers.get(count)
+        if packer is None:
+            packer = self._packers[count] = struct.Struct("=" + _NV_LAYOUT * count)
+        packer.pack_into(self._nvs, 0, *flat)
+        return self.address
+
+
+def _own_nva(headers: Sequence[tuple[bytes, bytes]]) -> ctypes.Array[_Nv]:
     nva = (_Nv * len(headers))()
     for nv, field in zip(nva, headers, strict=True):
         name, value = field
-        nv.name, nv.namelen, nv.value, nv.valuelen = name, len(name), value, len(value)
-        if isinstance(field, HeaderTuple) and not field.indexable:
-            nv.flags = _NV_FLAG_NO_INDEX
+        nv.name, nv.namelen, nv.value, nv.valuelen, nv.flags = name, len(name), value, len(value), _flags(field)
     return nva
+
+
+_nva = _NvScratch().nva
 
 
 def goaway_in(wire: bytes) -> tuple[int, bytes] | None:
@@ -339,16 +387,18 @@ class ServerSession:
         self._fields_size = 0
         return 0
 
-    def _on_header(self, session: int, frame: int, name: int, namelen: int, value: int, valuelen: int,
+    def _on_header(self, session: int, frame: int, name: bytes, namelen: int, value: bytes, valuelen: int,
                    flags: int, user: int) -> int:  # fmt: skip
         size = self._fields_size = self._fields_size + namelen + valuelen + _ENTRY_OVERHEAD
         if size > self.max_header_list_size:
             self.events.append((OVERSIZED, _frame_at(frame).stream_id))
             return _ERR_PAUSE
-        self._fields.append((_string_at(name, namelen), _string_at(value, valuelen)))
+        if len(value) != valuelen or len(name) != namelen:  # a NUL inside: RFC 9113 §8.2.1 forbids it
+            return _ERR_TEMPORAL_CALLBACK_FAILURE
+        self._fields.append((name, value))
         return 0
 
-    def _on_invalid_header(self, session: int, frame: int, name: int, namelen: int, value: int, valuelen: int,
+    def _on_invalid_header(self, session: int, frame: int, name: bytes, namelen: int, value: bytes, valuelen: int,
                            flags: int, user: int) -> int:  # fmt: skip
         """A regular field libnghttp2 would drop (a name or value with characters RFC 9113 §8.2.1
         forbids): the request is malformed, its stream reset with PROTOCOL_ERROR (§8.1.1)."""
