@@ -19,7 +19,7 @@ import ctypes
 import struct
 import weakref
 from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import Any, Protocol
 
 from hpack.struct import HeaderTuple
 
@@ -250,7 +250,8 @@ class ServerSession:
         self._source = source
         self._fields: list[tuple[bytes, bytes]] = []  # of the header block being received
         self._fields_size = 0
-        self._out = ctypes.POINTER(ctypes.c_char)()
+        # Where mem_send leaves its bytes; slicing a c_char pointer gives bytes (typeshed says a list).
+        self._out: Any = ctypes.POINTER(ctypes.c_char)()
         self._out_ref = ctypes.byref(self._out)
         # The C callbacks hold these bound methods; they live as long as the session does.
         self._callbacks = (
@@ -296,7 +297,7 @@ class ServerSession:
     def receive(self, data: bytes) -> int:
         """Feed the client's bytes; events land in `events`. Below 0: a fatal libnghttp2 error
         (the connection is over; `error` says why)."""
-        taken = int(_lib.nghttp2_session_mem_recv(self._session, data, len(data)))
+        taken: int = _lib.nghttp2_session_mem_recv(self._session, data, len(data))
         if taken < 0:
             self.error = self.error or _lib.nghttp2_strerror(taken).decode()
         return taken
@@ -308,13 +309,13 @@ class ServerSession:
         n = mem_send(session, out_ref)
         if n <= 0:
             return b""
-        first = cast(bytes, out[:n])  # a c_char pointer's slice is bytes
+        first: bytes = out[:n]  # a c_char pointer's slice is bytes
         n = mem_send(session, out_ref)
         if n <= 0:
             return first
         chunks = [first]
         while n > 0:
-            chunks.append(cast(bytes, out[:n]))
+            chunks.append(out[:n])
             n = mem_send(session, out_ref)
         return b"".join(chunks)
 

@@ -242,7 +242,32 @@ def test_a_bad_header_resets_its_stream_and_the_connection_goes_on() -> None:
     assert [e[1] for e in _events(server) if e[0] == REQUEST] == [9]
     resets = [e for e in client.receive_data(server.send()) if isinstance(e, StreamReset)]
     assert [(e.stream_id, e.error_code) for e in resets] == [(sid, ErrorCodes.PROTOCOL_ERROR) for sid in (3, 5, 7)]
+    client.send_headers(11, [*GET, (b"x-n", b"a\x00b")], end_stream=True)  # NUL in a value (fields come NUL-ended)
+    server.receive(client.data_to_send())
+    assert [e for e in _events(server) if e[0] == REQUEST] == []
+    resets = [e for e in client.receive_data(server.send()) if isinstance(e, StreamReset)]
+    assert [(e.stream_id, e.error_code) for e in resets] == [(11, ErrorCodes.PROTOCOL_ERROR)]
     assert server.want_read()
+
+
+def test_answer_heads_too_big_for_the_packed_buffers_arrive_whole() -> None:
+    """Answer heads are packed into buffers made once (64 fields, 16 KiB); a bigger one takes arrays of
+    its own, and each arrives as given, never-indexed fields included, one after the other."""
+    client, server, answers = _pair()
+    heads = [
+        [*OK, *[(b"x-%d" % i, b"v%d" % i) for i in range(70)]],
+        [*OK, (b"x-big", b"b" * 20000), NeverIndexedHeaderTuple(b"set-cookie", b"t=2")],
+        [*OK, NeverIndexedHeaderTuple(b"set-cookie", b"t=3")],
+    ]
+    for n, head in enumerate(heads):
+        sid = 2 * n + 1
+        client.send_headers(sid, GET, end_stream=True)
+        server.receive(client.data_to_send())
+        answers.ending.add(sid)
+        server.respond(sid, head, end=False)
+        got = next(e for e in client.receive_data(server.send()) if isinstance(e, ResponseReceived))
+        assert got.headers == head
+        assert [type(f) is NeverIndexedHeaderTuple for f in got.headers] == [type(f) is not tuple for f in head]
 
 
 def test_the_header_list_limit_stops_reading_at_once() -> None:
