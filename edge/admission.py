@@ -48,8 +48,10 @@ class _Repeat:
     took from the record still holds (nobody changes an admission once made)."""
 
     key: tuple[object, ...]
+    method: bytes
     grant: Grant
     verdict: Admission
+    alias: object = None  # the same request in another form (an HTTP/2 header list): see `tie`
 
 
 @dataclass(slots=True)
@@ -127,6 +129,22 @@ class Admitter:
     def keeps(self, head: bytes) -> bool:
         """Whether `head` (an admitted exchange's) is the kept verdict's: `readmit` answers for it."""
         return self._repeat is not None and self._repeat.verdict.head is head
+
+    def tie(self, alias: object, head: bytes) -> None:
+        """`alias` is the request whose admission made `head`, as it came (an HTTP/2 header list): when
+        `head` is the kept verdict's, the same alias again is that request again (`kept_method`). The
+        alias lives and dies with the kept verdict: another one kept forgets it."""
+        repeat = self._repeat
+        if repeat is not None and repeat.verdict.head is head:
+            repeat.alias = alias
+
+    def kept_method(self, alias: object) -> bytes | None:
+        """The kept request's method when `alias` equals the one tied to it (`readmit` then answers
+        for it); None otherwise."""
+        repeat = self._repeat
+        if repeat is None or repeat.alias != alias:
+            return None
+        return repeat.method
 
     def _admit(
         self, method: bytes, target: bytes, http_version: str, req: RequestHead, upgrade: bool
@@ -215,7 +233,7 @@ class Admitter:
         )
         verdict = _admission(head, vm_id, port, rec, set_cookie)
         if source == "header" and route.port is None:  # the same head again is admitted the same way
-            self._repeat = _Repeat(key, grant, verdict)
+            self._repeat = _Repeat(key, method, grant, verdict)
         return verdict
 
     def _agent_api(

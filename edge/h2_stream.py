@@ -21,12 +21,12 @@ from httptools.parser.errors import HttpParserError
 
 from vmm.jsonlog import log
 
-from .admission import Refusal
+from .admission import Admission, Refusal
 from .errors_http import error_code
 from .exchange import Exchange, ExchangeState
 from .h2c_relay import GuestH2c, H2cRelay, shared
 from .reqhead import RequestHead
-from .upstream import CONTROL_KEY, UpstreamConn
+from .upstream import CONTROL_KEY, REPEAT_MAX, KeptAnswer, UpstreamConn
 
 if TYPE_CHECKING:
     from .h2_core import H2Core
@@ -57,17 +57,26 @@ class H2Stream:
         self.over = False
         now = core.clock()
         self.body_at = now
-        self._method = b""
         self._target = b""
-        self._head = RequestHead()
         self._bad = ""
-        self._read(headers)
-        self.ex = Exchange(self._method, True, not ended, not ended and self._head.content_length is None, False)
+        self._fields = headers
+        self._head: RequestHead | None = None
+        # A bodiless request whose header list is the connection's kept one: admitted by `readmit`
+        # in `start`, unread unless that verdict no longer holds.
+        kept = core.admitter.kept_method(headers) if ended else None
+        if kept is not None:
+            self._method = kept
+            self.ex = Exchange(kept, True, False, False, False)
+        else:
+            self._method = b""
+            self._head = self._read(headers)
+            self.ex = Exchange(self._method, True, not ended, not ended and self._head.content_length is None, False)
         self._upstream: UpstreamConn | None = None
         self._relay: H2cRelay | None = None  # the port speaks h2c: frames go through, not translated
         self._unacked = 0  # body bytes sent on to the guest while its write buffer was full: acked on resume
-        self._parser: HttpResponseParser | None = None  # made once a guest connection answers
+        self._parser: HttpResponseParser | None = None  # made on the answer's first bytes (none for a kept answer)
         self._headers: list[tuple[bytes, bytes]] = []  # of the answer, hop-by-hop ones left out
+        self._answer_head: list[tuple[bytes, bytes]] = []  # the final answer's, without the edge's Set-Cookie
         self._framed = False  # the answer's head gave a content-length or chunked framing
         self._body: list[bytes] = []  # of the answer, within one read of the guest
         self._complete = False  # the guest's answer is whole
@@ -79,8 +88,8 @@ class H2Stream:
         self._down = 0
         self._touch_at = now + TOUCH_EVERY
 
-    def _read(self, headers: list[tuple[bytes, bytes]]) -> None:
-        head = self._head
+    def _read(self, headers: list[tuple[bytes, bytes]]) -> RequestHead:
+        head = RequestHead()
         authority = None
         for name, value in headers:
             if name[:1] == b":":
@@ -98,6 +107,7 @@ class H2Stream:
             head.add(b"transfer-encoding", b"chunked")
         if not self._method or (not self._target and self._method != b"CONNECT"):
             self._bad = "a request needs :method and :path"
+        return head
 
     # -- from the connection ------------------------------------------------------------------
 
@@ -106,19 +116,12 @@ class H2Stream:
         ex = self.ex
         core = self.core
         h2c = False  # the admitted port speaks prior-knowledge HTTP/2: relayed as frames, not translated
-        if self._bad:
-            ex.refuse(Refusal(400, self._bad))
+        verdict = self._admit()
+        if isinstance(verdict, Refusal):
+            ex.refuse(verdict)
         else:
-            try:
-                verdict = core.admitter.admit(self._method, self._target, "1.1", self._head, False)
-            except Exception as exc:  # a bug in admission must still answer
-                log.event("edge.admission_error", level="error", error=repr(exc), protocol="h2")
-                verdict = Refusal(400, "the request could not be admitted")
-            if isinstance(verdict, Refusal):
-                ex.refuse(verdict)
-            else:
-                ex.admit(verdict)
-                h2c = verdict.h2c
+            ex.admit(verdict)
+            h2c = verdict.h2c
         if ex.refusal is not None:
             self._answer(ex.refusal.status, ex.refusal.message, ex.refusal)
             return
@@ -144,6 +147,27 @@ class H2Stream:
                 return
         ex.move(ExchangeState.CONNECTING)
         core.io.reach(self)
+
+    def _admit(self) -> Admission | Refusal:
+        """The verdict on the request: the kept one again for the kept header list while it holds
+        (the token's life and the VM's record looked at again), else from its head."""
+        admitter = self.core.admitter
+        head = self._head
+        if head is None:
+            kept = admitter.readmit()
+            if kept is not None:
+                return kept
+            head = self._head = self._read(self._fields)
+        if self._bad:
+            return Refusal(400, self._bad)
+        try:
+            verdict = admitter.admit(self._method, self._target, "1.1", head, False)
+        except Exception as exc:  # a bug in admission must still answer
+            log.event("edge.admission_error", level="error", error=repr(exc), protocol="h2")
+            return Refusal(400, "the request could not be admitted")
+        if self.body_done and isinstance(verdict, Admission):
+            admitter.tie(list(self._fields), verdict.head)  # a copy: the list is the session's
+        return verdict
 
     def client_body(self, data: bytes, flow: int) -> None:
         """Request body bytes (`flow`: what they cost of the window, padding included)."""
@@ -258,7 +282,16 @@ class H2Stream:
     def upstream_data(self, data: bytes) -> None:
         self._down += len(data)
         parser = self._parser
-        assert parser is not None  # made when the guest connection was attached
+        first = None  # the connection, when these are the answer's first bytes
+        if parser is None:
+            first = self._upstream
+            assert first is not None  # data comes from the attached connection
+            kept = first.answer
+            if kept is not None and data == kept.data and self.body_done and not self.ex.is_head:
+                self._again(first, kept)
+                self._flowing()
+                return
+            parser = self._parser = HttpResponseParser(self)
         try:
             parser.feed_data(data)
         except HttpParserError as exc:
@@ -267,7 +300,9 @@ class H2Stream:
             self._drop_upstream()
             self._fail(502, f"{self.ex.where()} sent an invalid HTTP response")
         else:
-            self._send_body()
+            body = self._send_body()
+            if first is not None and self._complete and not first.closed and len(data) <= REPEAT_MAX:
+                first.answer = KeptAnswer(data, self.ex.status, tuple(self._answer_head), body or b"")
         self._flowing()
 
     def upstream_lost(self, conn: UpstreamConn) -> None:
@@ -322,8 +357,9 @@ class H2Stream:
         ex = self.ex
         ex.status = status
         self._close_delimited = not framed and status not in (204, 304)
+        self._answer_head = out
         if ex.cookie is not None:
-            out.append(_cookie(ex.cookie))
+            out = [*out, _cookie(ex.cookie)]
         self._count(status)
         if ex.state is ExchangeState.FORWARDED:
             ex.move(ExchangeState.STREAMING)
@@ -348,12 +384,31 @@ class H2Stream:
                 upstream.close()
         self._complete = True
 
-    def _send_body(self) -> None:
+    def _again(self, conn: UpstreamConn, kept: KeptAnswer) -> None:
+        """The connection's kept answer came again, byte for byte: what parsing it would do, unparsed
+        (the stream's own Set-Cookie added)."""
+        self._final = self._complete = True
+        self._response_deadline = _INF
+        ex = self.ex
+        status = ex.status = kept.status
+        headers = list(kept.headers)
+        if ex.cookie is not None:
+            headers.append(_cookie(ex.cookie))
+        self._count(status)
+        if ex.state is ExchangeState.FORWARDED:
+            ex.move(ExchangeState.STREAMING)
+        core = self.core
+        core.send_head(self.sid, status, headers, end=False)
+        self._upstream = None
+        core.ctx.pool.release(conn, core.clock())
+        core.send_body(self.sid, kept.body, True)
+
+    def _send_body(self) -> bytes | None:
         """What one read of the guest gave of the answer's body goes on as one piece; a whole small
-        answer as one DATA frame that also ends the stream."""
+        answer as one DATA frame that also ends the stream. Returns what went."""
         body = self._body
         if not body and not self._complete:
-            return
+            return None
         data = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
         if (
@@ -363,6 +418,7 @@ class H2Stream:
         ):
             self._paused_guest = True
             self._upstream.pause_reading()
+        return data
 
     # -- inside ----------------------------------------------------------------------------
 
@@ -374,7 +430,6 @@ class H2Stream:
             self._attach_relay(GuestH2c(conn, self.core.settings.stream_buffer))
             return
         self._upstream = conn
-        self._parser = HttpResponseParser(self)
         conn.owner = self
         body = ex.body or []
         ex.body = None

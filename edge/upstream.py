@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 from httptools import HttpResponseParser
@@ -29,6 +30,17 @@ REPEAT_MAX = 4096
 # past the bound was reopened for the next request (a new guest connection for every other
 # request at 64 clients with the default bound of 32).
 SURPLUS_GRACE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class KeptAnswer:
+    """A whole small kept-alive answer read in one piece, as an HTTP/2 stream translated it: the same
+    bytes again on the connection are the same answer again (no parser state outlives an answer)."""
+
+    data: bytes
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]  # hop-by-hop ones left out; the edge's Set-Cookie is per exchange
+    body: bytes
 
 
 class Owner(Protocol):
@@ -123,6 +135,7 @@ class UpstreamConn(asyncio.Protocol):
     """One connection to a guest port; `owner` is None while it is pooled."""
 
     __slots__ = (
+        "answer",
         "closed",
         "generation",
         "idle_since",
@@ -153,6 +166,7 @@ class UpstreamConn(asyncio.Protocol):
         self.probe: socket.socket | None = None
         self.owner: Owner | None = None
         self.tracker = ResponseTracker()
+        self.answer: KeptAnswer | None = None  # the last one an HTTP/2 stream parsed, when kept
         self.closed = False
         self.stale = False  # its VM stopped running while it was in use: close, never pool
         self.reading = True
