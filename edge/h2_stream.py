@@ -45,6 +45,41 @@ def _cookie(line: bytes) -> NeverIndexedHeaderTuple:
 class H2Stream:
     """A request on an HTTP/2 connection: an Exchange, its upstream, and the answer's translation."""
 
+    __slots__ = (
+        "_answer_head",
+        "_bad",
+        "_body",
+        "_close_delimited",
+        "_complete",
+        "_down",
+        "_fields",
+        "_final",
+        "_framed",
+        "_head",
+        "_headers",
+        "_method",
+        "_parser",
+        "_paused_guest",
+        "_relay",
+        "_response_deadline",
+        "_target",
+        "_touch_at",
+        "_unacked",
+        "_up",
+        "_upstream",
+        "body_at",
+        "body_done",
+        "core",
+        "ending",
+        "ex",
+        "over",
+        "pending",
+        "sid",
+        "stalled_since",
+        "trailers",
+        "vm_id",
+    )
+
     def __init__(self, core: H2Core, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         self.core = core
         self.sid = sid
