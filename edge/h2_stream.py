@@ -235,7 +235,7 @@ class H2Stream:
         if relay is not None:
             relay.body_end()
             if relay.upstream is not None and not relay.started:
-                self._await_response()
+                self._await_response(self.core.clock())
             return
         if ex.chunked:
             if self._upstream is not None:
@@ -243,7 +243,7 @@ class H2Stream:
             elif ex.body is not None:
                 ex.body.append(_LAST_CHUNK)
         if self._upstream is not None:
-            self._await_response()
+            self._await_response(self.core.clock())
 
     def client_reset(self) -> None:
         """The stream ended before its answer did (the client reset it, left, or a limit cut it)."""
@@ -466,17 +466,24 @@ class H2Stream:
             return
         self._upstream = conn
         conn.owner = self
-        body = ex.body or []
+        body = ex.body
         ex.body = None
-        conn.send_parts([ex.head, *body])
-        self._up += len(ex.head)
-        buffered, ex.buffered = ex.buffered, 0
-        self._acked(buffered)
-        self.body_at = self.core.clock()  # time held for a wake is not the client's
-        if self.body_done:
-            self._await_response()
+        head = ex.head
+        if body:
+            conn.send_parts([head, *body])
         else:
-            self.core.arm(self.next_check())
+            conn.send(head)
+        self._up += len(head)
+        buffered = ex.buffered
+        if buffered:
+            ex.buffered = 0
+            self._acked(buffered)
+        core = self.core
+        now = self.body_at = core.clock()  # time held for a wake is not the client's
+        if self.body_done:
+            self._await_response(now)
+        else:
+            core.arm(self.next_check())
 
     def _attach_relay(self, guest: GuestH2c) -> None:
         relay = self._relay
@@ -485,7 +492,7 @@ class H2Stream:
         relay.attach(guest)
         self.body_at = self.core.clock()
         if self.body_done and not relay.started:
-            self._await_response()
+            self._await_response(self.core.clock())
         else:
             self.core.arm(self.next_check())
 
@@ -504,9 +511,10 @@ class H2Stream:
         else:
             self.core.ack_body(self.sid, flow)
 
-    def _await_response(self) -> None:
-        self._response_deadline = self.core.clock() + self.core.ctx.settings.read_timeout
-        self.core.arm(self._response_deadline)
+    def _await_response(self, now: float) -> None:
+        core = self.core
+        at = self._response_deadline = now + core.ctx.settings.read_timeout
+        core.arm(at)
 
     def _answer(self, status: int, message: str, refusal: Refusal | None = None) -> None:
         """The edge's own JSON answer (nothing of the guest's went out)."""
