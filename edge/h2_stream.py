@@ -58,6 +58,7 @@ class H2Stream:
         "_head",
         "_headers",
         "_method",
+        "_one_answer",
         "_parser",
         "_paused_guest",
         "_relay",
@@ -116,6 +117,7 @@ class H2Stream:
         self._body: list[bytes] = []  # of the answer, within one read of the guest
         self._complete = False  # the guest's answer is whole
         self._final = False
+        self._one_answer = True  # the guest's reads held one final answer, no more (else it is never kept)
         self._close_delimited = False  # the answer has neither content-length nor chunked framing
         self._paused_guest = False
         self._response_deadline = _INF
@@ -188,14 +190,14 @@ class H2Stream:
         (the token's life and the VM's record looked at again), else from its head."""
         admitter = self.core.admitter
         head = self._head
-        if head is None:
-            kept = admitter.readmit()
-            if kept is not None:
-                return kept
-            head = self._head = self._read(self._fields)
-        if self._bad:
-            return Refusal(400, self._bad)
         try:
+            if head is None:
+                kept = admitter.readmit()
+                if kept is not None:
+                    return kept
+                head = self._head = self._read(self._fields)
+            if self._bad:
+                return Refusal(400, self._bad)
             verdict = admitter.admit(self._method, self._target, "1.1", head, False)
         except Exception as exc:  # a bug in admission must still answer
             log.event("edge.admission_error", level="error", error=repr(exc), protocol="h2")
@@ -336,8 +338,8 @@ class H2Stream:
             self._fail(502, f"{self.ex.where()} sent an invalid HTTP response")
         else:
             body = self._send_body()
-            if first is not None and self._complete and not first.closed and len(data) <= REPEAT_MAX:
-                first.answer = KeptAnswer(data, self.ex.status, tuple(self._answer_head), body or b"")
+            if first is not None and self._complete:
+                self._keep(first, data, body or b"")
         self._flowing()
 
     def upstream_lost(self, conn: UpstreamConn) -> None:
@@ -387,6 +389,8 @@ class H2Stream:
         framed, self._framed = self._framed, False
         if status < 200:
             return  # interim answers (100 Continue) are the edge's business with the guest
+        if self._final:  # another answer after the final one: the guest is out of step
+            self._one_answer = False
         self._final = True
         self._response_deadline = _INF
         ex = self.ex
@@ -418,6 +422,12 @@ class H2Stream:
             else:
                 upstream.close()
         self._complete = True
+
+    def _keep(self, conn: UpstreamConn, data: bytes, body: bytes) -> None:
+        """`data`, the answer's first read, held all of it: kept on its connection when it is small,
+        alone, and the connection went back to the pool (kept alive, the request whole)."""
+        if self._one_answer and not conn.closed and len(data) <= REPEAT_MAX:
+            conn.answer = KeptAnswer(data, self.ex.status, tuple(self._answer_head), body)
 
     def _again(self, conn: UpstreamConn, kept: KeptAnswer) -> None:
         """The connection's kept answer came again, byte for byte: what parsing it would do, unparsed

@@ -335,3 +335,18 @@ async def test_a_close_delimited_answer_is_never_kept(conn: Conn) -> None:
     unframed = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhello"
     stream, _, _ = conn.request(fields, unframed)
     assert stream._upstream is not None and stream._upstream.answer is None
+
+
+async def test_a_read_with_two_answers_is_never_kept(conn: Conn) -> None:
+    fields = conn.fields(conn.token())
+    stream, _, _ = conn.request(fields, OK + OTHER)
+    assert stream._upstream is None and conn.pool.idle_count(VM) == 1
+    assert conn.pool.acquire(VM, 8080, conn.now[0], 0).answer is None  # type: ignore[union-attr]
+
+
+async def test_an_answer_past_the_kept_size_is_parsed_each_time(conn: Conn) -> None:
+    fields = conn.fields(conn.token())
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000
+    for _ in range(2):
+        stream, _, sent = conn.request(fields, big)
+        assert stream._parser is not None and sent[-1] == ("body", conn.sid, b"x" * 5000, True)
