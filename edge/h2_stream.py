@@ -7,6 +7,10 @@ chunked. Waking and connecting are `edge.reach`'s, with the same rules: a pooled
 connection only in its generation, a request resent only when idempotent, bodiless and on a
 fresh connection. The answer is parsed with llhttp and goes out as HEADERS and DATA frames as
 it comes (no buffering past the client's window: then the guest is read no further).
+
+Repeats cost less, as HTTP/1.1's do: a bodiless stream whose header list is the connection's last
+admitted one again takes the admitter's kept verdict (`Admitter.kept_method`, `readmit`), and a
+guest's answer that is its connection's kept one again (`UpstreamConn.answer`) goes out unparsed.
 """
 
 from __future__ import annotations
