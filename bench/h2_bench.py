@@ -1,7 +1,8 @@
 """HTTP/2 through the edge against nginx (http2 on), both in front of the same upstream.
 
 `python -m bench.h2_bench [--requests N]`. h2load (nghttp2-client) over TLS with ALPN h2 at
--m 10 and -m 100 streams per connection; the proxy under test alone on one core (one nginx
+-m 10 and -m 100 streams per connection, with h2load's one URL again and again and with
+1,000 distinct paths whose answers differ (nothing for the edge's repeat paths to take); the proxy under test alone on one core (one nginx
 worker, or the edge's protocol in its own uvloop process), h2load and the upstream on the other,
 so req/s is per core, and each proxy's CPU time over the run (/proc/<pid>/stat) per request. Then
 the same requests through the edge's HTTP/2 session alone, without I/O (bench.h2_alone): its share
@@ -32,6 +33,7 @@ from .stats import median, table
 from .tools import run
 
 KEEPALIVE = 32
+DISTINCT_PATHS = 1000  # "distinct": h2load cycles through this many paths, and each path's answer names it
 PAGE_RESOURCES = 50
 PAGE_ROUNDS = 20
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
@@ -56,9 +58,8 @@ async def bench(requests: int) -> str:
         root = Path(d)
         cert, key = make_dev_cert("mvm.localhost", root / "tls")
         async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(
-                nginx.running(root / "upstream", nginx.fixed_answer(up_port, BODY), _on(LOAD_CORE), master=False)
-            )
+            upstream = nginx.fixed_answer(up_port, BODY, name_the_path=True)
+            await stack.enter_async_context(nginx.running(root / "upstream", upstream, _on(LOAD_CORE), master=False))
             proxy = nginx.reverse_proxy(f"127.0.0.1:{up_port}", KEEPALIVE, [(tls_port, True)], cert, key, http2=True)
             nginx_proxy = await stack.enter_async_context(
                 nginx.running(root / "nginx-proxy", proxy, _on(PROXY_CORE), master=False)
@@ -70,23 +71,29 @@ async def bench(requests: int) -> str:
                 "nginx (http2 on)": (nginx_proxy.pid, f"https://127.0.0.1:{tls_port}/"),
                 "edge": (edge.pids[0], f"https://127.0.0.1:{edge.tls_port}/"),
             }
+            paths = {
+                name: _paths_file(root / f"paths-{n}.txt", url) for n, (name, (_, url)) in enumerate(targets.items())
+            }
             rows = []
             ratios = []
             for streams in (10, 100):
-                rps, cpu = {}, {}
-                for name, (pid, url) in targets.items():
-                    await h2load(url, edge.host, edge.token, ["-n", "2000", "-c", "4", "-m", str(streams)])  # warm-up
-                    before = cpu_seconds(pid, children=False)
-                    rate, _, failed = await h2load(
-                        url, edge.host, edge.token, ["-n", str(requests), "-c", "4", "-m", str(streams)]
+                for requests_are in ("the same", "distinct"):
+                    rps, cpu = {}, {}
+                    for name, (pid, url) in targets.items():
+                        each = ["-c", "4", "-m", str(streams)]
+                        if requests_are == "distinct":
+                            each += ["-i", str(paths[name])]
+                        await h2load(url, edge.host, edge.token, ["-n", "2000", *each])  # warm-up
+                        before = cpu_seconds(pid, children=False)
+                        rate, _, failed = await h2load(url, edge.host, edge.token, ["-n", str(requests), *each])
+                        rps[name], cpu[name] = rate, (cpu_seconds(pid, children=False) - before) / requests * 1e6
+                        rows.append([f"-m {streams}", requests_are, name, f"{rate:,.0f}", f"{cpu[name]:.0f}", failed])
+                    nginx_name = "nginx (http2 on)"
+                    ratios.append(
+                        f"- edge / nginx at -m {streams}, {requests_are} requests: "
+                        f"{rps['edge'] / rps[nginx_name]:.2f} req/s (goal ≥ 0.6), "
+                        f"{cpu['edge'] / cpu[nginx_name]:.1f} times the CPU per request"
                     )
-                    rps[name], cpu[name] = rate, (cpu_seconds(pid, children=False) - before) / requests * 1e6
-                    rows.append([f"-m {streams}", name, f"{rate:,.0f}", f"{cpu[name]:.0f}", failed])
-                nginx_name = "nginx (http2 on)"
-                ratios.append(
-                    f"- edge / nginx at -m {streams}: {rps['edge'] / rps[nginx_name]:.2f} req/s (goal ≥ 0.6), "
-                    f"{cpu['edge'] / cpu[nginx_name]:.1f} times the CPU per request"
-                )
             page = []
             for label, args in (
                 ("HTTP/2: 1 connection, 50 streams", ["-c", "1", "-m", str(PAGE_RESOURCES)]),
@@ -106,7 +113,11 @@ async def bench(requests: int) -> str:
             "",
             f"h2load -t1 -c4 -n{requests} on core {LOAD_CORE}; the proxy alone on core {PROXY_CORE} (req/s per core).",
             "",
-            table(["streams", "proxy", "req/s", "CPU µs/request", "failed"], rows),
+            "Requests: \"the same\" is h2load's one URL again and again (the edge's repeat paths take it: a",
+            "header list and a guest answer seen again); \"distinct\" cycles through "
+            f"{DISTINCT_PATHS:,} paths whose answers differ (each names its path), so nothing repeats.",
+            "",
+            table(["streams", "requests", "proxy", "req/s", "CPU µs/request", "failed"], rows),
             "",
             *ratios,
             "",
@@ -119,6 +130,12 @@ async def bench(requests: int) -> str:
             table(["protocol", "median ms", "range ms"], page),
         ]
     )
+
+
+def _paths_file(path: Path, url: str) -> Path:
+    """h2load's -i file: DISTINCT_PATHS URLs on `url`'s origin, one path each."""
+    path.write_text("".join(f"{url}p/{n}\n" for n in range(DISTINCT_PATHS)))
+    return path
 
 
 def main() -> None:

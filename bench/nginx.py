@@ -29,11 +29,13 @@ http {{
 """
 
 
-def fixed_answer(port: int, body: str) -> str:
-    """A server block answering every request with `body` (the fast upstream)."""
+def fixed_answer(port: int, body: str, name_the_path: bool = False) -> str:
+    """A server block answering every request with `body` (the fast upstream); `name_the_path`: with
+    an X-Path header saying the request's path, so answers to different paths differ."""
+    named = " add_header X-Path $uri;" if name_the_path else ""
     return f"""  server {{
     listen 127.0.0.1:{port} backlog=1024;
-    location / {{ default_type text/plain; return 200 "{body}"; }}
+    location / {{ default_type text/plain;{named} return 200 "{body}"; }}
   }}"""
 
 
