@@ -1,16 +1,16 @@
 """HTTP/2 through the edge against nginx (http2 on), both in front of the same upstream.
 
 `python -m bench.h2_bench [--requests N]`. h2load (nghttp2-client) over TLS with ALPN h2 at
--m 10 and -m 100 streams per connection, with h2load's one URL again and again and with
-1,000 distinct paths whose answers differ (nothing for the edge's repeat paths to take); the proxy under test alone on one core (one nginx
-worker, or the edge's protocol in its own uvloop process), h2load and the upstream on the other,
-so req/s is per core, and each proxy's CPU time over the run (/proc/<pid>/stat) per request. Then
-the same requests through the edge's HTTP/2 session alone, without I/O (bench.h2_alone): its share
-of the edge's CPU, beside python-hyper's h2 that the edge used before, and
-HPACK alone (bench.hpack_alone): hpack in Python against libnghttp2's, the edge's. Then
-a browser-like page of 50 small resources: HTTP/2 (one connection,
-50 streams) against HTTP/1.1 (6 connections, one request at a time each), through the edge.
-Prints a Markdown report; the lead re-measures on a quiet machine.
+-m 10 and -m 100 streams per connection, with h2load's one URL again and again and with 1,000
+distinct paths whose answers differ (nothing for the edge's repeat paths to take); the proxy
+under test alone on one core (one nginx worker, or the edge's protocol in its own uvloop
+process), h2load and the upstream on the other, so req/s is per core, and each proxy's CPU time
+over the run (/proc/<pid>/stat) per request. Then the same requests through the edge's HTTP/2
+session alone, without I/O (bench.h2_alone): its share of the edge's CPU, beside python-hyper's
+h2 that the edge used before, and HPACK alone (bench.hpack_alone): hpack in Python against
+libnghttp2's, the edge's. Then a browser-like page of 50 small resources: HTTP/2 (one
+connection, 50 streams) against HTTP/1.1 (6 connections, one request at a time each), through
+the edge. Prints a Markdown report; the lead re-measures on a quiet machine.
 """
 
 from __future__ import annotations
