@@ -207,19 +207,24 @@ def test_the_kvm_group_is_the_device_s_and_a_root_only_device_is_refused(tmp_pat
         jail.kvm_groups(device)
 
 
-async def test_a_vm_s_cgroup_is_made_beside_its_namespace_and_neither_stays_if_one_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Runtime.provision: the group (with its limits) is ready for the spawn when the namespace is; a
-    namespace that cannot be made takes the group with it, and a group that cannot be made the namespace."""
+def _runtime_on_a_v2_tree(tmp_path: Path) -> tuple[runtime.QemuRuntime, template.Template, Path]:
+    """A QEMU runtime with the demo template whose cgroups go to a cgroup v2 tree made in `tmp_path`."""
     settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(root_dir=tmp_path / "jail"))
     write_template(settings)
-    tpl = template.load(settings, "demo")
     qemus = runtime.QemuRuntime(settings, choose("tcg"), RecordStore(settings), None)
     unified = tmp_path / "unified"
     unified.mkdir()
     (unified / "cgroup.controllers").write_text("cpu memory pids\n")
     qemus.jail.cgroups = CgroupsV2("mvm", unified)
+    return qemus, template.load(settings, "demo"), unified
+
+
+async def test_a_vm_s_cgroup_is_made_beside_its_namespace_and_neither_stays_if_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runtime.provision: the group (with its limits) is ready for the spawn when the namespace is; a
+    namespace that cannot be made takes the group with it, and a group that cannot be made the namespace."""
+    qemus, tpl, unified = _runtime_on_a_v2_tree(tmp_path)
     (unified / "mvm" / "vms" / "v1").mkdir(parents=True)
     (unified / "mvm" / "vms" / "v1" / "memory.events").write_text("oom_kill 0\n")
     namespaces: list[str] = []
@@ -260,14 +265,7 @@ async def test_a_cancelled_provision_leaves_neither_namespace_nor_group(
 ) -> None:
     """A launch or restore cancelled while its namespace is being made (a client gone, a shutdown)
     undoes both halves once they ended: no namespace and no cgroup outlive it."""
-    settings = VmmSettings(state_dir=tmp_path, jail=JailSettings(root_dir=tmp_path / "jail"))
-    write_template(settings)
-    tpl = template.load(settings, "demo")
-    qemus = runtime.QemuRuntime(settings, choose("tcg"), RecordStore(settings), None)
-    unified = tmp_path / "unified"
-    unified.mkdir()
-    (unified / "cgroup.controllers").write_text("cpu memory pids\n")
-    qemus.jail.cgroups = CgroupsV2("mvm", unified)
+    qemus, tpl, unified = _runtime_on_a_v2_tree(tmp_path)
     namespaces: list[str] = []
     made = asyncio.Event()
 
