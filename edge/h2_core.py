@@ -267,7 +267,7 @@ class H2Core:
 
     # -- what streams ask for ----------------------------------------------------------------
 
-    def send_head(self, sid: int, status: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+    def send_head(self, sid: int, status: int, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
         if self.closed or sid not in self.streams:
             return
         self.session.respond(sid, [(b":status", b"%d" % status), *headers], end)

@@ -15,6 +15,7 @@ guest's answer that is its connection's kept one again (`UpstreamConn.answer`) g
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -395,22 +396,12 @@ class H2Stream:
             return  # interim answers (100 Continue) are the edge's business with the guest
         if self._final:  # another answer after the final one: the guest is out of step
             self._one_answer = False
-        self._final = True
-        self._response_deadline = _INF
-        ex = self.ex
-        ex.status = status
         self._close_delimited = not framed and status not in (204, 304)
         self._answer_head = out
-        if ex.cookie is not None:
-            out = [*out, _cookie(ex.cookie)]
-        self._count(status)
-        if ex.state is ExchangeState.FORWARDED:
-            ex.move(ExchangeState.STREAMING)
-        if ex.is_head:  # the head is all of it, whatever its content-length says
+        head_only = self.ex.is_head  # the head is all of it, whatever its content-length says
+        if head_only:
             self._drop_upstream()
-            self.core.send_head(self.sid, status, out, end=True)
-            return
-        self.core.send_head(self.sid, status, out, end=False)
+        self._send_final_head(status, out, end=head_only)
 
     def on_body(self, data: bytes) -> None:
         self._body.append(data)
@@ -436,21 +427,26 @@ class H2Stream:
     def _again(self, conn: UpstreamConn, kept: KeptAnswer) -> None:
         """The connection's kept answer came again, byte for byte: what parsing it would do, unparsed
         (the stream's own Set-Cookie added)."""
-        self._final = self._complete = True
-        self._response_deadline = _INF
-        ex = self.ex
-        status = ex.status = kept.status
-        headers = list(kept.headers)
-        if ex.cookie is not None:
-            headers.append(_cookie(ex.cookie))
-        self._count(status)
-        if ex.state is ExchangeState.FORWARDED:
-            ex.move(ExchangeState.STREAMING)
+        self._complete = True
+        self._send_final_head(kept.status, kept.headers, end=False)
         core = self.core
-        core.send_head(self.sid, status, headers, end=False)
         self._upstream = None
         core.ctx.pool.release(conn, core.clock())
         core.send_body(self.sid, kept.body, True)
+
+    def _send_final_head(self, status: int, headers: Sequence[tuple[bytes, bytes]], end: bool) -> None:
+        """The guest's final answer head goes to the client (parsed, kept or relayed from an h2c port):
+        counted, the exchange streaming, the edge's own Set-Cookie added."""
+        self._final = True
+        self._response_deadline = _INF
+        ex = self.ex
+        ex.status = status
+        if ex.cookie is not None:
+            headers = [*headers, _cookie(ex.cookie)]
+        self._count(status)
+        if ex.state is ExchangeState.FORWARDED:
+            ex.move(ExchangeState.STREAMING)
+        self.core.send_head(self.sid, status, headers, end=end)
 
     def _send_body(self) -> bytes | None:
         """What one read of the guest gave of the answer's body goes on as one piece; a whole small
@@ -504,9 +500,9 @@ class H2Stream:
         assert relay is not None
         self.ex.body = None
         relay.attach(guest)
-        self.body_at = self.core.clock()
+        now = self.body_at = self.core.clock()
         if self.body_done and not relay.started:
-            self._await_response(self.core.clock())
+            self._await_response(now)
         else:
             self.core.arm(self.next_check())
 
@@ -581,16 +577,7 @@ class H2Stream:
     # -- from an h2c guest (edge.h2c_relay.H2cRelay) -------------------------------------------
 
     def relay_head(self, status: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
-        self._final = True
-        self._response_deadline = _INF
-        ex = self.ex
-        ex.status = status
-        if ex.cookie is not None:
-            headers.append(_cookie(ex.cookie))
-        self._count(status)
-        if ex.state is ExchangeState.FORWARDED:
-            ex.move(ExchangeState.STREAMING)
-        self.core.send_head(self.sid, status, headers, end=end)
+        self._send_final_head(status, headers, end)
 
     def relay_body(self, data: bytes) -> bool:
         """True while the client's buffer is full: the guest's bytes are then not acknowledged."""
