@@ -41,6 +41,7 @@ from .model import Template, VmRecord
 from .network import netns
 from .qemu import APP_LOG, QEMU_LOG, SERIAL_LOG, DiskBacking, MachineSpec, QemuProcess, RamBacking, build_argv
 from .settings import JailSettings, VmmSettings
+from .tasks import to_its_end
 from .vm_files import AGENT_KEY
 
 DEVICES = ("null", "zero", "random", "urandom")
@@ -220,12 +221,8 @@ class Jailer:
         a restore does not wait for it; the next spawn of the VM joins it."""
         if self.cgroups is not None:
             limits = self.limits(tpl.vcpus, tpl.memory_mb, rec.policy.cpu_share)
-            making = asyncio.ensure_future(asyncio.to_thread(self.cgroups.prepare, rec.id, limits, self.owner))
-            try:
-                self._ready[rec.id] = await asyncio.shield(making)
-            except asyncio.CancelledError:  # the thread runs on: the group exists once it ends, for the undo
-                await making
-                raise
+            # Cancelled, the thread runs on anyway: the group exists once it ends, for the undo.
+            self._ready[rec.id] = await to_its_end(asyncio.to_thread(self.cgroups.prepare, rec.id, limits, self.owner))
 
     def remove_group(self, group: str) -> None:
         """The group goes (a suspended VM keeps none); one its QEMU still holds is left to a sweep."""

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 from ..errors import VmmError
+from ..tasks import to_its_end
 
 HOST_IP = "10.77.0.1"
 GUEST_IP = "10.77.0.2"
@@ -60,12 +61,7 @@ async def _run(*argv: str, stdin: bytes | None = None) -> None:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    talk = asyncio.ensure_future(proc.communicate(stdin))
-    try:
-        _, err = await asyncio.shield(talk)
-    except asyncio.CancelledError:
-        await talk
-        raise
+    _, err = await to_its_end(proc.communicate(stdin))
     if proc.returncode != 0:
         raise VmmError(f"{' '.join(argv)} failed: {err.decode().strip()}")
 
